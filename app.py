@@ -1,0 +1,136 @@
+"""metrika-crm-bridge: CRM webhooks in, Yandex Metrika CDP contacts and orders out.
+
+Routes and event handlers only; the work is in chalicelib. Clients are created on first use, so a cold
+start that serves a webhook never pays for what it does not touch.
+"""
+import os
+
+from chalice import AuthResponse, Chalice
+
+from chalicelib.errors import ApiError
+from chalicelib.settings import APP_NAME, get_settings
+
+app = Chalice(app_name=APP_NAME)
+FORM = "application/x-www-form-urlencoded"
+
+_STORE = None
+_QUEUE = None
+_SOURCES = {}  # crm name → CrmSource; the CRM modules register theirs
+
+
+def get_store():
+    global _STORE
+    if _STORE is None:
+        import boto3
+        from chalicelib.store import Store
+        settings = get_settings()
+        _STORE = Store(boto3.client("dynamodb"), settings.config_table, settings.state_table)
+    return _STORE
+
+
+def get_queue():
+    global _QUEUE
+    if _QUEUE is None:
+        import boto3
+        from chalicelib.pipeline import EventQueue
+        _QUEUE = EventQueue(boto3.client("sqs"), get_settings().events_queue)
+    return _QUEUE
+
+
+def get_metrika(integration):
+    from chalicelib.metrika.client import MetrikaClient
+    return MetrikaClient(integration["metrika_token"], get_settings().metrika_api_url)
+
+
+def get_admin_token():
+    from chalicelib.admin import admin_token
+    return admin_token(get_settings())
+
+
+@app.middleware("http")
+def api_errors(event, get_response):
+    try:
+        return get_response(event)
+    except ApiError as error:
+        return error.to_response()
+
+
+@app.authorizer()
+def admin(auth_request):
+    from chalicelib.admin import is_admin
+    if is_admin(auth_request.token, get_admin_token()):
+        return AuthResponse(routes=["*"], principal_id="admin")
+    return AuthResponse(routes=[], principal_id="anonymous")
+
+
+# Start of routes.
+
+@app.route("/health")
+def health():
+    return {"status": "ok"}
+
+
+@app.route("/integrations/{integration_id}", methods=["PUT"], authorizer=admin)
+def put_integration(integration_id):
+    from chalicelib.integrations import save_integration
+    return save_integration(get_store(), integration_id, app.current_request.json_body,
+                            lambda config: get_metrika(config).counter_time_zone(config["counter_id"]))
+
+
+@app.route("/integrations/{integration_id}", methods=["GET"], authorizer=admin)
+def get_integration(integration_id):
+    from chalicelib.integrations import get_integration as read, public_view
+    return public_view(read(get_store(), integration_id))
+
+
+@app.route("/integrations/{integration_id}", methods=["DELETE"], authorizer=admin)
+def delete_integration(integration_id):
+    from chalicelib.errors import not_found
+    if not get_store().delete_integration(integration_id):
+        raise not_found(f"integration {integration_id!r}")
+    return {"deleted": integration_id}
+
+
+@app.route("/integrations/{integration_id}/status-mapping", methods=["GET"], authorizer=admin)
+def get_status_mapping(integration_id):
+    from chalicelib.status_mapping import read_mapping
+    return read_mapping(get_store(), integration_id)
+
+
+@app.route("/integrations/{integration_id}/status-mapping", methods=["PUT"], authorizer=admin)
+def put_status_mapping(integration_id):
+    from chalicelib.status_mapping import replace_mapping
+    return replace_mapping(get_store(), integration_id, app.current_request.json_body, get_metrika)
+
+
+@app.route("/webhooks/amocrm/{integration_id}", methods=["POST"], content_types=[FORM])
+def amocrm_webhook(integration_id):
+    request = app.current_request
+    return _ingest().amocrm(integration_id, request.raw_body, request.query_params or {})
+
+
+@app.route("/webhooks/bitrix24/{integration_id}", methods=["POST"], content_types=[FORM])
+def bitrix24_webhook(integration_id):
+    return _ingest().bitrix24(integration_id, app.current_request.raw_body)
+
+# End of routes. Start of event handlers.
+
+
+@app.on_sqs_message(queue=get_settings().events_queue,
+                    batch_size=int(os.environ.get("WORKER_BATCH_SIZE", "100")),
+                    maximum_batching_window_in_seconds=int(os.environ.get("WORKER_BATCHING_WINDOW", "5")),
+                    # At most 3 workers at once: Metrika allows 3 requests in flight per token.
+                    maximum_concurrency=3)
+def on_events_message(event):
+    from chalicelib.pipeline import Worker
+    settings = get_settings()
+    worker = Worker(get_store(), get_queue(), get_metrika, _SOURCES,
+                    row_limit=settings.upload_row_limit, retry_limit=settings.worker_retry_limit)
+    return vars(worker.handle(record.body for record in event))
+
+# End of event handlers.
+
+
+def _ingest():
+    from chalicelib.pipeline import Ingest
+    return Ingest(get_store(), get_queue(), get_settings().max_webhook_bytes)

@@ -1,0 +1,72 @@
+"""The requests adapter for the CDP API: sends what `cdp` builds and lets `cdp` judge the answer."""
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import requests
+
+from . import cdp
+
+# (connect, read): uploads of a few thousand rows are answered in seconds; past that we would rather
+# retry later than hold a Lambda.
+DEFAULT_TIMEOUT = (3.05, 30.0)
+
+
+class MetrikaClient:
+    """One token's view of the Metrika API. `base_url` comes from settings (`METRIKA_API_URL`)."""
+
+    def __init__(self, token: str, base_url: str, *, session: requests.Session | None = None,
+                 timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> None:
+        self._token = token
+        self._base_url = base_url.rstrip("/")
+        self._session = session or requests.Session()
+        self._timeout = timeout
+
+    def __repr__(self) -> str:  # never show the token
+        return f"MetrikaClient(base_url={self._base_url!r})"
+
+    def send(self, request: cdp.ApiRequest) -> Any:
+        headers = {"Authorization": f"OAuth {self._token}", "Accept": "application/json"}
+        data = None
+        if request.body is not None:
+            headers["Content-Type"] = "application/json; charset=utf-8"
+            data = json.dumps(request.body, ensure_ascii=False, default=_json_default).encode("utf-8")
+        try:
+            response = self._session.request(request.method, self._base_url + request.path,
+                                             params=request.params or None, data=data, headers=headers,
+                                             timeout=self._timeout)
+        except requests.Timeout as exc:
+            raise cdp.RetryableMetrikaError(None, f"Metrika did not answer in time: {type(exc).__name__}") from exc
+        except requests.RequestException as exc:
+            raise cdp.RetryableMetrikaError(None, f"Metrika unreachable: {type(exc).__name__}") from exc
+        return cdp.decipher_response(response.status_code, response.headers, response.content)
+
+    def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "APPEND") -> dict:
+        return self.send(cdp.upload_contacts(counter_id, contacts, merge_mode))["uploading"]
+
+    def upload_orders(self, counter_id: int, orders: list[dict], merge_mode: str = "SAVE") -> dict:
+        return self.send(cdp.upload_orders(counter_id, orders, merge_mode))["uploading"]
+
+    def get_order_statuses(self, counter_id: int) -> list[dict]:
+        return self.send(cdp.get_order_statuses(counter_id)).get("order_statuses", [])
+
+    def save_order_statuses(self, counter_id: int, statuses: list[dict]) -> None:
+        self.send(cdp.save_order_statuses(counter_id, statuses))
+
+    def counter_time_zone(self, counter_id: int) -> str:
+        counter = self.send(cdp.get_counter(counter_id)).get("counter", {})
+        name = counter.get("time_zone_name")
+        if not name:
+            raise cdp.PermanentMetrikaError(None, f"counter {counter_id} reports no time_zone_name")
+        return name
+
+    def last_uploadings(self, counter_id: int, limit: int = 100, datetime_offset: str | None = None) -> list[dict]:
+        return self.send(cdp.last_uploadings(counter_id, limit, datetime_offset)).get("uploadings", [])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

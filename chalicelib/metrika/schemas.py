@@ -1,0 +1,358 @@
+"""Metrika CDP record shapes: one marshmallow schema per record, with the documented rules.
+
+Rows are built as plain dicts by the CRM translators, then `load`ed here (normalised and validated)
+and `dump`ed into the JSON the CDP API takes. Sources (see ../shared/reference/metrika-cdp.md):
+
+* ContactRow — https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContactJson_1 (§5)
+* OrderRow — https://yandex.com/dev/metrika/en/management/openapi/schema/uploadOrdersJson_1 (§6)
+* OrderStatus — https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses (§8.1)
+* Attribute / Product — createAttributes, createProducts (§8.2, §8.3)
+* Date-time rules — https://yandex.ru/dev/metrika/ru/data-import/date (§10)
+* Normalisation and md5 — https://yandex.ru/dev/metrika/ru/data-import/hashing (§12)
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import date, datetime, timezone, tzinfo
+from decimal import Decimal, InvalidOperation
+from typing import Any, Iterable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_dump,
+    pre_load,
+    validate,
+    validates_schema,
+)
+
+DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+DATE_FORMAT = "%Y-%m-%d"
+EPOCH = datetime(1970, 1, 1)
+STATUS_TYPES = ("IN_PROGRESS", "PAID", "CANCELLED", "SPAM")
+MERGE_MODES = ("SAVE", "UPDATE", "APPEND")
+ATTRIBUTE_TYPES = ("text", "numeric", "date", "datetime", "email")
+# Ids that go into schema lists (statuses, attributes, products): §8.1 "length 1–255, ^[\w-:]+$".
+SCHEMA_ID = re.compile(r"^[\w\-:]+$", re.ASCII)
+UINT64_MAX = 2**64 - 1
+# Bounded well below Long.MAX_VALUE, which Metrika rejects (§6.1); no real order is worth 10^15.
+MONEY_MAX = Decimal("1e15")
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+# --- normalisation and hashing (§12) -------------------------------------------------------------
+
+def normalize_email(raw: str) -> str:
+    """Trim and lower-case; reject anything without `@` and a dotted domain."""
+    email = str(raw).strip().lower()
+    if not _EMAIL.match(email):
+        raise ValidationError(f"not an e-mail address: {raw!r}")
+    return email
+
+
+def normalize_phone(raw: str | int) -> str:
+    """Digits only, with the country code: `+7 (999) 555-11-11` and `8 999 555 11 11` → `79995551111`.
+
+    A Russian number written with the trunk prefix 8 (11 digits) becomes 7…, and a bare 10-digit
+    Russian mobile (9XXXXXXXXX) gets the 7 it lacks; the doc requires the country code and a wrong
+    form silently never matches (§12).
+    """
+    digits = re.sub(r"\D", "", str(raw))
+    if len(digits) == 11 and digits[0] == "8":
+        digits = "7" + digits[1:]
+    elif len(digits) == 10 and digits[0] == "9":
+        digits = "7" + digits
+    if not 10 <= len(digits) <= 15:  # E.164 allows at most 15 digits
+        raise ValidationError(f"not a phone number with a country code: {raw!r}")
+    return digits
+
+
+def md5_hex(normalized: str) -> str:
+    """md5 of one normalised value, lower-case hex (§12: each value separately, never a joined list)."""
+    return hashlib.md5(normalized.encode("utf-8")).hexdigest()
+
+
+def normalize_client_id(raw: str | int) -> str:
+    """ClientID as a decimal string: digits only, non-zero, fits unsigned 64 bits (§5.1, §14).
+
+    Kept as a string end to end: ClientIDs exceed 2^53 and break float-based JSON tooling.
+    """
+    text = str(raw).strip()
+    if not text.isdigit() or not text.isascii():
+        raise ValidationError(f"ClientID must be digits only: {raw!r}")
+    value = int(text)
+    if value == 0:
+        raise ValidationError("ClientID must not be 0")
+    if value > UINT64_MAX:
+        raise ValidationError(f"ClientID does not fit 64 bits: {raw!r}")
+    return str(value)
+
+
+def resolve_time_zone(name: str) -> tzinfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValidationError(f"unknown time zone {name!r}") from exc
+
+
+# --- fields ----------------------------------------------------------------------------------------
+
+class _ListOfNormalized(fields.List):
+    """A list whose items are normalised by `normalizer`; duplicates after normalisation are dropped."""
+
+    def __init__(self, normalizer, **kwargs: Any) -> None:
+        super().__init__(fields.String(), **kwargs)
+        self._normalizer = normalizer
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise ValidationError("must be a list")
+        out: list[str] = []
+        errors: dict[int, list[str]] = {}
+        for index, item in enumerate(value):
+            if item is None:
+                errors[index] = ["must not be null"]
+                continue
+            try:
+                normalized = self._normalizer(item)
+            except ValidationError as exc:
+                errors[index] = exc.messages if isinstance(exc.messages, list) else [str(exc.messages)]
+                continue
+            if normalized not in out:
+                out.append(normalized)
+        if errors:
+            raise ValidationError(errors)
+        return out
+
+
+class LocalDateTime(fields.Field):
+    """`yyyy-MM-dd HH:mm:ss` wall-clock time in the counter's time zone (§10).
+
+    Loads an aware `datetime` (converted to the schema's time zone) or a string already in that
+    form; dumps the string. The schema's `time_zone` is read through the bound parent.
+    """
+
+    default_error_messages = {"invalid": "expected 'yyyy-MM-dd HH:mm:ss' or an aware datetime"}
+
+    def _deserialize(self, value, attr, data, **kwargs) -> datetime:
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise self.make_error("invalid")
+            return value.astimezone(self.parent.time_zone).replace(tzinfo=None, microsecond=0)
+        try:
+            return datetime.strptime(str(value), DATETIME_FORMAT)
+        except ValueError as exc:
+            raise self.make_error("invalid") from exc
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return value
+        return value.strftime(DATETIME_FORMAT)
+
+
+class Money(fields.Decimal):
+    """A non-negative amount; dumped as a JSON number."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(validate=validate.Range(min=0, max=MONEY_MAX), **kwargs)
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return _json_number(value)
+
+
+def _json_number(value: Decimal | None) -> int | float | None:
+    if value is None:
+        return None
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+def _schema_id(**kwargs: Any) -> fields.String:
+    return fields.String(
+        validate=[
+            validate.Length(min=1, max=255),
+            validate.Regexp(SCHEMA_ID, error="must match ^[\\w-:]+$ (Latin letters, digits, _, - and :)"),
+        ],
+        **kwargs,
+    )
+
+
+def _non_blank(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Regexp(r"\S", error="must not be blank"), **kwargs)
+
+
+# --- schemas ---------------------------------------------------------------------------------------
+
+class _CdpSchema(Schema):
+    """Base for rows: unknown keys are errors, absent optional fields are left out of the JSON."""
+
+    class Meta:
+        unknown = RAISE
+
+    def __init__(self, *, time_zone: str | tzinfo = "UTC", now: datetime | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.time_zone = resolve_time_zone(time_zone) if isinstance(time_zone, str) else time_zone
+        self._now = now
+
+    def local_now(self) -> datetime:
+        now = self._now or datetime.now(timezone.utc)
+        return now.astimezone(self.time_zone).replace(tzinfo=None)
+
+    def _check_times(self, data: dict, create_key: str, later_keys: Iterable[str]) -> None:
+        """§10: no pre-1970 and no future times; update/finish not before create."""
+        now = self.local_now()
+        errors: dict[str, list[str]] = {}
+        for key in (create_key, *later_keys):
+            value = data.get(key)
+            if value is None:
+                continue
+            if value < EPOCH:
+                errors.setdefault(key, []).append("must not be before 1970-01-01")
+            elif value > now:
+                errors.setdefault(key, []).append(
+                    f"must not be in the future (now is {now:%Y-%m-%d %H:%M:%S} in the counter's time zone)")
+        created = data.get(create_key)
+        if created is not None:
+            for key in later_keys:
+                if data.get(key) is not None and data[key] < created:
+                    errors.setdefault(key, []).append(f"must not be before {create_key}")
+        if errors:
+            raise ValidationError(errors)
+
+    @post_dump
+    def _drop_empty(self, data: dict, **kwargs: Any) -> dict:
+        return {k: v for k, v in data.items() if v is not None and v != [] and v != {}}
+
+
+class ContactRow(_CdpSchema):
+    """One customer (§5.1). `uniq_id` is the CRM's contact id, referenced by orders."""
+
+    uniq_id = _non_blank(required=True)
+    name = fields.String(allow_none=True)
+    birth_date = fields.Date(format=DATE_FORMAT, allow_none=True)
+    create_date_time = LocalDateTime(allow_none=True)
+    update_date_time = LocalDateTime(allow_none=True)
+    client_ids = _ListOfNormalized(normalize_client_id)
+    user_ids = fields.List(_non_blank())
+    emails = _ListOfNormalized(normalize_email)
+    phones = _ListOfNormalized(normalize_phone)
+    emails_md5 = fields.List(fields.String(validate=validate.Regexp(_MD5, error="must be lower-case md5 hex")))
+    phones_md5 = fields.List(fields.String(validate=validate.Regexp(_MD5, error="must be lower-case md5 hex")))
+    attribute_values = fields.Raw()
+
+    @validates_schema
+    def _rules(self, data: dict, **kwargs: Any) -> None:
+        self._check_times(data, "create_date_time", ("update_date_time",))
+        birth = data.get("birth_date")
+        if birth is not None and not (date(1970, 1, 1) <= birth <= self.local_now().date()):
+            raise ValidationError("must be between 1970-01-01 and today", "birth_date")
+
+
+class OrderRow(_CdpSchema):
+    """One order (§6.1): every required field travels in every upload, whatever the merge mode (§6.3)."""
+
+    id = _non_blank(required=True)
+    client_uniq_id = _non_blank(required=True)
+    client_type = fields.String(load_default="CONTACT", validate=validate.OneOf(["CONTACT"]))
+    create_date_time = LocalDateTime(required=True)
+    update_date_time = LocalDateTime(allow_none=True)
+    finish_date_time = LocalDateTime(allow_none=True)
+    order_status = _non_blank(required=True)
+    revenue = Money(allow_none=True)
+    cost = Money(allow_none=True)
+    currency = fields.String(allow_none=True, validate=validate.Regexp(r"^[A-Z]{3}$", error="must be an ISO 4217 code"))
+    products = fields.Dict(keys=_non_blank(), values=Money())
+    goals = fields.List(fields.Dict())
+    attribute_values = fields.Raw()
+
+    @validates_schema
+    def _rules(self, data: dict, **kwargs: Any) -> None:
+        self._check_times(data, "create_date_time", ("update_date_time", "finish_date_time"))
+
+    @post_dump
+    def _numbers(self, data: dict, **kwargs: Any) -> dict:
+        if data.get("products"):
+            data["products"] = {k: _json_number(Decimal(str(v))) for k, v in data["products"].items()}
+        return data
+
+
+class OrderStatus(Schema):
+    """One entry of `schema/order_statuses` (§8.1)."""
+
+    class Meta:
+        unknown = RAISE
+
+    id = _schema_id(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(STATUS_TYPES))
+    humanized = fields.String(validate=validate.Length(max=4096))
+    goal_action_ids = fields.List(_non_blank(), validate=validate.Length(max=10))
+
+    @pre_load
+    def _spelling(self, data: Any, **kwargs: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") == "CANCELED":
+            raise ValidationError("CANCELED is a misspelling in two Metrika doc pages: use CANCELLED", "type")
+        return data
+
+
+class Attribute(Schema):
+    """A custom attribute for `schema/attributes` (§8.2). There is no boolean type."""
+
+    class Meta:
+        unknown = RAISE
+
+    name = _schema_id(required=True)
+    type_name = fields.String(required=True, validate=validate.OneOf(ATTRIBUTE_TYPES))
+    multivalued = fields.Boolean(required=True)
+    humanized = fields.String(validate=validate.Length(max=4096))
+
+
+class Product(Schema):
+    """An item of `schema/products` (§8.3): the id used in orders' `products` and a display name."""
+
+    class Meta:
+        unknown = RAISE
+
+    name = _schema_id(required=True)
+    humanized = fields.String(validate=validate.Length(max=4096))
+
+
+def hash_identifiers(contact: dict) -> dict:
+    """Replace phones and e-mails of a loaded ContactRow by their md5 (the integration's `hash_pii`)."""
+    hashed = dict(contact)
+    for plain, hashed_key in (("emails", "emails_md5"), ("phones", "phones_md5")):
+        values = hashed.pop(plain, None) or []
+        if values:
+            merged = list(hashed.get(hashed_key) or [])
+            merged += [h for h in map(md5_hex, values) if h not in merged]
+            hashed[hashed_key] = merged
+    return hashed
+
+
+def to_cdp_rows(schema: Schema, rows: list[dict]) -> list[dict]:
+    """Validate and normalise rows, then dump them as the API's JSON. Raises ValidationError keyed by
+    row index, so one bad row can be told apart from the rest."""
+    loaded = schema.load(rows, many=True)
+    return schema.dump(loaded, many=True)
+
+
+def parse_decimal(value: Any) -> Decimal | None:
+    """CRM amounts arrive as numbers or strings ("1500.00"); empty means absent."""
+    if value in (None, ""):
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation as exc:
+        raise ValidationError(f"not a number: {value!r}") from exc
+
+
+__all__ = [
+    "ContactRow", "OrderRow", "OrderStatus", "Attribute", "Product", "STATUS_TYPES", "MERGE_MODES",
+    "normalize_email", "normalize_phone", "normalize_client_id", "md5_hex", "hash_identifiers",
+    "to_cdp_rows", "resolve_time_zone", "parse_decimal",
+]

@@ -1,0 +1,304 @@
+"""Ingest (verify → parse → mark dirty → queue → answer) and deliver (claim → snapshot from the CRM →
+validate → upload contacts then orders → mark clean or park). See ../shared/docs/architecture.md.
+
+Chalice's `on_sqs_message` has no partial batch response (webhook-practice reference §2.5), so the
+worker never fails a batch for one entity: retryable errors re-queue that entity's own message with a
+delay, permanent ones park the entity with the reason. Only an unexpected crash fails the batch, and
+SQS's redrive moves a message that keeps crashing to the dead-letter queue.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+from marshmallow import ValidationError
+
+from .crm import EntityRef, WebhookError
+from .crm.amocrm.webhook import parse_amocrm_webhook
+from .crm.bitrix24.webhook import parse_bitrix24_event
+from .errors import ApiError, invalid, not_found
+from .logs import log_event
+from .metrika.cdp import MetrikaError
+from .metrika.schemas import ContactRow, OrderRow, hash_identifiers
+
+MAX_SQS_BATCH = 10
+MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
+
+
+def secrets_match(given: str | None, expected: str | None) -> bool:
+    """Constant-time comparison; an unset expected secret never matches."""
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+class EventQueue:
+    """SQS adapter: messages are `{integration_id, kind, crm_id}` JSON; the URL is looked up once."""
+
+    def __init__(self, client: Any, queue_name: str) -> None:
+        self._sqs = client
+        self._name = queue_name
+        self._url: str | None = None
+
+    def send(self, messages: list[dict], delay_seconds: int = 0) -> None:
+        if self._url is None:
+            self._url = self._sqs.get_queue_url(QueueName=self._name)["QueueUrl"]
+        for start in range(0, len(messages), MAX_SQS_BATCH):
+            chunk = messages[start:start + MAX_SQS_BATCH]
+            result = self._sqs.send_message_batch(QueueUrl=self._url, Entries=[
+                {"Id": str(i), "MessageBody": json.dumps(m, sort_keys=True), "DelaySeconds": delay_seconds}
+                for i, m in enumerate(chunk)])
+            if result.get("Failed"):
+                raise RuntimeError(f"SQS refused {len(result['Failed'])} message(s)")
+
+
+# --- ingest ------------------------------------------------------------------------------------------
+
+class Ingest:
+    def __init__(self, store: Any, queue: EventQueue, max_body_bytes: int) -> None:
+        self._store, self._queue, self._max_body = store, queue, max_body_bytes
+
+    def amocrm(self, integration_id: str, raw: bytes, query: dict[str, str]) -> dict:
+        """amoCRM signs nothing: the unguessable `?secret=` and the account id are the checks
+        (amoCRM reference §9)."""
+        integration = self._integration(integration_id, "amocrm", raw)
+        connection = integration["connection"]
+        if not secrets_match(query.get("secret"), connection.get("webhook_secret")):
+            raise ApiError(403, "forbidden", "wrong or missing ?secret= for this integration's webhook URL")
+        webhook = self._parse(parse_amocrm_webhook, raw)
+        expected_account = connection.get("account_id")
+        if expected_account and webhook.account_id != expected_account:
+            raise ApiError(403, "forbidden", f"webhook comes from account {webhook.account_id}, "
+                                             f"this integration serves account {expected_account}")
+        return self._record(integration_id, "amocrm", webhook.refs, ignored=webhook.ignored)
+
+    def bitrix24(self, integration_id: str, raw: bytes) -> dict:
+        """Bitrix24: `auth[application_token]` in constant time, then member id and domain when
+        configured (Bitrix24 reference §5)."""
+        integration = self._integration(integration_id, "bitrix24", raw)
+        connection = integration["connection"]
+        event = self._parse(parse_bitrix24_event, raw)
+        if not secrets_match(event.application_token, connection.get("application_token")):
+            raise ApiError(403, "forbidden", "auth[application_token] does not match this integration")
+        for key, value in (("member_id", event.member_id), ("domain", event.domain)):
+            if connection.get(key) and value != connection[key]:
+                raise ApiError(403, "forbidden", f"auth[{key}] does not match this integration")
+        return self._record(integration_id, "bitrix24", event.refs, ignored=0 if event.refs else 1)
+
+    def _integration(self, integration_id: str, crm: str, raw: bytes) -> dict:
+        if len(raw) > self._max_body:
+            raise ApiError(413, "payload_too_large", f"webhook body is {len(raw)} bytes; the limit is {self._max_body}")
+        integration = self._store.get_integration(integration_id)
+        if integration is None:
+            raise not_found(f"integration {integration_id!r}")
+        if integration["crm"] != crm:
+            raise invalid(f"integration {integration_id!r} is a {integration['crm']} integration: "
+                          f"send its webhooks to /webhooks/{integration['crm']}/{integration_id}")
+        return integration
+
+    @staticmethod
+    def _parse(parser: Callable[[bytes], Any], raw: bytes) -> Any:
+        try:
+            return parser(raw)
+        except WebhookError as exc:
+            raise invalid(str(exc)) from exc
+
+    def _record(self, integration_id: str, crm: str, refs: list[EntityRef], ignored: int) -> dict:
+        to_queue = [r for r in _dedupe(refs) if self._store.mark_dirty(integration_id, r)]
+        messages = [{"integration_id": integration_id, "kind": r.kind, "crm_id": r.crm_id} for r in to_queue]
+        if messages:
+            try:
+                self._queue.send(messages)
+            except Exception as exc:
+                # Let the CRM's retry (or the next event) queue them: without this they would look queued.
+                for ref in to_queue:
+                    self._store.mark_unqueued(integration_id, ref.kind, ref.crm_id)
+                log_event("webhook_queue_failed", integration_id=integration_id, error=type(exc).__name__)
+                raise ApiError(503, "queue_unavailable", "could not queue the event; please retry") from exc
+        log_event("webhook", integration_id=integration_id, crm=crm, entities=len(refs), queued=len(messages),
+                  ignored=ignored)
+        return {"accepted": len(refs), "queued": len(messages), "ignored": ignored}
+
+
+def _dedupe(refs: Iterable[EntityRef]) -> list[EntityRef]:
+    """One ref per entity, the newest (a body may carry `update` and `status` for one lead)."""
+    newest: dict[tuple[str, str], EntityRef] = {}
+    for ref in refs:
+        key = (ref.kind, ref.crm_id)
+        if key not in newest or ref.event_time >= newest[key].event_time:
+            newest[key] = ref
+    return list(newest.values())
+
+
+# --- deliver -----------------------------------------------------------------------------------------
+
+@dataclass
+class EntityRows:
+    """What one CRM entity becomes in Metrika, or why it cannot."""
+
+    contacts: list[dict] = field(default_factory=list)
+    orders: list[dict] = field(default_factory=list)
+    error: dict | None = None  # permanent problem (unmapped stage, deleted contact…): park the entity
+
+
+class CrmSource(Protocol):
+    """Re-reads entities from one CRM and translates them into raw Metrika rows (amoCRM, Bitrix24)."""
+
+    def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef]) -> dict[tuple[str, str], EntityRows]:
+        ...
+
+
+class RetryableSourceError(Exception):
+    """The CRM failed or throttled us (429, 5xx, timeout): try the same entities later."""
+
+
+@dataclass
+class Outcome:
+    uploaded: int = 0
+    skipped: int = 0
+    parked: int = 0
+    retried: int = 0
+    superseded: int = 0
+
+
+class Worker:
+    def __init__(self, store: Any, queue: EventQueue, metrika_for: Callable[[dict], Any],
+                 sources: dict[str, CrmSource], *, row_limit: int = 1000, retry_limit: int = 8) -> None:
+        self._store, self._queue, self._metrika_for = store, queue, metrika_for
+        self._sources, self._row_limit, self._retry_limit = sources, row_limit, retry_limit
+
+    def handle(self, bodies: Iterable[str]) -> Outcome:
+        """Process one SQS batch of message bodies."""
+        outcome = Outcome()
+        groups: dict[str, dict[tuple[str, str], None]] = {}
+        for body in bodies:
+            message = json.loads(body)
+            groups.setdefault(message["integration_id"], {})[(message["kind"], message["crm_id"])] = None
+        for integration_id, keys in groups.items():
+            self._deliver(integration_id, list(keys), outcome)
+        return outcome
+
+    def _deliver(self, integration_id: str, keys: list[tuple[str, str]], outcome: Outcome) -> None:
+        integration = self._store.get_integration(integration_id)
+        if integration is None:
+            log_event("delivery_dropped", integration_id=integration_id, reason="integration deleted")
+            return
+        claimed = {}
+        for kind, crm_id in keys:
+            state = self._store.claim(integration_id, kind, crm_id)
+            if state is not None and state.get("dirty"):
+                claimed[(kind, crm_id)] = state
+        if not claimed:
+            return
+        source = self._sources.get(integration["crm"])
+        if source is None:
+            error = {"message": f"enrichment from {integration['crm']} is not available in this build"}
+            for key, state in claimed.items():
+                self._park(integration_id, key, state, error, outcome)
+            return
+        refs = [EntityRef(kind, crm_id, state["event_time"], state.get("last_action", "update"))
+                for (kind, crm_id), state in claimed.items()]
+        mapping = (self._store.get_status_mapping(integration_id) or {}).get("entries", [])
+        try:
+            rows = source.snapshot(integration, mapping, refs)
+        except RetryableSourceError as exc:
+            self._retry(integration_id, claimed, {"message": str(exc), "source": integration["crm"]}, outcome)
+            return
+        self._upload(integration_id, integration, claimed, rows, outcome)
+
+    def _upload(self, integration_id: str, integration: dict, claimed: dict, rows: dict, outcome: Outcome) -> None:
+        time_zone = integration["timezone"]
+        ready: dict[tuple[str, str], tuple[list[dict], list[dict], str]] = {}
+        for key, state in claimed.items():
+            entity = rows.get(key) or EntityRows(error={"message": "the CRM returned nothing for this entity"})
+            if entity.error:
+                self._park(integration_id, key, state, entity.error, outcome)
+                continue
+            try:
+                contacts = [ContactRow(time_zone=time_zone).dump(ContactRow(time_zone=time_zone).load(c))
+                            for c in entity.contacts]
+                orders = [OrderRow(time_zone=time_zone).dump(OrderRow(time_zone=time_zone).load(o))
+                          for o in entity.orders]
+            except ValidationError as exc:
+                self._park(integration_id, key, state, {"message": "row failed validation", "fields": exc.messages}, outcome)
+                continue
+            if integration.get("hash_pii"):
+                contacts = [hash_identifiers(c) for c in contacts]
+            content_hash = _content_hash(contacts, orders)
+            if content_hash == state.get("content_hash"):
+                outcome.skipped += 1
+                self._finish(integration_id, key, state, content_hash, state.get("uploading_id"), outcome)
+                continue
+            ready[key] = (contacts, orders, content_hash)
+        if not ready:
+            return
+        metrika = self._metrika_for(integration)
+        counter_id = integration["counter_id"]
+        try:
+            uploading_ids = []
+            # Contacts first: Metrika links orders to sessions through their contacts (CDP reference §6.1).
+            for chunk in _chunks((c for v in ready.values() for c in v[0]), "uniq_id", self._row_limit):
+                uploading_ids.append(metrika.upload_contacts(counter_id, chunk)["uploading_id"])
+            for chunk in _chunks((o for v in ready.values() for o in v[1]), "id", self._row_limit):
+                uploading_ids.append(metrika.upload_orders(counter_id, chunk)["uploading_id"])
+        except MetrikaError as exc:
+            if exc.retryable:
+                self._retry(integration_id, {k: claimed[k] for k in ready}, exc.describe(), outcome,
+                            exc.retry_after)
+            else:
+                # A batch-level refusal: park each entity with Metrika's message and location.
+                for key in ready:
+                    self._park(integration_id, key, claimed[key], exc.describe(), outcome)
+            return
+        log_event("upload", integration_id=integration_id, entities=len(ready), requests=len(uploading_ids))
+        for key, (_, _, content_hash) in ready.items():
+            outcome.uploaded += 1
+            self._finish(integration_id, key, claimed[key], content_hash, uploading_ids[-1], outcome)
+
+    def _finish(self, integration_id: str, key: tuple[str, str], state: dict, content_hash: str,
+                uploading_id: str | None, outcome: Outcome) -> None:
+        if not self._store.mark_clean(integration_id, *key, event_time=state["event_time"],
+                                      content_hash=content_hash, uploading_id=uploading_id):
+            outcome.superseded += 1  # a newer event arrived and queued its own message
+
+    def _park(self, integration_id: str, key: tuple[str, str], state: dict, error: dict, outcome: Outcome) -> None:
+        outcome.parked += 1
+        self._store.mark_failed(integration_id, *key, event_time=state["event_time"], error=error)
+        log_event("entity_parked", integration_id=integration_id, kind=key[0], crm_id=key[1],
+                  reason=error.get("message"))
+
+    def _retry(self, integration_id: str, claimed: dict, error: dict, outcome: Outcome,
+               retry_after: float | None = None) -> None:
+        """Exponential backoff with full jitter; past the retry limit the entity is parked, visible."""
+        again, most_attempts = [], 0
+        for key, state in claimed.items():
+            attempts = int(state.get("attempts") or 0) + 1
+            if attempts > self._retry_limit:
+                self._park(integration_id, key, state, {**error, "message": f"gave up after {attempts - 1} "
+                                                                            f"retries: {error.get('message')}"}, outcome)
+            else:
+                most_attempts = max(most_attempts, attempts)
+                self._store.note_attempt(integration_id, *key, attempts=attempts, error=error)
+                again.append({"integration_id": integration_id, "kind": key[0], "crm_id": key[1]})
+        if again:
+            outcome.retried += len(again)
+            base = min(MAX_DELAY_SECONDS, 2 ** min(most_attempts, 10))
+            delay = int(max(retry_after or 0, random.uniform(base / 2, base)))
+            self._queue.send(again, delay_seconds=min(MAX_DELAY_SECONDS, delay))
+
+
+def _content_hash(contacts: list[dict], orders: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([contacts, orders], sort_keys=True).encode()).hexdigest()
+
+
+def _chunks(rows: Iterable[dict], key: str, size: int) -> Iterable[list[dict]]:
+    """Chunks of at most `size` rows with no id twice: Metrika applies duplicate ids within one upload
+    in random order (CDP reference §5.3), so the last row for an id wins here instead."""
+    by_id = {row[key]: row for row in rows}
+    values = list(by_id.values())
+    for start in range(0, len(values), size):
+        yield values[start:start + size]

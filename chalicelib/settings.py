@@ -1,0 +1,56 @@
+"""Environment → typed settings, read once per process.
+
+Every name the deployment can set lives here, so `.chalice/config.json`, the local stack and the tests
+agree on one list.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+APP_NAME = "metrika-crm-bridge"
+DEFAULT_METRIKA_API_URL = "https://api-metrika.yandex.net"
+
+
+@dataclass(frozen=True)
+class Settings:
+    stage: str
+    config_table: str
+    state_table: str
+    events_queue: str
+    metrika_api_url: str
+    max_webhook_bytes: int
+    admin_token: str | None
+    admin_token_parameter: str | None
+    worker_retry_limit: int
+    upload_row_limit: int
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.events_queue}-dlq"
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    stage = env.get("STAGE", "dev")
+    prefix = f"{APP_NAME}-{stage}"
+    return Settings(
+        stage=stage,
+        config_table=env.get("CONFIG_TABLE", f"{prefix}-config"),
+        state_table=env.get("STATE_TABLE", f"{prefix}-state"),
+        events_queue=env.get("EVENTS_QUEUE", f"{prefix}-events"),
+        metrika_api_url=env.get("METRIKA_API_URL", DEFAULT_METRIKA_API_URL).rstrip("/"),
+        # amoCRM and Bitrix24 bodies for a handful of entities are a few KB; 256 KB leaves room for
+        # batched events while refusing floods before the parser sees them.
+        max_webhook_bytes=int(env.get("MAX_WEBHOOK_BYTES", str(256 * 1024))),
+        admin_token=env.get("ADMIN_TOKEN") or None,
+        admin_token_parameter=env.get("ADMIN_TOKEN_PARAMETER") or None,
+        worker_retry_limit=int(env.get("WORKER_RETRY_LIMIT", "8")),
+        upload_row_limit=int(env.get("UPLOAD_ROW_LIMIT", "1000")),
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

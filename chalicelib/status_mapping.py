@@ -1,0 +1,104 @@
+"""CRM stage → Metrika order status. Rules, validation, and the push to `schema/order_statuses`.
+
+Metrika side: https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses
+(reference §8.1). Several CRM stages may share one Metrika status id (e.g. every "in work" stage →
+`in_work`); they must then agree on its type and label, since Metrika keeps one entry per id.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from .errors import invalid
+from .integrations import get_integration, metrika_refused
+from .logs import log_event
+from .metrika.cdp import MetrikaError
+from .metrika.schemas import OrderStatus
+
+
+class StatusMappingEntry(Schema):
+    class Meta:
+        unknown = RAISE
+
+    crm_status = fields.String(required=True, validate=[validate.Length(min=1, max=255),
+                                                        validate.Regexp(r"\S", error="must not be blank")])
+    metrika_status_id = fields.String(required=True)  # checked by OrderStatus, the single definition
+    humanized = fields.String(validate=validate.Length(max=4096))
+    type = fields.String(required=True)
+    goal_action_ids = fields.List(fields.String(), validate=validate.Length(max=10))
+
+    @validates_schema
+    def _as_metrika_status(self, data: dict, **kwargs: Any) -> None:
+        """Id and type follow OrderStatus, the single definition of Metrika's rules."""
+        try:
+            OrderStatus().load({"id": data["metrika_status_id"], "type": data["type"]})
+        except ValidationError as exc:
+            raise ValidationError({"metrika_status_id" if k == "id" else k: v
+                                   for k, v in exc.messages.items()}) from exc
+
+
+class StatusMapping(Schema):
+    class Meta:
+        unknown = RAISE
+
+    entries = fields.List(fields.Nested(StatusMappingEntry), required=True, validate=validate.Length(min=1, max=1000))
+
+    @validates_schema
+    def _consistent(self, data: dict, **kwargs: Any) -> None:
+        seen_crm: set[str] = set()
+        by_metrika_id: dict[str, dict] = {}
+        errors: dict[int, str] = {}
+        for index, entry in enumerate(data["entries"]):
+            if entry["crm_status"] in seen_crm:
+                errors[index] = f"crm_status {entry['crm_status']!r} is mapped twice"
+            seen_crm.add(entry["crm_status"])
+            first = by_metrika_id.setdefault(entry["metrika_status_id"], entry)
+            if (first["type"], first.get("humanized")) != (entry["type"], entry.get("humanized")):
+                errors[index] = (f"metrika_status_id {entry['metrika_status_id']!r} is used with different "
+                                 f"type or humanized values")
+        if errors:
+            raise ValidationError(errors, "entries")
+
+
+def to_order_statuses(entries: list[dict]) -> list[dict]:
+    """The complete list for Metrika: one entry per Metrika status id, in first-seen order."""
+    statuses: dict[str, dict] = {}
+    for entry in entries:
+        status = {"id": entry["metrika_status_id"], "type": entry["type"],
+                  "humanized": entry.get("humanized") or entry["metrika_status_id"]}
+        if entry.get("goal_action_ids"):
+            status["goal_action_ids"] = entry["goal_action_ids"]
+        statuses.setdefault(status["id"], status)
+    return OrderStatus(many=True).dump(OrderStatus(many=True).load(list(statuses.values())))
+
+
+def status_for(entries: list[dict], crm_status: str) -> str | None:
+    """The Metrika status id for a CRM stage, or None when the stage is not mapped (never a guess)."""
+    return next((e["metrika_status_id"] for e in entries if e["crm_status"] == crm_status), None)
+
+
+def read_mapping(store: Any, integration_id: str) -> dict:
+    get_integration(store, integration_id)
+    mapping = store.get_status_mapping(integration_id) or {"entries": [], "pushed_at": None}
+    return {"integration_id": integration_id, **mapping}
+
+
+def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for) -> dict:
+    """Validate, push the full list to Metrika, then store. If Metrika refuses, nothing is stored and
+    the caller sees Metrika's reason."""
+    integration = get_integration(store, integration_id)
+    try:
+        entries = StatusMapping().load(body if isinstance(body, dict) else {"entries": body})["entries"]
+    except ValidationError as exc:
+        raise invalid("status mapping is invalid", exc.messages) from exc
+    try:
+        metrika_for(integration).save_order_statuses(integration["counter_id"], to_order_statuses(entries))
+    except MetrikaError as exc:
+        log_event("status_mapping_refused", integration_id=integration_id, status=exc.status)
+        raise metrika_refused("Metrika did not accept the status mapping", exc) from exc
+    pushed_at = int(time.time())
+    store.put_status_mapping(integration_id, entries, pushed_at)
+    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries))
+    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at}

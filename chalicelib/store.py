@@ -1,0 +1,211 @@
+"""DynamoDB access: the one module that knows key shapes.
+
+Two tables (names from settings, prefixed by stage):
+
+* config — `pk = INTEGRATION#<id>`; `sk = CONFIG` (the integration) or `STATUS_MAPPING`.
+* state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
+  state (newest event time, dirty, queued, last content hash, last uploading id, last error).
+
+The low-level client with boto3's type (de)serialisers keeps cold starts cheaper than the resource API.
+"""
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from typing import Any
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+
+from .crm import EntityRef
+
+_SER = TypeSerializer()
+_DES = TypeDeserializer()
+
+CONFIG = "CONFIG"
+STATUS_MAPPING = "STATUS_MAPPING"
+
+
+def _pk(integration_id: str) -> str:
+    return f"INTEGRATION#{integration_id}"
+
+
+def _entity_sk(kind: str, crm_id: str) -> str:
+    return f"{kind.upper()}#{crm_id}"
+
+
+def _to_item(values: dict[str, Any]) -> dict:
+    return {k: _SER.serialize(v) for k, v in values.items() if v is not None}
+
+
+def _from_item(item: dict | None) -> dict | None:
+    if item is None:
+        return None
+    return _plain({k: _DES.deserialize(v) for k, v in item.items()})
+
+
+def _plain(value: Any) -> Any:
+    """DynamoDB numbers come back as Decimal: give callers ints (our numbers are ids, counts, times)."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _conditional_failed(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+class Store:
+    def __init__(self, client: Any, config_table: str, state_table: str) -> None:
+        self._db = client
+        self._config = config_table
+        self._state = state_table
+
+    # --- integrations and status mappings -----------------------------------------------------------
+
+    def get_integration(self, integration_id: str) -> dict | None:
+        item = self._get(self._config, _pk(integration_id), CONFIG)
+        return item["config"] if item else None
+
+    def put_integration(self, integration_id: str, config: dict) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": CONFIG, "config": config, "updated_at": int(time.time())}))
+
+    def delete_integration(self, integration_id: str) -> bool:
+        """Delete the integration, its mapping and its delivery state. False if there was none."""
+        pk = _pk(integration_id)
+        existed = self._get(self._config, pk, CONFIG) is not None
+        for table in (self._config, self._state):
+            for keys in self._keys_under(table, pk):
+                self._db.delete_item(TableName=table, Key=keys)
+        return existed
+
+    def get_status_mapping(self, integration_id: str) -> dict | None:
+        item = self._get(self._config, _pk(integration_id), STATUS_MAPPING)
+        return {"entries": item["entries"], "pushed_at": item.get("pushed_at")} if item else None
+
+    def put_status_mapping(self, integration_id: str, entries: list[dict], pushed_at: int) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": STATUS_MAPPING, "entries": entries, "pushed_at": pushed_at}))
+
+    # --- per-entity delivery state -------------------------------------------------------------------
+
+    def mark_dirty(self, integration_id: str, ref: EntityRef) -> bool:
+        """Record that `ref` changed. Returns True when the caller must queue a message for it.
+
+        An older event never overwrites newer state (equal times pass: two changes can share a second,
+        and the worker's re-read plus the content hash make the extra pass harmless). A message is
+        queued only when none is pending for the entity, so a burst of updates costs one message.
+        """
+        try:
+            old = self._db.update_item(
+                TableName=self._state,
+                Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(ref.kind, ref.crm_id)}),
+                UpdateExpression="SET event_time = :t, dirty = :yes, queued = :yes, last_action = :a, "
+                                 "received_at = :now",
+                ConditionExpression="attribute_not_exists(event_time) OR event_time <= :t",
+                ExpressionAttributeValues=_to_item({":t": ref.event_time, ":yes": True, ":a": ref.action,
+                                                    ":now": int(time.time())}),
+                ReturnValues="ALL_OLD",
+            ).get("Attributes", {})
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False  # stale: a newer event is already recorded
+            raise
+        return not (old.get("queued", {}).get("BOOL", False))
+
+    def mark_unqueued(self, integration_id: str, kind: str, crm_id: str) -> None:
+        """The message for this entity could not be sent: let the next event queue one."""
+        self._db.update_item(TableName=self._state,
+                             Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
+                             UpdateExpression="SET queued = :no", ExpressionAttributeValues=_to_item({":no": False}))
+
+    def claim(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        """The worker takes the entity: from now on a new event queues a new message."""
+        try:
+            item = self._db.update_item(
+                TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
+                UpdateExpression="SET queued = :no", ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeValues=_to_item({":no": False}), ReturnValues="ALL_NEW")
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None  # the integration was deleted after the message was queued
+            raise
+        return _entity(item["Attributes"])
+
+    def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int,
+                   content_hash: str, uploading_id: str | None) -> bool:
+        """Done with the state seen at `event_time`. False if a newer event arrived meanwhile (the
+        entity stays dirty; that event queued its own message)."""
+        return self._finish(integration_id, kind, crm_id, event_time,
+                            "SET dirty = :no, content_hash = :h, uploading_id = :u, sent_at = :now, "
+                            "attempts = :zero REMOVE last_error",
+                            {":h": content_hash, ":u": uploading_id or "", ":zero": 0})
+
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+        """Park the entity: a permanent error that needs a person (fix data or mapping, then replay)."""
+        return self._finish(integration_id, kind, crm_id, event_time,
+                            "SET dirty = :no, last_error = :e, failed_at = :now", {":e": error})
+
+    def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict) -> None:
+        """A retryable failure: the entity stays dirty and its retry message is on the queue."""
+        self._db.update_item(
+            TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
+            UpdateExpression="SET attempts = :n, last_error = :e, queued = :yes",
+            ExpressionAttributeValues=_to_item({":n": attempts, ":e": error, ":yes": True}))
+
+    def get_entity(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        item = self._db.get_item(TableName=self._state, ConsistentRead=True,
+                                 Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)})).get("Item")
+        return _entity(item) if item else None
+
+    def list_entities(self, integration_id: str) -> list[dict]:
+        items = self._query(self._state, _pk(integration_id))
+        return [_entity(i) for i in items]
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _finish(self, integration_id: str, kind: str, crm_id: str, event_time: int, update: str,
+                values: dict) -> bool:
+        try:
+            self._db.update_item(
+                TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
+                UpdateExpression=update, ConditionExpression="event_time = :seen",
+                ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False,
+                                                    ":now": int(time.time())}))
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def _get(self, table: str, pk: str, sk: str) -> dict | None:
+        return _from_item(self._db.get_item(TableName=table, Key=_to_item({"pk": pk, "sk": sk}),
+                                            ConsistentRead=True).get("Item"))
+
+    def _query(self, table: str, pk: str, projection: str | None = None) -> list[dict]:
+        kwargs: dict[str, Any] = {"TableName": table, "KeyConditionExpression": "pk = :pk",
+                                  "ExpressionAttributeValues": _to_item({":pk": pk})}
+        if projection:
+            kwargs["ProjectionExpression"] = projection
+        items: list[dict] = []
+        while True:
+            page = self._db.query(**kwargs)
+            items += page.get("Items", [])
+            if "LastEvaluatedKey" not in page:
+                return items
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _keys_under(self, table: str, pk: str) -> list[dict]:
+        return [{"pk": i["pk"], "sk": i["sk"]} for i in self._query(table, pk, projection="pk, sk")]
+
+
+def _entity(item: dict) -> dict:
+    data = _from_item(item)
+    kind, _, crm_id = data.pop("sk").partition("#")
+    data.pop("pk")
+    return {"kind": kind.lower(), "crm_id": crm_id, **data}

@@ -1,0 +1,121 @@
+"""The whole service on loopback, no AWS account: DynamoDB+SQS emulator (moto_server), tables and
+queues, the Metrika sandbox, `chalice local` and the worker loop. Ctrl-C stops everything it started.
+
+    python -m sandbox.local_stack [--port 8000]
+
+`METRIKA_API_URL` set in the environment replaces the Metrika sandbox as the target; `ADMIN_TOKEN`
+fixes the admin token (otherwise one is generated and printed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+# Credentials the emulator accepts; never real ones (the emulator ignores them).
+EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_SESSION_TOKEN": "local",
+                "AWS_DEFAULT_REGION": "eu-central-1"}
+
+
+def free_port() -> int:
+    """Ask the OS for a free port, so we never talk to someone else's server on a common one."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before {url} answered")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def emulator_env(moto_url: str) -> dict[str, str]:
+    """boto3's own endpoint variables: the app has no emulator-specific code."""
+    return {**EMULATOR_ENV, "AWS_ENDPOINT_URL_DYNAMODB": moto_url, "AWS_ENDPOINT_URL_SQS": moto_url}
+
+
+def start_moto(port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/moto-api/", process=process)
+    return process
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.terminate()
+    for process in reversed(processes):
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="API port")
+    parser.add_argument("--metrika-port", type=int, default=0, help="Metrika sandbox port (default: any free)")
+    args = parser.parse_args()
+    started = time.monotonic()
+    processes: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        moto_port = free_port()
+        processes.append(start_moto(moto_port))
+        env = {**os.environ, **emulator_env(f"http://127.0.0.1:{moto_port}"), "STAGE": "dev",
+               "PYTHONUNBUFFERED": "1"}
+        env.setdefault("ADMIN_TOKEN", secrets.token_urlsafe(24))
+        if not os.environ.get("METRIKA_API_URL"):
+            metrika_port = args.metrika_port or free_port()
+            processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.metrika", "--port", str(metrika_port)],
+                                              cwd=ROOT, env=env))
+            env["METRIKA_API_URL"] = f"http://127.0.0.1:{metrika_port}"
+            wait_http(env["METRIKA_API_URL"] + "/_sandbox/state", process=processes[-1])
+        subprocess.run([sys.executable, "-m", "chalicelib.infra", "--stage", "dev"], cwd=ROOT, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        api_url = f"http://127.0.0.1:{args.port}"
+        processes.append(subprocess.Popen([sys.executable, "-c", "from chalice.cli import main; main()", "local", "--no-autoreload",
+                                           "--host", "127.0.0.1", "--port", str(args.port), "--stage", "dev"],
+                                          cwd=ROOT, env=env))
+        processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.worker"], cwd=ROOT, env=env))
+        wait_http(api_url + "/health", process=processes[-2])
+        print(f"""
+metrika-crm-bridge is up in {time.monotonic() - started:.1f} s
+  API             {api_url}
+  admin token     {env['ADMIN_TOKEN']}
+  Metrika target  {env['METRIKA_API_URL']}{'  (sandbox: GET /_sandbox/state shows what it holds)' if not os.environ.get('METRIKA_API_URL') else ''}
+  DynamoDB + SQS  http://127.0.0.1:{moto_port}  (moto_server)
+  webhooks        {api_url}/webhooks/amocrm/<integration id>?secret=…, {api_url}/webhooks/bitrix24/<integration id>
+Ctrl-C stops everything.""", flush=True)
+        while all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+        failed = next(p for p in processes if p.poll() is not None)
+        print(f"{' '.join(map(str, failed.args[:4]))} exited with {failed.returncode}; stopping", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(processes)
+
+
+if __name__ == "__main__":
+    main()

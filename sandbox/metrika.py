@@ -1,0 +1,433 @@
+"""Metrika CDP stand-in on loopback: the endpoints we call, the documented validation rules and error
+body, merge-mode semantics on a stored state, quotas, and fault injection.
+
+Deliberately written apart from `chalicelib.metrika.schemas`: it checks our payloads against the
+reference (../shared/reference/metrika-cdp.md), so a rule we get wrong there fails here.
+Error `location`s use Metrika's camelCase Java names (§4.1).
+
+Control endpoints (not Metrika's): `GET /_sandbox/state`, `GET /_sandbox/requests`,
+`POST /_sandbox/config` (faults, limits), `POST /_sandbox/reset`.
+
+Run alone: `python -m sandbox.metrika --port 8001 [--time-zone Europe/Moscow] [--daily-limit 5000]`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from .httpserver import Reply, Request, SandboxServer
+
+BUILTIN_STATUSES = {"IN_PROGRESS", "PAID", "CANCELLED", "SPAM"}
+MULTI_VALUED = ("client_ids", "user_ids", "emails", "phones", "emails_md5", "phones_md5")
+CONTACT_FIELDS = {"uniq_id", "name", "birth_date", "create_date_time", "update_date_time",
+                  "attribute_values", *MULTI_VALUED}
+ORDER_FIELDS = {"id", "client_uniq_id", "client_type", "create_date_time", "update_date_time",
+                "finish_date_time", "order_status", "revenue", "cost", "currency", "products", "goals",
+                "attribute_values"}
+SCHEMA_ID = re.compile(r"^[\w\-:]+$", re.ASCII)
+MD5 = re.compile(r"^[0-9a-f]{32}$")
+EMAIL = re.compile(r"^[^@\sA-Z]+@[^@\sA-Z]+\.[^@\sA-Z]+$")
+DT = "%Y-%m-%d %H:%M:%S"
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _error(status: int, error_type: str, message: str, location: str | None = None,
+           errors: list[dict] | None = None) -> Reply:
+    errors = errors or [{"error_type": error_type, "message": message, **({"location": location} if location else {})}]
+    return Reply(status, {"errors": errors, "code": status, "message": message})
+
+
+@dataclass
+class Counter:
+    time_zone: str
+    contacts: dict[str, dict] = field(default_factory=dict)
+    orders: dict[str, dict] = field(default_factory=dict)
+    order_statuses: dict[str, dict] = field(default_factory=dict)
+    uploadings: list[dict] = field(default_factory=list)
+    # Orders whose contact was not there yet when they arrived: Metrika links orders through contacts.
+    orders_before_contact: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Faults:
+    """Share (0..1) of data/schema requests answered 503 / 429, or answered after `slow_seconds`."""
+
+    error_503: float = 0.0
+    error_429: float = 0.0
+    slow: float = 0.0
+    slow_seconds: float = 2.0
+    seed: int | None = None
+
+
+class MetrikaSandbox(SandboxServer):
+    def __init__(self, port: int = 0, *, default_time_zone: str = "Europe/Moscow", max_parallel: int = 3,
+                 daily_limit: int = 5000, tokens: dict[str, set[int] | None] | None = None) -> None:
+        super().__init__(port=port)
+        self.default_time_zone = default_time_zone
+        self.max_parallel = max_parallel
+        self.daily_limit = daily_limit
+        self.tokens = tokens  # None: any token; else token → allowed counter ids (None = all)
+        self.faults = Faults()
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+        self.reset()
+        cdp = r"/cdp/api/v1/counter/(?P<counter>\d+)"
+        for method, pattern, handler in [
+            ("POST", cdp + r"/data/contacts/json", self._upload_contacts),
+            ("POST", cdp + r"/data/orders/json", self._upload_orders),
+            ("GET", cdp + r"/schema/order_statuses", self._get_statuses),
+            ("POST", cdp + r"/schema/order_statuses", self._save_statuses),
+            ("GET", cdp + r"/last_uploadings", self._last_uploadings),
+            ("GET", r"/management/v1/counter/(?P<counter>\d+)", self._get_counter),
+        ]:
+            self.route(method, pattern, self._guarded(handler))
+        self.route("GET", r"/_sandbox/state", lambda r: Reply(200, self.state()))
+        self.route("GET", r"/_sandbox/requests", lambda r: Reply(200, {"requests": self.requests,
+                                                                      "max_in_flight": self.max_in_flight}))
+        self.route("POST", r"/_sandbox/config", self._configure)
+        self.route("POST", r"/_sandbox/reset", lambda r: (self.reset(), Reply(200, {"success": True}))[1])
+
+    # --- state, readable by tests -----------------------------------------------------------------
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counters: dict[int, Counter] = {}
+            self.requests: list[dict] = []
+            self.used_today: dict[str, int] = {}
+            self.in_flight: dict[str, int] = {}
+            self.max_in_flight = 0
+            self.faults = Faults()
+
+    def counter(self, counter_id: int) -> Counter:
+        with self._lock:
+            return self.counters.setdefault(int(counter_id), Counter(self.default_time_zone))
+
+    def add_counter(self, counter_id: int, time_zone: str) -> Counter:
+        with self._lock:
+            self.counters[int(counter_id)] = Counter(time_zone)
+            return self.counters[int(counter_id)]
+
+    def set_faults(self, **kwargs: Any) -> None:
+        self.faults = Faults(**kwargs)
+        self._rng = random.Random(self.faults.seed)
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"counters": {str(cid): {"time_zone": c.time_zone, "contacts": c.contacts, "orders": c.orders,
+                                            "order_statuses": list(c.order_statuses.values()),
+                                            "uploadings": c.uploadings,
+                                            "orders_before_contact": c.orders_before_contact}
+                                 for cid, c in self.counters.items()},
+                    "used_today": self.used_today, "max_in_flight": self.max_in_flight}
+
+    def _configure(self, request: Request) -> Reply:
+        body = request.json() or {}
+        if "faults" in body:
+            self.set_faults(**body["faults"])
+        for key in ("daily_limit", "max_parallel"):
+            if key in body:
+                setattr(self, key, int(body[key]))
+        if "counters" in body:
+            for counter_id, time_zone in body["counters"].items():
+                self.add_counter(int(counter_id), time_zone)
+        return Reply(200, {"success": True})
+
+    # --- auth, quotas, faults ----------------------------------------------------------------------
+
+    def _guarded(self, handler):
+        def wrapped(request: Request) -> Reply:
+            reply, token = self._admit(request)
+            if reply is None:
+                try:
+                    reply = self._maybe_fault(request) or handler(request)
+                finally:
+                    with self._lock:
+                        self.in_flight[token] -= 1
+            with self._lock:
+                self.requests.append({"method": request.method, "path": request.path, "query": request.query,
+                                      "status": reply.status, "at": time.time()})
+            return reply
+        return wrapped
+
+    def _admit(self, request: Request) -> tuple[Reply | None, str]:
+        header = request.headers.get("authorization", "")
+        if not header.startswith("OAuth ") or not header[6:].strip():
+            return _error(401, "unauthorized", "Authorization: OAuth <token> header required"), ""
+        token = header[6:].strip()
+        quota_key = fingerprint(token)
+        counter_id = int(request.match["counter"])
+        if self.tokens is not None:
+            if token not in self.tokens:
+                return _error(403, "invalid_token", "Invalid oauth_token"), quota_key
+            allowed = self.tokens[token]
+            if allowed is not None and counter_id not in allowed:
+                return _error(403, "access_denied", f"Access denied to counter {counter_id}"), quota_key
+        with self._lock:
+            if self.in_flight.get(quota_key, 0) >= self.max_parallel:
+                return _error(429, "quota_parallel_requests",
+                              f"Quota exceeded: more than {self.max_parallel} parallel requests"), quota_key
+            if self.used_today.get(quota_key, 0) >= self.daily_limit:
+                return _error(429, "quota_requests_by_uid",
+                              f"Quota exceeded: {self.daily_limit} requests per day"), quota_key
+            self.used_today[quota_key] = self.used_today.get(quota_key, 0) + 1
+            self.in_flight[quota_key] = self.in_flight.get(quota_key, 0) + 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight[quota_key])
+        return None, quota_key
+
+    def _maybe_fault(self, request: Request) -> Reply | None:
+        faults = self.faults
+        if "/management/" in request.path:
+            return None
+        roll = self._rng.random()
+        if roll < faults.error_503:
+            return _error(503, "backend_error", "Backend error, try later")
+        if roll < faults.error_503 + faults.error_429:
+            return Reply(429, _error(429, "quota_requests_by_ip", "Quota exceeded: requests by IP").body,
+                         {"Retry-After": "1"})
+        if roll < faults.error_503 + faults.error_429 + faults.slow:
+            time.sleep(faults.slow_seconds)
+        return None
+
+    # --- endpoints ---------------------------------------------------------------------------------
+
+    def _get_counter(self, request: Request) -> Reply:
+        counter_id = int(request.match["counter"])
+        return Reply(200, {"counter": {"id": counter_id, "time_zone_name": self.counter(counter_id).time_zone}})
+
+    def _get_statuses(self, request: Request) -> Reply:
+        counter = self.counter(int(request.match["counter"]))
+        return Reply(200, {"order_statuses": [{**s, "order_status_source": "USER"}
+                                              for s in counter.order_statuses.values()]})
+
+    def _save_statuses(self, request: Request) -> Reply:
+        body = _json_object(request)
+        if isinstance(body, Reply):
+            return body
+        statuses = body.get("order_statuses")
+        if not isinstance(statuses, list) or not statuses:
+            return _error(400, "invalid_parameter", "order_statuses must be a non-empty list", "orderStatuses")
+        errors = []
+        for i, status in enumerate(statuses):
+            where = f"orderStatuses[{i}]"
+            sid = status.get("id") if isinstance(status, dict) else None
+            if not isinstance(sid, str) or not 1 <= len(sid) <= 255 or not SCHEMA_ID.match(sid):
+                errors.append(("invalid_parameter", "id must be 1-255 chars matching ^[\\w-:]+$", f"{where}.id"))
+            if not isinstance(status, dict) or status.get("type") not in BUILTIN_STATUSES:
+                errors.append(("invalid_parameter", "type must be one of IN_PROGRESS, PAID, CANCELLED, SPAM",
+                               f"{where}.type"))
+                continue
+            if len(status.get("humanized") or "") > 4096:
+                errors.append(("invalid_parameter", "humanized longer than 4096", f"{where}.humanized"))
+            if len(status.get("goal_action_ids") or []) > 10:
+                errors.append(("invalid_parameter", "at most 10 goal_action_ids", f"{where}.goalActionIds"))
+        if errors:
+            return _validation_failed(errors)
+        counter = self.counter(int(request.match["counter"]))
+        with self._lock:
+            for status in statuses:
+                counter.order_statuses[status["id"]] = dict(status)
+        return Reply(200, {"success": True})
+
+    def _last_uploadings(self, request: Request) -> Reply:
+        counter = self.counter(int(request.match["counter"]))
+        limit = int(request.query.get("limit", "10"))
+        if not 1 <= limit <= 1000:
+            return _error(400, "invalid_parameter", "limit must be 1..1000", "limit")
+        offset = request.query.get("datetime_offset")
+        items = [u for u in reversed(counter.uploadings) if offset is None or u["datetime"] < offset]
+        return Reply(200, {"uploadings": items[:limit]})
+
+    def _upload_contacts(self, request: Request) -> Reply:
+        return self._upload(request, "contacts", self._check_contact, "uniq_id")
+
+    def _upload_orders(self, request: Request) -> Reply:
+        return self._upload(request, "orders", self._check_order, "id")
+
+    def _upload(self, request: Request, kind: str, check, key: str) -> Reply:
+        mode = request.query.get("merge_mode", "").upper()
+        if mode not in ("SAVE", "UPDATE", "APPEND"):
+            return _error(400, "invalid_parameter", "merge_mode must be SAVE, UPDATE or APPEND", "merge_mode")
+        body = _json_object(request)
+        if isinstance(body, Reply):
+            return body
+        rows = body.get(kind)
+        if not isinstance(rows, list) or not rows:
+            return _error(400, "invalid_parameter", f"{kind} must be a non-empty list", kind)
+        counter = self.counter(int(request.match["counter"]))
+        now = datetime.now(timezone.utc).astimezone(ZoneInfo(counter.time_zone)).strftime(DT)
+        errors: list[tuple[str, str, str]] = []
+        for i, row in enumerate(rows):
+            errors += check(row, f"{kind}[{i}]", counter, now)
+        if errors:
+            return _validation_failed(errors)
+        with self._lock:
+            store = getattr(counter, kind)
+            for row in rows:  # Metrika applies duplicate ids in random order (§5.3): so do we
+                store[row[key]] = _merge(store.get(row[key]), row, mode)
+                if kind == "orders" and row["client_uniq_id"] not in counter.contacts:
+                    counter.orders_before_contact.append(row["id"])
+            uploading = {"uploading_id": uuid.uuid4().hex, "datetime": now, "api_validation_status": "PASSED",
+                         "elements_count": len(rows), "entity_type": "SYSTEM", "uploading_format": "JSON",
+                         "uploading_source": "API"}
+            counter.uploadings.append(uploading)
+        return Reply(200, {"uploading": uploading})
+
+    # --- validation (§5.1, §6.1, §10) --------------------------------------------------------------
+
+    def _check_contact(self, row: Any, where: str, counter: Counter, now: str) -> list[tuple[str, str, str]]:
+        if not isinstance(row, dict):
+            return [("invalid_parameter", "contact must be an object", where)]
+        errors = _unknown(row, CONTACT_FIELDS, where)
+        if not isinstance(row.get("uniq_id"), str) or not row["uniq_id"].strip():
+            errors.append(("invalid_parameter", "must not be blank", f"{where}.uniqId"))
+        errors += _check_times(row, where, now, ("create_date_time", "update_date_time"))
+        if row.get("birth_date") is not None:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(row["birth_date"])) or not "1970-01-01" <= row["birth_date"] <= now[:10]:
+                errors.append(("invalid_parameter", "birth date must be yyyy-MM-dd between 1970 and today",
+                               f"{where}.birthDate"))
+        checks = {"client_ids": _valid_client_id, "emails": lambda v: isinstance(v, str) and bool(EMAIL.match(v)),
+                  "phones": lambda v: isinstance(v, str) and v.isdigit(),
+                  "emails_md5": lambda v: isinstance(v, str) and bool(MD5.match(v)),
+                  "phones_md5": lambda v: isinstance(v, str) and bool(MD5.match(v)),
+                  "user_ids": lambda v: isinstance(v, str) and bool(v.strip())}
+        for name, ok in checks.items():
+            values = row.get(name)
+            if values is None:
+                continue
+            if not isinstance(values, list):
+                errors.append(("invalid_parameter", "must be a list", f"{where}.{_camel(name)}"))
+                continue
+            for j, value in enumerate(values):
+                if not ok(value):
+                    errors.append(("invalid_parameter", f"invalid value {value!r}", f"{where}.{_camel(name)}[{j}]"))
+        return errors
+
+    def _check_order(self, row: Any, where: str, counter: Counter, now: str) -> list[tuple[str, str, str]]:
+        if not isinstance(row, dict):
+            return [("invalid_parameter", "order must be an object", where)]
+        errors = _unknown(row, ORDER_FIELDS, where)
+        for name in ("id", "client_uniq_id", "order_status"):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                errors.append(("invalid_parameter", "must not be blank", f"{where}.{_camel(name)}"))
+        if row.get("client_type") != "CONTACT":
+            errors.append(("invalid_parameter", "client_type must be CONTACT", f"{where}.clientType"))
+        if row.get("create_date_time") is None:
+            errors.append(("missing_parameter", "must not be null", f"{where}.createDateTime"))
+        errors += _check_times(row, where, now, ("create_date_time", "update_date_time", "finish_date_time"))
+        status = row.get("order_status")
+        if isinstance(status, str) and status.strip() and status not in BUILTIN_STATUSES | set(counter.order_statuses):
+            errors.append(("invalid_parameter", f"unknown order status {status!r}", f"{where}.orderStatus"))
+        for name in ("revenue", "cost"):
+            value = row.get(name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not 0 <= value < 2**63 - 1):
+                errors.append(("invalid_parameter", "must be a number >= 0", f"{where}.{name}"))
+        if row.get("currency") is not None and not re.fullmatch(r"[A-Z]{3}", str(row["currency"])):
+            errors.append(("invalid_parameter", "must be an ISO 4217 code", f"{where}.currency"))
+        products = row.get("products")
+        if products is not None:
+            if not isinstance(products, dict):
+                errors.append(("invalid_parameter", "must be an object", f"{where}.products"))
+            else:
+                for product, quantity in products.items():
+                    if not product.strip() or not isinstance(quantity, (int, float)) or quantity < 0:
+                        errors.append(("invalid_parameter", f"invalid product {product!r}: {quantity!r}",
+                                       f"{where}.products"))
+        return errors
+
+
+def fingerprint(token: str) -> str:
+    """Quotas are per token; the state shows a fingerprint so the sandbox never echoes a token."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def _valid_client_id(value: Any) -> bool:
+    text = str(value)
+    return not isinstance(value, bool) and text.isdigit() and 0 < int(text) < 2**64
+
+
+def _unknown(row: dict, allowed: set[str], where: str) -> list[tuple[str, str, str]]:
+    return [("invalid_parameter", f"unknown field {name!r}", f"{where}.{_camel(name)}")
+            for name in row if name not in allowed]
+
+
+def _check_times(row: dict, where: str, now: str, names: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    errors, create = [], row.get(names[0])
+    for name in names:
+        value = row.get(name)
+        if value is None:
+            continue
+        location = f"{where}.{_camel(name)}"
+        try:
+            datetime.strptime(value, DT)
+        except (TypeError, ValueError):
+            errors.append(("invalid_parameter", "date-time must be yyyy-MM-dd HH:mm:ss", location))
+            continue
+        if value < "1970-01-01 00:00:00":
+            errors.append(("invalid_parameter", "must not be before 1970", location))
+        if value > now:
+            errors.append(("invalid_parameter", "must not be in the future", location))
+        if name != names[0] and isinstance(create, str) and value < create:
+            errors.append(("invalid_parameter", f"must not be before {_camel(names[0])}", location))
+    return errors
+
+
+def _validation_failed(errors: list[tuple[str, str, str]]) -> Reply:
+    items = [{"error_type": t, "message": m, "location": loc} for t, m, loc in errors]
+    return _error(400, items[0]["error_type"], items[0]["message"], errors=items)
+
+
+def _json_object(request: Request) -> dict | Reply:
+    if "application/json" not in request.headers.get("content-type", ""):
+        return _error(400, "invalid_parameter", "Content-Type must be application/json")
+    try:
+        body = request.json()
+    except ValueError:
+        return _error(400, "invalid_json", "malformed JSON")
+    return body if isinstance(body, dict) else _error(400, "invalid_json", "JSON object expected")
+
+
+def _merge(stored: dict | None, row: dict, mode: str) -> dict:
+    """§7: SAVE replaces the record, UPDATE keeps absent fields, APPEND also unions multi-valued fields.
+    Creation dates never change."""
+    if stored is None:
+        return dict(row)
+    if mode == "SAVE":
+        merged = dict(row)
+    else:
+        merged = {**stored, **row}
+        if mode == "APPEND":
+            for name in MULTI_VALUED:
+                if name in stored and name in row:
+                    merged[name] = stored[name] + [v for v in row[name] if v not in stored[name]]
+    if stored.get("create_date_time") is not None:
+        merged["create_date_time"] = stored["create_date_time"]
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--time-zone", default="Europe/Moscow", help="time zone of counters created on first use")
+    parser.add_argument("--daily-limit", type=int, default=5000)
+    args = parser.parse_args()
+    sandbox = MetrikaSandbox(args.port, default_time_zone=args.time_zone, daily_limit=args.daily_limit)
+    print(f"Metrika sandbox on http://127.0.0.1:{args.port}", flush=True)
+    sandbox.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Local worker loop: polls the emulator's events queue and calls the same handler the Lambda runs.
+
+Messages are deleted only after the handler returns, as Lambda's SQS event source does; a crash leaves
+them to reappear after the visibility timeout and, past maxReceiveCount, in the dead-letter queue.
+
+    python -m sandbox.worker
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import boto3
+
+log = logging.getLogger("sandbox.worker")
+
+
+def sqs_event(messages: list[dict], queue_arn: str) -> dict:
+    """The Lambda SQS event for received messages (same shape AWS sends)."""
+    return {"Records": [{
+        "messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
+        "attributes": m.get("Attributes", {}), "messageAttributes": {}, "md5OfBody": m.get("MD5OfBody", ""),
+        "eventSource": "aws:sqs", "eventSourceARN": queue_arn, "awsRegion": "local",
+    } for m in messages]}
+
+
+class WorkerLoop:
+    def __init__(self, handler: Any, queue_name: str, *, sqs: Any = None, batch_size: int = 10,
+                 wait_seconds: int = 1) -> None:
+        self._handler = handler
+        self._sqs = sqs or boto3.client("sqs")
+        self._url = self._sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
+        self._arn = self._sqs.get_queue_attributes(QueueUrl=self._url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        self._batch_size, self._wait = min(batch_size, 10), wait_seconds
+        self._stop = threading.Event()
+
+    def run_once(self) -> int:
+        """Receive one batch and hand it to the handler. Returns the number of messages handled."""
+        messages = self._sqs.receive_message(QueueUrl=self._url, MaxNumberOfMessages=self._batch_size,
+                                             WaitTimeSeconds=self._wait, AttributeNames=["All"]).get("Messages", [])
+        if not messages:
+            return 0
+        try:
+            self._handler(sqs_event(messages, self._arn), None)
+        except Exception:
+            log.exception("worker handler failed; %d message(s) will be redelivered", len(messages))
+            return 0
+        self._sqs.delete_message_batch(QueueUrl=self._url, Entries=[
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+        return len(messages)
+
+    def drain(self, idle_rounds: int = 2) -> int:
+        """Handle messages until the queue stays empty for `idle_rounds` polls (tests, scripts)."""
+        handled, idle = 0, 0
+        while idle < idle_rounds:
+            count = self.run_once()
+            handled += count
+            idle = 0 if count else idle + 1
+        return handled
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            self.run_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def main() -> None:
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+    sys.path.insert(0, ".")
+    from app import app, on_events_message  # noqa: F401  (app import registers the handler)
+    from chalicelib.settings import get_settings
+    loop = WorkerLoop(on_events_message, get_settings().events_queue)
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+    print(f"worker polling {get_settings().events_queue}", flush=True)
+    try:
+        loop.run_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Shared fixtures: a real moto_server (DynamoDB + SQS) and the Metrika sandbox on loopback.
+
+The app reaches them only through boto3's AWS_ENDPOINT_URL_* variables and METRIKA_API_URL, exactly
+as in the local stack.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import pytest
+
+from sandbox.local_stack import emulator_env, free_port, start_moto, stop
+from sandbox.metrika import MetrikaSandbox
+
+ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
+METRIKA_TOKEN = "y0_test-metrika-token-" + uuid.uuid4().hex
+AMO_SECRET = "amo-webhook-secret-" + uuid.uuid4().hex
+AMO_TOKEN = "amo-long-lived-token-" + uuid.uuid4().hex
+B24_APP_TOKEN = "b24apptoken" + uuid.uuid4().hex[:21]
+B24_WEBHOOK_URL = "https://portal.bitrix24.ru/rest/1/" + uuid.uuid4().hex[:16] + "/"
+SECRETS = (ADMIN_TOKEN, METRIKA_TOKEN, AMO_SECRET, AMO_TOKEN, B24_APP_TOKEN, B24_WEBHOOK_URL)
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    port = free_port()
+    process = start_moto(port)
+    yield f"http://127.0.0.1:{port}"
+    stop([process])
+
+
+@pytest.fixture(scope="session")
+def metrika_sandbox():
+    sandbox = MetrikaSandbox(default_time_zone="Europe/Moscow").start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture(scope="session")
+def service_env(moto_url, metrika_sandbox):
+    """Environment for the app under test; tables and queues created once through chalicelib.infra."""
+    env = {**emulator_env(moto_url), "STAGE": "dev", "ADMIN_TOKEN": ADMIN_TOKEN,
+           "METRIKA_API_URL": metrika_sandbox.url, "ADMIN_TOKEN_PARAMETER": ""}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from chalicelib.infra import ensure_resources
+    from chalicelib.settings import get_settings
+    get_settings.cache_clear()
+    ensure_resources()
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sandbox(request):
+    if "metrika_sandbox" in request.fixturenames:
+        request.getfixturevalue("metrika_sandbox").reset()
+    yield
+
+
+@pytest.fixture
+def app_client(service_env):
+    import app as app_module
+    from chalice.test import Client
+    app_module._STORE = app_module._QUEUE = None
+    app_module._SOURCES.clear()
+    # The test client applies the dev stage's config variables to each request: the same table and
+    # queue names as service_env, so settings agree inside and outside requests.
+    with Client(app_module.app, stage_name="dev") as client:
+        yield client
+    app_module._SOURCES.clear()
+
+
+@pytest.fixture
+def integration_id():
+    return "it-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def captured_logs(caplog):
+    caplog.set_level(logging.DEBUG)
+    return caplog
+
+
+def admin_headers(token: str = ADMIN_TOKEN) -> dict:
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+def amocrm_config(**overrides) -> dict:
+    config = {"crm": "amocrm", "counter_id": 4242, "metrika_token": METRIKA_TOKEN,
+              "connection": {"base_url": "https://shop.amocrm.ru", "access_token": AMO_TOKEN,
+                             "account_id": "32427762", "webhook_secret": AMO_SECRET}}
+    config.update(overrides)
+    return config
+
+
+def bitrix24_config(**overrides) -> dict:
+    config = {"crm": "bitrix24", "counter_id": 4243, "metrika_token": METRIKA_TOKEN,
+              "connection": {"webhook_url": B24_WEBHOOK_URL, "application_token": B24_APP_TOKEN,
+                             "member_id": "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37"}}
+    config.update(overrides)
+    return config

@@ -1,0 +1,206 @@
+"""Each documented row rule, with a passing and a failing case (CDP reference §5, §6, §8, §10, §12)."""
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from marshmallow import ValidationError
+
+from chalicelib.metrika.schemas import (
+    Attribute, ContactRow, OrderRow, OrderStatus, Product, hash_identifiers, md5_hex, normalize_client_id,
+    normalize_email, normalize_phone, to_cdp_rows,
+)
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)  # 15:00 in Moscow
+
+
+def order(**fields):
+    row = {"id": "deal-1", "client_uniq_id": "c-1", "create_date_time": "2026-11-01 10:00:00",
+           "order_status": "PAID"}
+    row.update(fields)
+    return row
+
+
+def load_order(row, time_zone="Europe/Moscow"):
+    return to_cdp_rows(OrderRow(time_zone=time_zone, now=NOW), [row])[0]
+
+
+def load_contact(row, time_zone="Europe/Moscow"):
+    return to_cdp_rows(ContactRow(time_zone=time_zone, now=NOW), [row])[0]
+
+
+def errors_of(fn, *args):
+    with pytest.raises(ValidationError) as info:
+        fn(*args)
+    return info.value.messages
+
+
+# --- md5 and normalisation ---------------------------------------------------------------------------
+
+def test_md5_matches_the_documented_self_check_values():
+    assert md5_hex(normalize_email("mail@yandex.ru")) == "3c56ff8fef0f6c65b36b2d25720fe276"
+    assert md5_hex(normalize_phone("79995551111")) == "f09f2c3d48f31e2a802944ade2e5aec5"
+    # The doc's "wrong" inputs normalise to the right hash instead of the wrong one.
+    assert md5_hex(normalize_phone("+79995551111")) == "f09f2c3d48f31e2a802944ade2e5aec5" != "ad213a35b7742698d9b368b16bed84b4"
+    assert md5_hex(normalize_phone("89995551111")) == "f09f2c3d48f31e2a802944ade2e5aec5" != "e9b613a41bf8d0a30fef9b3ac1dee190"
+
+
+@pytest.mark.parametrize("raw", ["+7 (999) 555-11-11", "8 999 555 11 11", "9995551111", "79995551111"])
+def test_phones_become_digits_with_country_code(raw):
+    assert normalize_phone(raw) == "79995551111"
+
+
+@pytest.mark.parametrize("raw", ["123", "phone", "+1234567890123456"])
+def test_phones_without_a_plausible_number_are_rejected(raw):
+    with pytest.raises(ValidationError):
+        normalize_phone(raw)
+
+
+def test_emails_are_lower_cased_and_need_a_domain():
+    assert normalize_email("  Ivan.P@Example.COM ") == "ivan.p@example.com"
+    for bad in ("ivan", "ivan@", "ivan@localhost", "a b@example.com"):
+        with pytest.raises(ValidationError):
+            normalize_email(bad)
+
+
+def test_client_ids_are_digit_strings_non_zero_and_64_bit():
+    assert normalize_client_id("1714651234567890123") == "1714651234567890123"
+    assert normalize_client_id(17146512345) == "17146512345"
+    assert normalize_client_id(str(2**64 - 1)) == str(2**64 - 1)
+    for bad in ("0", "00", "12a", "-5", "1.5", str(2**64), "１２３"):
+        with pytest.raises(ValidationError):
+            normalize_client_id(bad)
+
+
+def test_hash_pii_replaces_phones_and_emails_by_their_md5():
+    contact = ContactRow().load({"uniq_id": "c", "emails": ["mail@yandex.ru"], "phones": ["+7 999 555 11 11"]})
+    hashed = hash_identifiers(contact)
+    assert "emails" not in hashed and "phones" not in hashed
+    assert hashed["emails_md5"] == ["3c56ff8fef0f6c65b36b2d25720fe276"]
+    assert hashed["phones_md5"] == ["f09f2c3d48f31e2a802944ade2e5aec5"]
+
+
+# --- contacts --------------------------------------------------------------------------------------
+
+def test_contact_row_normalises_identifiers_and_drops_empty_fields():
+    row = load_contact({"uniq_id": "c-1", "name": "Иван", "emails": ["Ivan@Example.com", "ivan@example.com"],
+                        "phones": ["8 (916) 123-45-67"], "client_ids": ["1714651234567890123"], "user_ids": []})
+    assert row == {"uniq_id": "c-1", "name": "Иван", "emails": ["ivan@example.com"], "phones": ["79161234567"],
+                   "client_ids": ["1714651234567890123"]}
+
+
+def test_contact_row_requires_a_non_blank_uniq_id_and_rejects_unknown_fields():
+    messages = errors_of(load_contact, {"uniq_id": "  ", "surname": "x"})
+    assert messages[0]["uniq_id"] == ["must not be blank"]
+    assert "surname" in messages[0]
+
+
+def test_contact_errors_are_reported_per_item():
+    messages = errors_of(load_contact, {"uniq_id": "c", "client_ids": ["1", "0"], "emails": ["x"]})
+    assert set(messages[0]["client_ids"]) == {1}
+    assert set(messages[0]["emails"]) == {0}
+
+
+def test_contact_update_time_not_before_create():
+    ok = load_contact({"uniq_id": "c", "create_date_time": "2026-01-01 10:00:00", "update_date_time": "2026-01-01 10:00:00"})
+    assert ok["update_date_time"] == "2026-01-01 10:00:00"
+    messages = errors_of(load_contact, {"uniq_id": "c", "create_date_time": "2026-01-02 10:00:00",
+                                        "update_date_time": "2026-01-01 10:00:00"})
+    assert "update_date_time" in messages[0]
+
+
+def test_birth_date_between_1970_and_today():
+    assert load_contact({"uniq_id": "c", "birth_date": "1985-04-12"})["birth_date"] == "1985-04-12"
+    assert "birth_date" in errors_of(load_contact, {"uniq_id": "c", "birth_date": "1969-12-31"})[0]
+
+
+# --- orders: dates ---------------------------------------------------------------------------------
+
+def test_aware_times_are_written_in_the_counters_time_zone():
+    created = datetime(2026, 11, 1, 7, 30, 15, tzinfo=timezone.utc)
+    assert load_order(order(create_date_time=created))["create_date_time"] == "2026-11-01 10:30:15"
+    assert load_order(order(create_date_time=created), "UTC")["create_date_time"] == "2026-11-01 07:30:15"
+
+
+def test_naive_datetimes_and_other_formats_are_refused():
+    assert "create_date_time" in errors_of(load_order, order(create_date_time=datetime(2026, 11, 1)))[0]
+    assert "create_date_time" in errors_of(load_order, order(create_date_time="2026-11-01T10:00:00Z"))[0]
+
+
+def test_future_times_are_refused_in_the_counters_time_zone():
+    # 14:59 Moscow is in the past at 12:00 UTC; 15:01 Moscow is in the future.
+    assert load_order(order(create_date_time="2026-11-28 14:59:00"))
+    messages = errors_of(load_order, order(create_date_time="2026-11-28 15:01:00"))
+    assert "future" in messages[0]["create_date_time"][0]
+    # In a UTC counter the same wall-clock time is hours ahead.
+    assert "create_date_time" in errors_of(load_order, order(create_date_time="2026-11-28 14:59:00"), "UTC")[0]
+
+
+def test_times_before_1970_are_refused():
+    assert "create_date_time" in errors_of(load_order, order(create_date_time="1969-12-31 23:59:59"))[0]
+    assert load_order(order(create_date_time="1970-01-01 00:00:00"))
+
+
+def test_update_and_finish_not_before_create():
+    assert load_order(order(update_date_time="2026-11-01 10:00:00", finish_date_time="2026-11-02 10:00:00"))
+    messages = errors_of(load_order, order(update_date_time="2026-10-31 10:00:00",
+                                           finish_date_time="2026-10-30 10:00:00"))
+    assert set(messages[0]) == {"update_date_time", "finish_date_time"}
+
+
+# --- orders: amounts, products, required fields ----------------------------------------------------
+
+def test_revenue_and_cost_non_negative_numbers():
+    row = load_order(order(revenue="15990.50", cost=0))
+    assert row["revenue"] == 15990.5 and row["cost"] == 0
+    messages = errors_of(load_order, order(revenue=-1, cost="1e16"))
+    assert set(messages[0]) == {"revenue", "cost"}
+
+
+def test_product_quantities_non_negative_and_keys_non_blank():
+    assert load_order(order(products={"sku-1": 2, "sku-2": "1.5"}))["products"] == {"sku-1": 2, "sku-2": 1.5}
+    assert "products" in errors_of(load_order, order(products={"sku-1": -1}))[0]
+    assert "products" in errors_of(load_order, order(products={" ": 1}))[0]
+
+
+def test_required_order_fields():
+    messages = errors_of(load_order, {"id": "1"})
+    assert {"client_uniq_id", "create_date_time", "order_status"} <= set(messages[0])
+    assert load_order(order())["client_type"] == "CONTACT"
+    assert "client_type" in errors_of(load_order, order(client_type="COMPANY"))[0]
+
+
+def test_currency_is_an_iso_code():
+    assert load_order(order(currency="RUB"))["currency"] == "RUB"
+    assert "currency" in errors_of(load_order, order(currency="rubles"))[0]
+
+
+# --- schema entries ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("good", ["won", "C2:WON", "in_work-2", "x" * 255])
+def test_status_ids_matching_the_pattern(good):
+    assert OrderStatus().load({"id": good, "type": "PAID"})["id"] == good
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 256, "в работе", "in work", "a.b", "a/b"])
+def test_status_ids_outside_the_pattern(bad):
+    assert "id" in errors_of(OrderStatus().load, {"id": bad, "type": "PAID"})
+
+
+def test_status_types_and_the_cancelled_spelling():
+    for status_type in ("IN_PROGRESS", "PAID", "CANCELLED", "SPAM"):
+        assert OrderStatus().load({"id": "s", "type": status_type})
+    assert "CANCELLED" in errors_of(OrderStatus().load, {"id": "s", "type": "CANCELED"})["type"][0]
+    assert "type" in errors_of(OrderStatus().load, {"id": "s", "type": "DONE"})
+
+
+def test_attribute_and_product_ids_follow_the_same_pattern():
+    assert Attribute().load({"name": "loyalty_tier", "type_name": "text", "multivalued": False})
+    assert "name" in errors_of(Attribute().load, {"name": "loyalty tier", "type_name": "text", "multivalued": False})
+    assert "type_name" in errors_of(Attribute().load, {"name": "flag", "type_name": "boolean", "multivalued": False})
+    assert Product().load({"name": "sku-123", "humanized": "Синий чайник"})
+    assert "name" in errors_of(Product().load, {"name": "Синий чайник"})
+
+
+def test_future_check_uses_real_now_by_default():
+    tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
+    with pytest.raises(ValidationError):
+        to_cdp_rows(OrderRow(time_zone="UTC"), [order(create_date_time=tomorrow)])
