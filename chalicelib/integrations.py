@@ -71,7 +71,7 @@ class Bitrix24Connection(Schema):
         unknown = RAISE
 
     webhook_url = fields.String(required=True, load_only=True,
-                                validate=[_https_url, validate.Regexp(r"/rest/\d+/[^/]+/?$",
+                                validate=[_https_url, validate.Regexp(r"^https?://[^/]+/rest/\d+/[^/]+/?$",
                                                                       error="must look like https://<portal>/rest/<user id>/<code>/")])
     application_token = _secret()
     member_id = fields.String()
@@ -93,7 +93,7 @@ class IntegrationConfig(Schema):
     hash_pii = fields.Boolean(load_default=False)
     connection = fields.Dict(required=True)
 
-    @validates_schema
+    @validates_schema(skip_on_field_errors=False)
     def _connection(self, data: dict, **kwargs: Any) -> None:
         schema = CONNECTION_SCHEMAS.get(data.get("crm"))
         if schema is not None:

@@ -7,6 +7,11 @@ import logging
 import re
 
 logger = logging.getLogger("metrika_crm_bridge")
+logger.setLevel(logging.INFO)
+# At DEBUG, botocore prints whole DynamoDB items (tokens, phones) and urllib3 prints request paths
+# (a Bitrix24 incoming-webhook URL carries its secret in the path): never let them go below INFO.
+for _noisy in ("botocore", "urllib3"):
+    logging.getLogger(_noisy).setLevel(logging.INFO)
 _SECRET_KEY = re.compile(r"token|secret|password|webhook_url|authorization", re.IGNORECASE)
 
 

@@ -5,9 +5,13 @@ as in the local stack.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import uuid
+
+import boto3
 
 import pytest
 
@@ -76,6 +80,38 @@ def app_client(service_env):
     with Client(app_module.app, stage_name="dev") as client:
         yield client
     app_module._SOURCES.clear()
+
+
+@pytest.fixture
+def queue(service_env):
+    """The events queue, emptied for this test; `.bodies()` drains and returns message bodies."""
+    from chalicelib.settings import get_settings
+    sqs = boto3.client("sqs")
+    url = sqs.get_queue_url(QueueName=get_settings().events_queue)["QueueUrl"]
+
+    class Queue:
+        def delayed(self) -> int:
+            attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesDelayed"])
+            return int(attributes["Attributes"]["ApproximateNumberOfMessagesDelayed"])
+
+        def bodies(self):
+            out = []
+            while True:
+                messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", [])
+                if not messages:
+                    return out
+                out += [json.loads(m["Body"]) for m in messages]
+                sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                                                                for i, m in enumerate(messages)])
+    drained = Queue()
+    drained.bodies()  # PurgeQueue is limited to once a minute: drain instead
+    yield drained
+    # Retries wait out a backoff of a few seconds: let them surface and drop them, so they do not
+    # reach the next test's worker.
+    deadline = time.monotonic() + 10
+    while drained.delayed() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    drained.bodies()
 
 
 @pytest.fixture

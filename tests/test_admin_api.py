@@ -1,0 +1,145 @@
+"""Integrations admin API through the Chalice app in-process, against moto_server and the Metrika
+sandbox over loopback HTTP."""
+import json
+
+import pytest
+
+from tests.conftest import (
+    ADMIN_TOKEN, AMO_SECRET, AMO_TOKEN, B24_APP_TOKEN, B24_WEBHOOK_URL, METRIKA_TOKEN, SECRETS, admin_headers,
+    amocrm_config, bitrix24_config,
+)
+
+
+def put(client, integration_id, body, headers=None):
+    return client.http.put(f"/integrations/{integration_id}", headers=headers or admin_headers(),
+                           body=json.dumps(body))
+
+
+def test_health_needs_no_token(app_client):
+    assert app_client.http.get("/health").json_body == {"status": "ok"}
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_missing_admin_token_is_401(app_client, integration_id, method):
+    response = app_client.http.request(method, f"/integrations/{integration_id}", body=b"{}",
+                                       headers={"Content-Type": "application/json"})
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize("header", ["Bearer wrong-token", f"Basic {ADMIN_TOKEN}", ADMIN_TOKEN, "Bearer "])
+def test_wrong_admin_token_is_403(app_client, integration_id, header):
+    response = app_client.http.get(f"/integrations/{integration_id}", headers={"Authorization": header})
+    assert response.status_code == 403
+
+
+def test_create_read_delete_amocrm_integration(app_client, integration_id, metrika_sandbox):
+    metrika_sandbox.add_counter(4242, "Asia/Novosibirsk")
+    created = put(app_client, integration_id, amocrm_config())
+    assert created.status_code == 200
+    assert created.json_body["timezone"] == "Asia/Novosibirsk"  # read from the counter
+    assert created.json_body["timezone_source"] == "counter"
+    assert created.json_body["client_id_field"] == "_YM_UID"
+    read = app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers())
+    assert read.json_body["connection"]["base_url"] == "https://shop.amocrm.ru"
+    assert app_client.http.delete(f"/integrations/{integration_id}", headers=admin_headers()).status_code == 200
+    gone = app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers())
+    assert gone.status_code == 404 and gone.json_body["error"] == "not_found"
+    assert app_client.http.delete(f"/integrations/{integration_id}", headers=admin_headers()).status_code == 404
+
+
+def test_explicit_timezone_is_kept_without_asking_metrika(app_client, integration_id, metrika_sandbox):
+    created = put(app_client, integration_id, bitrix24_config(timezone="UTC", hash_pii=True))
+    assert created.status_code == 200
+    assert created.json_body["timezone"] == "UTC" and created.json_body["hash_pii"] is True
+    assert metrika_sandbox.requests == []
+
+
+def test_secrets_are_masked_on_get_and_absent_from_logs(app_client, integration_id, captured_logs):
+    put(app_client, integration_id, amocrm_config())
+    put(app_client, integration_id + "b", bitrix24_config(timezone="UTC"))
+    for iid in (integration_id, integration_id + "b"):
+        body = app_client.http.get(f"/integrations/{iid}", headers=admin_headers()).body.decode()
+        assert not any(secret in body for secret in SECRETS)
+        assert "********" in body
+    assert captured_logs.records, "the admin path logs its events"
+    assert not any(secret in captured_logs.text for secret in SECRETS)
+
+
+def test_secrets_left_out_or_masked_keep_their_stored_values(app_client, integration_id):
+    put(app_client, integration_id, amocrm_config())
+    shown = app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).json_body
+    shown["counter_id"] = 777
+    shown["connection"].pop("access_token")
+    shown.pop("timezone_source")
+    assert put(app_client, integration_id, shown).status_code == 200
+    from app import get_store
+    stored = get_store().get_integration(integration_id)
+    assert stored["counter_id"] == 777
+    assert stored["metrika_token"] == METRIKA_TOKEN
+    assert stored["connection"]["access_token"] == AMO_TOKEN and stored["connection"]["webhook_secret"] == AMO_SECRET
+
+
+def test_secrets_are_not_carried_over_to_another_crm(app_client, integration_id):
+    put(app_client, integration_id, amocrm_config())
+    response = put(app_client, integration_id, {"crm": "bitrix24", "counter_id": 1, "timezone": "UTC",
+                                                "connection": {"webhook_url": B24_WEBHOOK_URL}})
+    assert response.status_code == 400
+    assert "application_token" in response.json_body["details"]["connection"]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"crm": "salesforce"}, "crm"),
+    ({"counter_id": "12345"}, "counter_id"),
+    ({"counter_id": 0}, "counter_id"),
+    ({"timezone": "Mars/Olympus"}, "timezone"),
+    ({"hash_pii": "maybe"}, "hash_pii"),
+    ({"metrika_token": ""}, "metrika_token"),
+    ({"unexpected": 1}, "unexpected"),
+])
+def test_each_bad_field_gets_a_clear_400(app_client, integration_id, change, field):
+    response = put(app_client, integration_id, amocrm_config(**change))
+    assert response.status_code == 400
+    assert response.json_body["error"] == "invalid_request"
+    assert field in response.json_body["details"]
+    assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).status_code == 404
+
+
+@pytest.mark.parametrize("connection, field", [
+    ({"base_url": "http://shop.amocrm.ru"}, "base_url"),
+    ({"webhook_secret": "short"}, "webhook_secret"),
+    ({"account_id": "abc"}, "account_id"),
+    ({"access_token": None}, "access_token"),
+])
+def test_bad_amocrm_connection_fields(app_client, integration_id, connection, field):
+    config = amocrm_config(timezone="UTC")
+    config["connection"] = {**config["connection"], **connection}
+    response = put(app_client, integration_id, config)
+    assert response.status_code == 400
+    assert field in response.json_body["details"]["connection"]
+
+
+def test_bad_bitrix24_webhook_url(app_client, integration_id):
+    config = bitrix24_config(timezone="UTC")
+    config["connection"]["webhook_url"] = "https://portal.bitrix24.ru/crm/deal/"
+    response = put(app_client, integration_id, config)
+    assert "webhook_url" in response.json_body["details"]["connection"]
+    assert B24_APP_TOKEN not in response.body.decode()
+
+
+def test_malformed_bodies_and_ids(app_client, integration_id):
+    response = app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(), body=b"{not json")
+    assert response.status_code == 400
+    assert put(app_client, integration_id, ["a", "list"]).status_code == 400
+    assert put(app_client, "bad%20id", amocrm_config()).status_code == 400
+
+
+def test_metrika_refusing_the_token_stores_nothing(app_client, integration_id, metrika_sandbox):
+    metrika_sandbox.tokens = {"someone-else": None}
+    try:
+        response = put(app_client, integration_id, amocrm_config())
+    finally:
+        metrika_sandbox.tokens = None
+    assert response.status_code == 422
+    assert response.json_body["error"] == "metrika_refused"
+    assert "Invalid oauth_token" in response.json_body["message"]
+    assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).status_code == 404
