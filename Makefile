@@ -1,0 +1,25 @@
+# The two commands of the README: `make run` (local stack) and `make test`. Each installs what it needs
+# into .venv on first use (and again when a requirements file changes).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test infra clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m sandbox.local_stack
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+# Create tables and queues in AWS for a stage: make infra STAGE=prod
+infra: $(VENV)/.installed
+	$(PY) -m chalicelib.infra --stage $(or $(STAGE),dev)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,35 @@
+"""`.chalice/config.json` and the IAM policies agree with the code that runs under them."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+from chalice.cli.factory import CLIFactory
+
+from chalicelib import infra
+from chalicelib.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_stage_config_matches_settings_and_policy(stage):
+    config = CLIFactory(str(ROOT)).create_config_obj(chalice_stage_name=stage)
+    env = config.scope(stage, "api_handler").environment_variables
+    settings = load_settings({"STAGE": stage})
+    assert (env["CONFIG_TABLE"], env["STATE_TABLE"], env["EVENTS_QUEUE"]) == (
+        settings.config_table, settings.state_table, settings.events_queue)
+    assert "ADMIN_TOKEN" not in env and "METRIKA_API_URL" not in env  # secrets and targets never in config
+    worker = config.scope(stage, "on_events_message")
+    assert infra.VISIBILITY_TIMEOUT_SECONDS >= 6 * worker.lambda_timeout
+    policy = json.loads((ROOT / ".chalice" / config.iam_policy_file).read_text())
+    allowed = {action for statement in policy["Statement"] for action in statement["Action"]}
+    resources = json.dumps(policy)
+    assert settings.config_table in resources and settings.state_table in resources and settings.events_queue in resources
+    used = set()
+    for source in ("chalicelib/store.py", "chalicelib/pipeline.py", "sandbox/worker.py"):
+        text = (ROOT / source).read_text()
+        used |= {f"dynamodb:{''.join(p.title() for p in m.split('_'))}" for m in re.findall(r"_db\.(\w+)\(", text)}
+        used |= {f"sqs:{''.join(p.title() for p in m.split('_'))}".replace("Batch", "")
+                 for m in re.findall(r"_sqs\.(\w+)\(", text)}
+    assert used and used <= allowed, used - allowed
