@@ -15,7 +15,7 @@ FORM = "application/x-www-form-urlencoded"
 
 _STORE = None
 _QUEUE = None
-_SOURCES = {}  # crm name → CrmSource; the CRM modules register theirs
+_SOURCES = {}  # crm name → CrmSource, filled on first use (tests may fill it first)
 
 
 def get_store():
@@ -40,6 +40,13 @@ def get_queue():
 def get_metrika(integration):
     from chalicelib.metrika.client import MetrikaClient
     return MetrikaClient(integration["metrika_token"], get_settings().metrika_api_url)
+
+
+def get_sources():
+    if not _SOURCES:
+        from chalicelib.crm.amocrm.source import AmoCrmSource
+        _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot)
+    return _SOURCES
 
 
 def get_admin_token():
@@ -100,7 +107,21 @@ def get_status_mapping(integration_id):
 @app.route("/integrations/{integration_id}/status-mapping", methods=["PUT"], authorizer=admin)
 def put_status_mapping(integration_id):
     from chalicelib.status_mapping import replace_mapping
-    return replace_mapping(get_store(), integration_id, app.current_request.json_body, get_metrika)
+    return replace_mapping(get_store(), integration_id, app.current_request.json_body, get_metrika,
+                           _ingest().requeue_held)
+
+
+@app.route("/integrations/{integration_id}/status-mapping/defaults", methods=["GET"], authorizer=admin)
+def propose_status_mapping(integration_id):
+    return {"integration_id": integration_id, "entries": _default_mapping(integration_id)}
+
+
+@app.route("/integrations/{integration_id}/status-mapping/defaults", methods=["POST"], authorizer=admin)
+def apply_status_mapping_defaults(integration_id):
+    from chalicelib.status_mapping import merge_defaults, read_mapping, replace_mapping
+    current = read_mapping(get_store(), integration_id)["entries"]
+    entries = merge_defaults(current, _default_mapping(integration_id))
+    return replace_mapping(get_store(), integration_id, {"entries": entries}, get_metrika, _ingest().requeue_held)
 
 
 @app.route("/webhooks/amocrm/{integration_id}", methods=["POST"], content_types=[FORM])
@@ -124,11 +145,27 @@ def bitrix24_webhook(integration_id):
 def on_events_message(event):
     from chalicelib.pipeline import Worker
     settings = get_settings()
-    worker = Worker(get_store(), get_queue(), get_metrika, _SOURCES,
+    worker = Worker(get_store(), get_queue(), get_metrika, get_sources(),
                     row_limit=settings.upload_row_limit, retry_limit=settings.worker_retry_limit)
     return vars(worker.handle(record.body for record in event))
 
 # End of event handlers.
+
+
+def _default_mapping(integration_id):
+    from chalicelib.crm import PermanentSourceError, RetryableSourceError
+    from chalicelib.errors import ApiError, invalid
+    from chalicelib.integrations import get_integration as read
+    integration = read(get_store(), integration_id)
+    source = get_sources().get(integration["crm"])
+    if source is None:
+        raise invalid(f"default status mappings for {integration['crm']} are not available in this build")
+    try:
+        return source.default_mapping(integration)
+    except PermanentSourceError as exc:
+        raise ApiError(422, "crm_refused", f"could not read the CRM's stages: {exc}") from exc
+    except RetryableSourceError as exc:
+        raise ApiError(502, "crm_unavailable", f"could not read the CRM's stages: {exc}; try again later") from exc
 
 
 def _ingest():

@@ -12,7 +12,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from .errors import ApiError, invalid, not_found
 from .logs import log_event
 from .metrika.cdp import MetrikaError
-from .metrika.schemas import resolve_time_zone
+from .metrika.schemas import SCHEMA_ID, resolve_time_zone
 
 CRMS = ("amocrm", "bitrix24")
 MASK = "********"
@@ -91,6 +91,10 @@ class IntegrationConfig(Schema):
     timezone = fields.String(validate=_time_zone)
     client_id_field = fields.String(validate=validate.Length(min=1, max=255))
     hash_pii = fields.Boolean(load_default=False)
+    currency = fields.String(validate=validate.Regexp(r"^[A-Z]{3}$", error="must be an ISO 4217 code such as RUB"))
+    # Metrika has no delete: a deleted deal is re-sent with this status id; null keeps it as it was.
+    deleted_deal_status = fields.String(allow_none=True, validate=validate.Regexp(
+        SCHEMA_ID, error="must be a Metrika status id (IN_PROGRESS, PAID, CANCELLED, SPAM or a mapped id)"))
     connection = fields.Dict(required=True)
 
     @validates_schema(skip_on_field_errors=False)
@@ -150,6 +154,7 @@ def save_integration(store: Any, integration_id: str, body: Any,
     config = dict(merged)
     config.setdefault("hash_pii", False)
     config.setdefault("client_id_field", DEFAULT_CLIENT_ID_FIELD[config["crm"]])
+    config.setdefault("deleted_deal_status", "CANCELLED")
     if not config.get("timezone"):
         try:
             config["timezone"] = counter_time_zone(config)

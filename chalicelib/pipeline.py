@@ -12,12 +12,13 @@ import hashlib
 import hmac
 import json
 import random
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from datetime import datetime, timezone
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from marshmallow import ValidationError
 
-from .crm import EntityRef, WebhookError
+from .crm import ORDER, CrmSource, EntityRef, EntityRows, PermanentSourceError, RetryableSourceError, WebhookError
 from .crm.amocrm.webhook import parse_amocrm_webhook
 from .crm.bitrix24.webhook import parse_bitrix24_event
 from .errors import ApiError, invalid, not_found
@@ -26,6 +27,7 @@ from .metrika.cdp import MetrikaError
 from .metrika.schemas import ContactRow, OrderRow, hash_identifiers
 
 MAX_SQS_BATCH = 10
+DELETED_DEAL_STATUS = "CANCELLED"
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
 
 
@@ -107,6 +109,14 @@ class Ingest:
         except WebhookError as exc:
             raise invalid(str(exc)) from exc
 
+    def requeue_held(self, integration_id: str, entries: list[dict]) -> int:
+        """Queue again the entities held because their stage was not mapped, now that it is."""
+        mapped = {e["crm_status"] for e in entries}
+        held = [EntityRef(e["kind"], e["crm_id"], e["event_time"], "remapped") for e in self._store.list_entities(integration_id)
+                if (e.get("last_error") or {}).get("code") == "unmapped_stage"
+                and e["last_error"].get("crm_status") in mapped]
+        return self._record(integration_id, "requeue", held, ignored=0)["queued"] if held else 0
+
     def _record(self, integration_id: str, crm: str, refs: list[EntityRef], ignored: int) -> dict:
         to_queue = [r for r in _dedupe(refs) if self._store.mark_dirty(integration_id, r)]
         messages = [{"integration_id": integration_id, "kind": r.kind, "crm_id": r.crm_id} for r in to_queue]
@@ -135,26 +145,6 @@ def _dedupe(refs: Iterable[EntityRef]) -> list[EntityRef]:
 
 
 # --- deliver -----------------------------------------------------------------------------------------
-
-@dataclass
-class EntityRows:
-    """What one CRM entity becomes in Metrika, or why it cannot."""
-
-    contacts: list[dict] = field(default_factory=list)
-    orders: list[dict] = field(default_factory=list)
-    error: dict | None = None  # permanent problem (unmapped stage, deleted contact…): park the entity
-
-
-class CrmSource(Protocol):
-    """Re-reads entities from one CRM and translates them into raw Metrika rows (amoCRM, Bitrix24)."""
-
-    def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef]) -> dict[tuple[str, str], EntityRows]:
-        ...
-
-
-class RetryableSourceError(Exception):
-    """The CRM failed or throttled us (429, 5xx, timeout): try the same entities later."""
-
 
 @dataclass
 class Outcome:
@@ -208,6 +198,10 @@ class Worker:
         except RetryableSourceError as exc:
             self._retry(integration_id, claimed, {"message": str(exc), "source": integration["crm"]}, outcome)
             return
+        except PermanentSourceError as exc:
+            for key, state in claimed.items():
+                self._park(integration_id, key, state, {"message": str(exc), "source": integration["crm"]}, outcome)
+            return
         self._upload(integration_id, integration, claimed, rows, outcome)
 
     def _upload(self, integration_id: str, integration: dict, claimed: dict, rows: dict, outcome: Outcome) -> None:
@@ -215,6 +209,12 @@ class Worker:
         ready: dict[tuple[str, str], tuple[list[dict], list[dict], str]] = {}
         for key, state in claimed.items():
             entity = rows.get(key) or EntityRows(error={"message": "the CRM returned nothing for this entity"})
+            if entity.gone:
+                entity = deletion_rows(state, integration.get("deleted_deal_status", DELETED_DEAL_STATUS))
+                if entity is None:  # nothing in Metrika to change
+                    self._finish(integration_id, key, state, "gone", state.get("uploading_id"), outcome,
+                                 state.get("last_order"))
+                    continue
             if entity.error:
                 self._park(integration_id, key, state, entity.error, outcome)
                 continue
@@ -231,7 +231,8 @@ class Worker:
             content_hash = _content_hash(contacts, orders)
             if content_hash == state.get("content_hash"):
                 outcome.skipped += 1
-                self._finish(integration_id, key, state, content_hash, state.get("uploading_id"), outcome)
+                self._finish(integration_id, key, state, content_hash, state.get("uploading_id"), outcome,
+                             state.get("last_order"))
                 continue
             ready[key] = (contacts, orders, content_hash)
         if not ready:
@@ -255,14 +256,15 @@ class Worker:
                     self._park(integration_id, key, claimed[key], exc.describe(), outcome)
             return
         log_event("upload", integration_id=integration_id, entities=len(ready), requests=len(uploading_ids))
-        for key, (_, _, content_hash) in ready.items():
+        for key, (_, orders, content_hash) in ready.items():
             outcome.uploaded += 1
-            self._finish(integration_id, key, claimed[key], content_hash, uploading_ids[-1], outcome)
+            last_order = json.dumps(orders[0], sort_keys=True, ensure_ascii=False) if orders else None
+            self._finish(integration_id, key, claimed[key], content_hash, uploading_ids[-1], outcome, last_order)
 
     def _finish(self, integration_id: str, key: tuple[str, str], state: dict, content_hash: str,
-                uploading_id: str | None, outcome: Outcome) -> None:
+                uploading_id: str | None, outcome: Outcome, last_order: str | None = None) -> None:
         if not self._store.mark_clean(integration_id, *key, event_time=state["event_time"],
-                                      content_hash=content_hash, uploading_id=uploading_id):
+                                      content_hash=content_hash, uploading_id=uploading_id, last_order=last_order):
             outcome.superseded += 1  # a newer event arrived and queued its own message
 
     def _park(self, integration_id: str, key: tuple[str, str], state: dict, error: dict, outcome: Outcome) -> None:
@@ -289,6 +291,21 @@ class Worker:
             base = min(MAX_DELAY_SECONDS, 2 ** min(most_attempts, 10))
             delay = int(max(retry_after or 0, random.uniform(base / 2, base)))
             self._queue.send(again, delay_seconds=min(MAX_DELAY_SECONDS, delay))
+
+
+def deletion_rows(state: dict, deleted_status: str | None) -> EntityRows | None:
+    """Metrika has no delete (CDP reference §1): a deleted deal is re-sent, as last sent, with the
+    integration's `deleted_deal_status` (CANCELLED by default). None when there is nothing to change:
+    never sent, a contact, already in that status, or the integration keeps deleted deals as they were."""
+    last = state.get("last_order")
+    if state.get("kind") != ORDER or not last or not deleted_status:
+        return None
+    order = json.loads(last)
+    if order.get("order_status") == deleted_status:
+        return None
+    order.update(order_status=deleted_status, update_date_time=datetime.now(timezone.utc))
+    order.pop("finish_date_time", None)
+    return EntityRows(orders=[order])
 
 
 def _content_hash(contacts: list[dict], orders: list[dict]) -> str:

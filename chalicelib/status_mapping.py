@@ -7,7 +7,7 @@ Metrika side: https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrd
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
@@ -85,9 +85,10 @@ def read_mapping(store: Any, integration_id: str) -> dict:
     return {"integration_id": integration_id, **mapping}
 
 
-def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for) -> dict:
+def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for,
+                    requeue_held: Callable[[str, list[dict]], int] | None = None) -> dict:
     """Validate, push the full list to Metrika, then store. If Metrika refuses, nothing is stored and
-    the caller sees Metrika's reason."""
+    the caller sees Metrika's reason. Deals held for a stage that is now mapped are queued again."""
     integration = get_integration(store, integration_id)
     try:
         entries = StatusMapping().load(body if isinstance(body, dict) else {"entries": body})["entries"]
@@ -100,5 +101,12 @@ def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for) -> 
         raise metrika_refused("Metrika did not accept the status mapping", exc) from exc
     pushed_at = int(time.time())
     store.put_status_mapping(integration_id, entries, pushed_at)
-    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries))
-    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at}
+    requeued = requeue_held(integration_id, entries) if requeue_held else 0
+    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries), requeued=requeued)
+    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at, "requeued": requeued}
+
+
+def merge_defaults(current: list[dict], proposed: list[dict]) -> list[dict]:
+    """Defaults fill in stages the mapping lacks; what the user already mapped stays as it is."""
+    mapped = {e["crm_status"] for e in current}
+    return current + [e for e in proposed if e["crm_status"] not in mapped]

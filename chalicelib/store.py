@@ -55,6 +55,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _decimal(seconds: float) -> Decimal:
+    return Decimal(str(round(seconds, 4)))
+
+
 def _conditional_failed(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
@@ -138,13 +142,14 @@ class Store:
         return _entity(item["Attributes"])
 
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int,
-                   content_hash: str, uploading_id: str | None) -> bool:
+                   content_hash: str, uploading_id: str | None, last_order: str | None = None) -> bool:
         """Done with the state seen at `event_time`. False if a newer event arrived meanwhile (the
-        entity stays dirty; that event queued its own message)."""
+        entity stays dirty; that event queued its own message). `last_order` (JSON of the order as
+        sent) lets a later deletion be reported when the CRM no longer has the deal."""
         return self._finish(integration_id, kind, crm_id, event_time,
                             "SET dirty = :no, content_hash = :h, uploading_id = :u, sent_at = :now, "
-                            "attempts = :zero REMOVE last_error",
-                            {":h": content_hash, ":u": uploading_id or "", ":zero": 0})
+                            "attempts = :zero, last_order = :o REMOVE last_error",
+                            {":h": content_hash, ":u": uploading_id or "", ":zero": 0, ":o": last_order or ""})
 
     def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
         """Park the entity: a permanent error that needs a person (fix data or mapping, then replay)."""
@@ -157,6 +162,24 @@ class Store:
             TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
             UpdateExpression="SET attempts = :n, last_error = :e, queued = :yes",
             ExpressionAttributeValues=_to_item({":n": attempts, ":e": error, ":yes": True}))
+
+    def reserve_slot(self, scope: str, interval: float, now: float) -> float:
+        """A shared rate limiter: the time at which the caller may send, spacing all callers of
+        `scope` at least `interval` seconds apart, across processes."""
+        key = _to_item({"pk": f"RATE#{scope}", "sk": "NEXT"})
+        try:  # idle: the slot is now
+            self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = :next",
+                                 ConditionExpression="attribute_not_exists(next_at) OR next_at <= :now",
+                                 ExpressionAttributeValues=_to_item({":next": _decimal(now + interval),
+                                                                     ":now": _decimal(now)}))
+            return now
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+        busy = self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
+                                    ExpressionAttributeValues=_to_item({":i": _decimal(interval)}),
+                                    ReturnValues="UPDATED_NEW")
+        return float(busy["Attributes"]["next_at"]["N"]) - interval
 
     def get_entity(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
         item = self._db.get_item(TableName=self._state, ConsistentRead=True,

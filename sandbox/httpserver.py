@@ -18,6 +18,7 @@ class Request:
     headers: dict[str, str]
     body: bytes
     match: re.Match | None = None
+    query_all: dict[str, list[str]] = field(default_factory=dict)  # repeated keys: filter[id][]=1&filter[id][]=2
 
     def json(self) -> Any:
         return json.loads(self.body or b"null")
@@ -69,15 +70,16 @@ class SandboxServer:
                 parts = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-                request = Request(self.command, parts.path, query, {k.lower(): v for k, v in self.headers.items()}, body)
+                query_all = parse_qs(parts.query, keep_blank_values=True)
+                request = Request(self.command, parts.path, {k: v[-1] for k, v in query_all.items()},
+                                  {k.lower(): v for k, v in self.headers.items()}, body, query_all=query_all)
                 try:
                     reply = server.dispatch(request)
                 except Exception as exc:  # a sandbox bug must show, not hang the client
                     reply = Reply(500, {"code": 500, "message": f"sandbox error: {exc!r}", "errors": []})
                 payload = b"" if reply.body is None else json.dumps(reply.body, ensure_ascii=False).encode()
                 self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Type", reply.headers.pop("Content-Type", "application/json; charset=utf-8"))
                 self.send_header("Content-Length", str(len(payload)))
                 for key, value in reply.headers.items():
                     self.send_header(key, value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 
@@ -25,6 +26,19 @@ AMO_TOKEN = "amo-long-lived-token-" + uuid.uuid4().hex
 B24_APP_TOKEN = "b24apptoken" + uuid.uuid4().hex[:21]
 B24_WEBHOOK_URL = "https://portal.bitrix24.ru/rest/1/" + uuid.uuid4().hex[:16] + "/"
 SECRETS = (ADMIN_TOKEN, METRIKA_TOKEN, AMO_SECRET, AMO_TOKEN, B24_APP_TOKEN, B24_WEBHOOK_URL)
+
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", None}
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _loopback_only(host, *args, **kwargs):
+    if host not in _LOOPBACK and not str(host).startswith("127."):
+        raise OSError(f"tests talk to loopback only; refused to resolve {host!r}")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+socket.getaddrinfo = _loopback_only
 
 
 @pytest.fixture(scope="session")

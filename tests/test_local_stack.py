@@ -1,9 +1,11 @@
 """README command 1, tried as a new user would: start the local stack, create an integration, PUT a
-status mapping with plain HTTP, see it in the Metrika sandbox, send a webhook, stop with Ctrl-C."""
+status mapping with plain HTTP, see it in the Metrika sandbox; register the webhook in the amoCRM
+sandbox, win a deal there, see the order arrive in Metrika; stop with Ctrl-C. All real processes."""
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,9 +13,9 @@ import pytest
 import requests
 
 from sandbox.local_stack import free_port
-from tests.conftest import amocrm_config
 
 ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_SECRET = "local-stack-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -22,52 +24,59 @@ def stack():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "METRIKA_API_URL", "ADMIN_TOKEN"))}
     process = subprocess.Popen([sys.executable, "-m", "sandbox.local_stack", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, info = [], {}
+    lines: list[str] = []
+    # Keep reading, so the stack never blocks on a full pipe.
+    threading.Thread(target=lambda: [lines.append(line) for line in process.stdout], daemon=True).start()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "Ctrl-C" not in "".join(lines[-1:]):
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        for key in ("admin token", "Metrika target", "API "):
-            if line.strip().startswith(key.strip()):
-                info[key.strip()] = line.split()[-1] if key != "Metrika target" else line.split()[2]
-    assert "Ctrl-C" in "".join(lines), "".join(lines)
-    yield {"api": f"http://127.0.0.1:{port}", "token": info["admin token"], "metrika": info["Metrika target"],
-           "process": process, "output": lines}
+    while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines) and process.poll() is None:
+        time.sleep(0.1)
+    output = "".join(lines)
+    assert "Ctrl-C" in output, output
+    info = {line.split()[0]: line.split()[-1] for line in lines if line.startswith("  ")}
+    urls = {line.split()[0]: line.split()[2] if "sandbox" in line else line.split()[-1]
+            for line in lines if line.startswith("  ") and "http" in line}
+    yield {"api": f"http://127.0.0.1:{port}", "token": info["admin"], "metrika": urls["Metrika"],
+           "amocrm": urls["amoCRM"], "process": process, "lines": lines}
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_a_new_user_can_create_an_integration_and_push_a_mapping(stack):
     headers = {"Authorization": f"Bearer {stack['token']}"}
-    created = requests.put(f"{stack['api']}/integrations/shop", headers=headers, json=amocrm_config(), timeout=10)
+    config = {"crm": "amocrm", "counter_id": 4242, "metrika_token": "y0_demo",
+              "connection": {"base_url": stack["amocrm"], "access_token": "demo-token", "account_id": "32427762",
+                             "webhook_secret": WEBHOOK_SECRET}}
+    created = requests.put(f"{stack['api']}/integrations/shop", headers=headers, json=config, timeout=10)
     assert created.status_code == 200, created.text
     assert created.json()["timezone"] == "Europe/Moscow"  # read from the sandbox counter
-    mapping = {"entries": [{"crm_status": "7001:142", "metrika_status_id": "won", "type": "PAID", "humanized": "Won"}]}
-    assert requests.put(f"{stack['api']}/integrations/shop/status-mapping", headers=headers, json=mapping,
-                        timeout=10).status_code == 200
+    applied = requests.post(f"{stack['api']}/integrations/shop/status-mapping/defaults", headers=headers, timeout=10)
+    assert applied.status_code == 200, applied.text
     state = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()
-    assert state["counters"]["4242"]["order_statuses"] == [{"id": "won", "type": "PAID", "humanized": "Won"}]
+    statuses = {s["id"]: s["type"] for s in state["counters"]["4242"]["order_statuses"]}
+    assert statuses["won"] == "PAID" and statuses["lost"] == "CANCELLED" and statuses["amo_7001_1001"] == "IN_PROGRESS"
     assert requests.get(f"{stack['api']}/integrations/shop", timeout=10).status_code == 401
 
 
-def test_webhooks_reach_the_worker(stack):
-    headers = {"Authorization": f"Bearer {stack['token']}"}
-    requests.put(f"{stack['api']}/integrations/shop2", headers=headers, json=amocrm_config(), timeout=10)
-    secret = amocrm_config()["connection"]["webhook_secret"]
-    response = requests.post(f"{stack['api']}/webhooks/amocrm/shop2", params={"secret": secret}, timeout=10,
-                             data={"account[id]": "32427762", "leads[status][0][id]": "5",
-                                   "leads[status][0][last_modified]": "1790000000"})
-    assert response.json() == {"accepted": 1, "queued": 1, "ignored": 0}
-    # This build has no amoCRM source yet: the worker takes the message and parks the deal visibly.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = stack["process"].stdout.readline()
-        if '"entity_parked"' in line:
-            assert '"integration_id": "shop2"' in line
-            return
-    pytest.fail("the worker did not pick up the message")
+def test_a_won_deal_in_the_crm_reaches_metrika(stack):
+    amo = {"Authorization": "Bearer demo-token"}
+    hook = {"destination": f"{stack['api']}/webhooks/amocrm/shop?secret={WEBHOOK_SECRET}",
+            "settings": ["add_lead", "update_lead", "status_lead", "add_contact", "update_contact"]}
+    assert requests.post(stack["amocrm"] + "/api/v4/webhooks", json=hook, headers=amo, timeout=10).status_code == 201
+    lead_id = next(iter(requests.get(stack["amocrm"] + "/_sandbox/state", timeout=10).json()["leads"]))
+    requests.patch(f"{stack['amocrm']}/_sandbox/leads/{lead_id}", json={"status_id": 142}, timeout=10)
+    deadline = time.monotonic() + 30
+    order = None
+    while time.monotonic() < deadline and order is None:
+        counter = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()["counters"]["4242"]
+        order = counter["orders"].get(lead_id)
+        time.sleep(0.2)
+    assert order is not None, "".join(stack["lines"][-30:])
+    assert order["order_status"] == "won" and order["revenue"] == 4980
+    contact = counter["contacts"][order["client_uniq_id"]]
+    assert contact["client_ids"] == ["1717171717123456789"] and contact["phones"] == ["79161234567"]
+    deliveries = requests.get(stack["amocrm"] + "/_sandbox/state", timeout=10).json()["deliveries"]
+    assert {d["event"] for d in deliveries} == {"update_lead", "status_lead"}
+    assert all(d["status"] == 200 for d in deliveries)
 
 
 def process_group(pgid: int) -> list[int]:
@@ -85,7 +94,8 @@ def process_group(pgid: int) -> list[int]:
 
 def test_ctrl_c_stops_everything(stack):
     process = stack["process"]
-    assert len(process_group(process.pid)) == 5  # launcher, moto_server, Metrika sandbox, chalice local, worker
+    # launcher, moto_server, Metrika sandbox, amoCRM sandbox, chalice local, worker
+    assert len(process_group(process.pid)) == 6
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     assert process.wait(timeout=30) == 0
     deadline = time.monotonic() + 10

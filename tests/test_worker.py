@@ -205,10 +205,15 @@ def test_uploads_are_chunked_without_duplicate_ids(service_env, amo, source, met
     assert [u["elements_count"] for u in metrika_sandbox.counter(5150).uploadings] == [2, 2, 2, 1]
 
 
-def test_crm_without_a_source_parks_with_a_clear_reason(app_client, amo, worker, metrika_sandbox):
-    webhook(app_client, amo, 5)
+def test_crm_without_a_source_parks_with_a_clear_reason(app_client, integration_id, queue, worker):
+    from tests.conftest import B24_APP_TOKEN, bitrix24_config
+    app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(),
+                        body=json.dumps(bitrix24_config(timezone="UTC")))
+    body = urlencode({"event": "ONCRMDEALADD", "data[FIELDS][ID]": "9", "ts": "1790000000",
+                      "auth[application_token]": B24_APP_TOKEN, "auth[member_id]": "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37"})
+    app_client.http.post(f"/webhooks/bitrix24/{integration_id}", headers=FORM, body=body.encode())
     worker.drain()
-    assert "not available" in entity(amo, "5")["last_error"]["message"]
+    assert "not available" in entity(integration_id, "9")["last_error"]["message"]
 
 
 def test_deleted_integration_drops_its_messages(app_client, amo, source, worker, metrika_sandbox):

@@ -1,7 +1,8 @@
 """What the CRM-specific webhook parsers hand to the pipeline."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 ORDER = "order"
 CONTACT = "contact"
@@ -20,3 +21,28 @@ class EntityRef:
 
 class WebhookError(ValueError):
     """The body is not a webhook this CRM sends; the message says what is wrong."""
+
+
+@dataclass
+class EntityRows:
+    """What one CRM entity becomes in Metrika, or why it cannot."""
+
+    contacts: list[dict] = field(default_factory=list)
+    orders: list[dict] = field(default_factory=list)
+    error: dict | None = None  # permanent problem (unmapped stage…): park the entity, visibly
+    gone: bool = False  # deleted in the CRM (or no longer readable)
+
+
+class CrmSource(Protocol):
+    """Re-reads entities from one CRM and translates them into raw Metrika rows (amoCRM, Bitrix24)."""
+
+    def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef]) -> dict[tuple[str, str], EntityRows]:
+        ...
+
+
+class RetryableSourceError(Exception):
+    """The CRM failed or throttled us (429, 5xx, timeout): try the same entities later."""
+
+
+class PermanentSourceError(Exception):
+    """The CRM refused us (revoked token, no access): nothing will change until a person acts."""

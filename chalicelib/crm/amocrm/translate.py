@@ -1,0 +1,147 @@
+"""amoCRM API v4 records → raw Metrika rows (validated later by `metrika.schemas`). Pure; no I/O.
+
+Lead fields: ../shared/reference/amocrm.md §11.1; custom_fields_values §11.3; ClientID §14;
+pipelines and the fixed statuses 142/143 §10.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from marshmallow import ValidationError
+
+from ...metrika.schemas import SCHEMA_ID, normalize_client_id, normalize_email, normalize_phone
+from .. import EntityRows
+from ...status_mapping import status_for
+
+WON, LOST = 142, 143
+SYNTHETIC_CONTACT_PREFIX = "lead-"
+
+
+def stage_key(pipeline_id: Any, status_id: Any) -> str:
+    """Stages are identified by the pair: 142 and 143 exist, with the same ids, in every pipeline."""
+    return f"{pipeline_id}:{status_id}"
+
+
+def field_values(custom_fields: list[dict] | None, field: str) -> list[str]:
+    """Values of one custom field, matched by id (digits) or by code or name (case-insensitive)."""
+    wanted = field.strip()
+    out: list[str] = []
+    for item in custom_fields or []:
+        if wanted.isdigit():
+            match = str(item.get("field_id")) == wanted
+        else:
+            match = wanted.lower() in (str(item.get("field_code") or "").lower(), str(item.get("field_name") or "").lower())
+        if match:
+            out += [str(v["value"]) for v in item.get("values") or [] if v.get("value") not in (None, "")]
+    return out
+
+
+def _valid(values: Iterable[str], normalizer) -> list[str]:
+    """Keep what normalises; a malformed phone or ClientID must not hold back the whole deal."""
+    out: list[str] = []
+    for value in values:
+        try:
+            normalized = normalizer(value)
+        except ValidationError:
+            continue
+        if normalized not in out:
+            out.append(normalized)
+    return out
+
+
+def _time(ts: Any, now: datetime) -> datetime | None:
+    """Unix seconds → aware UTC, never later than now (amoCRM's clock may run ahead of ours)."""
+    if ts in (None, "", 0):
+        return None
+    return min(datetime.fromtimestamp(int(ts), timezone.utc), now)
+
+
+def contact_row(contact: dict, client_id_field: str, now: datetime, extra_client_ids: Iterable[str] = ()) -> dict:
+    fields = contact.get("custom_fields_values")
+    row = {"uniq_id": str(contact["id"]), "name": contact.get("name") or None,
+           "create_date_time": _time(contact.get("created_at"), now),
+           "update_date_time": _time(contact.get("updated_at"), now),
+           "phones": _valid(field_values(fields, "PHONE"), normalize_phone),
+           "emails": _valid(field_values(fields, "EMAIL"), normalize_email),
+           "client_ids": _valid([*field_values(fields, client_id_field), *extra_client_ids], normalize_client_id)}
+    return {k: v for k, v in row.items() if v not in (None, [])}
+
+
+def main_contact_id(lead: dict) -> int | None:
+    """The contact flagged `is_main` (§11.1); never simply the first one."""
+    contacts = (lead.get("_embedded") or {}).get("contacts") or []
+    return next((c["id"] for c in contacts if c.get("is_main")), None)
+
+
+def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], client_id_field: str,
+              now: datetime, currency: str | None = None, pipelines: dict[int, dict] | None = None) -> EntityRows:
+    """A lead → its main contact (or one synthesised from the lead) and its order.
+
+    The ClientID is read from the lead (where amoCRM's tracking fields live) and from the contact.
+    A stage missing from the mapping holds the deal with an explanation, never a guessed status.
+    """
+    key = stage_key(lead.get("pipeline_id"), lead.get("status_id"))
+    status = status_for(mapping, key)
+    if status is None:
+        name = _stage_name(pipelines or {}, lead.get("pipeline_id"), lead.get("status_id"))
+        return EntityRows(error={"code": "unmapped_stage", "crm_status": key,
+                                 "message": f"stage {key}{f' ({name})' if name else ''} is not in the status mapping; "
+                                            "the deal is held and sent as soon as the stage is mapped"})
+    lead_client_ids = _valid(field_values(lead.get("custom_fields_values"), client_id_field), normalize_client_id)
+    contact_id = main_contact_id(lead)
+    contact = contacts.get(contact_id) if contact_id is not None else None
+    if contact is not None:
+        customer = contact_row(contact, client_id_field, now, extra_client_ids=lead_client_ids)
+    else:
+        # No contact (or it was deleted): the ClientID on the lead still ties the deal to a visit.
+        customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{lead['id']}", "name": lead.get("name") or None,
+                    "create_date_time": _time(lead.get("created_at"), now), "client_ids": lead_client_ids}
+        customer = {k: v for k, v in customer.items() if v not in (None, [])}
+    order = {"id": str(lead["id"]), "client_uniq_id": customer["uniq_id"], "order_status": status,
+             "create_date_time": _time(lead.get("created_at"), now),
+             "update_date_time": _time(lead.get("updated_at"), now),
+             "finish_date_time": _time(lead.get("closed_at"), now),
+             "revenue": lead.get("price_with_minor_units", lead.get("price")),
+             "currency": currency,
+             "products": products_of(lead)}
+    return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}])
+
+
+def products_of(lead: dict) -> dict[str, Any]:
+    """Catalog elements linked to the lead → `{product id: quantity}`; the id is the element id."""
+    products: dict[str, Any] = {}
+    for element in (lead.get("_embedded") or {}).get("catalog_elements") or []:
+        quantity = (element.get("metadata") or {}).get("quantity") or 0
+        products[str(element["id"])] = products.get(str(element["id"]), 0) + quantity
+    return products
+
+
+def default_mapping(pipelines: list[dict]) -> list[dict]:
+    """Proposed mapping for every stage of every pipeline: 142 → PAID, 143 → CANCELLED, the rest
+    IN_PROGRESS, labelled with the stage names (§10). Won and lost share one Metrika id each."""
+    entries: list[dict] = []
+    shared: dict[int, dict] = {}
+    for pipeline in pipelines:
+        for status in (pipeline.get("_embedded") or {}).get("statuses") or []:
+            status_id = status["id"]
+            if status_id in (WON, LOST):
+                first = shared.setdefault(status_id, {"metrika_status_id": "won" if status_id == WON else "lost",
+                                                      "humanized": status.get("name") or str(status_id),
+                                                      "type": "PAID" if status_id == WON else "CANCELLED"})
+                entries.append({"crm_status": stage_key(pipeline["id"], status_id), **first})
+                continue
+            humanized = f"{pipeline.get('name', '')}: {status.get('name', '')}".strip(": ")
+            metrika_id = f"amo_{pipeline['id']}_{status_id}"
+            assert SCHEMA_ID.match(metrika_id)
+            entries.append({"crm_status": stage_key(pipeline["id"], status_id), "metrika_status_id": metrika_id,
+                            "humanized": humanized[:4096], "type": "IN_PROGRESS"})
+    return entries
+
+
+def _stage_name(pipelines: dict[int, dict], pipeline_id: Any, status_id: Any) -> str | None:
+    pipeline = pipelines.get(pipeline_id) if isinstance(pipeline_id, int) else None
+    for status in ((pipeline or {}).get("_embedded") or {}).get("statuses") or []:
+        if status["id"] == status_id:
+            return f"{pipeline.get('name')}: {status.get('name')}"
+    return None

@@ -1,0 +1,411 @@
+"""amoCRM stand-in on loopback: one account with the API v4 subset we call, its limits, and real-shaped
+webhooks fired at registered destinations. Facts: ../shared/reference/amocrm.md.
+
+API (Bearer token): `GET /api/v4/leads` (`filter[id][]`, `filter[updated_at][from]`, `with`, `page`,
+`limit` ≤ 250), `/api/v4/leads/{id}`, `/api/v4/contacts` (`filter[id][]`), `/api/v4/contacts/{id}`,
+`/api/v4/catalogs/{id}/elements` (`filter[id][]`), `/api/v4/leads/pipelines`, `GET/POST /api/v4/webhooks`.
+204 for nothing found, 401 problem+json for a bad token, 429 past 7 requests in any second (§12).
+
+Changes through the control endpoints fire webhooks in amoCRM's v2 form format (§4–§6) at every
+registered destination, as amoCRM does: `POST /_sandbox/leads`, `PATCH|DELETE /_sandbox/leads/{id}`,
+`POST /_sandbox/contacts`, `PATCH /_sandbox/contacts/{id}`, `GET /_sandbox/state`,
+`POST /_sandbox/faults`.
+
+    python -m sandbox.amocrm --port 8002 --token demo-token   (seeded with a demo account)
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import requests
+
+from .httpserver import Reply, Request, SandboxServer
+
+RATE_LIMIT = 7  # requests per second per integration (reference §12)
+WON, LOST = 142, 143
+
+
+def _problem(status: int, title: str, detail: str) -> Reply:
+    return Reply(status, {"title": title, "type": "https://httpstatus.es/%d" % status, "status": status,
+                          "detail": detail}, {"Content-Type": "application/problem+json"})
+
+
+@dataclass
+class Faults:
+    error_5xx: float = 0.0
+    error_429: float = 0.0
+    seed: int | None = None
+
+
+class AmoCrmSandbox(SandboxServer):
+    def __init__(self, port: int = 0, *, token: str = "sandbox-token", account_id: int = 32427762,
+                 subdomain: str = "example", rate_limit: int = RATE_LIMIT) -> None:
+        super().__init__(port=port)
+        self.token, self.account_id, self.subdomain, self.rate_limit = token, account_id, subdomain, rate_limit
+        self._lock = threading.RLock()
+        self.reset()
+        api = r"/api/v4"
+        for method, pattern, handler in [
+            ("GET", api + r"/leads/pipelines", self._pipelines),
+            ("GET", api + r"/leads", self._leads),
+            ("GET", api + r"/leads/(?P<id>\d+)", self._lead),
+            ("GET", api + r"/contacts", self._contacts),
+            ("GET", api + r"/contacts/(?P<id>\d+)", self._contact),
+            ("GET", api + r"/catalogs/(?P<catalog>\d+)/elements", self._elements),
+            ("GET", api + r"/webhooks", self._list_webhooks),
+            ("POST", api + r"/webhooks", self._add_webhook),
+        ]:
+            self.route(method, pattern, self._guarded(handler))
+        self.route("GET", r"/_sandbox/state", lambda r: Reply(200, self.state()))
+        self.route("POST", r"/_sandbox/leads", lambda r: Reply(200, self.create_lead(**r.json())))
+        self.route("PATCH", r"/_sandbox/leads/(?P<id>\d+)",
+                   lambda r: Reply(200, self.update_lead(int(r.match["id"]), **r.json())))
+        self.route("DELETE", r"/_sandbox/leads/(?P<id>\d+)",
+                   lambda r: Reply(200, {"deleted": self.delete_lead(int(r.match["id"]))}))
+        self.route("POST", r"/_sandbox/contacts", lambda r: Reply(200, self.create_contact(**r.json())))
+        self.route("PATCH", r"/_sandbox/contacts/(?P<id>\d+)",
+                   lambda r: Reply(200, self.update_contact(int(r.match["id"]), **r.json())))
+        self.route("POST", r"/_sandbox/faults", lambda r: (self.set_faults(**r.json()), Reply(200, {"success": True}))[1])
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        with self._lock:
+            self.pipelines: list[dict] = []
+            self.leads: dict[int, dict] = {}
+            self.contacts: dict[int, dict] = {}
+            self.catalogs: dict[int, dict[int, dict]] = {}
+            self.webhooks: list[dict] = []
+            self.deliveries: list[dict] = []
+            self.requests: list[dict] = []
+            self.rate_violations = 0
+            self._recent: deque[float] = deque()
+            self._next_id = 1000
+            self._clock = int(time.time()) - 3600
+            self.faults = Faults()
+            self._rng = random.Random()
+
+    def set_faults(self, **kwargs: Any) -> None:
+        self.faults = Faults(**kwargs)
+        self._rng = random.Random(self.faults.seed)
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"leads": self.leads, "contacts": self.contacts, "webhooks": self.webhooks,
+                    "deliveries": self.deliveries[-50:], "requests": len(self.requests),
+                    "rate_violations": self.rate_violations, "max_per_second": self.max_per_second()}
+
+    def max_per_second(self) -> int:
+        """The most API requests seen in any one-second window."""
+        times = sorted(r["at"] for r in self.requests)
+        best, start = 0, 0
+        for end, at in enumerate(times):
+            while at - times[start] >= 1.0:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
+    def _tick(self) -> int:
+        """Entity clock: one second per change, starting an hour ago, so every change is newer than the
+        last and none is in the future (Metrika refuses future times)."""
+        self._clock += 1
+        return self._clock
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    # --- seeding and changes (fire webhooks like amoCRM) -------------------------------------------
+
+    def add_pipeline(self, pipeline_id: int, name: str, statuses: list[tuple[int, str]], is_main: bool = False) -> dict:
+        """Statuses as (id, name); the incoming-leads status (type 1), 142 and 143 are added as in amoCRM."""
+        rows = [{"id": pipeline_id * 10, "name": "Неразобранное", "sort": 10, "is_editable": False, "type": 1}]
+        rows += [{"id": sid, "name": sname, "sort": 20 + i * 10, "is_editable": True, "type": 0}
+                 for i, (sid, sname) in enumerate(statuses)]
+        rows += [{"id": WON, "name": "Успешно реализовано", "sort": 10000, "is_editable": False, "type": 0},
+                 {"id": LOST, "name": "Закрыто и не реализовано", "sort": 11000, "is_editable": False, "type": 0}]
+        pipeline = {"id": pipeline_id, "name": name, "sort": len(self.pipelines) + 1, "is_main": is_main,
+                    "is_unsorted_on": True, "is_archive": False, "account_id": self.account_id,
+                    "_embedded": {"statuses": [{**s, "pipeline_id": pipeline_id, "color": "#99ccff"} for s in rows]}}
+        with self._lock:
+            self.pipelines.append(pipeline)
+        return pipeline
+
+    def add_catalog_element(self, catalog_id: int, name: str, price: int) -> dict:
+        with self._lock:
+            element_id = self._new_id()
+            element = {"id": element_id, "name": name, "catalog_id": catalog_id, "custom_fields_values": [
+                {"field_id": 5001, "field_name": "Цена", "field_code": "PRICE", "field_type": "price",
+                 "values": [{"value": price}]}]}
+            self.catalogs.setdefault(catalog_id, {})[element_id] = element
+            return element
+
+    def create_contact(self, name: str, phones: list[str] = (), emails: list[str] = (),
+                       custom_fields: list[dict] | None = None, notify: bool = True) -> dict:
+        with self._lock:
+            now = self._tick()
+            values = []
+            if phones:
+                values.append({"field_id": 735649, "field_name": "Телефон", "field_code": "PHONE", "field_type": "multitext",
+                               "values": [{"value": p, "enum_id": 718321, "enum_code": "MOB"} for p in phones]})
+            if emails:
+                values.append({"field_id": 735651, "field_name": "Email", "field_code": "EMAIL", "field_type": "multitext",
+                               "values": [{"value": e, "enum_id": 718333, "enum_code": "WORK"} for e in emails]})
+            contact = {"id": self._new_id(), "name": name, "first_name": name.split(" ")[0], "last_name": "",
+                       "created_at": now, "updated_at": now, "is_deleted": False, "account_id": self.account_id,
+                       "custom_fields_values": (values + (custom_fields or [])) or None, "_embedded": {"tags": []}}
+            self.contacts[contact["id"]] = contact
+        if notify:
+            self._fire("contacts", "add", self._contact_form(contact))
+        return contact
+
+    def update_contact(self, contact_id: int, notify: bool = True, **changes: Any) -> dict:
+        with self._lock:
+            contact = self.contacts[contact_id]
+            contact.update(changes)
+            contact["updated_at"] = self._tick()
+        if notify:
+            self._fire("contacts", "update", self._contact_form(contact))
+        return contact
+
+    def create_lead(self, name: str, pipeline_id: int, status_id: int, price: int | None = None,
+                    contacts: list[int] = (), products: list[tuple[int, int]] = (), client_id: str | None = None,
+                    custom_fields: list[dict] | None = None, notify: bool = True) -> dict:
+        """`contacts`: ids, the first is main. `products`: (element id, quantity)."""
+        with self._lock:
+            now = self._tick()
+            values = list(custom_fields or [])
+            if client_id is not None:
+                values.append({"field_id": 752013, "field_name": "_ym_uid", "field_code": "_YM_UID",
+                               "field_type": "tracking_data", "values": [{"value": client_id}]})
+            lead = {"id": self._new_id(), "name": name, "price": price or 0, "status_id": status_id,
+                    "pipeline_id": pipeline_id, "created_at": now, "updated_at": now, "closed_at": None,
+                    "is_deleted": False, "custom_fields_values": values or None, "account_id": self.account_id,
+                    "_embedded": {"tags": [], "contacts": [{"id": c, "is_main": i == 0} for i, c in enumerate(contacts)],
+                                  "catalog_elements": [self._element_link(e, q) for e, q in products]}}
+            self._close_if_final(lead)
+            self.leads[lead["id"]] = lead
+        if notify:
+            self._fire("leads", "add", self._lead_form(lead))
+        return lead
+
+    def update_lead(self, lead_id: int, notify: bool = True, **changes: Any) -> dict:
+        """Change fields (`status_id`, `pipeline_id`, `price`, `name`, `contacts`, `products`); fires
+        `update_lead`, and `status_lead` too when the stage changed — two deliveries, as amoCRM does."""
+        with self._lock:
+            lead = self.leads[lead_id]
+            old_status = lead["status_id"]
+            if "contacts" in changes:
+                lead["_embedded"]["contacts"] = [{"id": c, "is_main": i == 0} for i, c in enumerate(changes.pop("contacts"))]
+            if "products" in changes:
+                lead["_embedded"]["catalog_elements"] = [self._element_link(e, q) for e, q in changes.pop("products")]
+            lead.update(changes)
+            lead["updated_at"] = self._tick()
+            self._close_if_final(lead)
+        if notify:
+            extra = {"old_status_id": old_status} if lead["status_id"] != old_status else {}
+            self._fire("leads", "update", self._lead_form(lead, extra))
+            if extra:
+                self._fire("leads", "status", self._lead_form(lead, extra))
+        return lead
+
+    def delete_lead(self, lead_id: int, notify: bool = True) -> int:
+        with self._lock:
+            self.leads.pop(lead_id)
+        if notify:
+            self._fire("leads", "delete", {"id": lead_id})
+        return lead_id
+
+    def _element_link(self, element_id: int, quantity: int) -> dict:
+        catalog_id = next(c for c, elements in self.catalogs.items() if element_id in elements)
+        return {"id": element_id, "metadata": {"quantity": quantity, "catalog_id": catalog_id, "price_id": 5001}}
+
+    def _close_if_final(self, lead: dict) -> None:
+        lead["closed_at"] = lead["updated_at"] if lead["status_id"] in (WON, LOST) else None
+
+    # --- webhooks (v2 form format) -----------------------------------------------------------------
+
+    def _lead_form(self, lead: dict, extra: dict | None = None) -> dict:
+        item = {"id": lead["id"], "name": lead["name"], "status_id": lead["status_id"], **(extra or {}),
+                "responsible_user_id": 10000698, "last_modified": lead["updated_at"], "modified_user_id": 10000698,
+                "created_user_id": 0, "date_create": lead["created_at"], "pipeline_id": lead["pipeline_id"],
+                "account_id": self.account_id, "created_at": lead["created_at"], "updated_at": lead["updated_at"]}
+        if lead.get("price"):
+            item["price"] = lead["price"]  # absent when the lead has no budget (reference §5.1)
+        item["custom_fields"] = self._v2_fields(lead.get("custom_fields_values"))
+        return item
+
+    def _contact_form(self, contact: dict) -> dict:
+        linked = [lead_id for lead_id, lead in self.leads.items()
+                  if any(c["id"] == contact["id"] for c in lead["_embedded"]["contacts"])]
+        return {"id": contact["id"], "name": contact["name"], "responsible_user_id": 10000698,
+                "date_create": contact["created_at"], "last_modified": contact["updated_at"],
+                "created_user_id": 0, "modified_user_id": 0, "account_id": self.account_id,
+                "custom_fields": self._v2_fields(contact.get("custom_fields_values")),
+                "linked_leads_id": {str(lead_id): {"ID": lead_id} for lead_id in linked},
+                "created_at": contact["created_at"], "updated_at": contact["updated_at"], "type": "contact"}
+
+    @staticmethod
+    def _v2_fields(values: list[dict] | None) -> list[dict]:
+        fields = []
+        for field_value in values or []:
+            field = {"id": field_value["field_id"], "name": field_value["field_name"],
+                     "values": [{"value": v["value"], **({"enum": v["enum_id"]} if "enum_id" in v else {})}
+                                for v in field_value["values"]]}
+            if field_value.get("field_code"):
+                field["code"] = field_value["field_code"]
+            fields.append(field)
+        return fields
+
+    def webhook_body(self, entity: str, action: str, item: dict) -> bytes:
+        """The form body amoCRM sends: PHP-style brackets, every value a string."""
+        pairs = [("account[subdomain]", self.subdomain), ("account[id]", str(self.account_id)),
+                 ("account[_links][self]", f"https://{self.subdomain}.amocrm.ru")]
+        pairs += _flatten(f"{entity}[{action}][0]", item)
+        return urlencode(pairs).encode()
+
+    def _fire(self, entity: str, action: str, item: dict) -> None:
+        event = f"{action}_{entity[:-1]}"  # status_lead, add_contact…
+        body = self.webhook_body(entity, action, item)
+        for hook in list(self.webhooks):
+            if event not in hook["settings"] or hook["disabled"]:
+                continue
+            try:
+                status = requests.post(hook["destination"], data=body, timeout=2,
+                                       headers={"Content-Type": "application/x-www-form-urlencoded",
+                                                "User-Agent": "amoCRM-Webhooks/3.0"}).status_code
+            except requests.RequestException:
+                status = 0
+            with self._lock:
+                self.deliveries.append({"event": event, "destination": hook["destination"], "status": status})
+
+    # --- API -----------------------------------------------------------------------------------------
+
+    def _guarded(self, handler):
+        def wrapped(request: Request) -> Reply:
+            if request.headers.get("authorization") != f"Bearer {self.token}":
+                return _problem(401, "Unauthorized", "Token has been revoked or is invalid")
+            now = time.monotonic()
+            with self._lock:
+                self.requests.append({"path": request.path, "at": now})
+                while self._recent and now - self._recent[0] >= 1.0:
+                    self._recent.popleft()
+                self._recent.append(now)
+                if len(self._recent) > self.rate_limit:
+                    self.rate_violations += 1
+                    return _problem(429, "Too Many Requests", f"more than {self.rate_limit} requests per second")
+                roll = self._rng.random()
+            if roll < self.faults.error_5xx:
+                return _problem(503, "Service Unavailable", "try later")
+            if roll < self.faults.error_5xx + self.faults.error_429:
+                return _problem(429, "Too Many Requests", "injected")
+            with self._lock:
+                return handler(request)
+        return wrapped
+
+    def _pipelines(self, request: Request) -> Reply:
+        return Reply(200, {"_total_items": len(self.pipelines), "_embedded": {"pipelines": self.pipelines}})
+
+    def _lead_view(self, lead: dict, with_: set[str]) -> dict:
+        embedded = {"tags": lead["_embedded"]["tags"], "companies": []}
+        for key in ("contacts", "catalog_elements"):
+            if key in with_:
+                embedded[key] = lead["_embedded"][key]
+        return {**lead, "_embedded": embedded}
+
+    def _leads(self, request: Request) -> Reply:
+        with_ = set(request.query.get("with", "").split(","))
+        ids = {int(i) for i in request.query_all.get("filter[id][]", []) + request.query_all.get("filter[id]", [])}
+        since = request.query.get("filter[updated_at][from]")
+        limit = min(int(request.query.get("limit", "50")), 250)
+        page = int(request.query.get("page", "1"))
+        leads = sorted(self.leads.values(), key=lambda lead: (lead["updated_at"], lead["id"]))
+        if ids:
+            leads = [lead for lead in leads if lead["id"] in ids]
+        if since:
+            leads = [lead for lead in leads if lead["updated_at"] >= int(since)]
+        chunk = leads[(page - 1) * limit:page * limit]
+        if not chunk:
+            return Reply(204)
+        links = {"self": {"href": f"/api/v4/leads?page={page}"}}
+        if page * limit < len(leads):
+            links["next"] = {"href": f"/api/v4/leads?page={page + 1}"}
+        return Reply(200, {"_page": page, "_links": links,
+                           "_embedded": {"leads": [self._lead_view(lead, with_) for lead in chunk]}})
+
+    def _lead(self, request: Request) -> Reply:
+        lead = self.leads.get(int(request.match["id"]))
+        with_ = set(request.query.get("with", "").split(","))
+        return Reply(200, self._lead_view(lead, with_)) if lead else Reply(204)
+
+    def _contacts(self, request: Request) -> Reply:
+        ids = {int(i) for i in request.query_all.get("filter[id][]", [])}
+        found = [c for cid, c in self.contacts.items() if cid in ids]
+        return Reply(200, {"_page": 1, "_embedded": {"contacts": found}}) if found else Reply(204)
+
+    def _contact(self, request: Request) -> Reply:
+        contact = self.contacts.get(int(request.match["id"]))
+        return Reply(200, contact) if contact else Reply(204)
+
+    def _elements(self, request: Request) -> Reply:
+        catalog = self.catalogs.get(int(request.match["catalog"]))
+        if catalog is None:
+            return _problem(404, "Not Found", "no such catalog")
+        ids = {int(i) for i in request.query_all.get("filter[id][]", [])}
+        found = [e for eid, e in catalog.items() if not ids or eid in ids]
+        return Reply(200, {"_page": 1, "_embedded": {"elements": found}}) if found else Reply(204)
+
+    def _list_webhooks(self, request: Request) -> Reply:
+        return Reply(200, {"_total_items": len(self.webhooks), "_embedded": {"webhooks": self.webhooks}})
+
+    def _add_webhook(self, request: Request) -> Reply:
+        body = request.json() or {}
+        destination, settings = body.get("destination"), body.get("settings")
+        if not isinstance(destination, str) or not isinstance(settings, list) or not settings:
+            return _problem(400, "Bad Request", "destination and settings are required")
+        self.webhooks = [h for h in self.webhooks if h["destination"] != destination]
+        hook = {"id": self._new_id(), "destination": destination, "settings": settings, "disabled": False,
+                "account_id": self.account_id, "created_at": int(time.time()), "sort": body.get("sort", 1)}
+        self.webhooks.append(hook)
+        return Reply(201, hook)
+
+
+def _flatten(prefix: str, value: Any) -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [pair for key, child in value.items() for pair in _flatten(f"{prefix}[{key}]", child)]
+    if isinstance(value, list):
+        return [pair for index, child in enumerate(value) for pair in _flatten(f"{prefix}[{index}]", child)]
+    return [(prefix, "" if value is None else str(value))]
+
+
+def seed_demo(sandbox: AmoCrmSandbox) -> dict:
+    """A small account: one pipeline, a product catalog, a contact and an open deal with a ClientID."""
+    sandbox.add_pipeline(7001, "Продажи", [(1001, "Первичный контакт"), (1002, "Переговоры")], is_main=True)
+    kettle = sandbox.add_catalog_element(4521, "Чайник синий", 2490)
+    contact = sandbox.create_contact("Иван Петров", phones=["+7 (916) 123-45-67"], emails=["Ivan@Example.com"],
+                                     notify=False)
+    lead = sandbox.create_lead("Заказ #1042", 7001, 1001, price=4980, contacts=[contact["id"]],
+                               products=[(kettle["id"], 2)], client_id="1717171717123456789", notify=False)
+    return {"pipeline_id": 7001, "lead_id": lead["id"], "contact_id": contact["id"], "product_id": kettle["id"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8002)
+    parser.add_argument("--token", default="demo-token")
+    args = parser.parse_args()
+    sandbox = AmoCrmSandbox(args.port, token=args.token)
+    seeded = seed_demo(sandbox)
+    print(f"amoCRM sandbox on http://127.0.0.1:{args.port} (token {args.token}; demo {seeded})", flush=True)
+    sandbox.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
