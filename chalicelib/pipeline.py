@@ -206,7 +206,7 @@ class Worker:
 
     def _upload(self, integration_id: str, integration: dict, claimed: dict, rows: dict, outcome: Outcome) -> None:
         time_zone = integration["timezone"]
-        ready: dict[tuple[str, str], tuple[list[dict], list[dict], str]] = {}
+        ready: dict[tuple[str, str], tuple[list[dict], list[dict], str, str | None]] = {}
         for key, state in claimed.items():
             entity = rows.get(key) or EntityRows(error={"message": "the CRM returned nothing for this entity"})
             if entity.gone:
@@ -234,7 +234,12 @@ class Worker:
                 self._finish(integration_id, key, state, content_hash, state.get("uploading_id"), outcome,
                              state.get("last_order"))
                 continue
-            ready[key] = (contacts, orders, content_hash)
+            last_order = state.get("last_order") or None
+            if orders and last_order and json.loads(last_order) == orders[0]:
+                orders = []  # only the customer changed (a contact edit): the order stands as sent
+            elif orders:
+                last_order = json.dumps(orders[0], sort_keys=True, ensure_ascii=False)
+            ready[key] = (contacts, orders, content_hash, last_order)
         if not ready:
             return
         metrika = self._metrika_for(integration)
@@ -256,10 +261,10 @@ class Worker:
                     self._park(integration_id, key, claimed[key], exc.describe(), outcome)
             return
         log_event("upload", integration_id=integration_id, entities=len(ready), requests=len(uploading_ids))
-        for key, (_, orders, content_hash) in ready.items():
+        for key, (_, _, content_hash, last_order) in ready.items():
             outcome.uploaded += 1
-            last_order = json.dumps(orders[0], sort_keys=True, ensure_ascii=False) if orders else None
-            self._finish(integration_id, key, claimed[key], content_hash, uploading_ids[-1], outcome, last_order)
+            self._finish(integration_id, key, claimed[key], content_hash, uploading_ids[-1] if uploading_ids else None,
+                         outcome, last_order)
 
     def _finish(self, integration_id: str, key: tuple[str, str], state: dict, content_hash: str,
                 uploading_id: str | None, outcome: Outcome, last_order: str | None = None) -> None:

@@ -84,6 +84,7 @@ class AmoCrmSandbox(SandboxServer):
             self.catalogs: dict[int, dict[int, dict]] = {}
             self.webhooks: list[dict] = []
             self.deliveries: list[dict] = []
+            self.outbox: list[tuple[str, bytes]] = []
             self.requests: list[dict] = []
             self.rate_violations = 0
             self._recent: deque[float] = deque()
@@ -274,6 +275,8 @@ class AmoCrmSandbox(SandboxServer):
     def _fire(self, entity: str, action: str, item: dict) -> None:
         event = f"{action}_{entity[:-1]}"  # status_lead, add_contact…
         body = self.webhook_body(entity, action, item)
+        with self._lock:
+            self.outbox.append((event, body))  # what was fired, for in-process tests to deliver themselves
         for hook in list(self.webhooks):
             if event not in hook["settings"] or hook["disabled"]:
                 continue
