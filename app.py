@@ -5,7 +5,7 @@ start that serves a webhook never pays for what it does not touch.
 """
 import os
 
-from chalice import AuthResponse, Chalice
+from chalice import AuthResponse, Chalice, Rate
 
 from chalicelib.errors import ApiError
 from chalicelib.settings import APP_NAME, get_settings
@@ -45,7 +45,9 @@ def get_metrika(integration):
 def get_sources():
     if not _SOURCES:
         from chalicelib.crm.amocrm.source import AmoCrmSource
+        from chalicelib.crm.bitrix24.source import Bitrix24Source
         _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot)
+        _SOURCES["bitrix24"] = Bitrix24Source(get_store().reserve_slot)
     return _SOURCES
 
 
@@ -124,6 +126,12 @@ def apply_status_mapping_defaults(integration_id):
     return replace_mapping(get_store(), integration_id, {"entries": entries}, get_metrika, _ingest().requeue_held)
 
 
+@app.route("/integrations/{integration_id}/reconcile", methods=["POST"], authorizer=admin)
+def reconcile_integration(integration_id):
+    body = app.current_request.json_body or {}
+    return _reconcile(integration_id, since=body.get("since") if isinstance(body, dict) else None)
+
+
 @app.route("/webhooks/amocrm/{integration_id}", methods=["POST"], content_types=[FORM])
 def amocrm_webhook(integration_id):
     request = app.current_request
@@ -149,6 +157,17 @@ def on_events_message(event):
                     row_limit=settings.upload_row_limit, retry_limit=settings.worker_retry_limit)
     return vars(worker.handle(record.body for record in event))
 
+@app.schedule(Rate(int(os.environ.get("RECONCILE_MINUTES", "10")), unit=Rate.MINUTES))
+def reconcile_all(event):
+    results = {}
+    for integration_id in get_store().list_integration_ids():
+        try:
+            results[integration_id] = _reconcile(integration_id)
+        except Exception as exc:  # one broken integration must not stop the others
+            from chalicelib.logs import log_event
+            log_event("reconcile_failed", integration_id=integration_id, error=type(exc).__name__)
+    return results
+
 # End of event handlers.
 
 
@@ -166,6 +185,22 @@ def _default_mapping(integration_id):
         raise ApiError(422, "crm_refused", f"could not read the CRM's stages: {exc}") from exc
     except RetryableSourceError as exc:
         raise ApiError(502, "crm_unavailable", f"could not read the CRM's stages: {exc}; try again later") from exc
+
+
+def _reconcile(integration_id, since=None):
+    import time
+    from chalicelib.crm import PermanentSourceError, RetryableSourceError
+    from chalicelib.errors import ApiError, invalid
+    from chalicelib.integrations import get_integration as read
+    if since is not None and not isinstance(since, int):
+        raise invalid("since must be Unix seconds")
+    source = get_sources().get(read(get_store(), integration_id)["crm"])
+    try:
+        return _ingest().reconcile(integration_id, source, now=int(time.time()), since=since)
+    except PermanentSourceError as exc:
+        raise ApiError(422, "crm_refused", f"could not list changed deals: {exc}") from exc
+    except RetryableSourceError as exc:
+        raise ApiError(502, "crm_unavailable", f"could not list changed deals: {exc}; try again later") from exc
 
 
 def _ingest():

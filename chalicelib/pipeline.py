@@ -28,6 +28,8 @@ from .metrika.schemas import ContactRow, OrderRow, hash_identifiers
 
 MAX_SQS_BATCH = 10
 DELETED_DEAL_STATUS = "CANCELLED"
+RECONCILE_OVERLAP = 120  # seconds
+RECONCILE_FIRST_WINDOW = 24 * 3600  # a first run looks back one day
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
 
 
@@ -116,6 +118,21 @@ class Ingest:
                 if (e.get("last_error") or {}).get("code") == "unmapped_stage"
                 and e["last_error"].get("crm_status") in mapped]
         return self._record(integration_id, "requeue", held, ignored=0)["queued"] if held else 0
+
+    def reconcile(self, integration_id: str, source: CrmSource, *, now: int, since: int | None = None) -> dict:
+        """Feed entities changed since the stored cursor through the same path as webhooks, so a lost
+        webhook costs minutes, not a deal (Bitrix24 never retries; amoCRM hooks can be disabled).
+        The window overlaps the last run by RECONCILE_OVERLAP to absorb clock skew; entities already
+        recorded at that time are skipped by the usual stale-event check."""
+        integration = self._store.get_integration(integration_id)
+        if integration is None:
+            raise not_found(f"integration {integration_id!r}")
+        cursor = since if since is not None else self._store.get_cursor(integration_id, "reconcile")
+        start = (cursor if cursor is not None else now - RECONCILE_FIRST_WINDOW) - RECONCILE_OVERLAP
+        refs = source.changed_since(integration, start)
+        result = self._record(integration_id, "reconcile", refs, ignored=0)
+        self._store.put_cursor(integration_id, "reconcile", now)
+        return {"since": start, "found": len(refs), "queued": result["queued"]}
 
     def _record(self, integration_id: str, crm: str, refs: list[EntityRef], ignored: int) -> dict:
         to_queue = [r for r in _dedupe(refs) if self._store.mark_dirty(integration_id, r)]

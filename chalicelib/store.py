@@ -96,6 +96,26 @@ class Store:
         self._db.put_item(TableName=self._config, Item=_to_item(
             {"pk": _pk(integration_id), "sk": STATUS_MAPPING, "entries": entries, "pushed_at": pushed_at}))
 
+    def get_cursor(self, integration_id: str, name: str) -> int | None:
+        item = self._get(self._config, _pk(integration_id), f"CURSOR#{name}")
+        return item["value"] if item else None
+
+    def put_cursor(self, integration_id: str, name: str, value: int) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": f"CURSOR#{name}", "value": value}))
+
+    def list_integration_ids(self) -> list[str]:
+        """Every integration (for scheduled jobs). A scan: the config table holds a few items each."""
+        kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config",
+                                  "ProjectionExpression": "pk", "ExpressionAttributeValues": _to_item({":config": CONFIG})}
+        ids: list[str] = []
+        while True:
+            page = self._db.scan(**kwargs)
+            ids += [item["pk"]["S"].partition("#")[2] for item in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return sorted(ids)
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
     # --- per-entity delivery state -------------------------------------------------------------------
 
     def mark_dirty(self, integration_id: str, ref: EntityRef) -> bool:

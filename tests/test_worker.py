@@ -205,15 +205,14 @@ def test_uploads_are_chunked_without_duplicate_ids(service_env, amo, source, met
     assert [u["elements_count"] for u in metrika_sandbox.counter(5150).uploadings] == [2, 2, 2, 1]
 
 
-def test_crm_without_a_source_parks_with_a_clear_reason(app_client, integration_id, queue, worker):
-    from tests.conftest import B24_APP_TOKEN, bitrix24_config
-    app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(),
-                        body=json.dumps(bitrix24_config(timezone="UTC")))
-    body = urlencode({"event": "ONCRMDEALADD", "data[FIELDS][ID]": "9", "ts": "1790000000",
-                      "auth[application_token]": B24_APP_TOKEN, "auth[member_id]": "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37"})
-    app_client.http.post(f"/webhooks/bitrix24/{integration_id}", headers=FORM, body=body.encode())
-    worker.drain()
-    assert "not available" in entity(integration_id, "9")["last_error"]["message"]
+def test_crm_without_a_source_parks_with_a_clear_reason(service_env, amo, metrika_sandbox):
+    from app import get_metrika, get_queue, get_store
+    from chalicelib.crm import EntityRef
+    from chalicelib.pipeline import Worker
+    get_store().mark_dirty(amo, EntityRef("order", "9", 1790000000, "add"))
+    worker = Worker(get_store(), get_queue(), get_metrika, sources={})
+    assert worker.handle([json.dumps({"integration_id": amo, "kind": "order", "crm_id": "9"})]).parked == 1
+    assert "not available" in entity(amo, "9")["last_error"]["message"]
 
 
 def test_deleted_integration_drops_its_messages(app_client, amo, source, worker, metrika_sandbox):

@@ -37,7 +37,13 @@ class CrmSource(Protocol):
     """Re-reads entities from one CRM and translates them into raw Metrika rows (amoCRM, Bitrix24)."""
 
     def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef]) -> dict[tuple[str, str], EntityRows]:
-        ...
+        """Current rows for each ref, keyed by (kind, crm id)."""
+
+    def default_mapping(self, integration: dict) -> list[dict]:
+        """Proposed status mapping entries for every stage the CRM has."""
+
+    def changed_since(self, integration: dict, since: int) -> list[EntityRef]:
+        """Deals changed since `since` (Unix seconds), for reconciliation."""
 
 
 class RetryableSourceError(Exception):

@@ -68,3 +68,8 @@ class AmoCrmSource:
         """Proposed status mapping from the account's pipelines (142 → PAID, 143 → CANCELLED, the rest
         IN_PROGRESS)."""
         return default_mapping(self.client_for(integration).pipelines())
+
+    def changed_since(self, integration: dict, since: int) -> list[EntityRef]:
+        """Leads updated since `since` (Unix seconds), for reconciliation."""
+        return [EntityRef(ORDER, str(lead["id"]), int(lead["updated_at"]), "reconcile")
+                for lead in self.client_for(integration).leads_updated_since(since)]

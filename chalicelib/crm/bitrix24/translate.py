@@ -1,0 +1,125 @@
+"""Bitrix24 REST records → raw Metrika rows (validated later by `metrika.schemas`). Pure; no I/O.
+
+Deal fields: ../shared/reference/bitrix24.md §9; contacts §10; product rows §11; stages §12;
+dates §14; ClientID §19.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from marshmallow import ValidationError
+
+from .. import EntityRows
+from ...metrika.schemas import normalize_client_id, normalize_email, normalize_phone, parse_decimal
+from ...status_mapping import status_for
+
+SYNTHETIC_CONTACT_PREFIX = "deal-"
+
+
+def _time(value: Any, now: datetime) -> datetime | None:
+    """ISO 8601 with the portal's offset → aware, never later than now."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return min(parsed, now)
+
+
+def client_ids(record: dict | None, field: str) -> list[str]:
+    """ClientIDs from a `UF_CRM_*` field (string or, for multiple fields, a list), kept as strings."""
+    value = (record or {}).get(field)
+    values = value if isinstance(value, list) else [value]
+    return _valid((str(v).strip() for v in values if v not in (None, "", False)), normalize_client_id)
+
+
+def _valid(values: Iterable[str], normalizer) -> list[str]:
+    out: list[str] = []
+    for value in values:
+        try:
+            normalized = normalizer(value)
+        except ValidationError:
+            continue
+        if normalized not in out:
+            out.append(normalized)
+    return out
+
+
+def _multi(record: dict, key: str) -> list[str]:
+    return [str(item.get("VALUE")) for item in record.get(key) or [] if item.get("VALUE")]
+
+
+def contact_row(contact: dict, field: str, now: datetime, extra_client_ids: Iterable[str] = ()) -> dict:
+    name = " ".join(p for p in (contact.get("NAME"), contact.get("SECOND_NAME"), contact.get("LAST_NAME")) if p)
+    row = {"uniq_id": str(contact["ID"]), "name": name or None,
+           "create_date_time": _time(contact.get("DATE_CREATE"), now),
+           "update_date_time": _time(contact.get("DATE_MODIFY"), now),
+           "phones": _valid(_multi(contact, "PHONE"), normalize_phone),
+           "emails": _valid(_multi(contact, "EMAIL"), normalize_email),
+           "client_ids": _valid([*client_ids(contact, field), *extra_client_ids], normalize_client_id)}
+    return {k: v for k, v in row.items() if v not in (None, [])}
+
+
+def product_id(row: dict) -> str:
+    """Catalogue products by id; free-text rows (PRODUCT_ID 0) by row id, both fitting ^[\\w-:]+$."""
+    if str(row.get("PRODUCT_ID") or "0") != "0":
+        return str(row["PRODUCT_ID"])
+    return "row-" + re.sub(r"[^\w\-:]", "_", str(row.get("ID")), flags=re.ASCII)
+
+
+def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_rows: list[dict],
+              mapping: list[dict], client_id_field: str, now: datetime,
+              stage_names: dict[str, str] | None = None) -> EntityRows:
+    """A deal → its contact (or one made from the deal) and its order. The ClientID is looked up on
+    the deal, then its source lead (`LEAD_ID`), then the contact."""
+    stage = str(deal.get("STAGE_ID") or "")
+    status = status_for(mapping, stage)
+    if status is None:
+        name = (stage_names or {}).get(stage)
+        return EntityRows(error={"code": "unmapped_stage", "crm_status": stage,
+                                 "message": f"stage {stage}{f' ({name})' if name else ''} is not in the status mapping; "
+                                            "the deal is held and sent as soon as the stage is mapped"})
+    found = client_ids(deal, client_id_field) or client_ids(lead, client_id_field)
+    if contact is not None:
+        customer = contact_row(contact, client_id_field, now, extra_client_ids=found)
+    else:
+        customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{deal['ID']}", "name": deal.get("TITLE") or None,
+                    "create_date_time": _time(deal.get("DATE_CREATE"), now), "client_ids": found}
+        customer = {k: v for k, v in customer.items() if v not in (None, [])}
+    products: dict[str, Any] = {}
+    for row in product_rows:
+        quantity = parse_decimal(row.get("QUANTITY")) or 0
+        products[product_id(row)] = products.get(product_id(row), 0) + quantity
+    closed = deal.get("CLOSED") == "Y"
+    order = {"id": str(deal["ID"]), "client_uniq_id": customer["uniq_id"], "order_status": status,
+             "create_date_time": _time(deal.get("DATE_CREATE"), now),
+             "update_date_time": _time(deal.get("DATE_MODIFY"), now),
+             "finish_date_time": _time(deal.get("MOVED_TIME"), now) if closed else None,
+             "revenue": parse_decimal(deal.get("OPPORTUNITY")),
+             "currency": deal.get("CURRENCY_ID") or None,
+             "products": products}
+    return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}])
+
+
+def default_mapping(stages: list[dict], funnels: dict[str, str] | None = None) -> list[dict]:
+    """Every stage of every funnel: semantics S → PAID, F → CANCELLED, others IN_PROGRESS. The Metrika
+    id is the stage id itself (`WON`, `C2:WON` fit ^[\\w-:]+$), labelled "funnel: stage"."""
+    types = {"S": "PAID", "F": "CANCELLED"}
+    entries = []
+    for stage in stages:
+        semantics = stage.get("SEMANTICS") or (stage.get("EXTRA") or {}).get("SEMANTICS", "")
+        semantics = {"success": "S", "failure": "F"}.get(semantics, semantics)
+        funnel = (funnels or {}).get(str(stage.get("CATEGORY_ID") or "0"))
+        humanized = f"{funnel}: {stage.get('NAME', '')}" if funnel else stage.get("NAME", "")
+        entries.append({"crm_status": stage["STATUS_ID"], "metrika_status_id": stage["STATUS_ID"],
+                        "humanized": humanized[:4096] or stage["STATUS_ID"], "type": types.get(semantics, "IN_PROGRESS")})
+    return entries
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)

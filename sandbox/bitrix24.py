@@ -1,0 +1,342 @@
+"""Bitrix24 stand-in on loopback: the REST subset we call through an incoming-webhook URL, its leaky
+bucket, and outbound events (`ONCRMDEAL*`, `ONCRMCONTACT*`) fired at registered handlers with an
+`application_token`, never retried, as Bitrix24 does. Facts: ../shared/reference/bitrix24.md.
+
+REST: `POST /rest/{user}/{code}/{method}.json` for crm.deal.get, crm.contact.get, crm.lead.get,
+crm.deal.productrows.get, crm.status.list, crm.category.list, crm.deal.list (`>DATE_MODIFY`), batch.
+Errors as `{"error", "error_description"}`; "Not found" is a 400 with an empty code (§9); past the
+bucket (2/s, burst 50) a 503 QUERY_LIMIT_EXCEEDED (§16).
+
+Control: `POST /_sandbox/deals`, `PATCH|DELETE /_sandbox/deals/{id}`, `POST /_sandbox/contacts`,
+`PATCH /_sandbox/contacts/{id}`, `POST /_sandbox/leads`, `POST /_sandbox/handlers`, `GET /_sandbox/state`.
+
+    python -m sandbox.bitrix24 --port 8003
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import requests
+
+from .httpserver import Reply, Request, SandboxServer
+
+MSK = timezone(timedelta(hours=3))
+LIST_PAGE = 50
+
+
+def _error(status: int, code: str, description: str) -> Reply:
+    return Reply(status, {"error": code, "error_description": description})
+
+
+class MethodError(Exception):
+    def __init__(self, status: int, code: str, description: str) -> None:
+        super().__init__(description)
+        self.status, self.code, self.description = status, code, description
+
+
+class Bitrix24Sandbox(SandboxServer):
+    def __init__(self, port: int = 0, *, user: str = "1", code: str = "sandboxcode", domain: str = "acme-shop.bitrix24.ru",
+                 member_id: str = "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37", bucket_size: int = 50, drain_per_second: float = 2.0) -> None:
+        super().__init__(port=port)
+        self.user, self.code, self.domain, self.member_id = user, code, domain, member_id
+        self.bucket_size, self.drain_per_second = bucket_size, drain_per_second
+        self._lock = threading.RLock()
+        self.reset()
+        self.route("POST", r"/rest/(?P<user>[^/]+)/(?P<code>[^/]+)/(?P<method>[\w.]+?)(\.json)?", self._rest)
+        self.route("GET", r"/_sandbox/state", lambda r: Reply(200, self.state()))
+        self.route("POST", r"/_sandbox/deals", lambda r: Reply(200, self.create_deal(**r.json())))
+        self.route("PATCH", r"/_sandbox/deals/(?P<id>\d+)", lambda r: Reply(200, self.update_deal(r.match["id"], **r.json())))
+        self.route("DELETE", r"/_sandbox/deals/(?P<id>\d+)", lambda r: Reply(200, {"deleted": self.delete_deal(r.match["id"])}))
+        self.route("POST", r"/_sandbox/contacts", lambda r: Reply(200, self.create_contact(**r.json())))
+        self.route("PATCH", r"/_sandbox/contacts/(?P<id>\d+)",
+                   lambda r: Reply(200, self.update_contact(r.match["id"], **r.json())))
+        self.route("POST", r"/_sandbox/leads", lambda r: Reply(200, self.create_lead(**r.json())))
+        self.route("POST", r"/_sandbox/handlers", lambda r: Reply(200, self.add_handler(**r.json())))
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.url}/rest/{self.user}/{self.code}/"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.deals: dict[str, dict] = {}
+            self.contacts: dict[str, dict] = {}
+            self.leads: dict[str, dict] = {}
+            self.product_rows: dict[str, list[dict]] = {}
+            self.statuses: list[dict] = []
+            self.categories: dict[str, str] = {"0": "Общая"}
+            self.handlers: list[dict] = []
+            self.outbox: list[tuple[str, bytes]] = []
+            self.deliveries: list[dict] = []
+            self.calls: list[dict] = []  # REST calls: method, at
+            self.limit_hits = 0
+            self._bucket, self._bucket_at = 0.0, time.monotonic()
+            self._next_id = 100
+            self._clock = datetime.now(MSK).replace(microsecond=0) - timedelta(hours=1)
+            self.fault_503 = 0.0
+            self._rng = random.Random(1)
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"deals": self.deals, "contacts": self.contacts, "leads": self.leads, "handlers": len(self.handlers),
+                    "deliveries": self.deliveries[-50:], "calls": len(self.calls), "limit_hits": self.limit_hits}
+
+    def _tick(self) -> str:
+        """DATE_MODIFY: the wall clock in the portal's zone, to the second (changes within one second
+        share it, as in Bitrix24)."""
+        self._clock = max(self._clock, datetime.now(MSK).replace(microsecond=0))
+        return self._clock.isoformat()
+
+    def _id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id)
+
+    # --- seeding and changes ---------------------------------------------------------------------------
+
+    def add_funnel(self, category_id: int, name: str, stages: list[tuple[str, str, str | None]]) -> None:
+        """Stages as (code, name, semantics None/'S'/'F'); other funnels get the `C{n}:` prefix."""
+        prefix = "" if category_id == 0 else f"C{category_id}:"
+        entity = "DEAL_STAGE" if category_id == 0 else f"DEAL_STAGE_{category_id}"
+        with self._lock:
+            self.categories[str(category_id)] = name
+            for sort, (code, stage_name, semantics) in enumerate(stages, start=1):
+                self.statuses.append({"ID": self._id(), "ENTITY_ID": entity, "STATUS_ID": prefix + code, "NAME": stage_name,
+                                      "SORT": str(sort * 10), "CATEGORY_ID": str(category_id), "SEMANTICS": semantics,
+                                      "EXTRA": {"SEMANTICS": {"S": "success", "F": "failure"}.get(semantics, "process")}})
+
+    def _semantics(self, stage_id: str) -> str:
+        status = next((s for s in self.statuses if s["STATUS_ID"] == stage_id), None)
+        return (status or {}).get("SEMANTICS") or "P"
+
+    def create_lead(self, title: str, fields: dict | None = None) -> dict:
+        with self._lock:
+            now = self._tick()
+            lead = {"ID": self._id(), "TITLE": title, "STATUS_ID": "CONVERTED", "DATE_CREATE": now, "DATE_MODIFY": now,
+                    **(fields or {})}
+            self.leads[lead["ID"]] = lead
+            return lead
+
+    def create_contact(self, name: str, last_name: str = "", phones: list[str] = (), emails: list[str] = (),
+                       fields: dict | None = None, notify: bool = True) -> dict:
+        with self._lock:
+            now = self._tick()
+            contact = {"ID": self._id(), "NAME": name, "LAST_NAME": last_name, "DATE_CREATE": now, "DATE_MODIFY": now,
+                       "HAS_PHONE": "Y" if phones else "N", "HAS_EMAIL": "Y" if emails else "N", **(fields or {})}
+            if phones:  # multi-fields are omitted entirely when empty (§10)
+                contact["PHONE"] = [{"ID": self._id(), "VALUE_TYPE": "MOBILE", "VALUE": p, "TYPE_ID": "PHONE"} for p in phones]
+            if emails:
+                contact["EMAIL"] = [{"ID": self._id(), "VALUE_TYPE": "WORK", "VALUE": e, "TYPE_ID": "EMAIL"} for e in emails]
+            self.contacts[contact["ID"]] = contact
+        if notify:
+            self._fire("ONCRMCONTACTADD", contact["ID"])
+        return contact
+
+    def update_contact(self, contact_id: str, notify: bool = True, **changes: Any) -> dict:
+        with self._lock:
+            contact = self.contacts[str(contact_id)]
+            contact.update(changes, DATE_MODIFY=self._tick())
+        if notify:
+            self._fire("ONCRMCONTACTUPDATE", contact["ID"])
+        return contact
+
+    def create_deal(self, title: str, stage_id: str = "NEW", category_id: int = 0, opportunity: str = "0.00",
+                    currency: str = "RUB", contact_id: str | None = None, lead_id: str | None = None,
+                    products: list[tuple[int, str, str, str]] = (), fields: dict | None = None,
+                    notify: bool = True) -> dict:
+        """`products`: (PRODUCT_ID, PRODUCT_NAME, PRICE, QUANTITY); PRODUCT_ID 0 for free text."""
+        with self._lock:
+            now = self._tick()
+            deal = {"ID": self._id(), "TITLE": title, "STAGE_ID": stage_id, "CATEGORY_ID": str(category_id),
+                    "OPPORTUNITY": opportunity, "CURRENCY_ID": currency, "CONTACT_ID": contact_id, "COMPANY_ID": None,
+                    "LEAD_ID": lead_id, "DATE_CREATE": now, "DATE_MODIFY": now, "MOVED_TIME": now,
+                    "ASSIGNED_BY_ID": "1", **(fields or {})}
+            self._derive(deal)
+            self.deals[deal["ID"]] = deal
+            self.product_rows[deal["ID"]] = [
+                {"ID": self._id(), "OWNER_ID": deal["ID"], "OWNER_TYPE": "D", "PRODUCT_ID": pid, "PRODUCT_NAME": name,
+                 "PRICE": float(price), "QUANTITY": float(quantity)} for pid, name, price, quantity in products]
+        if notify:
+            self._fire("ONCRMDEALADD", deal["ID"])
+        return deal
+
+    def update_deal(self, deal_id: str, notify: bool = True, **changes: Any) -> dict:
+        """Any field; `STAGE_ID` moves the deal (ONCRMDEALUPDATE, like every other change)."""
+        with self._lock:
+            deal = self.deals[str(deal_id)]
+            now = self._tick()
+            if "STAGE_ID" in changes and changes["STAGE_ID"] != deal["STAGE_ID"]:
+                deal["MOVED_TIME"] = now
+            deal.update(changes, DATE_MODIFY=now)
+            self._derive(deal)
+        if notify:
+            self._fire("ONCRMDEALUPDATE", deal["ID"])
+        return deal
+
+    def delete_deal(self, deal_id: str, notify: bool = True) -> str:
+        with self._lock:
+            self.deals.pop(str(deal_id))
+            self.product_rows.pop(str(deal_id), None)
+        if notify:
+            self._fire("ONCRMDEALDELETE", str(deal_id))
+        return str(deal_id)
+
+    def _derive(self, deal: dict) -> None:
+        semantics = self._semantics(deal["STAGE_ID"])
+        deal["STAGE_SEMANTIC_ID"] = semantics
+        deal["CLOSED"] = "Y" if semantics in ("S", "F") else "N"
+
+    # --- outbound events ------------------------------------------------------------------------------
+
+    def add_handler(self, url: str, events: list[str], application_token: str) -> dict:
+        handler = {"id": self._id(), "url": url, "events": [e.upper() for e in events], "application_token": application_token}
+        with self._lock:
+            self.handlers.append(handler)
+        return {"id": handler["id"]}
+
+    def event_body(self, event: str, entity_id: str, application_token: str, handler_id: str = "1") -> bytes:
+        return urlencode({"event": event, "event_handler_id": handler_id, "data[FIELDS][ID]": entity_id,
+                          "ts": str(int(time.time())), "auth[domain]": self.domain,
+                          "auth[client_endpoint]": f"https://{self.domain}/rest/",
+                          "auth[server_endpoint]": "https://oauth.bitrix24.tech/rest/",
+                          "auth[member_id]": self.member_id, "auth[application_token]": application_token}).encode()
+
+    def _fire(self, event: str, entity_id: str) -> None:
+        with self._lock:
+            self.outbox.append((event, entity_id))
+            handlers = [h for h in self.handlers if event in h["events"]]
+        for handler in handlers:  # sent once: Bitrix24 never retries (§6)
+            body = self.event_body(event, entity_id, handler["application_token"], handler["id"])
+            try:
+                status = requests.post(handler["url"], data=body, timeout=5,
+                                       headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code
+            except requests.RequestException:
+                status = 0
+            with self._lock:
+                self.deliveries.append({"event": event, "id": entity_id, "status": status})
+
+    # --- REST ---------------------------------------------------------------------------------------------
+
+    def _rest(self, request: Request) -> Reply:
+        if (request.match["user"], request.match["code"]) != (self.user, self.code):
+            return _error(401, "NO_AUTH_FOUND", "Wrong authorization data")
+        with self._lock:
+            now = time.monotonic()
+            self._bucket = max(0.0, self._bucket - (now - self._bucket_at) * self.drain_per_second)
+            self._bucket_at = now
+            if self._bucket + 1 > self.bucket_size:
+                self.limit_hits += 1
+                return _error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+            self._bucket += 1
+            method = request.match["method"]
+            self.calls.append({"method": method, "at": now})
+            if self._rng.random() < self.fault_503:
+                return _error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests (injected)")
+            try:
+                params = request.json() or {}
+            except ValueError:
+                return _error(400, "INVALID_REQUEST", "malformed JSON")
+            try:
+                return Reply(200, self._method(method, params))
+            except MethodError as exc:
+                return _error(exc.status, exc.code, exc.description)
+
+    def _method(self, method: str, params: dict) -> dict:
+        if method == "batch":
+            return {"result": self._batch(params)}
+        handlers = {"crm.deal.get": lambda p: self._get(self.deals, p), "crm.contact.get": lambda p: self._get(self.contacts, p),
+                    "crm.lead.get": lambda p: self._get(self.leads, p),
+                    "crm.deal.productrows.get": lambda p: self._rows(p),
+                    "crm.category.list": lambda p: {"categories": [{"id": int(k), "name": v} for k, v in self.categories.items()]}}
+        if method in handlers:
+            return {"result": handlers[method](params)}
+        if method == "crm.status.list":
+            entity = (params.get("filter") or {}).get("ENTITY_ID")
+            return self._page([s for s in self.statuses if entity in (None, s["ENTITY_ID"])], params)
+        if method == "crm.deal.list":
+            since = (params.get("filter") or {}).get(">DATE_MODIFY")
+            deals = sorted(self.deals.values(), key=lambda d: int(d["ID"]))
+            if since:
+                bound = datetime.fromisoformat(since)
+                deals = [d for d in deals if datetime.fromisoformat(d["DATE_MODIFY"]) > bound]
+            select = params.get("select")
+            if select and "*" not in select:
+                deals = [{k: v for k, v in d.items() if k in select or k == "ID"} for d in deals]
+            return self._page(deals, params)
+        raise MethodError(400, "ERROR_METHOD_NOT_FOUND", f"Method not found: {method}")
+
+    @staticmethod
+    def _page(items: list, params: dict) -> dict:
+        start = int(params.get("start") or 0)
+        page = {"result": items[start:start + LIST_PAGE], "total": len(items)}
+        if start + LIST_PAGE < len(items):
+            page["next"] = start + LIST_PAGE
+        return page
+
+    @staticmethod
+    def _get(store: dict, params: dict) -> dict:
+        entity_id = str(params.get("id") or params.get("ID") or "")
+        if entity_id not in store:
+            raise MethodError(400, "", "Not found")
+        return store[entity_id]
+
+    def _rows(self, params: dict) -> list:
+        deal_id = str(params.get("id") or "")
+        if deal_id not in self.deals:
+            raise MethodError(400, "", "Not found")
+        return self.product_rows.get(deal_id, [])
+
+    def _batch(self, params: dict) -> dict:
+        commands = params.get("cmd") or {}
+        if len(commands) > 50:
+            raise MethodError(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
+        results, errors = {}, {}
+        for key, command in commands.items():
+            method, _, query = command.partition("?")
+            sub = {}
+            for name, value in parse_qsl(query, keep_blank_values=True):
+                sub[name] = re.sub(r"\$result\[(\w+)\]\[(\w+)\]",
+                                   lambda m: str((results.get(m[1]) or {}).get(m[2]) or ""), value)
+            if method == "batch":
+                errors[key] = {"error": "ERROR_BATCH_METHOD_NOT_ALLOWED", "error_description": "batch in batch"}
+                continue
+            try:
+                results[key] = self._method(method, sub)["result"]
+            except MethodError as exc:
+                errors[key] = {"error": exc.code, "error_description": exc.description}
+                if str(params.get("halt")) == "1":
+                    break
+        return {"result": results, "result_error": errors, "result_total": [], "result_next": [], "result_time": {}}
+
+
+def seed_demo(sandbox: Bitrix24Sandbox) -> dict:
+    sandbox.add_funnel(0, "Общая", [("NEW", "Новая", None), ("PREPARATION", "Подготовка", None), ("WON", "Сделка успешна", "S"),
+                                    ("LOSE", "Сделка провалена", "F"), ("APOLOGY", "Анализ причины провала", "F")])
+    sandbox.add_funnel(2, "Опт", [("NEW", "Новая", None), ("WON", "Оплачено", "S"), ("LOSE", "Отказ", "F")])
+    lead = sandbox.create_lead("Заявка с сайта", fields={"UF_CRM_YM_CLIENT_ID": "1714140095123456789"})
+    contact = sandbox.create_contact("Анна", "Петрова", phones=["+7 916 555-01-02"], emails=["Anna@Example.com"], notify=False)
+    deal = sandbox.create_deal("Заказ #1042", stage_id="C2:NEW", category_id=2, opportunity="15990.00",
+                               contact_id=contact["ID"], lead_id=lead["ID"],
+                               products=[(17, "Чайник синий", "7995.00", "2")], notify=False)
+    return {"deal_id": deal["ID"], "contact_id": contact["ID"], "lead_id": lead["ID"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8003)
+    parser.add_argument("--code", default="democode")
+    args = parser.parse_args()
+    sandbox = Bitrix24Sandbox(args.port, code=args.code)
+    seeded = seed_demo(sandbox)
+    print(f"Bitrix24 sandbox on http://127.0.0.1:{args.port} (incoming webhook /rest/1/{args.code}/; demo {seeded})", flush=True)
+    sandbox.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Bitrix24 end to end over real HTTP: events (as the Bitrix24 sandbox fires them) → app → SQS → worker →
+Bitrix24 REST sandbox (batch) → Metrika sandbox; plus the pure translation and reconciliation."""
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from chalicelib.crm import ORDER
+from chalicelib.crm.bitrix24.api import Bitrix24Client
+from chalicelib.crm.bitrix24.translate import deal_rows, default_mapping, product_id
+from chalicelib.metrika.schemas import OrderRow, to_cdp_rows
+from chalicelib.settings import get_settings
+from sandbox.bitrix24 import Bitrix24Sandbox, seed_demo
+from sandbox.worker import WorkerLoop
+from tests.conftest import admin_headers
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+APP_TOKEN = "q8w3e7r2t6y1u5i9o4p0a3s8d2f7g1h6"
+COUNTER = 7070
+
+
+@pytest.fixture(scope="module")
+def bitrix():
+    sandbox = Bitrix24Sandbox().start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture
+def portal(bitrix):
+    bitrix.reset()
+    return seed_demo(bitrix)
+
+
+@pytest.fixture
+def integration(app_client, integration_id, bitrix, portal, queue):
+    import app
+    app._SOURCES.clear()
+    config = {"crm": "bitrix24", "counter_id": COUNTER, "metrika_token": "y0_b24", "timezone": "Europe/Moscow",
+              "connection": {"webhook_url": bitrix.webhook_url, "application_token": APP_TOKEN,
+                             "member_id": bitrix.member_id, "domain": bitrix.domain}}
+    response = app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(), body=json.dumps(config))
+    assert response.status_code == 200, response.json_body
+    applied = app_client.http.post(f"/integrations/{integration_id}/status-mapping/defaults", headers=admin_headers())
+    assert applied.status_code == 200, applied.json_body
+    return integration_id
+
+
+@pytest.fixture
+def worker(service_env):
+    from app import on_events_message
+    return WorkerLoop(on_events_message, get_settings().events_queue, wait_seconds=0)
+
+
+def deliver(client, integration_id, bitrix, token=APP_TOKEN, times=1):
+    events = list(bitrix.outbox) * times
+    bitrix.outbox.clear()
+    answers = []
+    for event, entity_id in events:
+        response = client.http.post(f"/webhooks/bitrix24/{integration_id}", headers=FORM,
+                                    body=bitrix.event_body(event, entity_id, token))
+        answers.append(response)
+    return answers
+
+
+def orders_uploads(metrika_sandbox):
+    return [r for r in metrika_sandbox.requests if r["path"].endswith("/data/orders/json")]
+
+
+def test_deal_added_then_won_in_another_funnel(app_client, integration, bitrix, portal, worker, metrika_sandbox):
+    deal = bitrix.create_deal("Заказ #2001", stage_id="C2:NEW", category_id=2, opportunity="15990.00",
+                              contact_id=portal["contact_id"], lead_id=portal["lead_id"],
+                              products=[(17, "Чайник синий", "7995.00", "2"), (0, "Доставка", "0", "1")])
+    deliver(app_client, integration, bitrix)
+    worker.drain()
+    bitrix.update_deal(deal["ID"], STAGE_ID="C2:WON")
+    deliver(app_client, integration, bitrix)
+    worker.drain()
+    counter = metrika_sandbox.counter(COUNTER)
+    order = counter.orders[deal["ID"]]
+    final = bitrix.deals[deal["ID"]]
+    assert order == {"id": deal["ID"], "client_uniq_id": portal["contact_id"], "client_type": "CONTACT",
+                     "order_status": "C2:WON", "create_date_time": final["DATE_CREATE"][:19].replace("T", " "),
+                     "update_date_time": final["DATE_MODIFY"][:19].replace("T", " "),
+                     "finish_date_time": final["MOVED_TIME"][:19].replace("T", " "),
+                     "revenue": 15990, "currency": "RUB",
+                     "products": {"17": 2, f"row-{bitrix.product_rows[deal['ID']][1]['ID']}": 1}}
+    contact = counter.contacts[portal["contact_id"]]
+    assert contact["client_ids"] == ["1714140095123456789"]  # found on the source lead
+    assert contact["phones"] == ["79165550102"] and contact["emails"] == ["anna@example.com"]
+    assert contact["name"] == "Анна Петрова"
+    assert counter.order_statuses["C2:WON"]["type"] == "PAID"
+    assert {c["method"] for c in bitrix.calls} >= {"batch"}
+
+
+@pytest.mark.parametrize("token", ["wrong-token", APP_TOKEN[:-1]])
+def test_wrong_application_token_is_403_and_no_rest_call(app_client, integration, bitrix, portal, worker, token):
+    calls_before = len(bitrix.calls)
+    bitrix.update_deal(portal["deal_id"], STAGE_ID="C2:WON")
+    [answer] = deliver(app_client, integration, bitrix, token=token)
+    assert answer.status_code == 403
+    worker.drain()
+    assert len(bitrix.calls) == calls_before
+
+
+def test_storm_of_updates_gives_one_state_and_few_uploads(app_client, integration, bitrix, portal, worker, metrika_sandbox):
+    deal_id = portal["deal_id"]
+    for i in range(19):
+        bitrix.update_deal(deal_id, OPPORTUNITY=f"{16000 + i}.00")
+    bitrix.update_deal(deal_id, STAGE_ID="C2:WON", OPPORTUNITY="17000.00")
+    answers = deliver(app_client, integration, bitrix)
+    assert len(answers) == 20 and sum(a.json_body["queued"] for a in answers) == 1
+    worker.drain()
+    order = metrika_sandbox.counter(COUNTER).orders[deal_id]
+    assert (order["order_status"], order["revenue"]) == ("C2:WON", 17000)
+    assert len(orders_uploads(metrika_sandbox)) == 1
+    assert sum(1 for c in bitrix.calls if c["method"] == "batch") == 1
+
+
+def test_lost_webhook_is_recovered_by_reconciliation(app_client, integration, bitrix, portal, worker, metrika_sandbox):
+    first = app_client.http.post(f"/integrations/{integration}/reconcile", headers=admin_headers(), body=b"{}")
+    assert first.status_code == 200 and first.json_body["found"] == 1  # the seeded deal, never announced
+    worker.drain()
+    bitrix.update_deal(portal["deal_id"], STAGE_ID="C2:WON")
+    bitrix.outbox.clear()  # the event never arrives: Bitrix24 does not retry
+    second = app_client.http.post(f"/integrations/{integration}/reconcile", headers=admin_headers(), body=b"{}")
+    assert second.json_body["queued"] == 1
+    worker.drain()
+    assert metrika_sandbox.counter(COUNTER).orders[portal["deal_id"]]["order_status"] == "C2:WON"
+    uploads = len(orders_uploads(metrika_sandbox))
+    # The next run overlaps the last one (clock skew): it may re-read the deal, but sends nothing new.
+    third = app_client.http.post(f"/integrations/{integration}/reconcile", headers=admin_headers(), body=b"{}")
+    assert third.json_body["found"] == 1
+    worker.drain()
+    assert len(orders_uploads(metrika_sandbox)) == uploads
+
+
+def test_scheduled_reconciliation_covers_every_integration(service_env, integration, bitrix, portal, queue, monkeypatch):
+    import app
+    from chalice.test import Client
+    # Other tests' integrations point at sandboxes that are gone: list this one and a deleted one.
+    monkeypatch.setattr(app.get_store(), "list_integration_ids", lambda: ["deleted-meanwhile", integration])
+    with Client(app.app) as client:
+        result = client.lambda_.invoke("reconcile_all", client.events.generate_cw_event(
+            source="aws.events", detail_type="Scheduled Event", detail={}, resources=[], region="eu-central-1")).payload
+    assert result == {integration: {"since": result[integration]["since"], "found": 1, "queued": 1}}
+    assert [m["integration_id"] for m in queue.bodies()] == [integration]
+
+
+def test_deleted_deal_becomes_cancelled(app_client, integration, bitrix, portal, worker, metrika_sandbox):
+    bitrix.update_deal(portal["deal_id"], TITLE="Заказ #1042 (правка)")
+    deliver(app_client, integration, bitrix)
+    worker.drain()
+    bitrix.delete_deal(portal["deal_id"])
+    deliver(app_client, integration, bitrix)
+    worker.drain()
+    assert metrika_sandbox.counter(COUNTER).orders[portal["deal_id"]]["order_status"] == "CANCELLED"
+
+
+def test_contact_update_event(app_client, integration, bitrix, portal, worker, metrika_sandbox):
+    bitrix.update_contact(portal["contact_id"], EMAIL=[{"VALUE": "anna.p@example.com", "VALUE_TYPE": "WORK"}])
+    deliver(app_client, integration, bitrix)
+    worker.drain()
+    assert metrika_sandbox.counter(COUNTER).contacts[portal["contact_id"]]["emails"] == ["anna.p@example.com"]
+
+
+def test_rest_errors_and_rate_limit(bitrix, portal):
+    client = Bitrix24Client(bitrix.webhook_url)
+    assert client.deal(portal["deal_id"])["OPPORTUNITY"] == "15990.00"
+    assert client.product_rows(portal["deal_id"])[0]["QUANTITY"] == 2.0
+    assert client.lead(portal["lead_id"])["UF_CRM_YM_CLIENT_ID"] == "1714140095123456789"
+    assert client.contact(portal["contact_id"])["NAME"] == "Анна"
+    from chalicelib.crm.bitrix24.api import BitrixError
+    with pytest.raises(BitrixError, match="Not found"):
+        client.deal("999999")
+    from chalicelib.crm import PermanentSourceError, RetryableSourceError
+    with pytest.raises(PermanentSourceError, match="NO_AUTH_FOUND"):
+        Bitrix24Client(bitrix.webhook_url.replace(bitrix.code, "wrong")).deal("1")
+    bitrix.bucket_size = 3
+    try:
+        with pytest.raises(RetryableSourceError, match="QUERY_LIMIT_EXCEEDED"):
+            fast = Bitrix24Client(bitrix.webhook_url, attempts=2, backoff=0.01)
+            for _ in range(10):
+                fast.deal(portal["deal_id"])
+    finally:
+        bitrix.bucket_size = 50
+    assert "democode" not in repr(client) and bitrix.code not in repr(client)
+
+
+def test_shared_limiter_keeps_under_the_bucket(service_env, integration, bitrix, portal):
+    from app import get_store
+    from chalicelib.crm.bitrix24.source import Bitrix24Source
+    bitrix.bucket_size, bitrix.drain_per_second = 2, 2.0  # a tight bucket: any burst would be refused
+    try:
+        source = Bitrix24Source(get_store().reserve_slot)
+        config = get_store().get_integration(integration)
+        for _ in range(4):
+            source.snapshot(config, [], [])
+            list(source.client_for(config).deals_modified_since("2020-01-01T00:00:00+00:00"))
+        assert bitrix.limit_hits == 0
+    finally:
+        bitrix.bucket_size, bitrix.drain_per_second = 50, 2.0
+
+
+def test_status_list_and_defaults(bitrix, portal):
+    client = Bitrix24Client(bitrix.webhook_url)
+    entries = {e["crm_status"]: e for e in default_mapping(list(client.deal_stages()), client.deal_categories())}
+    assert entries["WON"] == {"crm_status": "WON", "metrika_status_id": "WON", "humanized": "Общая: Сделка успешна",
+                              "type": "PAID"}
+    assert entries["C2:WON"]["type"] == "PAID" and entries["C2:LOSE"]["type"] == "CANCELLED"
+    assert entries["APOLOGY"]["type"] == "CANCELLED" and entries["C2:NEW"]["type"] == "IN_PROGRESS"
+    assert entries["C2:NEW"]["humanized"] == "Опт: Новая"
+
+
+# --- pure translation ---------------------------------------------------------------------------------
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+MAPPING = [{"crm_status": "C2:WON", "metrika_status_id": "C2:WON", "type": "PAID"}]
+DEAL = {"ID": "4821", "TITLE": "Order #1042", "STAGE_ID": "C2:WON", "CLOSED": "Y", "OPPORTUNITY": "15990.50",
+        "CURRENCY_ID": "RUB", "CONTACT_ID": None, "LEAD_ID": "977", "DATE_CREATE": "2024-04-28T18:03:11+03:00",
+        "DATE_MODIFY": "2024-05-01T09:59:42+03:00", "MOVED_TIME": "2024-05-01T09:59:42+03:00"}
+
+
+def test_deal_translation_in_utc_with_client_id_on_the_deal():
+    entity = deal_rows({**DEAL, "UF_CRM_CID": "1714140095123456789"}, contact=None, lead={"UF_CRM_CID": "1799999999999999999"},
+                       product_rows=[], mapping=MAPPING, client_id_field="UF_CRM_CID", now=NOW)
+    assert entity.contacts[0]["uniq_id"] == "deal-4821"
+    assert entity.contacts[0]["client_ids"] == ["1714140095123456789"]  # the deal's own value wins
+    [order] = to_cdp_rows(OrderRow(time_zone="UTC", now=NOW), entity.orders)
+    assert order["create_date_time"] == "2024-04-28 15:03:11" and order["revenue"] == 15990.5
+    assert order["finish_date_time"] == "2024-05-01 06:59:42"
+
+
+def test_client_id_falls_back_to_lead_then_contact():
+    contact = {"ID": "311", "NAME": "Anna", "UF_CRM_CID": ["1700000000000000001"]}
+    entity = deal_rows(DEAL, contact=contact, lead=None, product_rows=[], mapping=MAPPING, client_id_field="UF_CRM_CID", now=NOW)
+    assert entity.contacts[0]["client_ids"] == ["1700000000000000001"]
+
+
+def test_unmapped_stage_is_held():
+    entity = deal_rows({**DEAL, "STAGE_ID": "C2:NEW"}, contact=None, lead=None, product_rows=[], mapping=MAPPING,
+                       client_id_field="UF_CRM_CID", now=NOW)
+    assert entity.error["code"] == "unmapped_stage" and entity.error["crm_status"] == "C2:NEW"
+
+
+def test_product_ids_fit_metrikas_pattern():
+    assert product_id({"PRODUCT_ID": 17, "ID": "5"}) == "17"
+    assert product_id({"PRODUCT_ID": 0, "ID": "5"}) == "row-5"
+    assert product_id({"PRODUCT_ID": "0", "ID": "5.1"}) == "row-5_1"
+
+
+def test_future_times_are_clamped():
+    future = (NOW + timedelta(minutes=5)).isoformat()
+    entity = deal_rows({**DEAL, "DATE_MODIFY": future}, contact=None, lead=None, product_rows=[], mapping=MAPPING,
+                       client_id_field="X", now=NOW)
+    assert entity.orders[0]["update_date_time"] == NOW
