@@ -1,6 +1,6 @@
 """The whole service on loopback, no AWS account: DynamoDB+SQS emulator (moto_server), tables and
-queues, the Metrika sandbox, an amoCRM sandbox with a demo account, `chalice local` and the worker
-loop. Ctrl-C stops everything it started.
+queues, the Metrika sandbox, amoCRM and Bitrix24 sandboxes with demo accounts, `chalice local` and the
+worker loop. Ctrl-C stops everything it started.
 
     python -m sandbox.local_stack [--port 8000]
 
@@ -25,6 +25,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 # Credentials the emulator accepts; never real ones (the emulator ignores them).
 AMOCRM_DEMO_TOKEN = "demo-token"
+BITRIX24_DEMO_CODE = "democode"
 EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_SESSION_TOKEN": "local",
                 "AWS_DEFAULT_REGION": "eu-central-1"}
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="API port")
     parser.add_argument("--metrika-port", type=int, default=0, help="Metrika sandbox port (default: any free)")
     parser.add_argument("--amocrm-port", type=int, default=0, help="amoCRM sandbox port (default: any free)")
+    parser.add_argument("--bitrix24-port", type=int, default=0, help="Bitrix24 sandbox port (default: any free)")
     args = parser.parse_args()
     started = time.monotonic()
     processes: list[subprocess.Popen] = []
@@ -97,6 +99,10 @@ def main() -> None:
         processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.amocrm", "--port", amocrm_url.rsplit(":", 1)[1],
                                            "--token", AMOCRM_DEMO_TOKEN], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
         wait_http(amocrm_url + "/_sandbox/state", process=processes[-1])
+        bitrix_url = f"http://127.0.0.1:{args.bitrix24_port or free_port()}"
+        processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.bitrix24", "--port", bitrix_url.rsplit(":", 1)[1],
+                                           "--code", BITRIX24_DEMO_CODE], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
+        wait_http(bitrix_url + "/_sandbox/state", process=processes[-1])
         subprocess.run([sys.executable, "-m", "chalicelib.infra", "--stage", "dev"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
         api_url = f"http://127.0.0.1:{args.port}"
@@ -111,6 +117,7 @@ metrika-crm-bridge is up in {time.monotonic() - started:.1f} s
   admin token     {env['ADMIN_TOKEN']}
   Metrika target  {env['METRIKA_API_URL']}{'  (sandbox: GET /_sandbox/state shows what it holds)' if not os.environ.get('METRIKA_API_URL') else ''}
   amoCRM sandbox  {amocrm_url}  (token {AMOCRM_DEMO_TOKEN}; a demo account, see README)
+  Bitrix24 sandbox {bitrix_url}  (incoming webhook {bitrix_url}/rest/1/{BITRIX24_DEMO_CODE}/; a demo portal)
   DynamoDB + SQS  http://127.0.0.1:{moto_port}  (moto_server)
   webhooks        {api_url}/webhooks/amocrm/<integration id>?secret=…, {api_url}/webhooks/bitrix24/<integration id>
 Ctrl-C stops everything.""", flush=True)

@@ -33,10 +33,10 @@ def stack():
     output = "".join(lines)
     assert "Ctrl-C" in output, output
     info = {line.split()[0]: line.split()[-1] for line in lines if line.startswith("  ")}
-    urls = {line.split()[0]: line.split()[2] if "sandbox" in line else line.split()[-1]
+    urls = {line.split()[0]: next(w for w in line.split() if w.startswith("http"))
             for line in lines if line.startswith("  ") and "http" in line}
     yield {"api": f"http://127.0.0.1:{port}", "token": info["admin"], "metrika": urls["Metrika"],
-           "amocrm": urls["amoCRM"], "process": process, "lines": lines}
+           "amocrm": urls["amoCRM"], "bitrix24": urls["Bitrix24"], "process": process, "lines": lines}
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
 
@@ -79,6 +79,28 @@ def test_a_won_deal_in_the_crm_reaches_metrika(stack):
     assert all(d["status"] == 200 for d in deliveries)
 
 
+def test_a_won_bitrix24_deal_reaches_metrika(stack):
+    headers = {"Authorization": f"Bearer {stack['token']}"}
+    config = {"crm": "bitrix24", "counter_id": 4343, "metrika_token": "y0_demo",
+              "connection": {"webhook_url": f"{stack['bitrix24']}/rest/1/democode/", "application_token": "demo-app-token"}}
+    assert requests.put(f"{stack['api']}/integrations/portal", headers=headers, json=config, timeout=10).status_code == 200
+    assert requests.post(f"{stack['api']}/integrations/portal/status-mapping/defaults", headers=headers,
+                         timeout=10).status_code == 200
+    requests.post(stack["bitrix24"] + "/_sandbox/handlers", timeout=10, json={
+        "url": f"{stack['api']}/webhooks/bitrix24/portal", "events": ["ONCRMDEALADD", "ONCRMDEALUPDATE"],
+        "application_token": "demo-app-token"})
+    deal_id = next(iter(requests.get(stack["bitrix24"] + "/_sandbox/state", timeout=10).json()["deals"]))
+    requests.patch(f"{stack['bitrix24']}/_sandbox/deals/{deal_id}", json={"STAGE_ID": "C2:WON"}, timeout=10)
+    deadline = time.monotonic() + 30
+    order = None
+    while time.monotonic() < deadline and order is None:
+        order = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()["counters"].get("4343", {}).get(
+            "orders", {}).get(deal_id)
+        time.sleep(0.2)
+    assert order is not None, "".join(stack["lines"][-30:])
+    assert order["order_status"] == "C2:WON" and order["revenue"] == 15990
+
+
 def process_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes in a process group, read from /proc."""
     members = []
@@ -94,8 +116,8 @@ def process_group(pgid: int) -> list[int]:
 
 def test_ctrl_c_stops_everything(stack):
     process = stack["process"]
-    # launcher, moto_server, Metrika sandbox, amoCRM sandbox, chalice local, worker
-    assert len(process_group(process.pid)) == 6
+    # launcher, moto_server, Metrika, amoCRM and Bitrix24 sandboxes, chalice local, worker
+    assert len(process_group(process.pid)) == 7
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     assert process.wait(timeout=30) == 0
     deadline = time.monotonic() + 10
