@@ -39,7 +39,10 @@ def get_queue():
 
 def get_metrika(integration):
     from chalicelib.metrika.client import MetrikaClient
-    return MetrikaClient(integration["metrika_token"], get_settings().metrika_api_url)
+    from chalicelib.metrika.governor import QuotaGovernor
+    token = integration["metrika_token"]
+    governor = QuotaGovernor(get_store(), token, daily_budget=get_settings().metrika_daily_budget)
+    return MetrikaClient(token, get_settings().metrika_api_url, governor=governor)
 
 
 def get_sources():
@@ -132,6 +135,23 @@ def reconcile_integration(integration_id):
     return _reconcile(integration_id, since=body.get("since") if isinstance(body, dict) else None)
 
 
+@app.route("/integrations/{integration_id}/status", methods=["GET"], authorizer=admin)
+def integration_status(integration_id):
+    from chalicelib.integrations import get_integration as read
+    from chalicelib.operations import integration_status as status
+    integration = read(get_store(), integration_id)
+    return status(get_store(), integration_id, requests_today=get_metrika(integration).governor.used_today(),
+                  webhook_health=_webhook_health(integration_id, integration))
+
+
+@app.route("/integrations/{integration_id}/replay", methods=["POST"], authorizer=admin)
+def replay_integration(integration_id):
+    from chalicelib.integrations import get_integration as read
+    from chalicelib.operations import replay
+    read(get_store(), integration_id)
+    return replay(get_store(), _ingest().requeue, integration_id, app.current_request.json_body)
+
+
 @app.route("/webhooks/amocrm/{integration_id}", methods=["POST"], content_types=[FORM])
 def amocrm_webhook(integration_id):
     request = app.current_request
@@ -168,6 +188,17 @@ def reconcile_all(event):
             log_event("reconcile_failed", integration_id=integration_id, error=type(exc).__name__)
     return results
 
+@app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
+def confirm_uploads(event):
+    from chalicelib.operations import confirm_uploads as confirm
+    results = {}
+    for integration_id in get_store().list_integration_ids():
+        integration = get_store().get_integration(integration_id)
+        if integration:
+            results[integration_id] = confirm(get_store(), get_metrika(integration), integration_id,
+                                              integration["counter_id"])
+    return results
+
 # End of event handlers.
 
 
@@ -185,6 +216,18 @@ def _default_mapping(integration_id):
         raise ApiError(422, "crm_refused", f"could not read the CRM's stages: {exc}") from exc
     except RetryableSourceError as exc:
         raise ApiError(502, "crm_unavailable", f"could not read the CRM's stages: {exc}; try again later") from exc
+
+
+def _webhook_health(integration_id, integration):
+    """amoCRM switches a webhook off after too many failed deliveries: say so (None for other CRMs)."""
+    source = get_sources().get(integration["crm"])
+    if not hasattr(source, "webhook_health"):
+        return None
+    from chalicelib.crm import PermanentSourceError, RetryableSourceError
+    try:
+        return source.webhook_health(integration, integration_id)
+    except (PermanentSourceError, RetryableSourceError) as exc:
+        return {"error": str(exc)}
 
 
 def _reconcile(integration_id, since=None):

@@ -13,6 +13,7 @@ import hmac
 import json
 import random
 from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -29,6 +30,9 @@ from .metrika.schemas import ContactRow, OrderRow, hash_identifiers
 MAX_SQS_BATCH = 10
 DELETED_DEAL_STATUS = "CANCELLED"
 RECONCILE_OVERLAP = 120  # seconds
+LOW_BUDGET = 250  # Metrika requests left today below which the worker waits to fill its chunks
+BATCH_HARDER_SECONDS = 300
+MATCHING_WINDOW_DAYS = 21
 RECONCILE_FIRST_WINDOW = 24 * 3600  # a first run looks back one day
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
 
@@ -111,6 +115,9 @@ class Ingest:
         except WebhookError as exc:
             raise invalid(str(exc)) from exc
 
+    def requeue(self, integration_id: str, refs: list[EntityRef]) -> dict:
+        return self._record(integration_id, "requeue", refs, ignored=0)
+
     def requeue_held(self, integration_id: str, entries: list[dict]) -> int:
         """Queue again the entities held because their stage was not mapped, now that it is."""
         mapped = {e["crm_status"] for e in entries}
@@ -170,6 +177,7 @@ class Outcome:
     parked: int = 0
     retried: int = 0
     superseded: int = 0
+    requests: int = 0
 
 
 class Worker:
@@ -261,32 +269,44 @@ class Worker:
             return
         metrika = self._metrika_for(integration)
         counter_id = integration["counter_id"]
+        remaining = metrika.remaining_budget()
+        rows = sum(len(v[0]) + len(v[1]) for v in ready.values())
+        if remaining is not None and remaining < LOW_BUDGET and rows < self._row_limit:
+            # Few requests left today: wait for more rows so each request carries a full chunk.
+            self._retry(integration_id, {k: claimed[k] for k in ready}, {"message": f"batching harder: {remaining} "
+                        "Metrika requests left today"}, outcome, BATCH_HARDER_SECONDS, count_attempt=False)
+            return
         try:
-            uploading_ids = []
+            uploads: list[tuple[str, str, int]] = []
             # Contacts first: Metrika links orders to sessions through their contacts (CDP reference §6.1).
             for chunk in _chunks((c for v in ready.values() for c in v[0]), "uniq_id", self._row_limit):
-                uploading_ids.append(metrika.upload_contacts(counter_id, chunk)["uploading_id"])
+                uploads.append(("contacts", metrika.upload_contacts(counter_id, chunk)["uploading_id"], len(chunk)))
             for chunk in _chunks((o for v in ready.values() for o in v[1]), "id", self._row_limit):
-                uploading_ids.append(metrika.upload_orders(counter_id, chunk)["uploading_id"])
+                uploads.append(("orders", metrika.upload_orders(counter_id, chunk)["uploading_id"], len(chunk)))
         except MetrikaError as exc:
             if exc.retryable:
                 self._retry(integration_id, {k: claimed[k] for k in ready}, exc.describe(), outcome,
-                            exc.retry_after)
+                            exc.retry_after, count_attempt=not exc.daily_quota)
             else:
                 # A batch-level refusal: park each entity with Metrika's message and location.
                 for key in ready:
                     self._park(integration_id, key, claimed[key], exc.describe(), outcome)
             return
-        log_event("upload", integration_id=integration_id, entities=len(ready), requests=len(uploading_ids))
-        for key, (_, _, content_hash, last_order) in ready.items():
+        for kind, uploading_id, count in uploads:
+            self._store.record_upload(integration_id, uploading_id, kind=kind, rows=count)
+        outcome.requests += len(uploads)
+        log_event("upload", integration_id=integration_id, entities=len(ready), requests=len(uploads),
+                  rows=sum(count for _, _, count in uploads))
+        for key, (contacts, orders, content_hash, last_order) in ready.items():
             outcome.uploaded += 1
-            self._finish(integration_id, key, claimed[key], content_hash, uploading_ids[-1] if uploading_ids else None,
-                         outcome, last_order)
+            self._finish(integration_id, key, claimed[key], content_hash, uploads[-1][1] if uploads else None,
+                         outcome, last_order, _facts(contacts, orders, last_order, integration["timezone"]))
 
     def _finish(self, integration_id: str, key: tuple[str, str], state: dict, content_hash: str,
-                uploading_id: str | None, outcome: Outcome, last_order: str | None = None) -> None:
-        if not self._store.mark_clean(integration_id, *key, event_time=state["event_time"],
-                                      content_hash=content_hash, uploading_id=uploading_id, last_order=last_order):
+                uploading_id: str | None, outcome: Outcome, last_order: str | None = None,
+                facts: dict | None = None) -> None:
+        if not self._store.mark_clean(integration_id, *key, event_time=state["event_time"], content_hash=content_hash,
+                                      uploading_id=uploading_id, last_order=last_order, facts=facts):
             outcome.superseded += 1  # a newer event arrived and queued its own message
 
     def _park(self, integration_id: str, key: tuple[str, str], state: dict, error: dict, outcome: Outcome) -> None:
@@ -296,11 +316,12 @@ class Worker:
                   reason=error.get("message"))
 
     def _retry(self, integration_id: str, claimed: dict, error: dict, outcome: Outcome,
-               retry_after: float | None = None) -> None:
-        """Exponential backoff with full jitter; past the retry limit the entity is parked, visible."""
+               retry_after: float | None = None, count_attempt: bool = True) -> None:
+        """Exponential backoff with jitter; past the retry limit the entity is parked, visible. Waiting
+        for the quota (or batching harder) is not a failed attempt."""
         again, most_attempts = [], 0
         for key, state in claimed.items():
-            attempts = int(state.get("attempts") or 0) + 1
+            attempts = int(state.get("attempts") or 0) + (1 if count_attempt else 0)
             if attempts > self._retry_limit:
                 self._park(integration_id, key, state, {**error, "message": f"gave up after {attempts - 1} "
                                                                             f"retries: {error.get('message')}"}, outcome)
@@ -313,6 +334,20 @@ class Worker:
             base = min(MAX_DELAY_SECONDS, 2 ** min(most_attempts, 10))
             delay = int(max(retry_after or 0, random.uniform(base / 2, base)))
             self._queue.send(again, delay_seconds=min(MAX_DELAY_SECONDS, delay))
+
+
+def _facts(contacts: list[dict], orders: list[dict], last_order: str | None, time_zone: str) -> dict:
+    """What the status endpoint reports: which identifiers the order's customer carried, and whether
+    the order was already past Metrika's 21-day matching window when sent (CDP reference §13)."""
+    customer = contacts[0] if contacts else {}
+    order = orders[0] if orders else (json.loads(last_order) if last_order else None)
+    if order is None:
+        return {}
+    created = datetime.strptime(order["create_date_time"], "%Y-%m-%d %H:%M:%S")
+    return {"order": True, "with_client_id": bool(customer.get("client_ids")),
+            "with_phone": bool(customer.get("phones") or customer.get("phones_md5")),
+            "with_email": bool(customer.get("emails") or customer.get("emails_md5")),
+            "late": (datetime.now(ZoneInfo(time_zone)).replace(tzinfo=None) - created).days > MATCHING_WINDOW_DAYS}
 
 
 def deletion_rows(state: dict, deleted_status: str | None) -> EntityRows | None:

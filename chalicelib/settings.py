@@ -25,6 +25,7 @@ class Settings:
     admin_token_parameter: str | None
     worker_retry_limit: int
     upload_row_limit: int
+    metrika_daily_budget: int
 
     @property
     def dead_letter_queue(self) -> str:
@@ -48,6 +49,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         admin_token_parameter=env.get("ADMIN_TOKEN_PARAMETER") or None,
         worker_retry_limit=int(env.get("WORKER_RETRY_LIMIT", "8")),
         upload_row_limit=int(env.get("UPLOAD_ROW_LIMIT", "1000")),
+        metrika_daily_budget=int(env.get("METRIKA_DAILY_BUDGET", "5000")),
     )
 
 

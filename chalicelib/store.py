@@ -162,19 +162,45 @@ class Store:
         return _entity(item["Attributes"])
 
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int,
-                   content_hash: str, uploading_id: str | None, last_order: str | None = None) -> bool:
+                   content_hash: str, uploading_id: str | None, last_order: str | None = None,
+                   facts: dict | None = None) -> bool:
         """Done with the state seen at `event_time`. False if a newer event arrived meanwhile (the
         entity stays dirty; that event queued its own message). `last_order` (JSON of the order as
         sent) lets a later deletion be reported when the CRM no longer has the deal."""
+        facts_update = ", facts = :f" if facts else ""
         return self._finish(integration_id, kind, crm_id, event_time,
                             "SET dirty = :no, content_hash = :h, uploading_id = :u, sent_at = :now, "
-                            "attempts = :zero, last_order = :o REMOVE last_error",
-                            {":h": content_hash, ":u": uploading_id or "", ":zero": 0, ":o": last_order or ""})
+                            f"attempts = :zero, last_order = :o{facts_update} REMOVE last_error",
+                            {":h": content_hash, ":u": uploading_id or "", ":zero": 0, ":o": last_order or "",
+                             **({":f": facts} if facts else {})})
+
+    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int) -> None:
+        """An upload Metrika accepted, until the confirm job reads its final validation status."""
+        self._db.put_item(TableName=self._state, Item=_to_item({
+            "pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}", "kind": kind, "rows": rows,
+            "status": "SENT", "sent_at": int(time.time())}))
+
+    def uploads(self, integration_id: str) -> list[dict]:
+        items = self._query(self._state, _pk(integration_id), begins_with="UPLOAD#")
+        return [{"uploading_id": i["sk"].partition("#")[2], **{k: v for k, v in i.items() if k not in ("pk", "sk")}}
+                for i in map(_from_item, items)]
+
+    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None) -> None:
+        self._db.update_item(TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}"}),
+                             UpdateExpression="SET #s = :s, elements_count = :n, confirmed_at = :now",
+                             ExpressionAttributeNames={"#s": "status"},
+                             ExpressionAttributeValues=_to_item({":s": status, ":n": elements_count or 0,
+                                                                 ":now": int(time.time())}))
 
     def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
         """Park the entity: a permanent error that needs a person (fix data or mapping, then replay)."""
         return self._finish(integration_id, kind, crm_id, event_time,
                             "SET dirty = :no, last_error = :e, failed_at = :now", {":e": error})
+
+    def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
+        """Make the next delivery send the entity even if its rows did not change (replay)."""
+        self._db.update_item(TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
+                             UpdateExpression="REMOVE content_hash, last_order")
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict) -> None:
         """A retryable failure: the entity stays dirty and its retry message is on the queue."""
@@ -201,13 +227,57 @@ class Store:
                                     ReturnValues="UPDATED_NEW")
         return float(busy["Attributes"]["next_at"]["N"]) - interval
 
+    def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
+        """Count one Metrika request against the token's budget for `day` (UTC). None when spent."""
+        try:
+            answer = self._db.update_item(
+                TableName=self._state, Key=_to_item({"pk": f"QUOTA#{quota_key}", "sk": f"DAY#{day}"}),
+                UpdateExpression="ADD n :one", ConditionExpression="attribute_not_exists(n) OR n < :budget",
+                ExpressionAttributeValues=_to_item({":one": 1, ":budget": budget}), ReturnValues="UPDATED_NEW")
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
+        return int(answer["Attributes"]["n"]["N"])
+
+    def requests_on(self, quota_key: str, day: str) -> int:
+        item = self._get(self._state, f"QUOTA#{quota_key}", f"DAY#{day}")
+        return item["n"] if item else 0
+
+    def acquire_lease(self, scope: str, slots: int, owner: str, now: float, ttl: float) -> int | None:
+        """Take one of `slots` leases (a semaphore shared by every process); an expired lease (a crashed
+        holder) is free again. Returns the slot, or None when all are held."""
+        for slot in range(slots):
+            try:
+                self._db.put_item(
+                    TableName=self._state, Item=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}", "owner": owner,
+                                                          "expires_at": _decimal(now + ttl)}),
+                    ConditionExpression="attribute_not_exists(expires_at) OR expires_at < :now",
+                    ExpressionAttributeValues=_to_item({":now": _decimal(now)}))
+                return slot
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise
+        return None
+
+    def release_lease(self, scope: str, slot: int, owner: str) -> None:
+        try:
+            self._db.delete_item(TableName=self._state, Key=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}"}),
+                                 ConditionExpression="#o = :owner", ExpressionAttributeNames={"#o": "owner"},
+                                 ExpressionAttributeValues=_to_item({":owner": owner}))
+        except ClientError as exc:
+            if not _conditional_failed(exc):  # expired and taken over: not ours to free
+                raise
+
     def get_entity(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
         item = self._db.get_item(TableName=self._state, ConsistentRead=True,
                                  Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)})).get("Item")
         return _entity(item) if item else None
 
     def list_entities(self, integration_id: str) -> list[dict]:
-        items = self._query(self._state, _pk(integration_id))
+        """Per-entity state of an integration (orders first, then contacts)."""
+        items = (self._query(self._state, _pk(integration_id), begins_with="ORDER#")
+                 + self._query(self._state, _pk(integration_id), begins_with="CONTACT#"))
         return [_entity(i) for i in items]
 
     # --- helpers -------------------------------------------------------------------------------------
@@ -230,9 +300,10 @@ class Store:
         return _from_item(self._db.get_item(TableName=table, Key=_to_item({"pk": pk, "sk": sk}),
                                             ConsistentRead=True).get("Item"))
 
-    def _query(self, table: str, pk: str, projection: str | None = None) -> list[dict]:
-        kwargs: dict[str, Any] = {"TableName": table, "KeyConditionExpression": "pk = :pk",
-                                  "ExpressionAttributeValues": _to_item({":pk": pk})}
+    def _query(self, table: str, pk: str, projection: str | None = None, begins_with: str | None = None) -> list[dict]:
+        values = {":pk": pk, **({":prefix": begins_with} if begins_with else {})}
+        kwargs: dict[str, Any] = {"TableName": table, "ExpressionAttributeValues": _to_item(values),
+                                  "KeyConditionExpression": "pk = :pk" + (" AND begins_with(sk, :prefix)" if begins_with else "")}
         if projection:
             kwargs["ProjectionExpression"] = projection
         items: list[dict] = []

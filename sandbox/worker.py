@@ -8,9 +8,11 @@ them to reappear after the visibility timeout and, past maxReceiveCount, in the 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import boto3
@@ -28,19 +30,36 @@ def sqs_event(messages: list[dict], queue_arn: str) -> dict:
 
 
 class WorkerLoop:
-    def __init__(self, handler: Any, queue_name: str, *, sqs: Any = None, batch_size: int = 10,
-                 wait_seconds: int = 1) -> None:
+    def __init__(self, handler: Any, queue_name: str, *, sqs: Any = None, batch_size: int = 100,
+                 batching_window: float = 0.0, wait_seconds: int = 1) -> None:
         self._handler = handler
         self._sqs = sqs or boto3.client("sqs")
         self._url = self._sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
         self._arn = self._sqs.get_queue_attributes(QueueUrl=self._url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        self._batch_size, self._wait = min(batch_size, 10), wait_seconds
+        self._batch_size, self._window, self._wait = batch_size, batching_window, wait_seconds
         self._stop = threading.Event()
+
+    def _receive(self) -> list[dict]:
+        """Like Lambda's event source: gather up to `batch_size` messages, waiting at most the batching
+        window once the first one arrived (SQS itself hands out at most 10 per call)."""
+        messages: list[dict] = []
+        deadline = None
+        while len(messages) < self._batch_size:
+            got = self._sqs.receive_message(QueueUrl=self._url, MaxNumberOfMessages=min(10, self._batch_size - len(messages)),
+                                            WaitTimeSeconds=0 if messages else self._wait,
+                                            AttributeNames=["All"]).get("Messages", [])
+            messages += got
+            if messages and deadline is None:
+                deadline = time.monotonic() + self._window
+            if not messages or (not got and time.monotonic() >= deadline):
+                break
+            if not got:
+                time.sleep(0.05)
+        return messages
 
     def run_once(self) -> int:
         """Receive one batch and hand it to the handler. Returns the number of messages handled."""
-        messages = self._sqs.receive_message(QueueUrl=self._url, MaxNumberOfMessages=self._batch_size,
-                                             WaitTimeSeconds=self._wait, AttributeNames=["All"]).get("Messages", [])
+        messages = self._receive()
         if not messages:
             return 0
         try:
@@ -48,8 +67,9 @@ class WorkerLoop:
         except Exception:
             log.exception("worker handler failed; %d message(s) will be redelivered", len(messages))
             return 0
-        self._sqs.delete_message_batch(QueueUrl=self._url, Entries=[
-            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+        for start in range(0, len(messages), 10):
+            self._sqs.delete_message_batch(QueueUrl=self._url, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages[start:start + 10])])
         return len(messages)
 
     def drain(self, idle_rounds: int = 2) -> int:
@@ -74,7 +94,9 @@ def main() -> None:
     sys.path.insert(0, ".")
     from app import app, on_events_message  # noqa: F401  (app import registers the handler)
     from chalicelib.settings import get_settings
-    loop = WorkerLoop(on_events_message, get_settings().events_queue)
+    loop = WorkerLoop(on_events_message, get_settings().events_queue,
+                      batch_size=int(os.environ.get("WORKER_BATCH_SIZE", "100")),
+                      batching_window=float(os.environ.get("WORKER_BATCHING_WINDOW", "5")))
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     print(f"worker polling {get_settings().events_queue}", flush=True)
     try:

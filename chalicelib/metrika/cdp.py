@@ -40,6 +40,11 @@ class MetrikaError(Exception):
         self.errors = errors or []
         self.retry_after = retry_after
 
+    @property
+    def daily_quota(self) -> bool:
+        """Today's request budget is spent: wait for 00:00 UTC; no amount of retrying helps sooner."""
+        return any(e.get("error_type") in DAILY_QUOTA_TYPES for e in self.errors)
+
     def describe(self) -> dict:
         """What an operator needs: status, message, and each error's type, message and location."""
         return {"status": self.status, "message": self.message, "errors": self.errors,

@@ -18,16 +18,26 @@ class MetrikaClient:
     """One token's view of the Metrika API. `base_url` comes from settings (`METRIKA_API_URL`)."""
 
     def __init__(self, token: str, base_url: str, *, session: requests.Session | None = None,
-                 timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> None:
+                 timeout: tuple[float, float] = DEFAULT_TIMEOUT, governor: Any = None) -> None:
         self._token = token
         self._base_url = base_url.rstrip("/")
         self._session = session or requests.Session()
         self._timeout = timeout
+        self.governor = governor  # QuotaGovernor: in-flight slots and the daily budget, or None
+
+    def remaining_budget(self) -> int | None:
+        return self.governor.remaining() if self.governor else None
 
     def __repr__(self) -> str:  # never show the token
         return f"MetrikaClient(base_url={self._base_url!r})"
 
     def send(self, request: cdp.ApiRequest) -> Any:
+        if self.governor is None:
+            return self._send(request)
+        with self.governor.request():
+            return self._send(request)
+
+    def _send(self, request: cdp.ApiRequest) -> Any:
         headers = {"Authorization": f"OAuth {self._token}", "Accept": "application/json"}
         data = None
         if request.body is not None:

@@ -73,3 +73,10 @@ class AmoCrmSource:
         """Leads updated since `since` (Unix seconds), for reconciliation."""
         return [EntityRef(ORDER, str(lead["id"]), int(lead["updated_at"]), "reconcile")
                 for lead in self.client_for(integration).leads_updated_since(since)]
+
+    def webhook_health(self, integration: dict, integration_id: str) -> dict:
+        """Our webhook as amoCRM lists it: registered, and not `disabled` after failed deliveries (§8.3)."""
+        mine = [h for h in self.client_for(integration).webhooks()
+                if f"/webhooks/amocrm/{integration_id}" in str(h.get("destination", ""))]
+        return {"registered": bool(mine), "disabled": any(h.get("disabled") for h in mine),
+                "events": sorted({e for h in mine for e in h.get("settings") or []})}

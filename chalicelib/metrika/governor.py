@@ -1,0 +1,62 @@
+"""Per-token quota governor: at most 3 Metrika requests in flight and a daily request budget, shared by
+every Lambda through DynamoDB (Metrika quotas: 3 parallel requests and 5,000 a day per user, reset at
+00:00 UTC — https://yandex.ru/dev/metrika/ru/intro/quotas, reference §3).
+
+The SQS event source's `maximum_concurrency=3` already caps the workers; the lease also covers the
+admin routes and scheduled jobs that call Metrika, and a deployment with several stages on one token.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+from .cdp import RetryableMetrikaError, seconds_until_quota_reset
+
+
+def quota_key(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]
+
+
+class QuotaGovernor:
+    def __init__(self, store: Any, token: str, *, daily_budget: int = 5000, parallel: int = 3,
+                 lease_seconds: float = 90.0, max_wait: float = 30.0,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+        self._store, self._key = store, quota_key(token)
+        self.daily_budget, self._parallel = daily_budget, parallel
+        self._lease_seconds, self._max_wait = lease_seconds, max_wait
+        self._clock, self._sleep = clock, sleep
+
+    def _day(self) -> str:
+        return datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y-%m-%d")
+
+    def used_today(self) -> int:
+        return self._store.requests_on(self._key, self._day())
+
+    def remaining(self) -> int:
+        return max(0, self.daily_budget - self.used_today())
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Hold an in-flight slot and spend one request of today's budget for the duration."""
+        owner = uuid.uuid4().hex
+        deadline = self._clock() + self._max_wait
+        slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
+        while slot is None:
+            if self._clock() >= deadline:
+                raise RetryableMetrikaError(None, "3 Metrika requests already in flight for this token; try later",
+                                            retry_after=5)
+            self._sleep(0.2)
+            slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
+        try:
+            if self._store.count_request(self._key, self._day(), self.daily_budget) is None:
+                raise RetryableMetrikaError(
+                    None, f"today's budget of {self.daily_budget} Metrika requests is spent; waiting for 00:00 UTC",
+                    [{"error_type": "quota_requests_by_uid", "message": "daily budget spent (counted by us)"}],
+                    retry_after=seconds_until_quota_reset(datetime.fromtimestamp(self._clock(), timezone.utc)))
+            yield
+        finally:
+            self._store.release_lease(self._key, slot, owner)
