@@ -12,10 +12,11 @@ import hashlib
 import hmac
 import json
 import random
-from datetime import datetime, timezone
-from zoneinfo import ZoneInfo
+import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
+from zoneinfo import ZoneInfo
 
 from marshmallow import ValidationError
 
@@ -182,9 +183,11 @@ class Outcome:
 
 class Worker:
     def __init__(self, store: Any, queue: EventQueue, metrika_for: Callable[[dict], Any],
-                 sources: dict[str, CrmSource], *, row_limit: int = 1000, retry_limit: int = 8) -> None:
+                 sources: dict[str, CrmSource], *, row_limit: int = 1000, retry_limit: int = 12,
+                 retry_base: float = 1.0, batch_harder_seconds: int = BATCH_HARDER_SECONDS) -> None:
         self._store, self._queue, self._metrika_for = store, queue, metrika_for
         self._sources, self._row_limit, self._retry_limit = sources, row_limit, retry_limit
+        self._retry_base, self._batch_harder_seconds = retry_base, batch_harder_seconds
 
     def handle(self, bodies: Iterable[str]) -> Outcome:
         """Process one SQS batch of message bodies."""
@@ -274,24 +277,35 @@ class Worker:
         if remaining is not None and remaining < LOW_BUDGET and rows < self._row_limit:
             # Few requests left today: wait for more rows so each request carries a full chunk.
             self._retry(integration_id, {k: claimed[k] for k in ready}, {"message": f"batching harder: {remaining} "
-                        "Metrika requests left today"}, outcome, BATCH_HARDER_SECONDS, count_attempt=False)
+                        "Metrika requests left today"}, outcome, self._batch_harder_seconds, count_attempt=False)
             return
-        try:
-            uploads: list[tuple[str, str, int]] = []
-            # Contacts first: Metrika links orders to sessions through their contacts (CDP reference §6.1).
-            for chunk in _chunks((c for v in ready.values() for c in v[0]), "uniq_id", self._row_limit):
-                uploads.append(("contacts", metrika.upload_contacts(counter_id, chunk)["uploading_id"], len(chunk)))
-            for chunk in _chunks((o for v in ready.values() for o in v[1]), "id", self._row_limit):
-                uploads.append(("orders", metrika.upload_orders(counter_id, chunk)["uploading_id"], len(chunk)))
-        except MetrikaError as exc:
-            if exc.retryable:
-                self._retry(integration_id, {k: claimed[k] for k in ready}, exc.describe(), outcome,
-                            exc.retry_after, count_attempt=not exc.daily_quota)
-            else:
-                # A batch-level refusal: park each entity with Metrika's message and location.
-                for key in ready:
+        while ready:
+            try:
+                self._complete(integration_id, integration, claimed, ready, self._send(metrika, counter_id, ready), outcome)
+                return
+            except MetrikaError as exc:
+                # Keep what got through: entities whose every row was accepted are done.
+                sent = getattr(exc, "sent", ([], set(), set()))
+                done = {k: v for k, v in ready.items() if {c["uniq_id"] for c in v[0]} <= sent[1]
+                        and {o["id"] for o in v[1]} <= sent[2]}
+                if done:
+                    self._complete(integration_id, integration, claimed, done, sent[0], outcome)
+                ready = {k: v for k, v in ready.items() if k not in done}
+                if exc.retryable:
+                    self._retry(integration_id, {k: claimed[k] for k in ready}, exc.describe(), outcome,
+                                exc.retry_after, count_attempt=not exc.daily_quota)
+                    return
+                # Metrika names the rows it refused (`orders[3].createDateTime`): park only their
+                # entities and send the rest again; without locations the whole batch is refused.
+                rejected = _rejected_keys(exc, ready)
+                for key in rejected or list(ready):
                     self._park(integration_id, key, claimed[key], exc.describe(), outcome)
-            return
+                if not rejected:
+                    return
+                ready = {k: v for k, v in ready.items() if k not in rejected}
+
+    def _complete(self, integration_id: str, integration: dict, claimed: dict, ready: dict,
+                  uploads: list[tuple[str, str, int]], outcome: Outcome) -> None:
         for kind, uploading_id, count in uploads:
             self._store.record_upload(integration_id, uploading_id, kind=kind, rows=count)
         outcome.requests += len(uploads)
@@ -301,6 +315,23 @@ class Worker:
             outcome.uploaded += 1
             self._finish(integration_id, key, claimed[key], content_hash, uploads[-1][1] if uploads else None,
                          outcome, last_order, _facts(contacts, orders, last_order, integration["timezone"]))
+
+    def _send(self, metrika: Any, counter_id: int, ready: dict) -> list[tuple[str, str, int]]:
+        """Contacts first (Metrika links orders to sessions through their contacts, CDP reference §6.1),
+        then orders; chunks of at most `row_limit` rows. A failure carries what was sent before it."""
+        uploads: list[tuple[str, str, int]] = []
+        sent: dict[str, set] = {"contacts": set(), "orders": set()}
+        for kind, id_field, index in (("contacts", "uniq_id", 0), ("orders", "id", 1)):
+            upload = metrika.upload_contacts if kind == "contacts" else metrika.upload_orders
+            for chunk in _chunks((row for v in ready.values() for row in v[index]), id_field, self._row_limit):
+                try:
+                    uploads.append((kind, upload(counter_id, chunk)["uploading_id"], len(chunk)))
+                except MetrikaError as exc:
+                    exc.chunk = (kind, id_field, index, chunk)
+                    exc.sent = (uploads, sent["contacts"], sent["orders"])
+                    raise
+                sent[kind] |= {row[id_field] for row in chunk}
+        return uploads
 
     def _finish(self, integration_id: str, key: tuple[str, str], state: dict, content_hash: str,
                 uploading_id: str | None, outcome: Outcome, last_order: str | None = None,
@@ -331,7 +362,7 @@ class Worker:
                 again.append({"integration_id": integration_id, "kind": key[0], "crm_id": key[1]})
         if again:
             outcome.retried += len(again)
-            base = min(MAX_DELAY_SECONDS, 2 ** min(most_attempts, 10))
+            base = min(MAX_DELAY_SECONDS, self._retry_base * 2 ** min(most_attempts, 10))
             delay = int(max(retry_after or 0, random.uniform(base / 2, base)))
             self._queue.send(again, delay_seconds=min(MAX_DELAY_SECONDS, delay))
 
@@ -363,6 +394,20 @@ def deletion_rows(state: dict, deleted_status: str | None) -> EntityRows | None:
     order.update(order_status=deleted_status, update_date_time=datetime.now(timezone.utc))
     order.pop("finish_date_time", None)
     return EntityRows(orders=[order])
+
+
+_ROW_LOCATION = re.compile(r"^(contacts|orders)\[(\d+)\]")
+
+
+def _rejected_keys(exc: MetrikaError, ready: dict) -> set:
+    """Entities whose rows Metrika's error locations point at, in the chunk that failed."""
+    kind, id_field, index, chunk = getattr(exc, "chunk", (None, None, None, []))
+    ids = set()
+    for error in exc.errors:
+        match = _ROW_LOCATION.match(str(error.get("location") or ""))
+        if match and match[1] == kind and int(match[2]) < len(chunk):
+            ids.add(chunk[int(match[2])][id_field])
+    return {key for key, value in ready.items() if any(row[id_field] in ids for row in value[index])} if ids else set()
 
 
 def _content_hash(contacts: list[dict], orders: list[dict]) -> str:

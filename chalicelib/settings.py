@@ -47,7 +47,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_webhook_bytes=int(env.get("MAX_WEBHOOK_BYTES", str(256 * 1024))),
         admin_token=env.get("ADMIN_TOKEN") or None,
         admin_token_parameter=env.get("ADMIN_TOKEN_PARAMETER") or None,
-        worker_retry_limit=int(env.get("WORKER_RETRY_LIMIT", "8")),
+        worker_retry_limit=int(env.get("WORKER_RETRY_LIMIT", "12")),
         upload_row_limit=int(env.get("UPLOAD_ROW_LIMIT", "1000")),
         metrika_daily_budget=int(env.get("METRIKA_DAILY_BUDGET", "5000")),
     )

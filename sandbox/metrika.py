@@ -120,6 +120,14 @@ class MetrikaSandbox(SandboxServer):
             self.counters[int(counter_id)] = Counter(time_zone)
             return self.counters[int(counter_id)]
 
+    def fail_uploading(self, uploading_id: str) -> None:
+        """Report an accepted upload as FAILED in last_uploadings, as Metrika might after the 200."""
+        with self._lock:
+            for counter in self.counters.values():
+                for uploading in counter.uploadings:
+                    if uploading["uploading_id"] == uploading_id:
+                        uploading["api_validation_status"] = "FAILED"
+
     def set_faults(self, **kwargs: Any) -> None:
         self.faults = Faults(**kwargs)
         self._rng = random.Random(self.faults.seed)
