@@ -101,6 +101,45 @@ def test_a_won_bitrix24_deal_reaches_metrika(stack):
     assert order["order_status"] == "C2:WON" and order["revenue"] == 15990
 
 
+def test_bounded_load_1000_webhooks_from_20_clients(stack):
+    """1,000 webhooks over 200 deals from 20 concurrent clients: all answered 2xx, every deal in Metrika."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlencode
+    headers = {"Authorization": f"Bearer {stack['token']}"}
+    config = {"crm": "amocrm", "counter_id": 4545, "metrika_token": "y0_load", "timezone": "Europe/Moscow",
+              "connection": {"base_url": stack["amocrm"], "access_token": "demo-token", "webhook_secret": WEBHOOK_SECRET}}
+    assert requests.put(f"{stack['api']}/integrations/load", headers=headers, json=config, timeout=10).status_code == 200
+    assert requests.post(f"{stack['api']}/integrations/load/status-mapping/defaults", headers=headers,
+                         timeout=10).status_code == 200
+    with requests.Session() as session:
+        leads = [session.post(stack["amocrm"] + "/_sandbox/leads", timeout=10, json={
+            "name": f"Заказ {i}", "pipeline_id": 7001, "status_id": 142 if i % 2 else 1001, "price": 100 + i,
+            "client_id": f"17900000001{i:08d}", "notify": False}).json() for i in range(200)]
+    bodies = [urlencode({"account[id]": "32427762", f"leads[{action}][0][id]": lead["id"],
+                         f"leads[{action}][0][updated_at]": lead["updated_at"]})
+              for action in ("add", "update", "status", "update", "status") for lead in leads]
+    local = threading.local()
+
+    def send(body):
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        return session.post(f"{stack['api']}/webhooks/amocrm/load", params={"secret": WEBHOOK_SECRET}, data=body,
+                            headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30).status_code
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = list(pool.map(send, bodies))
+    assert len(statuses) == 1000 and set(statuses) == {200}
+    wanted = {str(lead["id"]) for lead in leads}
+    deadline = time.monotonic() + 90
+    stored = {}
+    while time.monotonic() < deadline and not wanted <= set(stored):
+        time.sleep(0.5)
+        stored = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()["counters"].get("4545", {}).get(
+            "orders", {})
+    assert wanted <= set(stored), f"{len(wanted - set(stored))} deals missing"
+    assert all(stored[str(lead["id"])]["revenue"] == lead["price"] for lead in leads)
+
+
 def process_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes in a process group, read from /proc."""
     members = []
