@@ -34,6 +34,10 @@ class Reply:
 Handler = Callable[[Request], Reply]
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # http.server's default backlog of 5 resets bursts of concurrent clients
+
+
 class SandboxServer:
     """Routes `(method, path regex)` to handlers; `start()` serves on 127.0.0.1 in a daemon thread."""
 
@@ -91,7 +95,7 @@ class SandboxServer:
             def log_message(self, *args: Any) -> None:  # quiet: tests read state, not access logs
                 pass
 
-        self._httpd = ThreadingHTTPServer((self._host, self._port), _Handler)
+        self._httpd = _Server((self._host, self._port), _Handler)
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, name=type(self).__name__, daemon=True).start()
         return self

@@ -24,6 +24,10 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 # Credentials the emulator accepts; never real ones (the emulator ignores them).
+# `chalice local` with a listen backlog for bursts: http.server's default of 5 pending connections resets
+# concurrent clients (API Gateway has no such limit, so local load tests would measure the wrong thing).
+CHALICE_LOCAL = ("import chalice.local; chalice.local.ThreadedHTTPServer.request_queue_size = 256; "
+                 "from chalice.cli import main; main()")
 AMOCRM_DEMO_TOKEN = "demo-token"
 BITRIX24_DEMO_CODE = "democode"
 EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_SESSION_TOKEN": "local",
@@ -107,7 +111,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "chalicelib.infra", "--stage", "dev"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
         api_url = f"http://127.0.0.1:{args.port}"
-        processes.append(subprocess.Popen([sys.executable, "-c", "from chalice.cli import main; main()", "local", "--no-autoreload",
+        processes.append(subprocess.Popen([sys.executable, "-c", CHALICE_LOCAL, "local", "--no-autoreload",
                                            "--host", "127.0.0.1", "--port", str(args.port), "--stage", "dev"],
                                           cwd=ROOT, env=env))
         processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.worker"], cwd=ROOT, env=env))

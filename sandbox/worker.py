@@ -92,7 +92,7 @@ class WorkerLoop:
 def main() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     sys.path.insert(0, ".")
-    from app import app, on_events_message  # noqa: F401  (app import registers the handler)
+    from app import on_events_message
     from chalicelib.settings import get_settings
     loop = WorkerLoop(on_events_message, get_settings().events_queue,
                       batch_size=int(os.environ.get("WORKER_BATCH_SIZE", "100")),

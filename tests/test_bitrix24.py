@@ -5,7 +5,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from chalicelib.crm import ORDER
 from chalicelib.crm.bitrix24.api import Bitrix24Client
 from chalicelib.crm.bitrix24.translate import deal_rows, default_mapping, product_id
 from chalicelib.metrika.schemas import OrderRow, to_cdp_rows

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chalicelib.crm import ORDER, EntityRef
+from chalicelib.crm import ORDER
 from chalicelib.crm.amocrm.source import AmoCrmSource
 from chalicelib.metrika.client import MetrikaClient
 from chalicelib.metrika.governor import QuotaGovernor

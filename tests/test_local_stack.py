@@ -136,7 +136,7 @@ def test_bounded_load_1000_webhooks_from_20_clients(stack):
         time.sleep(0.5)
         stored = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()["counters"].get("4545", {}).get(
             "orders", {})
-    assert wanted <= set(stored), f"{len(wanted - set(stored))} deals missing"
+    assert wanted <= set(stored), f"{len(wanted - set(stored))} deals missing\n" + "".join(stack["lines"][-40:])
     assert all(stored[str(lead["id"])]["revenue"] == lead["price"] for lead in leads)
 
 

@@ -2,7 +2,6 @@
 from datetime import datetime, timezone
 
 import pytest
-import requests
 
 from chalicelib.metrika import cdp
 from chalicelib.metrika.client import MetrikaClient

@@ -4,7 +4,6 @@ import threading
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-import pytest
 import requests
 
 from sandbox.metrika import fingerprint

@@ -93,6 +93,20 @@ def normalize_client_id(raw: str | int) -> str:
     return str(value)
 
 
+def keep_valid(values: Iterable[Any], normalizer) -> list[str]:
+    """Normalise each value, dropping the ones that do not normalise and repeats. CRM data is typed by
+    people: one malformed phone or ClientID must not hold back the deal it belongs to."""
+    out: list[str] = []
+    for value in values:
+        try:
+            normalized = normalizer(value)
+        except ValidationError:
+            continue
+        if normalized not in out:
+            out.append(normalized)
+    return out
+
+
 def resolve_time_zone(name: str) -> tzinfo:
     try:
         return ZoneInfo(name)
@@ -354,5 +368,5 @@ def parse_decimal(value: Any) -> Decimal | None:
 __all__ = [
     "ContactRow", "OrderRow", "OrderStatus", "Attribute", "Product", "STATUS_TYPES", "MERGE_MODES",
     "normalize_email", "normalize_phone", "normalize_client_id", "md5_hex", "hash_identifiers",
-    "to_cdp_rows", "resolve_time_zone", "parse_decimal",
+    "to_cdp_rows", "resolve_time_zone", "parse_decimal", "keep_valid",
 ]

@@ -8,10 +8,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from marshmallow import ValidationError
-
-from ...metrika.schemas import SCHEMA_ID, normalize_client_id, normalize_email, normalize_phone
 from .. import EntityRows
+from ...metrika.schemas import SCHEMA_ID, keep_valid, normalize_client_id, normalize_email, normalize_phone
 from ...status_mapping import status_for
 
 WON, LOST = 142, 143
@@ -37,18 +35,6 @@ def field_values(custom_fields: list[dict] | None, field: str) -> list[str]:
     return out
 
 
-def _valid(values: Iterable[str], normalizer) -> list[str]:
-    """Keep what normalises; a malformed phone or ClientID must not hold back the whole deal."""
-    out: list[str] = []
-    for value in values:
-        try:
-            normalized = normalizer(value)
-        except ValidationError:
-            continue
-        if normalized not in out:
-            out.append(normalized)
-    return out
-
 
 def _time(ts: Any, now: datetime) -> datetime | None:
     """Unix seconds → aware UTC, never later than now (amoCRM's clock may run ahead of ours)."""
@@ -62,9 +48,9 @@ def contact_row(contact: dict, client_id_field: str, now: datetime, extra_client
     row = {"uniq_id": str(contact["id"]), "name": contact.get("name") or None,
            "create_date_time": _time(contact.get("created_at"), now),
            "update_date_time": _time(contact.get("updated_at"), now),
-           "phones": _valid(field_values(fields, "PHONE"), normalize_phone),
-           "emails": _valid(field_values(fields, "EMAIL"), normalize_email),
-           "client_ids": _valid([*field_values(fields, client_id_field), *extra_client_ids], normalize_client_id)}
+           "phones": keep_valid(field_values(fields, "PHONE"), normalize_phone),
+           "emails": keep_valid(field_values(fields, "EMAIL"), normalize_email),
+           "client_ids": keep_valid([*field_values(fields, client_id_field), *extra_client_ids], normalize_client_id)}
     return {k: v for k, v in row.items() if v not in (None, [])}
 
 
@@ -88,7 +74,7 @@ def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], cli
         return EntityRows(error={"code": "unmapped_stage", "crm_status": key,
                                  "message": f"stage {key}{f' ({name})' if name else ''} is not in the status mapping; "
                                             "the deal is held and sent as soon as the stage is mapped"})
-    lead_client_ids = _valid(field_values(lead.get("custom_fields_values"), client_id_field), normalize_client_id)
+    lead_client_ids = keep_valid(field_values(lead.get("custom_fields_values"), client_id_field), normalize_client_id)
     contact_id = main_contact_id(lead)
     contact = contacts.get(contact_id) if contact_id is not None else None
     if contact is not None:

@@ -6,13 +6,11 @@ dates §14; ClientID §19.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterable
 
-from marshmallow import ValidationError
-
 from .. import EntityRows
-from ...metrika.schemas import normalize_client_id, normalize_email, normalize_phone, parse_decimal
+from ...metrika.schemas import keep_valid, normalize_client_id, normalize_email, normalize_phone, parse_decimal
 from ...status_mapping import status_for
 
 SYNTHETIC_CONTACT_PREFIX = "deal-"
@@ -35,19 +33,8 @@ def client_ids(record: dict | None, field: str) -> list[str]:
     """ClientIDs from a `UF_CRM_*` field (string or, for multiple fields, a list), kept as strings."""
     value = (record or {}).get(field)
     values = value if isinstance(value, list) else [value]
-    return _valid((str(v).strip() for v in values if v not in (None, "", False)), normalize_client_id)
+    return keep_valid((str(v).strip() for v in values if v not in (None, "", False)), normalize_client_id)
 
-
-def _valid(values: Iterable[str], normalizer) -> list[str]:
-    out: list[str] = []
-    for value in values:
-        try:
-            normalized = normalizer(value)
-        except ValidationError:
-            continue
-        if normalized not in out:
-            out.append(normalized)
-    return out
 
 
 def _multi(record: dict, key: str) -> list[str]:
@@ -59,9 +46,9 @@ def contact_row(contact: dict, field: str, now: datetime, extra_client_ids: Iter
     row = {"uniq_id": str(contact["ID"]), "name": name or None,
            "create_date_time": _time(contact.get("DATE_CREATE"), now),
            "update_date_time": _time(contact.get("DATE_MODIFY"), now),
-           "phones": _valid(_multi(contact, "PHONE"), normalize_phone),
-           "emails": _valid(_multi(contact, "EMAIL"), normalize_email),
-           "client_ids": _valid([*client_ids(contact, field), *extra_client_ids], normalize_client_id)}
+           "phones": keep_valid(_multi(contact, "PHONE"), normalize_phone),
+           "emails": keep_valid(_multi(contact, "EMAIL"), normalize_email),
+           "client_ids": keep_valid([*client_ids(contact, field), *extra_client_ids], normalize_client_id)}
     return {k: v for k, v in row.items() if v not in (None, [])}
 
 
@@ -119,7 +106,3 @@ def default_mapping(stages: list[dict], funnels: dict[str, str] | None = None) -
         entries.append({"crm_status": stage["STATUS_ID"], "metrika_status_id": stage["STATUS_ID"],
                         "humanized": humanized[:4096] or stage["STATUS_ID"], "type": types.get(semantics, "IN_PROGRESS")})
     return entries
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
