@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test infra clean
+.PHONY: run test bench infra clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The benchmarks of BENCHMARKS.md (about 3 minutes): each prints a table with its ratio to a floor.
+bench: $(VENV)/.installed
+	$(PY) -m bench.run_all
 
 # Create tables and queues in AWS for a stage: make infra STAGE=prod
 infra: $(VENV)/.installed

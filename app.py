@@ -62,9 +62,15 @@ def get_admin_token():
 @app.middleware("http")
 def api_errors(event, get_response):
     try:
-        return get_response(event)
+        response = get_response(event)
     except ApiError as error:
         return error.to_response()
+    if response.status_code == 500:
+        # Something under us failed (DynamoDB or SQS unreachable…); Chalice logged the traceback. A 503
+        # in our JSON shape tells the CRM to retry, and nothing was half-written: state is only marked
+        # dirty together with its queued message.
+        return ApiError(503, "unavailable", "the service could not record this request; please retry").to_response()
+    return response
 
 
 @app.authorizer()

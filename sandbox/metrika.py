@@ -109,6 +109,7 @@ class MetrikaSandbox(SandboxServer):
             self.used_today: dict[str, int] = {}
             self.in_flight: dict[str, int] = {}
             self.max_in_flight = 0
+            self.bytes_received = 0
             self.faults = Faults()
 
     def counter(self, counter_id: int) -> Counter:
@@ -167,6 +168,7 @@ class MetrikaSandbox(SandboxServer):
             with self._lock:
                 self.requests.append({"method": request.method, "path": request.path, "query": request.query,
                                       "status": reply.status, "at": time.time()})
+                self.bytes_received += len(request.body)
             return reply
         return wrapped
 

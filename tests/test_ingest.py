@@ -178,3 +178,15 @@ def test_refs_for_one_entity_in_one_body_collapse_to_the_newest():
     from chalicelib.pipeline import _dedupe
     refs = [EntityRef("order", "1", 10, "update"), EntityRef("order", "1", 12, "status"), EntityRef("contact", "1", 5, "add")]
     assert sorted(_dedupe(refs), key=lambda r: r.kind) == [refs[2], refs[1]]
+
+
+def test_storage_failure_is_a_json_503_not_a_500(app_client, amo, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+    import app
+
+    def unreachable(*args, **kwargs):
+        raise EndpointConnectionError(endpoint_url="http://dynamodb")
+
+    monkeypatch.setattr(app.get_store(), "get_integration", unreachable)
+    response = post_amo(app_client, amo, amo_body(*lead("status", 5, 1700000000)))
+    assert response.status_code == 503 and response.json_body["error"] == "unavailable"

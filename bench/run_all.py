@@ -1,0 +1,20 @@
+"""Run every benchmark in one go (under 5 minutes on the project's 2-core machine) and print the tables.
+
+    make bench      (or: python -m bench.run_all)
+"""
+import subprocess
+import sys
+import time
+
+BENCHMARKS = [("bench.ack_latency", ["--events", "1000"]), ("bench.cold_start", ["--runs", "5"]), ("bench.translation", []),
+              ("bench.upload_economy", []), ("bench.e2e_latency", [])]
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    for module, args in BENCHMARKS:
+        result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+        print("\n".join(line for line in result.stdout.splitlines() if not line.startswith("Found ")), flush=True)
+        if result.returncode:
+            print(result.stderr[-3000:], file=sys.stderr)
+            sys.exit(result.returncode)
+    print(f"\nall benchmarks: {time.monotonic() - started:.0f} s")
