@@ -1,8 +1,9 @@
 """What the CRM-specific webhook parsers hand to the pipeline."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 ORDER = "order"
 CONTACT = "contact"
@@ -52,3 +53,21 @@ class RetryableSourceError(Exception):
 
 class PermanentSourceError(Exception):
     """The CRM refused us (revoked token, no access): nothing will change until a person acts."""
+
+
+def unmapped_stage(stage: str, name: str | None = None) -> EntityRows:
+    """A deal whose stage has no Metrika status: held, with the reason a person needs, never guessed.
+    The pipeline re-queues it when a mapping for `crm_status` arrives."""
+    label = f"stage {stage} ({name})" if name else f"stage {stage}"
+    return EntityRows(error={"code": "unmapped_stage", "crm_status": stage,
+                             "message": f"{label} is not in the status mapping; "
+                                        "the deal is held and sent as soon as the stage is mapped"})
+
+
+def slot_waiter(reserve_slot: Callable[[str, float, float], float], scope: str, interval: float) -> Callable[[], None]:
+    """Block until the shared limiter (`Store.reserve_slot`) lets this process send to `scope`."""
+    def wait_for_slot() -> None:
+        delay = reserve_slot(scope, interval, time.time()) - time.time()
+        if delay > 0:
+            time.sleep(delay)
+    return wait_for_slot

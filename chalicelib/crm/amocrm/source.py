@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from .. import CONTACT, ORDER, EntityRef, EntityRows
+from .. import CONTACT, ORDER, EntityRef, EntityRows, slot_waiter
 from .api import MIN_INTERVAL, AmoCrmClient
 from .translate import contact_row, default_mapping, lead_rows, main_contact_id
 
@@ -24,12 +23,7 @@ class AmoCrmSource:
     def client_for(self, integration: dict) -> AmoCrmClient:
         connection = integration["connection"]
         scope = "amocrm:" + hashlib.sha256(f"{connection['base_url']}|{connection['access_token']}".encode()).hexdigest()[:16]
-
-        def wait_for_slot() -> None:
-            delay = self._reserve_slot(scope, MIN_INTERVAL, time.time()) - time.time()
-            if delay > 0:
-                time.sleep(delay)
-
+        wait_for_slot = slot_waiter(self._reserve_slot, scope, MIN_INTERVAL)
         return AmoCrmClient(connection["base_url"], connection["access_token"], wait_for_slot=wait_for_slot,
                             **self._client_options)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from .. import EntityRows
+from .. import EntityRows, unmapped_stage
 from ...metrika.schemas import SCHEMA_ID, keep_valid, normalize_client_id, normalize_email, normalize_phone
 from ...status_mapping import status_for
 
@@ -71,9 +71,7 @@ def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], cli
     status = status_for(mapping, key)
     if status is None:
         name = _stage_name(pipelines or {}, lead.get("pipeline_id"), lead.get("status_id"))
-        return EntityRows(error={"code": "unmapped_stage", "crm_status": key,
-                                 "message": f"stage {key}{f' ({name})' if name else ''} is not in the status mapping; "
-                                            "the deal is held and sent as soon as the stage is mapped"})
+        return unmapped_stage(key, name)
     lead_client_ids = keep_valid(field_values(lead.get("custom_fields_values"), client_id_field), normalize_client_id)
     contact_id = main_contact_id(lead)
     contact = contacts.get(contact_id) if contact_id is not None else None

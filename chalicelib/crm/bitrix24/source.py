@@ -3,12 +3,11 @@ the pure translation. REST calls are spaced for the portal's 2-requests-a-second
 from __future__ import annotations
 
 import hashlib
-import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .. import CONTACT, ORDER, EntityRef, EntityRows
+from .. import CONTACT, ORDER, EntityRef, EntityRows, slot_waiter
 from .api import BATCH_LIMIT, MIN_INTERVAL, Bitrix24Client
 from .translate import contact_row, deal_rows, default_mapping
 
@@ -25,12 +24,7 @@ class Bitrix24Source:
         url = integration["connection"]["webhook_url"]
         # The bucket is per portal: every webhook and app on it shares the budget (§16).
         scope = "bitrix24:" + hashlib.sha256((urlsplit(url).hostname or "").encode()).hexdigest()[:16]
-
-        def wait_for_slot() -> None:
-            delay = self._reserve_slot(scope, MIN_INTERVAL, time.time()) - time.time()
-            if delay > 0:
-                time.sleep(delay)
-
+        wait_for_slot = slot_waiter(self._reserve_slot, scope, MIN_INTERVAL)
         return Bitrix24Client(url, wait_for_slot=wait_for_slot, **self._client_options)
 
     def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef]) -> dict[tuple[str, str], EntityRows]:

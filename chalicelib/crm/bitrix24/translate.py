@@ -9,7 +9,7 @@ import re
 from datetime import datetime
 from typing import Any, Iterable
 
-from .. import EntityRows
+from .. import EntityRows, unmapped_stage
 from ...metrika.schemas import keep_valid, normalize_client_id, normalize_email, normalize_phone, parse_decimal
 from ...status_mapping import status_for
 
@@ -68,9 +68,7 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
     status = status_for(mapping, stage)
     if status is None:
         name = (stage_names or {}).get(stage)
-        return EntityRows(error={"code": "unmapped_stage", "crm_status": stage,
-                                 "message": f"stage {stage}{f' ({name})' if name else ''} is not in the status mapping; "
-                                            "the deal is held and sent as soon as the stage is mapped"})
+        return unmapped_stage(stage, name)
     found = client_ids(deal, client_id_field) or client_ids(lead, client_id_field)
     if contact is not None:
         customer = contact_row(contact, client_id_field, now, extra_client_ids=found)
