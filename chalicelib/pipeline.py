@@ -18,15 +18,12 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
-from marshmallow import ValidationError
-
 from .crm import ORDER, CrmSource, EntityRef, EntityRows, PermanentSourceError, RetryableSourceError, WebhookError
 from .crm.amocrm.webhook import parse_amocrm_webhook
 from .crm.bitrix24.webhook import parse_bitrix24_event
 from .errors import ApiError, invalid, not_found
 from .logs import log_event
 from .metrika.cdp import MetrikaError
-from .metrika.schemas import ContactRow, OrderRow, hash_identifiers
 
 MAX_SQS_BATCH = 10
 DELETED_DEAL_STATUS = "CANCELLED"
@@ -233,6 +230,11 @@ class Worker:
         self._upload(integration_id, integration, claimed, rows, outcome)
 
     def _upload(self, integration_id: str, integration: dict, claimed: dict, rows: dict, outcome: Outcome) -> None:
+        # Imported here, not at module level: the webhook path never validates rows, so a cold start
+        # that answers a webhook does not pay for marshmallow.
+        from marshmallow import ValidationError
+
+        from .metrika.schemas import ContactRow, OrderRow, hash_identifiers
         time_zone = integration["timezone"]
         ready: dict[tuple[str, str], tuple[list[dict], list[dict], str, str | None]] = {}
         for key, state in claimed.items():
