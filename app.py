@@ -135,6 +135,39 @@ def apply_status_mapping_defaults(integration_id):
     return replace_mapping(get_store(), integration_id, {"entries": entries}, get_metrika, _ingest().requeue_held)
 
 
+@app.route("/integrations/{integration_id}/attributes", methods=["GET"], authorizer=admin)
+def get_attributes(integration_id):
+    from chalicelib.attributes import read_attributes
+    return read_attributes(get_store(), integration_id)
+
+
+@app.route("/integrations/{integration_id}/attributes", methods=["PUT"], authorizer=admin)
+def put_attributes(integration_id):
+    from chalicelib.attributes import replace_attributes
+    return replace_attributes(get_store(), integration_id, app.current_request.json_body, get_metrika)
+
+
+@app.route("/integrations/{integration_id}/products/sync", methods=["POST"], authorizer=admin)
+def sync_products(integration_id):
+    from chalicelib.operations import sync_catalog
+    return sync_catalog(get_store(), get_metrika, get_sources(), integration_id)
+
+
+@app.route("/integrations/{integration_id}/backfill", methods=["POST"], authorizer=admin)
+def start_backfill(integration_id):
+    return _backfill().start(integration_id, app.current_request.json_body)
+
+
+@app.route("/integrations/{integration_id}/backfill", methods=["GET"], authorizer=admin)
+def backfill_status(integration_id):
+    return _backfill().status(integration_id)
+
+
+@app.route("/integrations/{integration_id}/backfill/stop", methods=["POST"], authorizer=admin)
+def stop_backfill(integration_id):
+    return _backfill().stop(integration_id)
+
+
 @app.route("/integrations/{integration_id}/reconcile", methods=["POST"], authorizer=admin)
 def reconcile_integration(integration_id):
     body = app.current_request.json_body or {}
@@ -147,7 +180,8 @@ def integration_status(integration_id):
     from chalicelib.operations import integration_status as status
     integration = read(get_store(), integration_id)
     return status(get_store(), integration_id, requests_today=get_metrika(integration).governor.used_today(),
-                  webhook_health=_webhook_health(integration_id, integration))
+                  webhook_health=_webhook_health(integration_id, integration),
+                  backfill=_backfill().status(integration_id)["backfill"])
 
 
 @app.route("/integrations/{integration_id}/replay", methods=["POST"], authorizer=admin)
@@ -250,6 +284,11 @@ def _reconcile(integration_id, since=None):
         raise ApiError(422, "crm_refused", f"could not list changed deals: {exc}") from exc
     except RetryableSourceError as exc:
         raise ApiError(502, "crm_unavailable", f"could not list changed deals: {exc}; try again later") from exc
+
+
+def _backfill():
+    from chalicelib.backfill import Backfill
+    return Backfill(get_store(), get_queue(), get_metrika, get_sources(), row_limit=get_settings().upload_row_limit)
 
 
 def _ingest():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .crm import EntityRef
-from .errors import invalid
+from .crm import EntityRef, PermanentSourceError, RetryableSourceError
+from .errors import ApiError, invalid, not_found
 from .metrika.cdp import MetrikaError
 
 FAILED_SHOWN = 100
@@ -13,7 +13,7 @@ CONFIRM_PAGE = 1000
 
 
 def integration_status(store: Any, integration_id: str, *, requests_today: int | None,
-                       webhook_health: dict | None = None) -> dict:
+                       webhook_health: dict | None = None, backfill: dict | None = None) -> dict:
     entities = store.list_entities(integration_id)
     failed = [e for e in entities if e.get("last_error") and not e.get("dirty")]
     orders = [e.get("facts") or {} for e in entities if e["kind"] == "order" and (e.get("facts") or {}).get("order")]
@@ -38,6 +38,8 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
         "orders_older_than_21_days": sum(1 for f in orders if f.get("late")),
         "uploads": {status: sum(1 for u in uploads if u.get("status") == status) for status in ("SENT", "PASSED", "FAILED")},
         "webhook": webhook_health,
+        "backfill": backfill,
+        "products_listed": len(store.products(integration_id)),
     }
 
 
@@ -83,3 +85,31 @@ def confirm_uploads(store: Any, metrika: Any, integration_id: str, counter_id: i
                              uploading.get("elements_count"))
         passed, failed = passed + ok, failed + (not ok)
     return {"checked": len(pending), "passed": passed, "failed": failed}
+
+
+def sync_catalog(store: Any, metrika_for: Callable[[dict], Any], sources: dict, integration_id: str) -> dict:
+    """Send the CRM's whole product catalogue to Metrika's product list (CDP reference §8.3): ids
+    normalised as orders use them, names as display names. The list is sent whole, with the products
+    orders named earlier kept."""
+    from .integrations import metrika_refused
+    integration = store.get_integration(integration_id)
+    if integration is None:
+        raise not_found(f"integration {integration_id!r}")
+    source = sources.get(integration["crm"])
+    try:
+        catalog = {p: (n or p)[:4096] for p, n in source.catalog(integration).items()}
+    except PermanentSourceError as exc:
+        raise ApiError(422, "crm_refused", f"could not read the CRM's catalogue: {exc}") from exc
+    except RetryableSourceError as exc:
+        raise ApiError(502, "crm_unavailable", f"could not read the CRM's catalogue: {exc}; try again later") from exc
+    listed = {**store.products(integration_id), **catalog}
+    if not listed:
+        return {"products": 0, "added": 0}
+    try:
+        metrika_for(integration).save_products(integration["counter_id"],
+                                               [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
+    except MetrikaError as exc:
+        raise metrika_refused("Metrika did not accept the product list", exc) from exc
+    known = store.products(integration_id)
+    store.put_products(integration_id, {p: n for p, n in catalog.items() if known.get(p) != n})
+    return {"products": len(listed), "added": sum(1 for p in catalog if p not in known)}

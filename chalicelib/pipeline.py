@@ -33,6 +33,7 @@ BATCH_HARDER_SECONDS = 300
 MATCHING_WINDOW_DAYS = 21
 RECONCILE_FIRST_WINDOW = 24 * 3600  # a first run looks back one day
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
+BACKFILL = "backfill"  # message kind of a history-import step (its `crm_id` is the run id)
 
 
 def secrets_match(given: str | None, expected: str | None) -> bool:
@@ -176,6 +177,7 @@ class Outcome:
     retried: int = 0
     superseded: int = 0
     requests: int = 0
+    backfill_steps: int = 0
 
 
 class Worker:
@@ -187,14 +189,24 @@ class Worker:
         self._retry_base, self._batch_harder_seconds = retry_base, batch_harder_seconds
 
     def handle(self, bodies: Iterable[str]) -> Outcome:
-        """Process one SQS batch of message bodies."""
+        """Process one SQS batch of message bodies: entity deliveries first, then history-import steps."""
         outcome = Outcome()
         groups: dict[str, dict[tuple[str, str], None]] = {}
+        steps: list[dict] = []
         for body in bodies:
             message = json.loads(body)
+            if message["kind"] == BACKFILL:
+                steps.append(message)
+                continue
             groups.setdefault(message["integration_id"], {})[(message["kind"], message["crm_id"])] = None
         for integration_id, keys in groups.items():
             self._deliver(integration_id, list(keys), outcome)
+        if steps:
+            from .backfill import Backfill
+            backfill = Backfill(self._store, self._queue, self._metrika_for, self._sources, row_limit=self._row_limit)
+            for message in steps:
+                backfill.step(message["integration_id"], message["crm_id"])
+                outcome.backfill_steps += 1
         return outcome
 
     def _deliver(self, integration_id: str, keys: list[tuple[str, str]], outcome: Outcome) -> None:
@@ -218,8 +230,9 @@ class Worker:
         refs = [EntityRef(kind, crm_id, state["event_time"], state.get("last_action", "update"))
                 for (kind, crm_id), state in claimed.items()]
         mapping = (self._store.get_status_mapping(integration_id) or {}).get("entries", [])
+        attributes = self._store.get_attribute_mapping(integration_id)
         try:
-            rows = source.snapshot(integration, mapping, refs)
+            rows = source.snapshot(integration, mapping, refs, attributes)
         except RetryableSourceError as exc:
             self._retry(integration_id, claimed, {"message": str(exc), "source": integration["crm"]}, outcome)
             return
@@ -227,16 +240,15 @@ class Worker:
             for key, state in claimed.items():
                 self._park(integration_id, key, state, {"message": str(exc), "source": integration["crm"]}, outcome)
             return
-        self._upload(integration_id, integration, claimed, rows, outcome)
+        self._upload(integration_id, integration, claimed, rows, outcome, attributes, source)
 
-    def _upload(self, integration_id: str, integration: dict, claimed: dict, rows: dict, outcome: Outcome) -> None:
+    def _upload(self, integration_id: str, integration: dict, claimed: dict, rows: dict, outcome: Outcome,
+                attributes: list[dict], source: CrmSource) -> None:
         # Imported here, not at module level: the webhook path never validates rows, so a cold start
         # that answers a webhook does not pay for marshmallow.
         from marshmallow import ValidationError
-
-        from .metrika.schemas import ContactRow, OrderRow, hash_identifiers
-        time_zone = integration["timezone"]
         ready: dict[tuple[str, str], tuple[list[dict], list[dict], str, str | None]] = {}
+        products: dict[str, dict] = {}
         for key, state in claimed.items():
             entity = rows.get(key) or EntityRows(error={"message": "the CRM returned nothing for this entity"})
             if entity.gone:
@@ -249,16 +261,12 @@ class Worker:
                 self._park(integration_id, key, state, entity.error, outcome)
                 continue
             try:
-                contacts = [ContactRow(time_zone=time_zone).dump(ContactRow(time_zone=time_zone).load(c))
-                            for c in entity.contacts]
-                orders = [OrderRow(time_zone=time_zone).dump(OrderRow(time_zone=time_zone).load(o))
-                          for o in entity.orders]
+                contacts, orders = validated_rows(integration, attributes, entity)
             except ValidationError as exc:
                 self._park(integration_id, key, state, {"message": "row failed validation", "fields": exc.messages}, outcome)
                 continue
-            if integration.get("hash_pii"):
-                contacts = [hash_identifiers(c) for c in contacts]
-            content_hash = _content_hash(contacts, orders)
+            products.update(entity.products)
+            content_hash = content_hash_of(contacts, orders)
             if content_hash == state.get("content_hash"):
                 outcome.skipped += 1
                 self._finish(integration_id, key, state, content_hash, state.get("uploading_id"), outcome,
@@ -274,6 +282,11 @@ class Worker:
             return
         metrika = self._metrika_for(integration)
         counter_id = integration["counter_id"]
+        csv_kinds = csv_kinds_for(attributes)
+        ordered = {p for v in ready.values() for o in v[1] for p in o.get("products") or {}}
+        if ordered:
+            sync_products(self._store, metrika, source, integration_id, integration,
+                          {p: products.get(p, {}) for p in ordered})
         remaining = metrika.remaining_budget()
         rows = sum(len(v[0]) + len(v[1]) for v in ready.values())
         if remaining is not None and remaining < LOW_BUDGET and rows < self._row_limit:
@@ -283,7 +296,7 @@ class Worker:
             return
         while ready:
             try:
-                self._complete(integration_id, integration, claimed, ready, self._send(metrika, counter_id, ready), outcome)
+                self._complete(integration_id, integration, claimed, ready, self._send(metrika, counter_id, ready, csv_kinds), outcome)
                 return
             except MetrikaError as exc:
                 # Keep what got through: entities whose every row was accepted are done.
@@ -299,7 +312,7 @@ class Worker:
                     return
                 # Metrika names the rows it refused (`orders[3].createDateTime`): park only their
                 # entities and send the rest again; without locations the whole batch is refused.
-                rejected = _rejected_keys(exc, ready)
+                rejected = rejected_keys(exc, ready)
                 for key in rejected or list(ready):
                     self._park(integration_id, key, claimed[key], exc.describe(), outcome)
                 if not rejected:
@@ -316,24 +329,10 @@ class Worker:
         for key, (contacts, orders, content_hash, last_order) in ready.items():
             outcome.uploaded += 1
             self._finish(integration_id, key, claimed[key], content_hash, uploads[-1][1] if uploads else None,
-                         outcome, last_order, _facts(contacts, orders, last_order, integration["timezone"]))
+                         outcome, last_order, delivery_facts(contacts, orders, last_order, integration["timezone"]))
 
-    def _send(self, metrika: Any, counter_id: int, ready: dict) -> list[tuple[str, str, int]]:
-        """Contacts first (Metrika links orders to sessions through their contacts, CDP reference §6.1),
-        then orders; chunks of at most `row_limit` rows. A failure carries what was sent before it."""
-        uploads: list[tuple[str, str, int]] = []
-        sent: dict[str, set] = {"contacts": set(), "orders": set()}
-        for kind, id_field, index in (("contacts", "uniq_id", 0), ("orders", "id", 1)):
-            upload = metrika.upload_contacts if kind == "contacts" else metrika.upload_orders
-            for chunk in _chunks((row for v in ready.values() for row in v[index]), id_field, self._row_limit):
-                try:
-                    uploads.append((kind, upload(counter_id, chunk)["uploading_id"], len(chunk)))
-                except MetrikaError as exc:
-                    exc.chunk = (kind, id_field, index, chunk)
-                    exc.sent = (uploads, sent["contacts"], sent["orders"])
-                    raise
-                sent[kind] |= {row[id_field] for row in chunk}
-        return uploads
+    def _send(self, metrika: Any, counter_id: int, ready: dict, csv_kinds: set[str]) -> list[tuple[str, str, int]]:
+        return send_rows(metrika, counter_id, ready, self._row_limit, csv_kinds)
 
     def _finish(self, integration_id: str, key: tuple[str, str], state: dict, content_hash: str,
                 uploading_id: str | None, outcome: Outcome, last_order: str | None = None,
@@ -369,7 +368,78 @@ class Worker:
             self._queue.send(again, delay_seconds=min(MAX_DELAY_SECONDS, delay))
 
 
-def _facts(contacts: list[dict], orders: list[dict], last_order: str | None, time_zone: str) -> dict:
+def send_rows(metrika: Any, counter_id: int, ready: dict, row_limit: int, csv_kinds: set[str]) -> list[tuple[str, str, int]]:
+    """Contacts first (Metrika links orders to sessions through their contacts, CDP reference §6.1),
+    then orders; chunks of at most `row_limit` rows; CSV for the kinds that carry custom attributes.
+    `ready` maps entity keys to (contacts, orders, …). A failure carries what was sent before it."""
+    uploads: list[tuple[str, str, int]] = []
+    sent: dict[str, set] = {"contacts": set(), "orders": set()}
+    for kind, id_field, index in (("contacts", "uniq_id", 0), ("orders", "id", 1)):
+        upload = metrika.upload_contacts if kind == "contacts" else metrika.upload_orders
+        for chunk in _chunks((row for v in ready.values() for row in v[index]), id_field, row_limit):
+            try:
+                uploads.append((kind, upload(counter_id, chunk, as_csv=kind in csv_kinds)["uploading_id"], len(chunk)))
+            except MetrikaError as exc:
+                exc.chunk = (kind, id_field, index, chunk)
+                exc.sent = (uploads, sent["contacts"], sent["orders"])
+                raise
+            sent[kind] |= {row[id_field] for row in chunk}
+    return uploads
+
+
+def attribute_specs(attributes: list[dict], entity: str) -> dict[str, dict]:
+    """The attribute mapping's entries for `contact` or `order`, by Metrika name, as the row schemas
+    take them."""
+    return {a["name"]: {"type": a["type"], "multivalued": a.get("multivalued", False), "crm_field": a["crm_field"]}
+            for a in attributes if a["entity"] == entity}
+
+
+def csv_kinds_for(attributes: list[dict]) -> set[str]:
+    """Rows of an entity with mapped attributes go as CSV, the documented carrier of attribute values
+    (CDP reference §5.4); the others stay JSON."""
+    return {"contacts" if a["entity"] == "contact" else "orders" for a in attributes}
+
+
+def validated_rows(integration: dict, attributes: list[dict], entity: EntityRows) -> tuple[list[dict], list[dict]]:
+    """One entity's raw rows → the rows as sent: validated, normalised, hashed when the integration
+    says so. Raises marshmallow's ValidationError. Shared by the live worker and the history import,
+    so both compute the same content hash for the same CRM state."""
+    from .metrika.schemas import ContactRow, OrderRow, hash_identifiers
+    time_zone = integration["timezone"]
+    contact_schema = ContactRow(time_zone=time_zone, attributes=attribute_specs(attributes, "contact"))
+    order_schema = OrderRow(time_zone=time_zone, attributes=attribute_specs(attributes, "order"))
+    contacts = [contact_schema.dump(contact_schema.load(c)) for c in entity.contacts]
+    orders = [order_schema.dump(order_schema.load(o)) for o in entity.orders]
+    if integration.get("hash_pii"):
+        contacts = [hash_identifiers(c) for c in contacts]
+    return contacts, orders
+
+
+def sync_products(store: Any, metrika: Any, source: Any, integration_id: str, integration: dict,
+                  wanted: dict[str, dict]) -> int:
+    """Tell Metrika's product list about products that orders reference and it has not heard of
+    (CDP reference §8.3), named from the snapshot's hints or, failing those, by the CRM. The list is
+    always sent whole (replace or add is undocumented). Best effort: a failure leaves the products
+    unknown, to be tried with the next order that names them; orders never wait for it."""
+    unknown = [p for p in wanted if p not in store.known_products(integration_id, list(wanted))]
+    if not unknown:
+        return 0
+    names = {p: (wanted[p] or {}).get("name") for p in unknown}
+    missing = {p: wanted[p] for p in unknown if not names[p]}
+    try:
+        if missing and hasattr(source, "product_names"):
+            names.update(source.product_names(integration, missing))
+        listed = {**store.products(integration_id), **{p: (n or p)[:4096] for p, n in names.items()}}
+        metrika.save_products(integration["counter_id"], [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
+    except (MetrikaError, RetryableSourceError, PermanentSourceError) as exc:
+        log_event("product_sync_failed", integration_id=integration_id, products=len(unknown), error=str(exc)[:300])
+        return 0
+    store.put_products(integration_id, {p: listed[p] for p in unknown})
+    log_event("product_sync", integration_id=integration_id, added=len(unknown), listed=len(listed))
+    return len(unknown)
+
+
+def delivery_facts(contacts: list[dict], orders: list[dict], last_order: str | None, time_zone: str) -> dict:
     """What the status endpoint reports: which identifiers the order's customer carried, and whether
     the order was already past Metrika's 21-day matching window when sent (CDP reference §13)."""
     customer = contacts[0] if contacts else {}
@@ -401,7 +471,7 @@ def deletion_rows(state: dict, deleted_status: str | None) -> EntityRows | None:
 _ROW_LOCATION = re.compile(r"^(contacts|orders)\[(\d+)\]")
 
 
-def _rejected_keys(exc: MetrikaError, ready: dict) -> set:
+def rejected_keys(exc: MetrikaError, ready: dict) -> set:
     """Entities whose rows Metrika's error locations point at, in the chunk that failed."""
     kind, id_field, index, chunk = getattr(exc, "chunk", (None, None, None, []))
     ids = set()
@@ -412,7 +482,7 @@ def _rejected_keys(exc: MetrikaError, ready: dict) -> set:
     return {key for key, value in ready.items() if any(row[id_field] in ids for row in value[index])} if ids else set()
 
 
-def _content_hash(contacts: list[dict], orders: list[dict]) -> str:
+def content_hash_of(contacts: list[dict], orders: list[dict]) -> str:
     return hashlib.sha256(json.dumps([contacts, orders], sort_keys=True).encode()).hexdigest()
 
 

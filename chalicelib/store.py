@@ -2,9 +2,11 @@
 
 Two tables (names from settings, prefixed by stage):
 
-* config — `pk = INTEGRATION#<id>`; `sk = CONFIG` (the integration) or `STATUS_MAPPING`.
+* config — `pk = INTEGRATION#<id>`; `sk = CONFIG` (the integration), `STATUS_MAPPING`, `ATTRIBUTES`,
+  `BACKFILL` (the history import job) or `CURSOR#<name>`.
 * state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
-  state (newest event time, dirty, queued, last content hash, last uploading id, last error).
+  state (newest event time, dirty, queued, last content hash, last uploading id, last error);
+  `PRODUCT#<product id>`: products in Metrika's product list; `UPLOAD#<id>`: uploads to confirm.
 
 The low-level client with boto3's type (de)serialisers keeps cold starts cheaper than the resource API.
 """
@@ -24,6 +26,9 @@ _DES = TypeDeserializer()
 
 CONFIG = "CONFIG"
 STATUS_MAPPING = "STATUS_MAPPING"
+ATTRIBUTES = "ATTRIBUTES"
+BACKFILL = "BACKFILL"
+BACKFILL_OWNER = "backfill"
 
 
 def _pk(integration_id: str) -> str:
@@ -96,6 +101,70 @@ class Store:
         self._db.put_item(TableName=self._config, Item=_to_item(
             {"pk": _pk(integration_id), "sk": STATUS_MAPPING, "entries": entries, "pushed_at": pushed_at}))
 
+    def get_attribute_mapping(self, integration_id: str) -> list[dict]:
+        item = self._get(self._config, _pk(integration_id), ATTRIBUTES)
+        return item["entries"] if item else []
+
+    def put_attribute_mapping(self, integration_id: str, entries: list[dict]) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": ATTRIBUTES, "entries": entries, "updated_at": int(time.time())}))
+
+    def get_backfill(self, integration_id: str) -> dict | None:
+        item = self._get(self._config, _pk(integration_id), BACKFILL)
+        return item["job"] if item else None
+
+    def put_backfill(self, integration_id: str, job: dict, *, expect_run: str | None = None) -> bool:
+        """Save the job. With `expect_run`, only if the stored job is still that run and not stopped, so
+        a stop (or a new run) always wins over a step finishing late. False when it lost."""
+        kwargs: dict[str, Any] = {}
+        if expect_run is not None:
+            kwargs = {"ConditionExpression": "job.run_id = :run AND job.#s = :running",
+                      "ExpressionAttributeNames": {"#s": "state"},
+                      "ExpressionAttributeValues": _to_item({":run": expect_run, ":running": "running"})}
+        try:
+            self._db.put_item(TableName=self._config, Item=_to_item(
+                {"pk": _pk(integration_id), "sk": BACKFILL, "job": job}), **kwargs)
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
+        """Which of these products Metrika's product list already has (batched reads, 100 keys each)."""
+        return {i["sk"].partition("#")[2] for i in self._batch_get(integration_id, [f"PRODUCT#{p}" for p in product_ids], "sk")}
+
+    def content_hashes(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, str]:
+        """Last sent content hash of these entities (those that have one)."""
+        return {i["sk"].partition("#")[2]: i["content_hash"]
+                for i in self._batch_get(integration_id, [_entity_sk(kind, c) for c in crm_ids], "sk, content_hash")
+                if i.get("content_hash")}
+
+    def _batch_get(self, integration_id: str, sort_keys: list[str], projection: str) -> list[dict]:
+        items: list[dict] = []
+        unique = list(dict.fromkeys(sort_keys))
+        for start in range(0, len(unique), 100):
+            keys = [_to_item({"pk": _pk(integration_id), "sk": sk}) for sk in unique[start:start + 100]]
+            request = {self._state: {"Keys": keys, "ProjectionExpression": projection, "ConsistentRead": True}}
+            while request:
+                answer = self._db.batch_get_item(RequestItems=request)
+                items += [_from_item(i) for i in answer.get("Responses", {}).get(self._state, [])]
+                request = answer.get("UnprocessedKeys") or None
+        return items
+
+    def products(self, integration_id: str) -> dict[str, str]:
+        """The product list as last pushed to Metrika: product id → display name."""
+        return {i["sk"].partition("#")[2]: i.get("humanized", "")
+                for i in map(_from_item, self._query(self._state, _pk(integration_id), begins_with="PRODUCT#"))}
+
+    def put_products(self, integration_id: str, names: dict[str, str]) -> None:
+        items = [{"PutRequest": {"Item": _to_item({"pk": _pk(integration_id), "sk": f"PRODUCT#{p}", "humanized": n})}}
+                 for p, n in names.items()]
+        for start in range(0, len(items), 25):
+            request = {self._state: items[start:start + 25]}
+            while request:
+                request = self._db.batch_write_item(RequestItems=request).get("UnprocessedItems") or None
+
     def get_cursor(self, integration_id: str, name: str) -> int | None:
         item = self._get(self._config, _pk(integration_id), f"CURSOR#{name}")
         return item["value"] if item else None
@@ -142,6 +211,49 @@ class Store:
             raise
         return not (old.get("queued", {}).get("BOOL", False))
 
+    def take_for_backfill(self, integration_id: str, kind: str, crm_id: str, event_time: int,
+                          content_hash: str) -> dict | None:
+        """The history import takes an entity it read at `event_time`, unless the live path has it: a
+        message is pending (dirty), the state is as new or newer, or the same content was already sent.
+        While taken, `queued` stays set, so webhooks only record newer times without queueing; the
+        import queues the entity itself if it was overtaken (see `release_backfilled`). An entity left
+        taken by an interrupted run is taken again. Returns the previous state ({} if none), or None."""
+        try:
+            old = self._db.update_item(
+                TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
+                UpdateExpression="SET event_time = :t, dirty = :yes, queued = :yes, last_action = :a, #o = :owner, "
+                                 "received_at = :now",
+                ConditionExpression="attribute_not_exists(event_time) OR #o = :owner OR "
+                                    "(dirty = :no AND event_time < :t AND (attribute_not_exists(content_hash) "
+                                    "OR content_hash <> :h))",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues=_to_item({":t": event_time, ":yes": True, ":no": False, ":a": "backfill",
+                                                    ":owner": BACKFILL_OWNER, ":h": content_hash,
+                                                    ":now": int(time.time())}),
+                ReturnValues="ALL_OLD").get("Attributes", {})
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
+        return _from_item(old) or {}
+
+    def release_backfilled(self, integration_id: str, kind: str, crm_id: str, *, event_time: int,
+                           content_hash: str | None, uploading_id: str | None, last_order: str | None,
+                           facts: dict | None, error: dict | None = None) -> bool:
+        """End the import's hold: clean (sent, or `error` parks it) when no newer event came meanwhile.
+        False when one did: the entity stays dirty and the caller must queue it."""
+        if error is not None:
+            update, values = "SET dirty = :no, queued = :no, last_error = :e, failed_at = :now REMOVE #o", {":e": error}
+        else:
+            update = ("SET dirty = :no, queued = :no, content_hash = :h, uploading_id = :u, sent_at = :now, "
+                      "attempts = :zero, last_order = :o" + (", facts = :f" if facts else "") + " REMOVE last_error, #o")
+            values = {":h": content_hash, ":u": uploading_id or "", ":zero": 0, ":o": last_order or "",
+                      **({":f": facts} if facts else {})}
+        # False: a newer event came meanwhile. The entity stays dirty and taken until the caller's message
+        # is claimed by a worker (`claim` drops the hold), so a crash before queueing leaves it to the
+        # next run of the import rather than stuck.
+        return self._finish(integration_id, kind, crm_id, event_time, update, values, names={"#o": "owner"})
+
     def mark_unqueued(self, integration_id: str, kind: str, crm_id: str) -> None:
         """The message for this entity could not be sent: let the next event queue one."""
         self._db.update_item(TableName=self._state,
@@ -153,7 +265,8 @@ class Store:
         try:
             item = self._db.update_item(
                 TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
-                UpdateExpression="SET queued = :no", ConditionExpression="attribute_exists(pk)",
+                UpdateExpression="SET queued = :no REMOVE #o", ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeNames={"#o": "owner"},
                 ExpressionAttributeValues=_to_item({":no": False}), ReturnValues="ALL_NEW")
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -283,11 +396,12 @@ class Store:
     # --- helpers -------------------------------------------------------------------------------------
 
     def _finish(self, integration_id: str, kind: str, crm_id: str, event_time: int, update: str,
-                values: dict) -> bool:
+                values: dict, names: dict | None = None) -> bool:
         try:
             self._db.update_item(
                 TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
                 UpdateExpression=update, ConditionExpression="event_time = :seen",
+                **({"ExpressionAttributeNames": names} if names else {}),
                 ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False,
                                                     ":now": int(time.time())}))
         except ClientError as exc:

@@ -59,6 +59,7 @@ class AmoCrmSandbox(SandboxServer):
             ("GET", api + r"/contacts", self._contacts),
             ("GET", api + r"/contacts/(?P<id>\d+)", self._contact),
             ("GET", api + r"/catalogs/(?P<catalog>\d+)/elements", self._elements),
+            ("GET", api + r"/catalogs", self._catalogs),
             ("GET", api + r"/webhooks", self._list_webhooks),
             ("POST", api + r"/webhooks", self._add_webhook),
         ]:
@@ -89,7 +90,7 @@ class AmoCrmSandbox(SandboxServer):
             self.rate_violations = 0
             self._recent: deque[float] = deque()
             self._next_id = 1000
-            self._clock = int(time.time()) - 3600
+            self._clock = int(time.time()) - 4 * 3600
             self.faults = Faults()
             self._rng = random.Random()
 
@@ -114,8 +115,8 @@ class AmoCrmSandbox(SandboxServer):
         return best
 
     def _tick(self) -> int:
-        """Entity clock: one second per change, starting an hour ago, so every change is newer than the
-        last and none is in the future (Metrika refuses future times)."""
+        """Entity clock: one second per change, starting four hours ago, so every change is newer than the
+        last and none is in the future (Metrika refuses future times), even after seeding thousands."""
         self._clock += 1
         return self._clock
 
@@ -325,23 +326,27 @@ class AmoCrmSandbox(SandboxServer):
 
     def _leads(self, request: Request) -> Reply:
         with_ = set(request.query.get("with", "").split(","))
+        return self._list(request, "leads", self.leads, lambda lead: self._lead_view(lead, with_))
+
+    def _list(self, request: Request, key: str, items: dict, view) -> Reply:
+        """`filter[id][]`, `filter[updated_at][from]`, `order[id|updated_at]`, `page`, `limit` ≤ 250."""
         ids = {int(i) for i in request.query_all.get("filter[id][]", []) + request.query_all.get("filter[id]", [])}
         since = request.query.get("filter[updated_at][from]")
         limit = min(int(request.query.get("limit", "50")), 250)
         page = int(request.query.get("page", "1"))
-        leads = sorted(self.leads.values(), key=lambda lead: (lead["updated_at"], lead["id"]))
+        order = (lambda i: i["id"]) if "order[id]" in request.query else (lambda i: (i["updated_at"], i["id"]))
+        found = sorted(items.values(), key=order)
         if ids:
-            leads = [lead for lead in leads if lead["id"] in ids]
+            found = [i for i in found if i["id"] in ids]
         if since:
-            leads = [lead for lead in leads if lead["updated_at"] >= int(since)]
-        chunk = leads[(page - 1) * limit:page * limit]
+            found = [i for i in found if i["updated_at"] >= int(since)]
+        chunk = found[(page - 1) * limit:page * limit]
         if not chunk:
             return Reply(204)
-        links = {"self": {"href": f"/api/v4/leads?page={page}"}}
-        if page * limit < len(leads):
-            links["next"] = {"href": f"/api/v4/leads?page={page + 1}"}
-        return Reply(200, {"_page": page, "_links": links,
-                           "_embedded": {"leads": [self._lead_view(lead, with_) for lead in chunk]}})
+        links = {"self": {"href": f"/api/v4/{key}?page={page}"}}
+        if page * limit < len(found):
+            links["next"] = {"href": f"/api/v4/{key}?page={page + 1}"}
+        return Reply(200, {"_page": page, "_links": links, "_embedded": {key: [view(i) for i in chunk]}})
 
     def _lead(self, request: Request) -> Reply:
         lead = self.leads.get(int(request.match["id"]))
@@ -349,9 +354,7 @@ class AmoCrmSandbox(SandboxServer):
         return Reply(200, self._lead_view(lead, with_)) if lead else Reply(204)
 
     def _contacts(self, request: Request) -> Reply:
-        ids = {int(i) for i in request.query_all.get("filter[id][]", [])}
-        found = [c for cid, c in self.contacts.items() if cid in ids]
-        return Reply(200, {"_page": 1, "_embedded": {"contacts": found}}) if found else Reply(204)
+        return self._list(request, "contacts", self.contacts, lambda contact: contact)
 
     def _contact(self, request: Request) -> Reply:
         contact = self.contacts.get(int(request.match["id"]))
@@ -362,8 +365,17 @@ class AmoCrmSandbox(SandboxServer):
         if catalog is None:
             return _problem(404, "Not Found", "no such catalog")
         ids = {int(i) for i in request.query_all.get("filter[id][]", [])}
-        found = [e for eid, e in catalog.items() if not ids or eid in ids]
-        return Reply(200, {"_page": 1, "_embedded": {"elements": found}}) if found else Reply(204)
+        found = [e for eid, e in sorted(catalog.items()) if not ids or eid in ids]
+        limit = min(int(request.query.get("limit", "50")), 250)
+        page = int(request.query.get("page", "1"))
+        chunk = found[(page - 1) * limit:page * limit]
+        links = {"next": {"href": f"?page={page + 1}"}} if page * limit < len(found) else {}
+        return Reply(200, {"_page": page, "_links": links, "_embedded": {"elements": chunk}}) if chunk else Reply(204)
+
+    def _catalogs(self, request: Request) -> Reply:
+        catalogs = [{"id": cid, "name": "Товары", "type": "products", "account_id": self.account_id}
+                    for cid in sorted(self.catalogs)]
+        return Reply(200, {"_page": 1, "_embedded": {"catalogs": catalogs}}) if catalogs else Reply(204)
 
     def _list_webhooks(self, request: Request) -> Reply:
         return Reply(200, {"_total_items": len(self.webhooks), "_embedded": {"webhooks": self.webhooks}})

@@ -3,7 +3,10 @@ bucket, and outbound events (`ONCRMDEAL*`, `ONCRMCONTACT*`) fired at registered 
 `application_token`, never retried, as Bitrix24 does. Facts: ../shared/reference/bitrix24.md.
 
 REST: `POST /rest/{user}/{code}/{method}.json` for crm.deal.get, crm.contact.get, crm.lead.get,
-crm.deal.productrows.get, crm.status.list, crm.category.list, crm.deal.list (`>DATE_MODIFY`), batch.
+crm.deal.productrows.get, crm.status.list, crm.category.list, crm.deal.list, crm.contact.list,
+crm.lead.list, crm.item.productrow.list, crm.product.list (filters `ID` (one or a list), `>ID`,
+`>DATE_MODIFY`, `>=DATE_MODIFY`, `=ownerType`, `=ownerId`; 50 per page with `start`), batch (with
+`result_next` / `result_total` for list sub-calls).
 Errors as `{"error", "error_description"}`; "Not found" is a 400 with an empty code (§9); past the
 bucket (2/s, burst 50) a 503 QUERY_LIMIT_EXCEEDED (§16).
 
@@ -70,6 +73,7 @@ class Bitrix24Sandbox(SandboxServer):
             self.contacts: dict[str, dict] = {}
             self.leads: dict[str, dict] = {}
             self.product_rows: dict[str, list[dict]] = {}
+            self.products: dict[str, dict] = {}  # the catalogue, filled by the deals' products
             self.statuses: list[dict] = []
             self.categories: dict[str, str] = {"0": "Общая"}
             self.handlers: list[dict] = []
@@ -162,6 +166,9 @@ class Bitrix24Sandbox(SandboxServer):
             self.product_rows[deal["ID"]] = [
                 {"ID": self._id(), "OWNER_ID": deal["ID"], "OWNER_TYPE": "D", "PRODUCT_ID": pid, "PRODUCT_NAME": name,
                  "PRICE": float(price), "QUANTITY": float(quantity)} for pid, name, price, quantity in products]
+            for pid, name, price, _ in products:
+                if str(pid) != "0":
+                    self.products.setdefault(str(pid), {"ID": str(pid), "NAME": name, "PRICE": str(price)})
         if notify:
             self._fire("ONCRMDEALADD", deal["ID"])
         return deal
@@ -259,16 +266,27 @@ class Bitrix24Sandbox(SandboxServer):
         if method == "crm.status.list":
             entity = (params.get("filter") or {}).get("ENTITY_ID")
             return self._page([s for s in self.statuses if entity in (None, s["ENTITY_ID"])], params)
-        if method == "crm.deal.list":
-            since = (params.get("filter") or {}).get(">DATE_MODIFY")
-            deals = sorted(self.deals.values(), key=lambda d: int(d["ID"]))
-            if since:
-                bound = datetime.fromisoformat(since)
-                deals = [d for d in deals if datetime.fromisoformat(d["DATE_MODIFY"]) > bound]
+        lists = {"crm.deal.list": self.deals, "crm.contact.list": self.contacts, "crm.lead.list": self.leads,
+                 "crm.product.list": self.products}
+        if method in lists:
+            items = _filtered(sorted(lists[method].values(), key=lambda d: int(d["ID"])), params.get("filter") or {})
             select = params.get("select")
+            if isinstance(select, dict):
+                select = list(select.values())
             if select and "*" not in select:
-                deals = [{k: v for k, v in d.items() if k in select or k == "ID"} for d in deals]
-            return self._page(deals, params)
+                items = [{k: v for k, v in d.items() if k in select or k == "ID"} for d in items]
+            return self._page(items, params)
+        if method == "crm.item.productrow.list":
+            where = params.get("filter") or {}
+            owners = where.get("=ownerId")
+            owners = {str(o) for o in (owners.values() if isinstance(owners, dict) else owners if isinstance(owners, list) else [owners])}
+            if where.get("=ownerType") != "D" or not owners:
+                raise MethodError(400, "", "filter =ownerType and =ownerId are required")
+            rows = [{"id": int(r["ID"]), "ownerId": int(r["OWNER_ID"]), "ownerType": "D", "productId": int(r["PRODUCT_ID"]),
+                     "productName": r["PRODUCT_NAME"], "price": r["PRICE"], "quantity": r["QUANTITY"]}
+                    for owner in sorted(owners, key=int) for r in self.product_rows.get(owner, [])]
+            page = self._page(rows, params)
+            return {**page, "result": {"productRows": page["result"]}}
         raise MethodError(400, "ERROR_METHOD_NOT_FOUND", f"Method not found: {method}")
 
     @staticmethod
@@ -296,23 +314,66 @@ class Bitrix24Sandbox(SandboxServer):
         commands = params.get("cmd") or {}
         if len(commands) > 50:
             raise MethodError(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
-        results, errors = {}, {}
+        results, errors, totals, following = {}, {}, {}, {}
         for key, command in commands.items():
             method, _, query = command.partition("?")
-            sub = {}
-            for name, value in parse_qsl(query, keep_blank_values=True):
-                sub[name] = re.sub(r"\$result\[(\w+)\]\[(\w+)\]",
-                                   lambda m: str((results.get(m[1]) or {}).get(m[2]) or ""), value)
+            pairs = [(name, re.sub(r"\$result\[(\w+)\]\[(\w+)\]",
+                                   lambda m: str((results.get(m[1]) or {}).get(m[2]) or ""), value))
+                     for name, value in parse_qsl(query, keep_blank_values=True)]
             if method == "batch":
                 errors[key] = {"error": "ERROR_BATCH_METHOD_NOT_ALLOWED", "error_description": "batch in batch"}
                 continue
             try:
-                results[key] = self._method(method, sub)["result"]
+                answer = self._method(method, _nested(pairs))
             except MethodError as exc:
                 errors[key] = {"error": exc.code, "error_description": exc.description}
                 if str(params.get("halt")) == "1":
                     break
-        return {"result": results, "result_error": errors, "result_total": [], "result_next": [], "result_time": {}}
+                continue
+            results[key] = answer["result"]
+            if "total" in answer:
+                totals[key] = answer["total"]
+            if "next" in answer:
+                following[key] = answer["next"]
+        return {"result": results, "result_error": errors or [], "result_total": totals or [],
+                "result_next": following or [], "result_time": {}}
+
+
+def _nested(pairs: list[tuple[str, str]]) -> dict:
+    """`filter[>ID]=5&select[0]=*` → {"filter": {">ID": "5"}, "select": ["*"]} (PHP's query parsing)."""
+    out: dict = {}
+    for name, value in pairs:
+        head, *keys = re.findall(r"^[^\[]+|(?<=\[)[^\]]*(?=\])", name)
+        node = out
+        path = [head, *keys]
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
+    def lists(node):
+        if isinstance(node, dict):
+            node = {k: lists(v) for k, v in node.items()}
+            if node and all(k.isdigit() for k in node):
+                return [node[k] for k in sorted(node, key=int)]
+        return node
+    return lists(out)
+
+
+def _filtered(items: list[dict], where: dict) -> list[dict]:
+    for key, value in where.items():
+        if key == "ID":
+            wanted = {str(v) for v in value} if isinstance(value, list) else {str(value)}
+            items = [i for i in items if str(i["ID"]) in wanted]
+        elif key == ">ID":
+            items = [i for i in items if int(i["ID"]) > int(value)]
+        elif key in (">DATE_MODIFY", ">=DATE_MODIFY"):
+            bound = datetime.fromisoformat(str(value))
+            strict = key.startswith(">D")
+            items = [i for i in items if (datetime.fromisoformat(i["DATE_MODIFY"]) > bound if strict
+                                          else datetime.fromisoformat(i["DATE_MODIFY"]) >= bound)]
+        else:
+            raise MethodError(400, "", f"filter {key!r} is not supported by the sandbox")
+    return items
 
 
 def seed_demo(sandbox: Bitrix24Sandbox) -> dict:

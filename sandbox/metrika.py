@@ -13,7 +13,11 @@ Run alone: `python -m sandbox.metrika --port 8001 [--time-zone Europe/Moscow] [-
 from __future__ import annotations
 
 import argparse
+import csv
+import email.parser
+import email.policy
 import hashlib
+import io
 import random
 import re
 import threading
@@ -59,6 +63,9 @@ class Counter:
     uploadings: list[dict] = field(default_factory=list)
     # Orders whose contact was not there yet when they arrived: Metrika links orders through contacts.
     orders_before_contact: list[str] = field(default_factory=list)
+    custom_attributes: dict[str, dict[str, dict]] = field(default_factory=lambda: {"CONTACT": {}, "ORDER": {}})
+    products: dict[str, str] = field(default_factory=dict)  # product list: name → humanized
+    times_uploaded: dict[str, int] = field(default_factory=dict)  # "contacts:<uniq_id>" / "orders:<id>" → n
 
 
 @dataclass
@@ -88,6 +95,11 @@ class MetrikaSandbox(SandboxServer):
         for method, pattern, handler in [
             ("POST", cdp + r"/data/contacts/json", self._upload_contacts),
             ("POST", cdp + r"/data/orders/json", self._upload_orders),
+            ("POST", cdp + r"/data/contacts/csv", lambda r: self._upload_csv(r, "contacts")),
+            ("POST", cdp + r"/data/orders/csv", lambda r: self._upload_csv(r, "orders")),
+            ("GET", cdp + r"/schema/attributes", self._get_attributes),
+            ("POST", cdp + r"/schema/attributes", self._create_attributes),
+            ("POST", cdp + r"/schema/products", self._save_products),
             ("GET", cdp + r"/schema/order_statuses", self._get_statuses),
             ("POST", cdp + r"/schema/order_statuses", self._save_statuses),
             ("GET", cdp + r"/last_uploadings", self._last_uploadings),
@@ -138,7 +150,9 @@ class MetrikaSandbox(SandboxServer):
             return {"counters": {str(cid): {"time_zone": c.time_zone, "contacts": c.contacts, "orders": c.orders,
                                             "order_statuses": list(c.order_statuses.values()),
                                             "uploadings": c.uploadings,
-                                            "orders_before_contact": c.orders_before_contact}
+                                            "orders_before_contact": c.orders_before_contact,
+                                            "custom_attributes": c.custom_attributes, "products": c.products,
+                                            "times_uploaded": c.times_uploaded}
                                  for cid, c in self.counters.items()},
                     "used_today": self.used_today, "max_in_flight": self.max_in_flight}
 
@@ -276,9 +290,13 @@ class MetrikaSandbox(SandboxServer):
         rows = body.get(kind)
         if not isinstance(rows, list) or not rows:
             return _error(400, "invalid_parameter", f"{kind} must be a non-empty list", kind)
+        return self._store_rows(request, kind, check, key, mode, rows, "JSON")
+
+    def _store_rows(self, request: Request, kind: str, check, key: str, mode: str, rows: list, fmt: str,
+                    errors: list | None = None) -> Reply:
         counter = self.counter(int(request.match["counter"]))
         now = datetime.now(timezone.utc).astimezone(ZoneInfo(counter.time_zone)).strftime(DT)
-        errors: list[tuple[str, str, str]] = []
+        errors = list(errors or [])
         for i, row in enumerate(rows):
             errors += check(row, f"{kind}[{i}]", counter, now)
         if errors:
@@ -287,13 +305,150 @@ class MetrikaSandbox(SandboxServer):
             store = getattr(counter, kind)
             for row in rows:  # Metrika applies duplicate ids in random order (§5.3): so do we
                 store[row[key]] = _merge(store.get(row[key]), row, mode)
+                counter.times_uploaded[f"{kind}:{row[key]}"] = counter.times_uploaded.get(f"{kind}:{row[key]}", 0) + 1
                 if kind == "orders" and row["client_uniq_id"] not in counter.contacts:
                     counter.orders_before_contact.append(row["id"])
             uploading = {"uploading_id": uuid.uuid4().hex, "datetime": now, "api_validation_status": "PASSED",
-                         "elements_count": len(rows), "entity_type": "SYSTEM", "uploading_format": "JSON",
+                         "elements_count": len(rows), "entity_type": "SYSTEM", "uploading_format": fmt,
                          "uploading_source": "API"}
             counter.uploadings.append(uploading)
         return Reply(200, {"uploading": uploading})
+
+    # --- CSV uploads (§5.2, §6.2) and schema lists (§8.2, §8.3) -----------------------------------------
+
+    def _upload_csv(self, request: Request, kind: str) -> Reply:
+        mode = request.query.get("merge_mode", "").upper()
+        if mode not in ("SAVE", "UPDATE", "APPEND"):
+            return _error(400, "invalid_parameter", "merge_mode must be SAVE, UPDATE or APPEND", "merge_mode")
+        raw_mapping = request.query.get("columns_mapping", "")
+        pairs = re.findall(r'"([^"]+)":"([^"]+)"', raw_mapping)
+        if not pairs:
+            return _error(400, "invalid_parameter", 'columns_mapping must look like "field":"Header",…', "columns_mapping")
+        delimiter = {"COMMA": ",", "SEMICOLON": ";"}.get(request.query.get("delimiter_type", "COMMA").upper())
+        if delimiter is None:
+            return _error(400, "invalid_parameter", "delimiter_type must be COMMA or SEMICOLON", "delimiter_type")
+        text = _multipart_file(request)
+        if text is None:
+            return _error(400, "invalid_uploading", "multipart/form-data with a part named file is required")
+        counter = self.counter(int(request.match["counter"]))
+        entity = "CONTACT" if kind == "contacts" else "ORDER"
+        system = CONTACT_FIELDS if kind == "contacts" else ORDER_FIELDS
+        custom = counter.custom_attributes[entity]
+        field_of = {}
+        for name, header in pairs:
+            if name not in system - {"attribute_values"} and name not in custom:
+                return _error(400, "invalid_parameter", f"unknown attribute {name!r}: create it with schema/attributes",
+                              "columns_mapping")
+            field_of[header] = name
+        try:
+            reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+            header, *lines = list(reader)
+        except (csv.Error, ValueError) as exc:
+            return _error(400, "invalid_uploading", f"malformed CSV: {exc}")
+        missing = [h for h in field_of if h not in header]
+        if missing:
+            return _error(400, "invalid_uploading", f"columns {missing} are mapped but not in the file")
+        if not lines:
+            return _error(400, "invalid_uploading", "the file has no rows")
+        rows, errors = [], []
+        for i, line in enumerate(lines):
+            if len(line) != len(header):
+                return _error(400, "invalid_uploading", f"line {i + 2} has {len(line)} cells, the header {len(header)}")
+            row: dict[str, Any] = {}
+            for cell, column in zip(line, header):
+                name = field_of.get(column)
+                if name is None or cell == "":
+                    continue
+                if name in custom:
+                    problem = _check_attribute(custom[name], cell, row)
+                    if problem:
+                        errors.append(("invalid_parameter", problem, f"{kind}[{i}].attributeValues.{name}"))
+                elif name in MULTI_VALUED:
+                    row[name] = [v for v in cell.split(",") if v]
+                elif name == "products":
+                    try:
+                        row[name] = {k: float(q) for k, _, q in (item.rpartition(":") for item in cell.split(","))}
+                    except ValueError:
+                        errors.append(("invalid_parameter", f"products must be id:qty,… not {cell!r}", f"{kind}[{i}].products"))
+                elif name in ("revenue", "cost"):
+                    try:
+                        row[name] = float(cell)
+                    except ValueError:
+                        errors.append(("invalid_parameter", f"not a number: {cell!r}", f"{kind}[{i}].{name}"))
+                else:
+                    row[name] = cell
+            rows.append(row)
+        return self._store_rows(request, kind, self._check_contact if kind == "contacts" else self._check_order,
+                                "uniq_id" if kind == "contacts" else "id", mode, rows, "CSV", errors)
+
+    def _get_attributes(self, request: Request) -> Reply:
+        entity = request.query.get("entity_type", "").upper()
+        if entity not in ("CONTACT", "ORDER"):
+            return _error(400, "invalid_parameter", "entity_type must be CONTACT or ORDER here", "entity_type")
+        counter = self.counter(int(request.match["counter"]))
+        system = sorted((CONTACT_FIELDS if entity == "CONTACT" else ORDER_FIELDS) - {"attribute_values"})
+        return Reply(200, {"system_attributes": [{"name": n, "type_group": "PREDEFINED"} for n in system],
+                           "custom_attributes": list(counter.custom_attributes[entity].values())})
+
+    def _create_attributes(self, request: Request) -> Reply:
+        entity = request.query.get("entity_type", "").upper()
+        if entity not in ("CONTACT", "ORDER"):
+            return _error(400, "invalid_parameter", "entity_type must be CONTACT or ORDER here", "entity_type")
+        body = _json_object(request)
+        if isinstance(body, Reply):
+            return body
+        attributes = body.get("attributes")
+        if not isinstance(attributes, list) or not attributes:
+            return _error(400, "invalid_parameter", "attributes must be a non-empty list", "attributes")
+        system = CONTACT_FIELDS if entity == "CONTACT" else ORDER_FIELDS
+        counter = self.counter(int(request.match["counter"]))
+        errors = []
+        for i, attribute in enumerate(attributes):
+            where = f"attributes[{i}]"
+            name = attribute.get("name") if isinstance(attribute, dict) else None
+            if not isinstance(name, str) or not 1 <= len(name) <= 255 or not SCHEMA_ID.match(name):
+                errors.append(("invalid_parameter", "name must be 1-255 chars matching ^[\\w-:]+$", f"{where}.name"))
+            elif name in system:
+                errors.append(("invalid_parameter", f"{name!r} is a system attribute", f"{where}.name"))
+            elif name in counter.custom_attributes[entity]:
+                errors.append(("conflict", f"attribute {name!r} already exists", f"{where}.name"))
+            if not isinstance(attribute, dict) or attribute.get("type_name") not in ATTRIBUTE_TYPES:
+                errors.append(("invalid_parameter", "type_name must be numeric, date, datetime, email or text",
+                               f"{where}.typeName"))
+            if not isinstance(attribute, dict) or not isinstance(attribute.get("multivalued"), bool):
+                errors.append(("missing_parameter", "multivalued is required", f"{where}.multivalued"))
+        if errors:
+            return _validation_failed(errors)
+        with self._lock:
+            for attribute in attributes:
+                counter.custom_attributes[entity][attribute["name"]] = {
+                    **attribute, "type_group": "PREDEFINED", "type_humanized": attribute["type_name"]}
+        return Reply(200, {"success": True})
+
+    def _save_products(self, request: Request) -> Reply:
+        """Replaces the list: the docs do not say whether it adds or replaces, so the sandbox takes the
+        stricter reading and a client that sends only new items loses the old ones."""
+        body = _json_object(request)
+        if isinstance(body, Reply):
+            return body
+        items = body.get("items")
+        if not isinstance(body.get("attributes"), list):
+            return _error(400, "missing_parameter", "attributes is required (may be empty)", "attributes")
+        if not isinstance(items, list) or not items or len(items) > 160_000:
+            return _error(400, "invalid_parameter", "items must be a list of 1..160000 products", "items")
+        errors = []
+        for i, item in enumerate(items):
+            name = item.get("name") if isinstance(item, dict) else None
+            if not isinstance(name, str) or not 1 <= len(name) <= 255 or not SCHEMA_ID.match(name):
+                errors.append(("invalid_parameter", "name must be 1-255 chars matching ^[\\w-:]+$", f"items[{i}].name"))
+            elif len(item.get("humanized") or "") > 4096:
+                errors.append(("invalid_parameter", "humanized longer than 4096", f"items[{i}].humanized"))
+        if errors:
+            return _validation_failed(errors)
+        counter = self.counter(int(request.match["counter"]))
+        with self._lock:
+            counter.products = {item["name"]: item.get("humanized", "") for item in items}
+        return Reply(200, {"success": True})
 
     # --- validation (§5.1, §6.1, §10) --------------------------------------------------------------
 
@@ -357,6 +512,46 @@ class MetrikaSandbox(SandboxServer):
                         errors.append(("invalid_parameter", f"invalid product {product!r}: {quantity!r}",
                                        f"{where}.products"))
         return errors
+
+
+ATTRIBUTE_TYPES = ("numeric", "date", "datetime", "email", "text")
+
+
+def _check_attribute(attribute: dict, cell: str, row: dict) -> str | None:
+    """§5.4: numbers parse, dates are valid and from 1970, e-mails valid; a multivalued cell is split
+    on commas, a single-valued one is not."""
+    values = [v for v in cell.split(",") if v] if attribute["multivalued"] else [cell]
+    kind = attribute["type_name"]
+    for value in values:
+        if kind == "numeric":
+            try:
+                float(value)
+            except ValueError:
+                return f"{attribute['name']}: {value!r} is not a number"
+        elif kind in ("date", "datetime"):
+            fmt = "%Y-%m-%d" if kind == "date" else DT
+            try:
+                parsed = datetime.strptime(value, fmt)
+            except ValueError:
+                return f"{attribute['name']}: {value!r} is not a {kind}"
+            if parsed.year < 1970:
+                return f"{attribute['name']}: {value!r} is before 1970"
+        elif kind == "email" and not EMAIL.match(value):
+            return f"{attribute['name']}: {value!r} is not an e-mail"
+    row.setdefault("attribute_values", {})[attribute["name"]] = values
+    return None
+
+
+def _multipart_file(request: Request) -> str | None:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        return None
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + request.body)
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "file":
+            return part.get_payload(decode=True).decode("utf-8")
+    return None
 
 
 def fingerprint(token: str) -> str:
@@ -423,6 +618,8 @@ def _merge(stored: dict | None, row: dict, mode: str) -> dict:
             for name in MULTI_VALUED:
                 if name in stored and name in row:
                     merged[name] = stored[name] + [v for v in row[name] if v not in stored[name]]
+        if mode != "SAVE" and "attribute_values" in stored and "attribute_values" in row:
+            merged["attribute_values"] = {**stored["attribute_values"], **row["attribute_values"]}
     if stored.get("create_date_time") is not None:
         merged["create_date_time"] = stored["create_date_time"]
     return merged

@@ -32,19 +32,46 @@ class EntityRows:
     orders: list[dict] = field(default_factory=list)
     error: dict | None = None  # permanent problem (unmapped stage…): park the entity, visibly
     gone: bool = False  # deleted in the CRM (or no longer readable)
+    # Products the orders name: product id → what the CRM told us on the way ({"name", "catalog_id"}),
+    # so the product list can be filled without asking again.
+    products: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class BackfillPage:
+    """One step of a history import: the entities read, each with the CRM's change time, and where to
+    continue. `rows` and `event_times` are keyed by (kind, crm id)."""
+
+    rows: dict[tuple[str, str], EntityRows]
+    event_times: dict[tuple[str, str], int]
+    cursor: dict | None  # None: this phase is done
+    requests: int = 0  # CRM requests this page cost
+    total: int | None = None  # entities left in this phase from the page's start, when the CRM says
 
 
 class CrmSource(Protocol):
     """Re-reads entities from one CRM and translates them into raw Metrika rows (amoCRM, Bitrix24)."""
 
-    def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef]) -> dict[tuple[str, str], EntityRows]:
-        """Current rows for each ref, keyed by (kind, crm id)."""
+    def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef],
+                 attributes: list[dict] = ()) -> dict[tuple[str, str], EntityRows]:
+        """Current rows for each ref, keyed by (kind, crm id), with mapped custom attributes' raw values."""
 
     def default_mapping(self, integration: dict) -> list[dict]:
         """Proposed status mapping entries for every stage the CRM has."""
 
     def changed_since(self, integration: dict, since: int) -> list[EntityRef]:
         """Deals changed since `since` (Unix seconds), for reconciliation."""
+
+    def product_names(self, integration: dict, products: dict[str, dict]) -> dict[str, str]:
+        """Display names of these products (ids as in orders, with the snapshot's hints)."""
+
+    def catalog(self, integration: dict) -> dict[str, str]:
+        """Every product of the CRM's catalogue: product id → display name."""
+
+    def backfill_page(self, integration: dict, mapping: list[dict], attributes: list[dict], phase: str,
+                      since: int, cursor: dict | None) -> BackfillPage:
+        """One page of the history import: `phase` is "contacts" or "orders", entities changed since
+        `since` (Unix seconds), continuing from `cursor` (None: from the start)."""
 
 
 class RetryableSourceError(Exception):

@@ -6,6 +6,8 @@ so both count as throttling.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -25,6 +27,7 @@ class ApiRequest:
     path: str
     params: dict[str, str] = field(default_factory=dict)
     body: Any = None
+    csv_file: str | None = None  # sent as the multipart part `file` instead of a JSON body
 
 
 class MetrikaError(Exception):
@@ -72,6 +75,75 @@ def upload_orders(counter_id: int, orders: list[dict], merge_mode: str = "SAVE")
     """POST data/orders/json (§6.1). SAVE by default: we always send the complete current order (§6.3)."""
     return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/data/orders/json",
                       {"merge_mode": merge_mode}, {"orders": orders})
+
+
+# Column order of the CSV uploads: the JSON field names (§5.2, §6.2), then custom attributes by name.
+CSV_COLUMNS = {
+    "contacts": ("uniq_id", "name", "birth_date", "create_date_time", "update_date_time", "client_ids", "user_ids",
+                 "emails", "phones", "emails_md5", "phones_md5"),
+    "orders": ("id", "client_uniq_id", "client_type", "create_date_time", "update_date_time", "finish_date_time",
+               "order_status", "revenue", "cost", "currency", "products"),
+}
+
+
+def upload_csv(counter_id: int, kind: str, rows: list[dict], merge_mode: str) -> ApiRequest:
+    """POST data/{contacts|orders}/csv (§5.2, §6.2): the documented way to send custom attribute
+    values, since the JSON shape of `attribute_values` is inconsistent across the docs (§5.4).
+    Each attribute is a column mapped by its name in `columns_mapping`; the delimiter is `;` as the
+    docs advise when cells hold lists (products, several phones), and list items are comma-separated
+    inside one quoted cell."""
+    text, columns = rows_to_csv(kind, rows)
+    mapping = ",".join(f'"{c}":"{c}"' for c in columns)
+    return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/data/{kind}/csv",
+                      {"merge_mode": merge_mode, "columns_mapping": mapping, "delimiter_type": "SEMICOLON"},
+                      csv_file=text)
+
+
+def rows_to_csv(kind: str, rows: list[dict]) -> tuple[str, list[str]]:
+    """Dumped rows (as for JSON) → CSV text with a header line, and its columns. Pure."""
+    system = [c for c in CSV_COLUMNS[kind] if any(row.get(c) not in (None, [], {}) for row in rows)]
+    attributes = sorted({name for row in rows for name in (row.get("attribute_values") or {})})
+    columns = system + attributes
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=";", lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        values = row.get("attribute_values") or {}
+        writer.writerow([_cell(row.get(c)) for c in system] + [_cell(values.get(a)) for a in attributes])
+    return out.getvalue(), columns
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):  # products: `product_id:qty,product_id:qty` (§6.2)
+        return ",".join(f"{k}:{_number(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return _number(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def get_attributes(counter_id: int, entity_type: str) -> ApiRequest:
+    """GET schema/attributes (§8.2): `{"system_attributes": […], "custom_attributes": […]}`."""
+    return ApiRequest("GET", f"{CDP_PREFIX.format(counter_id=counter_id)}/schema/attributes",
+                      {"entity_type": entity_type})
+
+
+def create_attributes(counter_id: int, entity_type: str, attributes: list[dict]) -> ApiRequest:
+    """POST schema/attributes (§8.2). There is no update or delete, so only new names are sent."""
+    return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/schema/attributes",
+                      {"entity_type": entity_type}, {"attributes": attributes})
+
+
+def save_products(counter_id: int, items: list[dict]) -> ApiRequest:
+    """POST schema/products (§8.3). Whether it replaces or adds to the list is undocumented, so callers
+    always send the complete list (at most 160 000 items)."""
+    return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/schema/products",
+                      body={"attributes": [], "items": items})
 
 
 def get_order_statuses(counter_id: int) -> ApiRequest:

@@ -39,13 +39,15 @@ class MetrikaClient:
 
     def _send(self, request: cdp.ApiRequest) -> Any:
         headers = {"Authorization": f"OAuth {self._token}", "Accept": "application/json"}
-        data = None
-        if request.body is not None:
+        data, files = None, None
+        if request.csv_file is not None:
+            files = {"file": ("rows.csv", request.csv_file.encode("utf-8"), "text/csv")}
+        elif request.body is not None:
             headers["Content-Type"] = "application/json; charset=utf-8"
             data = json.dumps(request.body, ensure_ascii=False, default=_json_default).encode("utf-8")
         try:
             response = self._session.request(request.method, self._base_url + request.path,
-                                             params=request.params or None, data=data, headers=headers,
+                                             params=request.params or None, data=data, files=files, headers=headers,
                                              timeout=self._timeout)
         except requests.Timeout as exc:
             raise cdp.RetryableMetrikaError(None, f"Metrika did not answer in time: {type(exc).__name__}") from exc
@@ -53,11 +55,26 @@ class MetrikaClient:
             raise cdp.RetryableMetrikaError(None, f"Metrika unreachable: {type(exc).__name__}") from exc
         return cdp.decipher_response(response.status_code, response.headers, response.content)
 
-    def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "APPEND") -> dict:
-        return self.send(cdp.upload_contacts(counter_id, contacts, merge_mode))["uploading"]
+    def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "APPEND",
+                        as_csv: bool = False) -> dict:
+        request = (cdp.upload_csv(counter_id, "contacts", contacts, merge_mode) if as_csv
+                   else cdp.upload_contacts(counter_id, contacts, merge_mode))
+        return self.send(request)["uploading"]
 
-    def upload_orders(self, counter_id: int, orders: list[dict], merge_mode: str = "SAVE") -> dict:
-        return self.send(cdp.upload_orders(counter_id, orders, merge_mode))["uploading"]
+    def upload_orders(self, counter_id: int, orders: list[dict], merge_mode: str = "SAVE", as_csv: bool = False) -> dict:
+        request = (cdp.upload_csv(counter_id, "orders", orders, merge_mode) if as_csv
+                   else cdp.upload_orders(counter_id, orders, merge_mode))
+        return self.send(request)["uploading"]
+
+    def attributes(self, counter_id: int, entity_type: str) -> dict:
+        answer = self.send(cdp.get_attributes(counter_id, entity_type))
+        return {"system": answer.get("system_attributes") or [], "custom": answer.get("custom_attributes") or []}
+
+    def create_attributes(self, counter_id: int, entity_type: str, attributes: list[dict]) -> None:
+        self.send(cdp.create_attributes(counter_id, entity_type, attributes))
+
+    def save_products(self, counter_id: int, items: list[dict]) -> None:
+        self.send(cdp.save_products(counter_id, items))
 
     def get_order_statuses(self, counter_id: int) -> list[dict]:
         return self.send(cdp.get_order_statuses(counter_id)).get("order_statuses", [])

@@ -107,6 +107,81 @@ def keep_valid(values: Iterable[Any], normalizer) -> list[str]:
     return out
 
 
+def normalize_product_id(raw: Any) -> str:
+    """A CRM product id as a product-list `name` (§8.3: 1–255 chars, `^[\\w-:]+$`): anything else
+    becomes `_`. Orders use the same id as the key of `products`, so both sides always agree."""
+    text = re.sub(r"[^A-Za-z0-9_:\-]", "_", str(raw).strip())[:255]
+    return text or "_"
+
+
+# --- custom attribute values (§5.4, §8.2) -----------------------------------------------------------
+
+_DATE_FORMATS = ("%Y-%m-%d", "%d.%m.%Y")
+_DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y %H:%M")
+
+
+def _as_instant(value: Any, time_zone: tzinfo) -> datetime:
+    """A CRM date value → wall-clock time in the counter's zone. amoCRM sends Unix seconds for date
+    fields (amoCRM reference §11.3), Bitrix24 ISO 8601 with the portal's offset (§14); people type
+    `dd.MM.yyyy`. A value without a zone is taken as already in the counter's zone."""
+    if isinstance(value, bool):
+        raise ValueError("a yes/no value is not a date")
+    if isinstance(value, (int, float)) or (isinstance(value, str) and re.fullmatch(r"-?\d{9,11}", value.strip())):
+        return datetime.fromtimestamp(int(float(value)), timezone.utc).astimezone(time_zone).replace(tzinfo=None)
+    text = str(value).strip()
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+        for fmt in _DATETIME_FORMATS + _DATE_FORMATS:
+            try:
+                parsed = datetime.strptime(text, fmt)
+                break
+            except ValueError:
+                continue
+        if parsed is None:
+            raise ValueError("not a date")
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(time_zone).replace(tzinfo=None)
+    return parsed
+
+
+def coerce_attribute_value(type_name: str, value: Any, time_zone: tzinfo, now: datetime) -> str:
+    """One CRM value → the string Metrika stores for an attribute of `type_name` (§8.2 types; §5.4
+    value rules: numbers parse, dates from 1970 on, e-mails valid). Raises ValueError with the reason."""
+    if type_name == "text":
+        return ("true" if value else "false") if isinstance(value, bool) else str(value).strip()
+    if type_name == "numeric":
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        try:
+            number = Decimal(str(value).replace("\u00a0", "").replace(" ", "").replace(",", "."))
+        except InvalidOperation:
+            raise ValueError("not a number") from None
+        if not number.is_finite():
+            raise ValueError("not a finite number")
+        text = format(number.normalize(), "f")
+        return text[:-2] if text.endswith(".0") else text
+    if type_name == "email":
+        try:
+            return normalize_email(value)
+        except ValidationError:
+            raise ValueError("not an e-mail address") from None
+    if type_name in ("date", "datetime"):
+        try:
+            instant = _as_instant(value, time_zone)
+        except (ValueError, OverflowError, OSError):
+            raise ValueError(f"not a {type_name}") from None
+        if instant < EPOCH:
+            raise ValueError("before 1970-01-01")
+        if type_name == "date":
+            return instant.strftime(DATE_FORMAT)
+        if instant > now:
+            raise ValueError("in the future")
+        return instant.strftime(DATETIME_FORMAT)
+    raise ValueError(f"unknown attribute type {type_name!r}")
+
+
 def resolve_time_zone(name: str) -> tzinfo:
     try:
         return ZoneInfo(name)
@@ -171,6 +246,49 @@ class LocalDateTime(fields.Field):
         return value.strftime(DATETIME_FORMAT)
 
 
+class AttributeValues(fields.Field):
+    """`{attribute name: [raw CRM values]}` → `{name: [values as Metrika stores them]}`, coerced by the
+    types in the schema's `attributes` (name → {type, multivalued, crm_field}). Multivalued values are
+    split on commas, as Metrika splits a multivalued CSV cell (§5.2), so what we hash is what it keeps.
+    A value that does not coerce fails the row, naming the CRM field and the value."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> dict[str, list[str]]:
+        if not isinstance(value, dict):
+            raise ValidationError("must be an object of attribute name → values")
+        specs = getattr(self.parent, "attributes", {}) or {}
+        now = self.parent.local_now()
+        out: dict[str, list[str]] = {}
+        errors: dict[str, list[str]] = {}
+        for name, raw_values in value.items():
+            spec = specs.get(name)
+            if spec is None:
+                errors[name] = ["not in the integration's attribute mapping"]
+                continue
+            values: list[str] = []
+            raws = raw_values if isinstance(raw_values, list) else [raw_values]
+            for raw in raws:
+                if raw is None or (isinstance(raw, str) and not raw.strip()):
+                    continue
+                try:
+                    coerced = coerce_attribute_value(spec["type"], raw, self.parent.time_zone, now)
+                except ValueError as exc:
+                    errors.setdefault(name, []).append(
+                        f"CRM field {spec.get('crm_field', name)} value {raw!r} cannot be a {spec['type']} "
+                        f"attribute: {exc}")
+                    continue
+                parts = [p.strip() for p in coerced.split(",")] if spec.get("multivalued") and spec["type"] == "text" else [coerced]
+                values += [p for p in parts if p and p not in values]
+            if len(values) > 1 and not spec.get("multivalued"):
+                errors.setdefault(name, []).append(
+                    f"CRM field {spec.get('crm_field', name)} has {len(values)} values but attribute {name} "
+                    "is not multivalued")
+            if values:
+                out[name] = values
+        if errors:
+            raise ValidationError(errors)
+        return out
+
+
 class Money(fields.Decimal):
     """A non-negative amount; dumped as a JSON number."""
 
@@ -209,10 +327,12 @@ class _CdpSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    def __init__(self, *, time_zone: str | tzinfo = "UTC", now: datetime | None = None, **kwargs: Any):
+    def __init__(self, *, time_zone: str | tzinfo = "UTC", now: datetime | None = None,
+                 attributes: dict[str, dict] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.time_zone = resolve_time_zone(time_zone) if isinstance(time_zone, str) else time_zone
         self._now = now
+        self.attributes = attributes or {}  # custom attribute name → {type, multivalued, crm_field}
 
     def local_now(self) -> datetime:
         now = self._now or datetime.now(timezone.utc)
@@ -258,7 +378,7 @@ class ContactRow(_CdpSchema):
     phones = _ListOfNormalized(normalize_phone)
     emails_md5 = fields.List(fields.String(validate=validate.Regexp(_MD5, error="must be lower-case md5 hex")))
     phones_md5 = fields.List(fields.String(validate=validate.Regexp(_MD5, error="must be lower-case md5 hex")))
-    attribute_values = fields.Raw()
+    attribute_values = AttributeValues()
 
     @validates_schema
     def _rules(self, data: dict, **kwargs: Any) -> None:
@@ -283,7 +403,7 @@ class OrderRow(_CdpSchema):
     currency = fields.String(allow_none=True, validate=validate.Regexp(r"^[A-Z]{3}$", error="must be an ISO 4217 code"))
     products = fields.Dict(keys=_non_blank(), values=Money())
     goals = fields.List(fields.Dict())
-    attribute_values = fields.Raw()
+    attribute_values = AttributeValues()
 
     @validates_schema
     def _rules(self, data: dict, **kwargs: Any) -> None:
@@ -368,5 +488,6 @@ def parse_decimal(value: Any) -> Decimal | None:
 __all__ = [
     "ContactRow", "OrderRow", "OrderStatus", "Attribute", "Product", "STATUS_TYPES", "MERGE_MODES",
     "normalize_email", "normalize_phone", "normalize_client_id", "md5_hex", "hash_identifiers",
-    "to_cdp_rows", "resolve_time_zone", "parse_decimal", "keep_valid",
+    "to_cdp_rows", "resolve_time_zone", "parse_decimal", "keep_valid", "normalize_product_id",
+    "coerce_attribute_value", "ATTRIBUTE_TYPES",
 ]

@@ -71,6 +71,22 @@ class AmoCrmClient:
         return [e for chunk in _chunks(ids) for e in self._list(f"/api/v4/catalogs/{catalog_id}/elements",
                 "elements", [("limit", str(PAGE_LIMIT))] + [("filter[id][]", i) for i in chunk])]
 
+    def catalogs(self) -> list[dict]:
+        """Catalogs with their `type` (`products`, `regular`, `invoices`; §11.4)."""
+        return self._list("/api/v4/catalogs", "catalogs", [("limit", str(PAGE_LIMIT))])
+
+    def all_catalog_elements(self, catalog_id: int) -> Iterator[dict]:
+        yield from self._pages(f"/api/v4/catalogs/{catalog_id}/elements", "elements", [])
+
+    def page(self, entity: str, since: int, page: int, with_: str | None = None) -> tuple[list[dict], bool]:
+        """One page of `leads` or `contacts` changed since `since`, in id order, so items updated while
+        we page keep their place (for the history import). Returns (items, more pages follow)."""
+        params = [("filter[updated_at][from]", str(since)), ("order[id]", "asc"), ("limit", str(PAGE_LIMIT)),
+                  ("page", str(page))] + ([("with", with_)] if with_ else [])
+        data = self.get(f"/api/v4/{entity}", params)
+        items = ((data or {}).get("_embedded") or {}).get(entity) or []
+        return items, bool(items) and "next" in ((data or {}).get("_links") or {})
+
     def pipelines(self) -> list[dict]:
         return self._list("/api/v4/leads/pipelines", "pipelines", [])
 
@@ -79,14 +95,16 @@ class AmoCrmClient:
 
     def leads_updated_since(self, since: int) -> Iterator[dict]:
         """Every lead with `updated_at >= since`, oldest first, page by page (reconciliation)."""
+        yield from self._pages("/api/v4/leads", "leads", [("filter[updated_at][from]", str(since)),
+                                                          ("order[updated_at]", "asc"), ("with", "contacts,catalog_elements")])
+
+    def _pages(self, path: str, key: str, params: list[tuple[str, str]]) -> Iterator[dict]:
         page = 1
         while True:
-            data = self.get("/api/v4/leads", [("filter[updated_at][from]", str(since)), ("order[updated_at]", "asc"),
-                                              ("with", "contacts,catalog_elements"), ("limit", str(PAGE_LIMIT)),
-                                              ("page", str(page))])
-            leads = ((data or {}).get("_embedded") or {}).get("leads") or []
-            yield from leads
-            if not leads or "next" not in (data.get("_links") or {}):
+            data = self.get(path, params + [("limit", str(PAGE_LIMIT)), ("page", str(page))])
+            items = ((data or {}).get("_embedded") or {}).get(key) or []
+            yield from items
+            if not items or "next" not in ((data or {}).get("_links") or {}):
                 return
             page += 1
 

@@ -9,7 +9,14 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from .. import EntityRows, unmapped_stage
-from ...metrika.schemas import SCHEMA_ID, keep_valid, normalize_client_id, normalize_email, normalize_phone
+from ...metrika.schemas import (
+    SCHEMA_ID,
+    keep_valid,
+    normalize_client_id,
+    normalize_email,
+    normalize_phone,
+    normalize_product_id,
+)
 from ...status_mapping import status_for
 
 WON, LOST = 142, 143
@@ -21,18 +28,26 @@ def stage_key(pipeline_id: Any, status_id: Any) -> str:
     return f"{pipeline_id}:{status_id}"
 
 
-def field_values(custom_fields: list[dict] | None, field: str) -> list[str]:
-    """Values of one custom field, matched by id (digits) or by code or name (case-insensitive)."""
-    wanted = field.strip()
-    out: list[str] = []
+def field_values(custom_fields: list[dict] | None, field: str, raw: bool = False) -> list[Any]:
+    """Values of one custom field, matched by id (digits) or by code or name (case-insensitive).
+    As strings, or with `raw` as amoCRM typed them (Unix ints for dates, bools for checkboxes, §11.3)."""
+    wanted = str(field).strip()
+    out: list[Any] = []
     for item in custom_fields or []:
         if wanted.isdigit():
             match = str(item.get("field_id")) == wanted
         else:
             match = wanted.lower() in (str(item.get("field_code") or "").lower(), str(item.get("field_name") or "").lower())
         if match:
-            out += [str(v["value"]) for v in item.get("values") or [] if v.get("value") not in (None, "")]
+            out += [v["value"] if raw else str(v["value"])
+                    for v in item.get("values") or [] if v.get("value") not in (None, "")]
     return out
+
+
+def attribute_values(custom_fields: list[dict] | None, attributes: Iterable[dict], entity: str) -> dict[str, list]:
+    """Raw values of the mapped custom fields for `entity` (contact/order), by Metrika attribute name;
+    typed and checked later by the row schema."""
+    return {a["name"]: field_values(custom_fields, a["crm_field"], raw=True) for a in attributes if a["entity"] == entity}
 
 
 
@@ -43,15 +58,17 @@ def _time(ts: Any, now: datetime) -> datetime | None:
     return min(datetime.fromtimestamp(int(ts), timezone.utc), now)
 
 
-def contact_row(contact: dict, client_id_field: str, now: datetime, extra_client_ids: Iterable[str] = ()) -> dict:
+def contact_row(contact: dict, client_id_field: str, now: datetime, extra_client_ids: Iterable[str] = (),
+                attributes: Iterable[dict] = ()) -> dict:
     fields = contact.get("custom_fields_values")
     row = {"uniq_id": str(contact["id"]), "name": contact.get("name") or None,
            "create_date_time": _time(contact.get("created_at"), now),
            "update_date_time": _time(contact.get("updated_at"), now),
            "phones": keep_valid(field_values(fields, "PHONE"), normalize_phone),
            "emails": keep_valid(field_values(fields, "EMAIL"), normalize_email),
-           "client_ids": keep_valid([*field_values(fields, client_id_field), *extra_client_ids], normalize_client_id)}
-    return {k: v for k, v in row.items() if v not in (None, [])}
+           "client_ids": keep_valid([*field_values(fields, client_id_field), *extra_client_ids], normalize_client_id),
+           "attribute_values": attribute_values(fields, attributes, "contact")}
+    return {k: v for k, v in row.items() if v not in (None, [], {})}
 
 
 def main_contact_id(lead: dict) -> int | None:
@@ -61,7 +78,8 @@ def main_contact_id(lead: dict) -> int | None:
 
 
 def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], client_id_field: str,
-              now: datetime, currency: str | None = None, pipelines: dict[int, dict] | None = None) -> EntityRows:
+              now: datetime, currency: str | None = None, pipelines: dict[int, dict] | None = None,
+              attributes: Iterable[dict] = ()) -> EntityRows:
     """A lead → its main contact (or one synthesised from the lead) and its order.
 
     The ClientID is read from the lead (where amoCRM's tracking fields live) and from the contact.
@@ -76,7 +94,7 @@ def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], cli
     contact_id = main_contact_id(lead)
     contact = contacts.get(contact_id) if contact_id is not None else None
     if contact is not None:
-        customer = contact_row(contact, client_id_field, now, extra_client_ids=lead_client_ids)
+        customer = contact_row(contact, client_id_field, now, extra_client_ids=lead_client_ids, attributes=attributes)
     else:
         # No contact (or it was deleted): the ClientID on the lead still ties the deal to a visit.
         customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{lead['id']}", "name": lead.get("name") or None,
@@ -88,8 +106,10 @@ def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], cli
              "finish_date_time": _time(lead.get("closed_at"), now),
              "revenue": lead.get("price_with_minor_units", lead.get("price")),
              "currency": currency,
-             "products": products_of(lead)}
-    return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}])
+             "products": products_of(lead),
+             "attribute_values": attribute_values(lead.get("custom_fields_values"), attributes, "order")}
+    return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}],
+                      products=product_hints(lead))
 
 
 def products_of(lead: dict) -> dict[str, Any]:
@@ -97,8 +117,15 @@ def products_of(lead: dict) -> dict[str, Any]:
     products: dict[str, Any] = {}
     for element in (lead.get("_embedded") or {}).get("catalog_elements") or []:
         quantity = (element.get("metadata") or {}).get("quantity") or 0
-        products[str(element["id"])] = products.get(str(element["id"]), 0) + quantity
+        product = normalize_product_id(element["id"])
+        products[product] = products.get(product, 0) + quantity
     return products
+
+
+def product_hints(lead: dict) -> dict[str, dict]:
+    """Where each linked element's name can be read: its catalog (§11.4: names need another call)."""
+    return {normalize_product_id(e["id"]): {"catalog_id": (e.get("metadata") or {}).get("catalog_id"), "element_id": e["id"]}
+            for e in (lead.get("_embedded") or {}).get("catalog_elements") or []}
 
 
 def default_mapping(pipelines: list[dict]) -> list[dict]:

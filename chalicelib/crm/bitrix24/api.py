@@ -63,12 +63,19 @@ class Bitrix24Client:
     def batch(self, commands: dict[str, tuple[str, dict]]) -> tuple[dict, dict]:
         """Up to 50 sub-calls in one request; returns (results, errors) keyed like `commands`.
         Parameters may chain: `{"id": "$result[deal][CONTACT_ID]"}` (§15)."""
+        results, errors, _, _ = self.batch_pages(commands)
+        return results, errors
+
+    def batch_pages(self, commands: dict[str, tuple[str, dict]]) -> tuple[dict, dict, dict, dict]:
+        """`batch` returning also `result_next` (the next `start` of each list sub-call that has more)
+        and `result_total` (items matching each list sub-call's filter)."""
         if len(commands) > BATCH_LIMIT:
             raise ValueError(f"at most {BATCH_LIMIT} commands in one batch")
-        cmd = {key: f"{method}?{urlencode(params, safe='$[]')}" for key, (method, params) in commands.items()}
+        cmd = {key: f"{method}?{urlencode(_flatten(params), safe='$[]')}" for key, (method, params) in commands.items()}
         result = self.call("batch", {"halt": 0, "cmd": cmd}).get("result") or {}
-        errors = result.get("result_error") or {}
-        return result.get("result") or {}, errors if isinstance(errors, dict) else {}
+        errors, following, totals = (result.get(k) or {} for k in ("result_error", "result_next", "result_total"))
+        return tuple(part if isinstance(part, dict) else {}
+                     for part in (result.get("result") or {}, errors, following, totals))
 
     def deal(self, deal_id: str) -> dict:
         return self.call("crm.deal.get", {"id": deal_id})["result"]
@@ -105,6 +112,20 @@ class Bitrix24Client:
             if "next" not in answer:
                 return
             start = answer["next"]
+
+
+def _flatten(params: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested parameters as PHP's http_build_query writes them (`filter[>ID]=5`, `select[0]=*`): the
+    form a batch sub-command's query string takes (§15)."""
+    pairs: list[tuple[str, str]] = []
+    items = params.items() if isinstance(params, dict) else enumerate(params)
+    for key, value in items:
+        name = f"{prefix}[{key}]" if prefix else str(key)
+        if isinstance(value, (dict, list, tuple)):
+            pairs += _flatten(value, name)
+        else:
+            pairs.append((name, "" if value is None else str(value)))
+    return pairs
 
 
 def _json(response: requests.Response) -> dict:

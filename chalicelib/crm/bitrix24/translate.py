@@ -5,12 +5,18 @@ dates §14; ClientID §19.
 """
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any, Iterable
 
 from .. import EntityRows, unmapped_stage
-from ...metrika.schemas import keep_valid, normalize_client_id, normalize_email, normalize_phone, parse_decimal
+from ...metrika.schemas import (
+    keep_valid,
+    normalize_client_id,
+    normalize_email,
+    normalize_phone,
+    normalize_product_id,
+    parse_decimal,
+)
 from ...status_mapping import status_for
 
 SYNTHETIC_CONTACT_PREFIX = "deal-"
@@ -41,27 +47,41 @@ def _multi(record: dict, key: str) -> list[str]:
     return [str(item.get("VALUE")) for item in record.get(key) or [] if item.get("VALUE")]
 
 
-def contact_row(contact: dict, field: str, now: datetime, extra_client_ids: Iterable[str] = ()) -> dict:
+def attribute_values(record: dict | None, attributes: Iterable[dict], entity: str) -> dict[str, list]:
+    """Raw values of the mapped fields (`UF_CRM_…`, `SOURCE_ID`, …) for `entity`, by Metrika attribute
+    name; multiple fields come back as arrays (§9). Typed and checked later by the row schema."""
+    out: dict[str, list] = {}
+    for attribute in attributes:
+        if attribute["entity"] == entity:
+            value = (record or {}).get(attribute["crm_field"])
+            values = value if isinstance(value, list) else [value]
+            out[attribute["name"]] = [v for v in values if v not in (None, "", False)]
+    return out
+
+
+def contact_row(contact: dict, field: str, now: datetime, extra_client_ids: Iterable[str] = (),
+                attributes: Iterable[dict] = ()) -> dict:
     name = " ".join(p for p in (contact.get("NAME"), contact.get("SECOND_NAME"), contact.get("LAST_NAME")) if p)
     row = {"uniq_id": str(contact["ID"]), "name": name or None,
            "create_date_time": _time(contact.get("DATE_CREATE"), now),
            "update_date_time": _time(contact.get("DATE_MODIFY"), now),
            "phones": keep_valid(_multi(contact, "PHONE"), normalize_phone),
            "emails": keep_valid(_multi(contact, "EMAIL"), normalize_email),
-           "client_ids": keep_valid([*client_ids(contact, field), *extra_client_ids], normalize_client_id)}
-    return {k: v for k, v in row.items() if v not in (None, [])}
+           "client_ids": keep_valid([*client_ids(contact, field), *extra_client_ids], normalize_client_id),
+           "attribute_values": attribute_values(contact, attributes, "contact")}
+    return {k: v for k, v in row.items() if v not in (None, [], {})}
 
 
 def product_id(row: dict) -> str:
     """Catalogue products by id; free-text rows (PRODUCT_ID 0) by row id, both fitting ^[\\w-:]+$."""
     if str(row.get("PRODUCT_ID") or "0") != "0":
-        return str(row["PRODUCT_ID"])
-    return "row-" + re.sub(r"[^\w\-:]", "_", str(row.get("ID")), flags=re.ASCII)
+        return normalize_product_id(row["PRODUCT_ID"])
+    return normalize_product_id(f"row-{row.get('ID')}")
 
 
 def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_rows: list[dict],
               mapping: list[dict], client_id_field: str, now: datetime,
-              stage_names: dict[str, str] | None = None) -> EntityRows:
+              stage_names: dict[str, str] | None = None, attributes: Iterable[dict] = ()) -> EntityRows:
     """A deal → its contact (or one made from the deal) and its order. The ClientID is looked up on
     the deal, then its source lead (`LEAD_ID`), then the contact."""
     stage = str(deal.get("STAGE_ID") or "")
@@ -71,15 +91,17 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
         return unmapped_stage(stage, name)
     found = client_ids(deal, client_id_field) or client_ids(lead, client_id_field)
     if contact is not None:
-        customer = contact_row(contact, client_id_field, now, extra_client_ids=found)
+        customer = contact_row(contact, client_id_field, now, extra_client_ids=found, attributes=attributes)
     else:
         customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{deal['ID']}", "name": deal.get("TITLE") or None,
                     "create_date_time": _time(deal.get("DATE_CREATE"), now), "client_ids": found}
         customer = {k: v for k, v in customer.items() if v not in (None, [])}
     products: dict[str, Any] = {}
+    names: dict[str, dict] = {}
     for row in product_rows:
         quantity = parse_decimal(row.get("QUANTITY")) or 0
         products[product_id(row)] = products.get(product_id(row), 0) + quantity
+        names[product_id(row)] = {"name": row.get("PRODUCT_NAME") or None}
     closed = deal.get("CLOSED") == "Y"
     order = {"id": str(deal["ID"]), "client_uniq_id": customer["uniq_id"], "order_status": status,
              "create_date_time": _time(deal.get("DATE_CREATE"), now),
@@ -87,8 +109,17 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
              "finish_date_time": _time(deal.get("MOVED_TIME"), now) if closed else None,
              "revenue": parse_decimal(deal.get("OPPORTUNITY")),
              "currency": deal.get("CURRENCY_ID") or None,
-             "products": products}
-    return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}])
+             "products": products,
+             "attribute_values": attribute_values(deal, attributes, "order")}
+    return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}],
+                      products=names)
+
+
+def from_item_product_row(row: dict) -> dict:
+    """A `crm.item.productrow.list` row (camelCase) in the shape of `crm.deal.productrows.get` (§11), so
+    both paths translate, and hash, alike."""
+    return {"ID": row.get("id"), "OWNER_ID": row.get("ownerId"), "PRODUCT_ID": row.get("productId"),
+            "PRODUCT_NAME": row.get("productName"), "PRICE": row.get("price"), "QUANTITY": row.get("quantity")}
 
 
 def default_mapping(stages: list[dict], funnels: dict[str, str] | None = None) -> list[dict]:

@@ -1,0 +1,301 @@
+"""History import ("backfill"): page through the CRM's contacts, then its deals, changed since a start
+date, and upload them in large batches, sharing per-entity delivery state with the live path.
+
+Why (CDP reference §5.1, §13): orders match visits only after the first contact upload and only within
+21 days, so an integration's first reports are empty unless existing customers and deals go up early.
+
+How it runs: as a chain of steps on the events queue (`{"kind": "backfill", "run_id"}` messages), each
+reading pages until about `row_limit` entities, uploading them, then saving the cursor and counts and
+queueing the next step. An interrupted step (crash, timeout, Metrika or CRM failure) is retried from the
+last saved cursor; a stop lets the step in flight finish and queues nothing more; starting again resumes.
+
+Sharing state with webhooks (`Store.take_for_backfill`): an entity is taken only when the live path has
+no message pending for it and has not sent this content or newer; while taken, webhooks only record
+their newer time, and if one did, the entity is queued to the live path after the import's upload, so
+the newer state always lands last.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import date, datetime, timezone
+from typing import Any, Callable
+from zoneinfo import ZoneInfo
+
+from .crm import CONTACT, ORDER, EntityRows, PermanentSourceError, RetryableSourceError
+from .errors import invalid, not_found
+from .logs import log_event
+from .metrika.cdp import MetrikaError
+from .pipeline import (
+    BACKFILL,
+    EventQueue,
+    content_hash_of,
+    csv_kinds_for,
+    delivery_facts,
+    rejected_keys,
+    send_rows,
+    sync_products,
+)
+
+PHASES = ("contacts", "orders")
+STEP_SECONDS = 60  # well inside the worker Lambda's timeout and the queue's visibility timeout
+BUDGET_RESERVE = 500  # Metrika requests a day the import leaves to the live path
+RETRY_LIMIT = 12
+MAX_DELAY = 900
+COUNTS = ("read", "contacts_sent", "orders_sent", "skipped", "failed", "older_than_21_days")
+
+
+def parse_since(value: Any, time_zone: str, now: datetime | None = None) -> int:
+    """`since` as `YYYY-MM-DD` (midnight in the counter's time zone) or Unix seconds; not in the future."""
+    now = now or datetime.now(timezone.utc)
+    if isinstance(value, bool) or value is None:
+        raise invalid("since is required: a date (YYYY-MM-DD) or Unix seconds")
+    if isinstance(value, int):
+        since = value
+    else:
+        try:
+            day = date.fromisoformat(str(value))
+        except ValueError:
+            raise invalid(f"since must be a date (YYYY-MM-DD) or Unix seconds, not {value!r}") from None
+        since = int(datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(time_zone)).timestamp())
+    if since > now.timestamp():
+        raise invalid("since is in the future")
+    if since < 0:
+        raise invalid("since must not be before 1970")
+    return since
+
+
+def public_job(job: dict | None) -> dict | None:
+    """The job as the API shows it (no internals such as the run id)."""
+    if job is None:
+        return None
+    return {k: v for k, v in job.items() if k not in ("run_id", "attempts")}
+
+
+class Backfill:
+    def __init__(self, store: Any, queue: EventQueue, metrika_for: Callable[[dict], Any], sources: dict[str, Any],
+                 *, row_limit: int = 1000, step_seconds: float = STEP_SECONDS, retry_base: float = 2.0,
+                 budget_reserve: int = BUDGET_RESERVE, clock: Callable[[], float] = time.time) -> None:
+        self._store, self._queue, self._metrika_for, self._sources = store, queue, metrika_for, sources
+        self._row_limit, self._step_seconds, self._retry_base = row_limit, step_seconds, retry_base
+        self._reserve, self._clock = budget_reserve, clock
+
+    # --- the admin API --------------------------------------------------------------------------------
+
+    def start(self, integration_id: str, body: Any) -> dict:
+        """Start an import from `since`, or resume the stopped or failed one with the same `since`
+        (`"restart": true` starts over). A running import is returned as it is."""
+        if body is not None and not isinstance(body, dict):
+            raise invalid('body must be a JSON object: {"since": "YYYY-MM-DD"}')
+        body = body or {}
+        integration = self._integration(integration_id)
+        current = self._store.get_backfill(integration_id)
+        since = parse_since(body.get("since", (current or {}).get("since_ts")), integration["timezone"])
+        now = int(self._clock())
+        if current and current["state"] == "running" and current["since_ts"] == since and not body.get("restart"):
+            return {"backfill": public_job(current), "started": False}
+        if current and current["state"] in ("stopped", "failed", "running") and current["since_ts"] == since \
+                and not body.get("restart"):
+            job = {**current, "state": "running", "error": None, "attempts": 0, "resumed_at": now}
+        else:
+            job = {"since_ts": since, "since": datetime.fromtimestamp(since, timezone.utc).isoformat(),
+                   "state": "running", "phase": PHASES[0], "cursor": None, "started_at": now, "finished_at": None,
+                   "counts": {k: 0 for k in COUNTS}, "totals": {}, "crm_requests": 0, "metrika_requests": 0,
+                   "steps": 0, "attempts": 0, "error": None}
+        job.update(run_id=uuid.uuid4().hex, updated_at=now)  # a new run: any older step message is void
+        self._store.put_backfill(integration_id, job)
+        self._queue.send([self._message(integration_id, job)])
+        log_event("backfill_started", integration_id=integration_id, since=since, phase=job["phase"])
+        return {"backfill": public_job(job), "started": True}
+
+    def stop(self, integration_id: str) -> dict:
+        self._integration(integration_id)
+        job = self._store.get_backfill(integration_id)
+        if job is None:
+            raise not_found(f"history import for integration {integration_id!r}")
+        if job["state"] == "running":
+            job.update(state="stopped", updated_at=int(self._clock()))
+            self._store.put_backfill(integration_id, job)
+            log_event("backfill_stopped", integration_id=integration_id, phase=job["phase"])
+        return {"backfill": public_job(job)}
+
+    def status(self, integration_id: str) -> dict:
+        self._integration(integration_id)
+        return {"backfill": public_job(self._store.get_backfill(integration_id))}
+
+    def _integration(self, integration_id: str) -> dict:
+        integration = self._store.get_integration(integration_id)
+        if integration is None:
+            raise not_found(f"integration {integration_id!r}")
+        if integration["crm"] not in self._sources:
+            raise invalid(f"history import from {integration['crm']} is not available in this build")
+        return integration
+
+    @staticmethod
+    def _message(integration_id: str, job: dict) -> dict:
+        return {"integration_id": integration_id, "kind": BACKFILL, "crm_id": job["run_id"]}
+
+    # --- one step (the worker calls this for a backfill message) --------------------------------------
+
+    def step(self, integration_id: str, run_id: str) -> dict:
+        job = self._store.get_backfill(integration_id)
+        integration = self._store.get_integration(integration_id)
+        if not job or not integration or job.get("run_id") != run_id or job["state"] != "running":
+            return {"skipped": "not the running import"}
+        metrika = self._metrika_for(integration)
+        remaining = metrika.remaining_budget()
+        if remaining is not None and remaining < self._reserve:
+            # Leave today's rest to the live path; try again later (the quota resets at 00:00 UTC).
+            return self._again(integration_id, job, MAX_DELAY, f"waiting for Metrika quota: {remaining} requests "
+                               f"left today, {self._reserve} kept for live deliveries", count_attempt=False)
+        source = self._sources[integration["crm"]]
+        mapping = (self._store.get_status_mapping(integration_id) or {}).get("entries", [])
+        attributes = self._store.get_attribute_mapping(integration_id)
+        started = self._clock()
+        rows: dict[tuple[str, str], EntityRows] = {}
+        times: dict[tuple[str, str], int] = {}
+        cursor, phase = job["cursor"], job["phase"]
+        crm_requests = 0
+        try:
+            while len(rows) < self._row_limit and self._clock() - started < self._step_seconds:
+                page = source.backfill_page(integration, mapping, attributes, phase, job["since_ts"], cursor)
+                crm_requests += page.requests
+                rows.update(page.rows)
+                times.update(page.event_times)
+                if page.total is not None and cursor is None:
+                    job["totals"][phase] = page.total
+                cursor = page.cursor
+                if cursor is None:
+                    break
+            before = metrika.governor.used_today() if metrika.governor else 0
+            counts = self._deliver(integration_id, integration, metrika, source, attributes, rows, times)
+            metrika_requests = (metrika.governor.used_today() - before) if metrika.governor else 0
+        except (RetryableSourceError, MetrikaError) as exc:
+            if isinstance(exc, MetrikaError) and not exc.retryable:
+                return self._fail(integration_id, job, f"Metrika refused the import: {exc.message}")
+            delay = getattr(exc, "retry_after", None) or self._retry_base * 2 ** min(job.get("attempts", 0), 9)
+            return self._again(integration_id, job, delay, str(getattr(exc, "message", exc)))
+        except PermanentSourceError as exc:
+            return self._fail(integration_id, job, f"the CRM refused the import: {exc}")
+        for key, value in counts.items():
+            job["counts"][key] = job["counts"].get(key, 0) + value
+        job["crm_requests"] += crm_requests
+        job["metrika_requests"] += metrika_requests
+        job["steps"] += 1
+        job.update(cursor=cursor, attempts=0, error=None, updated_at=int(self._clock()))
+        if cursor is None:
+            next_phase = PHASES.index(phase) + 1
+            if next_phase < len(PHASES):
+                job["phase"] = PHASES[next_phase]
+            else:
+                job.update(phase="done", state="done", finished_at=int(self._clock()))
+        if not self._store.put_backfill(integration_id, job, expect_run=run_id):
+            return {"stopped": True, **counts}  # stopped (or restarted) while this step ran: queue nothing
+        if job["state"] == "running":
+            self._queue.send([self._message(integration_id, job)])
+        else:
+            log_event("backfill_done", integration_id=integration_id, **job["counts"])
+        log_event("backfill_step", integration_id=integration_id, phase=phase, crm_requests=crm_requests,
+                  metrika_requests=metrika_requests, **counts)
+        return counts
+
+    def _again(self, integration_id: str, job: dict, delay: float, reason: str, count_attempt: bool = True) -> dict:
+        attempts = job.get("attempts", 0) + (1 if count_attempt else 0)
+        if attempts > RETRY_LIMIT:
+            return self._fail(integration_id, job, f"gave up after {attempts - 1} retries: {reason}")
+        job.update(attempts=attempts, error=reason, updated_at=int(self._clock()))
+        if self._store.put_backfill(integration_id, job, expect_run=job["run_id"]):
+            self._queue.send([self._message(integration_id, job)], delay_seconds=int(min(MAX_DELAY, max(1, delay))))
+        log_event("backfill_retry", integration_id=integration_id, attempts=attempts, reason=reason[:300])
+        return {"retry_in": delay}
+
+    def _fail(self, integration_id: str, job: dict, reason: str) -> dict:
+        job.update(state="failed", error=reason, updated_at=int(self._clock()))
+        self._store.put_backfill(integration_id, job, expect_run=job["run_id"])
+        log_event("backfill_failed", integration_id=integration_id, reason=reason[:300])
+        return {"failed": reason}
+
+    # --- delivery of one step's entities ---------------------------------------------------------------
+
+    def _deliver(self, integration_id: str, integration: dict, metrika: Any, source: Any, attributes: list[dict],
+                 rows: dict[tuple[str, str], EntityRows], times: dict[tuple[str, str], int]) -> dict:
+        from marshmallow import ValidationError
+
+        from .pipeline import validated_rows
+        counts = {k: 0 for k in COUNTS}
+        counts["read"] = len(rows)
+        sent_contacts = self._store.content_hashes(integration_id, CONTACT, [
+            c["uniq_id"] for key, e in rows.items() if key[0] == ORDER for c in e.contacts])
+        ready: dict[tuple[str, str], tuple] = {}
+        products: dict[str, dict] = {}
+        for key, entity in rows.items():
+            if entity.gone:
+                continue
+            error, contacts, orders, content_hash = entity.error, [], [], ""
+            if error is None:
+                try:
+                    contacts, orders = validated_rows(integration, attributes, entity)
+                    content_hash = content_hash_of(contacts, orders)
+                except ValidationError as exc:
+                    error = {"message": "row failed validation", "fields": exc.messages}
+            if self._store.take_for_backfill(integration_id, *key, times[key], content_hash) is None:
+                counts["skipped"] += 1  # the live path has it, or this content was already sent
+                continue
+            if error is not None:
+                counts["failed"] += 1
+                self._release(integration_id, key, times[key], error=error)
+                continue
+            # The customer of a deal usually went up in the contacts phase: send it again only if the
+            # deal adds something (a ClientID from the lead, say).
+            to_send = [c for c in contacts if key[0] == CONTACT
+                       or sent_contacts.get(c["uniq_id"]) != content_hash_of([c], [])]
+            last_order = json.dumps(orders[0], sort_keys=True, ensure_ascii=False) if orders else None
+            ready[key] = (to_send, orders, content_hash, last_order, contacts)
+            products.update(entity.products)
+        ordered = {p: products.get(p, {}) for v in ready.values() for o in v[1] for p in o.get("products") or {}}
+        if ordered:
+            sync_products(self._store, metrika, source, integration_id, integration, ordered)
+        csv_kinds = csv_kinds_for(attributes)
+        while ready:
+            try:
+                uploads = send_rows(metrika, integration["counter_id"], ready, self._row_limit, csv_kinds)
+            except MetrikaError as exc:
+                uploads, sent_contact_ids, sent_order_ids = getattr(exc, "sent", ([], set(), set()))
+                done = {k: v for k, v in ready.items() if {c["uniq_id"] for c in v[0]} <= sent_contact_ids
+                        and {o["id"] for o in v[1]} <= sent_order_ids}
+                self._complete(integration_id, integration, ready, done, uploads, times, counts)
+                ready = {k: v for k, v in ready.items() if k not in done}
+                rejected = set() if exc.retryable else rejected_keys(exc, ready)
+                if not rejected:
+                    raise  # retry the step: the entities stay taken and are taken again
+                for key in rejected:
+                    counts["failed"] += 1
+                    self._release(integration_id, key, times[key], error=exc.describe())
+                ready = {k: v for k, v in ready.items() if k not in rejected}
+                continue
+            self._complete(integration_id, integration, ready, ready, uploads, times, counts)
+            break
+        return counts
+
+    def _complete(self, integration_id: str, integration: dict, ready: dict, done: dict, uploads: list, times: dict,
+                  counts: dict) -> None:
+        for kind, uploading_id, count in uploads:
+            self._store.record_upload(integration_id, uploading_id, kind=kind, rows=count)
+        for key, (to_send, orders, content_hash, last_order, contacts) in done.items():
+            facts = delivery_facts(contacts, orders, last_order, integration["timezone"]) if orders else None
+            counts["contacts_sent"] += len(to_send)
+            counts["orders_sent"] += len(orders)
+            counts["older_than_21_days"] += bool(facts and facts.get("late"))
+            self._release(integration_id, key, times[key], content_hash=content_hash,
+                          uploading_id=uploads[-1][1] if uploads else None, last_order=last_order, facts=facts)
+
+    def _release(self, integration_id: str, key: tuple[str, str], event_time: int, **outcome: Any) -> None:
+        if not self._store.release_backfilled(integration_id, *key, event_time=event_time,
+                                              content_hash=outcome.get("content_hash"),
+                                              uploading_id=outcome.get("uploading_id"),
+                                              last_order=outcome.get("last_order"), facts=outcome.get("facts"),
+                                              error=outcome.get("error")):
+            # A webhook recorded a newer change while we held the entity: the live path sends it now,
+            # after our upload, so the newest state lands last.
+            self._queue.send([{"integration_id": integration_id, "kind": key[0], "crm_id": key[1]}])
