@@ -39,6 +39,7 @@ from .pipeline import (
 )
 
 PHASES = ("contacts", "orders")
+STEP_ROWS = 1000  # entities read per step, at most (and at most the upload row limit)
 STEP_SECONDS = 60  # well inside the worker Lambda's timeout and the queue's visibility timeout
 BUDGET_RESERVE = 500  # Metrika requests a day the import leaves to the live path
 RETRY_LIMIT = 12
@@ -158,7 +159,7 @@ class Backfill:
         cursor, phase = job["cursor"], job["phase"]
         crm_requests = 0
         try:
-            while len(rows) < self._row_limit and self._clock() - started < self._step_seconds:
+            while len(rows) < min(self._row_limit, STEP_ROWS) and self._clock() - started < self._step_seconds:
                 page = source.backfill_page(integration, mapping, attributes, phase, job["since_ts"], cursor)
                 crm_requests += page.requests
                 rows.update(page.rows)
