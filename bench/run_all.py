@@ -7,7 +7,8 @@ import sys
 import time
 
 BENCHMARKS = [("bench.ack_latency", ["--events", "1000"]), ("bench.cold_start", ["--runs", "5"]), ("bench.translation", []),
-              ("bench.upload_economy", []), ("bench.e2e_latency", [])]
+              ("bench.upload_economy", []), ("bench.e2e_latency", []),
+              ("bench.backfill", [])]
 
 if __name__ == "__main__":
     started = time.monotonic()
