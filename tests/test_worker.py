@@ -26,7 +26,7 @@ class StaticSource:
         self.calls = []
         self.on_snapshot = on_snapshot
 
-    def snapshot(self, integration, mapping, refs):
+    def snapshot(self, integration, mapping, refs, attributes=()):
         self.calls.append(sorted((r.kind, r.crm_id) for r in refs))
         if self.on_snapshot:
             self.on_snapshot(refs)
