@@ -96,7 +96,7 @@ class Backfill:
         now = int(self._clock())
         if current and current["state"] == "running" and current["since_ts"] == since and not body.get("restart"):
             return {"backfill": public_job(current), "started": False}
-        if current and current["state"] in ("stopped", "failed", "running") and current["since_ts"] == since \
+        if current and current["state"] in ("stopped", "failed") and current["since_ts"] == since \
                 and not body.get("restart"):
             job = {**current, "state": "running", "error": None, "attempts": 0, "resumed_at": now}
         else:

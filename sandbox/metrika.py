@@ -384,7 +384,7 @@ class MetrikaSandbox(SandboxServer):
     def _get_attributes(self, request: Request) -> Reply:
         entity = request.query.get("entity_type", "").upper()
         if entity not in ("CONTACT", "ORDER"):
-            return _error(400, "invalid_parameter", "entity_type must be CONTACT or ORDER here", "entity_type")
+            return _ENTITY_TYPE_REFUSED
         counter = self.counter(int(request.match["counter"]))
         system = sorted((CONTACT_FIELDS if entity == "CONTACT" else ORDER_FIELDS) - {"attribute_values"})
         return Reply(200, {"system_attributes": [{"name": n, "type_group": "PREDEFINED"} for n in system],
@@ -393,7 +393,7 @@ class MetrikaSandbox(SandboxServer):
     def _create_attributes(self, request: Request) -> Reply:
         entity = request.query.get("entity_type", "").upper()
         if entity not in ("CONTACT", "ORDER"):
-            return _error(400, "invalid_parameter", "entity_type must be CONTACT or ORDER here", "entity_type")
+            return _ENTITY_TYPE_REFUSED
         body = _json_object(request)
         if isinstance(body, Reply):
             return body
@@ -515,6 +515,7 @@ class MetrikaSandbox(SandboxServer):
 
 
 ATTRIBUTE_TYPES = ("numeric", "date", "datetime", "email", "text")
+_ENTITY_TYPE_REFUSED = _error(400, "invalid_parameter", "entity_type must be CONTACT or ORDER here", "entity_type")
 
 
 def _check_attribute(attribute: dict, cell: str, row: dict) -> str | None:
