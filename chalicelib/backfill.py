@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
@@ -44,6 +45,9 @@ STEP_SECONDS = 60  # well inside the worker Lambda's timeout and the queue's vis
 BUDGET_RESERVE = 500  # Metrika requests a day the import leaves to the live path
 RETRY_LIMIT = 12
 MAX_DELAY = 900
+# Each entity costs two conditional writes (take, release); run them side by side, as the step's time
+# is otherwise their latencies added up. botocore's connection pool holds 10 per client.
+STATE_WRITERS = 8
 COUNTS = ("read", "contacts_sent", "orders_sent", "skipped", "failed", "older_than_21_days")
 
 
@@ -71,7 +75,7 @@ def public_job(job: dict | None) -> dict | None:
     """The job as the API shows it (no internals such as the run id)."""
     if job is None:
         return None
-    return {k: v for k, v in job.items() if k not in ("run_id", "attempts")}
+    return {k: v for k, v in job.items() if k not in ("run_id", "attempts", "partial")}
 
 
 class Backfill:
@@ -157,11 +161,13 @@ class Backfill:
         rows: dict[tuple[str, str], EntityRows] = {}
         times: dict[tuple[str, str], int] = {}
         cursor, phase = job["cursor"], job["phase"]
-        crm_requests = 0
+        # What an earlier, failed attempt at this step already settled (see `_deliver`).
+        partial = job.get("partial") or {"counts": {}, "settled": [], "contacts": {}}
+        used = {"crm": 0, "metrika": metrika.governor.used_today() if metrika.governor else 0}
         try:
             while len(rows) < min(self._row_limit, STEP_ROWS) and self._clock() - started < self._step_seconds:
                 page = source.backfill_page(integration, mapping, attributes, phase, job["since_ts"], cursor)
-                crm_requests += page.requests
+                used["crm"] += page.requests
                 rows.update(page.rows)
                 times.update(page.event_times)
                 if page.total is not None and cursor is None:
@@ -169,22 +175,21 @@ class Backfill:
                 cursor = page.cursor
                 if cursor is None:
                     break
-            before = metrika.governor.used_today() if metrika.governor else 0
-            counts = self._deliver(integration_id, integration, metrika, source, attributes, rows, times)
-            metrika_requests = (metrika.governor.used_today() - before) if metrika.governor else 0
+            counts = self._deliver(integration_id, integration, metrika, source, attributes, rows, times, partial)
         except (RetryableSourceError, MetrikaError) as exc:
+            job["partial"] = _merged(partial, getattr(exc, "partial", None))
+            self._add_requests(job, metrika, used)
             if isinstance(exc, MetrikaError) and not exc.retryable:
                 return self._fail(integration_id, job, f"Metrika refused the import: {exc.message}")
             delay = getattr(exc, "retry_after", None) or self._retry_base * 2 ** min(job.get("attempts", 0), 9)
             return self._again(integration_id, job, delay, str(getattr(exc, "message", exc)))
         except PermanentSourceError as exc:
             return self._fail(integration_id, job, f"the CRM refused the import: {exc}")
-        for key, value in counts.items():
+        for key, value in _merged(partial, {"counts": counts})["counts"].items():
             job["counts"][key] = job["counts"].get(key, 0) + value
-        job["crm_requests"] += crm_requests
-        job["metrika_requests"] += metrika_requests
+        crm_requests, metrika_requests = self._add_requests(job, metrika, used)
         job["steps"] += 1
-        job.update(cursor=cursor, attempts=0, error=None, updated_at=int(self._clock()))
+        job.update(cursor=cursor, attempts=0, error=None, partial=None, updated_at=int(self._clock()))
         if cursor is None:
             next_phase = PHASES.index(phase) + 1
             if next_phase < len(PHASES):
@@ -200,6 +205,13 @@ class Backfill:
         log_event("backfill_step", integration_id=integration_id, phase=phase, crm_requests=crm_requests,
                   metrika_requests=metrika_requests, **counts)
         return counts
+
+    @staticmethod
+    def _add_requests(job: dict, metrika: Any, used: dict) -> tuple[int, int]:
+        metrika_requests = (metrika.governor.used_today() - used["metrika"]) if metrika.governor else 0
+        job["crm_requests"] += used["crm"]
+        job["metrika_requests"] += metrika_requests
+        return used["crm"], metrika_requests
 
     def _again(self, integration_id: str, job: dict, delay: float, reason: str, count_attempt: bool = True) -> dict:
         attempts = job.get("attempts", 0) + (1 if count_attempt else 0)
@@ -220,16 +232,25 @@ class Backfill:
     # --- delivery of one step's entities ---------------------------------------------------------------
 
     def _deliver(self, integration_id: str, integration: dict, metrika: Any, source: Any, attributes: list[dict],
-                 rows: dict[tuple[str, str], EntityRows], times: dict[tuple[str, str], int]) -> dict:
+                 rows: dict[tuple[str, str], EntityRows], times: dict[tuple[str, str], int],
+                 partial: dict) -> dict:
+        """Take, upload and release one step's entities; their counts.
+
+        When an upload fails part way, the step is retried from its cursor, so the retry reads the same
+        entities. The exception then carries `partial`: the counts so far, the entities already settled
+        (sent, parked, or skipped) and the deals' customers already uploaded, so that the retry neither
+        counts nor sends them again."""
         from marshmallow import ValidationError
 
         from .pipeline import validated_rows
+        settled_before = {tuple(key) for key in partial["settled"]}
+        rows = {key: entity for key, entity in rows.items() if key not in settled_before}
         counts = {k: 0 for k in COUNTS}
         counts["read"] = len(rows)
         sent_contacts = self._store.content_hashes(integration_id, CONTACT, [
             c["uniq_id"] for key, e in rows.items() if key[0] == ORDER for c in e.contacts])
-        ready: dict[tuple[str, str], tuple] = {}
-        products: dict[str, dict] = {}
+        sent_contacts.update(partial["contacts"])
+        checked: dict[tuple[str, str], tuple] = {}
         for key, entity in rows.items():
             if entity.gone:
                 continue
@@ -240,20 +261,28 @@ class Backfill:
                     content_hash = content_hash_of(contacts, orders)
                 except ValidationError as exc:
                     error = {"message": "row failed validation", "fields": exc.messages}
-            if self._store.take_for_backfill(integration_id, *key, times[key], content_hash) is None:
+            checked[key] = (error, contacts, orders, content_hash)
+        known = self._store.existing_entities(integration_id, list(checked))
+        taken = _each(lambda key: self._store.take_for_backfill(integration_id, *key, times[key], checked[key][3],
+                                                                absent=key not in known), list(checked))
+        ready: dict[tuple[str, str], tuple] = {}
+        products: dict[str, dict] = {}
+        failed: dict[tuple[str, str], dict] = {}
+        for key, (error, contacts, orders, content_hash) in checked.items():
+            if taken[key] is None:
                 counts["skipped"] += 1  # the live path has it, or this content was already sent
-                continue
-            if error is not None:
-                counts["failed"] += 1
-                self._release(integration_id, key, times[key], error=error)
-                continue
-            # The customer of a deal usually went up in the contacts phase: send it again only if the
-            # deal adds something (a ClientID from the lead, say).
-            to_send = [c for c in contacts if key[0] == CONTACT
-                       or sent_contacts.get(c["uniq_id"]) != content_hash_of([c], [])]
-            last_order = json.dumps(orders[0], sort_keys=True, ensure_ascii=False) if orders else None
-            ready[key] = (to_send, orders, content_hash, last_order, contacts)
-            products.update(entity.products)
+            elif error is not None:
+                failed[key] = error
+            else:
+                # The customer of a deal usually went up in the contacts phase: send it again only if the
+                # deal adds something (a ClientID from the lead, say).
+                to_send = [c for c in contacts if key[0] == CONTACT
+                           or sent_contacts.get(c["uniq_id"]) != content_hash_of([c], [])]
+                last_order = json.dumps(orders[0], sort_keys=True, ensure_ascii=False) if orders else None
+                ready[key] = (to_send, orders, content_hash, last_order, contacts)
+                products.update(rows[key].products)
+        counts["failed"] += len(failed)
+        self._release(integration_id, taken, {key: {"error": error} for key, error in failed.items()})
         ordered = {p: products.get(p, {}) for v in ready.values() for o in v[1] for p in o.get("products") or {}}
         if ordered:
             sync_products(self._store, metrika, source, integration_id, integration, ordered)
@@ -265,38 +294,71 @@ class Backfill:
                 uploads, sent_contact_ids, sent_order_ids = getattr(exc, "sent", ([], set(), set()))
                 done = {k: v for k, v in ready.items() if {c["uniq_id"] for c in v[0]} <= sent_contact_ids
                         and {o["id"] for o in v[1]} <= sent_order_ids}
-                self._complete(integration_id, integration, ready, done, uploads, times, counts)
+                self._complete(integration_id, integration, done, uploads, taken, counts)
                 ready = {k: v for k, v in ready.items() if k not in done}
                 rejected = set() if exc.retryable else rejected_keys(exc, ready)
                 if not rejected:
+                    contacts = {c["uniq_id"]: content_hash_of([c], []) for v in ready.values()
+                                for c in v[0] if c["uniq_id"] in sent_contact_ids}
+                    counts["contacts_sent"] += len(contacts)
+                    counts["read"] -= len(ready)  # read again by the retry
+                    exc.partial = {"counts": counts, "contacts": contacts,
+                                   "settled": [list(key) for key in rows if key not in ready]}
                     raise  # retry the step: the entities stay taken and are taken again
-                for key in rejected:
-                    counts["failed"] += 1
-                    self._release(integration_id, key, times[key], error=exc.describe())
+                counts["failed"] += len(rejected)
+                self._release(integration_id, taken, {key: {"error": exc.describe()} for key in rejected})
                 ready = {k: v for k, v in ready.items() if k not in rejected}
                 continue
-            self._complete(integration_id, integration, ready, ready, uploads, times, counts)
+            self._complete(integration_id, integration, ready, uploads, taken, counts)
             break
         return counts
 
-    def _complete(self, integration_id: str, integration: dict, ready: dict, done: dict, uploads: list, times: dict,
+    def _complete(self, integration_id: str, integration: dict, done: dict, uploads: list, held: dict,
                   counts: dict) -> None:
         for kind, uploading_id, count in uploads:
             self._store.record_upload(integration_id, uploading_id, kind=kind, rows=count)
+        outcomes = {}
         for key, (to_send, orders, content_hash, last_order, contacts) in done.items():
             facts = delivery_facts(contacts, orders, last_order, integration["timezone"]) if orders else None
             counts["contacts_sent"] += len(to_send)
             counts["orders_sent"] += len(orders)
             counts["older_than_21_days"] += bool(facts and facts.get("late"))
-            self._release(integration_id, key, times[key], content_hash=content_hash,
-                          uploading_id=uploads[-1][1] if uploads else None, last_order=last_order, facts=facts)
+            outcomes[key] = {"content_hash": content_hash, "uploading_id": uploads[-1][1] if uploads else None,
+                             "last_order": last_order, "facts": facts}
+        self._release(integration_id, held, outcomes)
 
-    def _release(self, integration_id: str, key: tuple[str, str], event_time: int, **outcome: Any) -> None:
-        if not self._store.release_backfilled(integration_id, *key, event_time=event_time,
-                                              content_hash=outcome.get("content_hash"),
-                                              uploading_id=outcome.get("uploading_id"),
-                                              last_order=outcome.get("last_order"), facts=outcome.get("facts"),
-                                              error=outcome.get("error")):
-            # A webhook recorded a newer change while we held the entity: the live path sends it now,
-            # after our upload, so the newest state lands last.
-            self._queue.send([{"integration_id": integration_id, "kind": key[0], "crm_id": key[1]}])
+    def _release(self, integration_id: str, held: dict, outcomes: dict[tuple[str, str], dict]) -> None:
+        """End the hold on each entity with its outcome (sent: content hash, upload, facts; or parked:
+        error)."""
+        def release(key: tuple[str, str]) -> bool:
+            outcome = outcomes[key]
+            return self._store.release_backfilled(
+                held[key], content_hash=outcome.get("content_hash"), uploading_id=outcome.get("uploading_id"),
+                last_order=outcome.get("last_order"), facts=outcome.get("facts"), error=outcome.get("error"))
+        released = _each(release, list(outcomes))
+        # A webhook recorded a newer change while we held these: the live path sends them now, after our
+        # upload, so the newest state lands last.
+        overtaken = [{"integration_id": integration_id, "kind": key[0], "crm_id": key[1]}
+                     for key, ok in released.items() if not ok]
+        if overtaken:
+            self._queue.send(overtaken)
+
+
+def _merged(partial: dict, more: dict | None) -> dict:
+    """Two attempts' progress at one step added up."""
+    more = more or {}
+    counts = dict(partial["counts"])
+    for key, value in more.get("counts", {}).items():
+        counts[key] = counts.get(key, 0) + value
+    return {"counts": counts, "settled": partial["settled"] + more.get("settled", []),
+            "contacts": {**partial["contacts"], **more.get("contacts", {})}}
+
+
+def _each(write: Callable[[Any], Any], keys: list) -> dict:
+    """`write(key)` for every key, `STATE_WRITERS` at a time; the first error is raised after all ran
+    (an entity left taken is taken again by the step's retry)."""
+    if len(keys) <= 1:
+        return {key: write(key) for key in keys}
+    with ThreadPoolExecutor(min(STATE_WRITERS, len(keys))) as pool:
+        futures = {key: pool.submit(write, key) for key in keys}
+    return {key: future.result() for key, future in futures.items()}

@@ -211,48 +211,78 @@ class Store:
             raise
         return not (old.get("queued", {}).get("BOOL", False))
 
+    def existing_entities(self, integration_id: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (kind, crm_id) have delivery state (batched reads, 100 keys each)."""
+        return {(k.lower(), c) for k, _, c in (i["sk"].partition("#") for i in
+                self._batch_get(integration_id, [_entity_sk(kind, crm_id) for kind, crm_id in keys], "sk"))}
+
     def take_for_backfill(self, integration_id: str, kind: str, crm_id: str, event_time: int,
-                          content_hash: str) -> dict | None:
+                          content_hash: str, *, absent: bool = False) -> dict | None:
         """The history import takes an entity it read at `event_time`, unless the live path has it: a
         message is pending (dirty), the state is as new or newer, or the same content was already sent.
         While taken, `queued` stays set, so webhooks only record newer times without queueing; the
         import queues the entity itself if it was overtaken (see `release_backfilled`). An entity left
-        taken by an interrupted run is taken again. Returns the previous state ({} if none), or None."""
+        taken by an interrupted run is taken again. Returns the item as taken, in DynamoDB's typed form
+        (hand it back to `release_backfilled`), or None.
+
+        `absent`: a read just found no state, so try the cheaper conditional put first (an import of a
+        fresh install makes one per entity); if a webhook wrote meanwhile, the update below decides."""
+        key = {"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}
+        if absent:
+            item = _to_item({**key, "event_time": event_time, "dirty": True, "queued": True, "last_action": "backfill",
+                             "owner": BACKFILL_OWNER})
+            try:
+                self._db.put_item(TableName=self._state, Item=item, ConditionExpression="attribute_not_exists(pk)")
+                return item
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise
         try:
-            old = self._db.update_item(
-                TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
-                UpdateExpression="SET event_time = :t, dirty = :yes, queued = :yes, last_action = :a, #o = :owner, "
-                                 "received_at = :now",
+            return self._db.update_item(
+                TableName=self._state, Key=_to_item(key),
+                UpdateExpression="SET event_time = :t, dirty = :yes, queued = :yes, last_action = :a, #o = :owner",
                 ConditionExpression="attribute_not_exists(event_time) OR #o = :owner OR "
                                     "(dirty = :no AND event_time < :t AND (attribute_not_exists(content_hash) "
                                     "OR content_hash <> :h))",
                 ExpressionAttributeNames={"#o": "owner"},
                 ExpressionAttributeValues=_to_item({":t": event_time, ":yes": True, ":no": False, ":a": "backfill",
-                                                    ":owner": BACKFILL_OWNER, ":h": content_hash,
-                                                    ":now": int(time.time())}),
-                ReturnValues="ALL_OLD").get("Attributes", {})
+                                                    ":owner": BACKFILL_OWNER, ":h": content_hash}),
+                ReturnValues="ALL_NEW")["Attributes"]
         except ClientError as exc:
             if _conditional_failed(exc):
                 return None
             raise
-        return _from_item(old) or {}
 
-    def release_backfilled(self, integration_id: str, kind: str, crm_id: str, *, event_time: int,
-                           content_hash: str | None, uploading_id: str | None, last_order: str | None,
-                           facts: dict | None, error: dict | None = None) -> bool:
-        """End the import's hold: clean (sent, or `error` parks it) when no newer event came meanwhile.
-        False when one did: the entity stays dirty and the caller must queue it."""
+    def release_backfilled(self, held: dict, *, content_hash: str | None, uploading_id: str | None,
+                           last_order: str | None, facts: dict | None, error: dict | None = None) -> bool:
+        """End the import's hold on `held` (the item `take_for_backfill` returned): clean (sent, or `error`
+        parks it) when no newer event came and no worker claimed it meanwhile. False otherwise: the
+        entity stays dirty and the caller must queue it.
+
+        One conditional put of the whole item rather than an update: while the hold is unchanged
+        (same event time, still ours) no other writer has touched the item, and a put is the cheapest
+        conditional write (an import makes one per entity)."""
+        now = int(time.time())
+        item = {k: v for k, v in held.items() if k != "owner"}
         if error is not None:
-            update, values = "SET dirty = :no, queued = :no, last_error = :e, failed_at = :now REMOVE #o", {":e": error}
+            changes: dict[str, Any] = {"last_error": error, "failed_at": now}
         else:
-            update = ("SET dirty = :no, queued = :no, content_hash = :h, uploading_id = :u, sent_at = :now, "
-                      "attempts = :zero, last_order = :o" + (", facts = :f" if facts else "") + " REMOVE last_error, #o")
-            values = {":h": content_hash, ":u": uploading_id or "", ":zero": 0, ":o": last_order or "",
-                      **({":f": facts} if facts else {})}
+            item.pop("last_error", None)
+            changes = {"content_hash": content_hash, "uploading_id": uploading_id or "", "sent_at": now,
+                       "attempts": 0, "last_order": last_order or "", **({"facts": facts} if facts else {})}
+        item.update(_to_item({**changes, "dirty": False, "queued": False}))
         # False: a newer event came meanwhile. The entity stays dirty and taken until the caller's message
         # is claimed by a worker (`claim` drops the hold), so a crash before queueing leaves it to the
         # next run of the import rather than stuck.
-        return self._finish(integration_id, kind, crm_id, event_time, update, values, names={"#o": "owner"})
+        try:
+            self._db.put_item(TableName=self._state, Item=item, ConditionExpression="event_time = :seen AND #o = :owner",
+                              ExpressionAttributeNames={"#o": "owner"},
+                              ExpressionAttributeValues={":seen": held["event_time"], ":owner": held["owner"]})
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
 
     def mark_unqueued(self, integration_id: str, kind: str, crm_id: str) -> None:
         """The message for this entity could not be sent: let the next event queue one."""
