@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
-from .crm import ORDER, CrmSource, EntityRef, EntityRows, PermanentSourceError, RetryableSourceError, WebhookError
+from .crm import (ORDER, CrmSource, EntityRef, EntityRows, PermanentSourceError, RetryableSourceError, WebhookError,
+                  is_crm_contact)
 from .crm.amocrm.webhook import parse_amocrm_webhook
 from .crm.bitrix24.webhook import parse_bitrix24_event
 from .errors import ApiError, invalid, not_found
@@ -330,6 +331,11 @@ class Worker:
             outcome.uploaded += 1
             self._finish(integration_id, key, claimed[key], content_hash, uploads[-1][1] if uploads else None,
                          outcome, last_order, delivery_facts(contacts, orders, last_order, integration["timezone"]))
+        # The deals' customers went up too: a history import or an unchanged contact webhook need not
+        # send them again.
+        self._store.note_contacts_sent(integration_id, {
+            c["uniq_id"]: content_hash_of([c], []) for key, (contacts, *_rest) in ready.items() if key[0] == ORDER
+            for c in contacts if is_crm_contact(c["uniq_id"])})
 
     def _send(self, metrika: Any, counter_id: int, ready: dict, csv_kinds: set[str]) -> list[tuple[str, str, int]]:
         return send_rows(metrika, counter_id, ready, self._row_limit, csv_kinds)

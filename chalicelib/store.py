@@ -284,6 +284,24 @@ class Store:
             raise
         return True
 
+    def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
+        """Contacts that went up with a deal: remember their content (as the contact's own delivery
+        would) so that neither a history import nor an unchanged contact webhook sends them again.
+        Only where nothing is pending or held for the contact; otherwise its own delivery decides."""
+        for crm_id, content_hash in content_hashes.items():
+            try:
+                self._db.update_item(
+                    TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk("contact", crm_id)}),
+                    # A contact first seen here gets event time 0: any real change of it is newer.
+                    UpdateExpression="SET content_hash = :h, event_time = if_not_exists(event_time, :zero), "
+                                     "dirty = if_not_exists(dirty, :no)",
+                    ConditionExpression="attribute_not_exists(pk) OR (dirty = :no AND attribute_not_exists(#o))",
+                    ExpressionAttributeNames={"#o": "owner"},
+                    ExpressionAttributeValues=_to_item({":h": content_hash, ":no": False, ":zero": 0}))
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise
+
     def mark_unqueued(self, integration_id: str, kind: str, crm_id: str) -> None:
         """The message for this entity could not be sent: let the next event queue one."""
         self._db.update_item(TableName=self._state,

@@ -9,6 +9,12 @@ ORDER = "order"
 CONTACT = "contact"
 
 
+def is_crm_contact(uniq_id: str) -> bool:
+    """A contact row that stands for a CRM contact (amoCRM and Bitrix24 ids are numbers), not the
+    customer synthesised for a deal without one (`lead-…`, `deal-…`)."""
+    return uniq_id.isdigit()
+
+
 @dataclass(frozen=True)
 class EntityRef:
     """A CRM entity a webhook says has changed. The worker re-reads it from the CRM, so the reference
