@@ -17,7 +17,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# The benchmarks of BENCHMARKS.md (about 3 minutes): each prints a table with its ratio to a floor.
+# The benchmarks of BENCHMARKS.md (about 8 minutes): each prints a table with its ratio to a floor.
 bench: $(VENV)/.installed
 	$(PY) -m bench.run_all
 

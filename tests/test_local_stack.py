@@ -140,6 +140,48 @@ def test_bounded_load_1000_webhooks_from_20_clients(stack):
     assert all(stored[str(lead["id"])]["revenue"] == lead["price"] for lead in leads)
 
 
+def test_history_import_cli_with_progress_bar_stops_on_ctrl_c_and_resumes(stack):
+    """`python -m tools.backfill` against the running stack: a progress bar, Ctrl-C stops the job, the
+    same command resumes it, and every deal of the amoCRM account reaches Metrika once."""
+    headers = {"Authorization": f"Bearer {stack['token']}"}
+    config = {"crm": "amocrm", "counter_id": 4646, "metrika_token": "y0_history", "timezone": "Europe/Moscow",
+              "connection": {"base_url": stack["amocrm"], "access_token": "demo-token", "webhook_secret": WEBHOOK_SECRET}}
+    assert requests.put(f"{stack['api']}/integrations/history", headers=headers, json=config, timeout=10).status_code == 200
+    assert requests.post(f"{stack['api']}/integrations/history/status-mapping/defaults", headers=headers,
+                         timeout=10).status_code == 200
+    # More contacts than one step takes, so Ctrl-C lands half way. (One connection per request: the
+    # sandbox's keep-alive answers wait out delayed ACKs.)
+    people = [requests.post(stack["amocrm"] + "/_sandbox/contacts", timeout=10, json={
+        "name": f"Клиент {i}", "phones": [f"+7 925 {i:07d}"], "notify": False}).json()["id"] for i in range(1300)]
+    for i in range(300):
+        requests.post(stack["amocrm"] + "/_sandbox/leads", timeout=10, json={
+            "name": f"Архив {i}", "pipeline_id": 7001, "status_id": 142, "price": 500 + i,
+            "contacts": [people[i]], "notify": False}).raise_for_status()
+    command = [sys.executable, "-m", "tools.backfill", "history", "--since", "2026-01-01", "--api", stack["api"],
+               "--token", stack["token"]]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job_url = f"{stack['api']}/integrations/history/backfill"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (requests.get(job_url, headers=headers, timeout=10).json()[
+            "backfill"] or {"counts": {}})["counts"].get("contacts_sent"):
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, progress = first.communicate(timeout=60)
+    assert first.returncode == 130, progress
+    assert b"stopped; run the same command again to resume" in progress and b"] contacts" in progress
+    halfway = requests.get(job_url, headers=headers, timeout=10).json()["backfill"]
+    assert halfway["state"] == "stopped" and halfway["phase"] == "contacts", halfway
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=300)
+    assert second.returncode == 0 and second.stdout.strip().startswith(b"done: "), second.stderr[-500:]
+    assert b"[##############################] done" in second.stderr
+    account = requests.get(stack["amocrm"] + "/_sandbox/state", timeout=10).json()
+    counter = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()["counters"]["4646"]
+    assert set(counter["orders"]) == set(account["leads"])
+    uploads = counter["times_uploaded"]
+    assert {k: n for k, n in uploads.items() if k.startswith("orders:") and n != 1} == {}
+    assert {f"contacts:{c}" for c in people} <= set(uploads)
+
+
 def process_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes in a process group, read from /proc."""
     members = []

@@ -18,7 +18,8 @@ def bar(job: dict, width: int = 30) -> str:
     counts = job.get("counts", {})
     total = (job.get("totals") or {}).get(phase)
     done = counts.get("contacts_sent" if phase == "contacts" else "orders_sent", 0)
-    filled = int(width * min(1.0, done / total)) if total else 0
+    # amoCRM's lists give no totals: then the bar fills only when the job is done, the counts still move.
+    filled = width if job.get("state") == "done" else int(width * min(1.0, done / total)) if total else 0
     share = f"{done}/{total}" if total else f"{done}"
     return (f"\r[{'#' * filled}{'.' * (width - filled)}] {phase:<8} {share:>11}  read {counts.get('read', 0)} "
             f"skipped {counts.get('skipped', 0)} failed {counts.get('failed', 0)} "
@@ -38,7 +39,11 @@ def main() -> int:
     url = f"{args.api.rstrip('/')}/integrations/{args.integration_id}/backfill"
     headers = {"Authorization": f"Bearer {args.token}"}
     body = {k: v for k, v in (("since", args.since), ("restart", args.restart or None)) if v is not None}
-    answer = requests.post(url, json=body, headers=headers, timeout=30)
+    try:
+        answer = requests.post(url, json=body, headers=headers, timeout=30)
+    except requests.ConnectionError:
+        print(f"cannot reach the API at {args.api} (is `make run` up, or is --api right?)", file=sys.stderr)
+        return 1
     if answer.status_code != 200:
         print(f"refused ({answer.status_code}): {answer.json().get('message')}", file=sys.stderr)
         return 1
