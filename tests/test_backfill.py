@@ -250,6 +250,34 @@ def test_metrika_failures_are_retried_without_double_uploads(app_client, amo_int
     assert final["counts"]["orders_sent"] == 800 and final["counts"]["contacts_sent"] == 200 + 80, final
 
 
+def test_the_import_leaves_the_live_path_its_reserve_of_metrika_requests(app_client, amo_integration, amocrm, worker,
+                                                                          metrika_sandbox, monkeypatch):
+    import chalicelib.backfill as backfill
+    monkeypatch.setattr(backfill, "MAX_DELAY", 1)
+    seed_amocrm(amocrm, deals=50, contacts=20)
+    # Fewer requests left today than the import keeps for the live path.
+    monkeypatch.setenv("METRIKA_DAILY_BUDGET", str(backfill.BUDGET_RESERVE - 1))
+    try:
+        assert start(app_client, amo_integration).status_code == 200
+        for _ in range(3):
+            get_settings.cache_clear()  # the test client's requests load the stage's config (5,000)
+            worker.run_once()
+            time.sleep(1.1)  # the step waits on the queue
+        waiting = job(app_client, amo_integration)
+        assert waiting["state"] == "running" and waiting["counts"]["read"] == 0, waiting
+        assert "waiting for Metrika quota" in waiting["error"] and "kept for live deliveries" in waiting["error"]
+        assert metrika_sandbox.counter(AMO_COUNTER).times_uploaded == {}
+        monkeypatch.setenv("METRIKA_DAILY_BUDGET", "5000")  # the next day
+        get_settings.cache_clear()
+        run_until(worker, app_client, amo_integration, lambda j: j["state"] == "done")
+    finally:
+        monkeypatch.delenv("METRIKA_DAILY_BUDGET")
+        get_settings.cache_clear()
+    final = job(app_client, amo_integration)
+    assert final["counts"]["orders_sent"] == 50 and final["error"] is None
+    assert_each_once(metrika_sandbox.counter(AMO_COUNTER), [], list(amocrm.leads))
+
+
 def test_unmapped_stages_are_held_and_counted(app_client, amo_integration, amocrm, worker, metrika_sandbox):
     seed_amocrm(amocrm, deals=40, contacts=10)
     amocrm.add_pipeline(7002, "Опт", [(2001, "Новая")])
