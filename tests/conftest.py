@@ -56,6 +56,33 @@ def metrika_sandbox():
     sandbox.stop()
 
 
+@pytest.fixture(scope="module")
+def amocrm(request):
+    """An amoCRM sandbox account per test module (its own token)."""
+    from sandbox.amocrm import AmoCrmSandbox
+    sandbox = AmoCrmSandbox(token=f"amo-{request.module.__name__.rpartition('.')[2]}-token").start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture(scope="module")
+def bitrix():
+    """A Bitrix24 sandbox portal per test module."""
+    from sandbox.bitrix24 import Bitrix24Sandbox
+    sandbox = Bitrix24Sandbox().start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture
+def worker(service_env):
+    """The worker loop of `make run`: the Lambda's queue handler fed from the events queue."""
+    from app import on_events_message
+    from chalicelib.settings import get_settings
+    from sandbox.worker import WorkerLoop
+    return WorkerLoop(on_events_message, get_settings().events_queue, wait_seconds=0)
+
+
 @pytest.fixture(scope="session")
 def service_env(moto_url, metrika_sandbox):
     """Environment for the app under test; tables and queues created once through chalicelib.infra."""

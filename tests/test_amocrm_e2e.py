@@ -9,21 +9,11 @@ import pytest
 from chalicelib.crm import ORDER, EntityRef
 from chalicelib.crm.amocrm.api import AmoCrmClient
 from chalicelib.crm.amocrm.source import AmoCrmSource
-from chalicelib.settings import get_settings
-from sandbox.amocrm import AmoCrmSandbox
-from sandbox.worker import WorkerLoop
 from tests.conftest import admin_headers
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 SECRET = "e2e-amocrm-secret-0123456789"
 COUNTER = 6060
-
-
-@pytest.fixture(scope="module")
-def amocrm():
-    sandbox = AmoCrmSandbox(token="amo-e2e-token").start()
-    yield sandbox
-    sandbox.stop()
 
 
 @pytest.fixture
@@ -53,12 +43,6 @@ def integration(app_client, integration_id, amocrm, account, queue):
     response = app_client.http.post(f"/integrations/{integration_id}/status-mapping/defaults", headers=admin_headers())
     assert response.status_code == 200, response.json_body
     return integration_id
-
-
-@pytest.fixture
-def worker(service_env):
-    from app import on_events_message
-    return WorkerLoop(on_events_message, get_settings().events_queue, wait_seconds=0)
 
 
 def deliver(client, integration_id, amocrm, times=1, shuffle=False):
@@ -279,4 +263,4 @@ def test_api_client_reads_pages_catalog_and_webhooks(amocrm, account):
     assert element["name"] == "Чайник синий" and element["custom_fields_values"][0]["values"][0]["value"] == 2490
     assert client.contacts(["424242"]) == []
     assert client.webhooks() == []
-    assert "amo-e2e-token" not in repr(client)
+    assert amocrm.token not in repr(client)

@@ -9,10 +9,6 @@ import pytest
 
 from chalicelib.metrika import cdp
 from chalicelib.metrika.schemas import coerce_attribute_value, normalize_product_id, resolve_time_zone
-from chalicelib.settings import get_settings
-from sandbox.amocrm import AmoCrmSandbox
-from sandbox.bitrix24 import Bitrix24Sandbox
-from sandbox.worker import WorkerLoop
 from tests.conftest import admin_headers
 
 AMO_COUNTER, B24_COUNTER = 9191, 9292
@@ -30,26 +26,6 @@ AMO_ATTRIBUTES = [
 
 def field(field_id, name, *values):
     return {"field_id": field_id, "field_name": name, "field_code": None, "values": [{"value": v} for v in values]}
-
-
-@pytest.fixture(scope="module")
-def amocrm():
-    sandbox = AmoCrmSandbox(token="amo-attr-token").start()
-    yield sandbox
-    sandbox.stop()
-
-
-@pytest.fixture(scope="module")
-def bitrix():
-    sandbox = Bitrix24Sandbox(code="attrcode").start()
-    yield sandbox
-    sandbox.stop()
-
-
-@pytest.fixture
-def worker(service_env):
-    from app import on_events_message
-    return WorkerLoop(on_events_message, get_settings().events_queue, wait_seconds=0)
 
 
 def put_attributes(client, integration_id, entries):

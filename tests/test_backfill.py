@@ -10,9 +10,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from chalicelib.settings import get_settings
-from sandbox.amocrm import AmoCrmSandbox
-from sandbox.bitrix24 import Bitrix24Sandbox
-from sandbox.worker import WorkerLoop
 from tests.conftest import admin_headers
 
 AMO_COUNTER, B24_COUNTER = 8181, 8282
@@ -23,32 +20,12 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 DEALS, CONTACTS = int(os.environ.get("BACKFILL_DEALS", "5000")), int(os.environ.get("BACKFILL_CONTACTS", "3000"))
 
 
-@pytest.fixture(scope="module")
-def amocrm():
-    sandbox = AmoCrmSandbox(token="amo-backfill-token").start()
-    yield sandbox
-    sandbox.stop()
-
-
-@pytest.fixture(scope="module")
-def bitrix():
-    sandbox = Bitrix24Sandbox(code="backfillcode").start()
-    yield sandbox
-    sandbox.stop()
-
-
 @pytest.fixture(autouse=True)
 def small_steps(monkeypatch):
     """Steps of 250 entities (the default is 1,000): more steps, so stops, retries and webhooks land
     between them even in the smaller imports."""
     import chalicelib.backfill as backfill
     monkeypatch.setattr(backfill, "STEP_ROWS", 250)
-
-
-@pytest.fixture
-def worker(service_env):
-    from app import on_events_message
-    return WorkerLoop(on_events_message, get_settings().events_queue, wait_seconds=0)
 
 
 def seed_amocrm(amocrm, deals=DEALS, contacts=CONTACTS, old=0):

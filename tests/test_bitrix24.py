@@ -8,21 +8,12 @@ import pytest
 from chalicelib.crm.bitrix24.api import Bitrix24Client
 from chalicelib.crm.bitrix24.translate import deal_rows, default_mapping, product_id
 from chalicelib.metrika.schemas import OrderRow, to_cdp_rows
-from chalicelib.settings import get_settings
-from sandbox.bitrix24 import Bitrix24Sandbox, seed_demo
-from sandbox.worker import WorkerLoop
+from sandbox.bitrix24 import seed_demo
 from tests.conftest import admin_headers
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 APP_TOKEN = "q8w3e7r2t6y1u5i9o4p0a3s8d2f7g1h6"
 COUNTER = 7070
-
-
-@pytest.fixture(scope="module")
-def bitrix():
-    sandbox = Bitrix24Sandbox().start()
-    yield sandbox
-    sandbox.stop()
 
 
 @pytest.fixture
@@ -43,12 +34,6 @@ def integration(app_client, integration_id, bitrix, portal, queue):
     applied = app_client.http.post(f"/integrations/{integration_id}/status-mapping/defaults", headers=admin_headers())
     assert applied.status_code == 200, applied.json_body
     return integration_id
-
-
-@pytest.fixture
-def worker(service_env):
-    from app import on_events_message
-    return WorkerLoop(on_events_message, get_settings().events_queue, wait_seconds=0)
 
 
 def deliver(client, integration_id, bitrix, token=APP_TOKEN, times=1):

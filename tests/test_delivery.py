@@ -17,20 +17,12 @@ from chalicelib.metrika.client import MetrikaClient
 from chalicelib.metrika.governor import QuotaGovernor
 from chalicelib.pipeline import Worker
 from chalicelib.settings import get_settings
-from sandbox.amocrm import AmoCrmSandbox
 from sandbox.worker import WorkerLoop
 from tests.conftest import admin_headers
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 SECRET = "delivery-secret-0123456789abc"
 COUNTER = 8080
-
-
-@pytest.fixture(scope="module")
-def amocrm():
-    sandbox = AmoCrmSandbox(token="amo-delivery-token").start()
-    yield sandbox
-    sandbox.stop()
 
 
 @pytest.fixture

@@ -41,6 +41,17 @@ def stack():
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def connect_demo_amocrm(stack, integration_id, counter_id):
+    """An integration on the stack's demo amoCRM account, with the default status mapping."""
+    headers = {"Authorization": f"Bearer {stack['token']}"}
+    config = {"crm": "amocrm", "counter_id": counter_id, "metrika_token": f"y0_{integration_id}",
+              "timezone": "Europe/Moscow",
+              "connection": {"base_url": stack["amocrm"], "access_token": "demo-token", "webhook_secret": WEBHOOK_SECRET}}
+    api = f"{stack['api']}/integrations/{integration_id}"
+    assert requests.put(api, headers=headers, json=config, timeout=10).status_code == 200
+    assert requests.post(f"{api}/status-mapping/defaults", headers=headers, timeout=10).status_code == 200
+
+
 def test_a_new_user_can_create_an_integration_and_push_a_mapping(stack):
     headers = {"Authorization": f"Bearer {stack['token']}"}
     config = {"crm": "amocrm", "counter_id": 4242, "metrika_token": "y0_demo",
@@ -105,12 +116,7 @@ def test_bounded_load_1000_webhooks_from_20_clients(stack):
     """1,000 webhooks over 200 deals from 20 concurrent clients: all answered 2xx, every deal in Metrika."""
     from concurrent.futures import ThreadPoolExecutor
     from urllib.parse import urlencode
-    headers = {"Authorization": f"Bearer {stack['token']}"}
-    config = {"crm": "amocrm", "counter_id": 4545, "metrika_token": "y0_load", "timezone": "Europe/Moscow",
-              "connection": {"base_url": stack["amocrm"], "access_token": "demo-token", "webhook_secret": WEBHOOK_SECRET}}
-    assert requests.put(f"{stack['api']}/integrations/load", headers=headers, json=config, timeout=10).status_code == 200
-    assert requests.post(f"{stack['api']}/integrations/load/status-mapping/defaults", headers=headers,
-                         timeout=10).status_code == 200
+    connect_demo_amocrm(stack, "load", 4545)
     with requests.Session() as session:
         leads = [session.post(stack["amocrm"] + "/_sandbox/leads", timeout=10, json={
             "name": f"Заказ {i}", "pipeline_id": 7001, "status_id": 142 if i % 2 else 1001, "price": 100 + i,
@@ -144,11 +150,7 @@ def test_history_import_cli_with_progress_bar_stops_on_ctrl_c_and_resumes(stack)
     """`python -m tools.backfill` against the running stack: a progress bar, Ctrl-C stops the job, the
     same command resumes it, and every deal of the amoCRM account reaches Metrika once."""
     headers = {"Authorization": f"Bearer {stack['token']}"}
-    config = {"crm": "amocrm", "counter_id": 4646, "metrika_token": "y0_history", "timezone": "Europe/Moscow",
-              "connection": {"base_url": stack["amocrm"], "access_token": "demo-token", "webhook_secret": WEBHOOK_SECRET}}
-    assert requests.put(f"{stack['api']}/integrations/history", headers=headers, json=config, timeout=10).status_code == 200
-    assert requests.post(f"{stack['api']}/integrations/history/status-mapping/defaults", headers=headers,
-                         timeout=10).status_code == 200
+    connect_demo_amocrm(stack, "history", 4646)
     # More contacts than one step takes, so Ctrl-C lands half way. (One connection per request: the
     # sandbox's keep-alive answers wait out delayed ACKs.)
     people = [requests.post(stack["amocrm"] + "/_sandbox/contacts", timeout=10, json={

@@ -11,8 +11,6 @@ import pytest
 
 from chalicelib.metrika.schemas import md5_hex
 from chalicelib.pipeline import EntityRows
-from chalicelib.settings import get_settings
-from sandbox.worker import WorkerLoop
 from tests.conftest import AMO_SECRET, admin_headers, amocrm_config
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -55,12 +53,6 @@ def source():
     source = StaticSource()
     app._SOURCES["amocrm"] = source
     return source
-
-
-@pytest.fixture
-def worker(service_env):
-    from app import on_events_message
-    return WorkerLoop(on_events_message, get_settings().events_queue, wait_seconds=0)
 
 
 def webhook(client, integration_id, *lead_ids, modified=1790000000):
