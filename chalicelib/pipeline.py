@@ -34,6 +34,9 @@ BATCH_HARDER_SECONDS = 300
 MATCHING_WINDOW_DAYS = 21
 RECONCILE_FIRST_WINDOW = 24 * 3600  # a first run looks back one day
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
+# Seconds a warm Lambda answers webhooks from its copy of the integration (one DynamoDB read less per
+# webhook); a changed config, or a deleted integration, shows in the other Lambdas after that long.
+INTEGRATION_MAX_AGE = 5.0
 BACKFILL = "backfill"  # message kind of a history-import step (its `crm_id` is the run id)
 
 
@@ -73,9 +76,9 @@ class Ingest:
     def amocrm(self, integration_id: str, raw: bytes, query: dict[str, str]) -> dict:
         """amoCRM signs nothing: the unguessable `?secret=` and the account id are the checks
         (amoCRM reference §9)."""
-        integration = self._integration(integration_id, "amocrm", raw)
-        connection = integration["connection"]
-        if not secrets_match(query.get("secret"), connection.get("webhook_secret")):
+        connection = self._verified(integration_id, "amocrm", raw, lambda c: secrets_match(
+            query.get("secret"), c.get("webhook_secret")))
+        if connection is None:
             raise ApiError(403, "forbidden", "wrong or missing ?secret= for this integration's webhook URL")
         webhook = self._parse(parse_amocrm_webhook, raw)
         expected_account = connection.get("account_id")
@@ -87,20 +90,31 @@ class Ingest:
     def bitrix24(self, integration_id: str, raw: bytes) -> dict:
         """Bitrix24: `auth[application_token]` in constant time, then member id and domain when
         configured (Bitrix24 reference §5)."""
-        integration = self._integration(integration_id, "bitrix24", raw)
-        connection = integration["connection"]
+        self._integration(integration_id, "bitrix24", raw, max_age=INTEGRATION_MAX_AGE)  # 413, 404 before parsing
         event = self._parse(parse_bitrix24_event, raw)
-        if not secrets_match(event.application_token, connection.get("application_token")):
+        connection = self._verified(integration_id, "bitrix24", raw, lambda c: secrets_match(
+            event.application_token, c.get("application_token")))
+        if connection is None:
             raise ApiError(403, "forbidden", "auth[application_token] does not match this integration")
         for key, value in (("member_id", event.member_id), ("domain", event.domain)):
             if connection.get(key) and value != connection[key]:
                 raise ApiError(403, "forbidden", f"auth[{key}] does not match this integration")
         return self._record(integration_id, "bitrix24", event.refs, ignored=0 if event.refs else 1)
 
-    def _integration(self, integration_id: str, crm: str, raw: bytes) -> dict:
+    def _verified(self, integration_id: str, crm: str, raw: bytes, secret_matches: Callable[[dict], bool]) -> dict | None:
+        """The integration's connection if the webhook's secret matches, else None. The config may come
+        from this Lambda's copy of the last seconds; a mismatch is checked again against a fresh read,
+        so a rotated secret works at once (the old one may still pass here for those seconds)."""
+        connection = self._integration(integration_id, crm, raw, max_age=INTEGRATION_MAX_AGE)["connection"]
+        if secret_matches(connection):
+            return connection
+        connection = self._integration(integration_id, crm, raw)["connection"]
+        return connection if secret_matches(connection) else None
+
+    def _integration(self, integration_id: str, crm: str, raw: bytes, max_age: float = 0) -> dict:
         if len(raw) > self._max_body:
             raise ApiError(413, "payload_too_large", f"webhook body is {len(raw)} bytes; the limit is {self._max_body}")
-        integration = self._store.get_integration(integration_id)
+        integration = self._store.get_integration(integration_id, max_age=max_age)
         if integration is None:
             raise not_found(f"integration {integration_id!r}")
         if integration["crm"] != crm:

@@ -12,6 +12,7 @@ The low-level client with boto3's type (de)serialisers keeps cold starts cheaper
 """
 from __future__ import annotations
 
+import copy
 import time
 from decimal import Decimal
 from typing import Any
@@ -73,19 +74,32 @@ class Store:
         self._db = client
         self._config = config_table
         self._state = state_table
+        self._integrations: dict[str, tuple[float, dict]] = {}  # id → (read at, config), see get_integration
 
     # --- integrations and status mappings -----------------------------------------------------------
 
-    def get_integration(self, integration_id: str) -> dict | None:
+    def get_integration(self, integration_id: str, *, max_age: float = 0) -> dict | None:
+        """The integration's config. `max_age` > 0 accepts this process's copy read at most that many
+        seconds ago (the webhook path: it saves a round trip on warm Lambdas; callers treat it as read-only).
+        Writes through this Store drop the copy; another process's write shows after `max_age`."""
+        cached = self._integrations.get(integration_id)
+        if max_age and cached and time.monotonic() - cached[0] < max_age:
+            return cached[1]
         item = self._get(self._config, _pk(integration_id), CONFIG)
-        return item["config"] if item else None
+        if item is None:
+            self._integrations.pop(integration_id, None)
+            return None
+        self._integrations[integration_id] = (time.monotonic(), item["config"])
+        return copy.deepcopy(item["config"])  # the caller's to change; the cached copy stays as read
 
     def put_integration(self, integration_id: str, config: dict) -> None:
+        self._integrations.pop(integration_id, None)
         self._db.put_item(TableName=self._config, Item=_to_item(
             {"pk": _pk(integration_id), "sk": CONFIG, "config": config, "updated_at": int(time.time())}))
 
     def delete_integration(self, integration_id: str) -> bool:
         """Delete the integration, its mapping and its delivery state. False if there was none."""
+        self._integrations.pop(integration_id, None)
         pk = _pk(integration_id)
         existed = self._get(self._config, pk, CONFIG) is not None
         for table in (self._config, self._state):

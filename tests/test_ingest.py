@@ -7,6 +7,7 @@ import boto3
 import pytest
 
 from chalicelib.crm import EntityRef
+from chalicelib.errors import ApiError
 from chalicelib.pipeline import EventQueue, Ingest
 from tests.conftest import AMO_SECRET, B24_APP_TOKEN, admin_headers, amocrm_config, bitrix24_config
 
@@ -190,3 +191,41 @@ def test_storage_failure_is_a_json_503_not_a_500(app_client, amo, monkeypatch):
     monkeypatch.setattr(app.get_store(), "get_integration", unreachable)
     response = post_amo(app_client, amo, amo_body(*lead("status", 5, 1700000000)))
     assert response.status_code == 503 and response.json_body["error"] == "unavailable"
+
+
+class CountingDynamoDB:
+    """boto3's DynamoDB client, counting the GetItem calls that reach the emulator."""
+
+    def __init__(self):
+        self._client, self.get_items = boto3.client("dynamodb"), 0
+
+    def get_item(self, **kwargs):
+        self.get_items += 1
+        return self._client.get_item(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_warm_webhooks_reuse_the_integration_and_a_rotated_secret_works_at_once(app_client, amo, queue):
+    """Two Lambdas: one answers webhooks from its recent copy of the integration, the other (the admin
+    API) rotates the secret. The new secret is accepted at once, the old one refused from then on."""
+    from chalicelib.settings import get_settings
+    from chalicelib.store import Store
+    settings = get_settings()
+    db = CountingDynamoDB()
+    webhooks = Ingest(Store(db, settings.config_table, settings.state_table),
+                      EventQueue(boto3.client("sqs"), settings.events_queue), settings.max_webhook_bytes)
+    for i in range(3):
+        webhooks.amocrm(amo, amo_body(*lead("status", 5, 1700000000 + i)), {"secret": AMO_SECRET})
+    assert db.get_items == 1  # the config was read once for three webhooks
+    rotated = "rotated-secret-0123456789abcdef"
+    config = amocrm_config(timezone="Europe/Moscow")
+    config["connection"]["webhook_secret"] = rotated
+    assert app_client.http.put(f"/integrations/{amo}", headers=admin_headers(), body=json.dumps(config)).status_code == 200
+    assert webhooks.amocrm(amo, amo_body(*lead("status", 5, 1700000010)), {"secret": rotated})["accepted"] == 1
+    with pytest.raises(ApiError) as refused:
+        webhooks.amocrm(amo, amo_body(*lead("status", 5, 1700000011)), {"secret": AMO_SECRET})
+    assert refused.value.status == 403
+    assert state(amo, "order", "5")["event_time"] == 1700000010
+    assert len(queue.bodies()) == 1
