@@ -93,18 +93,18 @@ class Store:
         return copy.deepcopy(item["config"])  # the caller's to change; the cached copy stays as read
 
     def put_integration(self, integration_id: str, config: dict) -> None:
-        self._integrations.pop(integration_id, None)
         self._db.put_item(TableName=self._config, Item=_to_item(
             {"pk": _pk(integration_id), "sk": CONFIG, "config": config, "updated_at": int(time.time())}))
+        self._integrations.pop(integration_id, None)  # after the write: a read meanwhile cannot keep the old one
 
     def delete_integration(self, integration_id: str) -> bool:
         """Delete the integration, its mapping and its delivery state. False if there was none."""
-        self._integrations.pop(integration_id, None)
         pk = _pk(integration_id)
         existed = self._get(self._config, pk, CONFIG) is not None
         for table in (self._config, self._state):
             for keys in self._keys_under(table, pk):
                 self._db.delete_item(TableName=table, Key=keys)
+        self._integrations.pop(integration_id, None)
         return existed
 
     def get_status_mapping(self, integration_id: str) -> dict | None:
