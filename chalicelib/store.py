@@ -458,12 +458,11 @@ class Store:
     # --- helpers -------------------------------------------------------------------------------------
 
     def _finish(self, integration_id: str, kind: str, crm_id: str, event_time: int, update: str,
-                values: dict, names: dict | None = None) -> bool:
+                values: dict) -> bool:
         try:
             self._db.update_item(
                 TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}),
                 UpdateExpression=update, ConditionExpression="event_time = :seen",
-                **({"ExpressionAttributeNames": names} if names else {}),
                 ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False,
                                                     ":now": int(time.time())}))
         except ClientError as exc:
