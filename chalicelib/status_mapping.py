@@ -1,20 +1,18 @@
-"""CRM stage → Metrika order status. Rules, validation, and the push to `schema/order_statuses`.
+"""CRM stage → Metrika order status: the rules, and nothing else (no store, no Metrika calls).
 
-Metrika side: https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses
-(reference §8.1). Several CRM stages may share one Metrika status id (e.g. every "in work" stage →
-`in_work`); they must then agree on its type and label, since Metrika keeps one entry per id.
+Metrika side: "Order status mapping", https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses,
+and "How to map order statuses", https://yandex.ru/dev/metrika/en/data-import/maporderstatuses-about.
+Several CRM stages may share one Metrika status id (e.g. every "in work" stage → `in_work`); they
+must then agree on its type and label, since Metrika keeps one entry per id.
+
+Reading and replacing an integration's mapping (store and Metrika I/O) is `mapping_admin`.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from .errors import invalid
-from .integrations import get_integration, metrika_refused
-from .logs import log_event
-from .metrika.cdp import MetrikaError
 from .metrika.schemas import OrderStatus
 
 
@@ -77,33 +75,6 @@ def to_order_statuses(entries: list[dict]) -> list[dict]:
 def status_for(entries: list[dict], crm_status: str) -> str | None:
     """The Metrika status id for a CRM stage, or None when the stage is not mapped (never a guess)."""
     return next((e["metrika_status_id"] for e in entries if e["crm_status"] == crm_status), None)
-
-
-def read_mapping(store: Any, integration_id: str) -> dict:
-    get_integration(store, integration_id)
-    mapping = store.get_status_mapping(integration_id) or {"entries": [], "pushed_at": None}
-    return {"integration_id": integration_id, **mapping}
-
-
-def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for,
-                    requeue_held: Callable[[str, list[dict]], int] | None = None) -> dict:
-    """Validate, push the full list to Metrika, then store. If Metrika refuses, nothing is stored and
-    the caller sees Metrika's reason. Deals held for a stage that is now mapped are queued again."""
-    integration = get_integration(store, integration_id)
-    try:
-        entries = StatusMapping().load(body if isinstance(body, dict) else {"entries": body})["entries"]
-    except ValidationError as exc:
-        raise invalid("status mapping is invalid", exc.messages) from exc
-    try:
-        metrika_for(integration).save_order_statuses(integration["counter_id"], to_order_statuses(entries))
-    except MetrikaError as exc:
-        log_event("status_mapping_refused", integration_id=integration_id, status=exc.status)
-        raise metrika_refused("Metrika did not accept the status mapping", exc) from exc
-    pushed_at = int(time.time())
-    store.put_status_mapping(integration_id, entries, pushed_at)
-    requeued = requeue_held(integration_id, entries) if requeue_held else 0
-    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries), requeued=requeued)
-    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at, "requeued": requeued}
 
 
 def merge_defaults(current: list[dict], proposed: list[dict]) -> list[dict]:

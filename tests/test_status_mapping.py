@@ -1,9 +1,15 @@
-"""Status mapping: validation, push to the Metrika sandbox, Metrika refusing, GET after PUT."""
+"""Status mapping: validation, push to the Metrika sandbox, Metrika refusing, GET after PUT.
+
+The rules (`chalicelib.status_mapping`) and the admin operations (`chalicelib.mapping_admin`) are also
+tested directly, without the app, against an in-memory store and a fake Metrika client.
+"""
 import json
 
 import pytest
 
-from chalicelib.status_mapping import status_for, to_order_statuses
+from chalicelib.errors import ApiError, Misconfigured, Permanent, Transient
+from chalicelib.mapping_admin import read_mapping, replace_mapping
+from chalicelib.status_mapping import merge_defaults, status_for, to_order_statuses
 from tests.conftest import admin_headers, amocrm_config
 
 MAPPING = {"entries": [
@@ -108,3 +114,84 @@ def test_lookup_never_guesses():
     assert status_for(MAPPING["entries"], "7002:2001") == "in_work"
     assert status_for(MAPPING["entries"], "7002:142") is None
     assert [s["id"] for s in to_order_statuses(MAPPING["entries"])] == ["won", "lost", "in_work", "junk"]
+
+
+def test_defaults_fill_only_unmapped_stages():
+    current = [MAPPING["entries"][0]]
+    proposed = [{**MAPPING["entries"][0], "metrika_status_id": "other"}, MAPPING["entries"][1]]
+    assert merge_defaults(current, proposed) == [MAPPING["entries"][0], MAPPING["entries"][1]]
+
+
+# --- mapping_admin without the app ------------------------------------------------------------------
+
+class MemoryStore:
+    def __init__(self, integrations):
+        self.integrations, self.mappings = integrations, {}
+
+    def get_integration(self, integration_id):
+        return self.integrations.get(integration_id)
+
+    def get_status_mapping(self, integration_id):
+        return self.mappings.get(integration_id)
+
+    def put_status_mapping(self, integration_id, entries, pushed_at):
+        self.mappings[integration_id] = {"entries": entries, "pushed_at": pushed_at}
+
+
+class FakeMetrika:
+    def __init__(self, error=None):
+        self.error, self.pushed = error, []
+
+    def save_order_statuses(self, counter_id, statuses):
+        if self.error:
+            raise self.error
+        self.pushed.append((counter_id, statuses))
+
+
+def admin_case(error=None):
+    store = MemoryStore({"shop": {"crm": "amocrm", "counter_id": 4242}})
+    metrika = FakeMetrika(error)
+    return store, metrika, (lambda integration: metrika)
+
+
+def test_admin_replace_pushes_stores_and_requeues():
+    store, metrika, metrika_for = admin_case()
+    requeued = []
+    result = replace_mapping(store, "shop", MAPPING, metrika_for,
+                             lambda integration_id, entries: requeued.append(integration_id) or 3)
+    assert [s["id"] for s in metrika.pushed[0][1]] == ["won", "lost", "in_work", "junk"] and metrika.pushed[0][0] == 4242
+    assert result["requeued"] == 3 and requeued == ["shop"]
+    assert read_mapping(store, "shop") == {"integration_id": "shop", "entries": MAPPING["entries"],
+                                           "pushed_at": result["pushed_at"]}
+
+
+@pytest.mark.parametrize("error, status, code", [
+    (Transient("HTTP 503", source="metrika", status=503), 502, "metrika_unavailable"),
+    (Transient("HTTP 429", source="metrika", status=429), 503, "metrika_unavailable"),
+    (Permanent("bad status id", source="metrika", status=400), 422, "metrika_refused"),
+    (Misconfigured("Invalid oauth_token", source="metrika", status=403), 422, "metrika_refused"),
+])
+def test_admin_replace_passes_metrika_refusal_on_and_stores_nothing(error, status, code):
+    store, metrika, metrika_for = admin_case(error)
+    with pytest.raises(ApiError) as info:
+        replace_mapping(store, "shop", MAPPING, metrika_for)
+    assert (info.value.status, info.value.error) == (status, code)
+    assert info.value.message.startswith("Metrika did not accept the status mapping: ")
+    assert store.mappings == {}
+
+
+def test_admin_invalid_body_is_400_and_nothing_is_pushed():
+    store, metrika, metrika_for = admin_case()
+    with pytest.raises(ApiError) as info:
+        replace_mapping(store, "shop", {"entries": [{**MAPPING["entries"][0], "type": "CANCELED"}]}, metrika_for)
+    assert info.value.status == 400 and "type" in info.value.details["entries"][0]
+    assert metrika.pushed == [] and store.mappings == {}
+
+
+def test_admin_unknown_integration_is_404():
+    store, metrika, metrika_for = admin_case()
+    for call in (lambda: read_mapping(store, "nope"), lambda: replace_mapping(store, "nope", MAPPING, metrika_for)):
+        with pytest.raises(ApiError) as info:
+            call()
+        assert info.value.status == 404
+    assert metrika.pushed == []

@@ -1,18 +1,25 @@
 """Metrika CDP record shapes: one marshmallow schema per record, with the documented rules.
 
 Rows are built as plain dicts by the CRM translators, then `load`ed here (normalised and validated)
-and `dump`ed into the JSON the CDP API takes. Sources (see ../shared/reference/metrika-cdp.md):
+and `dump`ed into the JSON the CDP API takes. The identifier normalisers themselves live in
+`chalicelib.normalize` (plain functions raising ValueError); this module wraps them for marshmallow
+and re-exports them for existing callers. Sources (Yandex Metrika documentation):
 
-* ContactRow — https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContactJson_1 (§5)
-* OrderRow — https://yandex.com/dev/metrika/en/management/openapi/schema/uploadOrdersJson_1 (§6)
-* OrderStatus — https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses (§8.1)
-* Attribute / Product — createAttributes, createProducts (§8.2, §8.3)
-* Date-time rules — https://yandex.ru/dev/metrika/ru/data-import/date (§10)
-* Normalisation and md5 — https://yandex.ru/dev/metrika/ru/data-import/hashing (§12)
+* ContactRow — "Uploading customer data (JSON)",
+  https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContactJson_1, and
+  "Customer data format", https://yandex.com/dev/metrika/en/data-import/contacts-data
+* OrderRow — "Uploading orders (JSON)",
+  https://yandex.com/dev/metrika/en/management/openapi/schema/uploadOrdersJson_1, and
+  "Order data format", https://yandex.com/dev/metrika/en/data-import/orders-data
+* Required fields in every merge mode — "Data upload modes", https://yandex.ru/dev/metrika/en/data-import/modes
+* OrderStatus — "Order status mapping", https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses
+* Attribute — "Creating attributes", https://yandex.com/dev/metrika/en/management/openapi/schema/createAttributes
+* Product — "Creating a product list", https://yandex.ru/dev/metrika/ru/management/openapi/schema/createProducts
+* Date-time rules — "Date and time format", https://yandex.ru/dev/metrika/ru/data-import/date
+* Normalisation and md5 — "Hashing (md5)", https://yandex.ru/dev/metrika/ru/data-import/hashing
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from datetime import date, datetime, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
@@ -30,91 +37,32 @@ from marshmallow import (
     validates_schema,
 )
 
+from ..normalize import (  # re-exported (see __all__): callers import these from here
+    keep_valid,
+    md5_hex,
+    normalize_client_id,
+    normalize_email,
+    normalize_phone,
+    normalize_product_id,
+    parse_decimal,
+)
+
 DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 DATE_FORMAT = "%Y-%m-%d"
 EPOCH = datetime(1970, 1, 1)
 STATUS_TYPES = ("IN_PROGRESS", "PAID", "CANCELLED", "SPAM")
 MERGE_MODES = ("SAVE", "UPDATE", "APPEND")
 ATTRIBUTE_TYPES = ("text", "numeric", "date", "datetime", "email")
-# Ids that go into schema lists (statuses, attributes, products): §8.1 "length 1–255, ^[\w-:]+$".
+# Ids that go into schema lists (statuses, attributes, products): "Order status mapping" gives
+# `id` a length of 1–255 and the pattern ^[\w-:]+$; attribute and product names follow the same rule.
 SCHEMA_ID = re.compile(r"^[\w\-:]+$", re.ASCII)
-UINT64_MAX = 2**64 - 1
-# Bounded well below Long.MAX_VALUE, which Metrika rejects (§6.1); no real order is worth 10^15.
+# "Uploading orders (JSON)" gives revenue/cost no upper bound, but Metrika rejects Long.MAX_VALUE:
+# bounded well below it, no real order is worth 10^15.
 MONEY_MAX = Decimal("1e15")
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-# --- normalisation and hashing (§12) -------------------------------------------------------------
-
-def normalize_email(raw: str) -> str:
-    """Trim and lower-case; reject anything without `@` and a dotted domain."""
-    email = str(raw).strip().lower()
-    if not _EMAIL.match(email):
-        raise ValidationError(f"not an e-mail address: {raw!r}")
-    return email
-
-
-def normalize_phone(raw: str | int) -> str:
-    """Digits only, with the country code: `+7 (999) 555-11-11` and `8 999 555 11 11` → `79995551111`.
-
-    A Russian number written with the trunk prefix 8 (11 digits) becomes 7…, and a bare 10-digit
-    Russian mobile (9XXXXXXXXX) gets the 7 it lacks; the doc requires the country code and a wrong
-    form silently never matches (§12).
-    """
-    digits = re.sub(r"\D", "", str(raw))
-    if len(digits) == 11 and digits[0] == "8":
-        digits = "7" + digits[1:]
-    elif len(digits) == 10 and digits[0] == "9":
-        digits = "7" + digits
-    if not 10 <= len(digits) <= 15:  # E.164 allows at most 15 digits
-        raise ValidationError(f"not a phone number with a country code: {raw!r}")
-    return digits
-
-
-def md5_hex(normalized: str) -> str:
-    """md5 of one normalised value, lower-case hex (§12: each value separately, never a joined list)."""
-    return hashlib.md5(normalized.encode("utf-8")).hexdigest()
-
-
-def normalize_client_id(raw: str | int) -> str:
-    """ClientID as a decimal string: digits only, non-zero, fits unsigned 64 bits (§5.1, §14).
-
-    Kept as a string end to end: ClientIDs exceed 2^53 and break float-based JSON tooling.
-    """
-    text = str(raw).strip()
-    if not text.isdigit() or not text.isascii():
-        raise ValidationError(f"ClientID must be digits only: {raw!r}")
-    value = int(text)
-    if value == 0:
-        raise ValidationError("ClientID must not be 0")
-    if value > UINT64_MAX:
-        raise ValidationError(f"ClientID does not fit 64 bits: {raw!r}")
-    return str(value)
-
-
-def keep_valid(values: Iterable[Any], normalizer) -> list[str]:
-    """Normalise each value, dropping the ones that do not normalise and repeats. CRM data is typed by
-    people: one malformed phone or ClientID must not hold back the deal it belongs to."""
-    out: list[str] = []
-    for value in values:
-        try:
-            normalized = normalizer(value)
-        except ValidationError:
-            continue
-        if normalized not in out:
-            out.append(normalized)
-    return out
-
-
-def normalize_product_id(raw: Any) -> str:
-    """A CRM product id as a product-list `name` (§8.3: 1–255 chars, `^[\\w-:]+$`): anything else
-    becomes `_`. Orders use the same id as the key of `products`, so both sides always agree."""
-    text = re.sub(r"[^A-Za-z0-9_:\-]", "_", str(raw).strip())[:255]
-    return text or "_"
-
-
-# --- custom attribute values (§5.4, §8.2) -----------------------------------------------------------
+# --- custom attribute values ("Creating attributes" types) ------------------------------------------
 
 _DATE_FORMATS = ("%Y-%m-%d", "%d.%m.%Y")
 _DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y %H:%M")
@@ -122,8 +70,10 @@ _DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%d.%m.%Y %H:%M:%S",
 
 def _as_instant(value: Any, time_zone: tzinfo) -> datetime:
     """A CRM date value → wall-clock time in the counter's zone. amoCRM sends Unix seconds for date
-    fields (amoCRM reference §11.3), Bitrix24 ISO 8601 with the portal's offset (§14); people type
-    `dd.MM.yyyy`. A value without a zone is taken as already in the counter's zone."""
+    fields (amoCRM "Поля и группы полей", https://www.amocrm.ru/developers/content/crm_platform/custom-fields),
+    Bitrix24 ISO 8601 with the portal's offset (Bitrix24 "Data Types and Parameter Formats in REST API",
+    https://apidocs.bitrix24.com/api-reference/data-types.html); people type `dd.MM.yyyy`. A value
+    without a zone is taken as already in the counter's zone."""
     if isinstance(value, bool):
         raise ValueError("a yes/no value is not a date")
     if isinstance(value, (int, float)) or (isinstance(value, str) and re.fullmatch(r"-?\d{9,11}", value.strip())):
@@ -147,8 +97,9 @@ def _as_instant(value: Any, time_zone: tzinfo) -> datetime:
 
 
 def coerce_attribute_value(type_name: str, value: Any, time_zone: tzinfo, now: datetime) -> str:
-    """One CRM value → the string Metrika stores for an attribute of `type_name` (§8.2 types; §5.4
-    value rules: numbers parse, dates from 1970 on, e-mails valid). Raises ValueError with the reason."""
+    """One CRM value → the string Metrika stores for an attribute of `type_name` (the scalar types of
+    "Creating attributes"; Metrika takes a value only if numbers parse, dates are from 1970 on and
+    e-mails are valid). Raises ValueError with the reason."""
     if type_name == "text":
         return ("true" if value else "false") if isinstance(value, bool) else str(value).strip()
     if type_name == "numeric":
@@ -165,7 +116,7 @@ def coerce_attribute_value(type_name: str, value: Any, time_zone: tzinfo, now: d
     if type_name == "email":
         try:
             return normalize_email(value)
-        except ValidationError:
+        except ValueError:
             raise ValueError("not an e-mail address") from None
     if type_name in ("date", "datetime"):
         try:
@@ -192,7 +143,8 @@ def resolve_time_zone(name: str) -> tzinfo:
 # --- fields ----------------------------------------------------------------------------------------
 
 class _ListOfNormalized(fields.List):
-    """A list whose items are normalised by `normalizer`; duplicates after normalisation are dropped."""
+    """A list whose items are normalised by `normalizer` (a `chalicelib.normalize` function): its
+    ValueError becomes this field's error for that item; duplicates after normalisation are dropped."""
 
     def __init__(self, normalizer, **kwargs: Any) -> None:
         super().__init__(fields.String(), **kwargs)
@@ -209,8 +161,8 @@ class _ListOfNormalized(fields.List):
                 continue
             try:
                 normalized = self._normalizer(item)
-            except ValidationError as exc:
-                errors[index] = exc.messages if isinstance(exc.messages, list) else [str(exc.messages)]
+            except ValueError as exc:
+                errors[index] = [str(exc)]
                 continue
             if normalized not in out:
                 out.append(normalized)
@@ -220,7 +172,7 @@ class _ListOfNormalized(fields.List):
 
 
 class LocalDateTime(fields.Field):
-    """`yyyy-MM-dd HH:mm:ss` wall-clock time in the counter's time zone (§10).
+    """`yyyy-MM-dd HH:mm:ss` wall-clock time in the counter's time zone ("Date and time format").
 
     Loads an aware `datetime` (converted to the schema's time zone) or a string already in that
     form; dumps the string. The schema's `time_zone` is read through the bound parent.
@@ -249,7 +201,9 @@ class LocalDateTime(fields.Field):
 class AttributeValues(fields.Field):
     """`{attribute name: [raw CRM values]}` → `{name: [values as Metrika stores them]}`, coerced by the
     types in the schema's `attributes` (name → {type, multivalued, crm_field}). Multivalued values are
-    split on commas, as Metrika splits a multivalued CSV cell (§5.2), so what we hash is what it keeps.
+    split on commas, as Metrika splits a multivalued CSV cell ("Uploading customer data (CSV)",
+    https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContacts), so what we hash is
+    what it keeps.
     A value that does not coerce fails the row, naming the CRM field and the value."""
 
     def _deserialize(self, value, attr, data, **kwargs) -> dict[str, list[str]]:
@@ -339,7 +293,8 @@ class _CdpSchema(Schema):
         return now.astimezone(self.time_zone).replace(tzinfo=None)
 
     def _check_times(self, data: dict, create_key: str, later_keys: Iterable[str]) -> None:
-        """§10: no pre-1970 and no future times; update/finish not before create."""
+        """"Date and time format": no pre-1970 times; Metrika also refuses future times and an
+        update/finish before create."""
         now = self.local_now()
         errors: dict[str, list[str]] = {}
         for key in (create_key, *later_keys):
@@ -365,7 +320,8 @@ class _CdpSchema(Schema):
 
 
 class ContactRow(_CdpSchema):
-    """One customer (§5.1). `uniq_id` is the CRM's contact id, referenced by orders."""
+    """One customer ("Uploading customer data (JSON)"). `uniq_id` is the CRM's contact id, referenced
+    by orders."""
 
     uniq_id = _non_blank(required=True)
     name = fields.String(allow_none=True)
@@ -389,7 +345,8 @@ class ContactRow(_CdpSchema):
 
 
 class OrderRow(_CdpSchema):
-    """One order (§6.1): every required field travels in every upload, whatever the merge mode (§6.3)."""
+    """One order ("Uploading orders (JSON)"): every required field travels in every upload, whatever
+    the merge mode ("Data upload modes": pass all required fields, even unchanged ones)."""
 
     id = _non_blank(required=True)
     client_uniq_id = _non_blank(required=True)
@@ -417,7 +374,7 @@ class OrderRow(_CdpSchema):
 
 
 class OrderStatus(Schema):
-    """One entry of `schema/order_statuses` (§8.1)."""
+    """One entry of `schema/order_statuses` ("Order status mapping")."""
 
     class Meta:
         unknown = RAISE
@@ -435,7 +392,7 @@ class OrderStatus(Schema):
 
 
 class Attribute(Schema):
-    """A custom attribute for `schema/attributes` (§8.2). There is no boolean type."""
+    """A custom attribute for `schema/attributes` ("Creating attributes"). There is no boolean type."""
 
     class Meta:
         unknown = RAISE
@@ -447,7 +404,8 @@ class Attribute(Schema):
 
 
 class Product(Schema):
-    """An item of `schema/products` (§8.3): the id used in orders' `products` and a display name."""
+    """An item of `schema/products` ("Creating a product list"): the id used in orders' `products` and
+    a display name."""
 
     class Meta:
         unknown = RAISE
@@ -473,16 +431,6 @@ def to_cdp_rows(schema: Schema, rows: list[dict]) -> list[dict]:
     row index, so one bad row can be told apart from the rest."""
     loaded = schema.load(rows, many=True)
     return schema.dump(loaded, many=True)
-
-
-def parse_decimal(value: Any) -> Decimal | None:
-    """CRM amounts arrive as numbers or strings ("1500.00"); empty means absent."""
-    if value in (None, ""):
-        return None
-    try:
-        return Decimal(str(value))
-    except InvalidOperation as exc:
-        raise ValidationError(f"not a number: {value!r}") from exc
 
 
 __all__ = [

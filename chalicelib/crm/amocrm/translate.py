@@ -1,7 +1,15 @@
 """amoCRM API v4 records → raw Metrika rows (validated later by `metrika.schemas`). Pure; no I/O.
 
-Lead fields: ../shared/reference/amocrm.md §11.1; custom_fields_values §11.3; ClientID §14;
-pipelines and the fixed statuses 142/143 §10.
+Sources (amoCRM developer documentation):
+
+* Lead fields, `_embedded.contacts[].is_main`, `_embedded.catalog_elements` — "Сделки",
+  https://www.amocrm.ru/developers/content/crm_platform/leads-api
+* `custom_fields_values`, field types (Unix seconds for dates, bools for checkboxes) and the
+  predefined `tracking_data` fields such as `_YM_UID` that carry the Metrika ClientID — "Поля и группы
+  полей", https://www.amocrm.ru/developers/content/crm_platform/custom-fields
+* Pipelines and the fixed statuses 142/143 — "Воронки и этапы",
+  https://www.amocrm.ru/developers/content/crm_platform/leads_pipelines
+* Catalog element names — "Списки", https://www.amocrm.ru/developers/content/crm_platform/catalogs-api
 """
 from __future__ import annotations
 
@@ -9,14 +17,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from .. import EntityRows, unmapped_stage
-from ...metrika.schemas import (
-    SCHEMA_ID,
-    keep_valid,
-    normalize_client_id,
-    normalize_email,
-    normalize_phone,
-    normalize_product_id,
-)
+from ...metrika.schemas import SCHEMA_ID
+from ...normalize import keep_valid, normalize_client_id, normalize_email, normalize_phone, normalize_product_id
 from ...status_mapping import status_for
 
 WON, LOST = 142, 143
@@ -30,7 +32,8 @@ def stage_key(pipeline_id: Any, status_id: Any) -> str:
 
 def field_values(custom_fields: list[dict] | None, field: str, raw: bool = False) -> list[Any]:
     """Values of one custom field, matched by id (digits) or by code or name (case-insensitive).
-    As strings, or with `raw` as amoCRM typed them (Unix ints for dates, bools for checkboxes, §11.3)."""
+    As strings, or with `raw` as amoCRM typed them (Unix ints for dates, bools for checkboxes: "Поля и
+    группы полей")."""
     wanted = str(field).strip()
     out: list[Any] = []
     for item in custom_fields or []:
@@ -72,7 +75,7 @@ def contact_row(contact: dict, client_id_field: str, now: datetime, extra_client
 
 
 def main_contact_id(lead: dict) -> int | None:
-    """The contact flagged `is_main` (§11.1); never simply the first one."""
+    """The contact flagged `is_main` ("Сделки": `_embedded.contacts`); never simply the first one."""
     contacts = (lead.get("_embedded") or {}).get("contacts") or []
     return next((c["id"] for c in contacts if c.get("is_main")), None)
 
@@ -123,14 +126,16 @@ def products_of(lead: dict) -> dict[str, Any]:
 
 
 def product_hints(lead: dict) -> dict[str, dict]:
-    """Where each linked element's name can be read: its catalog (§11.4: names need another call)."""
+    """Where each linked element's name can be read: its catalog. A lead's `catalog_elements` carry only
+    id and metadata ("Сделки"); names need `GET /api/v4/catalogs/{catalog_id}/elements` ("Списки")."""
     return {normalize_product_id(e["id"]): {"catalog_id": (e.get("metadata") or {}).get("catalog_id"), "element_id": e["id"]}
             for e in (lead.get("_embedded") or {}).get("catalog_elements") or []}
 
 
 def default_mapping(pipelines: list[dict]) -> list[dict]:
     """Proposed mapping for every stage of every pipeline: 142 → PAID, 143 → CANCELLED, the rest
-    IN_PROGRESS, labelled with the stage names (§10). Won and lost share one Metrika id each."""
+    IN_PROGRESS, labelled with the stage names ("Воронки и этапы": 142 and 143 exist, with the same ids,
+    in every pipeline). Won and lost share one Metrika id each."""
     entries: list[dict] = []
     shared: dict[int, dict] = {}
     for pipeline in pipelines:

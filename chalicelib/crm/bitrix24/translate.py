@@ -1,7 +1,22 @@
 """Bitrix24 REST records → raw Metrika rows (validated later by `metrika.schemas`). Pure; no I/O.
 
-Deal fields: ../shared/reference/bitrix24.md §9; contacts §10; product rows §11; stages §12;
-dates §14; ClientID §19.
+Sources (Bitrix24 REST documentation):
+
+* Deal fields (`STAGE_ID`, `OPPORTUNITY`, `LEAD_ID`, `UF_CRM_*`, multiple fields as arrays) —
+  "Get Deal by Id crm.deal.get", https://apidocs.bitrix24.com/api-reference/crm/deals/crm-deal-get.html
+* Contacts and their `PHONE` / `EMAIL` multi-fields — "Get Contact by Id crm.contact.get",
+  https://apidocs.bitrix24.com/api-reference/crm/contacts/crm-contact-get.html
+* Product rows — "Get Deal Products crm.deal.productrows.get",
+  https://apidocs.bitrix24.com/api-reference/crm/deals/crm-deal-productrows-get.html, and
+  "Get Product Rows of the CRM Object crm.item.productrow.list",
+  https://apidocs.bitrix24.com/api-reference/crm/universal/product-rows/crm-item-productrow-list.html
+* Stages and their semantics — "Get a List of Directory Items by Filter crm.status.list",
+  https://apidocs.bitrix24.com/api-reference/crm/status/crm-status-list.html
+* Dates (ISO 8601 with the portal's offset) — "Data Types and Parameter Formats in REST API",
+  https://apidocs.bitrix24.com/api-reference/data-types.html
+
+Bitrix24 has no standard ClientID field: it is read from a configured `UF_CRM_…` field on the deal,
+its source lead, or the contact.
 """
 from __future__ import annotations
 
@@ -9,7 +24,7 @@ from datetime import datetime
 from typing import Any, Iterable
 
 from .. import EntityRows, unmapped_stage
-from ...metrika.schemas import (
+from ...normalize import (
     keep_valid,
     normalize_client_id,
     normalize_email,
@@ -49,7 +64,8 @@ def _multi(record: dict, key: str) -> list[str]:
 
 def attribute_values(record: dict | None, attributes: Iterable[dict], entity: str) -> dict[str, list]:
     """Raw values of the mapped fields (`UF_CRM_…`, `SOURCE_ID`, …) for `entity`, by Metrika attribute
-    name; multiple fields come back as arrays (§9). Typed and checked later by the row schema."""
+    name; multiple fields come back as arrays ("Get Deal by Id crm.deal.get"). Typed and checked later
+    by the row schema."""
     out: dict[str, list] = {}
     for attribute in attributes:
         if attribute["entity"] == entity:
@@ -116,8 +132,8 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
 
 
 def from_item_product_row(row: dict) -> dict:
-    """A `crm.item.productrow.list` row (camelCase) in the shape of `crm.deal.productrows.get` (§11), so
-    both paths translate, and hash, alike."""
+    """A `crm.item.productrow.list` row (camelCase) in the shape of `crm.deal.productrows.get` (upper-case
+    keys), so both paths translate, and hash, alike."""
     return {"ID": row.get("id"), "OWNER_ID": row.get("ownerId"), "PRODUCT_ID": row.get("productId"),
             "PRODUCT_NAME": row.get("productName"), "PRICE": row.get("price"), "QUANTITY": row.get("quantity")}
 

@@ -1,0 +1,53 @@
+"""The admin operations behind `GET/PUT /integrations/{id}/status-mapping`: read the stored mapping,
+and validate → push to Metrika → store a new one. The rules themselves are `status_mapping` (pure);
+this module is where they meet the store and the Metrika client.
+
+Metrika side: "Order status mapping", https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses
+(the POST takes the whole list; whether it replaces or merges is not stated, so the full list is
+always sent).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from marshmallow import ValidationError
+
+from .errors import BridgeError, http_error, invalid, not_found
+from .logs import log_event
+from .status_mapping import StatusMapping, to_order_statuses
+
+
+def _integration(store: Any, integration_id: str) -> dict:
+    config = store.get_integration(integration_id)
+    if config is None:
+        raise not_found(f"integration {integration_id!r}")
+    return config
+
+
+def read_mapping(store: Any, integration_id: str) -> dict:
+    """The stored mapping as the API shows it; 404 when the integration does not exist."""
+    _integration(store, integration_id)
+    mapping = store.get_status_mapping(integration_id) or {"entries": [], "pushed_at": None}
+    return {"integration_id": integration_id, **mapping}
+
+
+def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for,
+                    requeue_held: Callable[[str, list[dict]], int] | None = None) -> dict:
+    """Validate, push the full list to Metrika, then store. If Metrika refuses, nothing is stored and
+    the caller sees Metrika's reason. Deals held for a stage that is now mapped are queued again."""
+    integration = _integration(store, integration_id)
+    try:
+        entries = StatusMapping().load(body if isinstance(body, dict) else {"entries": body})["entries"]
+    except ValidationError as exc:
+        raise invalid("status mapping is invalid", exc.messages) from exc
+    try:
+        metrika_for(integration).save_order_statuses(integration["counter_id"], to_order_statuses(entries))
+    except BridgeError as exc:
+        log_event("status_mapping_refused", integration_id=integration_id, status=exc.status, kind=exc.kind)
+        raise http_error("Metrika did not accept the status mapping", exc) from exc
+    pushed_at = int(time.time())
+    store.put_status_mapping(integration_id, entries, pushed_at)
+    requeued = requeue_held(integration_id, entries) if requeue_held else 0
+    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries), requeued=requeued)
+    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at, "requeued": requeued}
