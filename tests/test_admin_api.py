@@ -143,3 +143,47 @@ def test_metrika_refusing_the_token_stores_nothing(app_client, integration_id, m
     assert response.json_body["error"] == "metrika_refused"
     assert "Invalid oauth_token" in response.json_body["message"]
     assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).status_code == 404
+
+
+def _nested(levels):
+    node = {}
+    for _ in range(levels):
+        node = {"x": node}
+    return node
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"connection": "abc"}, "connection"),  # once a 503: the secret carry-over did dict("abc")
+    ({"connection": []}, "connection"),
+    ({"connection": _nested(20)}, "connection"),
+    ({"hash_pii": "false"}, "hash_pii"),  # once stored as the truthy string "false"
+    ({"counter_id": True}, "counter_id"),
+    ({"currency": "RUB\n"}, "currency"),
+])
+def test_hostile_config_fields_are_a_400_naming_the_field(app_client, integration_id, change, field):
+    response = put(app_client, integration_id, amocrm_config(timezone="UTC", **change))
+    assert response.status_code == 400 and response.json_body["error"] == "invalid_request"
+    assert field in response.json_body["details"]
+    assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).status_code == 404
+
+
+def test_a_1_mb_base_url_is_a_400_not_a_dynamodb_error(app_client, integration_id):
+    config = amocrm_config(timezone="UTC")
+    config["connection"]["base_url"] = "https://" + "a" * 1_000_000 + ".ru"
+    response = put(app_client, integration_id, config)
+    assert response.status_code == 400
+    assert "base_url" in response.json_body["details"]["connection"]
+    assert len(response.body) < 2000
+
+
+def test_a_body_nested_1000_deep_is_a_400(app_client, integration_id):
+    response = app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(),
+                                   body=b'{"connection":' * 1000 + b"{}" + b"}" * 1000)
+    assert response.status_code == 400
+
+
+def test_the_stored_config_holds_validated_values(app_client, integration_id):
+    assert put(app_client, integration_id, amocrm_config(timezone="UTC", hash_pii=False)).status_code == 200
+    from app import get_store
+    stored = get_store().get_integration(integration_id)
+    assert stored["hash_pii"] is False and stored["counter_id"] == 4242
