@@ -1,26 +1,96 @@
-"""Errors the API answers with: one JSON shape, `{"error", "message", "details"}`, for every 4xx/5xx."""
+"""The one error taxonomy. Pure: no chalice, boto3 or requests here.
+
+Every adapter maps its wire errors to these classes in one place (Metrika: `metrika/cdp.py`; amoCRM:
+`crm/amocrm/api.py`; Bitrix24: `crm/bitrix24/api.py`; DynamoDB: `store/dynamodb.py`; SQS:
+`queue.py`), and everything above the adapters decides on the class alone:
+
+* `Transient` — the same call may succeed later (429, 5xx, timeouts, a maintenance page instead of
+  JSON). Carries `retry_after` (seconds, when the far side said) and `daily_quota` (wait for the
+  quota's reset, not a failed attempt).
+* `Permanent` — the far side refused this data (Metrika's 400 with `location`s naming the rows).
+  Retrying the same data cannot help: the entity is parked with the reason.
+* `Misconfigured` — the integration cannot work until a person acts (token revoked, access denied,
+  counter not visible). Parked with the reason; nothing about the data is wrong.
+* `Unavailable` — our own store or queue cannot be reached. The only error that may fail a worker
+  batch or answer an HTTP request with 503.
+
+`ApiError` is what an HTTP route answers with; `http_error` derives it from the taxonomy.
+"""
 from __future__ import annotations
 
 from typing import Any
 
-from chalice.app import ChaliceUnhandledError, Response
+
+class BridgeError(Exception):
+    """A failed call to something outside the process. `source` names it ("metrika", "amocrm", …)."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, source: str = "", status: int | None = None,
+                 errors: list[dict] | None = None, retry_after: float | None = None,
+                 daily_quota: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.source = source
+        self.status = status
+        self.errors = errors or []  # Metrika's own {error_type, message, location} items
+        self.retry_after = retry_after
+        self.daily_quota = daily_quota
+
+    @property
+    def retryable(self) -> bool:
+        return isinstance(self, Transient)
+
+    @property
+    def locations(self) -> list[str]:
+        """Where the far side says the problem is (`orders[3].createDateTime`)."""
+        return [str(e["location"]) for e in self.errors if e.get("location")]
+
+    def describe(self) -> dict:
+        """What an operator needs, stored on a parked or retrying entity and shown by the API."""
+        described: dict[str, Any] = {"kind": self.kind, "message": self.message, "retryable": self.retryable}
+        if self.source:
+            described["source"] = self.source
+        if self.status is not None:
+            described["status"] = self.status
+        if self.errors:
+            described["errors"] = self.errors
+        return described
 
 
-class ApiError(ChaliceUnhandledError):
-    """Raised anywhere below a route; the app's middleware turns it into the response.
+class Transient(BridgeError):
+    kind = "transient"
 
-    Subclasses ChaliceUnhandledError because Chalice lets only that family reach middleware.
-    """
+
+class Permanent(BridgeError):
+    kind = "permanent"
+
+
+class Misconfigured(BridgeError):
+    kind = "misconfigured"
+
+
+class Unavailable(Exception):
+    """Our store or queue is unreachable or throttling us: the caller retries the whole request."""
+
+    def __init__(self, what: str, detail: str = "") -> None:
+        super().__init__(f"{what} unavailable{': ' + detail if detail else ''}")
+        self.what = what
+
+
+class ApiError(Exception):
+    """An HTTP answer: `{"error", "message", "details"}` with `status`. Raised below a route; the
+    app turns it into the response."""
 
     def __init__(self, status: int, error: str, message: str, details: Any = None) -> None:
         super().__init__(message)
         self.status, self.error, self.message, self.details = status, error, message, details
 
-    def to_response(self) -> Response:
-        body = {"error": self.error, "message": self.message}
+    def body(self) -> dict:
+        body: dict[str, Any] = {"error": self.error, "message": self.message}
         if self.details is not None:
             body["details"] = self.details
-        return Response(body=body, status_code=self.status)
+        return body
 
 
 def not_found(what: str) -> ApiError:
@@ -29,3 +99,13 @@ def not_found(what: str) -> ApiError:
 
 def invalid(message: str, details: Any = None) -> ApiError:
     return ApiError(400, "invalid_request", message, details)
+
+
+def http_error(what: str, exc: BridgeError) -> ApiError:
+    """A failed call to the CRM or Metrika under an admin route, as the caller should see it:
+    502/503 when it failed or throttled us (try again), 422 when it refused (act on the message)."""
+    prefix = "metrika" if exc.source == "metrika" else "crm"
+    if isinstance(exc, Transient):
+        return ApiError(503 if exc.status in (420, 429) else 502, f"{prefix}_unavailable",
+                        f"{what}: {exc.message}; try again later", exc.describe())
+    return ApiError(422, f"{prefix}_refused", f"{what}: {exc.message}", exc.describe())
