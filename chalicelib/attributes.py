@@ -1,11 +1,15 @@
 """Custom attribute mapping: CRM fields → Metrika custom attributes of contacts and orders, behind
 `GET/PUT /integrations/{id}/attributes`.
 
-Metrika side (CDP reference §8.2): names `^[\\w-:]+$`, 1–255 chars, no clash with system attributes (read
-with GET schema/attributes); types numeric, date, datetime, email, text (no boolean); created with
+Metrika side (https://yandex.ru/dev/metrika/ru/management/openapi/schema/createAttributes "Создание
+атрибутов", https://yandex.ru/dev/metrika/ru/management/openapi/schema/getAttributes "Информация о всех
+атрибутах"): names `^[\\w-:]+$`, 1–255 chars, no clash with system attributes (read with GET
+schema/attributes); types numeric, date, datetime, email, text (no boolean); created with
 POST schema/attributes?entity_type=CONTACT|ORDER; there is no update and no delete, so an existing
 attribute is reused only when its type and multivaluedness match. Values travel with every row (as
-CSV, §5.4) and are coerced by `metrika.schemas.AttributeValues`.
+CSV columns: https://yandex.ru/dev/metrika/ru/management/openapi/schema/uploadContacts "Загрузка данных о
+клиентах (CSV)") and are coerced by `metrika.schemas.AttributeValues`. A failed Metrika call answers as
+`errors.http_error` says (502/503 metrika_unavailable, 422 metrika_refused).
 """
 from __future__ import annotations
 
@@ -13,10 +17,9 @@ from typing import Any, Callable
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from .errors import ApiError, invalid
-from .integrations import get_integration, metrika_refused
+from .errors import ApiError, BridgeError, http_error, invalid
+from .integrations import get_integration
 from .logs import log_event
-from .metrika.cdp import MetrikaError
 from .metrika.schemas import ATTRIBUTE_TYPES, SCHEMA_ID
 
 ENTITY_TYPES = {"contact": "CONTACT", "order": "ORDER"}
@@ -103,8 +106,8 @@ def replace_attributes(store: Any, integration_id: str, body: Any, metrika_for: 
             if new:
                 metrika.create_attributes(counter_id, entity_type, new)
                 created += [f"{entity}:{a['name']}" for a in new]
-    except MetrikaError as exc:
-        raise metrika_refused("Metrika did not accept the attributes, so the mapping was not stored", exc) from exc
+    except BridgeError as exc:
+        raise http_error("Metrika did not accept the attributes, so the mapping was not stored", exc) from exc
     store.put_attribute_mapping(integration_id, entries)
     log_event("attribute_mapping_saved", integration_id=integration_id, entries=len(entries), created=len(created))
     return {"integration_id": integration_id, "entries": entries, "created_in_metrika": created}

@@ -1,12 +1,13 @@
 """What an operator needs: an integration's delivery status, replaying parked deals, and confirming
-uploads against Metrika's `last_uploadings` (CDP reference §9: a 200 is not proof of loading)."""
+uploads against Metrika's `last_uploadings` (a 200 to an upload is not proof of loading: its
+`api_validation_status` says so later — https://yandex.ru/dev/metrika/ru/management/openapi/schema/getLastUploadings
+"Информация о последних загрузках")."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from .crm import EntityRef, PermanentSourceError, RetryableSourceError
-from .errors import ApiError, invalid, not_found
-from .metrika.cdp import MetrikaError
+from .crm import EntityRef
+from .errors import BridgeError, http_error, invalid, not_found
 
 FAILED_SHOWN = 100
 CONFIRM_PAGE = 1000
@@ -73,7 +74,7 @@ def confirm_uploads(store: Any, metrika: Any, integration_id: str, counter_id: i
         return {"checked": 0, "passed": 0, "failed": 0}
     try:
         listed = metrika.last_uploadings(counter_id, limit=CONFIRM_PAGE)
-    except MetrikaError as exc:
+    except BridgeError as exc:
         return {"checked": 0, "error": exc.message}
     passed = failed = 0
     for uploading in listed:
@@ -88,28 +89,54 @@ def confirm_uploads(store: Any, metrika: Any, integration_id: str, counter_id: i
 
 
 def sync_catalog(store: Any, metrika_for: Callable[[dict], Any], sources: dict, integration_id: str) -> dict:
-    """Send the CRM's whole product catalogue to Metrika's product list (CDP reference §8.3): ids
-    normalised as orders use them, names as display names. The list is sent whole, with the products
-    orders named earlier kept."""
-    from .integrations import metrika_refused
+    """Send the CRM's whole product catalogue to Metrika's product list
+    (https://yandex.ru/dev/metrika/ru/management/openapi/schema/createProducts "Создание списка товаров"):
+    ids normalised as orders use them, names as display names. The list is sent whole, with the
+    products orders named earlier kept. A failed CRM or Metrika call answers as `errors.http_error` says
+    (502/503 crm_unavailable / metrika_unavailable, 422 crm_refused / metrika_refused)."""
     integration = store.get_integration(integration_id)
     if integration is None:
         raise not_found(f"integration {integration_id!r}")
     source = sources.get(integration["crm"])
     try:
         catalog = {p: (n or p)[:4096] for p, n in source.catalog(integration).items()}
-    except PermanentSourceError as exc:
-        raise ApiError(422, "crm_refused", f"could not read the CRM's catalogue: {exc}") from exc
-    except RetryableSourceError as exc:
-        raise ApiError(502, "crm_unavailable", f"could not read the CRM's catalogue: {exc}; try again later") from exc
+    except BridgeError as exc:
+        raise http_error("could not read the CRM's catalogue", exc) from exc
     listed = {**store.products(integration_id), **catalog}
     if not listed:
         return {"products": 0, "added": 0}
     try:
         metrika_for(integration).save_products(integration["counter_id"],
                                                [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
-    except MetrikaError as exc:
-        raise metrika_refused("Metrika did not accept the product list", exc) from exc
+    except BridgeError as exc:
+        raise http_error("Metrika did not accept the product list", exc) from exc
     known = store.products(integration_id)
     store.put_products(integration_id, {p: n for p, n in catalog.items() if known.get(p) != n})
     return {"products": len(listed), "added": sum(1 for p in catalog if p not in known)}
+
+
+def default_mapping(store: Any, sources: dict, integration_id: str) -> list[dict]:
+    """The status mapping the CRM's stages suggest (`CrmSource.default_mapping`); a failed CRM call
+    answers as `errors.http_error` says (502/503 crm_unavailable, 422 crm_refused)."""
+    integration = store.get_integration(integration_id)
+    if integration is None:
+        raise not_found(f"integration {integration_id!r}")
+    source = sources.get(integration["crm"])
+    if source is None:
+        raise invalid(f"default status mappings for {integration['crm']} are not available in this build")
+    try:
+        return source.default_mapping(integration)
+    except BridgeError as exc:
+        raise http_error("could not read the CRM's stages", exc) from exc
+
+
+def webhook_health(sources: dict, integration_id: str, integration: dict) -> dict | None:
+    """amoCRM switches a webhook off after too many failed deliveries: say so (None for CRMs that do
+    not). A failed CRM call does not fail the status page: it shows as `{"error": …}`."""
+    source = sources.get(integration["crm"])
+    if not hasattr(source, "webhook_health"):
+        return None
+    try:
+        return source.webhook_health(integration, integration_id)
+    except BridgeError as exc:
+        return {"error": exc.message, "kind": exc.kind}

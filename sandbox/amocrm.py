@@ -1,15 +1,20 @@
 """amoCRM stand-in on loopback: one account with the API v4 subset we call, its limits, and real-shaped
-webhooks fired at registered destinations. Facts: ../shared/reference/amocrm.md.
+webhooks fired at registered destinations (vendor documentation:
+https://www.amocrm.ru/developers/content/crm_platform/leads-api "API сделок",
+https://www.amocrm.ru/developers/content/crm_platform/contacts-api "API контактов",
+https://www.amocrm.ru/developers/content/api/recommendations "Ограничения",
+https://www.amocrm.ru/developers/content/crm_platform/webhooks-format for the webhooks' form format).
 
 API (Bearer token): `GET /api/v4/leads` (`filter[id][]`, `filter[updated_at][from]`, `with`, `page`,
 `limit` ≤ 250), `/api/v4/leads/{id}`, `/api/v4/contacts` (`filter[id][]`), `/api/v4/contacts/{id}`,
 `/api/v4/catalogs/{id}/elements` (`filter[id][]`), `/api/v4/leads/pipelines`, `GET/POST /api/v4/webhooks`.
-204 for nothing found, 401 problem+json for a bad token, 429 past 7 requests in any second (§12).
+204 for nothing found, 401 problem+json for a bad token, 429 past 7 requests in any second.
 
-Changes through the control endpoints fire webhooks in amoCRM's v2 form format (§4–§6) at every
+Changes through the control endpoints fire webhooks in amoCRM's v2 form format at every
 registered destination, as amoCRM does: `POST /_sandbox/leads`, `PATCH|DELETE /_sandbox/leads/{id}`,
 `POST /_sandbox/contacts`, `PATCH /_sandbox/contacts/{id}`, `GET /_sandbox/state`,
-`POST /_sandbox/faults`.
+`POST /_sandbox/faults` (`error_5xx`, `error_429`: shares of API calls answered so; `maintenance`: every
+API call answered 200 with an HTML maintenance page instead of JSON, as amoCRM does during works).
 
     python -m sandbox.amocrm --port 8002 --token demo-token   (seeded with a demo account)
 """
@@ -22,13 +27,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import requests
 
 from .httpserver import Reply, Request, SandboxServer
 
-RATE_LIMIT = 7  # requests per second per integration (reference §12)
+RATE_LIMIT = 7  # requests per second per integration ("Ограничения")
 WON, LOST = 142, 143
 
 
@@ -37,10 +42,15 @@ def _problem(status: int, title: str, detail: str) -> Reply:
                           "detail": detail}, {"Content-Type": "application/problem+json"})
 
 
+MAINTENANCE_PAGE = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>amoCRM</title></head><body>"
+                    "<h1>Ведутся технические работы</h1><p>Мы скоро вернёмся.</p></body></html>")
+
+
 @dataclass
 class Faults:
     error_5xx: float = 0.0
     error_429: float = 0.0
+    maintenance: bool = False  # every API call: 200 with MAINTENANCE_PAGE (HTML, not JSON)
     seed: int | None = None
 
 
@@ -74,6 +84,35 @@ class AmoCrmSandbox(SandboxServer):
         self.route("PATCH", r"/_sandbox/contacts/(?P<id>\d+)",
                    lambda r: Reply(200, self.update_contact(int(r.match["id"]), **r.json())))
         self.route("POST", r"/_sandbox/faults", lambda r: (self.set_faults(**r.json()), Reply(200, {"success": True}))[1])
+
+    def start(self) -> "AmoCrmSandbox":
+        """Serve as every sandbox does, except that with `faults.maintenance` each API call is answered
+        200 with an HTML page: the shared server writes every body as JSON, so this one answer is
+        written here, by the request handler itself."""
+        super().start()
+        sandbox, handler = self, self._httpd.RequestHandlerClass
+
+        class _MaintenanceAware(handler):
+            def _answer(self) -> None:
+                if not (sandbox.faults.maintenance and urlsplit(self.path).path.startswith("/api/")):
+                    return handler._handle(self)
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                with sandbox._lock:
+                    sandbox.requests.append({"path": urlsplit(self.path).path, "at": time.monotonic(),
+                                             "maintenance": True})
+                payload = MAINTENANCE_PAGE.encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer
+
+        self._httpd.RequestHandlerClass = _MaintenanceAware
+        return self
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -240,7 +279,7 @@ class AmoCrmSandbox(SandboxServer):
                 "created_user_id": 0, "date_create": lead["created_at"], "pipeline_id": lead["pipeline_id"],
                 "account_id": self.account_id, "created_at": lead["created_at"], "updated_at": lead["updated_at"]}
         if lead.get("price"):
-            item["price"] = lead["price"]  # absent when the lead has no budget (reference §5.1)
+            item["price"] = lead["price"]  # absent from amoCRM's webhook when the lead has no budget
         item["custom_fields"] = self._v2_fields(lead.get("custom_fields_values"))
         return item
 

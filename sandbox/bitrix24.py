@@ -1,17 +1,28 @@
 """Bitrix24 stand-in on loopback: the REST subset we call through an incoming-webhook URL, its leaky
 bucket, and outbound events (`ONCRMDEAL*`, `ONCRMCONTACT*`) fired at registered handlers with an
-`application_token`, never retried, as Bitrix24 does. Facts: ../shared/reference/bitrix24.md.
+`application_token`, never retried, as Bitrix24 does (vendor documentation:
+https://apidocs.bitrix24.ru/local-integrations/local-webhooks.html "Входящие и исходящие вебхуки",
+https://apidocs.bitrix24.ru/limits.html "Лимиты REST API", https://apidocs.bitrix24.ru/error-codes.html
+"Коды ошибок", https://dev.1c-bitrix.ru/rest_help/general/batch.php "batch").
 
 REST: `POST /rest/{user}/{code}/{method}.json` for crm.deal.get, crm.contact.get, crm.lead.get,
 crm.deal.productrows.get, crm.status.list, crm.category.list, crm.deal.list, crm.contact.list,
 crm.lead.list, crm.item.productrow.list, crm.product.list (filters `ID` (one or a list), `>ID`,
 `>DATE_MODIFY`, `>=DATE_MODIFY`, `=ownerType`, `=ownerId`; 50 per page with `start`), batch (with
 `result_next` / `result_total` for list sub-calls).
-Errors as `{"error", "error_description"}`; "Not found" is a 400 with an empty code (§9); past the
-bucket (2/s, burst 50) a 503 QUERY_LIMIT_EXCEEDED (§16).
+Errors as `{"error", "error_description"}`; "Not found" is a 400 with an empty code; past the
+bucket (2/s, burst 50) a 503 QUERY_LIMIT_EXCEEDED. Inside `batch` a sub-call's error goes to
+`result_error` and the batch still answers 200.
+
+Faults: `fail_method(method, entity_id, code, description)` makes that method fail for that entity
+(e.g. ACCESS_DENIED, OPERATION_TIME_LIMIT or INTERNAL_SERVER_ERROR on `crm.deal.get` of one deal), alone
+or inside a batch, as a real portal answers; an entity whose `*.get` is denied is also left out of its
+`*.list` answers, as Bitrix24 leaves out what the webhook's user may not see. `fault_503` answers a
+share of all calls with 503 QUERY_LIMIT_EXCEEDED.
 
 Control: `POST /_sandbox/deals`, `PATCH|DELETE /_sandbox/deals/{id}`, `POST /_sandbox/contacts`,
-`PATCH /_sandbox/contacts/{id}`, `POST /_sandbox/leads`, `POST /_sandbox/handlers`, `GET /_sandbox/state`.
+`PATCH /_sandbox/contacts/{id}`, `POST /_sandbox/leads`, `POST /_sandbox/handlers`, `GET /_sandbox/state`,
+`POST /_sandbox/failures` (`{"method", "entity_id", "code", "description"}`).
 
     python -m sandbox.bitrix24 --port 8003
 """
@@ -32,6 +43,12 @@ from .httpserver import Reply, Request, SandboxServer
 
 MSK = timezone(timedelta(hours=3))
 LIST_PAGE = 50
+
+
+# The HTTP status Bitrix24 answers each error code with ("Коды ошибок"); a method's own error is a 400.
+_STATUS = {"NO_AUTH_FOUND": 401, "expired_token": 401, "insufficient_scope": 403, "INVALID_CREDENTIALS": 403,
+           "ACCESS_DENIED": 403, "QUERY_LIMIT_EXCEEDED": 503, "OVERLOAD_LIMIT": 503, "OPERATION_TIME_LIMIT": 429,
+           "INTERNAL_SERVER_ERROR": 500, "ERROR_UNEXPECTED_ANSWER": 500, "PORTAL_DELETED": 500}
 
 
 def _error(status: int, code: str, description: str) -> Reply:
@@ -62,6 +79,7 @@ class Bitrix24Sandbox(SandboxServer):
                    lambda r: Reply(200, self.update_contact(r.match["id"], **r.json())))
         self.route("POST", r"/_sandbox/leads", lambda r: Reply(200, self.create_lead(**r.json())))
         self.route("POST", r"/_sandbox/handlers", lambda r: Reply(200, self.add_handler(**r.json())))
+        self.route("POST", r"/_sandbox/failures", lambda r: (self.fail_method(**r.json()), Reply(200, {"success": True}))[1])
 
     @property
     def webhook_url(self) -> str:
@@ -85,6 +103,7 @@ class Bitrix24Sandbox(SandboxServer):
             self._next_id = 100
             self._clock = datetime.now(MSK).replace(microsecond=0) - timedelta(hours=1)
             self.fault_503 = 0.0
+            self.failures: dict[tuple[str, str], MethodError] = {}  # (method, entity id) → the error it answers
             self._rng = random.Random(1)
 
     def state(self) -> dict:
@@ -133,7 +152,7 @@ class Bitrix24Sandbox(SandboxServer):
             now = self._tick()
             contact = {"ID": self._id(), "NAME": name, "LAST_NAME": last_name, "DATE_CREATE": now, "DATE_MODIFY": now,
                        "HAS_PHONE": "Y" if phones else "N", "HAS_EMAIL": "Y" if emails else "N", **(fields or {})}
-            if phones:  # multi-fields are omitted entirely when empty (§10)
+            if phones:  # multi-fields are omitted entirely when empty, as crm.contact.get does
                 contact["PHONE"] = [{"ID": self._id(), "VALUE_TYPE": "MOBILE", "VALUE": p, "TYPE_ID": "PHONE"} for p in phones]
             if emails:
                 contact["EMAIL"] = [{"ID": self._id(), "VALUE_TYPE": "WORK", "VALUE": e, "TYPE_ID": "EMAIL"} for e in emails]
@@ -199,6 +218,25 @@ class Bitrix24Sandbox(SandboxServer):
         deal["STAGE_SEMANTIC_ID"] = semantics
         deal["CLOSED"] = "Y" if semantics in ("S", "F") else "N"
 
+    # --- faults -------------------------------------------------------------------------------------------
+
+    def fail_method(self, method: str, entity_id: str, code: str, description: str, status: int | None = None) -> None:
+        """From now on `method` fails for `entity_id` with `{"error": code, "error_description": description}`
+        (HTTP `status` when called alone; by default the status Bitrix24 uses for the code). Inside a batch
+        the error lands in `result_error`, as on a real portal. For a method called without an `id` (a
+        list), `entity_id` "" fails every call of it. `clear_failures()` (or `reset()`) undoes it."""
+        with self._lock:
+            self.failures[(method, str(entity_id))] = MethodError(status or _STATUS.get(code, 400), code, description)
+
+    def clear_failures(self) -> None:
+        with self._lock:
+            self.failures.clear()
+
+    def _denied(self, get_method: str, entity_id: str) -> bool:
+        failure = self.failures.get((get_method, str(entity_id)))
+        return failure is not None and (failure.code == "ACCESS_DENIED"
+                                        or failure.description.lower().startswith("access denied"))
+
     # --- outbound events ------------------------------------------------------------------------------
 
     def add_handler(self, url: str, events: list[str], application_token: str) -> dict:
@@ -218,7 +256,7 @@ class Bitrix24Sandbox(SandboxServer):
         with self._lock:
             self.outbox.append((event, entity_id))
             handlers = [h for h in self.handlers if event in h["events"]]
-        for handler in handlers:  # sent once: Bitrix24 never retries (§6)
+        for handler in handlers:  # sent once: Bitrix24 never retries
             body = self.event_body(event, entity_id, handler["application_token"], handler["id"])
             try:
                 status = requests.post(handler["url"], data=body, timeout=5,
@@ -257,6 +295,9 @@ class Bitrix24Sandbox(SandboxServer):
     def _method(self, method: str, params: dict) -> dict:
         if method == "batch":
             return {"result": self._batch(params)}
+        failure = self.failures.get((method, str(params.get("id") or params.get("ID") or "")))
+        if failure is not None:
+            raise MethodError(failure.status, failure.code, failure.description)
         handlers = {"crm.deal.get": lambda p: self._get(self.deals, p), "crm.contact.get": lambda p: self._get(self.contacts, p),
                     "crm.lead.get": lambda p: self._get(self.leads, p),
                     "crm.deal.productrows.get": lambda p: self._rows(p),
@@ -270,6 +311,8 @@ class Bitrix24Sandbox(SandboxServer):
                  "crm.product.list": self.products}
         if method in lists:
             items = _filtered(sorted(lists[method].values(), key=lambda d: int(d["ID"])), params.get("filter") or {})
+            get_method = method.removesuffix(".list") + ".get"
+            items = [i for i in items if not self._denied(get_method, i["ID"])]
             select = params.get("select")
             if isinstance(select, dict):
                 select = list(select.values())

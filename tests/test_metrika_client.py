@@ -1,8 +1,9 @@
-"""The CDP client over real HTTP against the sandbox, and the error classes in `cdp`."""
+"""The CDP client over real HTTP against the sandbox, and how `cdp` maps answers to the error taxonomy."""
 from datetime import datetime, timezone
 
 import pytest
 
+from chalicelib.errors import BridgeError, Misconfigured, Permanent, Transient
 from chalicelib.metrika import cdp
 from chalicelib.metrika.client import MetrikaClient
 from sandbox.local_stack import free_port
@@ -38,24 +39,25 @@ def test_reads_counter_time_zone_statuses_and_last_uploadings(client, metrika_sa
 
 
 def test_validation_errors_are_permanent_with_metrika_location(client):
-    with pytest.raises(cdp.PermanentMetrikaError) as info:
+    with pytest.raises(Permanent) as info:
         client.upload_orders(7, [dict(ORDER, create_date_time="2026-01-10T10:00:00Z")])
     error = info.value
-    assert error.status == 400 and not error.retryable
+    assert error.status == 400 and not error.retryable and error.source == "metrika"
     assert error.errors[0]["location"] == "orders[0].createDateTime"
+    assert error.locations == ["orders[0].createDateTime"]
     assert "orders[0].createDateTime" in error.message
 
 
-def test_missing_token_is_permanent_401(metrika_sandbox):
-    with pytest.raises(cdp.PermanentMetrikaError) as info:
+def test_missing_token_is_misconfigured_401(metrika_sandbox):
+    with pytest.raises(Misconfigured) as info:
         MetrikaClient("", metrika_sandbox.url).upload_orders(7, [ORDER])
-    assert info.value.status == 401
+    assert info.value.status == 401 and not info.value.retryable
 
 
-def test_token_without_access_is_permanent_403(metrika_sandbox):
+def test_token_without_access_is_misconfigured_403(metrika_sandbox):
     metrika_sandbox.tokens = {"other": {99}}
     try:
-        with pytest.raises(cdp.PermanentMetrikaError) as info:
+        with pytest.raises(Misconfigured) as info:
             MetrikaClient("other", metrika_sandbox.url).upload_orders(7, [ORDER])
         assert info.value.status == 403 and info.value.errors[0]["error_type"] == "access_denied"
     finally:
@@ -65,9 +67,9 @@ def test_token_without_access_is_permanent_403(metrika_sandbox):
 @pytest.mark.parametrize("fault, status", [({"error_503": 1.0}, 503), ({"error_429": 1.0}, 429)])
 def test_backend_errors_and_throttling_are_retryable(client, metrika_sandbox, fault, status):
     metrika_sandbox.set_faults(**fault)
-    with pytest.raises(cdp.RetryableMetrikaError) as info:
+    with pytest.raises(Transient) as info:
         client.upload_orders(7, [ORDER])
-    assert info.value.status == status
+    assert info.value.status == status and info.value.retryable
     if status == 429:
         assert info.value.retry_after == 1.0
 
@@ -76,30 +78,30 @@ def test_daily_quota_waits_until_midnight_utc(client, metrika_sandbox):
     metrika_sandbox.daily_limit = 1
     try:
         client.upload_orders(7, [ORDER])
-        with pytest.raises(cdp.RetryableMetrikaError) as info:
+        with pytest.raises(Transient) as info:
             client.upload_orders(7, [ORDER])
         assert info.value.errors[0]["error_type"] == "quota_requests_by_uid"
-        assert info.value.retry_after > 0
+        assert info.value.retry_after > 0 and info.value.daily_quota
     finally:
         metrika_sandbox.daily_limit = 5000
 
 
 def test_timeouts_are_retryable(client, metrika_sandbox):
     metrika_sandbox.set_faults(slow=1.0, slow_seconds=1.5)
-    with pytest.raises(cdp.RetryableMetrikaError) as info:
+    with pytest.raises(Transient) as info:
         client.upload_orders(7, [ORDER])
     assert info.value.status is None and "in time" in info.value.message
 
 
 def test_network_errors_are_retryable():
-    with pytest.raises(cdp.RetryableMetrikaError) as info:
+    with pytest.raises(Transient) as info:
         MetrikaClient("t", f"http://127.0.0.1:{free_port()}").upload_orders(7, [ORDER])
     assert "unreachable" in info.value.message
 
 
 def test_token_never_shows_in_repr_or_errors(client):
     assert METRIKA_TOKEN not in repr(client)
-    with pytest.raises(cdp.MetrikaError) as info:
+    with pytest.raises(BridgeError) as info:
         client.upload_orders(7, [{"id": ""}])
     assert METRIKA_TOKEN not in str(info.value.describe())
 
@@ -107,38 +109,52 @@ def test_token_never_shows_in_repr_or_errors(client):
 # --- decipher_response without HTTP ------------------------------------------------------------------
 
 def test_420_is_throttling_like_429():
-    with pytest.raises(cdp.RetryableMetrikaError):
+    with pytest.raises(Transient):
         cdp.decipher_response(420, {}, b'{"errors":[{"error_type":"quota_requests_by_ip","message":"slow down"}]}')
 
 
-@pytest.mark.parametrize("status", [400, 403, 404, 406, 409])
+@pytest.mark.parametrize("status", [400, 404, 406, 409])
 def test_other_4xx_are_permanent(status):
-    with pytest.raises(cdp.PermanentMetrikaError):
+    with pytest.raises(Permanent) as info:
         cdp.decipher_response(status, {}, b'{"errors":[],"code":%d,"message":"no"}' % status)
+    assert type(info.value) is Permanent
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_401_and_403_are_misconfigured(status):
+    with pytest.raises(Misconfigured) as info:
+        cdp.decipher_response(status, {}, b'{"errors":[],"code":%d,"message":"no"}' % status)
+    assert not info.value.retryable
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 def test_5xx_are_retryable(status):
-    with pytest.raises(cdp.RetryableMetrikaError):
+    with pytest.raises(Transient):
         cdp.decipher_response(status, {}, b"")
 
 
 def test_non_json_error_bodies_are_summarised():
-    with pytest.raises(cdp.RetryableMetrikaError) as info:
+    with pytest.raises(Transient) as info:
         cdp.decipher_response(502, {}, b"<html>Bad gateway</html>")
     assert "Bad gateway" in info.value.message
 
 
 def test_daily_quota_reset_is_next_utc_midnight():
     now = datetime(2026, 11, 28, 23, 0, tzinfo=timezone.utc)
-    with pytest.raises(cdp.RetryableMetrikaError) as info:
+    with pytest.raises(Transient) as info:
         cdp.decipher_response(429, {"Retry-After": "5"},
                               b'{"errors":[{"error_type":"quota_requests_by_uid","message":"daily"}]}', now)
-    assert info.value.retry_after == 3600
+    assert info.value.retry_after == 3600 and info.value.daily_quota
 
 
 def test_success_returns_the_decoded_body():
     assert cdp.decipher_response(200, {}, b'{"success": true}') == {"success": True}
+
+
+def test_success_that_is_not_json_is_transient():
+    with pytest.raises(Transient) as info:
+        cdp.decipher_response(200, {}, b"<html><title>Proxy</title></html>")
+    assert info.value.status == 200 and "Proxy" in info.value.message
 
 
 def test_requests_are_built_for_the_documented_paths():

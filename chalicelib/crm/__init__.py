@@ -80,14 +80,6 @@ class CrmSource(Protocol):
         `since` (Unix seconds), continuing from `cursor` (None: from the start)."""
 
 
-class RetryableSourceError(Exception):
-    """The CRM failed or throttled us (429, 5xx, timeout): try the same entities later."""
-
-
-class PermanentSourceError(Exception):
-    """The CRM refused us (revoked token, no access): nothing will change until a person acts."""
-
-
 def unmapped_stage(stage: str, name: str | None = None) -> EntityRows:
     """A deal whose stage has no Metrika status: held, with the reason a person needs, never guessed.
     The pipeline re-queues it when a mapping for `crm_status` arrives."""

@@ -1,8 +1,16 @@
-"""Metrika CDP API without I/O: request shapes and the one place that knows Metrika's error classes.
+"""Metrika CDP API without I/O: request shapes, and the one place that maps Metrika's answers to the
+error taxonomy (`chalicelib.errors`, source "metrika"):
 
-Error body and classes: https://yandex.ru/dev/metrika/ru/intro/errors (reference §4); quotas:
-https://yandex.ru/dev/metrika/ru/intro/quotas (§3). The EN quota page says 420 and the RU page 429,
-so both count as throttling.
+* 420/429 and 5xx → `Transient` (Retry-After honoured); the daily quotas (`quota_requests_by_uid`,
+  `quota_requests_by_counter_id`) also set `daily_quota` and wait until 00:00 UTC;
+* 401/403 → `Misconfigured` (token missing, revoked, or without access to the counter);
+* any other 4xx → `Permanent`, with Metrika's `errors` (their `location`s name the rows);
+* a 2xx whose body is not JSON (a proxy's HTML page) → `Transient`; so are timeouts and connection
+  errors, which the requests adapter (`client.py`) reports through `unreachable`.
+
+Error body and types: https://yandex.ru/dev/metrika/ru/intro/errors ("Описание ошибок в API"). Quotas:
+https://yandex.ru/dev/metrika/ru/intro/quotas ("Квотирование") says 429, the English page
+https://yandex.com/dev/metrika/en/intro/quotas ("Quotas") says 420, so both count as throttling.
 """
 from __future__ import annotations
 
@@ -13,8 +21,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
+from ..errors import BridgeError, Misconfigured, Permanent, Transient
+
+SOURCE = "metrika"
 CDP_PREFIX = "/cdp/api/v1/counter/{counter_id}"
-RETRYABLE_STATUSES = frozenset({420, 429, 500, 502, 503, 504})
+THROTTLED_STATUSES = frozenset({420, 429})
 # Daily per-user and per-counter quotas reset at 00:00 GMT: retrying sooner only burns requests.
 DAILY_QUOTA_TYPES = frozenset({"quota_requests_by_uid", "quota_requests_by_counter_id"})
 
@@ -30,54 +41,26 @@ class ApiRequest:
     csv_file: str | None = None  # sent as the multipart part `file` instead of a JSON body
 
 
-class MetrikaError(Exception):
-    """A failed Metrika call. `errors` are Metrika's own `{error_type, message, location}` items."""
-
-    retryable = False
-
-    def __init__(self, status: int | None, message: str, errors: list[dict] | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.errors = errors or []
-        self.retry_after = retry_after
-
-    @property
-    def daily_quota(self) -> bool:
-        """Today's request budget is spent: wait for 00:00 UTC; no amount of retrying helps sooner."""
-        return any(e.get("error_type") in DAILY_QUOTA_TYPES for e in self.errors)
-
-    def describe(self) -> dict:
-        """What an operator needs: status, message, and each error's type, message and location."""
-        return {"status": self.status, "message": self.message, "errors": self.errors,
-                "retryable": self.retryable}
-
-
-class RetryableMetrikaError(MetrikaError):
-    """420/429/5xx, network errors and timeouts: the same request may succeed later."""
-
-    retryable = True
-
-
-class PermanentMetrikaError(MetrikaError):
-    """Other 4xx: the data, token or counter must change before a retry can succeed."""
-
-
 def upload_contacts(counter_id: int, contacts: list[dict], merge_mode: str = "APPEND") -> ApiRequest:
-    """POST data/contacts/json (§5.1). APPEND by default so ClientIDs and phones collected earlier
-    are never dropped by a snapshot that lacks them (§7)."""
+    """POST data/contacts/json (https://yandex.ru/dev/metrika/ru/management/openapi/schema/uploadContactJson_1
+    "Загрузка данных о клиентах (JSON)"). APPEND by default so ClientIDs and phones collected earlier
+    are never dropped by a snapshot that lacks them (https://yandex.ru/dev/metrika/ru/data-import/modes
+    "Режимы загрузки данных")."""
     return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/data/contacts/json",
                       {"merge_mode": merge_mode}, {"contacts": contacts})
 
 
 def upload_orders(counter_id: int, orders: list[dict], merge_mode: str = "SAVE") -> ApiRequest:
-    """POST data/orders/json (§6.1). SAVE by default: we always send the complete current order (§6.3)."""
+    """POST data/orders/json (https://yandex.ru/dev/metrika/ru/management/openapi/schema/uploadOrdersJson_1
+    "Загрузка заказов (JSON)"). SAVE by default: we always send the complete current order, with every
+    required field (https://yandex.ru/dev/metrika/ru/data-import/modes "Режимы загрузки данных")."""
     return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/data/orders/json",
                       {"merge_mode": merge_mode}, {"orders": orders})
 
 
-# Column order of the CSV uploads: the JSON field names (§5.2, §6.2), then custom attributes by name.
+# Column order of the CSV uploads: the JSON field names (https://yandex.ru/dev/metrika/ru/data-import/contacts-data
+# "Формат данных о клиентах", https://yandex.ru/dev/metrika/ru/data-import/orders-data "Формат данных о заказах"),
+# then custom attributes by name.
 CSV_COLUMNS = {
     "contacts": ("uniq_id", "name", "birth_date", "create_date_time", "update_date_time", "client_ids", "user_ids",
                  "emails", "phones", "emails_md5", "phones_md5"),
@@ -87,8 +70,10 @@ CSV_COLUMNS = {
 
 
 def upload_csv(counter_id: int, kind: str, rows: list[dict], merge_mode: str) -> ApiRequest:
-    """POST data/{contacts|orders}/csv (§5.2, §6.2): the documented way to send custom attribute
-    values, since the JSON shape of `attribute_values` is inconsistent across the docs (§5.4).
+    """POST data/{contacts|orders}/csv (https://yandex.ru/dev/metrika/ru/management/openapi/schema/uploadContacts
+    "Загрузка данных о клиентах (CSV)", https://yandex.ru/dev/metrika/ru/management/openapi/schema/uploadOrders
+    "Загрузка заказов (CSV)"): the documented way to send custom attribute values, since the JSON
+    shape of `attribute_values` is inconsistent across the docs.
     Each attribute is a column mapped by its name in `columns_mapping`; the delimiter is `;` as the
     docs advise when cells hold lists (products, several phones), and list items are comma-separated
     inside one quoted cell."""
@@ -116,7 +101,7 @@ def rows_to_csv(kind: str, rows: list[dict]) -> tuple[str, list[str]]:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, dict):  # products: `product_id:qty,product_id:qty` (§6.2)
+    if isinstance(value, dict):  # products: `product_id:qty,product_id:qty` (orders CSV format)
         return ",".join(f"{k}:{_number(v)}" for k, v in value.items())
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
@@ -128,19 +113,22 @@ def _number(value: Any) -> str:
 
 
 def get_attributes(counter_id: int, entity_type: str) -> ApiRequest:
-    """GET schema/attributes (§8.2): `{"system_attributes": […], "custom_attributes": […]}`."""
+    """GET schema/attributes (https://yandex.ru/dev/metrika/ru/management/openapi/schema/getAttributes
+    "Информация о всех атрибутах"): `{"system_attributes": […], "custom_attributes": […]}`."""
     return ApiRequest("GET", f"{CDP_PREFIX.format(counter_id=counter_id)}/schema/attributes",
                       {"entity_type": entity_type})
 
 
 def create_attributes(counter_id: int, entity_type: str, attributes: list[dict]) -> ApiRequest:
-    """POST schema/attributes (§8.2). There is no update or delete, so only new names are sent."""
+    """POST schema/attributes (https://yandex.ru/dev/metrika/ru/management/openapi/schema/createAttributes
+    "Создание атрибутов"). There is no update or delete, so only new names are sent."""
     return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/schema/attributes",
                       {"entity_type": entity_type}, {"attributes": attributes})
 
 
 def save_products(counter_id: int, items: list[dict]) -> ApiRequest:
-    """POST schema/products (§8.3). Whether it replaces or adds to the list is undocumented, so callers
+    """POST schema/products (https://yandex.ru/dev/metrika/ru/management/openapi/schema/createProducts
+    "Создание списка товаров"). Whether it replaces or adds to the list is undocumented, so callers
     always send the complete list (at most 160 000 items)."""
     return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/schema/products",
                       body={"attributes": [], "items": items})
@@ -151,19 +139,22 @@ def get_order_statuses(counter_id: int) -> ApiRequest:
 
 
 def save_order_statuses(counter_id: int, statuses: list[dict]) -> ApiRequest:
-    """POST schema/order_statuses (§8.1): whether it replaces or upserts is undocumented, so callers
+    """POST schema/order_statuses (https://yandex.ru/dev/metrika/ru/management/openapi/schema/mapOrderStatuses
+    "Сопоставление статусов заказов"): whether it replaces or upserts is undocumented, so callers
     always send the complete list."""
     return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/schema/order_statuses",
                       body={"order_statuses": statuses})
 
 
 def get_counter(counter_id: int) -> ApiRequest:
-    """GET /management/v1/counter/{id}: the counter, with `time_zone_name` (§10)."""
+    """GET /management/v1/counter/{id}: the counter, with `time_zone_name`, the zone every uploaded
+    date-time is read in (https://yandex.ru/dev/metrika/ru/data-import/date "Формат даты и времени")."""
     return ApiRequest("GET", f"/management/v1/counter/{counter_id}")
 
 
 def last_uploadings(counter_id: int, limit: int = 100, datetime_offset: str | None = None) -> ApiRequest:
-    """GET last_uploadings (§9): newest first; `datetime_offset` pages to strictly earlier uploads."""
+    """GET last_uploadings (https://yandex.ru/dev/metrika/ru/management/openapi/schema/getLastUploadings
+    "Информация о последних загрузках"): newest first; `datetime_offset` pages to strictly earlier uploads."""
     params = {"limit": str(limit)}
     if datetime_offset:
         params["datetime_offset"] = datetime_offset
@@ -172,19 +163,56 @@ def last_uploadings(counter_id: int, limit: int = 100, datetime_offset: str | No
 
 def decipher_response(status: int, headers: Mapping[str, str], body: bytes,
                       now: datetime | None = None) -> Any:
-    """Return the decoded JSON of a 2xx answer, or raise the matching MetrikaError (§4.2)."""
+    """The decoded JSON of a 2xx answer; otherwise raise what `error_for` makes of the answer."""
     data = _decode(body)
     if 200 <= status < 300:
+        if data is _NOT_JSON:
+            raise Transient(f"Metrika answered {status} with a body that is not JSON (a proxy or maintenance "
+                            f"page?): {_excerpt(body)}", source=SOURCE, status=status)
         return data
+    raise error_for(status, headers, data, body, now)
+
+
+def error_for(status: int, headers: Mapping[str, str], data: Any, body: bytes,
+              now: datetime | None = None) -> BridgeError:
+    """A non-2xx answer as the taxonomy has it (`data` is the decoded body, `_NOT_JSON` if it is not JSON)."""
     errors = data.get("errors") if isinstance(data, dict) else None
     errors = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
     message = _message(status, data, errors, body)
     retry_after = _retry_after(headers)
-    if status in RETRYABLE_STATUSES:
-        if any(e.get("error_type") in DAILY_QUOTA_TYPES for e in errors):
+    if status in THROTTLED_STATUSES or status >= 500 or status < 400:  # < 400: an odd 1xx/3xx, no verdict
+        daily = any(e.get("error_type") in DAILY_QUOTA_TYPES for e in errors)
+        if daily:
             retry_after = max(retry_after or 0.0, seconds_until_quota_reset(now))
-        raise RetryableMetrikaError(status, message, errors, retry_after)
-    raise PermanentMetrikaError(status, message, errors, retry_after)
+        return Transient(message, source=SOURCE, status=status, errors=errors, retry_after=retry_after,
+                         daily_quota=daily)
+    if status in (401, 403):
+        return Misconfigured(f"{message}. {_ACTION[status]}", source=SOURCE, status=status, errors=errors)
+    return Permanent(message, source=SOURCE, status=status, errors=errors, retry_after=retry_after)
+
+
+_ACTION = {
+    401: "The Metrika OAuth token is missing or invalid: issue a new token (scope metrika:write) and save it "
+         "as the integration's metrika_token",
+    403: "The Metrika token was revoked or its Yandex account has no edit access to this counter: grant the "
+         "account edit access, or save a token of an account that has it",
+}
+
+
+def unreachable(what: str, timed_out: bool) -> Transient:
+    """A request that got no answer (`what`: the exception's name): the same request may work later."""
+    if timed_out:
+        return Transient(f"Metrika did not answer in time: {what}", source=SOURCE)
+    return Transient(f"Metrika unreachable: {what}", source=SOURCE)
+
+
+def time_zone_of(counter_id: int, answer: Any) -> str:
+    """`time_zone_name` from a GET counter answer; a counter without one cannot be used for uploads."""
+    counter = answer.get("counter") if isinstance(answer, dict) else None
+    name = counter.get("time_zone_name") if isinstance(counter, dict) else None
+    if not name:
+        raise Permanent(f"counter {counter_id} reports no time_zone_name", source=SOURCE)
+    return str(name)
 
 
 def seconds_until_quota_reset(now: datetime | None = None) -> float:
@@ -193,13 +221,20 @@ def seconds_until_quota_reset(now: datetime | None = None) -> float:
     return (midnight - now).total_seconds()
 
 
+_NOT_JSON = object()
+
+
 def _decode(body: bytes) -> Any:
     if not body:
         return {}
     try:
         return json.loads(body)
     except ValueError:
-        return {}
+        return _NOT_JSON
+
+
+def _excerpt(body: bytes) -> str:
+    return body[:200].decode("utf-8", "replace").strip() or "no body"
 
 
 def _message(status: int, data: Any, errors: list[dict], body: bytes) -> str:
@@ -210,7 +245,7 @@ def _message(status: int, data: Any, errors: list[dict], body: bytes) -> str:
         parts = [str(data["message"])]
     if not parts:
         # Not Metrika's JSON (a proxy's HTML page, say): show a short, safe excerpt.
-        parts = [body[:200].decode("utf-8", "replace").strip() or "no body"]
+        parts = [_excerpt(body)]
     return f"Metrika answered {status}: " + "; ".join(parts)
 
 

@@ -1,4 +1,6 @@
-"""The requests adapter for the CDP API: sends what `cdp` builds and lets `cdp` judge the answer."""
+"""The requests adapter for the CDP API: sends what `cdp` builds and lets `cdp` judge the answer, so
+every failure reaches the caller as the error taxonomy (`chalicelib.errors`) and nothing else: a
+timeout or connection error is `cdp.unreachable`, any answer goes through `cdp.decipher_response`."""
 from __future__ import annotations
 
 import json
@@ -49,10 +51,8 @@ class MetrikaClient:
             response = self._session.request(request.method, self._base_url + request.path,
                                              params=request.params or None, data=data, files=files, headers=headers,
                                              timeout=self._timeout)
-        except requests.Timeout as exc:
-            raise cdp.RetryableMetrikaError(None, f"Metrika did not answer in time: {type(exc).__name__}") from exc
         except requests.RequestException as exc:
-            raise cdp.RetryableMetrikaError(None, f"Metrika unreachable: {type(exc).__name__}") from exc
+            raise cdp.unreachable(type(exc).__name__, isinstance(exc, requests.Timeout)) from exc
         return cdp.decipher_response(response.status_code, response.headers, response.content)
 
     def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "APPEND",
@@ -83,11 +83,7 @@ class MetrikaClient:
         self.send(cdp.save_order_statuses(counter_id, statuses))
 
     def counter_time_zone(self, counter_id: int) -> str:
-        counter = self.send(cdp.get_counter(counter_id)).get("counter", {})
-        name = counter.get("time_zone_name")
-        if not name:
-            raise cdp.PermanentMetrikaError(None, f"counter {counter_id} reports no time_zone_name")
-        return name
+        return cdp.time_zone_of(counter_id, self.send(cdp.get_counter(counter_id)))
 
     def last_uploadings(self, counter_id: int, limit: int = 100, datetime_offset: str | None = None) -> list[dict]:
         return self.send(cdp.last_uploadings(counter_id, limit, datetime_offset)).get("uploadings", [])

@@ -1,6 +1,10 @@
 """Per-token quota governor: at most 3 Metrika requests in flight and a daily request budget, shared by
 every Lambda through DynamoDB (Metrika quotas: 3 parallel requests and 5,000 a day per user, reset at
-00:00 UTC — https://yandex.ru/dev/metrika/ru/intro/quotas, reference §3).
+00:00 GMT — https://yandex.ru/dev/metrika/ru/intro/quotas "Квотирование").
+
+Both refusals are the taxonomy's `Transient` (source "metrika"), as Metrika's own 429s would be: no
+free slot within `max_wait` (retry in a few seconds), and today's budget spent (`daily_quota`, retry
+at 00:00 UTC; waiting for it is not a failed attempt).
 
 The SQS event source's `maximum_concurrency=3` already caps the workers; the lease also covers the
 admin routes and scheduled jobs that call Metrika, and a deployment with several stages on one token.
@@ -14,7 +18,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-from .cdp import RetryableMetrikaError, seconds_until_quota_reset
+from ..errors import Transient
+from .cdp import SOURCE, seconds_until_quota_reset
 
 
 def quota_key(token: str) -> str:
@@ -47,15 +52,16 @@ class QuotaGovernor:
         slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
         while slot is None:
             if self._clock() >= deadline:
-                raise RetryableMetrikaError(None, "3 Metrika requests already in flight for this token; try later",
-                                            retry_after=5)
+                raise Transient(f"{self._parallel} Metrika requests already in flight for this token; try later",
+                                source=SOURCE, retry_after=5)
             self._sleep(0.2)
             slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
         try:
             if self._store.count_request(self._key, self._day(), self.daily_budget) is None:
-                raise RetryableMetrikaError(
-                    None, f"today's budget of {self.daily_budget} Metrika requests is spent; waiting for 00:00 UTC",
-                    [{"error_type": "quota_requests_by_uid", "message": "daily budget spent (counted by us)"}],
+                raise Transient(
+                    f"today's budget of {self.daily_budget} Metrika requests is spent; waiting for 00:00 UTC",
+                    source=SOURCE, daily_quota=True,
+                    errors=[{"error_type": "quota_requests_by_uid", "message": "daily budget spent (counted by us)"}],
                     retry_after=seconds_until_quota_reset(datetime.fromtimestamp(self._clock(), timezone.utc)))
             yield
         finally:

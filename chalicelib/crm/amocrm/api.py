@@ -1,22 +1,61 @@
 """amoCRM REST API v4 client (requests): the reads enrichment needs, with amoCRM's limits.
 
-Reference: ../shared/reference/amocrm.md §10–§13 (amoCRM "API сделок", "API контактов", "Каталоги",
-"Ограничения"). Long-lived token as `Authorization: Bearer`; the base URL comes from the integration's
-configuration, never from a webhook.
+Vendor documentation: https://www.amocrm.ru/developers/content/crm_platform/leads-api ("API сделок"),
+https://www.amocrm.ru/developers/content/crm_platform/contacts-api ("API контактов"),
+https://www.amocrm.ru/developers/content/crm_platform/catalogs-api ("Каталоги"),
+https://www.amocrm.ru/developers/content/api/recommendations ("Ограничения"). Long-lived token as
+`Authorization: Bearer`; the base URL comes from the integration's configuration, never from a webhook.
+
+`AmoCrmClient.get` is the one place that maps amoCRM's answers to the error taxonomy
+(`chalicelib.errors`, source "amocrm"), through `classify`: no answer (network error, timeout), 429,
+5xx, and any answer whose body is not JSON (amoCRM's maintenance page comes as HTML with a 200) are
+`Transient`, retried in the client (`attempts`, growing backoff) and then raised; 401/403 are
+`Misconfigured` (the token expired or was revoked, or the account's API is blocked); any other 4xx is
+`Permanent`.
 """
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import requests
 
-from .. import PermanentSourceError, RetryableSourceError
+from ...errors import BridgeError, Misconfigured, Permanent, Transient
 
+SOURCE = "amocrm"
 PAGE_LIMIT = 250  # the API's maximum for list calls
-# 7 requests a second per integration (§12); 5 % slack so network jitter never packs 8 into one second.
+# 7 requests a second per integration ("Ограничения"); 5 % slack so network jitter never packs 8 into one second.
 MIN_INTERVAL = 1.05 / 7
-RETRYABLE = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 10.0  # seconds we wait in-client on a Retry-After; longer waits are the worker's job
+_ACTION = {
+    401: "the API token has expired or was revoked: generate a new long-lived token in the amoCRM integration's "
+         "\"Ключи и доступы\" tab and save it as the integration's connection.access_token",
+    403: "amoCRM refuses this token: its user lacks rights, or the account's API is blocked (too many requests, "
+         "or this IP is not allowed); an account administrator must check the integration",
+}
+
+
+def classify(status: int, headers: Mapping[str, str], body: bytes) -> Any:
+    """The decoded JSON of a usable answer (None for 204, amoCRM's "nothing found"), or the answer's
+    error as the taxonomy has it. Pure: status, headers and body in, a value or a `BridgeError` out."""
+    if status == 204:
+        return None
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = _NOT_JSON
+    if 200 <= status < 300:
+        if data is _NOT_JSON or data is None:
+            return Transient(f"amoCRM answered {status} with a body that is not JSON (maintenance page?): "
+                             f"{_excerpt(body)}", source=SOURCE, status=status)
+        return data
+    message = f"amoCRM answered {status}: {_detail(data, body)}"
+    if status in (401, 403):
+        return Misconfigured(f"{message}; {_ACTION[status]}", source=SOURCE, status=status)
+    if status == 429 or status >= 500 or status < 400:
+        return Transient(message, source=SOURCE, status=status, retry_after=_retry_after(headers))
+    return Permanent(message, source=SOURCE, status=status)
 
 
 class AmoCrmClient:
@@ -33,8 +72,10 @@ class AmoCrmClient:
         return f"AmoCrmClient({self._base!r})"
 
     def get(self, path: str, params: list[tuple[str, str]] | None = None) -> dict | None:
-        """One GET with retries on 429/5xx/network errors. None for 204 (nothing found)."""
-        last = ""
+        """One GET; None for 204 (nothing found). A `Transient` failure is retried `attempts` times with
+        growing backoff (and the Retry-After amoCRM sends, up to 10 s), then raised; `Misconfigured` and
+        `Permanent` are raised at once."""
+        failure: BridgeError | None = None
         for attempt in range(self._attempts):
             if attempt:
                 time.sleep(self._backoff * 2 ** (attempt - 1))
@@ -43,22 +84,22 @@ class AmoCrmClient:
                 response = self._session.get(self._base + path, params=params, timeout=self._timeout,
                                              headers={"Authorization": f"Bearer {self._token}"})
             except requests.RequestException as exc:
-                last = f"amoCRM unreachable: {type(exc).__name__}"
+                what = "did not answer in time" if isinstance(exc, requests.Timeout) else "unreachable"
+                failure = Transient(f"amoCRM {what}: {type(exc).__name__}", source=SOURCE)
                 continue
-            if response.status_code == 204:
-                return None
-            if response.status_code < 300:
-                return response.json()
-            last = f"amoCRM answered {response.status_code}: {_detail(response)}"
-            if response.status_code not in RETRYABLE:
-                raise PermanentSourceError(last)
-            retry_after = response.headers.get("Retry-After")
-            if retry_after and retry_after.isdigit():
-                time.sleep(min(int(retry_after), 10))
-        raise RetryableSourceError(last)
+            answer = classify(response.status_code, response.headers, response.content)
+            if not isinstance(answer, BridgeError):
+                return answer
+            if not isinstance(answer, Transient):
+                raise answer
+            failure = answer
+            if answer.retry_after:
+                time.sleep(min(answer.retry_after, MAX_RETRY_AFTER))
+        assert failure is not None  # attempts >= 1
+        raise failure
 
     def leads(self, ids: list[str], with_: str = "contacts,catalog_elements") -> list[dict]:
-        """Leads by id in bulk (`filter[id][]`, §11.1); deleted ids are simply absent."""
+        """Leads by id in bulk (`filter[id][]`, "API сделок"); deleted ids are simply absent."""
         return [lead for chunk in _chunks(ids) for lead in self._list("/api/v4/leads", "leads",
                 [("with", with_), ("limit", str(PAGE_LIMIT))] + [("filter[id][]", i) for i in chunk])]
 
@@ -67,12 +108,12 @@ class AmoCrmClient:
                 [("limit", str(PAGE_LIMIT))] + [("filter[id][]", i) for i in chunk])]
 
     def catalog_elements(self, catalog_id: int, ids: list[str]) -> list[dict]:
-        """Names and prices of products (§11.4)."""
+        """Names and prices of products ("Каталоги": elements of a catalog)."""
         return [e for chunk in _chunks(ids) for e in self._list(f"/api/v4/catalogs/{catalog_id}/elements",
                 "elements", [("limit", str(PAGE_LIMIT))] + [("filter[id][]", i) for i in chunk])]
 
     def catalogs(self) -> list[dict]:
-        """Catalogs with their `type` (`products`, `regular`, `invoices`; §11.4)."""
+        """Catalogs with their `type` (`products`, `regular`, `invoices`; "Каталоги")."""
         return self._list("/api/v4/catalogs", "catalogs", [("limit", str(PAGE_LIMIT))])
 
     def all_catalog_elements(self, catalog_id: int) -> Iterator[dict]:
@@ -119,11 +160,24 @@ def _chunks(ids: list[str]) -> Iterator[list[str]]:
         yield unique[start:start + PAGE_LIMIT]
 
 
-def _detail(response: requests.Response) -> str:
+_NOT_JSON = object()
+
+
+def _excerpt(body: bytes) -> str:
+    return " ".join(body[:200].decode("utf-8", "replace").split()) or "no body"
+
+
+def _detail(data: Any, body: bytes) -> str:
+    if data is _NOT_JSON or data is None:
+        return _excerpt(body)
+    if isinstance(data, dict):
+        return str(data.get("detail") or data.get("title") or data.get("hint") or data)[:300]
+    return str(data)[:300]
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
     try:
-        body: Any = response.json()
+        return max(0.0, float(value)) if value is not None else None
     except ValueError:
-        return response.text[:200]
-    if isinstance(body, dict):
-        return str(body.get("detail") or body.get("title") or body.get("hint") or body)[:300]
-    return str(body)[:300]
+        return None

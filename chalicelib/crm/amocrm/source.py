@@ -1,4 +1,5 @@
-"""The amoCRM `CrmSource`: bulk reads through the API client, then the pure translation."""
+"""The amoCRM `CrmSource`: bulk reads through the API client, then the pure translation. Every failure
+reaches the caller as the error taxonomy with source "amocrm", raised by the client (`api.classify`)."""
 from __future__ import annotations
 
 import hashlib
@@ -64,7 +65,8 @@ class AmoCrmSource:
         return rows
 
     def product_names(self, integration: dict, products: dict[str, dict]) -> dict[str, str]:
-        """Names of linked catalog elements, one bulk read per catalog (§11.4)."""
+        """Names of linked catalog elements, one bulk read per catalog
+        (https://www.amocrm.ru/developers/content/crm_platform/catalogs-api "Каталоги")."""
         client = self.client_for(integration)
         by_catalog: dict[Any, list[str]] = {}
         for hint in products.values():
@@ -109,7 +111,9 @@ class AmoCrmSource:
                 for lead in self.client_for(integration).leads_updated_since(since)]
 
     def webhook_health(self, integration: dict, integration_id: str) -> dict:
-        """Our webhook as amoCRM lists it: registered, and not `disabled` after failed deliveries (§8.3)."""
+        """Our webhook as amoCRM lists it: registered, and not `disabled` after failed deliveries
+        (https://www.amocrm.ru/developers/content/crm_platform/webhooks-api, the webhook list with its
+        `disabled` flag)."""
         mine = [h for h in self.client_for(integration).webhooks()
                 if f"/webhooks/amocrm/{integration_id}" in str(h.get("destination", ""))]
         return {"registered": bool(mine), "disabled": any(h.get("disabled") for h in mine),

@@ -1,5 +1,18 @@
 """The Bitrix24 `CrmSource`: deals with product rows, contact and source lead in `batch` calls, then
-the pure translation. REST calls are spaced for the portal's 2-requests-a-second leaky bucket."""
+the pure translation. REST calls are spaced for the portal's 2-requests-a-second leaky bucket.
+
+Every failure reaches the caller as the error taxonomy with source "bitrix24"; batch sub-errors come
+classified from the client (`api.classify`), and only a `NotFound` means an entity was deleted:
+
+* deal (or contact) sub-call "Not found" → `EntityRows(gone=True)`;
+* a `Transient` sub-error on any sub-call a deal needs → the whole snapshot raises `Transient` (the
+  worker retries the group later);
+* a `Misconfigured` or `Permanent` sub-error → that entity gets `EntityRows(error=…)`, parked with the
+  reason and never sent;
+* the chained contact and source-lead sub-calls matter only when the deal names one (`CONTACT_ID`,
+  `LEAD_ID` not null, "" or "0"); then only their "Not found" lets the deal go without them (with the
+  synthetic customer `deal-…`), never an error that left them unread.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -7,19 +20,24 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from ...errors import BridgeError, Permanent, Transient
 from ...metrika.schemas import normalize_product_id
 from .. import CONTACT, ORDER, BackfillPage, EntityRef, EntityRows, slot_waiter
-from .api import BATCH_LIMIT, MIN_INTERVAL, Bitrix24Client
+from .api import BATCH_LIMIT, MIN_INTERVAL, SOURCE, Bitrix24Client, NotFound
 from .translate import contact_row, deal_rows, default_mapping, from_item_product_row
 
 DEFAULT_CLIENT_ID_FIELD = "UF_CRM_YM_CLIENT_ID"
 CALLS_PER_DEAL = 4  # deal, product rows, contact, source lead
-LIST_PAGE = 50  # items per page of a list method (§16)
+# Items per page of a list method ("Get a List of Deals crm.deal.list",
+# https://apidocs.bitrix24.com/api-reference/crm/deals/crm-deal-list.html).
+LIST_PAGE = 50
 # History import: deals per step. Their list pages and then their contacts, leads and product rows
 # (three lists per 50 deals) each fit one batch request.
 BACKFILL_DEALS = 16 * LIST_PAGE
 BACKFILL_CONTACTS = BATCH_LIMIT * LIST_PAGE
-CONTACT_SELECT = ["*", "UF_*", "PHONE", "EMAIL"]  # `*` alone leaves out UF and multi-fields (§16)
+# `*` alone leaves out custom (UF_*) and multiple fields such as PHONE and EMAIL ("Get a List of Contacts
+# crm.contact.list", https://apidocs.bitrix24.com/api-reference/crm/contacts/crm-contact-list.html).
+CONTACT_SELECT = ["*", "UF_*", "PHONE", "EMAIL"]
 
 
 class Bitrix24Source:
@@ -29,44 +47,26 @@ class Bitrix24Source:
 
     def client_for(self, integration: dict) -> Bitrix24Client:
         url = integration["connection"]["webhook_url"]
-        # The bucket is per portal: every webhook and app on it shares the budget (§16).
+        # The bucket is per portal: every webhook and app on it shares the budget
+        # (https://apidocs.bitrix24.ru/limits.html "Лимиты REST API").
         scope = "bitrix24:" + hashlib.sha256((urlsplit(url).hostname or "").encode()).hexdigest()[:16]
         wait_for_slot = slot_waiter(self._reserve_slot, scope, MIN_INTERVAL)
         return Bitrix24Client(url, wait_for_slot=wait_for_slot, **self._client_options)
 
     def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef],
                  attributes: list[dict] = ()) -> dict[tuple[str, str], EntityRows]:
+        """Current rows of each ref (module docstring: what a sub-error makes of an entity). Raises
+        `Transient` when any deal or contact could not be read for a reason that may pass."""
         client = self.client_for(integration)
-        field = integration.get("client_id_field") or DEFAULT_CLIENT_ID_FIELD
-        now = datetime.now(timezone.utc)
-        rows: dict[tuple[str, str], EntityRows] = {}
-        deals = [r.crm_id for r in refs if r.kind == ORDER]
-        per_batch = BATCH_LIMIT // CALLS_PER_DEAL
-        for start in range(0, len(deals), per_batch):
-            commands: dict[str, tuple[str, dict]] = {}
-            for i, deal_id in enumerate(deals[start:start + per_batch]):
-                commands[f"d{i}"] = ("crm.deal.get", {"id": deal_id})
-                commands[f"r{i}"] = ("crm.deal.productrows.get", {"id": deal_id})
-                commands[f"c{i}"] = ("crm.contact.get", {"id": f"$result[d{i}][CONTACT_ID]"})
-                commands[f"l{i}"] = ("crm.lead.get", {"id": f"$result[d{i}][LEAD_ID]"})
-            results, _ = client.batch(commands)  # a missing contact or lead is an expected sub-error
-            for i, deal_id in enumerate(deals[start:start + per_batch]):
-                deal = results.get(f"d{i}")
-                if not deal:
-                    rows[(ORDER, deal_id)] = EntityRows(gone=True)  # "Not found": deleted
-                    continue
-                rows[(ORDER, deal_id)] = deal_rows(deal, contact=results.get(f"c{i}") or None,
-                                                   lead=results.get(f"l{i}") or None,
-                                                   product_rows=results.get(f"r{i}") or [], mapping=mapping,
-                                                   client_id_field=field, now=now, attributes=attributes)
+        translation = _Translation(integration, mapping, attributes)
+        deals, _ = _read_deals(client, [r.crm_id for r in refs if r.kind == ORDER], translation)
+        rows = {(ORDER, deal_id): entity for deal_id, entity in deals.items()}
         contacts = [r.crm_id for r in refs if r.kind == CONTACT]
         for start in range(0, len(contacts), BATCH_LIMIT):
             chunk = contacts[start:start + BATCH_LIMIT]
-            results, _ = client.batch({f"k{i}": ("crm.contact.get", {"id": cid}) for i, cid in enumerate(chunk)})
+            results, errors = client.batch({f"k{i}": ("crm.contact.get", {"id": cid}) for i, cid in enumerate(chunk)})
             for i, contact_id in enumerate(chunk):
-                contact = results.get(f"k{i}")
-                rows[(CONTACT, contact_id)] = (EntityRows(contacts=[contact_row(contact, field, now, attributes=attributes)])
-                                               if contact else EntityRows(gone=True))
+                rows[(CONTACT, contact_id)] = _contact_entity(contact_id, results, errors, f"k{i}", translation)
         return rows
 
     def product_names(self, integration: dict, products: dict[str, dict]) -> dict[str, str]:
@@ -81,38 +81,49 @@ class Bitrix24Source:
         """Every catalogue product (`crm.product.list`, all pages)."""
         client = self.client_for(integration)
         return {normalize_product_id(p["ID"]): p.get("NAME") or str(p["ID"])
-                for p in client._list("crm.product.list", {"order": {"ID": "ASC"}, "select": ["ID", "NAME"]})}
+                for p in client.all_items("crm.product.list", {"order": {"ID": "ASC"}, "select": ["ID", "NAME"]})}
 
     def backfill_page(self, integration: dict, mapping: list[dict], attributes: list[dict], phase: str,
                       since: int, cursor: dict | None) -> BackfillPage:
         """Id-ordered list pages fetched many at a time in one `batch` (offsets from the last id seen,
         so entities changed meanwhile keep their place); for deals a second batch reads their
-        contacts, source leads and product rows in lists of 50 ids (§7, §15)."""
+        contacts, source leads and product rows in lists of 50 ids. A list sub-call that fails fails
+        the page (raised, `Transient` first). A deal whose contact or lead the lists left out (deleted,
+        or not visible to the webhook's user: lists do not say which) is read again as a snapshot is,
+        so an unreadable contact parks the deal instead of sending it with a synthetic customer."""
         client = self.client_for(integration)
         after = int((cursor or {}).get("after_id", 0))
         since_iso = datetime.fromtimestamp(since, timezone.utc).isoformat()
         method, size = ("crm.contact.list", BACKFILL_CONTACTS) if phase == "contacts" else ("crm.deal.list", BACKFILL_DEALS)
         query = {"filter": {">ID": after, ">=DATE_MODIFY": since_iso}, "order": {"ID": "ASC"},
                  "select": CONTACT_SELECT if phase == "contacts" else ["*", "UF_*"]}
-        results, _, _, totals = client.batch_pages({f"p{n}": (method, {**query, "start": n * LIST_PAGE})
-                                                    for n in range(size // LIST_PAGE)})
+        results, errors, _, totals = client.batch_pages({f"p{n}": (method, {**query, "start": n * LIST_PAGE})
+                                                         for n in range(size // LIST_PAGE)})
+        _raise_first(errors, f"{method} pages")
         items = sorted((i for n in range(size // LIST_PAGE) for i in results.get(f"p{n}") or []), key=lambda i: int(i["ID"]))
         items = list({i["ID"]: i for i in items}.values())
         requests = 1
-        field = integration.get("client_id_field") or DEFAULT_CLIENT_ID_FIELD
-        now = datetime.now(timezone.utc)
+        translation = _Translation(integration, mapping, attributes)
         rows: dict[tuple[str, str], EntityRows] = {}
         if phase == "contacts":
             for contact in items:
-                rows[(CONTACT, str(contact["ID"]))] = EntityRows(contacts=[contact_row(contact, field, now, attributes=attributes)])
+                rows[(CONTACT, str(contact["ID"]))] = EntityRows(contacts=[translation.contact(contact)])
         elif items:
             related, calls = self._deal_relations(client, items)
             requests += calls
+            unsure = [str(d["ID"]) for d in items
+                      if (_ref(d.get("CONTACT_ID")) and _ref(d.get("CONTACT_ID")) not in related["contacts"])
+                      or (_ref(d.get("LEAD_ID")) and _ref(d.get("LEAD_ID")) not in related["leads"])]
+            reread, calls = _read_deals(client, unsure, translation)
+            requests += calls
             for deal in items:
-                rows[(ORDER, str(deal["ID"]))] = deal_rows(
-                    deal, contact=related["contacts"].get(str(deal.get("CONTACT_ID"))),
-                    lead=related["leads"].get(str(deal.get("LEAD_ID"))), product_rows=related["rows"].get(str(deal["ID"]), []),
-                    mapping=mapping, client_id_field=field, now=now, attributes=attributes)
+                deal_id = str(deal["ID"])
+                if deal_id in reread:
+                    rows[(ORDER, deal_id)] = reread[deal_id]
+                    continue
+                rows[(ORDER, deal_id)] = translation.deal(
+                    deal, contact=related["contacts"].get(_ref(deal.get("CONTACT_ID"))),
+                    lead=related["leads"].get(_ref(deal.get("LEAD_ID"))), product_rows=related["rows"].get(deal_id, []))
         kind = CONTACT if phase == "contacts" else ORDER
         times = {(kind, str(i["ID"])): int(datetime.fromisoformat(i["DATE_MODIFY"]).timestamp()) for i in items}
         done = len(items) < size
@@ -121,9 +132,9 @@ class Bitrix24Source:
 
     def _deal_relations(self, client: Bitrix24Client, deals: list[dict]) -> tuple[dict, int]:
         """Contacts, source leads and product rows of these deals, 50 ids per list call, in one batch
-        (plus one per further page of product rows)."""
-        wanted = {"contacts": sorted({str(d["CONTACT_ID"]) for d in deals if d.get("CONTACT_ID")}),
-                  "leads": sorted({str(d["LEAD_ID"]) for d in deals if d.get("LEAD_ID")}),
+        (plus one per further page of product rows). A failed list sub-call raises."""
+        wanted = {"contacts": sorted({_ref(d.get("CONTACT_ID")) for d in deals} - {None}),
+                  "leads": sorted({_ref(d.get("LEAD_ID")) for d in deals} - {None}),
                   "rows": [str(d["ID"]) for d in deals]}
         commands: dict[str, tuple[str, dict]] = {}
         for name, ids in wanted.items():
@@ -139,8 +150,9 @@ class Bitrix24Source:
         calls = 0
         while commands:
             keys = list(commands)[:BATCH_LIMIT]
-            results, _, following, _ = client.batch_pages({k: commands[k] for k in keys})
+            results, errors, following, _ = client.batch_pages({k: commands[k] for k in keys})
             calls += 1
+            _raise_first(errors, "the contacts, leads and product rows of a page of deals")
             for key in keys:
                 method, params = commands.pop(key)
                 result = results.get(key) or []
@@ -164,3 +176,121 @@ class Bitrix24Source:
         iso = datetime.fromtimestamp(since, timezone.utc).isoformat()
         return [EntityRef(ORDER, str(d["ID"]), int(datetime.fromisoformat(d["DATE_MODIFY"]).timestamp()), "reconcile")
                 for d in self.client_for(integration).deals_modified_since(iso)]
+
+
+class _Translation:
+    """The pure translation with one integration's settings and one clock."""
+
+    def __init__(self, integration: dict, mapping: list[dict], attributes: list[dict]) -> None:
+        self.field = integration.get("client_id_field") or DEFAULT_CLIENT_ID_FIELD
+        self.mapping, self.attributes = mapping, attributes
+        self.now = datetime.now(timezone.utc)
+
+    def deal(self, deal: dict, *, contact: dict | None, lead: dict | None, product_rows: list[dict]) -> EntityRows:
+        return deal_rows(deal, contact=contact, lead=lead, product_rows=product_rows, mapping=self.mapping,
+                         client_id_field=self.field, now=self.now, attributes=self.attributes)
+
+    def contact(self, contact: dict) -> dict:
+        return contact_row(contact, self.field, self.now, attributes=self.attributes)
+
+
+def _read_deals(client: Bitrix24Client, deal_ids: list[str], translation: _Translation) -> tuple[dict[str, EntityRows], int]:
+    """Each deal with its product rows, contact and source lead: CALLS_PER_DEAL chained sub-calls a deal,
+    as many deals as fit one batch. Returns the rows by deal id and the requests spent."""
+    rows: dict[str, EntityRows] = {}
+    per_batch = BATCH_LIMIT // CALLS_PER_DEAL
+    calls = 0
+    for start in range(0, len(deal_ids), per_batch):
+        chunk = deal_ids[start:start + per_batch]
+        commands: dict[str, tuple[str, dict]] = {}
+        for i, deal_id in enumerate(chunk):
+            commands[f"d{i}"] = ("crm.deal.get", {"id": deal_id})
+            commands[f"r{i}"] = ("crm.deal.productrows.get", {"id": deal_id})
+            commands[f"c{i}"] = ("crm.contact.get", {"id": f"$result[d{i}][CONTACT_ID]"})
+            commands[f"l{i}"] = ("crm.lead.get", {"id": f"$result[d{i}][LEAD_ID]"})
+        results, errors = client.batch(commands)
+        calls += 1
+        for i, deal_id in enumerate(chunk):
+            rows[deal_id] = _deal_entity(deal_id, i, results, errors, translation)
+    return rows, calls
+
+
+def _deal_entity(deal_id: str, i: int, results: dict, errors: dict, translation: _Translation) -> EntityRows:
+    """One deal from its sub-calls `d{i}`, `r{i}`, `c{i}`, `l{i}`; raises `Transient` (module docstring)."""
+    try:
+        deal = _sub_result(results, errors, f"d{i}", f"deal {deal_id}")
+        if isinstance(deal, NotFound):
+            return EntityRows(gone=True)  # deleted: the only answer that means so
+        if not isinstance(deal, dict):
+            raise Transient(f"Bitrix24 crm.deal.get answered something other than a deal for deal {deal_id}",
+                            source=SOURCE)
+        contact = _related(results, errors, f"c{i}", deal.get("CONTACT_ID"), f"contact {{}} of deal {deal_id}")
+        lead = _related(results, errors, f"l{i}", deal.get("LEAD_ID"), f"source lead {{}} of deal {deal_id}")
+        product_rows = _sub_result(results, errors, f"r{i}", f"the product rows of deal {deal_id}")
+    except Transient:
+        raise
+    except BridgeError as exc:  # refused: park this deal with the reason, never send it incomplete
+        return EntityRows(error=exc.describe())
+    product_rows = [] if isinstance(product_rows, NotFound) else product_rows or []
+    return translation.deal(deal, contact=contact, lead=lead, product_rows=product_rows)
+
+
+def _contact_entity(contact_id: str, results: dict, errors: dict, key: str, translation: _Translation) -> EntityRows:
+    try:
+        contact = _sub_result(results, errors, key, f"contact {contact_id}")
+    except Transient:
+        raise
+    except BridgeError as exc:
+        return EntityRows(error=exc.describe())
+    if isinstance(contact, NotFound):
+        return EntityRows(gone=True)
+    if not isinstance(contact, dict):
+        raise Transient(f"Bitrix24 crm.contact.get answered something other than a contact for contact {contact_id}",
+                        source=SOURCE)
+    return EntityRows(contacts=[translation.contact(contact)])
+
+
+def _sub_result(results: dict, errors: dict, key: str, what: str) -> Any:
+    """A sub-call's result, or `NotFound`; raises its other error, reworded to name `what`."""
+    failure = errors.get(key)
+    if isinstance(failure, NotFound):
+        return failure
+    if isinstance(failure, BridgeError):
+        raise _about(failure, what)
+    if key not in results:
+        raise Transient(f"Bitrix24 batch answered neither a result nor an error for {what}", source=SOURCE)
+    return results[key]
+
+
+def _related(results: dict, errors: dict, key: str, ref: Any, what: str) -> dict | None:
+    """The contact or lead a deal names (`what` has a `{}` for its id), None when it names none or the
+    entity does not exist; raises any other error of its sub-call. When the deal names none, the chained
+    sub-call fails as expected (its id is empty) and is not looked at."""
+    entity_id = _ref(ref)
+    if entity_id is None:
+        return None
+    value = _sub_result(results, errors, key, what.format(entity_id))
+    return value if isinstance(value, dict) and value else None
+
+
+def _ref(value: Any) -> str | None:
+    """A linked entity's id; None for no link (null, "" or "0", as Bitrix24 writes it)."""
+    text = str(value if value is not None else "").strip()
+    return None if text in ("", "0") else text
+
+
+def _about(exc: BridgeError, what: str) -> BridgeError:
+    """The same error, saying which read failed."""
+    return type(exc)(f"reading {what}: {exc.message}", source=exc.source, status=exc.status, errors=exc.errors,
+                     retry_after=exc.retry_after, daily_quota=exc.daily_quota)
+
+
+def _raise_first(errors: dict, what: str) -> None:
+    """Raise the failure of a batch whose every sub-call is needed: a `Transient` one first (retrying
+    later may clear the rest), else the first; a "Not found" of a list call is `Permanent`."""
+    failures = [e if isinstance(e, BridgeError) else Permanent(f"Bitrix24 {e.method} answered {e.description}",
+                                                                source=SOURCE)
+                for e in errors.values()]
+    if failures:
+        first = next((e for e in failures if isinstance(e, Transient)), failures[0])
+        raise _about(first, what)
