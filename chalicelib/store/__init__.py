@@ -1,0 +1,263 @@
+"""The state store's contract: one Protocol per concern, and `StateStore`, all of them together.
+
+Two implementations keep it: `store.dynamodb.DynamoStore` (production; the only module that knows
+DynamoDB key shapes) and `store.memory.MemoryStore` (in process memory, for tests and tools). One
+contract test suite (`tests/test_store_contract.py`) runs against both, so code written against these
+Protocols behaves the same on either.
+
+This module stays light (no boto3): the pure parts of the app import it for types.
+
+Conventions every method keeps:
+
+* Values come back as plain Python values: numbers as `int` (as `float` only when not integral, such
+  as a lease time), never `Decimal` or DynamoDB's typed form. Returned dicts and lists are the caller's
+  own copies: changing them never changes the store or a later read.
+* Times are Unix seconds. Methods that decide on time take `now` from the caller (tests pass it);
+  timestamps merely recorded (`sent_at`, `failed_at` …) come from the store's clock.
+* A store that cannot be reached raises `chalicelib.errors.Unavailable("store", …)`; other errors
+  (bad input, bugs) propagate as they are.
+* Every check-then-write named below is atomic: it holds when several processes call at once.
+
+Entity state (one per CRM entity, under its integration) holds: `kind` ("order"/"contact"), `crm_id`,
+`event_time` (newest change recorded), `dirty` (not yet delivered), `queued_until` (the queue lease:
+present while a message for the entity is believed to be on its way; a lease that has passed means the
+message was lost), `last_action`, `attempts`, `last_error`, `failed_at`, `content_hash`, `row_hashes`
+(row id → hash of the rows Metrika accepted), `uploading_id`, `sent_at`, `last_order` (JSON of the
+order as sent), `facts`, and `owner` (set while a history import holds the entity).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, overload
+
+from chalicelib.crm import EntityRef
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An entity a history import took (`ImportStore.take_for_backfill`), to hand back to
+    `release_backfilled`. Plain values only: `state` is the whole entity state as taken, as
+    `EntityStore.get_entity` returns it."""
+
+    integration_id: str
+    kind: str
+    crm_id: str
+    event_time: int
+    owner: str
+    state: dict
+
+
+class IntegrationStore(Protocol):
+    """Integrations' configuration: the config itself, status and attribute mappings, cursors."""
+
+    def get_integration(self, integration_id: str, *, max_age: float = 0) -> dict | None:
+        """The integration's config, or None. `max_age` > 0 accepts a copy this store object read at
+        most that many seconds ago (the webhook path saves a round trip on warm Lambdas); another
+        process's write then shows after at most `max_age`. Writes through this same object are seen
+        at once. Always a fresh copy, cached or not."""
+
+    def put_integration(self, integration_id: str, config: dict) -> None:
+        """Create or replace the integration's config."""
+
+    def delete_integration(self, integration_id: str) -> bool:
+        """Delete the integration with everything under it: mappings, cursors, history import job,
+        entity state, uploads, products. False if it had no config."""
+
+    def list_integration_ids(self) -> list[str]:
+        """Every integration that has a config, sorted."""
+
+    def get_status_mapping(self, integration_id: str) -> dict | None:
+        """{"entries": [...], "pushed_at": int | None}, or None when none was saved."""
+
+    def put_status_mapping(self, integration_id: str, entries: list[dict], pushed_at: int) -> None:
+        """Replace the status mapping."""
+
+    def get_attribute_mapping(self, integration_id: str) -> list[dict]:
+        """The custom attribute mapping entries ([] when none was saved)."""
+
+    def put_attribute_mapping(self, integration_id: str, entries: list[dict]) -> None:
+        """Replace the attribute mapping."""
+
+    def get_cursor(self, integration_id: str, name: str) -> int | None:
+        """A named position (e.g. where reconciliation stopped), or None."""
+
+    def put_cursor(self, integration_id: str, name: str, value: int) -> None:
+        """Set a named position."""
+
+
+class EntityStore(Protocol):
+    """Per-entity delivery state: which entity changed, whether a message for it is on its way, and
+    what was last sent."""
+
+    def mark_dirty(self, integration_id: str, ref: EntityRef, *, now: float, lease_seconds: float,
+                   future_skew: float) -> bool:
+        """Record that `ref` changed. True when THIS call took the queue lease: the caller must now
+        send a message for the entity (and call `release_lease` if it cannot).
+
+        The event is recorded (event_time, dirty, last_action) unless it is stale: a stored event
+        time newer than `ref.event_time` wins, except one more than `future_skew` seconds after `now`
+        (a bogus future time, overwritten so the entity is not frozen). Equal times pass. A stale event
+        writes nothing and returns False.
+
+        When recorded: no lease → take it (until `now + lease_seconds`), True. A live lease (not before
+        `now`) → False: the pending message covers this change too, so a burst costs one message. An
+        expired lease (its message was lost) → taken over, True. Of concurrent callers, exactly one
+        gets True for one missing or expired lease."""
+
+    def release_queue_lease(self, integration_id: str, kind: str, crm_id: str) -> None:
+        """Drop the entity's queue lease: its message could not be sent, so the next event (or the
+        stuck sweep) queues one. Nothing happens to an entity without state."""
+
+    def release_lease(self, integration_id: str, kind: str, crm_id: str, /) -> None:
+        """`release_queue_lease` under the name it shares with `QuotaStore.release_lease` (see
+        `StateStore`); positional arguments only. Prefer `release_queue_lease`: it cannot be mistaken."""
+
+    def claim(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        """The worker takes the entity for delivery: drops the queue lease (from now on a new event
+        queues a new message) and a history import's hold. Returns the state (as `get_entity`), or
+        None when the entity has no state (e.g. its integration was deleted)."""
+
+    def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
+                   row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
+                   facts: dict | None = None) -> bool:
+        """Delivered the state seen at `event_time`: dirty=False, content_hash, row_hashes (None removes
+        them: unknown), uploading_id ("" for None), sent_at=now, attempts=0, last_order ("" for None), facts (when
+        given); last_error removed. Only if the stored event time is still `event_time`; False when a
+        newer event arrived meanwhile (it stays dirty: that event queued its own message)."""
+
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+        """Park the entity (a permanent error that needs a person): dirty=False, last_error=error,
+        failed_at=now. Same condition and answer as `mark_clean`."""
+
+    def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
+                     lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
+        """A retryable failure whose retry message is queued: attempts, last_error, the queue lease
+        until `lease_until`, and `row_hashes` when given (rows Metrika already accepted, so the retry
+        skips them). Unconditional."""
+
+    def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
+        """Forget what was sent (content_hash, last_order, row_hashes), so the next delivery sends the
+        entity even if unchanged (replay). Nothing happens to an entity without state."""
+
+    def get_entity(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        """{"kind", "crm_id", **attributes}, or None."""
+
+    def list_entities(self, integration_id: str) -> list[dict]:
+        """Every entity's state (as `get_entity`): orders, then contacts, each ordered by crm_id as a
+        string."""
+
+    def stuck_entities(self, integration_id: str, *, now: float) -> list[dict]:
+        """Dirty entities whose queue lease is absent or expired (before `now`): their message was lost
+        or never sent. A history import's hold carries a lease too, so a held entity is listed only
+        once that lease has expired (a crashed import). Same order as `list_entities`."""
+
+    def existing_entities(self, integration_id: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (kind, crm_id) have state."""
+
+    def content_hashes(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, str]:
+        """crm_id → last sent content hash, for those of `crm_ids` that have one."""
+
+    def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
+        """Contacts that went up with a deal: remember their content hash (a contact without state gets
+        event time 0, not dirty), so neither an import nor an unchanged webhook sends them again. Only
+        where nothing is pending (dirty) or held for the contact; there its own delivery decides."""
+
+
+class UploadStore(Protocol):
+    """Uploads Metrika accepted, until their final validation status is read."""
+
+    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int) -> None:
+        """A new upload: status "SENT", sent_at=now."""
+
+    def uploads(self, integration_id: str) -> list[dict]:
+        """[{"uploading_id", "kind", "rows", "status", "sent_at", ("elements_count", "confirmed_at")}],
+        ordered by uploading_id."""
+
+    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None) -> None:
+        """The upload's final status: status, elements_count (0 for None), confirmed_at=now."""
+
+
+class ProductStore(Protocol):
+    """Metrika's product list as this service last pushed it."""
+
+    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
+        """Which of these product ids the list has."""
+
+    def products(self, integration_id: str) -> dict[str, str]:
+        """product id → display name ("" when none)."""
+
+    def put_products(self, integration_id: str, names: dict[str, str]) -> None:
+        """Add or rename products."""
+
+
+class QuotaStore(Protocol):
+    """Limits shared by every process: request spacing, daily budgets, concurrency leases."""
+
+    def reserve_slot(self, scope: str, interval: float, now: float) -> float:
+        """The time at which the caller may send to `scope`: all callers are spaced at least
+        `interval` seconds apart. An idle scope answers `now`."""
+
+    def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
+        """Count one request against `budget` for `day`: the count including this one, or None (and
+        nothing counted) when the budget is spent. Atomic: concurrent callers never exceed it."""
+
+    def requests_on(self, quota_key: str, day: str) -> int:
+        """Requests counted for `day` (0 when none)."""
+
+    def acquire_lease(self, scope: str, slots: int, owner: str, now: float, ttl: float) -> int | None:
+        """Take one of `slots` leases for `ttl` seconds (a semaphore across processes): the slot, or
+        None when all are held. A lease that expired (a crashed holder) is free again. One slot is
+        never given to two callers at once."""
+
+    def release_lease(self, scope: str, slot: int, owner: str, /) -> None:
+        """Free the slot if `owner` still holds it (an expired lease taken over is not ours to free).
+        Positional arguments only: the name is shared with `EntityStore.release_lease`."""
+
+
+class ImportStore(Protocol):
+    """The history import: its job, and its hold on the entities it sends."""
+
+    def get_backfill(self, integration_id: str) -> dict | None:
+        """The import job, or None."""
+
+    def put_backfill(self, integration_id: str, job: dict, *, expect_run: str | None = None) -> bool:
+        """Save the job. With `expect_run`: only if the stored job is that run and still "running", so
+        a stop (or a new run) wins over a step finishing late. False when it lost."""
+
+    def take_for_backfill(self, integration_id: str, kind: str, crm_id: str, event_time: int, content_hash: str, *,
+                          absent: bool = False, now: float, lease_seconds: float) -> Hold | None:
+        """The import takes an entity it read at `event_time`, unless the live path has it: the entity
+        is dirty, or its state is as new or newer, or this content was already sent. An entity this
+        import left held (an interrupted run) is taken again. Taking sets event_time, dirty, the
+        import's owner mark and a queue lease until `now + lease_seconds`; while it is live, webhooks
+        record newer events without queueing (see `release_backfilled`), and once it expired (a
+        crashed import) a webhook takes the lease over and queues. None when not taken.
+
+        `absent`: the caller just found no state, so a cheaper create-if-absent is tried first."""
+
+    def release_backfilled(self, hold: Hold, *, content_hash: str | None, row_hashes: dict[str, str] | None = None,
+                           uploading_id: str | None, last_order: str | None, facts: dict | None,
+                           error: dict | None = None) -> bool:
+        """End the hold: the state as taken, dirty=False, without lease and owner, and either sent
+        (content_hash, row_hashes (None removes them), uploading_id, sent_at=now, attempts=0,
+        last_order, facts when given; last_error removed) or, with `error`, parked (last_error,
+        failed_at=now). Only if no newer event came and nobody claimed the entity since the hold (event
+        time and owner unchanged): one atomic check-and-write. False otherwise: the entity stays dirty,
+        and the caller must queue a message for it."""
+
+
+class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, Protocol):
+    """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement.
+
+    `release_lease` is the one name two concerns share: `(integration_id, kind, crm_id)` drops an
+    entity's queue lease (as `release_queue_lease` does), `(scope, slot: int, owner)` frees a quota
+    slot. Implementations tell them apart by the type of the second argument (a slot is an int, a kind
+    a str)."""
+
+    @overload
+    def release_lease(self, integration_id: str, kind: str, crm_id: str, /) -> None: ...
+    @overload
+    def release_lease(self, scope: str, slot: int, owner: str, /) -> None: ...
+
+    def release_lease(self, first: str, second: str | int, third: str, /) -> None:
+        """See `EntityStore.release_lease` and `QuotaStore.release_lease`."""

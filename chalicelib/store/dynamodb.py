@@ -1,0 +1,621 @@
+"""`StateStore` on DynamoDB: the one module that knows key shapes.
+
+Two tables (names from settings, prefixed by stage):
+
+* config — `pk = INTEGRATION#<id>`; `sk = CONFIG` (the integration), `STATUS_MAPPING`, `ATTRIBUTES`,
+  `BACKFILL` (the history import job) or `CURSOR#<name>`.
+* state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
+  state (see `chalicelib.store`); `PRODUCT#<product id>`: products in Metrika's product list;
+  `UPLOAD#<id>`: uploads to confirm. Shared limits live in their own partitions: `RATE#<scope>`/`NEXT`,
+  `QUOTA#<key>`/`DAY#<day>`, `LEASE#<scope>`/`SLOT#<n>`.
+
+The low-level client with boto3's type (de)serialisers keeps cold starts cheaper than the resource API.
+Every call goes through `_Guarded`, which turns "DynamoDB cannot be reached or throttles us" into
+`Unavailable`; anything else (a ValidationException is a bug or bad input) propagates unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from decimal import Decimal
+from typing import Any, Callable
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
+                                 ReadTimeoutError)
+
+from chalicelib.crm import EntityRef
+from chalicelib.errors import Unavailable
+
+from . import Hold
+
+_SER = TypeSerializer()
+_DES = TypeDeserializer()
+
+CONFIG = "CONFIG"
+STATUS_MAPPING = "STATUS_MAPPING"
+ATTRIBUTES = "ATTRIBUTES"
+BACKFILL = "BACKFILL"
+BACKFILL_OWNER = "backfill"
+# Attributes older code wrote that nothing reads any more; dropped when an item is rewritten whole.
+LEGACY_ATTRIBUTES = ("queued", "received_at")
+
+_UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+_UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
+                                "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
+# Batch calls hand back what DynamoDB did not process (throttling): retried with a short backoff, and
+# after this many rounds without finishing the store counts as unavailable rather than looping forever.
+BATCH_ROUNDS = 8
+
+
+class _Guarded:
+    """The boto3 client, with availability errors mapped to `Unavailable("store", …)` in one place.
+    Attribute access mirrors the client (`self._db.update_item(...)`), so the IAM policy test can still
+    read the operations this module uses from its source."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, operation: str) -> Callable[..., dict]:
+        method = getattr(self._client, operation)
+
+        def call(**kwargs: Any) -> dict:
+            try:
+                return method(**kwargs)
+            except _UNREACHABLE as exc:
+                raise Unavailable("store", f"{operation}: {type(exc).__name__}") from exc
+            except ClientError as exc:
+                code = _code(exc)
+                if code in _UNAVAILABLE_CODES:
+                    raise Unavailable("store", f"{operation}: {code}") from exc
+                raise  # ConditionalCheckFailed (handled by the caller), or a bug / bad input
+
+        return call
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
+
+
+def _conditional_failed(exc: ClientError) -> bool:
+    return _code(exc) == "ConditionalCheckFailedException"
+
+
+def _pk(integration_id: str) -> str:
+    return f"INTEGRATION#{integration_id}"
+
+
+def _entity_sk(kind: str, crm_id: str) -> str:
+    return f"{kind.upper()}#{crm_id}"
+
+
+def _dynamo(value: Any) -> Any:
+    """Plain values as the serialiser wants them: floats become Decimal (what `_plain` hands out as a
+    float must be writable back, e.g. a `Hold`'s lease time or a fact like a revenue of 12.5)."""
+    if isinstance(value, float):
+        return Decimal(repr(value)) if math.isfinite(value) else value  # NaN/inf: the serialiser refuses
+    if isinstance(value, dict):
+        return {k: _dynamo(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_dynamo(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return {_dynamo(v) for v in value}
+    return value
+
+
+def _to_item(values: dict[str, Any]) -> dict:
+    """Typed attribute values; None drops the attribute (top level only)."""
+    return {k: _SER.serialize(_dynamo(v)) for k, v in values.items() if v is not None}
+
+
+def _from_item(item: dict | None) -> dict | None:
+    if item is None:
+        return None
+    return _plain({k: _DES.deserialize(v) for k, v in item.items()})
+
+
+def _plain(value: Any) -> Any:
+    """DynamoDB numbers come back as Decimal: give callers ints (our numbers are ids, counts, times), or
+    floats where not integral (lease times)."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, set):
+        return {_plain(v) for v in value}
+    return value
+
+
+def _decimal(seconds: float) -> Decimal:
+    """A time as stored: 0.1 ms is precise enough for leases and spacing, and keeps numbers short."""
+    return Decimal(str(round(seconds, 4)))
+
+
+def _entity(item: dict) -> dict:
+    data = _from_item(item)
+    assert data is not None
+    kind, _, crm_id = data.pop("sk").partition("#")
+    data.pop("pk")
+    return {"kind": kind.lower(), "crm_id": crm_id, **data}
+
+
+class DynamoStore:
+    """`chalicelib.store.StateStore` on two DynamoDB tables. `clock` gives the timestamps merely
+    recorded (sent_at, failed_at …); decisions take `now` from the caller."""
+
+    def __init__(self, client: Any, config_table: str, state_table: str, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._db = _Guarded(client)
+        self._config = config_table
+        self._state = state_table
+        self._clock = clock
+        self._integrations: dict[str, tuple[float, dict]] = {}  # id → (read at, config), see get_integration
+
+    # --- IntegrationStore ----------------------------------------------------------------------------
+
+    def get_integration(self, integration_id: str, *, max_age: float = 0) -> dict | None:
+        cached = self._integrations.get(integration_id)
+        if max_age and cached and time.monotonic() - cached[0] < max_age:
+            return copy.deepcopy(cached[1])  # a caller changing its copy must not change the next one
+        item = self._get(self._config, _pk(integration_id), CONFIG)
+        if item is None:
+            self._integrations.pop(integration_id, None)
+            return None
+        self._integrations[integration_id] = (time.monotonic(), item["config"])
+        return copy.deepcopy(item["config"])  # the caller's to change; the cached copy stays as read
+
+    def put_integration(self, integration_id: str, config: dict) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": CONFIG, "config": config, "updated_at": self._now()}))
+        self._integrations.pop(integration_id, None)  # after the write: a read meanwhile cannot keep the old one
+
+    def delete_integration(self, integration_id: str) -> bool:
+        pk = _pk(integration_id)
+        existed = self._get(self._config, pk, CONFIG) is not None
+        for table in (self._config, self._state):
+            for keys in self._keys_under(table, pk):
+                self._db.delete_item(TableName=table, Key=keys)
+        self._integrations.pop(integration_id, None)
+        return existed
+
+    def list_integration_ids(self) -> list[str]:
+        # A scan: the config table holds a few items per integration, and only scheduled jobs ask.
+        kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config",
+                                  "ProjectionExpression": "pk", "ExpressionAttributeValues": _to_item({":config": CONFIG})}
+        ids: list[str] = []
+        while True:
+            page = self._db.scan(**kwargs)
+            ids += [item["pk"]["S"].partition("#")[2] for item in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return sorted(ids)
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def get_status_mapping(self, integration_id: str) -> dict | None:
+        item = self._get(self._config, _pk(integration_id), STATUS_MAPPING)
+        return {"entries": item["entries"], "pushed_at": item.get("pushed_at")} if item else None
+
+    def put_status_mapping(self, integration_id: str, entries: list[dict], pushed_at: int) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": STATUS_MAPPING, "entries": entries, "pushed_at": pushed_at}))
+
+    def get_attribute_mapping(self, integration_id: str) -> list[dict]:
+        item = self._get(self._config, _pk(integration_id), ATTRIBUTES)
+        return item["entries"] if item else []
+
+    def put_attribute_mapping(self, integration_id: str, entries: list[dict]) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": ATTRIBUTES, "entries": entries, "updated_at": self._now()}))
+
+    def get_cursor(self, integration_id: str, name: str) -> int | None:
+        item = self._get(self._config, _pk(integration_id), f"CURSOR#{name}")
+        return item["value"] if item else None
+
+    def put_cursor(self, integration_id: str, name: str, value: int) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": f"CURSOR#{name}", "value": value}))
+
+    # --- EntityStore ---------------------------------------------------------------------------------
+
+    def mark_dirty(self, integration_id: str, ref: EntityRef, *, now: float, lease_seconds: float,
+                   future_skew: float) -> bool:
+        key = self._entity_key(integration_id, ref.kind, ref.crm_id)
+        lease = _decimal(now + lease_seconds)
+        # One write in the common case: record the event and take the lease if there is none
+        # (if_not_exists), and learn from the old item whether we took it or it was live or expired.
+        try:
+            old = self._db.update_item(
+                TableName=self._state, Key=key,
+                UpdateExpression="SET event_time = :t, dirty = :yes, last_action = :a, "
+                                 "queued_until = if_not_exists(queued_until, :lease)",
+                ConditionExpression="attribute_not_exists(event_time) OR event_time <= :t OR event_time > :future",
+                ExpressionAttributeValues=_to_item({":t": ref.event_time, ":yes": True, ":a": ref.action,
+                                                    ":lease": lease, ":future": _decimal(now + future_skew)}),
+                ReturnValues="ALL_OLD",
+            ).get("Attributes", {})
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False  # stale: a newer event is already recorded
+            raise
+        held = old.get("queued_until")
+        if held is None:
+            return True  # if_not_exists set our lease
+        if Decimal(held["N"]) >= _decimal(now):
+            return False  # the pending message covers this change
+        # The lease expired: its message was lost (a crash between lease and send). Of all callers that
+        # saw this same expired value, the one whose conditional write lands takes it over.
+        try:
+            self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET queued_until = :lease",
+                                 ConditionExpression="queued_until = :old",
+                                 ExpressionAttributeValues={**_to_item({":lease": lease}), ":old": held})
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def release_lease(self, first: str, second: str | int, third: str, /) -> None:
+        """`(integration_id, kind, crm_id)`: drop an entity's queue lease; `(scope, slot: int, owner)`:
+        free a quota slot. One name for two concerns (see `chalicelib.store.StateStore`)."""
+        if isinstance(second, int):
+            self._release_slot(first, second, third)
+        else:
+            self.release_queue_lease(first, second, third)
+
+    def release_queue_lease(self, integration_id: str, kind: str, crm_id: str) -> None:
+        try:  # conditional: an update would otherwise create an item for an entity that has none
+            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                 UpdateExpression="REMOVE queued_until", ConditionExpression="attribute_exists(pk)")
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
+    def claim(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        try:
+            item = self._db.update_item(
+                TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                UpdateExpression="REMOVE queued_until, #o", ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeNames={"#o": "owner"}, ReturnValues="ALL_NEW")
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None  # e.g. the integration was deleted after the message was queued
+            raise
+        return _entity(item["Attributes"])
+
+    def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
+                   row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
+                   facts: dict | None = None) -> bool:
+        facts_update = ", facts = :f" if facts is not None else ""
+        # None: which rows Metrika holds is unknown, so no stale hashes may survive to skip rows later.
+        hashes_update, removed = (", row_hashes = :rh", "") if row_hashes is not None else ("", ", row_hashes")
+        return self._finish(integration_id, kind, crm_id, event_time,
+                            "SET dirty = :no, content_hash = :h, uploading_id = :u, sent_at = :now, attempts = :zero, "
+                            f"last_order = :o{hashes_update}{facts_update} REMOVE last_error{removed}",
+                            {":h": content_hash, ":rh": row_hashes, ":u": uploading_id or "", ":zero": 0,
+                             ":o": last_order or "", ":f": facts})
+
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+        return self._finish(integration_id, kind, crm_id, event_time,
+                            "SET dirty = :no, last_error = :e, failed_at = :now", {":e": error})
+
+    def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
+                     lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
+        progress = ", row_hashes = :rh" if row_hashes is not None else ""
+        self._db.update_item(
+            TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+            UpdateExpression=f"SET attempts = :n, last_error = :e, queued_until = :lease{progress}",
+            ExpressionAttributeValues=_to_item({":n": attempts, ":e": error, ":lease": _decimal(lease_until),
+                                                ":rh": row_hashes}))
+
+    def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
+        try:  # conditional: an update would otherwise create an item for an entity that has none
+            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                 UpdateExpression="REMOVE content_hash, last_order, row_hashes",
+                                 ConditionExpression="attribute_exists(pk)")
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
+    def get_entity(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        item = self._db.get_item(TableName=self._state, ConsistentRead=True,
+                                 Key=self._entity_key(integration_id, kind, crm_id)).get("Item")
+        return _entity(item) if item else None
+
+    def list_entities(self, integration_id: str) -> list[dict]:
+        return [_entity(i) for prefix in ("ORDER#", "CONTACT#")
+                for i in self._query(self._state, _pk(integration_id), begins_with=prefix)]
+
+    def stuck_entities(self, integration_id: str, *, now: float) -> list[dict]:
+        # A filtered query still reads the whole partition; fine for a periodic sweep.
+        # A hold's lease is its queued_until, so "no live lease" covers "not held by a live import".
+        live = {"FilterExpression": "dirty = :yes AND (attribute_not_exists(queued_until) OR queued_until < :now)",
+                "ExpressionAttributeValues": _to_item({":yes": True, ":now": _decimal(now)})}
+        return [_entity(i) for prefix in ("ORDER#", "CONTACT#")
+                for i in self._query(self._state, _pk(integration_id), begins_with=prefix, **live)]
+
+    def existing_entities(self, integration_id: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        return {(k.lower(), c) for k, _, c in (i["sk"].partition("#") for i in
+                self._batch_get(integration_id, [_entity_sk(kind, crm_id) for kind, crm_id in keys], "sk"))}
+
+    def content_hashes(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, str]:
+        return {i["sk"].partition("#")[2]: i["content_hash"]
+                for i in self._batch_get(integration_id, [_entity_sk(kind, c) for c in crm_ids], "sk, content_hash")
+                if i.get("content_hash")}
+
+    def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
+        for crm_id, content_hash in content_hashes.items():
+            try:
+                self._db.update_item(
+                    TableName=self._state, Key=self._entity_key(integration_id, "contact", crm_id),
+                    # A contact first seen here gets event time 0: any real change of it is newer.
+                    UpdateExpression="SET content_hash = :h, event_time = if_not_exists(event_time, :zero), "
+                                     "dirty = if_not_exists(dirty, :no)",
+                    ConditionExpression="attribute_not_exists(pk) OR (dirty = :no AND attribute_not_exists(#o))",
+                    ExpressionAttributeNames={"#o": "owner"},
+                    ExpressionAttributeValues=_to_item({":h": content_hash, ":no": False, ":zero": 0}))
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise
+
+    # --- UploadStore ---------------------------------------------------------------------------------
+
+    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int) -> None:
+        self._db.put_item(TableName=self._state, Item=_to_item({
+            "pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}", "kind": kind, "rows": rows,
+            "status": "SENT", "sent_at": self._now()}))
+
+    def uploads(self, integration_id: str) -> list[dict]:
+        items = self._query(self._state, _pk(integration_id), begins_with="UPLOAD#")
+        return [{"uploading_id": i["sk"].partition("#")[2], **{k: v for k, v in i.items() if k not in ("pk", "sk")}}
+                for i in map(_from_item, items) if i is not None]
+
+    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None) -> None:
+        self._db.update_item(TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}"}),
+                             UpdateExpression="SET #s = :s, elements_count = :n, confirmed_at = :now",
+                             ExpressionAttributeNames={"#s": "status"},
+                             ExpressionAttributeValues=_to_item({":s": status, ":n": elements_count or 0,
+                                                                 ":now": self._now()}))
+
+    # --- ProductStore --------------------------------------------------------------------------------
+
+    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
+        return {i["sk"].partition("#")[2] for i in self._batch_get(integration_id, [f"PRODUCT#{p}" for p in product_ids], "sk")}
+
+    def products(self, integration_id: str) -> dict[str, str]:
+        return {i["sk"].partition("#")[2]: i.get("humanized", "")
+                for i in map(_from_item, self._query(self._state, _pk(integration_id), begins_with="PRODUCT#"))
+                if i is not None}
+
+    def put_products(self, integration_id: str, names: dict[str, str]) -> None:
+        items = [{"PutRequest": {"Item": _to_item({"pk": _pk(integration_id), "sk": f"PRODUCT#{p}", "humanized": n})}}
+                 for p, n in names.items()]
+        for start in range(0, len(items), 25):
+            request: dict | None = {self._state: items[start:start + 25]}
+            for attempt in range(BATCH_ROUNDS):
+                if attempt:
+                    _backoff(attempt)
+                request = self._db.batch_write_item(RequestItems=request).get("UnprocessedItems") or None
+                if not request:
+                    break
+            else:
+                raise Unavailable("store", "batch_write_item: items left unprocessed")
+
+    # --- QuotaStore ----------------------------------------------------------------------------------
+
+    def reserve_slot(self, scope: str, interval: float, now: float) -> float:
+        key = _to_item({"pk": f"RATE#{scope}", "sk": "NEXT"})
+        try:  # idle: the slot is now
+            self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = :next",
+                                 ConditionExpression="attribute_not_exists(next_at) OR next_at <= :now",
+                                 ExpressionAttributeValues=_to_item({":next": _decimal(now + interval),
+                                                                     ":now": _decimal(now)}))
+            return now
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+        busy = self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
+                                    ExpressionAttributeValues=_to_item({":i": _decimal(interval)}),
+                                    ReturnValues="UPDATED_NEW")
+        return float(busy["Attributes"]["next_at"]["N"]) - interval
+
+    def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
+        try:
+            answer = self._db.update_item(
+                TableName=self._state, Key=_to_item({"pk": f"QUOTA#{quota_key}", "sk": f"DAY#{day}"}),
+                UpdateExpression="ADD n :one", ConditionExpression="attribute_not_exists(n) OR n < :budget",
+                ExpressionAttributeValues=_to_item({":one": 1, ":budget": budget}), ReturnValues="UPDATED_NEW")
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
+        return int(answer["Attributes"]["n"]["N"])
+
+    def requests_on(self, quota_key: str, day: str) -> int:
+        item = self._get(self._state, f"QUOTA#{quota_key}", f"DAY#{day}")
+        return item["n"] if item else 0
+
+    def acquire_lease(self, scope: str, slots: int, owner: str, now: float, ttl: float) -> int | None:
+        for slot in range(slots):
+            try:
+                self._db.put_item(
+                    TableName=self._state, Item=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}", "owner": owner,
+                                                          "expires_at": _decimal(now + ttl)}),
+                    ConditionExpression="attribute_not_exists(expires_at) OR expires_at < :now",
+                    ExpressionAttributeValues=_to_item({":now": _decimal(now)}))
+                return slot
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise
+        return None
+
+    def _release_slot(self, scope: str, slot: int, owner: str) -> None:
+        try:
+            self._db.delete_item(TableName=self._state, Key=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}"}),
+                                 ConditionExpression="#o = :owner", ExpressionAttributeNames={"#o": "owner"},
+                                 ExpressionAttributeValues=_to_item({":owner": owner}))
+        except ClientError as exc:
+            if not _conditional_failed(exc):  # expired and taken over: not ours to free
+                raise
+
+    # --- ImportStore ---------------------------------------------------------------------------------
+
+    def get_backfill(self, integration_id: str) -> dict | None:
+        item = self._get(self._config, _pk(integration_id), BACKFILL)
+        return item["job"] if item else None
+
+    def put_backfill(self, integration_id: str, job: dict, *, expect_run: str | None = None) -> bool:
+        kwargs: dict[str, Any] = {}
+        if expect_run is not None:
+            kwargs = {"ConditionExpression": "job.run_id = :run AND job.#s = :running",
+                      "ExpressionAttributeNames": {"#s": "state"},
+                      "ExpressionAttributeValues": _to_item({":run": expect_run, ":running": "running"})}
+        try:
+            self._db.put_item(TableName=self._config, Item=_to_item(
+                {"pk": _pk(integration_id), "sk": BACKFILL, "job": job}), **kwargs)
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def take_for_backfill(self, integration_id: str, kind: str, crm_id: str, event_time: int, content_hash: str, *,
+                          absent: bool = False, now: float, lease_seconds: float) -> Hold | None:
+        key = {"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)}
+        lease = _decimal(now + lease_seconds)
+        if absent:
+            item = _to_item({**key, "event_time": event_time, "dirty": True, "queued_until": lease,
+                             "last_action": "backfill", "owner": BACKFILL_OWNER})
+            try:
+                self._db.put_item(TableName=self._state, Item=item, ConditionExpression="attribute_not_exists(pk)")
+                return self._hold(integration_id, item)
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise  # a webhook wrote meanwhile: the update below decides
+        try:
+            item = self._db.update_item(
+                TableName=self._state, Key=_to_item(key),
+                UpdateExpression="SET event_time = :t, dirty = :yes, queued_until = :lease, last_action = :a, "
+                                 "#o = :owner",
+                ConditionExpression="attribute_not_exists(event_time) OR #o = :owner OR "
+                                    "(dirty = :no AND event_time < :t AND (attribute_not_exists(content_hash) "
+                                    "OR content_hash <> :h))",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues=_to_item({":t": event_time, ":yes": True, ":no": False, ":a": "backfill",
+                                                    ":owner": BACKFILL_OWNER, ":h": content_hash, ":lease": lease}),
+                ReturnValues="ALL_NEW")["Attributes"]
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
+        return self._hold(integration_id, item)
+
+    def release_backfilled(self, hold: Hold, *, content_hash: str | None, row_hashes: dict[str, str] | None = None,
+                           uploading_id: str | None, last_order: str | None, facts: dict | None,
+                           error: dict | None = None) -> bool:
+        # One conditional put of the whole item rather than an update: while the hold is unchanged (same
+        # event time, still ours) no other writer has touched the item, and a put is the cheapest
+        # conditional write (an import makes one per entity).
+        now = self._now()
+        state = {k: v for k, v in hold.state.items()
+                 if k not in ("kind", "crm_id", "owner", "queued_until", *LEGACY_ATTRIBUTES)}
+        if error is not None:
+            state.update(last_error=error, failed_at=now)
+        else:
+            state.pop("last_error", None)
+            state.pop("row_hashes", None)  # hashes of other content would let a later retry skip rows wrongly
+            state.update(content_hash=content_hash, row_hashes=row_hashes, uploading_id=uploading_id or "",
+                         sent_at=now, attempts=0, last_order=last_order or "")
+            if facts is not None:
+                state["facts"] = facts
+        state["dirty"] = False
+        item = _to_item({"pk": _pk(hold.integration_id), "sk": _entity_sk(hold.kind, hold.crm_id), **state})
+        # Refused: a newer event came meanwhile (or a worker claimed it). The entity stays dirty and held
+        # until the caller's message is claimed, so a crash before queueing leaves it to the stuck sweep
+        # once the hold's lease expires, or to the next run of the import.
+        try:
+            self._db.put_item(TableName=self._state, Item=item, ConditionExpression="event_time = :seen AND #o = :owner",
+                              ExpressionAttributeNames={"#o": "owner"},
+                              ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner}))
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    @staticmethod
+    def _entity_key(integration_id: str, kind: str, crm_id: str) -> dict:
+        return _to_item({"pk": _pk(integration_id), "sk": _entity_sk(kind, crm_id)})
+
+    @staticmethod
+    def _hold(integration_id: str, item: dict) -> Hold:
+        """Plain values only: callers never see DynamoDB's typed form."""
+        state = _entity(item)
+        return Hold(integration_id=integration_id, kind=state["kind"], crm_id=state["crm_id"],
+                    event_time=state["event_time"], owner=state["owner"], state=state)
+
+    def _finish(self, integration_id: str, kind: str, crm_id: str, event_time: int, update: str,
+                values: dict) -> bool:
+        try:
+            self._db.update_item(
+                TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                UpdateExpression=update, ConditionExpression="event_time = :seen",
+                # _to_item drops None values: a placeholder the update does not use must not be sent
+                ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False, ":now": self._now()}))
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def _batch_get(self, integration_id: str, sort_keys: list[str], projection: str) -> list[dict]:
+        items: list[dict] = []
+        unique = list(dict.fromkeys(sort_keys))
+        for start in range(0, len(unique), 100):  # BatchGetItem takes at most 100 keys
+            keys = [_to_item({"pk": _pk(integration_id), "sk": sk}) for sk in unique[start:start + 100]]
+            request: dict | None = {self._state: {"Keys": keys, "ProjectionExpression": projection, "ConsistentRead": True}}
+            for attempt in range(BATCH_ROUNDS):
+                if attempt:
+                    _backoff(attempt)
+                answer = self._db.batch_get_item(RequestItems=request)
+                items += [_from_item(i) for i in answer.get("Responses", {}).get(self._state, [])]
+                request = answer.get("UnprocessedKeys") or None
+                if not request:
+                    break
+            else:
+                raise Unavailable("store", "batch_get_item: keys left unprocessed")
+        return items
+
+    def _get(self, table: str, pk: str, sk: str) -> dict | None:
+        return _from_item(self._db.get_item(TableName=table, Key=_to_item({"pk": pk, "sk": sk}),
+                                            ConsistentRead=True).get("Item"))
+
+    def _query(self, table: str, pk: str, projection: str | None = None, begins_with: str | None = None,
+               **filtered: Any) -> list[dict]:
+        values = {":pk": pk, **({":prefix": begins_with} if begins_with else {})}
+        kwargs: dict[str, Any] = {
+            "TableName": table,
+            "KeyConditionExpression": "pk = :pk" + (" AND begins_with(sk, :prefix)" if begins_with else ""),
+            **filtered, "ExpressionAttributeValues": {**_to_item(values), **filtered.get("ExpressionAttributeValues", {})}}
+        if projection:
+            kwargs["ProjectionExpression"] = projection
+        items: list[dict] = []
+        while True:
+            page = self._db.query(**kwargs)
+            items += page.get("Items", [])
+            if "LastEvaluatedKey" not in page:
+                return items
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _keys_under(self, table: str, pk: str) -> list[dict]:
+        return [{"pk": i["pk"], "sk": i["sk"]} for i in self._query(table, pk, projection="pk, sk")]
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(0.05 * 2 ** attempt, 1.0))

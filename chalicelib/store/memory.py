@@ -1,0 +1,412 @@
+"""`StateStore` in process memory: the same contract as `DynamoStore` (one contract test suite runs
+against both), for tests and tools that need no DynamoDB.
+
+Values are kept as DynamoDB keeps them (numbers as Decimal, times rounded to 0.1 ms), so every
+comparison a condition makes gives the same answer as DynamoDB's, and come out as `DynamoStore` hands
+them out (ints, floats where not integral), always as fresh copies. One re-entrant lock makes every
+method atomic, which is what DynamoDB's conditional writes give the other implementation.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from decimal import Decimal
+from typing import Any, Callable
+
+from chalicelib.crm import EntityRef
+
+from . import Hold
+
+BACKFILL_OWNER = "backfill"
+_KINDS = ("order", "contact")  # list_entities' order, as DynamoStore's sort keys give it
+
+
+def _model(value: Any) -> Any:
+    """A value as DynamoDB would store it, copied: numbers become Decimal; what DynamoDB refuses
+    (NaN, infinities, non-string map keys, other types) raises TypeError here too."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError("Infinity and NaN not supported")
+        return Decimal(repr(value))
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise TypeError("Infinity and NaN not supported")
+        return value
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("map keys must be strings")
+        return {k: _model(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_model(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return {_model(v) for v in value}
+    raise TypeError(f"Unsupported type {type(value)!r} for value {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    """What callers get: a fresh structure, Decimal as int (float where not integral)."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, set):
+        return {_plain(v) for v in value}
+    return value
+
+
+def _decimal(seconds: float) -> Decimal:
+    """A time as DynamoStore stores it (rounded to 0.1 ms)."""
+    return Decimal(str(round(seconds, 4)))
+
+
+def _set(item: dict, **values: Any) -> None:
+    """Set attributes; None leaves an attribute out, as DynamoStore's item building does."""
+    item.update({k: _model(v) for k, v in values.items() if v is not None})
+
+
+class MemoryStore:
+    """`chalicelib.store.StateStore` in memory. `clock` gives the timestamps merely recorded
+    (sent_at, failed_at …); decisions take `now` from the caller."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._integrations: dict[str, dict] = {}  # id → {"config", "updated_at"}
+        self._status_mappings: dict[str, dict] = {}  # id → {"entries", "pushed_at"}
+        self._attribute_mappings: dict[str, dict] = {}  # id → {"entries", "updated_at"}
+        self._backfills: dict[str, dict] = {}  # id → job
+        self._cursors: dict[str, dict[str, Any]] = {}  # id → name → value
+        self._entities: dict[str, dict[tuple[str, str], dict]] = {}  # id → (kind, crm_id) → attributes
+        self._products: dict[str, dict[str, Any]] = {}  # id → product id → name
+        self._uploads: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes
+        self._next_at: dict[str, Decimal] = {}  # rate scope → next free time
+        self._requests: dict[tuple[str, str], Decimal] = {}  # (quota key, day) → count
+        self._slots: dict[tuple[str, int], tuple[str, Decimal]] = {}  # (scope, slot) → (owner, expires at)
+
+    # --- IntegrationStore ----------------------------------------------------------------------------
+
+    def get_integration(self, integration_id: str, *, max_age: float = 0) -> dict | None:
+        # No per-process copy to keep: this store is the source itself, so every read is current
+        # (which `max_age` allows).
+        with self._lock:
+            item = self._integrations.get(integration_id)
+            return _plain(item["config"]) if item else None
+
+    def put_integration(self, integration_id: str, config: dict) -> None:
+        with self._lock:
+            self._integrations[integration_id] = {"config": _model(config), "updated_at": _model(self._now())}
+
+    def delete_integration(self, integration_id: str) -> bool:
+        with self._lock:
+            existed = integration_id in self._integrations
+            for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
+                          self._cursors, self._entities, self._products, self._uploads):
+                table.pop(integration_id, None)
+            return existed
+
+    def list_integration_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._integrations)
+
+    def get_status_mapping(self, integration_id: str) -> dict | None:
+        with self._lock:
+            item = self._status_mappings.get(integration_id)
+            return {"entries": _plain(item["entries"]), "pushed_at": _plain(item.get("pushed_at"))} if item else None
+
+    def put_status_mapping(self, integration_id: str, entries: list[dict], pushed_at: int) -> None:
+        with self._lock:
+            item: dict = {}
+            _set(item, entries=entries, pushed_at=pushed_at)
+            self._status_mappings[integration_id] = item
+
+    def get_attribute_mapping(self, integration_id: str) -> list[dict]:
+        with self._lock:
+            item = self._attribute_mappings.get(integration_id)
+            return _plain(item["entries"]) if item else []
+
+    def put_attribute_mapping(self, integration_id: str, entries: list[dict]) -> None:
+        with self._lock:
+            self._attribute_mappings[integration_id] = {"entries": _model(entries), "updated_at": _model(self._now())}
+
+    def get_cursor(self, integration_id: str, name: str) -> int | None:
+        with self._lock:
+            return _plain(self._cursors.get(integration_id, {}).get(name))
+
+    def put_cursor(self, integration_id: str, name: str, value: int) -> None:
+        with self._lock:
+            self._cursors.setdefault(integration_id, {})[name] = _model(value)
+
+    # --- EntityStore ---------------------------------------------------------------------------------
+
+    def mark_dirty(self, integration_id: str, ref: EntityRef, *, now: float, lease_seconds: float,
+                   future_skew: float) -> bool:
+        with self._lock:
+            entities = self._entities.setdefault(integration_id, {})
+            key = (ref.kind.lower(), ref.crm_id)
+            item = entities.get(key)
+            seen = _model(ref.event_time)
+            if item is not None and "event_time" in item:
+                stored = item["event_time"]
+                if not (stored <= seen or stored > _decimal(now + future_skew)):
+                    return False  # stale: a newer event is already recorded
+            item = entities.setdefault(key, {})
+            held = item.get("queued_until")
+            _set(item, event_time=seen, dirty=True, last_action=ref.action)
+            if held is not None and held >= _decimal(now):
+                return False  # the pending message covers this change
+            item["queued_until"] = _decimal(now + lease_seconds)  # no lease, or an expired one taken over
+            return True
+
+    def release_lease(self, first: str, second: str | int, third: str, /) -> None:
+        """`(integration_id, kind, crm_id)`: drop an entity's queue lease; `(scope, slot: int, owner)`:
+        free a quota slot. One name for two concerns (see `chalicelib.store.StateStore`)."""
+        if isinstance(second, int):
+            with self._lock:
+                if self._slots.get((first, second), ("",))[0] == third:
+                    del self._slots[(first, second)]
+        else:
+            self.release_queue_lease(first, second, third)
+
+    def release_queue_lease(self, integration_id: str, kind: str, crm_id: str) -> None:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            if item is not None:
+                item.pop("queued_until", None)
+
+    def claim(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            if item is None:
+                return None
+            item.pop("queued_until", None)
+            item.pop("owner", None)
+            return self._view(kind, crm_id, item)
+
+    def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
+                   row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
+                   facts: dict | None = None) -> bool:
+        with self._lock:
+            item = self._current(integration_id, kind, crm_id, event_time)
+            if item is None:
+                return False
+            _set(item, dirty=False, content_hash=content_hash, row_hashes=row_hashes, uploading_id=uploading_id or "",
+                 sent_at=self._now(), attempts=0, last_order=last_order or "", facts=facts)
+            item.pop("last_error", None)
+            if row_hashes is None:
+                item.pop("row_hashes", None)
+            return True
+
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+        with self._lock:
+            item = self._current(integration_id, kind, crm_id, event_time)
+            if item is None:
+                return False
+            _set(item, dirty=False, last_error=error, failed_at=self._now())
+            return True
+
+    def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
+                     lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
+        with self._lock:
+            item = self._entities.setdefault(integration_id, {}).setdefault((kind.lower(), crm_id), {})
+            _set(item, attempts=attempts, last_error=error, queued_until=_decimal(lease_until), row_hashes=row_hashes)
+
+    def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            for name in ("content_hash", "last_order", "row_hashes"):
+                if item is not None:
+                    item.pop(name, None)
+
+    def get_entity(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            return self._view(kind, crm_id, item) if item is not None else None
+
+    def list_entities(self, integration_id: str) -> list[dict]:
+        with self._lock:
+            return [self._view(kind, crm_id, item) for (kind, crm_id), item in self._ordered(integration_id)]
+
+    def stuck_entities(self, integration_id: str, *, now: float) -> list[dict]:
+        with self._lock:
+            return [self._view(kind, crm_id, item) for (kind, crm_id), item in self._ordered(integration_id)
+                    if item.get("dirty") is True
+                    and ("queued_until" not in item or item["queued_until"] < _decimal(now))]
+
+    def existing_entities(self, integration_id: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        with self._lock:
+            entities = self._entities.get(integration_id, {})
+            return {(kind.lower(), crm_id) for kind, crm_id in keys if (kind.lower(), crm_id) in entities}
+
+    def content_hashes(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, str]:
+        with self._lock:
+            entities = self._entities.get(integration_id, {})
+            return {crm_id: item["content_hash"] for crm_id in crm_ids
+                    if (item := entities.get((kind.lower(), crm_id))) is not None and item.get("content_hash")}
+
+    def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
+        with self._lock:
+            entities = self._entities.setdefault(integration_id, {})
+            for crm_id, content_hash in content_hashes.items():
+                item = entities.get(("contact", crm_id))
+                if item is None:
+                    item = entities[("contact", crm_id)] = {}
+                elif not (item.get("dirty") is False and "owner" not in item):
+                    continue  # pending or held: its own delivery decides
+                _set(item, content_hash=content_hash)
+                item.setdefault("event_time", Decimal(0))
+                item.setdefault("dirty", False)
+
+    # --- UploadStore ---------------------------------------------------------------------------------
+
+    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int) -> None:
+        with self._lock:
+            item: dict = {}
+            _set(item, kind=kind, rows=rows, status="SENT", sent_at=self._now())
+            self._uploads.setdefault(integration_id, {})[uploading_id] = item
+
+    def uploads(self, integration_id: str) -> list[dict]:
+        with self._lock:
+            uploads = self._uploads.get(integration_id, {})
+            return [{"uploading_id": uploading_id, **_plain(uploads[uploading_id])} for uploading_id in sorted(uploads)]
+
+    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None) -> None:
+        with self._lock:
+            item = self._uploads.setdefault(integration_id, {}).setdefault(uploading_id, {})
+            _set(item, status=status, elements_count=elements_count or 0, confirmed_at=self._now())
+
+    # --- ProductStore --------------------------------------------------------------------------------
+
+    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
+        with self._lock:
+            products = self._products.get(integration_id, {})
+            return {p for p in product_ids if p in products}
+
+    def products(self, integration_id: str) -> dict[str, str]:
+        with self._lock:
+            products = self._products.get(integration_id, {})
+            return {p: _plain(products[p]) if products[p] is not None else "" for p in sorted(products)}
+
+    def put_products(self, integration_id: str, names: dict[str, str]) -> None:
+        with self._lock:
+            self._products.setdefault(integration_id, {}).update({p: _model(n) for p, n in names.items()})
+
+    # --- QuotaStore ----------------------------------------------------------------------------------
+
+    def reserve_slot(self, scope: str, interval: float, now: float) -> float:
+        with self._lock:
+            next_at = self._next_at.get(scope)
+            if next_at is None or next_at <= _decimal(now):
+                self._next_at[scope] = _decimal(now + interval)
+                return now
+            self._next_at[scope] = next_at + _decimal(interval)
+            return float(self._next_at[scope]) - interval
+
+    def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
+        with self._lock:
+            count = self._requests.get((quota_key, day))
+            if count is not None and not count < budget:
+                return None
+            self._requests[(quota_key, day)] = (count or Decimal(0)) + 1
+            return int(self._requests[(quota_key, day)])
+
+    def requests_on(self, quota_key: str, day: str) -> int:
+        with self._lock:
+            return int(self._requests.get((quota_key, day), 0))
+
+    def acquire_lease(self, scope: str, slots: int, owner: str, now: float, ttl: float) -> int | None:
+        with self._lock:
+            for slot in range(slots):
+                held = self._slots.get((scope, slot))
+                if held is None or held[1] < _decimal(now):
+                    self._slots[(scope, slot)] = (owner, _decimal(now + ttl))
+                    return slot
+            return None
+
+    # --- ImportStore ---------------------------------------------------------------------------------
+
+    def get_backfill(self, integration_id: str) -> dict | None:
+        with self._lock:
+            job = self._backfills.get(integration_id)
+            return _plain(job) if job is not None else None
+
+    def put_backfill(self, integration_id: str, job: dict, *, expect_run: str | None = None) -> bool:
+        with self._lock:
+            if expect_run is not None:
+                stored = self._backfills.get(integration_id) or {}
+                if not (stored.get("run_id") == expect_run and stored.get("state") == "running"):
+                    return False
+            self._backfills[integration_id] = _model(job)
+            return True
+
+    def take_for_backfill(self, integration_id: str, kind: str, crm_id: str, event_time: int, content_hash: str, *,
+                          absent: bool = False, now: float, lease_seconds: float) -> Hold | None:
+        # `absent` only saves DynamoDB a write; here the one check below decides either way.
+        with self._lock:
+            entities = self._entities.setdefault(integration_id, {})
+            key = (kind.lower(), crm_id)
+            item = entities.get(key)
+            seen = _model(event_time)
+            if not (item is None or "event_time" not in item or item.get("owner") == BACKFILL_OWNER
+                    or (item.get("dirty") is False and item["event_time"] < seen
+                        and item.get("content_hash", None) != content_hash)):
+                return None  # the live path has it, or this content was already sent
+            item = entities.setdefault(key, {})
+            _set(item, event_time=seen, dirty=True, queued_until=_decimal(now + lease_seconds),
+                 last_action="backfill", owner=BACKFILL_OWNER)
+            state = self._view(kind, crm_id, item)
+            return Hold(integration_id=integration_id, kind=state["kind"], crm_id=crm_id,
+                        event_time=state["event_time"], owner=state["owner"], state=state)
+
+    def release_backfilled(self, hold: Hold, *, content_hash: str | None, row_hashes: dict[str, str] | None = None,
+                           uploading_id: str | None, last_order: str | None, facts: dict | None,
+                           error: dict | None = None) -> bool:
+        with self._lock:
+            item = self._item(hold.integration_id, hold.kind, hold.crm_id)
+            if item is None or item.get("event_time") != _model(hold.event_time) or item.get("owner") != hold.owner:
+                return False  # a newer event came meanwhile, or a worker claimed the entity
+            # The whole state as held, like DynamoStore's conditional put.
+            state = {k: v for k, v in hold.state.items() if k not in ("kind", "crm_id", "owner", "queued_until")}
+            now = self._now()
+            if error is not None:
+                state.update(last_error=error, failed_at=now)
+            else:
+                state.pop("last_error", None)
+                state.pop("row_hashes", None)
+                state.update(content_hash=content_hash, row_hashes=row_hashes, uploading_id=uploading_id or "",
+                             sent_at=now, attempts=0, last_order=last_order or "")
+                if facts is not None:
+                    state["facts"] = facts
+            state["dirty"] = False
+            replaced: dict = {}
+            _set(replaced, **state)
+            self._entities[hold.integration_id][(hold.kind.lower(), hold.crm_id)] = replaced
+            return True
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _item(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
+        """The stored attributes themselves (callers hold the lock; never hand them out)."""
+        return self._entities.get(integration_id, {}).get((kind.lower(), crm_id))
+
+    def _current(self, integration_id: str, kind: str, crm_id: str, event_time: int) -> dict | None:
+        """The entity if its stored event time is still `event_time`."""
+        item = self._item(integration_id, kind, crm_id)
+        return item if item is not None and item.get("event_time") == _model(event_time) else None
+
+    def _ordered(self, integration_id: str) -> list[tuple[tuple[str, str], dict]]:
+        entities = self._entities.get(integration_id, {})
+        return [(key, entities[key]) for kind in _KINDS for key in sorted(k for k in entities if k[0] == kind)]
+
+    @staticmethod
+    def _view(kind: str, crm_id: str, item: dict) -> dict:
+        return {"kind": kind.lower(), "crm_id": crm_id, **_plain(item)}

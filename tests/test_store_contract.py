@@ -1,0 +1,718 @@
+"""The `StateStore` contract, run against both implementations: `MemoryStore` and `DynamoStore` on the
+moto_server of conftest. Every test uses its own integration id (and quota scope), so tests do not
+see each other's data; times are passed in (`now`, a settable clock), never slept."""
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from chalicelib.crm import EntityRef
+from chalicelib.errors import Unavailable
+from chalicelib.store import Hold
+from chalicelib.store.dynamodb import DynamoStore
+from chalicelib.store.memory import MemoryStore
+
+NOW = 1_750_000_000.0
+LEASE = 300.0
+SKEW = 600.0
+YEAR_2100 = 4_102_444_800
+
+
+class Clock:
+    def __init__(self, t: float = NOW) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def _dynamo_store(request, clock, client=None) -> DynamoStore:
+    request.getfixturevalue("service_env")
+    from chalicelib.settings import get_settings
+    settings = get_settings()
+    return DynamoStore(client or boto3.client("dynamodb"), settings.config_table, settings.state_table, clock=clock)
+
+
+@pytest.fixture(params=["memory", "dynamodb"])
+def store(request, clock):
+    if request.param == "memory":
+        return MemoryStore(clock=clock)
+    return _dynamo_store(request, clock)
+
+
+# moto_server applies each request in its own thread without a lock, so two conditional writes to one
+# item can both pass their condition: it does not keep DynamoDB's promise that writes to an item are
+# applied one at a time. Concurrency tests therefore run against a moto_server that serialises requests
+# (their clients still interleave freely), which is the atomicity DynamoStore relies on.
+SERIAL_MOTO = """
+import sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+backend, lock = DomainDispatcherApplication(create_backend_app), threading.Lock()
+def serialised(environ, start_response):
+    with lock:
+        return list(backend(environ, start_response))
+run_simple("127.0.0.1", int(sys.argv[1]), serialised, threaded=True, request_handler=MotoRequestHandler)
+"""
+
+
+@pytest.fixture(scope="module")
+def serial_moto_url(service_env):
+    import subprocess
+    import sys
+    from sandbox.local_stack import free_port, stop, wait_http
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", SERIAL_MOTO, str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", process=process)
+        from chalicelib.infra import ensure_tables
+        from chalicelib.settings import get_settings
+        ensure_tables(get_settings(), boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{port}"))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop([process])
+
+
+@pytest.fixture(params=["memory", "dynamodb"])
+def racing_store(request, clock):
+    """`store` for tests that race calls from threads."""
+    if request.param == "memory":
+        return MemoryStore(clock=clock)
+    url = request.getfixturevalue("serial_moto_url")
+    return _dynamo_store(request, clock, boto3.client("dynamodb", endpoint_url=url))
+
+
+@pytest.fixture
+def iid():
+    return "contract-" + uuid.uuid4().hex[:12]
+
+
+def mark(store, iid, crm_id, event_time, *, now=NOW, action="update", kind="order", lease=LEASE):
+    return store.mark_dirty(iid, EntityRef(kind, crm_id, int(event_time), action), now=now, lease_seconds=lease,
+                            future_skew=SKEW)
+
+
+def entity(store, iid, crm_id, kind="order"):
+    return store.get_entity(iid, kind, crm_id)
+
+
+def assert_plain(value):
+    """No Decimal and no DynamoDB typed values anywhere."""
+    if isinstance(value, dict):
+        assert not (len(value) == 1 and next(iter(value)) in ("N", "S", "BOOL", "M", "L")), value
+        for v in value.values():
+            assert_plain(v)
+    elif isinstance(value, (list, set, tuple)):
+        for v in value:
+            assert_plain(v)
+    else:
+        assert not isinstance(value, Decimal), value
+
+
+def race(*calls):
+    """Run the calls at the same moment from threads; their results in order."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call):
+        barrier.wait()
+        return call()
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(run, c) for c in calls]]
+
+
+@pytest.mark.parametrize("implementation", [MemoryStore, DynamoStore])
+def test_implementations_have_the_protocols_signatures(implementation):
+    import inspect
+    from chalicelib.store import StateStore
+    names = [n for n, v in vars(StateStore).items() if callable(v) and not n.startswith("_")]
+    for base in StateStore.__mro__[1:]:
+        names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
+                  and base.__module__ == "chalicelib.store"]
+    assert len(names) == 38, sorted(names)  # every method of every concern (release_lease once)
+    for name in names:
+        expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
+        assert list(expected.parameters.values()) == list(actual.parameters.values()), name
+
+
+# --- IntegrationStore --------------------------------------------------------------------------------
+
+def test_integration_round_trip_and_listing(store, iid):
+    assert store.get_integration(iid) is None
+    assert iid not in store.list_integration_ids()
+    config = {"crm": "amocrm", "counter_id": 4242, "connection": {"base_url": "https://x.amocrm.ru"}, "tags": ["a"]}
+    store.put_integration(iid, config)
+    store.put_integration(iid + "-b", {"crm": "bitrix24"})
+    assert store.get_integration(iid) == config
+    ids = store.list_integration_ids()
+    assert ids == sorted(ids) and {iid, iid + "-b"} <= set(ids)
+    store.put_integration(iid, {**config, "counter_id": 1})
+    assert store.get_integration(iid, max_age=5)["counter_id"] == 1  # a write through this store shows at once
+
+
+def test_get_integration_returns_copies_on_hit_and_miss(store, iid):
+    config = {"crm": "amocrm", "connection": {"secret": "s1"}}
+    store.put_integration(iid, config)
+    config["connection"]["secret"] = "changed by the caller after the put"
+    miss = store.get_integration(iid)
+    miss["connection"]["secret"] = "mutated"
+    hit = store.get_integration(iid, max_age=5)
+    assert hit["connection"]["secret"] == "s1"
+    hit["connection"]["secret"] = "mutated again"
+    hit["crm"] = "bitrix24"
+    assert store.get_integration(iid, max_age=5) == {"crm": "amocrm", "connection": {"secret": "s1"}}
+    assert store.get_integration(iid) == {"crm": "amocrm", "connection": {"secret": "s1"}}
+
+
+def test_mappings_and_cursors(store, iid):
+    assert store.get_status_mapping(iid) is None
+    assert store.get_attribute_mapping(iid) == []
+    assert store.get_cursor(iid, "reconcile") is None
+    entries = [{"crm_status": "142", "metrika_status": "PAID"}]
+    store.put_status_mapping(iid, entries, 1_700_000_000)
+    store.put_attribute_mapping(iid, [{"crm_field": "77", "attribute": "city"}])
+    store.put_cursor(iid, "reconcile", 1_700_000_123)
+    store.put_cursor(iid, "other", 5)
+    assert store.get_status_mapping(iid) == {"entries": entries, "pushed_at": 1_700_000_000}
+    assert store.get_attribute_mapping(iid) == [{"crm_field": "77", "attribute": "city"}]
+    assert store.get_cursor(iid, "reconcile") == 1_700_000_123 and store.get_cursor(iid, "other") == 5
+    store.put_status_mapping(iid, [], None)
+    assert store.get_status_mapping(iid) == {"entries": [], "pushed_at": None}
+
+
+def test_delete_integration_removes_everything_under_it(store, iid, clock):
+    other = iid + "-other"
+    for target in (iid, other):
+        store.put_integration(target, {"crm": "amocrm"})
+        store.put_status_mapping(target, [{"crm_status": "1"}], 1)
+        store.put_attribute_mapping(target, [{"crm_field": "2"}])
+        store.put_cursor(target, "reconcile", 3)
+        store.put_backfill(target, {"run_id": "r", "state": "running"})
+        assert mark(store, target, "5", NOW)
+        store.note_contacts_sent(target, {"9": "h9"})
+        store.record_upload(target, "u1", kind="orders", rows=1)
+        store.put_products(target, {"p1": "Product"})
+    assert store.delete_integration(iid) is True
+    assert store.get_integration(iid) is None and iid not in store.list_integration_ids()
+    assert store.get_status_mapping(iid) is None and store.get_attribute_mapping(iid) == []
+    assert store.get_cursor(iid, "reconcile") is None and store.get_backfill(iid) is None
+    assert store.list_entities(iid) == [] and store.uploads(iid) == [] and store.products(iid) == {}
+    assert store.claim(iid, "order", "5") is None
+    assert store.delete_integration(iid) is False
+    # the other integration is untouched
+    assert store.get_integration(other) == {"crm": "amocrm"}
+    assert [e["crm_id"] for e in store.list_entities(other)] == ["5", "9"]
+    assert store.uploads(other)[0]["uploading_id"] == "u1" and store.products(other) == {"p1": "Product"}
+
+
+# --- EntityStore: mark_dirty and the queue lease ----------------------------------------------------
+
+def test_first_mark_takes_the_lease_and_records_the_event(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000, action="add") is True
+    state = entity(store, iid, "5")
+    assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
+                     "last_action": "add", "queued_until": NOW + LEASE}
+    assert isinstance(state["event_time"], int)
+    assert mark(store, iid, "5", 1_700_000_001, action="status", now=NOW + 10) is False  # lease live
+    assert mark(store, iid, "5", 1_700_000_002, now=NOW + LEASE) is False  # live through its last second
+    state = entity(store, iid, "5")
+    assert (state["event_time"], state["last_action"], state["queued_until"]) == (1_700_000_002, "update", NOW + LEASE)
+
+
+def test_a_stale_event_never_overwrites_a_newer_one(store, iid):
+    assert mark(store, iid, "5", 1_700_000_200, action="status")
+    store.claim(iid, "order", "5")  # even with no lease, a stale event takes nothing
+    assert mark(store, iid, "5", 1_700_000_100, action="add") is False
+    state = entity(store, iid, "5")
+    assert (state["event_time"], state["last_action"]) == (1_700_000_200, "status")
+    assert "queued_until" not in state
+
+
+def test_equal_time_passes(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000, action="update")
+    assert mark(store, iid, "5", 1_700_000_000, action="status") is False  # recorded; the pending message covers it
+    assert entity(store, iid, "5")["last_action"] == "status"
+    store.claim(iid, "order", "5")
+    assert mark(store, iid, "5", 1_700_000_000, action="delete") is True
+    assert entity(store, iid, "5")["last_action"] == "delete"
+
+
+def test_a_bogus_future_time_is_overwritten_by_a_real_event(store, iid):
+    assert mark(store, iid, "5", YEAR_2100)  # written by older code that trusted the CRM's clock
+    store.claim(iid, "order", "5")
+    assert mark(store, iid, "5", NOW - 60, action="status") is True
+    state = entity(store, iid, "5")
+    assert (state["event_time"], state["last_action"], state["dirty"]) == (NOW - 60, "status", True)
+    # a stored time only slightly ahead (within the skew) is real: an older event stays stale
+    assert mark(store, iid, "6", NOW + SKEW - 1)
+    assert mark(store, iid, "6", NOW - 60) is False
+    assert entity(store, iid, "6")["event_time"] == NOW + SKEW - 1
+
+
+def test_an_expired_lease_is_taken_over(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    later = NOW + LEASE + 1  # the message was lost
+    assert mark(store, iid, "5", 1_700_000_001, now=later) is True
+    assert entity(store, iid, "5")["queued_until"] == later + LEASE
+    assert mark(store, iid, "5", 1_700_000_002, now=later + 1) is False
+
+
+def test_of_two_concurrent_marks_exactly_one_takes_a_lease(racing_store, iid):
+    store = racing_store
+    for round_ in range(5):
+        crm_id = f"race-{round_}"
+        # a fresh entity: one of two simultaneous webhooks queues
+        assert sorted(race(lambda: mark(store, iid, crm_id, 1_700_000_000),
+                           lambda: mark(store, iid, crm_id, 1_700_000_000))) == [False, True]
+        # an expired lease: exactly one of two simultaneous webhooks takes it over
+        later = NOW + LEASE + 1 + round_
+        assert sorted(race(lambda: mark(store, iid, crm_id, 1_700_000_001, now=later, action="a"),
+                           lambda: mark(store, iid, crm_id, 1_700_000_002, now=later, action="b"))) == [False, True]
+        state = entity(store, iid, crm_id)
+        assert state["queued_until"] == later + LEASE and state["event_time"] in (1_700_000_001, 1_700_000_002)
+
+
+def test_release_lease_lets_the_next_event_queue(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    store.release_lease(iid, "order", "5")
+    assert "queued_until" not in entity(store, iid, "5")
+    assert entity(store, iid, "5")["dirty"] is True
+    assert mark(store, iid, "5", 1_700_000_000) is True
+    store.release_queue_lease(iid, "order", "5")  # the unambiguous name of the same thing
+    assert "queued_until" not in entity(store, iid, "5")
+    assert mark(store, iid, "5", 1_700_000_000) is True
+    store.release_lease(iid, "order", "absent")  # no state: nothing is created
+    store.release_queue_lease(iid, "order", "absent")
+    assert entity(store, iid, "absent") is None
+
+
+def test_claim_removes_the_lease_and_returns_the_state(store, iid):
+    assert store.claim(iid, "order", "5") is None
+    assert mark(store, iid, "5", 1_700_000_000, action="status")
+    claimed = store.claim(iid, "order", "5")
+    assert claimed == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
+                       "last_action": "status"}
+    assert entity(store, iid, "5") == claimed
+    assert mark(store, iid, "5", 1_700_000_001) is True  # a new event queues a new message
+    assert store.claim(iid, "order", "absent") is None and entity(store, iid, "absent") is None
+
+
+# --- EntityStore: outcomes ---------------------------------------------------------------------------
+
+def test_mark_clean_records_what_was_sent(store, iid, clock):
+    assert mark(store, iid, "5", 1_700_000_000)
+    store.note_attempt(iid, "order", "5", attempts=2, error={"message": "503"}, lease_until=NOW + 30)
+    store.claim(iid, "order", "5")
+    clock.t = NOW + 50
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h1",
+                            row_hashes={"order:5": "r1", "contact:9": "r2"}, uploading_id="up-1",
+                            last_order='{"id": "5"}', facts={"late": False, "revenue": 12.5}) is True
+    state = entity(store, iid, "5")
+    assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False,
+                     "last_action": "update", "content_hash": "h1", "row_hashes": {"order:5": "r1", "contact:9": "r2"},
+                     "uploading_id": "up-1", "sent_at": int(NOW + 50), "attempts": 0, "last_order": '{"id": "5"}',
+                     "facts": {"late": False, "revenue": 12.5}}
+    # None → "" for the upload and the order; facts not given are kept; row hashes None are forgotten
+    assert mark(store, iid, "5", 1_700_000_001) and store.claim(iid, "order", "5")
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_001, content_hash="h2", row_hashes=None,
+                            uploading_id=None)
+    state = entity(store, iid, "5")
+    assert (state["uploading_id"], state["last_order"], state["facts"]) == ("", "", {"late": False, "revenue": 12.5})
+    assert "row_hashes" not in state and state["content_hash"] == "h2"
+
+
+def test_mark_clean_and_mark_failed_refuse_after_a_newer_event(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    store.claim(iid, "order", "5")
+    assert mark(store, iid, "5", 1_700_000_005) is True
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id="u") is False
+    assert store.mark_failed(iid, "order", "5", event_time=1_700_000_000, error={"message": "bad"}) is False
+    state = entity(store, iid, "5")
+    assert state["dirty"] is True and state["event_time"] == 1_700_000_005
+    assert "content_hash" not in state and "last_error" not in state
+    assert store.mark_clean(iid, "order", "absent", event_time=1, content_hash="h", row_hashes={},
+                            uploading_id="u") is False
+    assert entity(store, iid, "absent") is None
+
+
+def test_mark_failed_parks(store, iid, clock):
+    assert mark(store, iid, "5", 1_700_000_000)
+    clock.t = NOW + 7
+    assert store.mark_failed(iid, "order", "5", event_time=1_700_000_000,
+                             error={"code": "unmapped_stage", "crm_status": "142"}) is True
+    state = entity(store, iid, "5")
+    assert state["dirty"] is False and state["failed_at"] == int(NOW + 7)
+    assert state["last_error"] == {"code": "unmapped_stage", "crm_status": "142"}
+
+
+def test_note_attempt_stores_the_retry_and_the_rows_already_accepted(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    store.claim(iid, "order", "5")
+    store.note_attempt(iid, "order", "5", attempts=1, error={"message": "429"}, lease_until=NOW + 12.5,
+                       row_hashes={"contact:9": "r9"})
+    state = entity(store, iid, "5")
+    assert (state["attempts"], state["last_error"], state["queued_until"]) == (1, {"message": "429"}, NOW + 12.5)
+    assert state["row_hashes"] == {"contact:9": "r9"} and isinstance(state["queued_until"], float)
+    assert state["dirty"] is True
+    assert mark(store, iid, "5", 1_700_000_001, now=NOW) is False  # the retry message holds the lease
+    store.note_attempt(iid, "order", "5", attempts=2, error={"message": "503"}, lease_until=NOW + 20)
+    state = entity(store, iid, "5")
+    assert state["attempts"] == 2 and state["row_hashes"] == {"contact:9": "r9"}  # not given: kept
+
+
+def test_forget_content(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={"o": "r"},
+                            uploading_id="u", last_order="{}")
+    store.forget_content(iid, "order", "5")
+    state = entity(store, iid, "5")
+    assert not {"content_hash", "last_order", "row_hashes"} & set(state)
+    assert state["uploading_id"] == "u" and state["event_time"] == 1_700_000_000
+    store.forget_content(iid, "order", "absent")
+    assert entity(store, iid, "absent") is None
+
+
+def test_stuck_entities_are_dirty_without_a_live_lease(store, iid):
+    assert mark(store, iid, "no-lease", 1_700_000_000)
+    store.release_lease(iid, "order", "no-lease")
+    assert mark(store, iid, "live", 1_700_000_000)
+    assert mark(store, iid, "expired", 1_700_000_000, now=NOW - LEASE - 10)
+    assert mark(store, iid, "clean", 1_700_000_000)
+    assert store.mark_clean(iid, "order", "clean", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id="u")
+    store.release_lease(iid, "order", "clean")
+    assert mark(store, iid, "c-lost", 1_700_000_000, kind="contact", now=NOW - LEASE - 10)
+    assert store.take_for_backfill(iid, "order", "held", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert store.take_for_backfill(iid, "order", "held-crashed", 1_700_000_000, "h", absent=True,
+                                   now=NOW - LEASE - 10, lease_seconds=LEASE)
+    stuck = store.stuck_entities(iid, now=NOW)
+    assert [(e["kind"], e["crm_id"]) for e in stuck] == [
+        ("order", "expired"), ("order", "held-crashed"), ("order", "no-lease"), ("contact", "c-lost")]
+    assert all(e["dirty"] for e in stuck)
+    assert store.stuck_entities(iid, now=NOW - LEASE - 10) == [e for e in stuck if e["crm_id"] == "no-lease"]
+
+
+def test_list_existing_and_content_hashes(store, iid):
+    for crm_id in ("10", "2", "b"):
+        assert mark(store, iid, crm_id, 1_700_000_000)
+        assert mark(store, iid, crm_id, 1_700_000_000, kind="contact")
+    store.note_contacts_sent(iid, {"c1": "hc1"})
+    assert [(e["kind"], e["crm_id"]) for e in store.list_entities(iid)] == [
+        ("order", "10"), ("order", "2"), ("order", "b"),
+        ("contact", "10"), ("contact", "2"), ("contact", "b"), ("contact", "c1")]
+    many = [("order", str(i)) for i in range(150)] + [("contact", "c1"), ("contact", "b"), ("order", "b")]
+    assert store.existing_entities(iid, many) == {("order", "10"), ("order", "2"), ("order", "b"),
+                                                  ("contact", "c1"), ("contact", "b")}
+    assert store.existing_entities(iid, []) == set()
+    for crm_id in ("2", "10"):
+        assert store.mark_clean(iid, "order", crm_id, event_time=1_700_000_000, content_hash=f"h{crm_id}",
+                                row_hashes={}, uploading_id="u")
+    ids = [str(i) for i in range(150)] + ["b", "2"]
+    assert store.content_hashes(iid, "order", ids) == {"2": "h2", "10": "h10"}
+    assert store.content_hashes(iid, "contact", ["c1", "2", "nope"]) == {"c1": "hc1"}
+
+
+def test_note_contacts_sent_only_where_nothing_is_pending_or_held(store, iid):
+    assert mark(store, iid, "pending", 1_700_000_000, kind="contact")
+    assert mark(store, iid, "clean", 1_700_000_000, kind="contact")
+    assert store.mark_clean(iid, "contact", "clean", event_time=1_700_000_000, content_hash="old", row_hashes={},
+                            uploading_id="u")
+    hold = store.take_for_backfill(iid, "contact", "held", 1_700_000_000, "h", absent=True, now=NOW,
+                                   lease_seconds=LEASE)
+    assert hold is not None
+    store.note_contacts_sent(iid, {"new": "h-new", "pending": "h-p", "clean": "h-c", "held": "h-h"})
+    assert entity(store, iid, "new", "contact") == {"kind": "contact", "crm_id": "new", "content_hash": "h-new",
+                                                    "event_time": 0, "dirty": False}
+    assert entity(store, iid, "clean", "contact")["content_hash"] == "h-c"
+    assert entity(store, iid, "clean", "contact")["event_time"] == 1_700_000_000
+    assert "content_hash" not in entity(store, iid, "pending", "contact")
+    assert "content_hash" not in entity(store, iid, "held", "contact")
+    assert mark(store, iid, "new", 5, kind="contact") is True  # any real change is newer than 0
+
+
+def test_returned_state_is_a_copy(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={"o": "r"},
+                            uploading_id="u", facts={"nested": {"a": [1]}})
+    for state in (entity(store, iid, "5"), store.list_entities(iid)[0]):
+        state["row_hashes"]["o"] = "mutated"
+        state["facts"]["nested"]["a"].append(2)
+        state["dirty"] = True
+    state = entity(store, iid, "5")
+    assert state["row_hashes"] == {"o": "r"} and state["facts"] == {"nested": {"a": [1]}} and state["dirty"] is False
+
+
+# --- UploadStore, ProductStore -----------------------------------------------------------------------
+
+def test_uploads(store, iid, clock):
+    assert store.uploads(iid) == []
+    store.record_upload(iid, "u2", kind="contacts", rows=3)
+    clock.t = NOW + 1
+    store.record_upload(iid, "u1", kind="orders", rows=7)
+    clock.t = NOW + 60
+    store.confirm_upload(iid, "u1", "PASSED", 7)
+    store.confirm_upload(iid, "u2", "FAILED", None)
+    assert store.uploads(iid) == [
+        {"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "PASSED", "sent_at": int(NOW + 1),
+         "elements_count": 7, "confirmed_at": int(NOW + 60)},
+        {"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
+         "elements_count": 0, "confirmed_at": int(NOW + 60)}]
+
+
+def test_products(store, iid):
+    assert store.products(iid) == {} and store.known_products(iid, ["p1"]) == set()
+    names = {f"p{i:02d}": f"Product {i}" for i in range(30)}  # more than one batch write of 25
+    store.put_products(iid, names)
+    store.put_products(iid, {"p00": "Renamed"})
+    assert store.products(iid) == {**names, "p00": "Renamed"}
+    assert list(store.products(iid)) == sorted(names)
+    wanted = [f"p{i:02d}" for i in range(25, 35)] + [f"x{i}" for i in range(100)]  # more than one batch read
+    assert store.known_products(iid, wanted) == {f"p{i}" for i in range(25, 30)}
+
+
+# --- QuotaStore --------------------------------------------------------------------------------------
+
+def test_reserve_slot_spaces_callers(store):
+    scope = "rate-" + uuid.uuid4().hex
+    assert store.reserve_slot(scope, 0.5, NOW) == NOW
+    assert store.reserve_slot(scope, 0.5, NOW + 0.1) == pytest.approx(NOW + 0.5)
+    assert store.reserve_slot(scope, 0.5, NOW + 0.2) == pytest.approx(NOW + 1.0)
+    assert store.reserve_slot(scope, 0.5, NOW + 10) == NOW + 10  # idle again
+
+
+def test_count_request_stops_at_the_budget(store):
+    key = "token-" + uuid.uuid4().hex
+    assert store.requests_on(key, "2025-06-15") == 0
+    assert [store.count_request(key, "2025-06-15", 3) for _ in range(5)] == [1, 2, 3, None, None]
+    assert store.requests_on(key, "2025-06-15") == 3
+    assert store.count_request(key, "2025-06-16", 3) == 1  # a new day, a new budget
+
+
+def test_leases_are_exclusive_and_expire(store):
+    scope = "lease-" + uuid.uuid4().hex
+    assert store.acquire_lease(scope, 2, "a", NOW, 60) == 0
+    assert store.acquire_lease(scope, 2, "b", NOW, 60) == 1
+    assert store.acquire_lease(scope, 2, "c", NOW, 60) is None
+    store.release_lease(scope, 0, "not-the-owner")
+    assert store.acquire_lease(scope, 2, "c", NOW + 1, 60) is None
+    store.release_lease(scope, 0, "a")
+    assert store.acquire_lease(scope, 2, "c", NOW + 1, 60) == 0
+    assert store.acquire_lease(scope, 2, "d", NOW + 61, 60) == 1  # b's lease expired: free again
+    store.release_lease(scope, 1, "b")  # b's expired lease was taken over: not b's to free
+    assert store.acquire_lease(scope, 2, "e", NOW + 61, 60) is None  # c holds 0 through NOW + 61, d holds 1
+
+
+def test_concurrent_callers_share_limits(racing_store):
+    store, scope = racing_store, uuid.uuid4().hex
+    for round_ in range(3):
+        now = NOW + 100 * round_
+        starts = race(*[lambda: store.reserve_slot(scope, 0.5, now) for _ in range(4)])
+        assert sorted(starts) == pytest.approx([now, now + 0.5, now + 1, now + 1.5])
+        day = f"2025-06-{10 + round_}"
+        counts = race(*[lambda: store.count_request(scope, day, 2) for _ in range(4)])
+        assert sorted(counts, key=str) == [1, 2, None, None] and store.requests_on(scope, day) == 2
+        slots = race(*[lambda owner=owner: store.acquire_lease(scope, 2, owner, now, 60) for owner in "abcd"])
+        assert sorted(slots, key=str) == [0, 1, None, None]
+
+
+# --- ImportStore -------------------------------------------------------------------------------------
+
+def test_put_backfill_with_expect_run(store, iid):
+    assert store.get_backfill(iid) is None
+    assert store.put_backfill(iid, {"run_id": "r1", "state": "running"}, expect_run="r1") is False  # nothing stored
+    assert store.put_backfill(iid, {"run_id": "r1", "state": "running", "counts": {"read": 0}}) is True
+    assert store.put_backfill(iid, {"run_id": "r1", "state": "running", "counts": {"read": 5}}, expect_run="r1") is True
+    assert store.get_backfill(iid)["counts"] == {"read": 5}
+    assert store.put_backfill(iid, {"run_id": "r0", "state": "running"}, expect_run="r0") is False  # another run
+    assert store.put_backfill(iid, {"run_id": "r1", "state": "stopped"}) is True  # a stop always wins
+    assert store.put_backfill(iid, {"run_id": "r1", "state": "running", "counts": {"read": 9}}, expect_run="r1") is False
+    assert store.get_backfill(iid) == {"run_id": "r1", "state": "stopped"}
+
+
+@pytest.mark.parametrize("absent", [True, False])
+def test_take_and_release_for_backfill(store, iid, clock, absent):
+    hold = store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h1", absent=absent, now=NOW, lease_seconds=LEASE)
+    assert isinstance(hold, Hold)
+    assert (hold.integration_id, hold.kind, hold.crm_id, hold.event_time) == (iid, "order", "5", 1_700_000_000)
+    assert hold.state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
+                          "queued_until": NOW + LEASE, "last_action": "backfill", "owner": hold.owner}
+    assert_plain(hold.state) and isinstance(hold.event_time, int)
+    assert entity(store, iid, "5") == hold.state
+    clock.t = NOW + 30
+    assert store.release_backfilled(hold, content_hash="h1", row_hashes={"order:5": "r"}, uploading_id="u1",
+                                    last_order='{"id": "5"}', facts={"late": True}) is True
+    assert entity(store, iid, "5") == {
+        "kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False, "last_action": "backfill",
+        "content_hash": "h1", "row_hashes": {"order:5": "r"}, "uploading_id": "u1", "sent_at": int(NOW + 30),
+        "attempts": 0, "last_order": '{"id": "5"}', "facts": {"late": True}}
+    assert store.release_backfilled(hold, content_hash="h1", uploading_id="u1", last_order=None, facts=None) is False
+    assert mark(store, iid, "5", 1_700_000_001) is True  # no lease left behind
+
+
+def test_take_for_backfill_leaves_the_live_path_alone(store, iid):
+    take = lambda crm_id, t, h, absent=False: store.take_for_backfill(  # noqa: E731
+        iid, "order", crm_id, t, h, absent=absent, now=NOW, lease_seconds=LEASE)
+    assert mark(store, iid, "dirty", 1_700_000_000)
+    assert take("dirty", 1_700_000_100, "h", absent=True) is None  # a webhook wrote after the caller's read
+    assert take("dirty", 1_700_000_100, "h") is None  # a message is pending
+    for crm_id in ("same", "newer", "sent", "ok"):
+        assert mark(store, iid, crm_id, 1_700_000_000)
+        assert store.mark_clean(iid, "order", crm_id, event_time=1_700_000_000, content_hash="h-old", row_hashes={},
+                                uploading_id="u")
+    assert take("same", 1_700_000_000, "h-new") is None  # as new
+    assert take("newer", 1_699_000_000, "h-new") is None  # newer
+    assert take("sent", 1_700_000_100, "h-old") is None  # this content was already sent
+    assert entity(store, iid, "sent")["dirty"] is False and "owner" not in entity(store, iid, "sent")
+    hold = take("ok", 1_700_000_100, "h-new")
+    assert hold is not None and hold.state["content_hash"] == "h-old" and hold.state["uploading_id"] == "u"
+    again = take("ok", 1_700_000_100, "h-new")  # left held by an interrupted run: taken again
+    assert again is not None and again.owner == hold.owner
+    assert store.release_backfilled(again, content_hash="h-new", uploading_id="u2", last_order=None, facts=None)
+    state = entity(store, iid, "ok")
+    assert (state["content_hash"], state["uploading_id"], state["last_order"], state["dirty"]) == ("h-new", "u2", "", False)
+    assert "row_hashes" not in state  # sent without hashes: the old ones no longer describe Metrika's rows
+
+
+def test_backfill_overtaken_by_a_newer_webhook(store, iid):
+    hold = store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert mark(store, iid, "5", 1_700_000_050, action="status", now=NOW + 5) is False  # the hold's lease is live
+    assert entity(store, iid, "5")["event_time"] == 1_700_000_050
+    assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None) is False
+    state = entity(store, iid, "5")
+    assert state["dirty"] is True and state["event_time"] == 1_700_000_050 and "content_hash" not in state
+    # the import crashed before queueing it: once the hold's lease expires a webhook queues
+    assert mark(store, iid, "5", 1_700_000_060, now=NOW + LEASE + 1) is True
+    claimed = store.claim(iid, "order", "5")
+    assert "owner" not in claimed and "queued_until" not in claimed
+    assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None) is False
+
+
+def test_backfill_claimed_by_a_worker_cannot_be_released(store, iid):
+    hold = store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert store.claim(iid, "order", "5")["dirty"] is True
+    assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None) is False
+    assert entity(store, iid, "5")["dirty"] is True
+
+
+def test_release_backfilled_with_an_error_parks(store, iid, clock):
+    assert mark(store, iid, "5", 1_700_000_000)
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h-old",
+                            row_hashes={"o": "r-old"}, uploading_id="u")
+    hold = store.take_for_backfill(iid, "order", "5", 1_700_000_100, "h-new", now=NOW, lease_seconds=LEASE)
+    clock.t = NOW + 9
+    assert store.release_backfilled(hold, content_hash=None, uploading_id=None, last_order=None, facts=None,
+                                    error={"message": "row failed validation"}) is True
+    state = entity(store, iid, "5")
+    assert state["dirty"] is False and state["last_error"] == {"message": "row failed validation"}
+    assert state["failed_at"] == int(NOW + 9) and state["event_time"] == 1_700_000_100
+    assert (state["content_hash"], state["row_hashes"]) == ("h-old", {"o": "r-old"})  # what Metrika has is unchanged
+    assert not {"owner", "queued_until"} & set(state)
+
+
+def test_values_come_back_as_plain_python(store, iid):
+    store.put_integration(iid, {"rate": 1.5, "whole": 2.0, "n": 3, "flag": True, "none": None, "list": [1, (2, 3)]})
+    assert store.get_integration(iid) == {"rate": 1.5, "whole": 2, "n": 3, "flag": True, "none": None,
+                                          "list": [1, [2, 3]]}
+    assert_plain(store.get_integration(iid))
+    with pytest.raises(TypeError):
+        store.put_integration(iid, {"bad": float("nan")})
+
+
+# --- DynamoStore only --------------------------------------------------------------------------------
+
+class CountingClient:
+    def __init__(self, client) -> None:
+        self._client, self.calls = client, []
+
+    def __getattr__(self, name):
+        method = getattr(self._client, name)
+
+        def call(**kwargs):
+            self.calls.append(name)
+            return method(**kwargs)
+        return call
+
+
+def test_dynamo_mark_dirty_is_one_write_unless_a_lease_expired(request, clock, iid):
+    client = CountingClient(boto3.client("dynamodb"))
+    store = _dynamo_store(request, clock, client)
+    assert mark(store, iid, "5", 1_700_000_000) and mark(store, iid, "5", 1_700_000_001) is False
+    assert mark(store, iid, "5", 1_699_000_000) is False  # stale
+    assert client.calls == ["update_item"] * 3
+    assert mark(store, iid, "5", 1_700_000_002, now=NOW + LEASE + 1)
+    assert client.calls == ["update_item"] * 5
+
+
+def test_dynamo_integration_cache(request, clock, iid):
+    client = CountingClient(boto3.client("dynamodb"))
+    webhooks, admin = _dynamo_store(request, clock, client), _dynamo_store(request, clock)
+    admin.put_integration(iid, {"secret": "s1"})
+    assert webhooks.get_integration(iid, max_age=5) == {"secret": "s1"}
+    admin.put_integration(iid, {"secret": "s2"})  # another process's write
+    assert webhooks.get_integration(iid, max_age=5) == {"secret": "s1"}  # this process's copy, for up to 5 s
+    assert client.calls.count("get_item") == 1
+    assert webhooks.get_integration(iid) == {"secret": "s2"}  # max_age=0 always reads
+    webhooks.put_integration(iid, {"secret": "s3"})
+    assert webhooks.get_integration(iid, max_age=5) == {"secret": "s3"}  # own writes drop the copy
+
+
+def test_dynamo_ignores_the_legacy_queued_flag(request, clock, iid):
+    store = _dynamo_store(request, clock)
+    from chalicelib.settings import get_settings
+    boto3.client("dynamodb").put_item(TableName=get_settings().state_table, Item={
+        "pk": {"S": f"INTEGRATION#{iid}"}, "sk": {"S": "ORDER#5"}, "event_time": {"N": "1700000000"},
+        "dirty": {"BOOL": True}, "queued": {"BOOL": True}, "received_at": {"N": "1700000000"}})
+    assert mark(store, iid, "5", 1_700_000_001) is True  # no lease: queue (the old flag proves nothing)
+    hold = store.take_for_backfill(iid, "order", "6", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None)
+
+
+def test_dynamo_unreachable_is_unavailable(request, clock, iid):
+    request.getfixturevalue("service_env")
+    from sandbox.local_stack import free_port
+    client = boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                          config=Config(connect_timeout=0.2, read_timeout=0.2, retries={"total_max_attempts": 1}))
+    store = DynamoStore(client, "config", "state", clock=clock)
+    with pytest.raises(Unavailable) as raised:
+        store.get_integration(iid)
+    assert raised.value.what == "store"
+    with pytest.raises(Unavailable):
+        mark(store, iid, "5", 1_700_000_000)
+
+
+@pytest.mark.parametrize("code", ["ProvisionedThroughputExceededException", "ThrottlingException",
+                                  "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"])
+def test_dynamo_throttling_is_unavailable(clock, iid, code):
+    class Throttled:
+        def __getattr__(self, name):
+            def call(**kwargs):
+                raise ClientError({"Error": {"Code": code, "Message": "slow down"}}, name)
+            return call
+    store = DynamoStore(Throttled(), "config", "state", clock=clock)
+    with pytest.raises(Unavailable, match=code):
+        store.get_entity(iid, "order", "5")
+    with pytest.raises(Unavailable):
+        mark(store, iid, "5", 1_700_000_000)
+
+
+def test_dynamo_validation_error_is_not_unavailable(request, clock, iid):
+    store = _dynamo_store(request, clock)
+    with pytest.raises(ClientError) as raised:  # Unavailable is no ClientError: this proves it was not mapped
+        store.record_upload(iid, "x" * 2000, kind="orders", rows=1)  # a sort key over DynamoDB's 1,024 bytes
+    assert raised.value.response["Error"]["Code"] == "ValidationException"
+    with pytest.raises(ClientError) as raised:
+        store.take_for_backfill(iid, "order", "x" * 2000, 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert raised.value.response["Error"]["Code"] == "ValidationException"
