@@ -141,7 +141,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 38, sorted(names)  # every method of every concern (release_lease once)
+    assert len(names) == 38, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -286,15 +286,12 @@ def test_of_two_concurrent_marks_exactly_one_takes_a_lease(racing_store, iid):
 
 def test_release_lease_lets_the_next_event_queue(store, iid):
     assert mark(store, iid, "5", 1_700_000_000)
-    store.release_lease(iid, "order", "5")
+    store.release_queue_lease(iid, "order", "5")
     assert "queued_until" not in entity(store, iid, "5")
     assert entity(store, iid, "5")["dirty"] is True
     assert mark(store, iid, "5", 1_700_000_000) is True
-    store.release_queue_lease(iid, "order", "5")  # the unambiguous name of the same thing
-    assert "queued_until" not in entity(store, iid, "5")
-    assert mark(store, iid, "5", 1_700_000_000) is True
-    store.release_lease(iid, "order", "absent")  # no state: nothing is created
-    store.release_queue_lease(iid, "order", "absent")
+    assert mark(store, iid, "5", 1_700_000_000) is False  # leased again: a repeat queues nothing
+    store.release_queue_lease(iid, "order", "absent")  # no state: nothing is created
     assert entity(store, iid, "absent") is None
 
 
@@ -387,13 +384,13 @@ def test_forget_content(store, iid):
 
 def test_stuck_entities_are_dirty_without_a_live_lease(store, iid):
     assert mark(store, iid, "no-lease", 1_700_000_000)
-    store.release_lease(iid, "order", "no-lease")
+    store.release_queue_lease(iid, "order", "no-lease")
     assert mark(store, iid, "live", 1_700_000_000)
     assert mark(store, iid, "expired", 1_700_000_000, now=NOW - LEASE - 10)
     assert mark(store, iid, "clean", 1_700_000_000)
     assert store.mark_clean(iid, "order", "clean", event_time=1_700_000_000, content_hash="h", row_hashes={},
                             uploading_id="u")
-    store.release_lease(iid, "order", "clean")
+    store.release_queue_lease(iid, "order", "clean")
     assert mark(store, iid, "c-lost", 1_700_000_000, kind="contact", now=NOW - LEASE - 10)
     assert store.take_for_backfill(iid, "order", "held", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
     assert store.take_for_backfill(iid, "order", "held-crashed", 1_700_000_000, "h", absent=True,

@@ -28,7 +28,7 @@ order as sent), `facts`, and `owner` (set while a history import holds the entit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, overload
+from typing import Protocol
 
 from chalicelib.crm import EntityRef
 
@@ -92,7 +92,7 @@ class EntityStore(Protocol):
     def mark_dirty(self, integration_id: str, ref: EntityRef, *, now: float, lease_seconds: float,
                    future_skew: float) -> bool:
         """Record that `ref` changed. True when THIS call took the queue lease: the caller must now
-        send a message for the entity (and call `release_lease` if it cannot).
+        send a message for the entity (and call `release_queue_lease` if it cannot).
 
         The event is recorded (event_time, dirty, last_action) unless it is stale: a stored event
         time newer than `ref.event_time` wins, except one more than `future_skew` seconds after `now`
@@ -107,10 +107,6 @@ class EntityStore(Protocol):
     def release_queue_lease(self, integration_id: str, kind: str, crm_id: str) -> None:
         """Drop the entity's queue lease: its message could not be sent, so the next event (or the
         stuck sweep) queues one. Nothing happens to an entity without state."""
-
-    def release_lease(self, integration_id: str, kind: str, crm_id: str, /) -> None:
-        """`release_queue_lease` under the name it shares with `QuotaStore.release_lease` (see
-        `StateStore`); positional arguments only. Prefer `release_queue_lease`: it cannot be mistaken."""
 
     def claim(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
         """The worker takes the entity for delivery: drops the queue lease (from now on a new event
@@ -209,9 +205,8 @@ class QuotaStore(Protocol):
         None when all are held. A lease that expired (a crashed holder) is free again. One slot is
         never given to two callers at once."""
 
-    def release_lease(self, scope: str, slot: int, owner: str, /) -> None:
-        """Free the slot if `owner` still holds it (an expired lease taken over is not ours to free).
-        Positional arguments only: the name is shared with `EntityStore.release_lease`."""
+    def release_lease(self, scope: str, slot: int, owner: str) -> None:
+        """Free the slot if `owner` still holds it (an expired lease taken over is not ours to free)."""
 
 
 class ImportStore(Protocol):
@@ -247,17 +242,5 @@ class ImportStore(Protocol):
 
 
 class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, Protocol):
-    """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement.
+    """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement."""
 
-    `release_lease` is the one name two concerns share: `(integration_id, kind, crm_id)` drops an
-    entity's queue lease (as `release_queue_lease` does), `(scope, slot: int, owner)` frees a quota
-    slot. Implementations tell them apart by the type of the second argument (a slot is an int, a kind
-    a str)."""
-
-    @overload
-    def release_lease(self, integration_id: str, kind: str, crm_id: str, /) -> None: ...
-    @overload
-    def release_lease(self, scope: str, slot: int, owner: str, /) -> None: ...
-
-    def release_lease(self, first: str, second: str | int, third: str, /) -> None:
-        """See `EntityStore.release_lease` and `QuotaStore.release_lease`."""

@@ -256,14 +256,6 @@ class DynamoStore:
             raise
         return True
 
-    def release_lease(self, first: str, second: str | int, third: str, /) -> None:
-        """`(integration_id, kind, crm_id)`: drop an entity's queue lease; `(scope, slot: int, owner)`:
-        free a quota slot. One name for two concerns (see `chalicelib.store.StateStore`)."""
-        if isinstance(second, int):
-            self._release_slot(first, second, third)
-        else:
-            self.release_queue_lease(first, second, third)
-
     def release_queue_lease(self, integration_id: str, kind: str, crm_id: str) -> None:
         try:  # conditional: an update would otherwise create an item for an entity that has none
             self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
@@ -450,7 +442,7 @@ class DynamoStore:
                     raise
         return None
 
-    def _release_slot(self, scope: str, slot: int, owner: str) -> None:
+    def release_lease(self, scope: str, slot: int, owner: str) -> None:
         try:
             self._db.delete_item(TableName=self._state, Key=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}"}),
                                  ConditionExpression="#o = :owner", ExpressionAttributeNames={"#o": "owner"},

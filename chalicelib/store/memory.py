@@ -164,15 +164,10 @@ class MemoryStore:
             item["queued_until"] = _decimal(now + lease_seconds)  # no lease, or an expired one taken over
             return True
 
-    def release_lease(self, first: str, second: str | int, third: str, /) -> None:
-        """`(integration_id, kind, crm_id)`: drop an entity's queue lease; `(scope, slot: int, owner)`:
-        free a quota slot. One name for two concerns (see `chalicelib.store.StateStore`)."""
-        if isinstance(second, int):
-            with self._lock:
-                if self._slots.get((first, second), ("",))[0] == third:
-                    del self._slots[(first, second)]
-        else:
-            self.release_queue_lease(first, second, third)
+    def release_lease(self, scope: str, slot: int, owner: str) -> None:
+        with self._lock:
+            if self._slots.get((scope, slot), ("",))[0] == owner:
+                del self._slots[(scope, slot)]
 
     def release_queue_lease(self, integration_id: str, kind: str, crm_id: str) -> None:
         with self._lock:
