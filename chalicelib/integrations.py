@@ -110,7 +110,8 @@ def _secret(min_length: int = 1) -> fields.String:
 
 
 class AmoCrmConnection(Schema):
-    """amoCRM: account URL, long-lived token (amoCRM reference §13.2), and our webhook secret."""
+    """amoCRM: account URL, long-lived token (Kommo "Long-lived Token",
+    https://developers.kommo.com/docs/long-lived-token), and our webhook secret."""
 
     class Meta:
         unknown = RAISE
@@ -125,7 +126,9 @@ class AmoCrmConnection(Schema):
 
 class Bitrix24Connection(Schema):
     """Bitrix24: incoming-webhook URL for REST calls (a secret itself) and the outbound webhook's
-    application_token (Bitrix24 reference §5, §8)."""
+    application_token (Bitrix24 "Security in Handlers",
+    https://apidocs.bitrix24.com/api-reference/events/safe-event-handlers.html; "Входящие и исходящие вебхуки",
+    https://apidocs.bitrix24.ru/local-integrations/local-webhooks.html)."""
 
     class Meta:
         unknown = RAISE

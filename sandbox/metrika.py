@@ -1,9 +1,12 @@
 """Metrika CDP stand-in on loopback: the endpoints we call, the documented validation rules and error
 body, merge-mode semantics on a stored state, quotas, and fault injection.
 
-Deliberately written apart from `chalicelib.metrika.schemas`: it checks our payloads against the
-reference (../shared/reference/metrika-cdp.md), so a rule we get wrong there fails here.
-Error `location`s use Metrika's camelCase Java names (§4.1).
+Deliberately written apart from `chalicelib.metrika.schemas`: it checks our payloads against Metrika's
+documentation ("Customer data format", https://yandex.com/dev/metrika/en/data-import/contacts-data;
+"Order data format", https://yandex.com/dev/metrika/en/data-import/orders-data; "Data upload modes",
+https://yandex.com/dev/metrika/en/data-import/modes), so a rule we get wrong there fails here.
+Error body as in "Описание ошибок в API" (https://yandex.ru/dev/metrika/ru/intro/errors); its `location`s
+use Metrika's camelCase Java names (observed; not in the vendor docs).
 
 Control endpoints (not Metrika's): `GET /_sandbox/state`, `GET /_sandbox/requests`,
 `POST /_sandbox/config` (faults, limits), `POST /_sandbox/reset`.
@@ -303,7 +306,9 @@ class MetrikaSandbox(SandboxServer):
             return _validation_failed(errors)
         with self._lock:
             store = getattr(counter, kind)
-            for row in rows:  # Metrika applies duplicate ids in random order (§5.3): so do we
+            # Metrika applies duplicate ids in random order ("Data upload modes",
+            # https://yandex.com/dev/metrika/en/data-import/modes): so do we
+            for row in rows:
                 store[row[key]] = _merge(store.get(row[key]), row, mode)
                 counter.times_uploaded[f"{kind}:{row[key]}"] = counter.times_uploaded.get(f"{kind}:{row[key]}", 0) + 1
                 if kind == "orders" and row["client_uniq_id"] not in counter.contacts:
@@ -314,7 +319,11 @@ class MetrikaSandbox(SandboxServer):
             counter.uploadings.append(uploading)
         return Reply(200, {"uploading": uploading})
 
-    # --- CSV uploads (§5.2, §6.2) and schema lists (§8.2, §8.3) -----------------------------------------
+    # --- CSV uploads and schema lists -----------------------------------------------------------------------
+    # "Uploading customer data (CSV)", https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContacts;
+    # "Uploading orders (CSV)", https://yandex.com/dev/metrika/en/management/openapi/schema/uploadOrders;
+    # "Creating attributes", https://yandex.com/dev/metrika/en/management/openapi/schema/createAttributes;
+    # "Creating a product list", https://yandex.com/dev/metrika/en/management/openapi/schema/createProducts
 
     def _upload_csv(self, request: Request, kind: str) -> Reply:
         mode = request.query.get("merge_mode", "").upper()
@@ -450,7 +459,13 @@ class MetrikaSandbox(SandboxServer):
             counter.products = {item["name"]: item.get("humanized", "") for item in items}
         return Reply(200, {"success": True})
 
-    # --- validation (§5.1, §6.1, §10) --------------------------------------------------------------
+    # --- validation ---------------------------------------------------------------------------------
+    # Fields: "Uploading customer data (JSON)" and "Uploading orders (JSON)",
+    # https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContactJson_1,
+    # https://yandex.com/dev/metrika/en/management/openapi/schema/uploadOrdersJson_1.
+    # Dates: "Формат даты и времени", https://yandex.ru/dev/metrika/ru/data-import/date. Future times and
+    # update/finish times before the creation time are refused as Metrika refuses them (observed; not in
+    # the vendor docs).
 
     def _check_contact(self, row: Any, where: str, counter: Counter, now: str) -> list[tuple[str, str, str]]:
         if not isinstance(row, dict):
@@ -519,8 +534,8 @@ _ENTITY_TYPE_REFUSED = _error(400, "invalid_parameter", "entity_type must be CON
 
 
 def _check_attribute(attribute: dict, cell: str, row: dict) -> str | None:
-    """§5.4: numbers parse, dates are valid and from 1970, e-mails valid; a multivalued cell is split
-    on commas, a single-valued one is not."""
+    """As Metrika checks attribute values (observed; not in the vendor docs): numbers parse, dates are
+    valid and from 1970, e-mails valid; a multivalued cell is split on commas, a single-valued one is not."""
     values = [v for v in cell.split(",") if v] if attribute["multivalued"] else [cell]
     kind = attribute["type_name"]
     for value in values:
@@ -607,8 +622,8 @@ def _json_object(request: Request) -> dict | Reply:
 
 
 def _merge(stored: dict | None, row: dict, mode: str) -> dict:
-    """§7: SAVE replaces the record, UPDATE keeps absent fields, APPEND also unions multi-valued fields.
-    Creation dates never change."""
+    """SAVE replaces the record, UPDATE keeps absent fields, APPEND also unions multi-valued fields.
+    Creation dates never change ("Data upload modes", https://yandex.com/dev/metrika/en/data-import/modes)."""
     if stored is None:
         return dict(row)
     if mode == "SAVE":

@@ -1,4 +1,6 @@
-"""amoCRM webhook parsing: each case in the reference (amocrm.md §3–§7, §15) with a realistic body."""
+"""amoCRM webhook parsing, each case with a realistic body: the form format and events of amoCRM "Формат
+webhooks" (https://www.amocrm.ru/developers/content/crm_platform/webhooks-format), and shapes seen in real
+captures but not in the vendor docs (observed): `linked_leads_id` keyed by lead id, a bare `values[0]`."""
 from pathlib import Path
 from urllib.parse import urlencode
 

@@ -25,8 +25,8 @@ def parse_bracket_form(raw: bytes, *, max_keys: int = MAX_KEYS, max_depth: int =
     """Decode a form body exactly once into a tree of dicts and strings.
 
     Numeric keys stay dict keys: `linked_leads_id[<lead id>]` is keyed by id, not 0..n, so no guess
-    is made about lists (amoCRM reference §7). A scalar never overwrites a subtree. The tree is built
-    without recursion and is at most `max_depth` + 1 levels deep; anything else (not UTF-8, more than
+    is made about lists (observed in amoCRM payloads; not in the vendor docs). A scalar never overwrites a subtree.
+    The tree is built without recursion and is at most `max_depth` + 1 levels deep; anything else (not UTF-8, more than
     `max_keys` fields, a field without `=`, an unbalanced or too deep key) is a `WebhookError`.
     Percent-escapes that are not UTF-8 decode to U+FFFD (the values we read are ids and times).
     """

@@ -1,9 +1,10 @@
 """amoCRM account webhooks: form body → entity references. Pure; no I/O.
 
-Wire format and events: ../shared/reference/amocrm.md §3–§7 (amoCRM "Формат webhooks",
-https://www.amocrm.ru/developers/content/crm_platform/webhooks-format). The body only says *which*
+Wire format and events: amoCRM "Формат webhooks",
+https://www.amocrm.ru/developers/content/crm_platform/webhooks-format. The body only says *which*
 entity changed and when; the worker re-reads the entity from API v4, so nothing else is taken from it.
-In particular no URL is ever built from `account[_links][self]` or `account[subdomain]` (§9).
+In particular no URL is ever built from `account[_links][self]` or `account[subdomain]`: the page describes
+no signature for these hooks, so a forged body could name any host.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def _id(item: object, path: str) -> str:
 
 
 def _is_contact(item: object) -> bool:
-    # 2016-era payloads sent companies under `contacts[...]` with type=company (reference §3).
+    # 2016-era payloads sent companies under `contacts[...]` with type=company (observed; not in the vendor docs).
     return not (isinstance(item, dict) and item.get("type") == "company")
 
 

@@ -1,7 +1,9 @@
 """Bitrix24 outbound events: form body → entity references. Pure; no I/O.
 
-Wire format: ../shared/reference/bitrix24.md §3 (https://apidocs.bitrix24.com/api-reference/events/).
-Events carry only an id; the worker re-reads the deal.
+Wire format: Bitrix24 "Concept and Benefits of Event Processing",
+https://apidocs.bitrix24.com/api-reference/events/index.html. Events carry only an id ("Event on deal update
+onCrmDealUpdate", https://apidocs.bitrix24.com/api-reference/crm/deals/events/on-crm-deal-update.html);
+the worker re-reads the deal.
 """
 from __future__ import annotations
 
