@@ -1,17 +1,22 @@
 """metrika-crm-bridge: CRM webhooks in, Yandex Metrika CDP contacts and orders out.
 
-Routes and event handlers only; the work is in chalicelib. Clients are created on first use, so a cold
-start that serves a webhook never pays for what it does not touch.
+Routes and event handlers only; the work is in chalicelib (docs/architecture.md). Clients are created
+on first use, so a cold start that serves a webhook never pays for what it does not touch.
 """
+import functools
+import json
 import os
+import traceback
+import uuid
 
-from chalice import AuthResponse, Chalice, Rate
+from chalice import AuthResponse, Chalice, Rate, Response
 
-from chalicelib.errors import ApiError
+from chalicelib.errors import ApiError, Unavailable, invalid
 from chalicelib.settings import APP_NAME, get_settings
 
 app = Chalice(app_name=APP_NAME)
 FORM = "application/x-www-form-urlencoded"
+MAX_JSON_DEPTH = 32  # admin bodies are a few levels deep; deeper is an attack, not a config
 
 _STORE = None
 _QUEUE = None
@@ -22,9 +27,9 @@ def get_store():
     global _STORE
     if _STORE is None:
         import boto3
-        from chalicelib.store import Store
+        from chalicelib.store.dynamodb import DynamoStore
         settings = get_settings()
-        _STORE = Store(boto3.client("dynamodb"), settings.config_table, settings.state_table)
+        _STORE = DynamoStore(boto3.client("dynamodb"), settings.config_table, settings.state_table)
     return _STORE
 
 
@@ -32,7 +37,7 @@ def get_queue():
     global _QUEUE
     if _QUEUE is None:
         import boto3
-        from chalicelib.pipeline import EventQueue
+        from chalicelib.queue import EventQueue
         _QUEUE = EventQueue(boto3.client("sqs"), get_settings().events_queue)
     return _QUEUE
 
@@ -59,18 +64,73 @@ def get_admin_token():
     return admin_token(get_settings())
 
 
-@app.middleware("http")
-def api_errors(event, get_response):
+def get_ingest():
+    from chalicelib.ingest import Ingest
+    return Ingest(get_store(), get_queue(), max_body_bytes=get_settings().max_webhook_bytes)
+
+
+def get_backfill():
+    from chalicelib.backfill import Backfill
+    return Backfill(get_store(), get_queue(), get_metrika, get_sources(), row_limit=get_settings().upload_row_limit)
+
+
+def get_worker():
+    from chalicelib.worker import Worker
+    settings = get_settings()
+    return Worker(get_store(), get_queue(), get_metrika, get_sources(), row_limit=settings.upload_row_limit,
+                  retry_limit=settings.worker_retry_limit, backfill_for=get_backfill)
+
+
+def answers(view):
+    """Every answer is JSON in one shape. Bad input raises `ApiError` (4xx naming the field); our store
+    or queue unreachable is a 503 (the CRM retries, nothing was half-written); anything else is a bug:
+    a 500 with a request id, the traceback in the log under the same id."""
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        try:
+            return view(*args, **kwargs)
+        except ApiError as error:
+            return Response(body=error.body(), status_code=error.status)
+        except Unavailable as exc:
+            _log_failure("unavailable", exc)
+            return Response(body={"error": "unavailable", "message": f"{exc}; please retry"}, status_code=503)
+        except Exception as exc:  # noqa: BLE001 — a bug: say so, with an id to find it in the log
+            request_id = _log_failure("internal_error", exc)
+            return Response(body={"error": "internal_error", "request_id": request_id,
+                                  "message": f"an unexpected error occurred (request id {request_id})"},
+                            status_code=500)
+    return wrapped
+
+
+def _log_failure(event, exc):
+    from chalicelib.logs import log_event
+    context = (app.current_request.context if app.current_request else None) or {}
+    request_id = context.get("requestId") or uuid.uuid4().hex
+    log_event(event, request_id=request_id, path=context.get("resourcePath"), error=type(exc).__name__,
+              traceback=traceback.format_exc(limit=12))
+    return request_id
+
+
+def json_body():
+    """The request's JSON body (None when empty), parsed here so that malformed or absurdly deep JSON
+    is a 400, not a RecursionError."""
+    raw = app.current_request.raw_body
+    if not raw:
+        return None
     try:
-        response = get_response(event)
-    except ApiError as error:
-        return error.to_response()
-    if response.status_code == 500:
-        # Something under us failed (DynamoDB or SQS unreachable…); Chalice logged the traceback. A 503
-        # in our JSON shape tells the CRM to retry, and nothing was half-written: state is only marked
-        # dirty together with its queued message.
-        return ApiError(503, "unavailable", "the service could not record this request; please retry").to_response()
-    return response
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise invalid("body is not valid JSON (or is nested too deeply)") from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise invalid(f"body is nested more than {MAX_JSON_DEPTH} levels deep")
+    return body
+
+
+def _depth(value, level=0):
+    if level > MAX_JSON_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max((_depth(child, level + 1) for child in children), default=level)
 
 
 @app.authorizer()
@@ -89,19 +149,22 @@ def health():
 
 
 @app.route("/integrations/{integration_id}", methods=["PUT"], authorizer=admin)
+@answers
 def put_integration(integration_id):
     from chalicelib.integrations import save_integration
-    return save_integration(get_store(), integration_id, app.current_request.json_body,
+    return save_integration(get_store(), integration_id, json_body(),
                             lambda config: get_metrika(config).counter_time_zone(config["counter_id"]))
 
 
 @app.route("/integrations/{integration_id}", methods=["GET"], authorizer=admin)
+@answers
 def get_integration(integration_id):
     from chalicelib.integrations import get_integration as read, public_view
     return public_view(read(get_store(), integration_id))
 
 
 @app.route("/integrations/{integration_id}", methods=["DELETE"], authorizer=admin)
+@answers
 def delete_integration(integration_id):
     from chalicelib.errors import not_found
     if not get_store().delete_integration(integration_id):
@@ -110,97 +173,113 @@ def delete_integration(integration_id):
 
 
 @app.route("/integrations/{integration_id}/status-mapping", methods=["GET"], authorizer=admin)
+@answers
 def get_status_mapping(integration_id):
-    from chalicelib.status_mapping import read_mapping
+    from chalicelib.mapping_admin import read_mapping
     return read_mapping(get_store(), integration_id)
 
 
 @app.route("/integrations/{integration_id}/status-mapping", methods=["PUT"], authorizer=admin)
+@answers
 def put_status_mapping(integration_id):
-    from chalicelib.status_mapping import replace_mapping
-    return replace_mapping(get_store(), integration_id, app.current_request.json_body, get_metrika,
-                           _ingest().requeue_held)
+    from chalicelib.mapping_admin import replace_mapping
+    return replace_mapping(get_store(), integration_id, json_body(), get_metrika, get_ingest().requeue_held)
 
 
 @app.route("/integrations/{integration_id}/status-mapping/defaults", methods=["GET"], authorizer=admin)
+@answers
 def propose_status_mapping(integration_id):
-    return {"integration_id": integration_id, "entries": _default_mapping(integration_id)}
+    from chalicelib.operations import default_mapping
+    return {"integration_id": integration_id, "entries": default_mapping(get_store(), get_sources(), integration_id)}
 
 
 @app.route("/integrations/{integration_id}/status-mapping/defaults", methods=["POST"], authorizer=admin)
+@answers
 def apply_status_mapping_defaults(integration_id):
-    from chalicelib.status_mapping import merge_defaults, read_mapping, replace_mapping
+    from chalicelib.mapping_admin import read_mapping, replace_mapping
+    from chalicelib.operations import default_mapping
+    from chalicelib.status_mapping import merge_defaults
     current = read_mapping(get_store(), integration_id)["entries"]
-    entries = merge_defaults(current, _default_mapping(integration_id))
-    return replace_mapping(get_store(), integration_id, {"entries": entries}, get_metrika, _ingest().requeue_held)
+    entries = merge_defaults(current, default_mapping(get_store(), get_sources(), integration_id))
+    return replace_mapping(get_store(), integration_id, {"entries": entries}, get_metrika, get_ingest().requeue_held)
 
 
 @app.route("/integrations/{integration_id}/attributes", methods=["GET"], authorizer=admin)
+@answers
 def get_attributes(integration_id):
     from chalicelib.attributes import read_attributes
     return read_attributes(get_store(), integration_id)
 
 
 @app.route("/integrations/{integration_id}/attributes", methods=["PUT"], authorizer=admin)
+@answers
 def put_attributes(integration_id):
     from chalicelib.attributes import replace_attributes
-    return replace_attributes(get_store(), integration_id, app.current_request.json_body, get_metrika)
+    return replace_attributes(get_store(), integration_id, json_body(), get_metrika)
 
 
 @app.route("/integrations/{integration_id}/products/sync", methods=["POST"], authorizer=admin)
+@answers
 def sync_products(integration_id):
     from chalicelib.operations import sync_catalog
     return sync_catalog(get_store(), get_metrika, get_sources(), integration_id)
 
 
 @app.route("/integrations/{integration_id}/backfill", methods=["POST"], authorizer=admin)
+@answers
 def start_backfill(integration_id):
-    return _backfill().start(integration_id, app.current_request.json_body)
+    return get_backfill().start(integration_id, json_body())
 
 
 @app.route("/integrations/{integration_id}/backfill", methods=["GET"], authorizer=admin)
+@answers
 def backfill_status(integration_id):
-    return _backfill().status(integration_id)
+    return get_backfill().status(integration_id)
 
 
 @app.route("/integrations/{integration_id}/backfill/stop", methods=["POST"], authorizer=admin)
+@answers
 def stop_backfill(integration_id):
-    return _backfill().stop(integration_id)
+    return get_backfill().stop(integration_id)
 
 
 @app.route("/integrations/{integration_id}/reconcile", methods=["POST"], authorizer=admin)
+@answers
 def reconcile_integration(integration_id):
-    body = app.current_request.json_body or {}
-    return _reconcile(integration_id, since=body.get("since") if isinstance(body, dict) else None)
+    return _reconcile(integration_id, json_body())
 
 
 @app.route("/integrations/{integration_id}/status", methods=["GET"], authorizer=admin)
+@answers
 def integration_status(integration_id):
     from chalicelib.integrations import get_integration as read
-    from chalicelib.operations import integration_status as status
+    from chalicelib.operations import integration_status as status, webhook_health
     integration = read(get_store(), integration_id)
     return status(get_store(), integration_id, requests_today=get_metrika(integration).governor.used_today(),
-                  webhook_health=_webhook_health(integration_id, integration),
-                  backfill=_backfill().status(integration_id)["backfill"])
+                  webhook_health=webhook_health(get_sources(), integration_id, integration),
+                  backfill=get_backfill().status(integration_id)["backfill"])
 
 
 @app.route("/integrations/{integration_id}/replay", methods=["POST"], authorizer=admin)
+@answers
 def replay_integration(integration_id):
     from chalicelib.integrations import get_integration as read
     from chalicelib.operations import replay
     read(get_store(), integration_id)
-    return replay(get_store(), _ingest().requeue, integration_id, app.current_request.json_body)
+    return replay(get_store(), get_ingest().requeue, integration_id, json_body())
 
 
 @app.route("/webhooks/amocrm/{integration_id}", methods=["POST"], content_types=[FORM])
+@answers
 def amocrm_webhook(integration_id):
     request = app.current_request
-    return _ingest().amocrm(integration_id, request.raw_body, request.query_params or {})
+    return get_ingest().amocrm(integration_id, request.raw_body, request.query_params or {})
 
 
 @app.route("/webhooks/bitrix24/{integration_id}", methods=["POST"], content_types=[FORM])
+@answers
 def bitrix24_webhook(integration_id):
-    return _ingest().bitrix24(integration_id, app.current_request.raw_body)
+    return get_ingest().bitrix24(integration_id, app.current_request.raw_body)
 
 # End of routes. Start of event handlers.
 
@@ -211,86 +290,50 @@ def bitrix24_webhook(integration_id):
                     # At most 3 workers at once: Metrika allows 3 requests in flight per token.
                     maximum_concurrency=3)
 def on_events_message(event):
-    from chalicelib.pipeline import Worker
-    settings = get_settings()
-    worker = Worker(get_store(), get_queue(), get_metrika, get_sources(),
-                    row_limit=settings.upload_row_limit, retry_limit=settings.worker_retry_limit)
-    return vars(worker.handle(record.body for record in event))
+    return vars(get_worker().handle(record.body for record in event))
+
 
 @app.schedule(Rate(int(os.environ.get("RECONCILE_MINUTES", "10")), unit=Rate.MINUTES))
 def reconcile_all(event):
+    from chalicelib.logs import log_event
     results = {}
     for integration_id in get_store().list_integration_ids():
         try:
-            results[integration_id] = _reconcile(integration_id)
-        except Exception as exc:  # one broken integration must not stop the others
-            from chalicelib.logs import log_event
-            log_event("reconcile_failed", integration_id=integration_id, error=type(exc).__name__)
+            results[integration_id] = _reconcile(integration_id, None)
+        except Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 — one broken integration must not stop the others
+            log_event("reconcile_failed", integration_id=integration_id, error=type(exc).__name__,
+                      traceback=traceback.format_exc(limit=8))
     return results
+
 
 @app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
 def confirm_uploads(event):
+    from chalicelib.logs import log_event
     from chalicelib.operations import confirm_uploads as confirm
     results = {}
     for integration_id in get_store().list_integration_ids():
         integration = get_store().get_integration(integration_id)
-        if integration:
+        if not integration:
+            continue
+        try:
             results[integration_id] = confirm(get_store(), get_metrika(integration), integration_id,
                                               integration["counter_id"])
+        except Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 — as above
+            log_event("confirm_failed", integration_id=integration_id, error=type(exc).__name__,
+                      traceback=traceback.format_exc(limit=8))
     return results
 
 # End of event handlers.
 
 
-def _default_mapping(integration_id):
-    from chalicelib.crm import PermanentSourceError, RetryableSourceError
-    from chalicelib.errors import ApiError, invalid
+def _reconcile(integration_id, body):
+    from chalicelib.ingest import reconcile_or_answer
     from chalicelib.integrations import get_integration as read
-    integration = read(get_store(), integration_id)
-    source = get_sources().get(integration["crm"])
-    if source is None:
-        raise invalid(f"default status mappings for {integration['crm']} are not available in this build")
-    try:
-        return source.default_mapping(integration)
-    except PermanentSourceError as exc:
-        raise ApiError(422, "crm_refused", f"could not read the CRM's stages: {exc}") from exc
-    except RetryableSourceError as exc:
-        raise ApiError(502, "crm_unavailable", f"could not read the CRM's stages: {exc}; try again later") from exc
-
-
-def _webhook_health(integration_id, integration):
-    """amoCRM switches a webhook off after too many failed deliveries: say so (None for other CRMs)."""
-    source = get_sources().get(integration["crm"])
-    if not hasattr(source, "webhook_health"):
-        return None
-    from chalicelib.crm import PermanentSourceError, RetryableSourceError
-    try:
-        return source.webhook_health(integration, integration_id)
-    except (PermanentSourceError, RetryableSourceError) as exc:
-        return {"error": str(exc)}
-
-
-def _reconcile(integration_id, since=None):
-    import time
-    from chalicelib.crm import PermanentSourceError, RetryableSourceError
-    from chalicelib.errors import ApiError, invalid
-    from chalicelib.integrations import get_integration as read
-    if since is not None and not isinstance(since, int):
-        raise invalid("since must be Unix seconds")
+    if body is not None and not isinstance(body, dict):
+        raise invalid('body must be a JSON object: {} or {"since": <unix seconds>}')
     source = get_sources().get(read(get_store(), integration_id)["crm"])
-    try:
-        return _ingest().reconcile(integration_id, source, now=int(time.time()), since=since)
-    except PermanentSourceError as exc:
-        raise ApiError(422, "crm_refused", f"could not list changed deals: {exc}") from exc
-    except RetryableSourceError as exc:
-        raise ApiError(502, "crm_unavailable", f"could not list changed deals: {exc}; try again later") from exc
-
-
-def _backfill():
-    from chalicelib.backfill import Backfill
-    return Backfill(get_store(), get_queue(), get_metrika, get_sources(), row_limit=get_settings().upload_row_limit)
-
-
-def _ingest():
-    from chalicelib.pipeline import Ingest
-    return Ingest(get_store(), get_queue(), get_settings().max_webhook_bytes)
+    return reconcile_or_answer(get_ingest(), integration_id, source, (body or {}).get("since"))

@@ -1,22 +1,23 @@
 """History import ("backfill"): page through the CRM's contacts, then its deals, changed since a start
 date, and upload them in large batches, sharing per-entity delivery state with the live path.
 
-Why (CDP reference §5.1, §13): orders match visits only after the first contact upload and only within
-21 days, so an integration's first reports are empty unless existing customers and deals go up early.
+Why: orders match visits only after the first contact upload and only within 21 days ("Загрузка
+данных о клиентах", https://yandex.ru/dev/metrika/ru/data-import/contacts), so an integration's first
+reports are empty unless existing customers and deals go up early.
 
 How it runs: as a chain of steps on the events queue (`{"kind": "backfill", "run_id"}` messages), each
 reading pages until about `row_limit` entities, uploading them, then saving the cursor and counts and
 queueing the next step. An interrupted step (crash, timeout, Metrika or CRM failure) is retried from the
 last saved cursor; a stop lets the step in flight finish and queues nothing more; starting again resumes.
 
-Sharing state with webhooks (`Store.take_for_backfill`): an entity is taken only when the live path has
+Delivery goes through the same sink as the live path (`delivery.Sink`). Sharing state with webhooks
+(`StateStore.take_for_backfill`): an entity is taken only when the live path has
 no message pending for it and has not sent this content or newer; while taken, webhooks only record
 their newer time, and if one did, the entity is queued to the live path after the import's upload, so
 the newer state always lands last.
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,21 +25,12 @@ from datetime import date, datetime, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
-from .crm import CONTACT, ORDER, EntityRows, PermanentSourceError, RetryableSourceError
-from .errors import invalid, not_found
+from .crm import CONTACT, ORDER, EntityRows
+from .delivery import Accepted, Parked, Pending, Retry, Sink, content_hash_of, validated_rows
+from .errors import BridgeError, Transient, invalid, not_found
+from .ingest import FUTURE_SKEW_SECONDS
 from .logs import log_event
-from .metrika.cdp import MetrikaError
-from .pipeline import (
-    BACKFILL,
-    EventQueue,
-    content_hash_of,
-    csv_kinds_for,
-    delivery_facts,
-    rejected_keys,
-    send_rows,
-    sync_products,
-)
-
+from .queue import BACKFILL, Queue, message
 PHASES = ("contacts", "orders")
 STEP_ROWS = 1000  # entities read per step, at most (and at most the upload row limit)
 STEP_SECONDS = 60  # well inside the worker Lambda's timeout and the queue's visibility timeout
@@ -48,6 +40,9 @@ MAX_DELAY = 900
 # Each entity costs two conditional writes (take, release); run them side by side, as the step's time
 # is otherwise their latencies added up. botocore's connection pool holds 10 per client.
 STATE_WRITERS = 8
+# How long the import holds an entity it took: a step's read, upload and release, with room to spare.
+# A crashed step's entities go back to the live path when it runs out.
+HOLD_SECONDS = 900
 COUNTS = ("read", "contacts_sent", "orders_sent", "skipped", "failed", "older_than_21_days")
 
 
@@ -79,7 +74,7 @@ def public_job(job: dict | None) -> dict | None:
 
 
 class Backfill:
-    def __init__(self, store: Any, queue: EventQueue, metrika_for: Callable[[dict], Any], sources: dict[str, Any],
+    def __init__(self, store: Any, queue: Queue, metrika_for: Callable[[dict], Any], sources: dict[str, Any],
                  *, row_limit: int = 1000, step_seconds: float = STEP_SECONDS, retry_base: float = 2.0,
                  budget_reserve: int = BUDGET_RESERVE, clock: Callable[[], float] = time.time) -> None:
         self._store, self._queue, self._metrika_for, self._sources = store, queue, metrika_for, sources
@@ -139,7 +134,7 @@ class Backfill:
 
     @staticmethod
     def _message(integration_id: str, job: dict) -> dict:
-        return {"integration_id": integration_id, "kind": BACKFILL, "crm_id": job["run_id"]}
+        return message(integration_id, BACKFILL, job["run_id"])
 
     # --- one step (the worker calls this for a backfill message) --------------------------------------
 
@@ -162,7 +157,7 @@ class Backfill:
         times: dict[tuple[str, str], int] = {}
         cursor, phase = job["cursor"], job["phase"]
         # What an earlier, failed attempt at this step already settled (see `_deliver`).
-        partial = job.get("partial") or {"counts": {}, "settled": [], "contacts": {}}
+        partial = job.get("partial") or {"counts": {}, "settled": [], "accepted": {}}
         used = {"crm": 0, "metrika": metrika.governor.used_today() if metrika.governor else 0}
         try:
             while len(rows) < min(self._row_limit, STEP_ROWS) and self._clock() - started < self._step_seconds:
@@ -175,17 +170,22 @@ class Backfill:
                 cursor = page.cursor
                 if cursor is None:
                     break
-            counts = self._deliver(integration_id, integration, metrika, source, attributes, rows, times, partial)
-        except (RetryableSourceError, MetrikaError) as exc:
-            job["partial"] = _merged(partial, getattr(exc, "partial", None))
+        except Transient as exc:
             self._add_requests(job, metrika, used)
-            if isinstance(exc, MetrikaError) and not exc.retryable:
-                return self._fail(integration_id, job, f"Metrika refused the import: {exc.message}")
-            delay = getattr(exc, "retry_after", None) or self._retry_base * 2 ** min(job.get("attempts", 0), 9)
-            return self._again(integration_id, job, delay, str(getattr(exc, "message", exc)))
-        except PermanentSourceError as exc:
-            return self._fail(integration_id, job, f"the CRM refused the import: {exc}")
-        for key, value in _merged(partial, {"counts": counts})["counts"].items():
+            return self._again(integration_id, job, exc.retry_after or self._backoff(job), exc.message)
+        except BridgeError as exc:
+            return self._fail(integration_id, job, f"the CRM refused the import: {exc.message}")
+        counts, retry, refused = self._deliver(integration_id, integration, metrika, source, attributes, rows, times,
+                                               partial)
+        if refused is not None:
+            self._add_requests(job, metrika, used)
+            return self._fail(integration_id, job, f"Metrika refused the import: {refused.get('message')}")
+        if retry is not None:
+            job["partial"] = counts
+            self._add_requests(job, metrika, used)
+            return self._again(integration_id, job, retry.after or self._backoff(job), str(retry.error.get("message")),
+                               count_attempt=retry.count_attempt)
+        for key, value in counts["counts"].items():
             job["counts"][key] = job["counts"].get(key, 0) + value
         crm_requests, metrika_requests = self._add_requests(job, metrika, used)
         job["steps"] += 1
@@ -197,14 +197,25 @@ class Backfill:
             else:
                 job.update(phase="done", state="done", finished_at=int(self._clock()))
         if not self._store.put_backfill(integration_id, job, expect_run=run_id):
-            return {"stopped": True, **counts}  # stopped (or restarted) while this step ran: queue nothing
+            return {"stopped": True, **counts["counts"]}  # stopped (or restarted) while this step ran: queue nothing
         if job["state"] == "running":
             self._queue.send([self._message(integration_id, job)])
         else:
             log_event("backfill_done", integration_id=integration_id, **job["counts"])
         log_event("backfill_step", integration_id=integration_id, phase=phase, crm_requests=crm_requests,
-                  metrika_requests=metrika_requests, **counts)
-        return counts
+                  metrika_requests=metrika_requests, **counts["counts"])
+        return counts["counts"]
+
+    def crashed(self, integration_id: str, run_id: str, reason: str) -> dict:
+        """A step raised something unexpected: retry it with backoff, counting an attempt, so a bug
+        fails the import visibly after the retry limit instead of failing the worker's batch."""
+        job = self._store.get_backfill(integration_id)
+        if not job or job.get("run_id") != run_id or job["state"] != "running":
+            return {"skipped": "not the running import"}
+        return self._again(integration_id, job, self._backoff(job), f"unexpected error: {reason}")
+
+    def _backoff(self, job: dict) -> float:
+        return self._retry_base * 2 ** min(job.get("attempts", 0), 9)
 
     @staticmethod
     def _add_requests(job: dict, metrika: Any, used: dict) -> tuple[int, int]:
@@ -233,99 +244,87 @@ class Backfill:
 
     def _deliver(self, integration_id: str, integration: dict, metrika: Any, source: Any, attributes: list[dict],
                  rows: dict[tuple[str, str], EntityRows], times: dict[tuple[str, str], int],
-                 partial: dict) -> dict:
-        """Take, upload and release one step's entities; their counts.
+                 partial: dict) -> tuple[dict, Retry | None, dict | None]:
+        """Take, deliver (through the sink) and release one step's entities.
 
-        When an upload fails part way, the step is retried from its cursor, so the retry reads the same
-        entities. The exception then carries `partial`: the counts so far, the entities already settled
-        (sent, parked, or skipped) and the deals' customers already uploaded, so that the retry neither
-        counts nor sends them again."""
+        Returns (progress, retry, refusal): `progress` is `partial` with this attempt added — counts,
+        the entities settled (sent, parked or skipped) and, per entity still taken, the rows Metrika
+        already accepted — so that a retry of the step (it re-reads the same entities from its
+        cursor) neither counts nor sends them again. `retry` is set when some rows must wait;
+        `refusal` when Metrika refuses the integration itself (token, counter): the import fails and
+        its entities stay taken until a run resumes it or their lease runs out."""
         from marshmallow import ValidationError
-
-        from .pipeline import validated_rows
+        now = self._clock()
         settled_before = {tuple(key) for key in partial["settled"]}
         rows = {key: entity for key, entity in rows.items() if key not in settled_before}
         counts = {k: 0 for k in COUNTS}
         counts["read"] = len(rows)
         sent_contacts = self._store.content_hashes(integration_id, CONTACT, [
             c["uniq_id"] for key, e in rows.items() if key[0] == ORDER for c in e.contacts])
-        sent_contacts.update(partial["contacts"])
         checked: dict[tuple[str, str], tuple] = {}
         for key, entity in rows.items():
             if entity.gone:
                 continue
-            error, contacts, orders, content_hash = entity.error, [], [], ""
+            error, validated, content_hash = entity.error, None, ""
             if error is None:
                 try:
-                    contacts, orders = validated_rows(integration, attributes, entity)
-                    content_hash = content_hash_of(contacts, orders)
+                    validated = validated_rows(integration, attributes, entity)
+                    content_hash = content_hash_of(*validated)
                 except ValidationError as exc:
-                    error = {"message": "row failed validation", "fields": exc.messages}
-            checked[key] = (error, contacts, orders, content_hash)
+                    error = {"kind": "permanent", "message": "row failed validation", "fields": exc.messages}
+            checked[key] = (error, validated, content_hash)
         known = self._store.existing_entities(integration_id, list(checked))
-        taken = _each(lambda key: self._store.take_for_backfill(integration_id, *key, times[key], checked[key][3],
-                                                                absent=key not in known), list(checked))
-        ready: dict[tuple[str, str], tuple] = {}
-        products: dict[str, dict] = {}
-        failed: dict[tuple[str, str], dict] = {}
-        for key, (error, contacts, orders, content_hash) in checked.items():
+        # A time the CRM puts far in the future must not advance the entity's clock (see
+        # ingest.FUTURE_SKEW_SECONDS): taken as 0, so every real change after it still counts.
+        taken = _each(lambda key: self._store.take_for_backfill(
+            integration_id, *key, times[key] if times[key] <= now + FUTURE_SKEW_SECONDS else 0, checked[key][2],
+            absent=key not in known, now=now, lease_seconds=HOLD_SECONDS), list(checked))
+        pending = []
+        for key, (error, validated, content_hash) in checked.items():
             if taken[key] is None:
                 counts["skipped"] += 1  # the live path has it, or this content was already sent
-            elif error is not None:
-                failed[key] = error
-            else:
-                # The customer of a deal usually went up in the contacts phase: send it again only if the
-                # deal adds something (a ClientID from the lead, say).
-                to_send = [c for c in contacts if key[0] == CONTACT
-                           or sent_contacts.get(c["uniq_id"]) != content_hash_of([c], [])]
-                last_order = json.dumps(orders[0], sort_keys=True, ensure_ascii=False) if orders else None
-                ready[key] = (to_send, orders, content_hash, last_order, contacts)
-                products.update(rows[key].products)
-        counts["failed"] += len(failed)
-        self._release(integration_id, taken, {key: {"error": error} for key, error in failed.items()})
-        ordered = {p: products.get(p, {}) for v in ready.values() for o in v[1] for p in o.get("products") or {}}
-        if ordered:
-            sync_products(self._store, metrika, source, integration_id, integration, ordered)
-        csv_kinds = csv_kinds_for(attributes)
-        while ready:
-            try:
-                uploads = send_rows(metrika, integration["counter_id"], ready, self._row_limit, csv_kinds)
-            except MetrikaError as exc:
-                uploads, sent_contact_ids, sent_order_ids = getattr(exc, "sent", ([], set(), set()))
-                done = {k: v for k, v in ready.items() if {c["uniq_id"] for c in v[0]} <= sent_contact_ids
-                        and {o["id"] for o in v[1]} <= sent_order_ids}
-                self._complete(integration_id, integration, done, uploads, taken, counts)
-                ready = {k: v for k, v in ready.items() if k not in done}
-                rejected = set() if exc.retryable else rejected_keys(exc, ready)
-                if not rejected:
-                    contacts = {c["uniq_id"]: content_hash_of([c], []) for v in ready.values()
-                                for c in v[0] if c["uniq_id"] in sent_contact_ids}
-                    counts["contacts_sent"] += len(contacts)
-                    counts["read"] -= len(ready)  # read again by the retry
-                    exc.partial = {"counts": counts, "contacts": contacts,
-                                   "settled": [list(key) for key in rows if key not in ready]}
-                    raise  # retry the step: the entities stay taken and are taken again
-                counts["failed"] += len(rejected)
-                self._release(integration_id, taken, {key: {"error": exc.describe()} for key in rejected})
-                ready = {k: v for k, v in ready.items() if k not in rejected}
                 continue
-            self._complete(integration_id, integration, ready, uploads, taken, counts)
-            break
-        return counts
-
-    def _complete(self, integration_id: str, integration: dict, done: dict, uploads: list, held: dict,
-                  counts: dict) -> None:
-        for kind, uploading_id, count in uploads:
-            self._store.record_upload(integration_id, uploading_id, kind=kind, rows=count)
-        outcomes = {}
-        for key, (to_send, orders, content_hash, last_order, contacts) in done.items():
-            facts = delivery_facts(contacts, orders, last_order, integration["timezone"]) if orders else None
-            counts["contacts_sent"] += len(to_send)
-            counts["orders_sent"] += len(orders)
-            counts["older_than_21_days"] += bool(facts and facts.get("late"))
-            outcomes[key] = {"content_hash": content_hash, "uploading_id": uploads[-1][1] if uploads else None,
-                             "last_order": last_order, "facts": facts}
-        self._release(integration_id, held, outcomes)
+            # The customer of a deal usually went up in the contacts phase: the sink sends it again only
+            # if the deal adds something (a ClientID from the lead, say).
+            sent = {f"contact:{c['uniq_id']}": sent_contacts[c["uniq_id"]]
+                    for c in rows[key].contacts if key[0] == ORDER and c["uniq_id"] in sent_contacts}
+            sent.update(partial["accepted"].get(_key_text(key), {}))
+            entity = EntityRows(error=error) if error else rows[key]
+            pending.append(Pending(key, entity, sent=sent, validated=validated))
+        delivery = Sink(self._store, metrika, row_limit=self._row_limit,
+                        name_products=getattr(source, "product_names", None)).deliver(
+            integration_id, integration, pending, attributes=attributes)
+        releases: dict[tuple[str, str], dict] = {}
+        retry: Retry | None = None
+        refusal: dict | None = None
+        accepted = dict(partial["accepted"])
+        for key, outcome in delivery.outcomes.items():
+            if isinstance(outcome, Accepted):
+                counts["contacts_sent"] += outcome.contacts_sent
+                counts["orders_sent"] += outcome.orders_sent
+                counts["older_than_21_days"] += bool(outcome.facts and outcome.facts.get("late"))
+                releases[key] = {"content_hash": outcome.content_hash, "row_hashes": outcome.row_hashes,
+                                 "uploading_id": outcome.uploading_id, "last_order": outcome.last_order,
+                                 "facts": outcome.facts}
+                accepted.pop(_key_text(key), None)
+            elif isinstance(outcome, Parked) and outcome.error.get("kind") == "misconfigured":
+                refusal = outcome.error
+            elif isinstance(outcome, Parked):
+                counts["failed"] += 1
+                releases[key] = {"error": outcome.error}
+                accepted.pop(_key_text(key), None)
+            else:
+                counts["contacts_sent"] += outcome.contacts_sent
+                counts["orders_sent"] += outcome.orders_sent
+                accepted[_key_text(key)] = outcome.row_hashes
+                retry = retry or outcome
+        self._release(integration_id, {key: taken[key] for key in releases}, releases)
+        waiting = {key for key, o in delivery.outcomes.items()
+                   if isinstance(o, Retry) or (isinstance(o, Parked) and o.error.get("kind") == "misconfigured")}
+        counts["read"] -= len(waiting)  # read again by the retry
+        progress = {"counts": _added(partial["counts"], counts), "accepted": accepted,
+                    "settled": partial["settled"] + [list(key) for key in rows if key not in waiting]}
+        return progress, retry, refusal
 
     def _release(self, integration_id: str, held: dict, outcomes: dict[tuple[str, str], dict]) -> None:
         """End the hold on each entity with its outcome (sent: content hash, upload, facts; or parked:
@@ -333,25 +332,27 @@ class Backfill:
         def release(key: tuple[str, str]) -> bool:
             outcome = outcomes[key]
             return self._store.release_backfilled(
-                held[key], content_hash=outcome.get("content_hash"), uploading_id=outcome.get("uploading_id"),
-                last_order=outcome.get("last_order"), facts=outcome.get("facts"), error=outcome.get("error"))
+                held[key], content_hash=outcome.get("content_hash"), row_hashes=outcome.get("row_hashes"),
+                uploading_id=outcome.get("uploading_id"), last_order=outcome.get("last_order"),
+                facts=outcome.get("facts"), error=outcome.get("error"))
         released = _each(release, list(outcomes))
         # A webhook recorded a newer change while we held these: the live path sends them now, after our
         # upload, so the newest state lands last.
-        overtaken = [{"integration_id": integration_id, "kind": key[0], "crm_id": key[1]}
-                     for key, ok in released.items() if not ok]
+        overtaken = [message(integration_id, *key) for key, ok in released.items() if not ok]
         if overtaken:
             self._queue.send(overtaken)
 
 
-def _merged(partial: dict, more: dict | None) -> dict:
-    """Two attempts' progress at one step added up."""
-    more = more or {}
-    counts = dict(partial["counts"])
-    for key, value in more.get("counts", {}).items():
+def _key_text(key: tuple[str, str]) -> str:
+    return f"{key[0]}:{key[1]}"
+
+
+def _added(before: dict, more: dict) -> dict:
+    """Two attempts' counts at one step added up."""
+    counts = dict(before)
+    for key, value in more.items():
         counts[key] = counts.get(key, 0) + value
-    return {"counts": counts, "settled": partial["settled"] + more.get("settled", []),
-            "contacts": {**partial["contacts"], **more.get("contacts", {})}}
+    return counts
 
 
 def _each(write: Callable[[Any], Any], keys: list) -> dict:

@@ -1,0 +1,382 @@
+"""The one delivery sink: entities' rows in, one outcome per entity out.
+
+    validate → skip what Metrika already holds → merge rows that share an id → chunk → upload
+    (contacts first, through the quota governor) → Accepted / Retry / Parked per entity
+
+The worker (live webhooks) and the history import both deliver through `Sink.deliver`; what they do
+with the outcomes (mark clean, re-queue, release a hold) is theirs. The sink writes nothing about
+entity state: results are values. It records each upload Metrika accepted as soon as it is accepted
+(the confirm job checks it later) and keeps the product list filled.
+
+Why rows are merged: an `add_lead` and an `add_contact` of one new deal land in one batch and both
+produce a contact row with the same `uniq_id`, one with the lead's ClientID and one without. Metrika
+applies rows with the same id within one upload in random order ("Contact data",
+https://yandex.com/dev/metrika/en/data-import/contacts-data), so one row per id is
+sent: the union of ClientIDs, phones and e-mails, and the newest row's scalars.
+
+Why progress is kept per row: an entity counts as delivered only when all its rows were accepted.
+When the contacts go up and the orders fail, the contacts' hashes come back in `Retry.row_hashes`,
+the caller stores them, and the retry sends only the orders — so a retry needs one lucky request,
+not two, and burns no budget on rows Metrika already has.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterable, Mapping, Union
+from zoneinfo import ZoneInfo
+
+from .crm import CONTACT, ORDER, EntityRows
+from .errors import BridgeError, Misconfigured, Transient
+from .logs import log_event
+
+EntityKey = tuple[str, str]  # (kind, crm id)
+
+MATCHING_WINDOW_DAYS = 21
+# Few Metrika requests left today: wait for more rows so each request carries a full chunk.
+LOW_BUDGET = 250
+BATCH_HARDER_SECONDS = 300
+LIST_FIELDS = ("client_ids", "phones", "emails", "phones_md5", "emails_md5", "user_ids")
+_ROW_LOCATION = re.compile(r"^(contacts|orders)\[(\d+)\]")
+
+
+# --- inputs and outcomes -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pending:
+    """One entity to deliver: its rows as the CRM gave them, and what Metrika already holds.
+
+    `sent`: row key (`contact:<uniq_id>` / `order:<id>`) → hash of that row as Metrika last accepted
+    it (this entity's own `row_hashes`, and for the history import the customers' own deliveries).
+    `content_hash`: the entity's whole content as last delivered; equal content is not sent again."""
+
+    key: EntityKey
+    rows: EntityRows
+    sent: Mapping[str, str] = field(default_factory=dict)
+    content_hash: str | None = None
+    validated: tuple[list[dict], list[dict]] | None = None  # rows already through `validated_rows`
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Every row of the entity is in Metrika (sent now, or already there)."""
+
+    content_hash: str
+    row_hashes: dict[str, str]
+    uploading_id: str | None  # the last upload that carried a row of it; None when nothing was sent
+    last_order: str | None  # the order as sent (JSON), so a later deletion can be reported
+    facts: dict | None  # identifiers and lateness of the order, for the status page
+    contacts: list[dict]  # the entity's contact rows as validated (the worker notes CRM customers)
+    contacts_sent: int = 0
+    orders_sent: int = 0
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Some rows did not get through for a reason that passes. `row_hashes`: what is in Metrika now."""
+
+    error: dict
+    after: float | None
+    count_attempt: bool
+    row_hashes: dict[str, str]
+    contacts_sent: int = 0
+    orders_sent: int = 0
+
+
+@dataclass(frozen=True)
+class Parked:
+    """Cannot be delivered until a person acts (data, mapping or configuration); `error` says why."""
+
+    error: dict
+
+
+Outcome = Union[Accepted, Retry, Parked]
+
+
+@dataclass(frozen=True)
+class Upload:
+    kind: str  # "contacts" or "orders"
+    uploading_id: str
+    rows: int
+
+
+@dataclass
+class Delivery:
+    """What one `deliver` call did: an outcome per entity and the uploads Metrika accepted."""
+
+    outcomes: dict[EntityKey, Outcome] = field(default_factory=dict)
+    uploads: list[Upload] = field(default_factory=list)
+
+
+# --- pure helpers -------------------------------------------------------------------------------------
+
+def content_hash_of(contacts: list[dict], orders: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([contacts, orders], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def row_key(kind: str, row: dict) -> str:
+    return f"contact:{row['uniq_id']}" if kind == CONTACT else f"order:{row['id']}"
+
+
+def row_hash(kind: str, row: dict) -> str:
+    """A contact row hashes as a contact entity's whole content does, so a customer sent by its own
+    delivery is recognised inside a deal's delivery (and the other way round)."""
+    return content_hash_of([row], []) if kind == CONTACT else content_hash_of([], [row])
+
+
+def entity_row_hashes(contacts: list[dict], orders: list[dict]) -> dict[str, str]:
+    return {**{row_key(CONTACT, c): row_hash(CONTACT, c) for c in contacts},
+            **{row_key(ORDER, o): row_hash(ORDER, o) for o in orders}}
+
+
+def merge_contacts(rows: list[dict]) -> dict:
+    """Rows of one customer → one row: lists united (first seen first), scalars and each custom
+    attribute from the newest row (by `update_date_time`; on a tie the later row)."""
+    merged: dict[str, Any] = {}
+    for row in sorted(rows, key=lambda r: str(r.get("update_date_time") or "")):
+        for name, value in row.items():
+            if name in LIST_FIELDS:
+                merged[name] = list(dict.fromkeys([*merged.get(name, []), *value]))
+            elif name == "attribute_values":
+                merged[name] = {**merged.get(name, {}), **value}
+            else:
+                merged[name] = value
+    return merged
+
+
+def newest_order(rows: list[dict]) -> dict:
+    """Orders are sent whole (merge mode SAVE): of two rows for one order, the newest stands."""
+    return sorted(rows, key=lambda r: str(r.get("update_date_time") or ""))[-1]
+
+
+def attribute_specs(attributes: list[dict], entity: str) -> dict[str, dict]:
+    """The attribute mapping's entries for `contact` or `order`, by Metrika name, as the row schemas
+    take them."""
+    return {a["name"]: {"type": a["type"], "multivalued": a.get("multivalued", False), "crm_field": a["crm_field"]}
+            for a in attributes if a["entity"] == entity}
+
+
+def csv_kinds_for(attributes: list[dict]) -> set[str]:
+    """Rows of an entity with mapped attributes go as CSV, the documented carrier of attribute values
+    ("Upload contacts (CSV)", https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContacts);
+    the others stay JSON."""
+    return {"contacts" if a["entity"] == "contact" else "orders" for a in attributes}
+
+
+def validated_rows(integration: dict, attributes: list[dict], entity: EntityRows) -> tuple[list[dict], list[dict]]:
+    """One entity's raw rows → the rows as sent: validated, normalised, hashed when the integration
+    says so. Raises marshmallow's ValidationError."""
+    from .metrika.schemas import ContactRow, OrderRow, hash_identifiers  # marshmallow stays off the webhook path
+    time_zone = integration["timezone"]
+    contact_schema = ContactRow(time_zone=time_zone, attributes=attribute_specs(attributes, "contact"))
+    order_schema = OrderRow(time_zone=time_zone, attributes=attribute_specs(attributes, "order"))
+    contacts = [contact_schema.dump(contact_schema.load(c)) for c in entity.contacts]
+    orders = [order_schema.dump(order_schema.load(o)) for o in entity.orders]
+    if integration.get("hash_pii") is True:
+        contacts = [hash_identifiers(c) for c in contacts]
+    return contacts, orders
+
+
+def delivery_facts(contacts: list[dict], orders: list[dict], time_zone: str,
+                   now: datetime | None = None) -> dict | None:
+    """What the status endpoint reports: which identifiers the order's customer carried, and whether
+    the order was already past Metrika's 21-day matching window when sent ("Загрузка данных о
+    клиентах", https://yandex.ru/dev/metrika/ru/data-import/contacts)."""
+    if not orders:
+        return None
+    order = orders[0]
+    customer = next((c for c in contacts if c.get("uniq_id") == order.get("client_uniq_id")),
+                    contacts[0] if contacts else {})
+    created = datetime.strptime(order["create_date_time"], "%Y-%m-%d %H:%M:%S")
+    local_now = (now or datetime.now(ZoneInfo(time_zone))).astimezone(ZoneInfo(time_zone)).replace(tzinfo=None)
+    return {"order": True, "with_client_id": bool(customer.get("client_ids")),
+            "with_phone": bool(customer.get("phones") or customer.get("phones_md5")),
+            "with_email": bool(customer.get("emails") or customer.get("emails_md5")),
+            "late": (local_now - created).days > MATCHING_WINDOW_DAYS}
+
+
+# --- the sink ----------------------------------------------------------------------------------------
+
+@dataclass
+class _Ready:
+    """An entity that passed validation and has rows to send."""
+
+    pending: Pending
+    contacts: list[dict]
+    orders: list[dict]
+    content_hash: str
+    hashes: dict[str, str]  # every row of it
+    accepted: dict[str, str]  # rows in Metrika (before this call, or accepted during it)
+    uploading_id: str | None = None
+    contacts_sent: int = 0
+    orders_sent: int = 0
+
+    def unsent(self, kind: str) -> list[dict]:
+        rows = self.contacts if kind == CONTACT else self.orders
+        return [r for r in rows if self.accepted.get(row_key(kind, r)) != self.hashes[row_key(kind, r)]]
+
+
+class Sink:
+    """Delivers entities of one integration to its Metrika counter.
+
+    `store` needs `record_upload` and the product methods; `metrika` is a `MetrikaClient` (its
+    governor holds the in-flight slots and the daily budget); `name_products(integration, products)`
+    asks the CRM for product names the rows did not carry."""
+
+    def __init__(self, store: Any, metrika: Any, *, row_limit: int = 1000,
+                 name_products: Callable[[dict, dict[str, dict]], dict[str, str]] | None = None,
+                 batch_harder: bool = False, batch_harder_seconds: int = BATCH_HARDER_SECONDS) -> None:
+        self._store, self._metrika, self._row_limit = store, metrika, row_limit
+        self._name_products = name_products
+        self._batch_harder, self._batch_harder_seconds = batch_harder, batch_harder_seconds
+
+    def deliver(self, integration_id: str, integration: dict, pending: Iterable[Pending], *,
+                attributes: list[dict] = ()) -> Delivery:
+        result = Delivery()
+        ready: dict[EntityKey, _Ready] = {}
+        products: dict[str, dict] = {}
+        for item in pending:
+            outcome = self._prepare(integration, attributes, item)
+            if isinstance(outcome, _Ready):
+                if outcome.unsent(CONTACT) or outcome.unsent(ORDER):
+                    ready[item.key] = outcome
+                    products.update(item.rows.products)
+                else:
+                    result.outcomes[item.key] = self._accepted(integration, outcome)
+            else:
+                result.outcomes[item.key] = outcome
+        if not ready:
+            return result
+        rows = sum(len(r.unsent(CONTACT)) + len(r.unsent(ORDER)) for r in ready.values())
+        remaining = self._metrika.remaining_budget() if self._batch_harder else None
+        if remaining is not None and remaining < LOW_BUDGET and rows < self._row_limit:
+            error = {"kind": "transient", "message": f"batching harder: {remaining} Metrika requests left today"}
+            for key, entity in ready.items():
+                result.outcomes[key] = Retry(error, self._batch_harder_seconds, False, dict(entity.accepted))
+            return result
+        ordered = {p for r in ready.values() for o in r.unsent(ORDER) for p in o.get("products") or {}}
+        if ordered:
+            self.sync_products(integration_id, integration, {p: products.get(p, {}) for p in ordered})
+        self._upload(integration_id, integration, ready, result, csv_kinds_for(list(attributes)))
+        for key, entity in ready.items():
+            if key not in result.outcomes:
+                result.outcomes[key] = self._accepted(integration, entity)
+        return result
+
+    def _prepare(self, integration: dict, attributes: list[dict], item: Pending) -> _Ready | Parked:
+        from marshmallow import ValidationError
+        if item.rows.error:
+            return Parked(item.rows.error)
+        try:
+            contacts, orders = item.validated or validated_rows(integration, attributes, item.rows)
+        except ValidationError as exc:
+            return Parked({"kind": "permanent", "message": "row failed validation", "fields": exc.messages})
+        hashes = entity_row_hashes(contacts, orders)
+        content_hash = content_hash_of(contacts, orders)
+        if content_hash == item.content_hash:
+            accepted = hashes  # delivered as it is
+        else:
+            accepted = {k: h for k, h in item.sent.items() if hashes.get(k) == h}
+        return _Ready(item, contacts, orders, content_hash, hashes, accepted)
+
+    def _accepted(self, integration: dict, entity: _Ready) -> Accepted:
+        last_order = json.dumps(entity.orders[0], sort_keys=True, ensure_ascii=False) if entity.orders else None
+        return Accepted(entity.content_hash, dict(entity.hashes), entity.uploading_id, last_order,
+                        delivery_facts(entity.contacts, entity.orders, integration["timezone"]), entity.contacts,
+                        entity.contacts_sent, entity.orders_sent)
+
+    def _upload(self, integration_id: str, integration: dict, ready: dict[EntityKey, _Ready], result: Delivery,
+                csv_kinds: set[str]) -> None:
+        """Contacts, then orders: orders are linked to visits through their contacts, so a contact must
+        be in Metrika before its orders ("Order data",
+        https://yandex.com/dev/metrika/en/data-import/orders-data)."""
+        for kind, plural in ((CONTACT, "contacts"), (ORDER, "orders")):
+            while True:
+                live = {k: e for k, e in ready.items() if k not in result.outcomes}
+                by_id: dict[str, list[tuple[EntityKey, dict]]] = {}
+                for key, entity in live.items():
+                    for row in entity.unsent(kind):
+                        by_id.setdefault(row_key(kind, row), []).append((key, row))
+                if not by_id:
+                    break
+                chunk_ids = list(by_id)[:self._row_limit]
+                chunk = [self._merged(kind, [row for _, row in by_id[i]]) for i in chunk_ids]
+                upload = self._metrika.upload_contacts if kind == CONTACT else self._metrika.upload_orders
+                try:
+                    uploading_id = upload(integration["counter_id"], chunk, as_csv=plural in csv_kinds)["uploading_id"]
+                except Transient as exc:
+                    self._retry_all(live, exc, result)
+                    return
+                except Misconfigured as exc:  # the token or counter: nothing of this integration can go
+                    for key in live:
+                        result.outcomes[key] = Parked(exc.describe())
+                    return
+                except BridgeError as exc:  # refused: park the rows' entities Metrika names, send the rest
+                    named = self._refused(exc, plural, chunk_ids)
+                    owners = {key for i in (named or chunk_ids) for key, _ in by_id[i]}
+                    for key in owners:
+                        result.outcomes[key] = Parked(exc.describe())
+                    log_event("upload_refused", integration_id=integration_id, kind=plural,
+                              entities=len(owners), located=bool(named))
+                    continue
+                self._store.record_upload(integration_id, uploading_id, kind=plural, rows=len(chunk))
+                result.uploads.append(Upload(plural, uploading_id, len(chunk)))
+                for i in chunk_ids:
+                    for key, row in by_id[i]:
+                        entity = ready[key]
+                        entity.accepted[i] = entity.hashes[i]
+                        entity.uploading_id = uploading_id
+                        if kind == CONTACT:
+                            entity.contacts_sent += 1
+                        else:
+                            entity.orders_sent += 1
+
+    @staticmethod
+    def _merged(kind: str, rows: list[dict]) -> dict:
+        if len(rows) == 1:
+            return rows[0]
+        return merge_contacts(rows) if kind == CONTACT else newest_order(rows)
+
+    @staticmethod
+    def _refused(exc: BridgeError, plural: str, chunk_ids: list[str]) -> list[str]:
+        """Row keys of the chunk that Metrika's error locations point at (`orders[3].createDateTime`)."""
+        named = []
+        for location in exc.locations:
+            match = _ROW_LOCATION.match(location)
+            if match and match[1] == plural and int(match[2]) < len(chunk_ids):
+                named.append(chunk_ids[int(match[2])])
+        return named
+
+    @staticmethod
+    def _retry_all(live: dict[EntityKey, _Ready], exc: Transient, result: Delivery) -> None:
+        for key, entity in live.items():
+            result.outcomes[key] = Retry(exc.describe(), exc.retry_after, not exc.daily_quota, dict(entity.accepted),
+                                         entity.contacts_sent, entity.orders_sent)
+
+    def sync_products(self, integration_id: str, integration: dict, wanted: dict[str, dict]) -> int:
+        """Tell Metrika's product list about products that orders reference and it has not heard of
+        ("createProducts", https://yandex.ru/dev/metrika/ru/management/openapi/schema/createProducts),
+        named from the rows' hints or, failing those, by the CRM. The list is always sent whole (the
+        docs do not say whether a save replaces or adds). Best effort: orders never wait for it, and a
+        failure leaves the products unknown, to be tried with the next order that names them."""
+        known = self._store.known_products(integration_id, list(wanted))
+        unknown = [p for p in wanted if p not in known]
+        if not unknown:
+            return 0
+        names = {p: (wanted[p] or {}).get("name") for p in unknown}
+        missing = {p: wanted[p] for p in unknown if not names[p]}
+        try:
+            if missing and self._name_products is not None:
+                names.update(self._name_products(integration, missing))
+            listed = {**self._store.products(integration_id), **{p: (n or p)[:4096] for p, n in names.items()}}
+            self._metrika.save_products(integration["counter_id"],
+                                        [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
+        except BridgeError as exc:
+            log_event("product_sync_failed", integration_id=integration_id, products=len(unknown), error=exc.message[:300])
+            return 0
+        self._store.put_products(integration_id, {p: listed[p] for p in unknown})
+        log_event("product_sync", integration_id=integration_id, added=len(unknown), listed=len(listed))
+        return len(unknown)

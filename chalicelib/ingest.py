@@ -1,0 +1,211 @@
+"""Webhook → verify → record entity state → queue → answer. Also the other ways entities enter the
+queue: reconciliation (with a sweep for lost messages), replay, and deals held for an unmapped stage.
+
+Recording is atomic from the CRM's point of view. Each entity gets a *queue lease* when its state is
+recorded (`StateStore.mark_dirty`); whoever takes the lease sends the message. If the process dies
+between the two writes, or the queue refuses the message, the lease is released or runs out
+(`QUEUE_LEASE_SECONDS`), and the next webhook, the CRM's retry or the reconciliation sweep queues the
+entity again. No entity can stay flagged queued with no message on its way.
+"""
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any, Callable, Iterable
+
+from .crm import CrmSource, EntityRef, WebhookError
+from .errors import ApiError, BridgeError, Unavailable, invalid, not_found
+from .logs import log_event
+from .queue import Queue, message
+
+RECONCILE_OVERLAP = 120  # seconds; the window overlaps the last run to absorb clock skew
+RECONCILE_FIRST_WINDOW = 24 * 3600  # a first run looks back one day
+# How long a queued message is trusted to reach a worker. Past it, the entity is queued again by the
+# next event or the sweep (a duplicate message costs one CRM read; the content hash stops a resend).
+QUEUE_LEASE_SECONDS = 900
+# An event time more than this past our clock is not trusted (a time from the year 2100): it must not
+# make every real change after it look stale. Clocks a little ahead are normal and kept as they are.
+FUTURE_SKEW_SECONDS = 300
+# Seconds a warm Lambda answers webhooks from its copy of the integration (one DynamoDB read less per
+# webhook); a changed config, or a deleted integration, shows in the other Lambdas after that long.
+INTEGRATION_MAX_AGE = 5.0
+
+
+def secrets_match(given: str | None, expected: str | None) -> bool:
+    """Constant-time comparison; an unset expected secret never matches."""
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def newest_refs(refs: Iterable[EntityRef]) -> list[EntityRef]:
+    """One ref per entity, the newest (a body may carry `update` and `status` for one lead)."""
+    newest: dict[tuple[str, str], EntityRef] = {}
+    for ref in refs:
+        key = (ref.kind, ref.crm_id)
+        if key not in newest or ref.event_time >= newest[key].event_time:
+            newest[key] = ref
+    return list(newest.values())
+
+
+
+
+class Ingest:
+    def __init__(self, store: Any, queue: Queue, *, max_body_bytes: int, clock: Callable[[], float] = time.time,
+                 lease_seconds: float = QUEUE_LEASE_SECONDS) -> None:
+        self._store, self._queue, self._max_body = store, queue, max_body_bytes
+        self._clock, self._lease = clock, lease_seconds
+
+    # --- webhooks -----------------------------------------------------------------------------------
+
+    def amocrm(self, integration_id: str, raw: bytes, query: dict[str, str]) -> dict:
+        """amoCRM signs nothing: the unguessable `?secret=` and the account id are the checks
+        ("Webhooks", https://www.amocrm.ru/developers/content/crm_platform/webhooks-format)."""
+        from .crm.amocrm.webhook import parse_amocrm_webhook
+        connection = self._verified(integration_id, "amocrm", raw, lambda c: secrets_match(
+            query.get("secret"), c.get("webhook_secret")))
+        if connection is None:
+            raise ApiError(403, "forbidden", "wrong or missing ?secret= for this integration's webhook URL")
+        webhook = self._parse(parse_amocrm_webhook, raw)
+        expected_account = connection.get("account_id")
+        if expected_account and webhook.account_id != expected_account:
+            raise ApiError(403, "forbidden", f"webhook comes from account {webhook.account_id}, "
+                                             f"this integration serves account {expected_account}")
+        return self.record(integration_id, webhook.refs, origin="amocrm", ignored=webhook.ignored)
+
+    def bitrix24(self, integration_id: str, raw: bytes) -> dict:
+        """Bitrix24: `auth[application_token]` first (absent: 401), in constant time, then member id
+        and domain when configured ("Event handlers", https://apidocs.bitrix24.com/api-reference/events/index.html)."""
+        from .crm.bitrix24.webhook import MissingCredentials, parse_bitrix24_event
+        self._integration(integration_id, "bitrix24", raw, max_age=INTEGRATION_MAX_AGE)  # 413, 404 before parsing
+        try:
+            event = parse_bitrix24_event(raw)
+        except MissingCredentials as exc:
+            raise ApiError(401, "unauthenticated", str(exc)) from exc
+        except WebhookError as exc:
+            raise invalid(str(exc)) from exc
+        connection = self._verified(integration_id, "bitrix24", raw, lambda c: secrets_match(
+            event.application_token, c.get("application_token")))
+        if connection is None:
+            raise ApiError(403, "forbidden", "auth[application_token] does not match this integration")
+        for key, value in (("member_id", event.member_id), ("domain", event.domain)):
+            if connection.get(key) and value != connection[key]:
+                raise ApiError(403, "forbidden", f"auth[{key}] does not match this integration")
+        return self.record(integration_id, event.refs, origin="bitrix24", ignored=0 if event.refs else 1)
+
+    def _verified(self, integration_id: str, crm: str, raw: bytes, secret_matches: Callable[[dict], bool]) -> dict | None:
+        """The integration's connection if the webhook's secret matches, else None. The config may come
+        from this Lambda's copy of the last seconds; a mismatch is checked again against a fresh read,
+        so a rotated secret works at once (the old one may still pass here for those seconds)."""
+        connection = self._integration(integration_id, crm, raw, max_age=INTEGRATION_MAX_AGE)["connection"]
+        if secret_matches(connection):
+            return connection
+        connection = self._integration(integration_id, crm, raw)["connection"]
+        return connection if secret_matches(connection) else None
+
+    def _integration(self, integration_id: str, crm: str, raw: bytes, max_age: float = 0) -> dict:
+        if len(raw) > self._max_body:
+            raise ApiError(413, "payload_too_large", f"webhook body is {len(raw)} bytes; the limit is {self._max_body}")
+        integration = self._store.get_integration(integration_id, max_age=max_age)
+        if integration is None:
+            raise not_found(f"integration {integration_id!r}")
+        if integration["crm"] != crm:
+            raise invalid(f"integration {integration_id!r} is a {integration['crm']} integration: "
+                          f"send its webhooks to /webhooks/{integration['crm']}/{integration_id}")
+        return integration
+
+    @staticmethod
+    def _parse(parser: Callable[[bytes], Any], raw: bytes) -> Any:
+        try:
+            return parser(raw)
+        except WebhookError as exc:
+            raise invalid(str(exc)) from exc
+
+    # --- recording ----------------------------------------------------------------------------------
+
+    def record(self, integration_id: str, refs: list[EntityRef], *, origin: str, ignored: int = 0) -> dict:
+        """Record each entity's newest event and queue a message for those whose lease this call took.
+        All-or-nothing towards the caller: on any failure the leases taken here are released before
+        the error goes up, so the CRM's retry (or the next event) queues them."""
+        now = self._clock()
+        accepted, refs = len(refs), newest_refs(refs)
+        leased: list[EntityRef] = []
+        try:
+            for ref in refs:
+                if ref.event_time > now + FUTURE_SKEW_SECONDS:
+                    ref = self._untrusted_time(integration_id, ref, now, origin)
+                if self._store.mark_dirty(integration_id, ref, now=now, lease_seconds=self._lease,
+                                          future_skew=FUTURE_SKEW_SECONDS):
+                    leased.append(ref)
+            if leased:
+                self._queue.send([message(integration_id, r.kind, r.crm_id) for r in leased])
+        except BaseException as exc:
+            self._release(integration_id, leased)
+            log_event("record_failed", integration_id=integration_id, origin=origin, error=type(exc).__name__,
+                      released=len(leased))
+            raise
+        log_event("webhook" if origin in ("amocrm", "bitrix24") else "requeue", integration_id=integration_id,
+                  origin=origin, entities=accepted, queued=len(leased), ignored=ignored)
+        return {"accepted": accepted, "queued": len(leased), "ignored": ignored}
+
+    def _untrusted_time(self, integration_id: str, ref: EntityRef, now: float, origin: str) -> EntityRef:
+        """An event time far in the future is capped: the event is recorded and queued, but it does not
+        advance the entity's clock — it takes the time already recorded (0 when none, or when that
+        one is bogus too). Capping at our own clock instead would mix clocks: a CRM whose clock runs
+        behind ours would then see its next real changes dropped as stale. One extra read, on this
+        rare path only."""
+        state = self._store.get_entity(integration_id, ref.kind, ref.crm_id)
+        recorded = int(state["event_time"]) if state and state.get("event_time") is not None else 0
+        capped_at = recorded if recorded <= now + FUTURE_SKEW_SECONDS else 0
+        log_event("event_time_capped", integration_id=integration_id, kind=ref.kind, crm_id=ref.crm_id,
+                  event_time=ref.event_time, capped_at=capped_at, origin=origin)
+        return EntityRef(ref.kind, ref.crm_id, capped_at, ref.action)
+
+    def _release(self, integration_id: str, refs: list[EntityRef]) -> None:
+        for ref in refs:
+            try:
+                self._store.release_queue_lease(integration_id, ref.kind, ref.crm_id)
+            except Unavailable:  # the store is failing too: the lease runs out by itself
+                return
+
+    # --- other ways in ------------------------------------------------------------------------------
+
+    def requeue(self, integration_id: str, refs: list[EntityRef]) -> dict:
+        return self.record(integration_id, refs, origin="replay")
+
+    def requeue_held(self, integration_id: str, entries: list[dict]) -> int:
+        """Queue again the entities held because their stage was not mapped, now that it is."""
+        mapped = {e["crm_status"] for e in entries}
+        held = [EntityRef(e["kind"], e["crm_id"], e["event_time"], "remapped") for e in self._store.list_entities(integration_id)
+                if (e.get("last_error") or {}).get("code") == "unmapped_stage"
+                and e["last_error"].get("crm_status") in mapped]
+        return self.record(integration_id, held, origin="remapped")["queued"] if held else 0
+
+    def reconcile(self, integration_id: str, source: CrmSource, *, since: int | None = None) -> dict:
+        """Feed entities changed since the stored cursor through the same path as webhooks, so a lost
+        webhook costs minutes, not a deal (Bitrix24 never retries; amoCRM hooks can be disabled); and
+        sweep entities whose message was lost (dirty, lease gone or run out) back onto the queue."""
+        integration = self._store.get_integration(integration_id)
+        if integration is None:
+            raise not_found(f"integration {integration_id!r}")
+        now = int(self._clock())
+        cursor = since if since is not None else self._store.get_cursor(integration_id, "reconcile")
+        start = (cursor if cursor is not None else now - RECONCILE_FIRST_WINDOW) - RECONCILE_OVERLAP
+        stuck = [EntityRef(e["kind"], e["crm_id"], e["event_time"], "sweep")
+                 for e in self._store.stuck_entities(integration_id, now=now)]
+        swept = self.record(integration_id, stuck, origin="sweep")["queued"] if stuck else 0
+        refs = source.changed_since(integration, start)
+        result = self.record(integration_id, refs, origin="reconcile")
+        self._store.put_cursor(integration_id, "reconcile", now)
+        return {"since": start, "found": len(refs), "queued": result["queued"], "swept": swept}
+
+
+def reconcile_or_answer(ingest: Ingest, integration_id: str, source: CrmSource, since: Any = None) -> dict:
+    """`reconcile` for an admin route: bad `since` is a 400, the CRM's failure a 422/502."""
+    from .errors import http_error
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= 2**40):
+        raise invalid("since must be Unix seconds (a non-negative whole number)", {"since": since})
+    try:
+        return ingest.reconcile(integration_id, source, since=since)
+    except BridgeError as exc:
+        raise http_error("could not list changed deals", exc) from exc

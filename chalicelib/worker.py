@@ -1,0 +1,265 @@
+"""Queue batch → group by integration (isolated) → claim → CRM snapshot → delivery sink → state.
+
+Chalice's `on_sqs_message` has no partial batch response, so a raised exception fails every message
+of the batch — up to 100, of every integration. The worker therefore isolates each integration's
+group: whatever a group raises, expected or not, only that group's entities are re-queued with
+backoff and an attempt counted, then parked with the error after the retry limit. Only losing the
+store or the queue (`errors.Unavailable`) fails the batch, and then SQS redelivers it.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+from .crm import ORDER, CrmSource, EntityRef, EntityRows, is_crm_contact
+from .delivery import Accepted, Parked, Pending, Sink, content_hash_of, row_hash, row_key
+from .errors import BridgeError, Transient, Unavailable
+from .logs import log_event
+from .queue import BACKFILL, MAX_DELAY_SECONDS, Queue, message
+
+DELETED_DEAL_STATUS = "CANCELLED"
+# A retry message's lease lasts its delay plus this margin (see ingest.QUEUE_LEASE_SECONDS).
+RETRY_LEASE_MARGIN = 900
+
+
+@dataclass
+class Report:
+    """What one batch did (returned by the Lambda handler, logged by the local loop)."""
+
+    uploaded: int = 0
+    skipped: int = 0
+    parked: int = 0
+    retried: int = 0
+    superseded: int = 0
+    requests: int = 0
+    backfill_steps: int = 0
+    failed_groups: int = 0
+
+
+class Worker:
+    def __init__(self, store: Any, queue: Queue, metrika_for: Callable[[dict], Any], sources: dict[str, CrmSource],
+                 *, row_limit: int = 1000, retry_limit: int = 12, retry_base: float = 1.0,
+                 batch_harder_seconds: int = 300, clock: Callable[[], float] = time.time,
+                 backfill_for: Callable[[], Any] | None = None) -> None:
+        self._store, self._queue, self._metrika_for = store, queue, metrika_for
+        self._sources, self._row_limit, self._retry_limit = sources, row_limit, retry_limit
+        self._retry_base, self._batch_harder_seconds, self._clock = retry_base, batch_harder_seconds, clock
+        self._backfill_for = backfill_for
+
+    def handle(self, bodies: Iterable[str]) -> Report:
+        """One SQS batch of message bodies: entity deliveries per integration, then history-import steps."""
+        report = Report()
+        groups: dict[str, dict[tuple[str, str], None]] = {}
+        steps: list[dict] = []
+        for body in bodies:
+            try:
+                item = json.loads(body)
+                kind, integration_id, crm_id = item["kind"], str(item["integration_id"]), str(item["crm_id"])
+            except (ValueError, KeyError, TypeError):  # not ours: nothing to re-queue, nothing to retry
+                log_event("message_dropped", reason="malformed", body=str(body)[:200])
+                continue
+            if kind == BACKFILL:
+                steps.append(item)
+            else:
+                groups.setdefault(integration_id, {})[(kind, crm_id)] = None
+        for integration_id, keys in groups.items():
+            try:
+                self._deliver(integration_id, list(keys), report)
+            except Unavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 — isolate whatever one integration raises
+                report.failed_groups += 1
+                log_event("group_failed", integration_id=integration_id, error=type(exc).__name__,
+                          message=str(exc)[:300], traceback=traceback.format_exc(limit=8))
+                self._requeue_after_crash(integration_id, list(keys), exc, report)
+        for step in steps:
+            self._step(step, report)
+        return report
+
+    # --- one integration's entities -----------------------------------------------------------------
+
+    def _deliver(self, integration_id: str, keys: list[tuple[str, str]], report: Report) -> None:
+        integration = self._store.get_integration(integration_id)
+        if integration is None:
+            log_event("delivery_dropped", integration_id=integration_id, reason="integration deleted")
+            return
+        claimed: dict[tuple[str, str], dict] = {}
+        for kind, crm_id in keys:
+            state = self._store.claim(integration_id, kind, crm_id)
+            if state is not None and state.get("dirty"):
+                claimed[(kind, crm_id)] = state
+        if not claimed:
+            return
+        source = self._sources.get(integration["crm"])
+        if source is None:
+            error = {"kind": "misconfigured", "message": f"enrichment from {integration['crm']} is not available in this build"}
+            for key, state in claimed.items():
+                self._park(integration_id, key, state, error, report)
+            return
+        refs = [EntityRef(kind, crm_id, state["event_time"], state.get("last_action", "update"))
+                for (kind, crm_id), state in claimed.items()]
+        mapping = (self._store.get_status_mapping(integration_id) or {}).get("entries", [])
+        attributes = self._store.get_attribute_mapping(integration_id)
+        try:
+            rows = source.snapshot(integration, mapping, refs, attributes)
+        except Transient as exc:
+            self._retry(integration_id, claimed, exc.describe(), report, after=exc.retry_after,
+                        count_attempt=not exc.daily_quota)
+            return
+        except BridgeError as exc:  # the CRM refused (token revoked, no access): a person must act
+            for key, state in claimed.items():
+                self._park(integration_id, key, state, exc.describe(), report)
+            return
+        pending = []
+        for key, state in claimed.items():
+            entity = rows.get(key) or EntityRows(error={"kind": "permanent",
+                                                        "message": "the CRM returned nothing for this entity"})
+            if entity.gone:
+                entity = deletion_rows(state, integration.get("deleted_deal_status", DELETED_DEAL_STATUS),
+                                       datetime.fromtimestamp(self._clock(), timezone.utc))
+                if entity is None:  # nothing in Metrika to change
+                    report.skipped += 1
+                    self._finish(integration_id, key, state, state.get("content_hash") or "", state.get("row_hashes") or {},
+                                 state.get("uploading_id"), state.get("last_order"), None, report)
+                    continue
+            pending.append(Pending(key, entity, sent=sent_hashes(state), content_hash=state.get("content_hash")))
+        metrika = self._metrika_for(integration)
+        sink = Sink(self._store, metrika, row_limit=self._row_limit, batch_harder=True,
+                    batch_harder_seconds=self._batch_harder_seconds,
+                    name_products=getattr(source, "product_names", None))
+        delivery = sink.deliver(integration_id, integration, pending, attributes=attributes)
+        report.requests += len(delivery.uploads)
+        if delivery.uploads:
+            log_event("upload", integration_id=integration_id, entities=len(pending), requests=len(delivery.uploads),
+                      rows=sum(u.rows for u in delivery.uploads))
+        retries: dict[tuple, dict] = {}
+        customers: dict[str, str] = {}
+        for key, outcome in delivery.outcomes.items():
+            state = claimed[key]
+            if isinstance(outcome, Accepted):
+                sent = outcome.contacts_sent + outcome.orders_sent
+                report.uploaded += bool(sent)
+                report.skipped += not sent
+                self._finish(integration_id, key, state, outcome.content_hash, outcome.row_hashes,
+                             outcome.uploading_id or state.get("uploading_id"),
+                             outcome.last_order or state.get("last_order"), outcome.facts, report)
+                if key[0] == ORDER and sent:
+                    customers.update({c["uniq_id"]: content_hash_of([c], []) for c in outcome.contacts
+                                      if is_crm_contact(c["uniq_id"])})
+            elif isinstance(outcome, Parked):
+                self._park(integration_id, key, state, outcome.error, report)
+            else:
+                retries.setdefault((outcome.after, outcome.count_attempt, json.dumps(outcome.error, sort_keys=True)),
+                                   {})[key] = outcome
+        for (after, count_attempt, _), outcomes in retries.items():
+            first = next(iter(outcomes.values()))
+            self._retry(integration_id, {k: claimed[k] for k in outcomes}, first.error, report, after=after,
+                        count_attempt=count_attempt, row_hashes={k: o.row_hashes for k, o in outcomes.items()})
+        # The deals' customers went up too: a history import or an unchanged contact webhook need not
+        # send them again.
+        if customers:
+            self._store.note_contacts_sent(integration_id, customers)
+
+    def _finish(self, integration_id: str, key: tuple[str, str], state: dict, content_hash: str,
+                row_hashes: dict, uploading_id: str | None, last_order: str | None, facts: dict | None,
+                report: Report) -> None:
+        if not self._store.mark_clean(integration_id, *key, event_time=state["event_time"], content_hash=content_hash,
+                                      row_hashes=row_hashes, uploading_id=uploading_id, last_order=last_order,
+                                      facts=facts):
+            report.superseded += 1  # a newer event arrived and queued its own message
+
+    def _park(self, integration_id: str, key: tuple[str, str], state: dict, error: dict, report: Report) -> None:
+        report.parked += 1
+        self._store.mark_failed(integration_id, *key, event_time=state["event_time"], error=error)
+        log_event("entity_parked", integration_id=integration_id, kind=key[0], crm_id=key[1],
+                  reason=str(error.get("message"))[:300])
+
+    def _retry(self, integration_id: str, states: dict[tuple[str, str], dict], error: dict, report: Report, *,
+               after: float | None = None, count_attempt: bool = True,
+               row_hashes: dict[tuple[str, str], dict] | None = None) -> None:
+        """Exponential backoff with jitter; past the retry limit the entity is parked, visible. Waiting
+        for the quota (or batching harder) is not a failed attempt."""
+        again, most_attempts = [], 0
+        for key, state in states.items():
+            attempts = int(state.get("attempts") or 0) + (1 if count_attempt else 0)
+            if attempts > self._retry_limit:
+                self._park(integration_id, key, state, {**error, "message": f"gave up after {attempts - 1} "
+                                                                            f"retries: {error.get('message')}"}, report)
+                continue
+            most_attempts = max(most_attempts, attempts)
+            again.append((key, state, attempts))
+        if not again:
+            return
+        base = min(MAX_DELAY_SECONDS, self._retry_base * 2 ** min(most_attempts, 10))
+        delay = int(min(MAX_DELAY_SECONDS, max(after or 0, random.uniform(base / 2, base))))
+        lease_until = self._clock() + delay + RETRY_LEASE_MARGIN
+        for key, state, attempts in again:
+            self._store.note_attempt(integration_id, *key, attempts=attempts, error=error, lease_until=lease_until,
+                                     row_hashes=(row_hashes or {}).get(key))
+        self._queue.send([message(integration_id, *key) for key, _, _ in again], delay_seconds=delay)
+        report.retried += len(again)
+
+    def _requeue_after_crash(self, integration_id: str, keys: list[tuple[str, str]], exc: Exception,
+                             report: Report) -> None:
+        """A group raised something unexpected (a bug, a CRM answer nobody foresaw): its entities that
+        still wait are retried with backoff and an attempt counted, then parked — never dropped."""
+        error = {"kind": "unexpected", "message": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        states = {}
+        for kind, crm_id in keys:
+            state = self._store.get_entity(integration_id, kind, crm_id)
+            if state is not None and state.get("dirty"):
+                states[(kind, crm_id)] = state
+        if states:
+            self._retry(integration_id, states, error, report)
+
+    # --- history-import steps -----------------------------------------------------------------------
+
+    def _step(self, item: dict, report: Report) -> None:
+        backfill = self._backfill_for() if self._backfill_for else None
+        if backfill is None:
+            log_event("message_dropped", reason="no history import in this worker", integration_id=item["integration_id"])
+            return
+        try:
+            backfill.step(str(item["integration_id"]), str(item["crm_id"]))
+        except Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 — one import's crash must not fail the batch
+            report.failed_groups += 1
+            log_event("backfill_step_failed", integration_id=item["integration_id"], error=type(exc).__name__,
+                      traceback=traceback.format_exc(limit=8))
+            backfill.crashed(str(item["integration_id"]), str(item["crm_id"]), f"{type(exc).__name__}: {exc}"[:300])
+        report.backfill_steps += 1
+
+
+def sent_hashes(state: dict) -> dict[str, str]:
+    """What Metrika holds of this entity, row by row. Items written before row hashes existed carry
+    only the last order sent."""
+    if state.get("row_hashes"):
+        return dict(state["row_hashes"])
+    if state.get("last_order"):
+        order = json.loads(state["last_order"])
+        return {row_key(ORDER, order): row_hash(ORDER, order)}
+    return {}
+
+
+def deletion_rows(state: dict, deleted_status: str | None, now: datetime) -> EntityRows | None:
+    """Metrika has no delete ("Order data", https://yandex.com/dev/metrika/en/data-import/orders-data):
+    a deleted deal is re-sent, as last sent, with the integration's `deleted_deal_status` (CANCELLED by
+    default). None when there is nothing to change: never sent, a contact, already in that status, or
+    the integration keeps deleted deals as they were."""
+    last = state.get("last_order")
+    if state.get("kind") != ORDER or not last or not deleted_status:
+        return None
+    order = json.loads(last)
+    if order.get("order_status") == deleted_status:
+        return None
+    order.update(order_status=deleted_status, update_date_time=now)
+    order.pop("finish_date_time", None)
+    return EntityRows(orders=[order])
+
+
