@@ -19,7 +19,7 @@ def main() -> None:
         import app
         from chalice.test import Client
         from chalicelib.crm.amocrm.source import AmoCrmSource
-        from chalicelib.pipeline import Worker
+        from chalicelib.worker import Worker
         from chalicelib.settings import get_settings
         from sandbox.worker import WorkerLoop
         amocrm, metrika = world["amocrm"], world["metrika"]

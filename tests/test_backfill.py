@@ -3,6 +3,7 @@ queue (moto_server), the amoCRM and Bitrix24 sandboxes are paged within their ra
 Metrika sandbox must end up with every contact and order exactly once — across a stop and resume,
 webhooks arriving meanwhile, and Metrika failures."""
 import json
+import math
 import os
 import time
 from datetime import datetime, timedelta, timezone
@@ -16,16 +17,20 @@ AMO_COUNTER, B24_COUNTER = 8181, 8282
 AMO_SECRET = "backfill-amocrm-secret-0123456789"
 B24_APP_TOKEN = "bf8w3e7r2t6y1u5i9o4p0a3s8d2f7g1h"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-# The issue's full size: 5,000 deals and 3,000 contacts per CRM (about 80 s each on moto_server).
-DEALS, CONTACTS = int(os.environ.get("BACKFILL_DEALS", "5000")), int(os.environ.get("BACKFILL_CONTACTS", "3000"))
+# The smallest size that still gives several steps per phase (steps of 250 below) so that stops,
+# retries and webhooks land between them; `bench/backfill.py` runs the full 5,000 / 3,000.
+BITRIX_STEP_DEALS = 200
+DEALS, CONTACTS = int(os.environ.get("BACKFILL_DEALS", "750")), int(os.environ.get("BACKFILL_CONTACTS", "500"))
 
 
 @pytest.fixture(autouse=True)
 def small_steps(monkeypatch):
-    """Steps of 250 entities (the default is 1,000): more steps, so stops, retries and webhooks land
-    between them even in the smaller imports."""
+    """Steps of 250 entities (the default is 1,000), and Bitrix24 steps of 200 deals (800): more steps,
+    so stops, retries and webhooks land between them even in the smaller imports."""
     import chalicelib.backfill as backfill
+    import chalicelib.crm.bitrix24.source as bitrix24_source
     monkeypatch.setattr(backfill, "STEP_ROWS", 250)
+    monkeypatch.setattr(bitrix24_source, "BACKFILL_DEALS", BITRIX_STEP_DEALS)
 
 
 def seed_amocrm(amocrm, deals=DEALS, contacts=CONTACTS, old=0):
@@ -121,7 +126,7 @@ def b24_integration(app_client, integration_id, bitrix, queue):
     return integration_id
 
 
-def test_amocrm_backfill_of_5000_deals_survives_stop_and_resume(app_client, amo_integration, amocrm, worker,
+def test_amocrm_backfill_survives_stop_and_resume(app_client, amo_integration, amocrm, worker,
                                                                  metrika_sandbox):
     people = seed_amocrm(amocrm, old=DEALS // 10)
     started = start(app_client, amo_integration)
@@ -161,7 +166,7 @@ def test_amocrm_backfill_of_5000_deals_survives_stop_and_resume(app_client, amo_
     assert counter.times_uploaded[f"orders:{lead['id']}"] == 1
 
 
-def test_bitrix24_backfill_of_5000_deals_within_the_bucket(app_client, b24_integration, bitrix, worker, metrika_sandbox):
+def test_bitrix24_backfill_within_the_bucket(app_client, b24_integration, bitrix, worker, metrika_sandbox):
     people = seed_bitrix(bitrix)
     assert start(app_client, b24_integration).status_code == 200
     run_until(worker, app_client, b24_integration, lambda j: j["counts"]["orders_sent"] >= DEALS // 3)
@@ -176,7 +181,8 @@ def test_bitrix24_backfill_of_5000_deals_within_the_bucket(app_client, b24_integ
     assert final["counts"]["orders_sent"] == DEALS and final["counts"]["failed"] == 0
     assert final["totals"] == {"contacts": CONTACTS, "orders": DEALS}
     assert bitrix.limit_hits == 0
-    assert final["crm_requests"] <= 4 + 3 * DEALS // 800 + CONTACTS // 2500 + 4, final  # list pages and relations in batches of 50 calls
+    # List pages, and relations in batches of 50 calls: about three requests per step of deals.
+    assert final["crm_requests"] <= 4 + 3 * math.ceil(DEALS / BITRIX_STEP_DEALS) + math.ceil(CONTACTS / 2500) + 4, final
     assert set(counter.products) == {str(500 + n) for n in range(20)}
     assert counter.products["517"] == "Товар 17"
     deal = bitrix.deals[next(iter(bitrix.deals))]

@@ -15,7 +15,7 @@ from chalicelib.crm import ORDER
 from chalicelib.crm.amocrm.source import AmoCrmSource
 from chalicelib.metrika.client import MetrikaClient
 from chalicelib.metrika.governor import QuotaGovernor
-from chalicelib.pipeline import Worker
+from chalicelib.worker import Worker
 from chalicelib.settings import get_settings
 from sandbox.worker import WorkerLoop
 from tests.conftest import admin_headers
@@ -190,13 +190,13 @@ def test_never_more_than_three_requests_in_flight(service_env, metrika_sandbox):
 
 def test_daily_budget_is_counted_and_waits_for_midnight(service_env, metrika_sandbox):
     from app import get_store
-    from chalicelib.metrika.cdp import RetryableMetrikaError
+    from chalicelib.errors import Transient
     governor = QuotaGovernor(get_store(), "y0_budget", daily_budget=2,
                              clock=lambda: datetime(2026, 11, 28, 23, 0, tzinfo=timezone.utc).timestamp())
     client = MetrikaClient("y0_budget", metrika_sandbox.url, governor=governor)
     client.upload_contacts(COUNTER, [{"uniq_id": "c"}])
     client.upload_contacts(COUNTER, [{"uniq_id": "c"}])
-    with pytest.raises(RetryableMetrikaError) as info:
+    with pytest.raises(Transient) as info:
         client.upload_contacts(COUNTER, [{"uniq_id": "c"}])
     assert info.value.daily_quota and info.value.retry_after == 3600
     assert len(metrika_sandbox.requests) == 2  # the third never left

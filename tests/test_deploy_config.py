@@ -27,7 +27,7 @@ def test_stage_config_matches_settings_and_policy(stage):
     resources = json.dumps(policy)
     assert settings.config_table in resources and settings.state_table in resources and settings.events_queue in resources
     used = set()
-    for source in ("chalicelib/store.py", "chalicelib/pipeline.py", "chalicelib/backfill.py", "sandbox/worker.py"):
+    for source in ("chalicelib/store/dynamodb.py", "chalicelib/queue.py", "chalicelib/backfill.py", "sandbox/worker.py"):
         text = (ROOT / source).read_text()
         used |= {f"dynamodb:{''.join(p.title() for p in m.split('_'))}" for m in re.findall(r"_db\.(\w+)\(", text)}
         used |= {f"sqs:{''.join(p.title() for p in m.split('_'))}".replace("Batch", "")

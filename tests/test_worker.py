@@ -4,13 +4,14 @@ asks the CRM source for rows, validates and uploads them to the Metrika sandbox,
 The CRM side here is a small in-test source (a dict of rows); the amoCRM and Bitrix24 sources with
 their own sandboxes plug in through the same `CrmSource` interface."""
 import json
+import time
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlencode
 
 import pytest
 
 from chalicelib.metrika.schemas import md5_hex
-from chalicelib.pipeline import EntityRows
+from chalicelib.crm import EntityRows
 from tests.conftest import AMO_SECRET, admin_headers, amocrm_config
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -156,9 +157,9 @@ def test_metrika_outage_keeps_the_entity_dirty_and_retries_later(app_client, amo
 def test_retries_stop_at_the_limit_and_park(service_env, amo, source, metrika_sandbox, queue):
     from app import get_metrika, get_queue, get_store
     from chalicelib.crm import EntityRef
-    from chalicelib.pipeline import Worker
+    from chalicelib.worker import Worker
     source.rows = {("order", "5"): deal_rows("5")}
-    get_store().mark_dirty(amo, EntityRef("order", "5", 1790000000, "status"))
+    get_store().mark_dirty(amo, EntityRef("order", "5", 1790000000, "status"), now=time.time(), lease_seconds=900, future_skew=300)
     metrika_sandbox.set_faults(error_503=1.0)
     worker = Worker(get_store(), get_queue(), get_metrika, {"amocrm": source}, retry_limit=2)
     message = json.dumps({"integration_id": amo, "kind": "order", "crm_id": "5"})
@@ -185,10 +186,10 @@ def test_newer_event_during_delivery_keeps_the_entity_dirty(app_client, amo, sou
 def test_uploads_are_chunked_without_duplicate_ids(service_env, amo, source, metrika_sandbox, queue):
     from app import get_metrika, get_queue, get_store
     from chalicelib.crm import EntityRef
-    from chalicelib.pipeline import Worker
+    from chalicelib.worker import Worker
     source.rows = {("order", str(i)): deal_rows(str(i), contact=f"c-{i % 2}") for i in range(5)}
     for i in range(5):
-        get_store().mark_dirty(amo, EntityRef("order", str(i), 1790000000, "status"))
+        get_store().mark_dirty(amo, EntityRef("order", str(i), 1790000000, "status"), now=time.time(), lease_seconds=900, future_skew=300)
     worker = Worker(get_store(), get_queue(), get_metrika, {"amocrm": source}, row_limit=2)
     messages = [json.dumps({"integration_id": amo, "kind": "order", "crm_id": str(i)}) for i in range(5)]
     assert worker.handle(messages).uploaded == 5
@@ -200,8 +201,8 @@ def test_uploads_are_chunked_without_duplicate_ids(service_env, amo, source, met
 def test_crm_without_a_source_parks_with_a_clear_reason(service_env, amo, metrika_sandbox):
     from app import get_metrika, get_queue, get_store
     from chalicelib.crm import EntityRef
-    from chalicelib.pipeline import Worker
-    get_store().mark_dirty(amo, EntityRef("order", "9", 1790000000, "add"))
+    from chalicelib.worker import Worker
+    get_store().mark_dirty(amo, EntityRef("order", "9", 1790000000, "add"), now=time.time(), lease_seconds=900, future_skew=300)
     worker = Worker(get_store(), get_queue(), get_metrika, sources={})
     assert worker.handle([json.dumps({"integration_id": amo, "kind": "order", "crm_id": "9"})]).parked == 1
     assert "not available" in entity(amo, "9")["last_error"]["message"]
