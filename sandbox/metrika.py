@@ -80,6 +80,7 @@ class Faults:
     slow: float = 0.0
     slow_seconds: float = 2.0
     seed: int | None = None
+    paths: str | None = None  # only requests whose path contains this (e.g. "/data/orders/")
 
 
 class MetrikaSandbox(SandboxServer):
@@ -216,7 +217,7 @@ class MetrikaSandbox(SandboxServer):
 
     def _maybe_fault(self, request: Request) -> Reply | None:
         faults = self.faults
-        if "/management/" in request.path:
+        if "/management/" in request.path or (faults.paths and faults.paths not in request.path):
             return None
         roll = self._rng.random()
         if roll < faults.error_503:

@@ -1,0 +1,66 @@
+"""The history import's logic on the in-memory store and queue: the amoCRM and Metrika sandboxes over
+loopback HTTP, no DynamoDB or SQS. The full-size runs with stop and resume over moto are in
+test_backfill.py (and bench/backfill.py)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from chalicelib.crm.amocrm.source import AmoCrmSource
+from tests.core import Clock, Core
+
+DEALS, CONTACTS = 40, 20
+
+
+@pytest.fixture
+def setup(metrika_sandbox, amocrm):
+    amocrm.reset()
+    amocrm.add_pipeline(7001, "Продажи", [(1001, "Первичный контакт")], is_main=True)
+    people = [amocrm.create_contact(f"Клиент {n}", phones=[f"+7 916 {n:07d}"], notify=False)["id"] for n in range(CONTACTS)]
+    for n in range(DEALS):
+        amocrm.create_lead(f"Сделка {n}", 7001, (1001, 142)[n % 2], price=1000 + n,
+                           contacts=[] if n % 10 == 9 else [people[n % CONTACTS]], notify=False)
+    core = Core(metrika_sandbox.url, clock=Clock(time.time()), sources={})
+    core.sources["amocrm"] = AmoCrmSource(core.store.reserve_slot, backoff=0.01)
+    shop = core.integration(connection={"base_url": amocrm.url, "access_token": amocrm.token, "webhook_secret": "s" * 20})
+    core.store.put_status_mapping(shop, [
+        {"crm_status": "7001:1001", "metrika_status_id": "new", "type": "IN_PROGRESS"},
+        {"crm_status": "7001:142", "metrika_status_id": "won", "type": "PAID"}], 0)
+    metrika_sandbox.counter(core.counter_id).order_statuses.update(
+        {"new": {"id": "new", "type": "IN_PROGRESS"}, "won": {"id": "won", "type": "PAID"}})
+    return core, shop, people
+
+
+def test_an_import_sends_every_contact_and_deal_once(setup, amocrm, metrika_sandbox):
+    core, shop, people = setup
+    assert core.backfill.start(shop, {"since": int(time.time()) - 86400})["started"] is True
+    core.drain()
+    job = core.backfill.status(shop)["backfill"]
+    assert job["state"] == "done", job
+    counter = metrika_sandbox.counter(core.counter_id)
+    assert set(counter.orders) == {str(i) for i in amocrm.leads}
+    assert all(n == 1 for n in counter.times_uploaded.values())
+    assert job["counts"]["orders_sent"] == DEALS and job["counts"]["contacts_sent"] == CONTACTS + DEALS // 10
+
+
+def test_a_failed_orders_upload_is_retried_without_resending_what_went(setup, amocrm, metrika_sandbox):
+    """The deals' step uploads its synthesised customers, then its orders fail: the retry re-reads the
+    same deals and sends only the orders; the counts stay exact."""
+    core, shop, people = setup
+    metrika_sandbox.set_faults(error_503=1.0, paths="/data/orders/")
+    core.backfill.start(shop, {"since": int(time.time()) - 86400})
+    for _ in range(20):
+        core.worker.handle(core.queue.receive())
+        if (core.backfill.status(shop)["backfill"].get("error") or "").startswith("Metrika answered 503"):
+            break
+    else:
+        pytest.fail("the orders upload never failed")
+    metrika_sandbox.set_faults()
+    core.drain()
+    job = core.backfill.status(shop)["backfill"]
+    counter = metrika_sandbox.counter(core.counter_id)
+    assert job["state"] == "done" and set(counter.orders) == {str(i) for i in amocrm.leads}
+    assert {k: n for k, n in counter.times_uploaded.items() if n != 1} == {}
+    assert job["counts"]["read"] == CONTACTS + DEALS and job["counts"]["orders_sent"] == DEALS
+    assert job["counts"]["contacts_sent"] == CONTACTS + DEALS // 10
