@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench infra clean
+.PHONY: run test check bench infra clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The fast tier for the edit-test loop (under a minute): no moto_server, no local stack.
+check: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not stack"
 
 # The benchmarks of BENCHMARKS.md (about 8 minutes): each prints a table with its ratio to a floor.
 bench: $(VENV)/.installed

@@ -41,6 +41,17 @@ def _loopback_only(host, *args, **kwargs):
 socket.getaddrinfo = _loopback_only
 
 
+STACK_FIXTURES = {"moto_url", "service_env", "stack"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make check` runs the fast tier: every test that needs no moto_server or local stack (in-process
+    sandboxes on loopback are fine: they start in milliseconds). Those that do are marked `stack`."""
+    for item in items:
+        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
+
+
 @pytest.fixture(scope="session")
 def moto_url():
     port = free_port()
