@@ -10,7 +10,7 @@ entity state: results are values. It records each upload Metrika accepted as soo
 
 Why rows are merged: an `add_lead` and an `add_contact` of one new deal land in one batch and both
 produce a contact row with the same `uniq_id`, one with the lead's ClientID and one without. Metrika
-applies rows with the same id within one upload in random order ("Contact data",
+applies rows with the same id within one upload in random order ("Customer data format",
 https://yandex.com/dev/metrika/en/data-import/contacts-data), so one row per id is
 sent: the union of ClientIDs, phones and e-mails, and the newest row's scalars.
 
@@ -291,7 +291,7 @@ class Sink:
     def _upload(self, integration_id: str, integration: dict, ready: dict[EntityKey, _Ready], result: Delivery,
                 csv_kinds: set[str]) -> None:
         """Contacts, then orders: orders are linked to visits through their contacts, so a contact must
-        be in Metrika before its orders ("Order data",
+        be in Metrika before its orders ("Order data format",
         https://yandex.com/dev/metrika/en/data-import/orders-data)."""
         for kind, plural in ((CONTACT, "contacts"), (ORDER, "orders")):
             while True:

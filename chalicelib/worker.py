@@ -248,7 +248,7 @@ def sent_hashes(state: dict) -> dict[str, str]:
 
 
 def deletion_rows(state: dict, deleted_status: str | None, now: datetime) -> EntityRows | None:
-    """Metrika has no delete ("Order data", https://yandex.com/dev/metrika/en/data-import/orders-data):
+    """Metrika has no delete ("Order data format", https://yandex.com/dev/metrika/en/data-import/orders-data):
     a deleted deal is re-sent, as last sent, with the integration's `deleted_deal_status` (CANCELLED by
     default). None when there is nothing to change: never sent, a contact, already in that status, or
     the integration keeps deleted deals as they were."""
