@@ -26,23 +26,24 @@ from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
 from .crm import CONTACT, ORDER, EntityRows
-from .delivery import Accepted, Parked, Pending, Retry, Sink, content_hash_of, validated_rows
+from .delivery import Accepted, Parked, Pending, Retry, Sink, content_hash_of, row_key, validated_rows
 from .errors import BridgeError, Transient, invalid, not_found
 from .ingest import FUTURE_SKEW_SECONDS
 from .logs import log_event
-from .queue import BACKFILL, Queue, message
+from .queue import BACKFILL, MAX_DELAY_SECONDS, Queue, message
 PHASES = ("contacts", "orders")
 STEP_ROWS = 1000  # entities read per step, at most (and at most the upload row limit)
 STEP_SECONDS = 60  # well inside the worker Lambda's timeout and the queue's visibility timeout
 BUDGET_RESERVE = 500  # Metrika requests a day the import leaves to the live path
 RETRY_LIMIT = 12
-MAX_DELAY = 900
+MAX_DELAY = MAX_DELAY_SECONDS
 # Each entity costs two conditional writes (take, release); run them side by side, as the step's time
 # is otherwise their latencies added up. botocore's connection pool holds 10 per client.
 STATE_WRITERS = 8
-# How long the import holds an entity it took: a step's read, upload and release, with room to spare.
-# A crashed step's entities go back to the live path when it runs out.
-HOLD_SECONDS = 900
+# How long the import holds an entity it took: longer than a step's retry can wait (MAX_DELAY) plus the
+# step itself, so a held entity is still held when the retry comes. A crashed import's entities go
+# back to the live path when it runs out.
+HOLD_SECONDS = MAX_DELAY + STEP_SECONDS + 600
 COUNTS = ("read", "contacts_sent", "orders_sent", "skipped", "failed", "older_than_21_days")
 
 
@@ -178,6 +179,7 @@ class Backfill:
         counts, retry, refused = self._deliver(integration_id, integration, metrika, source, attributes, rows, times,
                                                partial)
         if refused is not None:
+            job["partial"] = counts  # a resumed run knows what this attempt settled
             self._add_requests(job, metrika, used)
             return self._fail(integration_id, job, f"Metrika refused the import: {refused.get('message')}")
         if retry is not None:
@@ -286,7 +288,7 @@ class Backfill:
                 continue
             # The customer of a deal usually went up in the contacts phase: the sink sends it again only
             # if the deal adds something (a ClientID from the lead, say).
-            sent = {f"contact:{c['uniq_id']}": sent_contacts[c["uniq_id"]]
+            sent = {row_key(CONTACT, c): sent_contacts[c["uniq_id"]]
                     for c in rows[key].contacts if key[0] == ORDER and c["uniq_id"] in sent_contacts}
             sent.update(partial["accepted"].get(_key_text(key), {}))
             entity = EntityRows(error=error) if error else rows[key]

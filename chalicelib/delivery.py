@@ -76,7 +76,8 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Retry:
-    """Some rows did not get through for a reason that passes. `row_hashes`: what is in Metrika now."""
+    """Rows of the entity are still to send, for a reason that passes. `row_hashes`: what Metrika holds
+    of it now (the retry sends only the rest)."""
 
     error: dict
     after: float | None
@@ -311,8 +312,9 @@ class Sink:
                     self._retry_all(live, exc, result)
                     return
                 except Misconfigured as exc:  # the token or counter: nothing of this integration can go
-                    for key in live:
-                        result.outcomes[key] = Parked(exc.describe())
+                    for key, entity in live.items():
+                        if entity.unsent(CONTACT) or entity.unsent(ORDER):
+                            result.outcomes[key] = Parked(exc.describe())
                     return
                 except BridgeError as exc:  # refused: park the rows' entities Metrika names, send the rest
                     named = self._refused(exc, plural, chunk_ids)
@@ -352,7 +354,11 @@ class Sink:
 
     @staticmethod
     def _retry_all(live: dict[EntityKey, _Ready], exc: Transient, result: Delivery) -> None:
+        """Every entity with rows still to send waits; one whose rows all went up (a contact, before the
+        orders failed) is delivered, and the caller's `deliver` marks it Accepted."""
         for key, entity in live.items():
+            if not (entity.unsent(CONTACT) or entity.unsent(ORDER)):
+                continue
             result.outcomes[key] = Retry(exc.describe(), exc.retry_after, not exc.daily_quota, dict(entity.accepted),
                                          entity.contacts_sent, entity.orders_sent)
 

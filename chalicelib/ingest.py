@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .crm import CrmSource, EntityRef, WebhookError
-from .errors import ApiError, BridgeError, Unavailable, invalid, not_found
+from .errors import ApiError, BridgeError, Unavailable, http_error, invalid, not_found
 from .logs import log_event
 from .queue import Queue, message
 
@@ -202,7 +202,6 @@ class Ingest:
 
 def reconcile_or_answer(ingest: Ingest, integration_id: str, source: CrmSource, since: Any = None) -> dict:
     """`reconcile` for an admin route: bad `since` is a 400, the CRM's failure a 422/502."""
-    from .errors import http_error
     if since is not None and (isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= 2**40):
         raise invalid("since must be Unix seconds (a non-negative whole number)", {"since": since})
     try:

@@ -44,6 +44,16 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
     }
 
 
+def _crm_id(value: Any) -> str:
+    """The id as webhooks carry it (the parsers' rule), or a 400 naming `crm_id`."""
+    from .crm import WebhookError
+    from .crm.form import crm_id
+    try:
+        return crm_id(str(value) if isinstance(value, int) and not isinstance(value, bool) else value, "crm_id")
+    except WebhookError as exc:
+        raise invalid(str(exc), {"crm_id": str(value)[:40]}) from None
+
+
 def replay(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integration_id: str, body: Any) -> dict:
     """Queue again the parked entities, or one named entity (then even an unchanged one is re-sent)."""
     if body is not None and not isinstance(body, dict):
@@ -52,12 +62,13 @@ def replay(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integrat
     if "crm_id" in body:
         kind = body.get("kind", "order")
         if kind not in ("order", "contact"):
-            raise invalid("kind must be order or contact")
-        state = store.get_entity(integration_id, kind, str(body["crm_id"]))
+            raise invalid("kind must be order or contact", {"kind": kind})
+        crm_id = _crm_id(body["crm_id"])
+        state = store.get_entity(integration_id, kind, crm_id)
         if state is None:
-            raise invalid(f"no {kind} {body['crm_id']} has been seen for this integration; it can be fetched by "
+            raise invalid(f"no {kind} {crm_id} has been seen for this integration; it can be fetched by "
                           "reconciliation")
-        store.forget_content(integration_id, kind, str(body["crm_id"]))
+        store.forget_content(integration_id, kind, crm_id)
         targets = [state]
     else:
         targets = [e for e in store.list_entities(integration_id) if e.get("last_error") and not e.get("dirty")]

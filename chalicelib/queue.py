@@ -23,7 +23,9 @@ _UNAVAILABLE_CODES = frozenset({"ServiceUnavailable", "InternalError", "Throttli
 
 class Queue(Protocol):
     def send(self, messages: list[dict], delay_seconds: int = 0) -> None:
-        """Queue every message, or raise `Unavailable` (then assume none of them was queued)."""
+        """Queue every message, or raise `Unavailable`. Messages go in batches of ten, so some may have
+        been queued before a failure: callers treat all as not queued (and release their leases), which
+        costs at most a duplicate message, never a lost one."""
 
 
 def message(integration_id: str, kind: str, crm_id: str) -> dict:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
-from .crm import ORDER, CrmSource, EntityRef, EntityRows, is_crm_contact
-from .delivery import Accepted, Parked, Pending, Sink, content_hash_of, row_hash, row_key
+from .crm import CONTACT, ORDER, CrmSource, EntityRef, EntityRows, is_crm_contact
+from .delivery import BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, row_hash, row_key
 from .errors import BridgeError, Transient, Unavailable
 from .logs import log_event
 from .queue import BACKFILL, MAX_DELAY_SECONDS, Queue, message
@@ -44,7 +44,7 @@ class Report:
 class Worker:
     def __init__(self, store: Any, queue: Queue, metrika_for: Callable[[dict], Any], sources: dict[str, CrmSource],
                  *, row_limit: int = 1000, retry_limit: int = 12, retry_base: float = 1.0,
-                 batch_harder_seconds: int = 300, clock: Callable[[], float] = time.time,
+                 batch_harder_seconds: int = BATCH_HARDER_SECONDS, clock: Callable[[], float] = time.time,
                  backfill_for: Callable[[], Any] | None = None) -> None:
         self._store, self._queue, self._metrika_for = store, queue, metrika_for
         self._sources, self._row_limit, self._retry_limit = sources, row_limit, retry_limit
@@ -68,20 +68,31 @@ class Worker:
             else:
                 groups.setdefault(integration_id, {})[(kind, crm_id)] = None
         for integration_id, keys in groups.items():
-            try:
-                self._deliver(integration_id, list(keys), report)
-            except Unavailable:
-                raise
-            except Exception as exc:  # noqa: BLE001 — isolate whatever one integration raises
-                report.failed_groups += 1
-                log_event("group_failed", integration_id=integration_id, error=type(exc).__name__,
-                          message=str(exc)[:300], traceback=traceback.format_exc(limit=8))
-                self._requeue_after_crash(integration_id, list(keys), exc, report)
+            self._isolated(integration_id, list(keys), report)
         for step in steps:
             self._step(step, report)
         return report
 
     # --- one integration's entities -----------------------------------------------------------------
+
+    def _isolated(self, integration_id: str, keys: list[tuple[str, str]], report: Report) -> None:
+        """Deliver one integration's entities; whatever that raises stays here. A group that crashes is
+        tried again one entity at a time, so one poison entity (a record the translation chokes on)
+        holds up only itself; each entity that still crashes is retried with backoff, then parked."""
+        try:
+            self._deliver(integration_id, keys, report)
+            return
+        except Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 — isolate whatever one integration raises
+            report.failed_groups += 1
+            log_event("group_failed", integration_id=integration_id, entities=len(keys), error=type(exc).__name__,
+                      message=str(exc)[:300], traceback=traceback.format_exc(limit=8))
+            if len(keys) == 1:
+                self._requeue_after_crash(integration_id, keys, exc, report)
+                return
+        for key in keys:
+            self._isolated(integration_id, [key], report)
 
     def _deliver(self, integration_id: str, keys: list[tuple[str, str]], report: Report) -> None:
         integration = self._store.get_integration(integration_id)
@@ -149,7 +160,7 @@ class Worker:
                              outcome.uploading_id or state.get("uploading_id"),
                              outcome.last_order or state.get("last_order"), outcome.facts, report)
                 if key[0] == ORDER and sent:
-                    customers.update({c["uniq_id"]: content_hash_of([c], []) for c in outcome.contacts
+                    customers.update({c["uniq_id"]: row_hash(CONTACT, c) for c in outcome.contacts
                                       if is_crm_contact(c["uniq_id"])})
             elif isinstance(outcome, Parked):
                 self._park(integration_id, key, state, outcome.error, report)
@@ -209,13 +220,19 @@ class Worker:
         """A group raised something unexpected (a bug, a CRM answer nobody foresaw): its entities that
         still wait are retried with backoff and an attempt counted, then parked — never dropped."""
         error = {"kind": "unexpected", "message": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        states = {}
-        for kind, crm_id in keys:
-            state = self._store.get_entity(integration_id, kind, crm_id)
-            if state is not None and state.get("dirty"):
-                states[(kind, crm_id)] = state
-        if states:
-            self._retry(integration_id, states, error, report)
+        try:
+            states = {}
+            for kind, crm_id in keys:
+                state = self._store.get_entity(integration_id, kind, crm_id)
+                if state is not None and state.get("dirty"):
+                    states[(kind, crm_id)] = state
+            if states:
+                self._retry(integration_id, states, error, report)
+        except Unavailable:
+            raise
+        except Exception:  # noqa: BLE001 — the same fault again: the entities stay dirty, the sweep finds them
+            log_event("requeue_failed", integration_id=integration_id, entities=len(keys),
+                      traceback=traceback.format_exc(limit=8))
 
     # --- history-import steps -----------------------------------------------------------------------
 
@@ -232,7 +249,13 @@ class Worker:
             report.failed_groups += 1
             log_event("backfill_step_failed", integration_id=item["integration_id"], error=type(exc).__name__,
                       traceback=traceback.format_exc(limit=8))
-            backfill.crashed(str(item["integration_id"]), str(item["crm_id"]), f"{type(exc).__name__}: {exc}"[:300])
+            try:
+                backfill.crashed(str(item["integration_id"]), str(item["crm_id"]), f"{type(exc).__name__}: {exc}"[:300])
+            except Unavailable:
+                raise
+            except Exception:  # noqa: BLE001 — the job stays as it was; its held entities' leases run out
+                log_event("backfill_requeue_failed", integration_id=item["integration_id"],
+                          traceback=traceback.format_exc(limit=8))
         report.backfill_steps += 1
 
 

@@ -277,3 +277,91 @@ def test_deleted_deal_is_resent_cancelled_and_a_never_sent_one_is_left(core, met
     core.drain()
     orders = metrika_sandbox.counter(core.counter_id).orders
     assert orders["5"]["order_status"] == "CANCELLED" and "9" not in orders
+
+
+# --- found by review: equal times, reverts, fully delivered entities, poison entities ------------------------
+
+def test_a_change_recorded_mid_delivery_with_the_same_time_is_delivered(core, metrika_sandbox):
+    """Two changes in one second (or a capped future time, which keeps the recorded time): the second
+    event arrives while the first delivery runs, with the very time the claim saw."""
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5", status="PAID")}
+
+    def change_meanwhile(integration):
+        if len(core.source.calls) == 1:
+            core.source.rows = {(ORDER, "5"): deal_rows("5", status="CANCELLED")}
+            core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990000, "status")], origin="amocrm")
+
+    core.source.fail = change_meanwhile
+    core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990000, "add")], origin="amocrm")
+    core.drain()
+    assert len(core.source.calls) == 2
+    assert metrika_sandbox.counter(core.counter_id).orders["5"]["order_status"] == "CANCELLED"
+    assert core.store.get_entity(shop, ORDER, "5")["dirty"] is False
+
+
+def test_a_revert_after_a_partial_send_is_sent_again(core, metrika_sandbox):
+    """Phone A delivered; changed to B, contacts accepted, orders failed; reverted to A before the
+    retry: Metrika holds B for the contact, so A must go up again."""
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5")}
+    core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990000, "add")], origin="amocrm")
+    core.drain()
+    changed = deal_rows("5", revenue=20000)
+    changed.contacts[0]["phones"] = ["+7 916 000-00-00"]
+    core.source.rows = {(ORDER, "5"): changed}
+    metrika_sandbox.set_faults(error_503=1.0, paths="/data/orders/")
+    core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990100, "update")], origin="amocrm")
+    core.worker.handle(core.queue.receive())
+    assert metrika_sandbox.counter(core.counter_id).contacts["11"]["phones"] == ["79161234567", "79160000000"]
+    metrika_sandbox.set_faults(paths="/data/orders/")
+    core.source.rows = {(ORDER, "5"): deal_rows("5")}  # reverted in the CRM
+    core.drain()
+    contact_uploads = [r for r in metrika_sandbox.requests if "/data/contacts/" in r["path"]]
+    assert len(contact_uploads) == 3  # A, B, and A again (APPEND keeps both phones; the order is A's again)
+    assert metrika_sandbox.counter(core.counter_id).orders["5"]["revenue"] == 15990
+
+
+def test_a_contact_whose_rows_went_up_is_delivered_though_orders_then_fail(core, metrika_sandbox):
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5", contact="11"),
+                        (CONTACT, "12"): EntityRows(contacts=[{"uniq_id": "12", "name": "Пётр"}])}
+    metrika_sandbox.set_faults(error_503=1.0, paths="/data/orders/")
+    core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990000, "add"), EntityRef(CONTACT, "12", 1789990000, "add")],
+                       origin="amocrm")
+    report = core.worker.handle(core.queue.receive())
+    assert report.retried == 1 and report.uploaded == 1
+    contact = core.store.get_entity(shop, CONTACT, "12")
+    assert contact["dirty"] is False and contact.get("attempts", 0) == 0
+    assert core.store.get_entity(shop, ORDER, "5")["attempts"] == 1
+
+
+def test_one_poison_entity_holds_up_only_itself(metrika_sandbox):
+    core = Core(metrika_sandbox.url, retry_limit=1)
+    shop = core.integration()
+    good = {(ORDER, str(i)): deal_rows(str(i), contact=str(100 + i)) for i in range(3)}
+    core.source.rows = dict(good)
+
+    def choke_on_7(integration):
+        if [(ORDER, "7")] != core.source.calls[-1] and (ORDER, "7") in core.source.calls[-1]:
+            raise KeyError("custom_fields_values")  # the translation chokes on one lead of the batch
+        if core.source.calls[-1] == [(ORDER, "7")]:
+            raise KeyError("custom_fields_values")
+
+    core.source.fail = choke_on_7
+    core.ingest.record(shop, [EntityRef(ORDER, k[1], 1789990000, "add") for k in good]
+                       + [EntityRef(ORDER, "7", 1789990000, "add")], origin="amocrm")
+    core.drain()
+    assert set(metrika_sandbox.counter(core.counter_id).orders) == {"0", "1", "2"}
+    poison = core.store.get_entity(shop, ORDER, "7")
+    assert poison["dirty"] is False and "KeyError" in poison["last_error"]["message"]
+
+
+def test_replay_refuses_an_id_that_is_not_a_crm_id(core):
+    from chalicelib.errors import ApiError
+    from chalicelib.operations import replay
+    shop = core.integration()
+    for bad in ("9" * 2000, "abc", True, None, "1.5"):
+        with pytest.raises(ApiError) as refused:
+            replay(core.store, core.ingest.requeue, shop, {"kind": "order", "crm_id": bad})
+        assert refused.value.status == 400 and "crm_id" in refused.value.message

@@ -300,7 +300,7 @@ def test_claim_removes_the_lease_and_returns_the_state(store, iid):
     assert mark(store, iid, "5", 1_700_000_000, action="status")
     claimed = store.claim(iid, "order", "5")
     assert claimed == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                       "last_action": "status"}
+                       "last_action": "status", "claimed_at": int(NOW)}
     assert entity(store, iid, "5") == claimed
     assert mark(store, iid, "5", 1_700_000_001) is True  # a new event queues a new message
     assert store.claim(iid, "order", "absent") is None and entity(store, iid, "absent") is None
@@ -320,7 +320,7 @@ def test_mark_clean_records_what_was_sent(store, iid, clock):
     assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False,
                      "last_action": "update", "content_hash": "h1", "row_hashes": {"order:5": "r1", "contact:9": "r2"},
                      "uploading_id": "up-1", "sent_at": int(NOW + 50), "attempts": 0, "last_order": '{"id": "5"}',
-                     "facts": {"late": False, "revenue": 12.5}}
+                     "facts": {"late": False, "revenue": 12.5}, "claimed_at": int(NOW)}
     # None → "" for the upload and the order; facts not given are kept; row hashes None are forgotten
     assert mark(store, iid, "5", 1_700_000_001) and store.claim(iid, "order", "5")
     assert store.mark_clean(iid, "order", "5", event_time=1_700_000_001, content_hash="h2", row_hashes=None,
@@ -348,6 +348,7 @@ def test_mark_clean_and_mark_failed_refuse_after_a_newer_event(store, iid):
 def test_mark_failed_parks(store, iid, clock):
     assert mark(store, iid, "5", 1_700_000_000)
     clock.t = NOW + 7
+    store.claim(iid, "order", "5")  # as the worker does before closing
     assert store.mark_failed(iid, "order", "5", event_time=1_700_000_000,
                              error={"code": "unmapped_stage", "crm_status": "142"}) is True
     state = entity(store, iid, "5")
@@ -372,6 +373,7 @@ def test_note_attempt_stores_the_retry_and_the_rows_already_accepted(store, iid)
 
 def test_forget_content(store, iid):
     assert mark(store, iid, "5", 1_700_000_000)
+    store.claim(iid, "order", "5")  # as the worker does before closing
     assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={"o": "r"},
                             uploading_id="u", last_order="{}")
     store.forget_content(iid, "order", "5")
@@ -388,6 +390,7 @@ def test_stuck_entities_are_dirty_without_a_live_lease(store, iid):
     assert mark(store, iid, "live", 1_700_000_000)
     assert mark(store, iid, "expired", 1_700_000_000, now=NOW - LEASE - 10)
     assert mark(store, iid, "clean", 1_700_000_000)
+    store.claim(iid, "order", "clean")  # as the worker does before closing
     assert store.mark_clean(iid, "order", "clean", event_time=1_700_000_000, content_hash="h", row_hashes={},
                             uploading_id="u")
     store.release_queue_lease(iid, "order", "clean")
@@ -415,6 +418,7 @@ def test_list_existing_and_content_hashes(store, iid):
                                                   ("contact", "c1"), ("contact", "b")}
     assert store.existing_entities(iid, []) == set()
     for crm_id in ("2", "10"):
+        store.claim(iid, "order", crm_id)  # as the worker does before closing
         assert store.mark_clean(iid, "order", crm_id, event_time=1_700_000_000, content_hash=f"h{crm_id}",
                                 row_hashes={}, uploading_id="u")
     ids = [str(i) for i in range(150)] + ["b", "2"]
@@ -425,6 +429,7 @@ def test_list_existing_and_content_hashes(store, iid):
 def test_note_contacts_sent_only_where_nothing_is_pending_or_held(store, iid):
     assert mark(store, iid, "pending", 1_700_000_000, kind="contact")
     assert mark(store, iid, "clean", 1_700_000_000, kind="contact")
+    store.claim(iid, "contact", "clean")  # as the worker does before closing
     assert store.mark_clean(iid, "contact", "clean", event_time=1_700_000_000, content_hash="old", row_hashes={},
                             uploading_id="u")
     hold = store.take_for_backfill(iid, "contact", "held", 1_700_000_000, "h", absent=True, now=NOW,
@@ -442,6 +447,7 @@ def test_note_contacts_sent_only_where_nothing_is_pending_or_held(store, iid):
 
 def test_returned_state_is_a_copy(store, iid):
     assert mark(store, iid, "5", 1_700_000_000)
+    store.claim(iid, "order", "5")  # as the worker does before closing
     assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={"o": "r"},
                             uploading_id="u", facts={"nested": {"a": [1]}})
     for state in (entity(store, iid, "5"), store.list_entities(iid)[0]):
@@ -567,6 +573,7 @@ def test_take_for_backfill_leaves_the_live_path_alone(store, iid):
     assert take("dirty", 1_700_000_100, "h") is None  # a message is pending
     for crm_id in ("same", "newer", "sent", "ok"):
         assert mark(store, iid, crm_id, 1_700_000_000)
+        store.claim(iid, "order", crm_id)  # as the worker does before closing
         assert store.mark_clean(iid, "order", crm_id, event_time=1_700_000_000, content_hash="h-old", row_hashes={},
                                 uploading_id="u")
     assert take("same", 1_700_000_000, "h-new") is None  # as new
@@ -606,6 +613,7 @@ def test_backfill_claimed_by_a_worker_cannot_be_released(store, iid):
 
 def test_release_backfilled_with_an_error_parks(store, iid, clock):
     assert mark(store, iid, "5", 1_700_000_000)
+    store.claim(iid, "order", "5")  # as the worker does before closing
     assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h-old",
                             row_hashes={"o": "r-old"}, uploading_id="u")
     hold = store.take_for_backfill(iid, "order", "5", 1_700_000_100, "h-new", now=NOW, lease_seconds=LEASE)
@@ -615,7 +623,9 @@ def test_release_backfilled_with_an_error_parks(store, iid, clock):
     state = entity(store, iid, "5")
     assert state["dirty"] is False and state["last_error"] == {"message": "row failed validation"}
     assert state["failed_at"] == int(NOW + 9) and state["event_time"] == 1_700_000_100
-    assert (state["content_hash"], state["row_hashes"]) == ("h-old", {"o": "r-old"})  # what Metrika has is unchanged
+    # Rows Metrika holds are as they were; the whole-content hash goes (some rows may have gone up
+    # before a refusal, so it no longer proves what Metrika holds).
+    assert "content_hash" not in state and state["row_hashes"] == {"o": "r-old"}
     assert not {"owner", "queued_until"} & set(state)
 
 
@@ -713,3 +723,61 @@ def test_dynamo_validation_error_is_not_unavailable(request, clock, iid):
     with pytest.raises(ClientError) as raised:
         store.take_for_backfill(iid, "order", "x" * 2000, 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
     assert raised.value.response["Error"]["Code"] == "ValidationException"
+
+
+# --- rules added with the review of the delivery core ----------------------------------------------------
+
+def test_an_event_recorded_after_the_claim_keeps_the_entity_dirty_even_at_the_same_time(store, iid):
+    """Two changes within one second, or a capped future time: the second event has the time the
+    claim saw, but it took a lease and queued its message, so the first delivery must not close it."""
+    assert mark(store, iid, "5", 1_700_000_000)
+    seen = store.claim(iid, "order", "5")
+    assert mark(store, iid, "5", 1_700_000_000) is True  # same second, after the claim
+    assert store.mark_clean(iid, "order", "5", event_time=seen["event_time"], content_hash="h", row_hashes=None,
+                            uploading_id="u") is False
+    assert store.mark_failed(iid, "order", "5", event_time=seen["event_time"], error={"m": 1}) is False
+    assert entity(store, iid, "5")["dirty"] is True
+    store.claim(iid, "order", "5")  # the second message's delivery closes it
+    assert store.mark_clean(iid, "order", "5", event_time=seen["event_time"], content_hash="h", row_hashes=None,
+                            uploading_id="u") is True
+
+
+def test_partial_progress_and_parking_drop_the_stale_content_hash(store, iid):
+    """Rows went up but the entity is not delivered whole: the old content hash would let a revert to
+    that content be skipped while Metrika holds the newer rows."""
+    for crm_id, finish in (("5", "attempt"), ("6", "park")):
+        assert mark(store, iid, crm_id, 1_700_000_000)
+        seen = store.claim(iid, "order", crm_id)
+        assert store.mark_clean(iid, "order", crm_id, event_time=seen["event_time"], content_hash="old",
+                                row_hashes={"contact:1": "a"}, uploading_id="u")
+        assert mark(store, iid, crm_id, 1_700_000_100)
+        seen = store.claim(iid, "order", crm_id)
+        if finish == "attempt":
+            store.note_attempt(iid, "order", crm_id, attempts=1, error={"m": 1}, lease_until=NOW + 60,
+                               row_hashes={"contact:1": "b"})
+            assert entity(store, iid, crm_id)["row_hashes"] == {"contact:1": "b"}
+        else:
+            assert store.mark_failed(iid, "order", crm_id, event_time=seen["event_time"], error={"m": 1})
+        assert "content_hash" not in entity(store, iid, crm_id)
+    store.note_attempt(iid, "order", "7", attempts=1, error={"m": 1}, lease_until=NOW + 60)  # no progress: kept
+    hold = store.take_for_backfill(iid, "order", "8", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert store.release_backfilled(hold, content_hash=None, uploading_id=None, last_order=None, facts=None,
+                                    error={"m": "refused"})
+    assert "content_hash" not in entity(store, iid, "8")
+
+
+def test_a_fresh_claim_is_being_delivered_not_stuck(store, iid):
+    from chalicelib.store import CLAIM_GRACE_SECONDS
+    assert mark(store, iid, "5", 1_700_000_000)
+    store.claim(iid, "order", "5")  # at NOW (the store's clock)
+    assert store.stuck_entities(iid, now=NOW + 1) == []
+    assert [e["crm_id"] for e in store.stuck_entities(iid, now=NOW + CLAIM_GRACE_SECONDS + 1)] == ["5"]
+
+
+def test_retaking_a_held_entity_never_moves_its_time_back(store, iid):
+    """A page read before a webhook must not take the entity back to the page's older time."""
+    assert store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert mark(store, iid, "5", 1_700_000_200) is False  # the hold's lease is live: recorded, not queued
+    assert store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h", now=NOW, lease_seconds=LEASE) is None
+    assert entity(store, iid, "5")["event_time"] == 1_700_000_200
+    assert store.take_for_backfill(iid, "order", "5", 1_700_000_300, "h", now=NOW, lease_seconds=LEASE) is not None

@@ -32,6 +32,13 @@ from typing import Protocol
 
 from chalicelib.crm import EntityRef
 
+BACKFILL_OWNER = "backfill"  # `owner` of an entity a history import holds
+# Attributes older code wrote that nothing reads any more; a whole-item put leaves them out.
+LEGACY_ATTRIBUTES = ("queued", "received_at")
+# A worker that claimed an entity this recently is taken to be delivering it: the stuck sweep leaves
+# it alone (SQS redelivers the message of a worker that died; the sweep covers messages that are gone).
+CLAIM_GRACE_SECONDS = 900
+
 
 @dataclass(frozen=True)
 class Hold:
@@ -110,26 +117,29 @@ class EntityStore(Protocol):
 
     def claim(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
         """The worker takes the entity for delivery: drops the queue lease (from now on a new event
-        queues a new message) and a history import's hold. Returns the state (as `get_entity`), or
-        None when the entity has no state (e.g. its integration was deleted)."""
+        queues a new message) and a history import's hold, and stamps `claimed_at` (the stuck sweep
+        leaves a fresh claim alone). Returns the state (as `get_entity`), or None when the entity has no
+        state (e.g. its integration was deleted)."""
 
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
                    row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
                    facts: dict | None = None) -> bool:
         """Delivered the state seen at `event_time`: dirty=False, content_hash, row_hashes (None removes
         them: unknown), uploading_id ("" for None), sent_at=now, attempts=0, last_order ("" for None), facts (when
-        given); last_error removed. Only if the stored event time is still `event_time`; False when a
-        newer event arrived meanwhile (it stays dirty: that event queued its own message)."""
+        given); last_error removed. Only if the entity is as the claim saw it: the stored event time is
+        still `event_time` and no lease was taken since (an event recorded meanwhile, even one with the
+        same time, takes a lease and queues its own message). False otherwise; it stays dirty."""
 
     def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
         """Park the entity (a permanent error that needs a person): dirty=False, last_error=error,
-        failed_at=now. Same condition and answer as `mark_clean`."""
+        failed_at=now, content_hash removed (rows may have gone up before the refusal). Same condition
+        and answer as `mark_clean`."""
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
                      lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
         """A retryable failure whose retry message is queued: attempts, last_error, the queue lease
         until `lease_until`, and `row_hashes` when given (rows Metrika already accepted, so the retry
-        skips them). Unconditional."""
+        skips them; the whole-content hash is then stale and removed). Unconditional."""
 
     def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
         """Forget what was sent (content_hash, last_order, row_hashes), so the next delivery sends the
@@ -145,7 +155,8 @@ class EntityStore(Protocol):
     def stuck_entities(self, integration_id: str, *, now: float) -> list[dict]:
         """Dirty entities whose queue lease is absent or expired (before `now`): their message was lost
         or never sent. A history import's hold carries a lease too, so a held entity is listed only
-        once that lease has expired (a crashed import). Same order as `list_entities`."""
+        once that lease has expired (a crashed import); an entity claimed in the last
+        CLAIM_GRACE_SECONDS is being delivered and is not listed. Same order as `list_entities`."""
 
     def existing_entities(self, integration_id: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of these (kind, crm_id) have state."""
@@ -223,7 +234,8 @@ class ImportStore(Protocol):
                           absent: bool = False, now: float, lease_seconds: float) -> Hold | None:
         """The import takes an entity it read at `event_time`, unless the live path has it: the entity
         is dirty, or its state is as new or newer, or this content was already sent. An entity this
-        import left held (an interrupted run) is taken again. Taking sets event_time, dirty, the
+        import left held (an interrupted run) is taken again, unless an event newer than `event_time`
+        was recorded since. Taking sets event_time, dirty, the
         import's owner mark and a queue lease until `now + lease_seconds`; while it is live, webhooks
         record newer events without queueing (see `release_backfilled`), and once it expired (a
         crashed import) a webhook takes the lease over and queues. None when not taken.
@@ -236,7 +248,7 @@ class ImportStore(Protocol):
         """End the hold: the state as taken, dirty=False, without lease and owner, and either sent
         (content_hash, row_hashes (None removes them), uploading_id, sent_at=now, attempts=0,
         last_order, facts when given; last_error removed) or, with `error`, parked (last_error,
-        failed_at=now). Only if no newer event came and nobody claimed the entity since the hold (event
+        failed_at=now, content_hash removed). Only if no newer event came and nobody claimed the entity since the hold (event
         time and owner unchanged): one atomic check-and-write. False otherwise: the entity stays dirty,
         and the caller must queue a message for it."""
 

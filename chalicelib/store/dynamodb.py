@@ -28,7 +28,7 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTime
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
 
-from . import Hold
+from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold
 
 _SER = TypeSerializer()
 _DES = TypeDeserializer()
@@ -37,9 +37,6 @@ CONFIG = "CONFIG"
 STATUS_MAPPING = "STATUS_MAPPING"
 ATTRIBUTES = "ATTRIBUTES"
 BACKFILL = "BACKFILL"
-BACKFILL_OWNER = "backfill"
-# Attributes older code wrote that nothing reads any more; dropped when an item is rewritten whole.
-LEGACY_ATTRIBUTES = ("queued", "received_at")
 
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
@@ -268,8 +265,9 @@ class DynamoStore:
         try:
             item = self._db.update_item(
                 TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                UpdateExpression="REMOVE queued_until, #o", ConditionExpression="attribute_exists(pk)",
-                ExpressionAttributeNames={"#o": "owner"}, ReturnValues="ALL_NEW")
+                UpdateExpression="SET claimed_at = :now REMOVE queued_until, #o", ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeNames={"#o": "owner"}, ExpressionAttributeValues=_to_item({":now": self._now()}),
+                ReturnValues="ALL_NEW")
         except ClientError as exc:
             if _conditional_failed(exc):
                 return None  # e.g. the integration was deleted after the message was queued
@@ -289,12 +287,14 @@ class DynamoStore:
                              ":o": last_order or "", ":f": facts})
 
     def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+        # Rows may have gone up before the refusal: the old content hash no longer says what Metrika holds.
         return self._finish(integration_id, kind, crm_id, event_time,
-                            "SET dirty = :no, last_error = :e, failed_at = :now", {":e": error})
+                            "SET dirty = :no, last_error = :e, failed_at = :now REMOVE content_hash", {":e": error})
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
                      lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
-        progress = ", row_hashes = :rh" if row_hashes is not None else ""
+        # Partial progress: Metrika now holds some new rows, so the whole-content hash is stale.
+        progress = ", row_hashes = :rh REMOVE content_hash" if row_hashes is not None else ""
         self._db.update_item(
             TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
             UpdateExpression=f"SET attempts = :n, last_error = :e, queued_until = :lease{progress}",
@@ -322,8 +322,10 @@ class DynamoStore:
     def stuck_entities(self, integration_id: str, *, now: float) -> list[dict]:
         # A filtered query still reads the whole partition; fine for a periodic sweep.
         # A hold's lease is its queued_until, so "no live lease" covers "not held by a live import".
-        live = {"FilterExpression": "dirty = :yes AND (attribute_not_exists(queued_until) OR queued_until < :now)",
-                "ExpressionAttributeValues": _to_item({":yes": True, ":now": _decimal(now)})}
+        live = {"FilterExpression": "dirty = :yes AND (attribute_not_exists(queued_until) OR queued_until < :now) "
+                                    "AND (attribute_not_exists(claimed_at) OR claimed_at < :claimed)",
+                "ExpressionAttributeValues": _to_item({":yes": True, ":now": _decimal(now),
+                                                       ":claimed": _decimal(now - CLAIM_GRACE_SECONDS)})}
         return [_entity(i) for prefix in ("ORDER#", "CONTACT#")
                 for i in self._query(self._state, _pk(integration_id), begins_with=prefix, **live)]
 
@@ -490,7 +492,7 @@ class DynamoStore:
                 TableName=self._state, Key=_to_item(key),
                 UpdateExpression="SET event_time = :t, dirty = :yes, queued_until = :lease, last_action = :a, "
                                  "#o = :owner",
-                ConditionExpression="attribute_not_exists(event_time) OR #o = :owner OR "
+                ConditionExpression="attribute_not_exists(event_time) OR (#o = :owner AND event_time <= :t) OR "
                                     "(dirty = :no AND event_time < :t AND (attribute_not_exists(content_hash) "
                                     "OR content_hash <> :h))",
                 ExpressionAttributeNames={"#o": "owner"},
@@ -514,6 +516,7 @@ class DynamoStore:
                  if k not in ("kind", "crm_id", "owner", "queued_until", *LEGACY_ATTRIBUTES)}
         if error is not None:
             state.update(last_error=error, failed_at=now)
+            state.pop("content_hash", None)
         else:
             state.pop("last_error", None)
             state.pop("row_hashes", None)  # hashes of other content would let a later retry skip rows wrongly
@@ -557,7 +560,9 @@ class DynamoStore:
         try:
             self._db.update_item(
                 TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                UpdateExpression=update, ConditionExpression="event_time = :seen",
+                # A lease taken since the claim means an event was recorded meanwhile, perhaps with the
+                # same time: its own message is on the way, so this delivery must not close the entity.
+                UpdateExpression=update, ConditionExpression="event_time = :seen AND attribute_not_exists(queued_until)",
                 # _to_item drops None values: a placeholder the update does not use must not be sent
                 ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False, ":now": self._now()}))
         except ClientError as exc:

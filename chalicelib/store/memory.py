@@ -16,9 +16,8 @@ from typing import Any, Callable
 
 from chalicelib.crm import EntityRef
 
-from . import Hold
+from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold
 
-BACKFILL_OWNER = "backfill"
 _KINDS = ("order", "contact")  # list_entities' order, as DynamoStore's sort keys give it
 
 
@@ -182,6 +181,7 @@ class MemoryStore:
                 return None
             item.pop("queued_until", None)
             item.pop("owner", None)
+            _set(item, claimed_at=self._now())
             return self._view(kind, crm_id, item)
 
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
@@ -204,6 +204,7 @@ class MemoryStore:
             if item is None:
                 return False
             _set(item, dirty=False, last_error=error, failed_at=self._now())
+            item.pop("content_hash", None)
             return True
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
@@ -211,6 +212,8 @@ class MemoryStore:
         with self._lock:
             item = self._entities.setdefault(integration_id, {}).setdefault((kind.lower(), crm_id), {})
             _set(item, attempts=attempts, last_error=error, queued_until=_decimal(lease_until), row_hashes=row_hashes)
+            if row_hashes is not None:
+                item.pop("content_hash", None)
 
     def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
         with self._lock:
@@ -232,7 +235,8 @@ class MemoryStore:
         with self._lock:
             return [self._view(kind, crm_id, item) for (kind, crm_id), item in self._ordered(integration_id)
                     if item.get("dirty") is True
-                    and ("queued_until" not in item or item["queued_until"] < _decimal(now))]
+                    and ("queued_until" not in item or item["queued_until"] < _decimal(now))
+                    and ("claimed_at" not in item or item["claimed_at"] < _decimal(now - CLAIM_GRACE_SECONDS))]
 
     def existing_entities(self, integration_id: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
         with self._lock:
@@ -348,7 +352,8 @@ class MemoryStore:
             key = (kind.lower(), crm_id)
             item = entities.get(key)
             seen = _model(event_time)
-            if not (item is None or "event_time" not in item or item.get("owner") == BACKFILL_OWNER
+            if not (item is None or "event_time" not in item
+                    or (item.get("owner") == BACKFILL_OWNER and item["event_time"] <= seen)
                     or (item.get("dirty") is False and item["event_time"] < seen
                         and item.get("content_hash", None) != content_hash)):
                 return None  # the live path has it, or this content was already sent
@@ -367,10 +372,12 @@ class MemoryStore:
             if item is None or item.get("event_time") != _model(hold.event_time) or item.get("owner") != hold.owner:
                 return False  # a newer event came meanwhile, or a worker claimed the entity
             # The whole state as held, like DynamoStore's conditional put.
-            state = {k: v for k, v in hold.state.items() if k not in ("kind", "crm_id", "owner", "queued_until")}
+            state = {k: v for k, v in hold.state.items()
+                     if k not in ("kind", "crm_id", "owner", "queued_until", *LEGACY_ATTRIBUTES)}
             now = self._now()
             if error is not None:
                 state.update(last_error=error, failed_at=now)
+                state.pop("content_hash", None)
             else:
                 state.pop("last_error", None)
                 state.pop("row_hashes", None)
@@ -394,9 +401,11 @@ class MemoryStore:
         return self._entities.get(integration_id, {}).get((kind.lower(), crm_id))
 
     def _current(self, integration_id: str, kind: str, crm_id: str, event_time: int) -> dict | None:
-        """The entity if its stored event time is still `event_time`."""
+        """The entity if it is as the claim saw it: the same event time and no event recorded since."""
         item = self._item(integration_id, kind, crm_id)
-        return item if item is not None and item.get("event_time") == _model(event_time) else None
+        if item is None or item.get("event_time") != _model(event_time) or "queued_until" in item:
+            return None  # newer, or recorded since the claim (the lease says so, even at the same time)
+        return item
 
     def _ordered(self, integration_id: str) -> list[tuple[tuple[str, str], dict]]:
         entities = self._entities.get(integration_id, {})
