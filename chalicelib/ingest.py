@@ -77,7 +77,7 @@ class Ingest:
         """Bitrix24: `auth[application_token]` first (absent: 401), in constant time, then member id
         and domain when configured ("Event handlers", https://apidocs.bitrix24.com/api-reference/events/index.html)."""
         from .crm.bitrix24.webhook import MissingCredentials, parse_bitrix24_event
-        self._integration(integration_id, "bitrix24", raw, max_age=INTEGRATION_MAX_AGE)  # 413, 404 before parsing
+        known = self._integration(integration_id, "bitrix24", raw, max_age=INTEGRATION_MAX_AGE)  # 413, 404 first
         try:
             event = parse_bitrix24_event(raw)
         except MissingCredentials as exc:
@@ -85,7 +85,7 @@ class Ingest:
         except WebhookError as exc:
             raise invalid(str(exc)) from exc
         connection = self._verified(integration_id, "bitrix24", raw, lambda c: secrets_match(
-            event.application_token, c.get("application_token")))
+            event.application_token, c.get("application_token")), known=known)
         if connection is None:
             raise ApiError(403, "forbidden", "auth[application_token] does not match this integration")
         for key, value in (("member_id", event.member_id), ("domain", event.domain)):
@@ -93,11 +93,13 @@ class Ingest:
                 raise ApiError(403, "forbidden", f"auth[{key}] does not match this integration")
         return self.record(integration_id, event.refs, origin="bitrix24", ignored=0 if event.refs else 1)
 
-    def _verified(self, integration_id: str, crm: str, raw: bytes, secret_matches: Callable[[dict], bool]) -> dict | None:
+    def _verified(self, integration_id: str, crm: str, raw: bytes, secret_matches: Callable[[dict], bool], *,
+                  known: dict | None = None) -> dict | None:
         """The integration's connection if the webhook's secret matches, else None. The config may come
-        from this Lambda's copy of the last seconds; a mismatch is checked again against a fresh read,
-        so a rotated secret works at once (the old one may still pass here for those seconds)."""
-        connection = self._integration(integration_id, crm, raw, max_age=INTEGRATION_MAX_AGE)["connection"]
+        from this Lambda's copy of the last seconds (`known`: already read for this request); a mismatch
+        is checked again against a fresh read, so a rotated secret works at once (the old one may still
+        pass here for those seconds)."""
+        connection = (known or self._integration(integration_id, crm, raw, max_age=INTEGRATION_MAX_AGE))["connection"]
         if secret_matches(connection):
             return connection
         connection = self._integration(integration_id, crm, raw)["connection"]
