@@ -1,5 +1,5 @@
 """Cold start: a fresh Python process importing app.py and answering its first webhook, against a bare
-process doing `import chalice, boto3` and creating the same clients. Target ≤ 1.3×.
+process doing `import chalice, boto3` and creating the same clients. Target ≤ 1.1×.
 
     python -m bench.cold_start [--runs 7]
 """
@@ -67,7 +67,7 @@ def main() -> None:
         bare = [run(BARE) for _ in range(args.runs)]
         in_ours, in_bare = statistics.median(t for t, _ in ours), statistics.median(t for t, _ in bare)
         whole_ours, whole_bare = statistics.median(w for _, w in ours), statistics.median(w for _, w in bare)
-        table(f"Cold start (median of {args.runs} fresh processes; target ≤ 1.3×)",
+        table(f"Cold start (median of {args.runs} fresh processes; target ≤ 1.1×)",
               ["measure", "app.py + first webhook", "bare chalice + boto3 clients", "ratio"],
               [["import + first answer, in process", f"{in_ours * 1000:.0f} ms", f"{in_bare * 1000:.0f} ms",
                 f"{in_ours / in_bare:.2f}×"],
