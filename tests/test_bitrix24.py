@@ -236,3 +236,14 @@ def test_future_times_are_clamped():
     entity = deal_rows({**DEAL, "DATE_MODIFY": future}, contact=None, lead=None, product_rows=[], mapping=MAPPING,
                        client_id_field="X", now=NOW)
     assert entity.orders[0]["update_date_time"] == NOW
+
+
+def test_an_amount_that_is_not_a_number_parks_the_deal_naming_the_field():
+    from chalicelib.crm.bitrix24.translate import deal_rows
+    entity = deal_rows({**DEAL, "OPPORTUNITY": "двадцать"}, contact=None, lead=None, product_rows=[], mapping=MAPPING,
+                       client_id_field="UF_CRM_CID", now=NOW)
+    assert entity.error["code"] == "bad_value" and "OPPORTUNITY" in entity.error["message"]
+    rows = [{"ID": "1", "PRODUCT_ID": "5", "QUANTITY": "2 шт"}]
+    entity = deal_rows(DEAL, contact=None, lead=None, product_rows=rows, mapping=MAPPING, client_id_field="UF_CRM_CID",
+                       now=NOW)
+    assert entity.error and "QUANTITY" in entity.error["message"]

@@ -112,10 +112,14 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
         customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{deal['ID']}", "name": deal.get("TITLE") or None,
                     "create_date_time": _time(deal.get("DATE_CREATE"), now), "client_ids": found}
         customer = {k: v for k, v in customer.items() if v not in (None, [])}
+    try:  # people type amounts: one that is not a number parks this deal, naming the field
+        revenue = _amount(deal, "OPPORTUNITY")
+        quantities = [_amount(row, "QUANTITY") or 0 for row in product_rows]
+    except ValueError as exc:
+        return EntityRows(error={"kind": "permanent", "code": "bad_value", "message": f"deal {deal.get('ID')}: {exc}"})
     products: dict[str, Any] = {}
     names: dict[str, dict] = {}
-    for row in product_rows:
-        quantity = parse_decimal(row.get("QUANTITY")) or 0
+    for row, quantity in zip(product_rows, quantities):
         products[product_id(row)] = products.get(product_id(row), 0) + quantity
         names[product_id(row)] = {"name": row.get("PRODUCT_NAME") or None}
     closed = deal.get("CLOSED") == "Y"
@@ -123,12 +127,19 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
              "create_date_time": _time(deal.get("DATE_CREATE"), now),
              "update_date_time": _time(deal.get("DATE_MODIFY"), now),
              "finish_date_time": _time(deal.get("MOVED_TIME"), now) if closed else None,
-             "revenue": parse_decimal(deal.get("OPPORTUNITY")),
+             "revenue": revenue,
              "currency": deal.get("CURRENCY_ID") or None,
              "products": products,
              "attribute_values": attribute_values(deal, attributes, "order")}
     return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}],
                       products=names)
+
+
+def _amount(record: dict, field: str) -> Any:
+    try:
+        return parse_decimal(record.get(field))
+    except ValueError:
+        raise ValueError(f"{field} {str(record.get(field))[:40]!r} is not a number") from None
 
 
 def from_item_product_row(row: dict) -> dict:
