@@ -81,7 +81,7 @@ class Core:
 
     def metrika_for(self, integration: dict) -> MetrikaClient:
         governor = QuotaGovernor(self.store, integration["metrika_token"], clock=self.clock, sleep=self.clock.advance)
-        return MetrikaClient(integration["metrika_token"], self.metrika_url, governor=governor)
+        return MetrikaClient(integration["metrika_token"], self.metrika_url, governor=governor, sleep=self.clock.advance)
 
     def integration(self, integration_id: str = "shop", **overrides: Any) -> str:
         config = {"crm": "amocrm", "counter_id": self.counter_id, "metrika_token": METRIKA_TOKEN,

@@ -164,3 +164,30 @@ def test_requests_are_built_for_the_documented_paths():
     assert cdp.upload_contacts(5, []).params == {"merge_mode": "APPEND"}
     assert cdp.get_counter(5).path == "/management/v1/counter/5"
     assert cdp.last_uploadings(5, 50, "2026-01-01 00:00:00").params == {"limit": "50", "datetime_offset": "2026-01-01 00:00:00"}
+
+
+def test_an_answered_503_is_tried_once_more_after_a_short_pause(metrika_sandbox):
+    pauses = []
+
+    def pause(seconds):  # Metrika recovers while we wait
+        pauses.append(seconds)
+        metrika_sandbox.set_faults()
+
+    metrika_sandbox.set_faults(error_503=1.0)
+    uploading = MetrikaClient(METRIKA_TOKEN, metrika_sandbox.url, sleep=pause).upload_orders(7, [ORDER])
+    assert uploading["uploading_id"] and len(pauses) == 1 and 0 < pauses[0] <= 0.5
+    assert [r["status"] for r in metrika_sandbox.requests] == [503, 200]
+
+
+def test_quick_retry_gives_up_after_one_and_leaves_timeouts_and_quotas_to_the_caller(metrika_sandbox):
+    pauses = []
+    client = MetrikaClient(METRIKA_TOKEN, metrika_sandbox.url, sleep=pauses.append, timeout=(1, 0.3))
+    metrika_sandbox.set_faults(error_503=1.0)
+    with pytest.raises(Transient):
+        client.upload_orders(7, [ORDER])
+    assert len(metrika_sandbox.requests) == 2 and len(pauses) == 1
+    metrika_sandbox.set_faults(slow=1.0, slow_seconds=0.6)
+    with pytest.raises(Transient):
+        client.upload_orders(7, [ORDER])
+    assert len(pauses) == 1  # a timeout already took its time: no quick retry
+    metrika_sandbox.set_faults()
