@@ -28,7 +28,8 @@ order as sent), `facts`, and `owner` (set while a history import holds the entit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from decimal import Decimal
+from typing import Any, Protocol
 
 from chalicelib.crm import EntityRef
 
@@ -38,6 +39,26 @@ LEGACY_ATTRIBUTES = ("queued", "received_at")
 # A worker that claimed an entity this recently is taken to be delivering it: the stuck sweep leaves
 # it alone (SQS redelivers the message of a worker that died; the sweep covers messages that are gone).
 CLAIM_GRACE_SECONDS = 900
+
+
+def plain(value: Any) -> Any:
+    """Stored numbers are Decimal (DynamoDB's kind): callers get ints (ids, counts, times), or floats
+    where not integral (lease times), in a fresh structure."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, set):
+        return {plain(v) for v in value}
+    return value
+
+
+def stored_time(seconds: float) -> Decimal:
+    """A time as both stores keep it: 0.1 ms is precise enough for leases and spacing, and keeps
+    numbers short."""
+    return Decimal(str(round(seconds, 4)))
 
 
 @dataclass(frozen=True)

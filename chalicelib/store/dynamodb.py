@@ -29,6 +29,8 @@ from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
 
 from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold
+from . import plain as _plain
+from . import stored_time as _decimal
 
 _SER = TypeSerializer()
 _DES = TypeDeserializer()
@@ -110,25 +112,6 @@ def _from_item(item: dict | None) -> dict | None:
     if item is None:
         return None
     return _plain({k: _DES.deserialize(v) for k, v in item.items()})
-
-
-def _plain(value: Any) -> Any:
-    """DynamoDB numbers come back as Decimal: give callers ints (our numbers are ids, counts, times), or
-    floats where not integral (lease times)."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, set):
-        return {_plain(v) for v in value}
-    return value
-
-
-def _decimal(seconds: float) -> Decimal:
-    """A time as stored: 0.1 ms is precise enough for leases and spacing, and keeps numbers short."""
-    return Decimal(str(round(seconds, 4)))
 
 
 def _entity(item: dict) -> dict:

@@ -17,6 +17,8 @@ from typing import Any, Callable
 from chalicelib.crm import EntityRef
 
 from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold
+from . import plain as _plain
+from . import stored_time as _decimal
 
 _KINDS = ("order", "contact")  # list_entities' order, as DynamoStore's sort keys give it
 
@@ -45,24 +47,6 @@ def _model(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return {_model(v) for v in value}
     raise TypeError(f"Unsupported type {type(value)!r} for value {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    """What callers get: a fresh structure, Decimal as int (float where not integral)."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, set):
-        return {_plain(v) for v in value}
-    return value
-
-
-def _decimal(seconds: float) -> Decimal:
-    """A time as DynamoStore stores it (rounded to 0.1 ms)."""
-    return Decimal(str(round(seconds, 4)))
 
 
 def _set(item: dict, **values: Any) -> None:
