@@ -683,8 +683,14 @@ def test_dynamo_ignores_the_legacy_queued_flag(request, clock, iid):
         "pk": {"S": f"INTEGRATION#{iid}"}, "sk": {"S": "ORDER#5"}, "event_time": {"N": "1700000000"},
         "dirty": {"BOOL": True}, "queued": {"BOOL": True}, "received_at": {"N": "1700000000"}})
     assert mark(store, iid, "5", 1_700_000_001) is True  # no lease: queue (the old flag proves nothing)
-    hold = store.take_for_backfill(iid, "order", "6", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    # An import that rewrites an old item whole leaves the legacy attributes out.
+    seen = store.claim(iid, "order", "5")
+    assert store.mark_clean(iid, "order", "5", event_time=seen["event_time"], content_hash="h0", row_hashes={},
+                            uploading_id="u")
+    hold = store.take_for_backfill(iid, "order", "5", 1_700_000_100, "h", now=NOW, lease_seconds=LEASE)
+    assert {"queued", "received_at"} <= set(hold.state)
     assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None)
+    assert not {"queued", "received_at"} & set(entity(store, iid, "5"))
 
 
 def test_dynamo_unreachable_is_unavailable(request, clock, iid):
