@@ -5,7 +5,9 @@ Why: orders match visits only after the first contact upload and only within 21 
 данных о клиентах", https://yandex.ru/dev/metrika/ru/data-import/contacts), so an integration's first
 reports are empty unless existing customers and deals go up early.
 
-How it runs: as a chain of steps on the events queue (`{"kind": "backfill", "run_id"}` messages), each
+How it runs: as a chain of steps on the events queue (`{"kind": "backfill", "crm_id": "<run id>:<step>"}`
+messages; a message for a step already done — SQS redelivering a batch that failed after the step saved
+its progress — is dropped, so there is only ever one chain), each
 reading pages until about `row_limit` entities, uploading them, then saving the cursor and counts and
 queueing the next step. An interrupted step (crash, timeout, Metrika or CRM failure) is retried from the
 last saved cursor; a stop lets the step in flight finish and queues nothing more; starting again resumes.
@@ -135,15 +137,24 @@ class Backfill:
 
     @staticmethod
     def _message(integration_id: str, job: dict) -> dict:
-        return message(integration_id, BACKFILL, job["run_id"])
+        return message(integration_id, BACKFILL, f"{job['run_id']}:{job['steps']}")
+
+    @staticmethod
+    def _is_next(job: dict | None, step_id: str) -> bool:
+        """Whether `step_id` (a message's `<run id>:<step>`) is the running import's next step. A bare
+        run id (queued before step numbers existed) is taken for the next step."""
+        run_id, _, number = step_id.partition(":")
+        return bool(job) and job.get("run_id") == run_id and job["state"] == "running" \
+            and (not number or (number.isdigit() and int(number) == job.get("steps", 0)))
 
     # --- one step (the worker calls this for a backfill message) --------------------------------------
 
-    def step(self, integration_id: str, run_id: str) -> dict:
+    def step(self, integration_id: str, step_id: str) -> dict:
         job = self._store.get_backfill(integration_id)
         integration = self._store.get_integration(integration_id)
-        if not job or not integration or job.get("run_id") != run_id or job["state"] != "running":
-            return {"skipped": "not the running import"}
+        if not integration or not self._is_next(job, step_id):
+            return {"skipped": "not the running import's next step"}
+        run_id = job["run_id"]
         metrika = self._metrika_for(integration)
         remaining = metrika.remaining_budget()
         if remaining is not None and remaining < self._reserve:
@@ -208,12 +219,12 @@ class Backfill:
                   metrika_requests=metrika_requests, **counts["counts"])
         return counts["counts"]
 
-    def crashed(self, integration_id: str, run_id: str, reason: str) -> dict:
+    def crashed(self, integration_id: str, step_id: str, reason: str) -> dict:
         """A step raised something unexpected: retry it with backoff, counting an attempt, so a bug
         fails the import visibly after the retry limit instead of failing the worker's batch."""
         job = self._store.get_backfill(integration_id)
-        if not job or job.get("run_id") != run_id or job["state"] != "running":
-            return {"skipped": "not the running import"}
+        if not self._is_next(job, step_id):
+            return {"skipped": "not the running import's next step"}
         return self._again(integration_id, job, self._backoff(job), f"unexpected error: {reason}")
 
     def _backoff(self, job: dict) -> float:

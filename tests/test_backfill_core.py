@@ -64,3 +64,20 @@ def test_a_failed_orders_upload_is_retried_without_resending_what_went(setup, am
     assert {k: n for k, n in counter.times_uploaded.items() if n != 1} == {}
     assert job["counts"]["read"] == CONTACTS + DEALS and job["counts"]["orders_sent"] == DEALS
     assert job["counts"]["contacts_sent"] == CONTACTS + DEALS // 10
+
+
+def test_a_redelivered_step_message_starts_no_second_chain(setup, amocrm, metrika_sandbox):
+    """SQS redelivers a batch that failed after the step had saved its progress and queued the next
+    one: the old message must do nothing, or two chains would read the same pages."""
+    core, shop, people = setup
+    core.backfill.start(shop, {"since": int(time.time()) - 86400})
+    first = core.queue.receive()
+    core.worker.handle(first)  # step 0 done: the contacts, and step 1 is queued
+    after_one = core.backfill.status(shop)["backfill"]
+    assert after_one["steps"] == 1 and len(core.queue) == 1
+    core.worker.handle(first)  # the same message again
+    assert core.backfill.status(shop)["backfill"] == after_one and len(core.queue) == 1
+    core.drain()
+    job = core.backfill.status(shop)["backfill"]
+    assert job["state"] == "done" and job["counts"]["orders_sent"] == DEALS
+    assert all(n == 1 for n in metrika_sandbox.counter(core.counter_id).times_uploaded.values())
