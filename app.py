@@ -12,6 +12,7 @@ import uuid
 from chalice import AuthResponse, Chalice, Rate, Response
 
 from chalicelib.errors import ApiError, Unavailable, invalid
+from chalicelib.ids import is_integration_id
 from chalicelib.settings import APP_NAME, get_settings
 
 app = Chalice(app_name=APP_NAME)
@@ -88,6 +89,10 @@ def answers(view):
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
         try:
+            if "integration_id" in kwargs and not is_integration_id(kwargs["integration_id"]):
+                # Checked for every route, before any lookup: DynamoDB refuses keys over 2 KB (a 500).
+                raise invalid("integration id must be 1-64 characters: Latin letters, digits, _ and -",
+                              {"integration_id": str(kwargs["integration_id"])[:80]})
             return view(*args, **kwargs)
         except ApiError as error:
             return Response(body=error.body(), status_code=error.status)
@@ -118,12 +123,18 @@ def json_body():
     if not raw:
         return None
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise invalid("body is not valid JSON (or is nested too deeply)") from None
+        body = json.loads(raw, parse_constant=_no_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") cannot be stored or sent
+    except (ValueError, RecursionError, UnicodeError):
+        raise invalid("body is not valid JSON (NaN, Infinity, lone surrogates, numbers over 4,300 digits and "
+                      "nesting too deep are refused)") from None
     if _depth(body) > MAX_JSON_DEPTH:
         raise invalid(f"body is nested more than {MAX_JSON_DEPTH} levels deep")
     return body
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _depth(value, level=0):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from .errors import ApiError, BridgeError, http_error, invalid
-from .integrations import get_integration
+from .integrations import StrictBoolean, get_integration
 from .logs import log_event
 from .metrika.schemas import ATTRIBUTE_TYPES, SCHEMA_ID
 
@@ -42,7 +42,7 @@ class AttributeMappingEntry(Schema):
     type = fields.String(required=True, validate=validate.OneOf(
         ATTRIBUTE_TYPES, error="must be one of text, numeric, date, datetime, email (Metrika has no boolean: "
                                "map yes/no fields as text)"))
-    multivalued = fields.Boolean(load_default=False)
+    multivalued = StrictBoolean(load_default=False)
     humanized = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=4096))
 
 

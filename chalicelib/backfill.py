@@ -60,7 +60,7 @@ def parse_since(value: Any, time_zone: str, now: datetime | None = None) -> int:
         try:
             day = date.fromisoformat(str(value))
         except ValueError:
-            raise invalid(f"since must be a date (YYYY-MM-DD) or Unix seconds, not {value!r}") from None
+            raise invalid(f"since must be a date (YYYY-MM-DD) or Unix seconds, not {str(value)[:40]!r}") from None
         since = int(datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(time_zone)).timestamp())
     if since > now.timestamp():
         raise invalid("since is in the future")
@@ -92,6 +92,11 @@ class Backfill:
         if body is not None and not isinstance(body, dict):
             raise invalid('body must be a JSON object: {"since": "YYYY-MM-DD"}')
         body = body or {}
+        unknown = sorted(set(body) - {"since", "restart"})
+        if unknown:
+            raise invalid(f"unknown field(s): {', '.join(k[:40] for k in unknown[:5])}", {"fields": [k[:40] for k in unknown[:5]]})
+        if not isinstance(body.get("restart", False), bool):
+            raise invalid("restart must be true or false", {"restart": str(body["restart"])[:40]})
         integration = self._integration(integration_id)
         current = self._store.get_backfill(integration_id)
         since = parse_since(body.get("since", (current or {}).get("since_ts")), integration["timezone"])

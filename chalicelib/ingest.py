@@ -205,7 +205,7 @@ class Ingest:
 def reconcile_or_answer(ingest: Ingest, integration_id: str, source: CrmSource, since: Any = None) -> dict:
     """`reconcile` for an admin route: bad `since` is a 400, the CRM's failure a 422/502."""
     if since is not None and (isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= 2**40):
-        raise invalid("since must be Unix seconds (a non-negative whole number)", {"since": since})
+        raise invalid("since must be Unix seconds (a non-negative whole number)", {"since": str(since)[:40]})
     try:
         return ingest.reconcile(integration_id, source, since=since)
     except BridgeError as exc:

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
+from .ids import is_integration_id
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
 from .metrika.schemas import SCHEMA_ID, resolve_time_zone
@@ -18,7 +19,6 @@ MASK = "********"
 # Paths of write-only values: never returned, never logged.
 SECRET_PATHS = (("metrika_token",), ("connection", "access_token"), ("connection", "webhook_secret"),
                 ("connection", "webhook_url"), ("connection", "application_token"))
-INTEGRATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_CLIENT_ID_FIELD = {"amocrm": "_YM_UID", "bitrix24": "UF_CRM_YM_CLIENT_ID"}
 # Limits on every string, so no stored item comes near DynamoDB's 400 KB.
 MAX_URL, MAX_SECRET, MAX_ID, MAX_TIME_ZONE = 2048, 4096, 255, 64
@@ -60,6 +60,12 @@ def _https_url(value: str) -> None:
         raise ValidationError("must be an https:// URL") from exc
     if "@" in parts.netloc:
         raise ValidationError("must not carry a user name or password")
+    try:
+        parts.port  # noqa: B018 — raises for a port out of range
+    except ValueError as exc:
+        raise ValidationError("must have a valid port (1-65535) or none") from exc
+    if hostname and not re.fullmatch(r"[a-z0-9.-]+|[0-9a-f:.]+", hostname):  # urlsplit lower-cases it
+        raise ValidationError("must name a host: letters, digits, dots and hyphens")
     if parts.query or parts.fragment:
         raise ValidationError("must not carry a query or fragment")
     if parts.scheme == "https" and hostname:
@@ -180,7 +186,7 @@ class IntegrationConfig(Schema):
 
 
 def validate_integration_id(integration_id: str) -> None:
-    if not isinstance(integration_id, str) or not INTEGRATION_ID.fullmatch(integration_id):
+    if not is_integration_id(integration_id):
         raise invalid("integration id must be 1-64 characters: Latin letters, digits, _ and -")
 
 

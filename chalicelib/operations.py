@@ -62,7 +62,7 @@ def replay(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integrat
     if "crm_id" in body:
         kind = body.get("kind", "order")
         if kind not in ("order", "contact"):
-            raise invalid("kind must be order or contact", {"kind": kind})
+            raise invalid("kind must be order or contact", {"kind": str(kind)[:40]})
         crm_id = _crm_id(body["crm_id"])
         state = store.get_entity(integration_id, kind, crm_id)
         if state is None:

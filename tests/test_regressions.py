@@ -113,3 +113,32 @@ def test_8_bitrix24_event_without_an_application_token_is_401(app_client, integr
     body = urlencode({"event": "ONCRMDEALUPDATE", "data[FIELDS][ID]": "1", "ts": "1790000000"}).encode()
     answer = app_client.http.post(f"/webhooks/bitrix24/{integration_id}", headers=FORM, body=body)
     assert answer.status_code == 401
+
+
+def test_sweep_json_nan_lone_surrogates_and_long_echoes_are_clean_400s(app_client, amo):
+    raw = b'{"since": NaN}'
+    answer = app_client.http.post(f"/integrations/{amo}/reconcile", headers=admin_headers(), body=raw)
+    assert answer.status_code == 400 and json.loads(answer.body)  # valid JSON out
+    body = json.dumps({"entries": [{"crm_status": "7001:142", "metrika_status_id": "won", "type": "PAID",
+                                    "humanized": "\ud800"}]})
+    answer = app_client.http.put(f"/integrations/{amo}/status-mapping", headers=admin_headers(), body=body)
+    assert answer.status_code == 400
+    answer = app_client.http.post(f"/integrations/{amo}/replay", headers=admin_headers(),
+                                  body=json.dumps({"kind": "x" * 1_000_000, "crm_id": "5"}))
+    assert answer.status_code == 400 and len(answer.body) < 2000
+    answer = app_client.http.get("/integrations/" + "a" * 3000, headers=admin_headers())
+    assert answer.status_code == 400 and "integration_id" in answer.json_body["details"]
+
+
+def test_sweep_lenient_booleans_and_unusable_urls_are_refused(app_client, amo, amocrm):
+    answer = app_client.http.post(f"/integrations/{amo}/backfill", headers=admin_headers(),
+                                  body=json.dumps({"since": "2026-11-01", "restart": "false"}))
+    assert answer.status_code == 400 and "restart" in answer.json_body["message"]
+    answer = app_client.http.put(f"/integrations/{amo}/attributes", headers=admin_headers(), body=json.dumps(
+        {"entries": [{"crm_field": "UTM", "entity": "order", "name": "utm", "type": "text", "multivalued": "false"}]}))
+    assert answer.status_code == 400 and "multivalued" in json.dumps(answer.json_body)
+    for url in ("https://shop.amocrm.ru:99999", "https://%00", "https://exa mple.ru"):
+        config = {"crm": "amocrm", "counter_id": COUNTER, "metrika_token": "y0_regressions", "timezone": "UTC",
+                  "connection": {"base_url": url, "access_token": "t", "webhook_secret": SECRET}}
+        answer = app_client.http.put(f"/integrations/{amo}", headers=admin_headers(), body=json.dumps(config))
+        assert answer.status_code == 400 and "base_url" in json.dumps(answer.json_body), url
