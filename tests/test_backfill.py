@@ -17,10 +17,10 @@ AMO_COUNTER, B24_COUNTER = 8181, 8282
 AMO_SECRET = "backfill-amocrm-secret-0123456789"
 B24_APP_TOKEN = "bf8w3e7r2t6y1u5i9o4p0a3s8d2f7g1h"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-# The smallest size that still gives several steps per phase (steps of 250 below) so that stops,
-# retries and webhooks land between them; `bench/backfill.py` runs the full 5,000 / 3,000.
+# The smallest size that still gives two or more steps per phase (steps of 250, Bitrix24 deals 200) so
+# that stops, retries and webhooks land between them; `bench/backfill.py` runs the full 5,000 / 3,000.
 BITRIX_STEP_DEALS = 200
-DEALS, CONTACTS = int(os.environ.get("BACKFILL_DEALS", "750")), int(os.environ.get("BACKFILL_CONTACTS", "500"))
+DEALS, CONTACTS = int(os.environ.get("BACKFILL_DEALS", "500")), int(os.environ.get("BACKFILL_CONTACTS", "300"))
 
 
 @pytest.fixture(autouse=True)
@@ -220,7 +220,7 @@ def test_metrika_failures_are_retried_without_double_uploads(app_client, amo_int
                                                             metrika_sandbox, monkeypatch):
     import chalicelib.backfill as backfill
     monkeypatch.setattr(backfill, "MAX_DELAY", 1)
-    deals, contacts = 500, 100  # two steps of deals and one of contacts: enough retries to land between them
+    deals, contacts = 300, 60  # two steps of deals and one of contacts: enough retries to land between them
     people = seed_amocrm(amocrm, deals=deals, contacts=contacts)
     metrika_sandbox.set_faults(error_503=0.4, seed=3)
     assert start(app_client, amo_integration).status_code == 200
