@@ -273,6 +273,8 @@ class Backfill:
         its entities stay taken until a run resumes it or their lease runs out."""
         from marshmallow import ValidationError
         now = self._clock()
+        # A step that failed before row hashes existed saved no `accepted`; its rows simply go again.
+        partial = {"counts": {}, "settled": [], **partial, "accepted": partial.get("accepted") or {}}
         settled_before = {tuple(key) for key in partial["settled"]}
         rows = {key: entity for key, entity in rows.items() if key not in settled_before}
         counts = {k: 0 for k in COUNTS}

@@ -81,3 +81,15 @@ def test_a_redelivered_step_message_starts_no_second_chain(setup, amocrm, metrik
     job = core.backfill.status(shop)["backfill"]
     assert job["state"] == "done" and job["counts"]["orders_sent"] == DEALS
     assert all(n == 1 for n in metrika_sandbox.counter(core.counter_id).times_uploaded.values())
+
+
+def test_an_import_running_across_the_upgrade_resumes_with_its_old_progress(setup, amocrm, metrika_sandbox):
+    """A step that failed before this version saved `partial` without `accepted` (it had `contacts`)."""
+    core, shop, people = setup
+    core.backfill.start(shop, {"since": int(time.time()) - 86400})
+    job = core.store.get_backfill(shop)
+    job["partial"] = {"counts": {"read": 0}, "settled": [], "contacts": {}}
+    core.store.put_backfill(shop, job)
+    core.drain()
+    job = core.backfill.status(shop)["backfill"]
+    assert job["state"] == "done" and job["counts"]["orders_sent"] == DEALS
