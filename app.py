@@ -84,8 +84,8 @@ def get_worker():
 
 def answers(view):
     """Every answer is JSON in one shape. Bad input raises `ApiError` (4xx naming the field); our store
-    or queue unreachable is a 503 (the CRM retries, nothing was half-written); anything else is a bug:
-    a 500 with a request id, the traceback in the log under the same id."""
+    or queue unreachable is a 503 (the CRM retries; what was written is harmless to write again);
+    anything else is a bug: a 500 with a request id, the traceback in the log under the same id."""
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
         try:

@@ -205,7 +205,6 @@ def delivery_facts(contacts: list[dict], orders: list[dict], time_zone: str,
 class _Ready:
     """An entity that passed validation and has rows to send."""
 
-    pending: Pending
     contacts: list[dict]
     orders: list[dict]
     content_hash: str
@@ -281,7 +280,7 @@ class Sink:
             accepted = hashes  # delivered as it is
         else:
             accepted = {k: h for k, h in item.sent.items() if hashes.get(k) == h}
-        return _Ready(item, contacts, orders, content_hash, hashes, accepted)
+        return _Ready(contacts, orders, content_hash, hashes, accepted)
 
     def _accepted(self, integration: dict, entity: _Ready) -> Accepted:
         last_order = json.dumps(entity.orders[0], sort_keys=True, ensure_ascii=False) if entity.orders else None
