@@ -45,15 +45,16 @@ class MetrikaClient:
         pause before the caller's backoff (minutes) takes over. Under 30 % of such answers that turns
         a 30 % chance of a long wait into 9 %. Not retried here: timeouts (the call already took its
         time), the daily quota, and a Retry-After longer than QUICK_RETRY_MAX."""
-        for attempt in range(self._attempts):
+        attempts = 0
+        while True:
             try:
                 return self._governed(request)
             except Transient as exc:
+                attempts += 1
                 quick = exc.status is not None and not exc.daily_quota and (exc.retry_after or 0) <= QUICK_RETRY_MAX
-                if not quick or attempt + 1 >= self._attempts:
+                if not quick or attempts >= self._attempts:
                     raise
                 self._sleep(max(exc.retry_after or 0, random.uniform(QUICK_RETRY_PAUSE / 2, QUICK_RETRY_PAUSE)))
-        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _governed(self, request: cdp.ApiRequest) -> Any:
         if self.governor is None:
