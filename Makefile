@@ -14,12 +14,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: $(VENV)/.installed
 	$(PY) -m sandbox.local_stack
 
+# Two processes (pytest-xdist): the suite waits on loopback HTTP more than it computes.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # The fast tier for the edit-test loop (under a minute): no moto_server, no local stack.
 check: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not stack"
+	$(PY) -m pytest -q -n 2 -m "not stack"
 
 # The benchmarks of BENCHMARKS.md (about 8 minutes): each prints a table with its ratio to a floor.
 bench: $(VENV)/.installed

@@ -19,12 +19,21 @@ import pytest
 from sandbox.local_stack import emulator_env, free_port, start_moto, stop
 from sandbox.metrika import MetrikaSandbox
 
-ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
-METRIKA_TOKEN = "y0_test-metrika-token-" + uuid.uuid4().hex
-AMO_SECRET = "amo-webhook-secret-" + uuid.uuid4().hex
-AMO_TOKEN = "amo-long-lived-token-" + uuid.uuid4().hex
-B24_APP_TOKEN = "b24apptoken" + uuid.uuid4().hex[:21]
-B24_WEBHOOK_URL = "https://portal.bitrix24.ru/rest/1/" + uuid.uuid4().hex[:16] + "/"
+# Random per test run, the same in every xdist worker (they must collect the same parametrised ids).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+_SEEDED = uuid.UUID(_RUN[:32].ljust(32, "0"))
+
+
+def _secret_part(name: str) -> str:
+    return uuid.uuid5(_SEEDED, name).hex
+
+
+ADMIN_TOKEN = "test-admin-token-" + _secret_part("admin")
+METRIKA_TOKEN = "y0_test-metrika-token-" + _secret_part("metrika")
+AMO_SECRET = "amo-webhook-secret-" + _secret_part("amo-secret")
+AMO_TOKEN = "amo-long-lived-token-" + _secret_part("amo-token")
+B24_APP_TOKEN = "b24apptoken" + _secret_part("b24-app")[:21]
+B24_WEBHOOK_URL = "https://portal.bitrix24.ru/rest/1/" + _secret_part("b24-url")[:16] + "/"
 SECRETS = (ADMIN_TOKEN, METRIKA_TOKEN, AMO_SECRET, AMO_TOKEN, B24_APP_TOKEN, B24_WEBHOOK_URL)
 
 
