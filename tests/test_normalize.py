@@ -1,15 +1,18 @@
 """The identifier normalisers (chalicelib/normalize.py): plain functions, ValueError naming the value.
 
-Rules: Metrika's "Hashing (md5)" page, https://yandex.ru/dev/metrika/ru/data-import/hashing, and the
-`client_ids` of "Uploading customer data (JSON)",
-https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContactJson_1.
+Rules: Metrika's "Hashing (md5)" page, https://yandex.ru/dev/metrika/ru/data-import/hashing, "Customer
+data format" (phones: digits with the country code), https://yandex.com/dev/metrika/en/data-import/contacts-data,
+the `client_ids` of "Uploading customer data (JSON)",
+https://yandex.com/dev/metrika/en/management/openapi/schema/uploadContactJson_1, and `cost` in "Order data
+format", https://yandex.com/dev/metrika/en/data-import/orders-data.
 """
 from decimal import Decimal
 
 import pytest
 
 from chalicelib.normalize import (
-    keep_valid, md5_hex, normalize_client_id, normalize_email, normalize_phone, normalize_product_id, parse_decimal,
+    is_phone_region, keep_valid, mask_phone, md5_hex, normalize_client_id, normalize_email, normalize_phone,
+    normalize_product_id, parse_decimal, parse_money, phone_e164, split_phones,
 )
 
 
@@ -53,7 +56,7 @@ def test_client_ids_are_digit_strings_non_zero_and_64_bit():
 # --- the errors: plain ValueError, naming the value -------------------------------------------------
 
 @pytest.mark.parametrize("normalizer, bad", [
-    (normalize_phone, "n/a"), (normalize_email, "ivan@"), (normalize_client_id, "12a"), (normalize_client_id, "00"),
+    (normalize_email, "ivan@"), (normalize_client_id, "12a"), (normalize_client_id, "00"),
     (parse_decimal, "12,5 руб"),
 ])
 def test_errors_are_value_errors_naming_the_value(normalizer, bad):
@@ -61,6 +64,14 @@ def test_errors_are_value_errors_naming_the_value(normalizer, bad):
         normalizer(bad)
     assert repr(bad) in str(info.value)
     assert type(info.value) is ValueError  # not marshmallow's ValidationError (which is not a ValueError)
+
+
+def test_a_phone_error_names_the_value_masked_never_the_number():
+    """The message can reach a parked entity's error, the status page and the log."""
+    with pytest.raises(ValueError) as info:
+        normalize_phone("+7 916 123-45-6")  # one digit short
+    assert type(info.value) is ValueError
+    assert "'+7 916 ***-*5-6'" in str(info.value) and "123" not in str(info.value)
 
 
 # --- keep_valid, product ids, amounts ----------------------------------------------------------------
@@ -90,3 +101,111 @@ def test_amounts_parse_exactly_and_empty_is_absent():
     assert parse_decimal("15990.00") == Decimal("15990.00")
     assert parse_decimal(2) == Decimal(2) and parse_decimal(1.5) == Decimal("1.5")
     assert parse_decimal(None) is None and parse_decimal("") is None
+
+
+# --- phones in other countries ("Customer data format": digits with the country code) ---------------
+
+@pytest.mark.parametrize("raw, region, expected", [
+    ("8 029 123-45-67", "BY", "375291234567"),     # Belarus: trunk 8, operator 029
+    ("067 123 45 67", "UA", "380671234567"),       # Ukraine: trunk 0
+    ("8 (7172) 12-34-56", "KZ", "77172123456"),    # Kazakhstan shares +7 with Russia
+    ("8 916 123-45-67", "RU", "79161234567"),      # Russian trunk form, as before
+    ("916 123-45-67", "RU", "79161234567"),        # a bare ten-digit Russian mobile, as before
+    ("+7 916 123-45-67", "BY", "79161234567"),     # written with +: keeps its country whatever the region
+    ("+375 29 123 45 67", "RU", "375291234567"),
+    ("375291234567", "RU", "375291234567"),        # the country code without its plus
+    ("79161234567", "BY", "79161234567"),
+    ("8 916 123 45 67", "BY", "79161234567"),      # a Russian customer of a Belarusian shop
+    ("8 10 375 29 123 45 67", "RU", "375291234567"),  # the Russian international prefix 810
+    ("00 375 29 123 45 67", "UA", "375291234567"),    # the Ukrainian international prefix 00
+    ("+7 916 123-45-67 доб. 12", "RU", "79161234567"),  # the extension is not part of the number
+    ("+1 212 555 0100", "RU", "12125550100"),
+])
+def test_phones_are_read_as_written_in_the_region(raw, region, expected):
+    assert normalize_phone(raw, region=region) == expected
+    assert phone_e164(raw, region=region) == "+" + expected
+
+
+@pytest.mark.parametrize("raw, region", [
+    ("8 029 123-45-67", "RU"),   # no Russian number starts 7 0…: dropped, not sent as 70291234567
+    ("067 123 45 67", "RU"),
+    ("+7 916 123-45-6", "RU"),   # one digit short
+    ("+8 916 123 45 67", "RU"),  # no country code 8…
+    ("9" * 2000, "RU"),          # far past any number: not even parsed
+    ("call after 5pm", "RU"), ("", "RU"), ("+", "RU"),
+    ("8 029 123-45-67", "ZZ"),   # an unknown region reads nothing but international numbers
+], ids=lambda value: repr(value)[:24])
+def test_what_is_not_a_valid_number_is_refused(raw, region):
+    with pytest.raises(ValueError):
+        normalize_phone(raw, region=region)
+
+
+def test_the_output_read_again_is_the_same_number_in_any_region():
+    """Rows carry E.164 with its +: read again (the row schema does), it keeps its country. Its bare
+    digits are not safe to read in a region (German numbers are long enough to take a Russian one)."""
+    for region in ("RU", "BY", "UA", "DE", "US"):
+        for raw, home in (("8 029 123-45-67", "BY"), ("067 123 45 67", "UA"), ("8 916 123-45-67", "RU")):
+            e164 = phone_e164(raw, region=home)
+            assert phone_e164(e164, region=region) == e164
+    assert normalize_phone("79161234567", region="DE") == "4979161234567"  # why the + is kept
+
+
+def test_hashes_are_of_the_normalised_international_number():
+    assert md5_hex(normalize_phone("8 029 123-45-67", region="BY")) == md5_hex("375291234567")
+
+
+def test_mask_keeps_four_leading_and_two_trailing_digits_and_the_separators():
+    assert mask_phone("+7 916 123-45-67") == "+7 916 ***-**-67"
+    assert mask_phone("8 029 123-45-67") == "8 029 ***-**-67"
+    assert mask_phone("12345") == "*****"               # too short to show any digit
+    assert mask_phone("1234567") == "1****67"  # at least four digits always hidden
+    assert mask_phone("ivan@mail.ru") == "*********.**"  # letters and @ starred, dots kept
+    long = mask_phone("7" * 2000)
+    assert len(long) == 65 and long.endswith("…") and long.count("7") == 6
+
+
+def test_split_phones_keeps_valid_numbers_once_and_masks_the_rest():
+    kept, dropped = split_phones(["+7 916 123-45-67", "8 916 123 45 67", "n/a", "8 029 123-45-67", None, "  "],
+                                 region="RU")
+    assert kept == ["+79161234567"]
+    assert dropped == ["***", "8 029 ***-**-67"]  # empty values are no phones, not wrong ones
+    assert split_phones(["8 029 123-45-67"], region="BY") == (["+375291234567"], [])
+    assert split_phones([], region="RU") == ([], [])
+
+
+def test_phone_regions_are_upper_case_iso_codes_the_library_knows():
+    assert all(map(is_phone_region, ("RU", "BY", "UA", "KZ", "GB", "US")))
+    assert not any(map(is_phone_region, ("ru", "UK", "ZZ", "RUS", "", None, 7, "R")))
+
+
+# --- amounts people type (an order's cost) -----------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ("1 000,50", Decimal("1000.50")), ("1\u00a0000,50", Decimal("1000.50")), ("1000,5", Decimal("1000.5")),
+    ("1,000.50", Decimal("1000.50")), ("1.000,50", Decimal("1000.50")), ("1,000,000", Decimal("1000000")),
+    ("1500.00", Decimal("1500.00")), ("0", Decimal(0)), (1500, Decimal(1500)), (12.5, Decimal("12.5")),
+    (Decimal("7.25"), Decimal("7.25")), ("1'000", Decimal(1000)),
+])
+def test_amounts_as_people_type_them(raw, expected):
+    assert parse_money(raw) == (expected, None)
+
+
+def test_a_bitrix24_money_value_carries_its_currency():
+    assert parse_money("1500|RUB") == (Decimal(1500), "RUB")
+    assert parse_money("1 500,5|usd") == (Decimal("1500.5"), "USD")
+    assert parse_money("|RUB") == (None, None)  # an empty money field
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ("-100", "negative"), (-1, "negative"), ("1e400", "not a number"), (float("inf"), "not a finite number"),
+    (float("nan"), "not a finite number"), ("9" * 2000, "longer than 40"), (int("9" * 2000), "above 10"),
+    (Decimal("1e400"), "above 10"), ("двадцать", "not a number"), ("12,5 руб", "not a number"),
+    ("1,000", "ambiguous"), (True, "yes/no"), ("1500|рубли", "ISO 4217"), ("1.2.3,4,5", "not a number"),
+], ids=lambda value: repr(value)[:24])
+def test_what_is_not_an_amount_is_refused_with_the_reason(raw, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_money(raw)
+
+
+def test_empty_is_no_amount():
+    assert parse_money(None) == parse_money("") == parse_money("   ") == (None, None)
