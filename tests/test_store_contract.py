@@ -141,7 +141,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 38, sorted(names)  # every method of every concern
+    assert len(names) == 40, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -484,6 +484,24 @@ def test_products(store, iid):
     assert list(store.products(iid)) == sorted(names)
     wanted = [f"p{i:02d}" for i in range(25, 35)] + [f"x{i}" for i in range(100)]  # more than one batch read
     assert store.known_products(iid, wanted) == {f"p{i}" for i in range(25, 30)}
+
+
+# --- CrmAccountStore ---------------------------------------------------------------------------------
+
+def test_crm_accounts_are_kept_per_scope_replaced_whole_and_returned_as_copies(store):
+    scope, other = "amocrm:" + uuid.uuid4().hex[:16], "amocrm:" + uuid.uuid4().hex[:16]
+    assert store.get_crm_account(scope) is None
+    account = {"base_url": "https://shop.amocrm.ru", "country": "BY", "currency": "USD", "read_at": int(NOW)}
+    store.put_crm_account(scope, account)
+    account["currency"] = "changed by the caller after the put"
+    got = store.get_crm_account(scope)
+    assert got == {"base_url": "https://shop.amocrm.ru", "country": "BY", "currency": "USD", "read_at": int(NOW)}
+    assert_plain(got) and isinstance(got["read_at"], int)
+    got["country"] = "mutated"
+    assert store.get_crm_account(scope)["country"] == "BY"
+    assert store.get_crm_account(other) is None
+    store.put_crm_account(scope, {"base_url": "https://shop.amocrm.ru", "country": "", "read_at": int(NOW) + 1})
+    assert store.get_crm_account(scope) == {"base_url": "https://shop.amocrm.ru", "country": "", "read_at": int(NOW) + 1}
 
 
 # --- QuotaStore --------------------------------------------------------------------------------------

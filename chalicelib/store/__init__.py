@@ -274,6 +274,19 @@ class ImportStore(Protocol):
         and the caller must queue a message for it."""
 
 
-class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, Protocol):
+class CrmAccountStore(Protocol):
+    """What a CRM account says about itself (amoCRM's `country` and `currency`), read from the CRM once and
+    kept here, so a delivery does not ask the CRM again. Keyed by the account (`scope`, derived from its
+    base URL by the CRM source), not by integration: a new base URL is another account, read afresh."""
+
+    def get_crm_account(self, scope: str) -> dict | None:
+        """The account's facts as last put, or None."""
+
+    def put_crm_account(self, scope: str, account: dict) -> None:
+        """Replace the account's facts."""
+
+
+class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, CrmAccountStore,
+                 Protocol):
     """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement."""
 

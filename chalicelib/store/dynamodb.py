@@ -436,6 +436,16 @@ class DynamoStore:
             if not _conditional_failed(exc):  # expired and taken over: not ours to free
                 raise
 
+    # --- CrmAccountStore -----------------------------------------------------------------------------
+
+    def get_crm_account(self, scope: str) -> dict | None:
+        item = self._get(self._state, f"ACCOUNT#{scope}", "INFO")
+        return item["account"] if item else None
+
+    def put_crm_account(self, scope: str, account: dict) -> None:
+        self._db.put_item(TableName=self._state, Item=_to_item(
+            {"pk": f"ACCOUNT#{scope}", "sk": "INFO", "account": account, "updated_at": self._now()}))
+
     # --- ImportStore ---------------------------------------------------------------------------------
 
     def get_backfill(self, integration_id: str) -> dict | None:

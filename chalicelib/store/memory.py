@@ -72,6 +72,7 @@ class MemoryStore:
         self._next_at: dict[str, Decimal] = {}  # rate scope → next free time
         self._requests: dict[tuple[str, str], Decimal] = {}  # (quota key, day) → count
         self._slots: dict[tuple[str, int], tuple[str, Decimal]] = {}  # (scope, slot) → (owner, expires at)
+        self._crm_accounts: dict[str, dict] = {}  # account scope → facts
 
     # --- IntegrationStore ----------------------------------------------------------------------------
 
@@ -311,6 +312,17 @@ class MemoryStore:
                     self._slots[(scope, slot)] = (owner, _decimal(now + ttl))
                     return slot
             return None
+
+    # --- CrmAccountStore -----------------------------------------------------------------------------
+
+    def get_crm_account(self, scope: str) -> dict | None:
+        with self._lock:
+            account = self._crm_accounts.get(scope)
+            return _plain(account) if account is not None else None
+
+    def put_crm_account(self, scope: str, account: dict) -> None:
+        with self._lock:
+            self._crm_accounts[scope] = _model(account)
 
     # --- ImportStore ---------------------------------------------------------------------------------
 
