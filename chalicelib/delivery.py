@@ -213,6 +213,7 @@ class _Ready:
     uploading_id: str | None = None
     contacts_sent: int = 0
     orders_sent: int = 0
+    notes: dict | None = None  # what the translation left out (EntityRows.notes), kept in the facts
 
     def unsent(self, kind: str) -> list[dict]:
         rows = self.contacts if kind == CONTACT else self.orders
@@ -280,13 +281,15 @@ class Sink:
             accepted = hashes  # delivered as it is
         else:
             accepted = {k: h for k, h in item.sent.items() if hashes.get(k) == h}
-        return _Ready(contacts, orders, content_hash, hashes, accepted)
+        return _Ready(contacts, orders, content_hash, hashes, accepted, notes=item.rows.notes)
 
     def _accepted(self, integration: dict, entity: _Ready) -> Accepted:
         last_order = json.dumps(entity.orders[0], sort_keys=True, ensure_ascii=False) if entity.orders else None
+        facts = delivery_facts(entity.contacts, entity.orders, integration["timezone"])
+        if entity.notes is not None:  # replaces the last delivery's notes, so a corrected value clears them
+            facts = {**(facts or {}), **entity.notes}
         return Accepted(entity.content_hash, dict(entity.hashes), entity.uploading_id, last_order,
-                        delivery_facts(entity.contacts, entity.orders, integration["timezone"]), entity.contacts,
-                        entity.contacts_sent, entity.orders_sent)
+                        facts, entity.contacts, entity.contacts_sent, entity.orders_sent)
 
     def _upload(self, integration_id: str, integration: dict, ready: dict[EntityKey, _Ready], result: Delivery,
                 csv_kinds: set[str]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .crm import EntityRef
+from .crm.notes import dropped_summary
 from .errors import BridgeError, http_error, invalid, not_found
 
 FAILED_SHOWN = 100
@@ -41,6 +42,8 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
         "webhook": webhook_health,
         "backfill": backfill,
         "products_listed": len(store.products(integration_id)),
+        # Values left out of rows: phones that are not numbers (masked example), costs that are not amounts.
+        **dropped_summary(entities),
     }
 
 

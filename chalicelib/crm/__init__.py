@@ -41,6 +41,9 @@ class EntityRows:
     # Products the orders name: product id → what the CRM told us on the way ({"name", "catalog_id"}),
     # so the product list can be filled without asking again.
     products: dict[str, dict] = field(default_factory=dict)
+    # What the translation left out (a phone that is not a number, a cost that is not an amount), for
+    # the status page: kept in the entity's facts by the delivery (crm/notes.py). None: nothing to say.
+    notes: dict | None = None
 
 
 @dataclass
