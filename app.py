@@ -55,7 +55,7 @@ def get_sources():
     if not _SOURCES:
         from chalicelib.crm.amocrm.source import AmoCrmSource
         from chalicelib.crm.bitrix24.source import Bitrix24Source
-        _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot)
+        _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot, accounts=get_store())
         _SOURCES["bitrix24"] = Bitrix24Source(get_store().reserve_slot)
     return _SOURCES
 

@@ -12,7 +12,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, valid
 from .ids import is_integration_id
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
-from .metrika.schemas import SCHEMA_ID, resolve_time_zone
+from .metrika.schemas import SCHEMA_ID, check_phone_region, resolve_time_zone
 
 CRMS = ("amocrm", "bitrix24")
 MASK = "********"
@@ -162,6 +162,10 @@ class IntegrationConfig(Schema):
     client_id_field = _string(MAX_ID, _no_control)  # a field code or name ("Yandex CID"): spaces allowed
     hash_pii = StrictBoolean(load_default=False)
     currency = _string(3, _fullmatch(r"[A-Z]{3}", "must be an ISO 4217 code such as RUB"))
+    # How people in the CRM write phones (ISO 3166-1 alpha-2); absent: amoCRM's account country, else RU.
+    phone_region = _string(2, check_phone_region)
+    # A CRM field (amoCRM custom field id, code or name; Bitrix24 field code) → the order's `cost`.
+    cost_field = _string(MAX_ID, _no_control)
     # Metrika has no delete: a deleted deal is re-sent with this status id; null keeps it as it was.
     deleted_deal_status = _string(MAX_ID, _fullmatch(
         SCHEMA_ID, "must be a Metrika status id (IN_PROGRESS, PAID, CANCELLED, SPAM or a mapped id)"), allow_none=True)

@@ -3,17 +3,22 @@ webhooks fired at registered destinations (vendor documentation:
 https://www.amocrm.ru/developers/content/crm_platform/leads-api "API сделок",
 https://www.amocrm.ru/developers/content/crm_platform/contacts-api "API контактов",
 https://www.amocrm.ru/developers/content/api/recommendations "Ограничения",
-https://www.amocrm.ru/developers/content/crm_platform/webhooks-format for the webhooks' form format).
+https://www.amocrm.ru/developers/content/crm_platform/webhooks-format for the webhooks' form format,
+https://www.amocrm.ru/developers/content/crm_platform/account-info "Параметры аккаунта" and Kommo's
+"Account parameters", https://developers.kommo.com/reference/account-parameters, for the account).
 
-API (Bearer token): `GET /api/v4/leads` (`filter[id][]`, `filter[updated_at][from]`, `with`, `page`,
+API (Bearer token): `GET /api/v4/account` (the account model: `country`, `currency`, `currency_symbol` …;
+`with=amojo_id,version`), `GET /api/v4/leads` (`filter[id][]`, `filter[updated_at][from]`, `with`, `page`,
 `limit` ≤ 250), `/api/v4/leads/{id}`, `/api/v4/contacts` (`filter[id][]`), `/api/v4/contacts/{id}`,
 `/api/v4/catalogs/{id}/elements` (`filter[id][]`), `/api/v4/leads/pipelines`, `GET/POST /api/v4/webhooks`.
 204 for nothing found, 401 problem+json for a bad token, 429 past 7 requests in any second.
 
 Changes through the control endpoints fire webhooks in amoCRM's v2 form format at every
 registered destination, as amoCRM does: `POST /_sandbox/leads`, `PATCH|DELETE /_sandbox/leads/{id}`,
-`POST /_sandbox/contacts`, `PATCH /_sandbox/contacts/{id}`, `GET /_sandbox/state`,
-`POST /_sandbox/faults` (`error_5xx`, `error_429`: shares of API calls answered so; `maintenance`: every
+`POST /_sandbox/contacts`, `PATCH /_sandbox/contacts/{id}`, `GET /_sandbox/state`, `PATCH /_sandbox/account`
+(`{"country": "BY", "currency": "USD"}`: the account's settings, as an administrator changes them),
+`POST /_sandbox/faults` (`error_5xx`, `error_429`: shares of API calls answered so, all or only those whose
+path contains `paths`; `maintenance`: every
 API call answered 200 with an HTML maintenance page instead of JSON, as amoCRM does during works).
 
     python -m sandbox.amocrm --port 8002 --token demo-token   (seeded with a demo account)
@@ -35,6 +40,7 @@ from .httpserver import Reply, Request, SandboxServer
 
 RATE_LIMIT = 7  # requests per second per integration ("Ограничения")
 WON, LOST = 142, 143
+CURRENCY_SYMBOLS = {"RUB": "₽", "USD": "$", "EUR": "€", "BYN": "Br", "KZT": "₸", "UAH": "₴"}
 
 
 def _problem(status: int, title: str, detail: str) -> Reply:
@@ -52,17 +58,21 @@ class Faults:
     error_429: float = 0.0
     maintenance: bool = False  # every API call: 200 with MAINTENANCE_PAGE (HTML, not JSON)
     seed: int | None = None
+    paths: str | None = None  # error_5xx / error_429 only for paths containing this (e.g. "/api/v4/account")
 
 
 class AmoCrmSandbox(SandboxServer):
     def __init__(self, port: int = 0, *, token: str = "sandbox-token", account_id: int = 32427762,
-                 subdomain: str = "example", rate_limit: int = RATE_LIMIT) -> None:
+                 subdomain: str = "example", rate_limit: int = RATE_LIMIT, country: str = "RU",
+                 currency: str = "RUB") -> None:
         super().__init__(port=port)
         self.token, self.account_id, self.subdomain, self.rate_limit = token, account_id, subdomain, rate_limit
+        self.country, self.currency = country, currency  # the account's settings; `set_account` changes them
         self._lock = threading.RLock()
         self.reset()
         api = r"/api/v4"
         for method, pattern, handler in [
+            ("GET", api + r"/account", self._account),
             ("GET", api + r"/leads/pipelines", self._pipelines),
             ("GET", api + r"/leads", self._leads),
             ("GET", api + r"/leads/(?P<id>\d+)", self._lead),
@@ -84,6 +94,7 @@ class AmoCrmSandbox(SandboxServer):
         self.route("PATCH", r"/_sandbox/contacts/(?P<id>\d+)",
                    lambda r: Reply(200, self.update_contact(int(r.match["id"]), **r.json())))
         self.route("POST", r"/_sandbox/faults", lambda r: (self.set_faults(**r.json()), Reply(200, {"success": True}))[1])
+        self.route("PATCH", r"/_sandbox/account", lambda r: Reply(200, self.set_account(**r.json())))
 
     def start(self) -> "AmoCrmSandbox":
         """Serve as every sandbox does, except that with `faults.maintenance` each API call is answered
@@ -132,6 +143,16 @@ class AmoCrmSandbox(SandboxServer):
             self._clock = int(time.time()) - 4 * 3600
             self.faults = Faults()
             self._rng = random.Random()
+
+    def set_account(self, *, country: str | None = None, currency: str | None = None) -> dict:
+        """Change the account's country or currency (amoCRM: account settings, by an administrator). Not
+        reset by `reset()`: the account outlives its data."""
+        with self._lock:
+            if country is not None:
+                self.country = country
+            if currency is not None:
+                self.currency = currency
+            return {"country": self.country, "currency": self.currency}
 
     def set_faults(self, **kwargs: Any) -> None:
         self.faults = Faults(**kwargs)
@@ -345,6 +366,8 @@ class AmoCrmSandbox(SandboxServer):
                     self.rate_violations += 1
                     return _problem(429, "Too Many Requests", f"more than {self.rate_limit} requests per second")
                 roll = self._rng.random()
+                if self.faults.paths and self.faults.paths not in request.path:
+                    roll = 1.0
             if roll < self.faults.error_5xx:
                 return _problem(503, "Service Unavailable", "try later")
             if roll < self.faults.error_5xx + self.faults.error_429:
@@ -352,6 +375,24 @@ class AmoCrmSandbox(SandboxServer):
             with self._lock:
                 return handler(request)
         return wrapped
+
+    def _account(self, request: Request) -> Reply:
+        """The account model of `GET /api/v4/account` ("Параметры аккаунта"; the field list as Kommo's
+        "Account parameters" gives it): `country` and `currency` as set in the account's settings."""
+        with_ = set(request.query.get("with", "").split(","))
+        account = {"id": self.account_id, "name": f"{self.subdomain} (sandbox)", "subdomain": self.subdomain,
+                   "created_at": 1_600_000_000, "created_by": 10000698, "updated_at": 1_600_000_000,
+                   "updated_by": 10000698, "current_user_id": 10000698, "country": self.country,
+                   "currency": self.currency, "currency_symbol": CURRENCY_SYMBOLS.get(self.currency, self.currency),
+                   "customers_mode": "disabled", "is_unsorted_on": True, "mobile_feature_version": 0,
+                   "is_loss_reason_enabled": True, "is_helpbot_enabled": False, "is_technical_account": False,
+                   "contact_name_display_order": 1,
+                   "_links": {"self": {"href": f"https://{self.subdomain}.amocrm.ru/api/v4/account"}}}
+        if "amojo_id" in with_:
+            account["amojo_id"] = f"sandbox-amojo-{self.account_id}"
+        if "version" in with_:
+            account["version"] = 11
+        return Reply(200, account)
 
     def _pipelines(self, request: Request) -> Reply:
         return Reply(200, {"_total_items": len(self.pipelines), "_embedded": {"pipelines": self.pipelines}})

@@ -82,7 +82,7 @@ def test_won_deal_reaches_metrika_exactly(app_client, integration, amocrm, accou
     assert counter.orders == {str(lead_id): {
         "id": str(lead_id), "client_uniq_id": contact_id, "client_type": "CONTACT", "order_status": "won",
         "create_date_time": moscow(lead["created_at"]), "update_date_time": moscow(lead["updated_at"]),
-        "finish_date_time": moscow(lead["closed_at"]), "revenue": 4980,
+        "finish_date_time": moscow(lead["closed_at"]), "revenue": 4980, "currency": "RUB",  # the account's
         "products": {str(account["kettle"]["id"]): 2}}}
     assert counter.orders_before_contact == []
     assert {s["id"]: s["type"] for s in counter.order_statuses.values()}["won"] == "PAID"
@@ -264,3 +264,35 @@ def test_api_client_reads_pages_catalog_and_webhooks(amocrm, account):
     assert client.contacts(["424242"]) == []
     assert client.webhooks() == []
     assert amocrm.token not in repr(client)
+
+
+def test_account_currency_and_country_and_a_dropped_phone_on_the_status_page(app_client, integration, amocrm,
+                                                                              account, worker, metrika_sandbox):
+    """A Belarusian account in US dollars (`GET /api/v4/account`), no `currency` or `phone_region` set:
+    the order goes in USD, the Belarusian phone with 375, and the phone that is no number is counted,
+    masked, on `GET …/status`; the account is kept in the store (DynamoDB), read once. (Another base URL
+    for the same sandbox: the earlier tests' account, RUB, is kept for a day under the usual one.)"""
+    shown = app_client.http.get(f"/integrations/{integration}", headers=admin_headers()).json_body
+    shown["connection"].update(base_url=amocrm.url.replace("127.0.0.1", "localhost"), access_token=amocrm.token)
+    assert app_client.http.put(f"/integrations/{integration}", headers=admin_headers(),
+                               body=json.dumps(shown)).status_code == 200
+    amocrm.set_account(country="BY", currency="USD")
+    try:
+        contact = amocrm.create_contact("Алесь", phones=["8 029 123-45-67", "8 029 123-45"], notify=False)
+        lead = amocrm.create_lead("Заказ BY", 7001, 142, price=250, contacts=[contact["id"]])
+        amocrm.update_lead(account["lead"]["id"], status_id=142)
+        deliver(app_client, integration, amocrm)
+        worker.drain()
+    finally:
+        amocrm.set_account(country="RU", currency="RUB")
+    counter = metrika_sandbox.counter(COUNTER)
+    assert counter.orders[str(lead["id"])]["currency"] == "USD"
+    assert counter.orders[str(account["lead"]["id"])]["currency"] == "USD"
+    assert counter.contacts[str(contact["id"])]["phones"] == ["375291234567"]
+    assert sum(1 for r in amocrm.requests if r["path"] == "/api/v4/account") == 1
+    status = app_client.http.get(f"/integrations/{integration}/status", headers=admin_headers())
+    assert status.status_code == 200
+    assert status.json_body["phones_dropped"] == {
+        "count": 1, "contacts": 1, "example": {"contact": str(contact["id"]), "phone": "8 02* ***-45"}}
+    assert status.json_body["costs_dropped"] == {"count": 0, "example": None}
+    assert "123-45" not in json.dumps(status.json_body)  # no dropped number in the clear

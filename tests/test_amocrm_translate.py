@@ -1,6 +1,8 @@
 """amoCRM API v4 records → Metrika rows: pure translation, checked through the Metrika schemas."""
 from datetime import datetime, timezone
 
+import pytest
+
 from chalicelib.crm.amocrm.translate import default_mapping, field_values, lead_rows, stage_key
 from chalicelib.metrika.schemas import ContactRow, OrderRow, to_cdp_rows
 
@@ -112,3 +114,84 @@ def test_default_mapping_from_pipelines():
                                      "humanized": "Продажи: Неразобранное", "type": "IN_PROGRESS"}
     from chalicelib.status_mapping import StatusMapping
     assert StatusMapping().load({"entries": list(entries.values())})  # valid as proposed
+
+
+# --- phones read in the integration's region; the account's currency; the cost field ----------------
+
+BY_CONTACT = {"id": 501, "name": "Алесь", "created_at": 1790000000, "updated_at": 1790000100,
+              "custom_fields_values": [{"field_id": 1, "field_code": "PHONE", "values": [
+                  {"value": "8 029 123-45-67"}, {"value": "+7 916 123-45-67"}, {"value": "8 (029) 12"}]}]}
+
+
+def by_lead(**fields):
+    return lead(_embedded={"contacts": [{"id": 501, "is_main": True}], "catalog_elements": []}, **fields)
+
+
+def test_phones_are_read_in_the_region_and_the_unreadable_one_is_noted_masked():
+    entity = lead_rows(by_lead(), {501: BY_CONTACT}, mapping=MAPPING, client_id_field="_YM_UID", now=NOW,
+                       currency="USD", phone_region="BY")
+    assert entity.contacts[0]["phones"] == ["+375291234567", "+79161234567"]
+    assert entity.notes == {"phones_dropped": {"501": 1}, "phone_examples": {"501": "* (***) 12"}}
+    [contact] = to_cdp_rows(ContactRow(time_zone="UTC", now=NOW), entity.contacts)
+    assert contact["phones"] == ["375291234567", "79161234567"]  # digits with the country code
+    [order] = to_cdp_rows(OrderRow(time_zone="UTC", now=NOW), entity.orders)
+    assert order["currency"] == "USD"
+
+
+def test_the_same_contact_read_as_russian_drops_the_belarusian_number_instead_of_misreading_it():
+    entity = lead_rows(by_lead(), {501: BY_CONTACT}, mapping=MAPPING, client_id_field="_YM_UID", now=NOW)
+    assert entity.contacts[0]["phones"] == ["+79161234567"]  # not 70291234567
+    assert entity.notes["phones_dropped"] == {"501": 2}
+    assert entity.notes["phone_examples"] == {"501": "8 029 ***-**-67"}
+
+
+def test_a_contact_without_dropped_phones_still_notes_zero_so_a_correction_clears_the_count():
+    assert rows(lead()).notes == {"phones_dropped": {"37054081": 1}, "phone_examples": {"37054081": "***"}}
+    clean = {**CONTACT, "custom_fields_values": CONTACT["custom_fields_values"][1:]}
+    entity = lead_rows(lead(), {37054081: clean}, mapping=MAPPING, client_id_field="_YM_UID", now=NOW)
+    assert entity.notes == {"phones_dropped": {"37054081": 0}}
+
+
+def test_a_contact_on_its_own_carries_its_notes():
+    from chalicelib.crm.amocrm.translate import contact_entity
+    entity = contact_entity(BY_CONTACT, "_YM_UID", NOW, phone_region="BY")
+    assert [c["phones"] for c in entity.contacts] == [["+375291234567", "+79161234567"]]
+    assert entity.notes == {"phones_dropped": {"501": 1}, "phone_examples": {"501": "* (***) 12"}}
+
+
+def cost_lead(*values, field_id=880011, code="COST", name="Себестоимость"):
+    return lead(custom_fields_values=[{"field_id": field_id, "field_code": code, "field_name": name,
+                                       "values": [{"value": v} for v in values]}])
+
+
+@pytest.mark.parametrize("field", ["880011", "cost", "себестоимость"])
+def test_cost_field_by_id_code_or_name_becomes_the_orders_cost(field):
+    entity = rows(cost_lead("11 000,50"), cost_field=field, currency="RUB")
+    [order] = to_cdp_rows(OrderRow(time_zone="UTC", now=NOW), entity.orders)
+    assert order["cost"] == 11000.5 and order["revenue"] == 15900
+    assert "cost_dropped" not in entity.notes
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("-100", "negative"), ("1e400", "not a number"), ("9" * 2000, "longer than 40 characters"),
+    ("около тысячи", "not a number"), ("1,000", "ambiguous: a thousands comma or a decimal comma?"), ("1500|EUR", "in EUR, the order is in RUB"),
+], ids=lambda value: str(value)[:16])
+def test_a_cost_that_is_not_an_amount_is_left_out_and_the_order_still_goes(value, reason):
+    entity = rows(cost_lead(value), cost_field="COST", currency="RUB")
+    assert entity.error is None
+    [order] = to_cdp_rows(OrderRow(time_zone="UTC", now=NOW), entity.orders)
+    assert "cost" not in order and order["order_status"] == "won" and order["revenue"] == 15900
+    assert entity.notes["cost_dropped"] == {"value": str(value)[:40], "reason": reason}
+
+
+def test_several_values_in_the_cost_field_are_not_guessed_between():
+    entity = rows(cost_lead("100", "200"), cost_field="COST")
+    assert "cost" not in entity.orders[0]
+    assert entity.notes["cost_dropped"] == {"value": "100, 200", "reason": "the field holds several values"}
+
+
+def test_no_cost_field_or_an_empty_one_sends_no_cost_and_notes_nothing():
+    assert "cost" not in rows(cost_lead("500")).orders[0]  # not configured
+    entity = rows(lead(), cost_field="COST")  # configured, absent from the lead
+    assert "cost" not in entity.orders[0] and "cost_dropped" not in entity.notes
+    assert rows(cost_lead(0), cost_field="COST").orders[0]["cost"] == 0  # zero is a cost

@@ -247,3 +247,54 @@ def test_an_amount_that_is_not_a_number_parks_the_deal_naming_the_field():
     entity = deal_rows(DEAL, contact=None, lead=None, product_rows=rows, mapping=MAPPING, client_id_field="UF_CRM_CID",
                        now=NOW)
     assert entity.error and "QUANTITY" in entity.error["message"]
+
+
+# --- the deal's currency, phones in the integration's region, the cost field --------------------------
+
+def test_the_deal_keeps_its_own_currency():
+    for currency in ("RUB", "USD", "KZT"):
+        entity = deal_rows({**DEAL, "CURRENCY_ID": currency}, contact=None, lead=None, product_rows=[],
+                           mapping=MAPPING, client_id_field="X", now=NOW)
+        assert entity.orders[0]["currency"] == currency
+
+
+def test_phones_of_the_contact_are_read_in_the_region_and_bad_ones_noted():
+    contact = {"ID": "311", "NAME": "Олена", "PHONE": [{"VALUE": "067 123 45 67"}, {"VALUE": "+7 916 123-45-67"},
+                                                       {"VALUE": "067"}]}
+    entity = deal_rows(DEAL, contact=contact, lead=None, product_rows=[], mapping=MAPPING, client_id_field="X",
+                       now=NOW, phone_region="UA")
+    assert entity.contacts[0]["phones"] == ["+380671234567", "+79161234567"]
+    assert entity.notes == {"phones_dropped": {"311": 1}, "phone_examples": {"311": "***"}}
+    russian = deal_rows(DEAL, contact=contact, lead=None, product_rows=[], mapping=MAPPING, client_id_field="X", now=NOW)
+    assert russian.contacts[0]["phones"] == ["+79161234567"] and russian.notes["phones_dropped"] == {"311": 2}
+
+
+@pytest.mark.parametrize("value, cost", [("11000.50", 11000.5), ("11000.5|RUB", 11000.5), (11000, 11000),
+                                         (["9 990"], 9990), ("0", 0)])
+def test_cost_field_becomes_the_orders_cost(value, cost):
+    entity = deal_rows({**DEAL, "UF_CRM_COST": value}, contact=None, lead=None, product_rows=[], mapping=MAPPING,
+                       client_id_field="X", now=NOW, cost_field="UF_CRM_COST")
+    [order] = to_cdp_rows(OrderRow(time_zone="UTC", now=NOW), entity.orders)
+    assert order["cost"] == cost and order["revenue"] == 15990.5 and "cost_dropped" not in entity.notes
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("-5", "negative"), ("1e400", "not a number"), ("9" * 2000, "longer than 40 characters"),
+    ("двадцать", "not a number"), ("500|USD", "in USD, the order is in RUB"), (["1", "2"], "the field holds several values"),
+    (True, "a yes/no value is not an amount"),
+], ids=lambda value: str(value)[:16])
+def test_a_bad_cost_is_left_out_the_order_still_goes(value, reason):
+    entity = deal_rows({**DEAL, "UF_CRM_COST": value}, contact=None, lead=None, product_rows=[], mapping=MAPPING,
+                       client_id_field="X", now=NOW, cost_field="UF_CRM_COST")
+    assert entity.error is None
+    [order] = to_cdp_rows(OrderRow(time_zone="UTC", now=NOW), entity.orders)
+    assert "cost" not in order and order["order_status"] == "C2:WON"
+    assert entity.notes["cost_dropped"]["reason"] == reason
+
+
+def test_an_empty_or_absent_cost_field_sends_no_cost_and_notes_nothing():
+    for deal in ({**DEAL, "UF_CRM_COST": ""}, {**DEAL, "UF_CRM_COST": None}, {**DEAL, "UF_CRM_COST": "|RUB"},
+                 {**DEAL, "UF_CRM_COST": []}, DEAL):
+        entity = deal_rows(deal, contact=None, lead=None, product_rows=[], mapping=MAPPING, client_id_field="X",
+                           now=NOW, cost_field="UF_CRM_COST")
+        assert "cost" not in entity.orders[0] and entity.notes == {}

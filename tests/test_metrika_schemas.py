@@ -41,7 +41,7 @@ def test_normalisers_stay_importable_from_schemas():
     from chalicelib import normalize
     from chalicelib.metrika import schemas
     for name in ("normalize_email", "normalize_phone", "normalize_client_id", "normalize_product_id", "md5_hex",
-                 "keep_valid", "parse_decimal"):
+                 "keep_valid", "parse_decimal", "MONEY_MAX"):
         assert getattr(schemas, name) is getattr(normalize, name)
 
 
@@ -51,6 +51,32 @@ def test_hash_pii_replaces_phones_and_emails_by_their_md5():
     assert "emails" not in hashed and "phones" not in hashed
     assert hashed["emails_md5"] == ["3c56ff8fef0f6c65b36b2d25720fe276"]
     assert hashed["phones_md5"] == ["f09f2c3d48f31e2a802944ade2e5aec5"]
+
+
+def test_phones_from_the_translators_keep_their_country_and_are_hashed_as_digits():
+    """Translators send E.164 read in the integration's region; the schema must not read it again as
+    Russian (375291234567 is no Russian number, and it would be dropped or misread)."""
+    row = load_contact({"uniq_id": "c", "phones": ["+375291234567", "+380671234567", "+79161234567"]})
+    assert row["phones"] == ["375291234567", "380671234567", "79161234567"]
+    hashed = hash_identifiers(ContactRow().load({"uniq_id": "c", "phones": ["+375291234567"]}))
+    import hashlib
+    assert hashed["phones_md5"] == [hashlib.md5(b"375291234567").hexdigest()]
+
+
+def test_a_phone_that_is_no_number_fails_the_row_naming_it_masked():
+    messages = errors_of(load_contact, {"uniq_id": "c", "phones": ["+7 916 123-45-6"]})
+    assert messages[0]["phones"] == {0: ["not a valid phone number (region RU): '+7 916 ***-*5-6'"]}
+
+
+def test_phone_region_validator_for_the_integration_config():
+    from chalicelib.metrika.schemas import check_phone_region
+    for good in ("RU", "BY", "UA", "KZ", "GB"):
+        check_phone_region(good)
+    for bad in ("ru", "UK", "ZZ", "RUS", ""):
+        with pytest.raises(ValidationError, match="ISO 3166-1 alpha-2"):
+            check_phone_region(bad)
+    with pytest.raises(ValidationError, match="GB"):
+        check_phone_region("UK")
 
 
 # --- contacts --------------------------------------------------------------------------------------

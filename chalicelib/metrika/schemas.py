@@ -38,6 +38,8 @@ from marshmallow import (
 )
 
 from ..normalize import (  # re-exported (see __all__): callers import these from here
+    MONEY_MAX,
+    is_phone_region,
     keep_valid,
     md5_hex,
     normalize_client_id,
@@ -56,9 +58,6 @@ ATTRIBUTE_TYPES = ("text", "numeric", "date", "datetime", "email")
 # Ids that go into schema lists (statuses, attributes, products): "Order status mapping" gives
 # `id` a length of 1–255 and the pattern ^[\w-:]+$; attribute and product names follow the same rule.
 SCHEMA_ID = re.compile(r"^[\w\-:]+$", re.ASCII)
-# "Uploading orders (JSON)" gives revenue/cost no upper bound, but Metrika rejects Long.MAX_VALUE:
-# bounded well below it, no real order is worth 10^15.
-MONEY_MAX = Decimal("1e15")
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -131,6 +130,15 @@ def coerce_attribute_value(type_name: str, value: Any, time_zone: tzinfo, now: d
             raise ValueError("in the future")
         return instant.strftime(DATETIME_FORMAT)
     raise ValueError(f"unknown attribute type {type_name!r}")
+
+
+def check_phone_region(code: str) -> None:
+    """Validator of an integration's `phone_region`: an ISO 3166-1 alpha-2 code (upper case) that the
+    phone library has a numbering plan for."""
+    if not is_phone_region(code):
+        hint = " (the United Kingdom is GB)" if code == "UK" else ""
+        raise ValidationError(f"must be an ISO 3166-1 alpha-2 country code in upper case, such as RU, BY, KZ or "
+                              f"UA{hint}")
 
 
 def resolve_time_zone(name: str) -> tzinfo:
@@ -331,6 +339,8 @@ class ContactRow(_CdpSchema):
     client_ids = _ListOfNormalized(normalize_client_id)
     user_ids = fields.List(_non_blank())
     emails = _ListOfNormalized(normalize_email)
+    # The translators send E.164 (`+375291234567`), read in the integration's `phone_region`: with its
+    # `+` a number keeps its country here. A number without one is read as Russian (rows from elsewhere).
     phones = _ListOfNormalized(normalize_phone)
     emails_md5 = fields.List(fields.String(validate=validate.Regexp(_MD5, error="must be lower-case md5 hex")))
     phones_md5 = fields.List(fields.String(validate=validate.Regexp(_MD5, error="must be lower-case md5 hex")))
@@ -437,5 +447,5 @@ __all__ = [
     "ContactRow", "OrderRow", "OrderStatus", "Attribute", "Product", "STATUS_TYPES", "MERGE_MODES",
     "normalize_email", "normalize_phone", "normalize_client_id", "md5_hex", "hash_identifiers",
     "to_cdp_rows", "resolve_time_zone", "parse_decimal", "keep_valid", "normalize_product_id",
-    "coerce_attribute_value", "ATTRIBUTE_TYPES",
+    "coerce_attribute_value", "ATTRIBUTE_TYPES", "MONEY_MAX", "check_phone_region",
 ]

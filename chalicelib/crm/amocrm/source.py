@@ -1,25 +1,71 @@
 """The amoCRM `CrmSource`: bulk reads through the API client, then the pure translation. Every failure
-reaches the caller as the error taxonomy with source "amocrm", raised by the client (`api.classify`)."""
+reaches the caller as the error taxonomy with source "amocrm", raised by the client (`api.classify`).
+
+Orders carry the integration's `currency`, else the account's; phones are read as written in the
+integration's `phone_region`, else the account's `country`, else Russia. Both account values come from
+`GET /api/v4/account` ("Параметры аккаунта", https://www.amocrm.ru/developers/content/crm_platform/account-info;
+Kommo "Account parameters", https://developers.kommo.com/reference/account-parameters: `country`,
+`currency`), read when the integration lacks one of them and kept in the store per account (`scope` from
+the base URL, so a new base URL is read afresh), re-read once a day.
+"""
 from __future__ import annotations
 
 import hashlib
+import re
+import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from ...errors import BridgeError
+from ...logs import log_event
 from ...metrika.schemas import normalize_product_id
+from ...normalize import DEFAULT_PHONE_REGION, is_phone_region
 from .. import CONTACT, ORDER, BackfillPage, EntityRef, EntityRows, slot_waiter
 from .api import MIN_INTERVAL, AmoCrmClient
-from .translate import contact_row, default_mapping, lead_rows, main_contact_id
+from .translate import contact_entity, default_mapping, lead_rows, main_contact_id
+
+if TYPE_CHECKING:
+    from ...store import CrmAccountStore
 
 DEFAULT_CLIENT_ID_FIELD = "_YM_UID"
+# An account's currency rarely changes; re-read daily so a change made in amoCRM shows within a day.
+ACCOUNT_MAX_AGE = 24 * 3600
+
+
+class _ProcessAccounts:
+    """The account cache when no store is given (tools, some tests): this process only."""
+
+    def __init__(self) -> None:
+        self._accounts: dict[str, dict] = {}
+
+    def get_crm_account(self, scope: str) -> dict | None:
+        return dict(self._accounts[scope]) if scope in self._accounts else None
+
+    def put_crm_account(self, scope: str, account: dict) -> None:
+        self._accounts[scope] = dict(account)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the translation needs from the integration, with the account's defaults filled in."""
+
+    client_id_field: str
+    currency: str | None
+    phone_region: str
+    cost_field: str | None
 
 
 class AmoCrmSource:
     """`reserve_slot(scope, interval, now) -> start time` is the shared rate limiter (DynamoDB), so
-    every worker together stays under 7 requests a second per amoCRM token."""
+    every worker together stays under 7 requests a second per amoCRM token. `accounts` keeps what
+    `/api/v4/account` said (a `CrmAccountStore`: the state store), so it is asked once, not per delivery."""
 
-    def __init__(self, reserve_slot: Callable[[str, float, float], float], **client_options: Any) -> None:
+    def __init__(self, reserve_slot: Callable[[str, float, float], float], *, accounts: CrmAccountStore | None = None,
+                 clock: Callable[[], float] = time.time, **client_options: Any) -> None:
         self._reserve_slot = reserve_slot
+        self._accounts = accounts if accounts is not None else _ProcessAccounts()
+        self._clock = clock
         self._client_options = client_options
 
     def client_for(self, integration: dict) -> AmoCrmClient:
@@ -29,30 +75,69 @@ class AmoCrmSource:
         return AmoCrmClient(connection["base_url"], connection["access_token"], wait_for_slot=wait_for_slot,
                             **self._client_options)
 
+    def settings(self, client: AmoCrmClient, integration: dict) -> Settings:
+        """The integration's settings; a missing `currency` or `phone_region` from the account."""
+        account = {}
+        if not integration.get("currency") or not integration.get("phone_region"):
+            account = self.account(client, integration)
+        currency = integration.get("currency") or str(account.get("currency") or "").upper()
+        country = str(account.get("country") or "").upper()
+        region = integration.get("phone_region") or (country if is_phone_region(country) else DEFAULT_PHONE_REGION)
+        return Settings(client_id_field=integration.get("client_id_field") or DEFAULT_CLIENT_ID_FIELD,
+                        currency=currency if re.fullmatch(r"[A-Z]{3}", currency) else None,
+                        phone_region=region, cost_field=integration.get("cost_field") or None)
+
+    def account(self, client: AmoCrmClient, integration: dict) -> dict:
+        """`country` and `currency` of the integration's account, from the store when read in the last
+        day from the same base URL, else from `GET /api/v4/account` (then stored). A failed read raises,
+        so orders are not sent in a guessed currency; a day-old copy is used rather than failing."""
+        base_url = integration["connection"]["base_url"]
+        scope = "amocrm:" + hashlib.sha256(base_url.rstrip("/").lower().encode()).hexdigest()[:16]
+        cached = self._accounts.get_crm_account(scope)
+        if cached is not None and cached.get("base_url") != base_url:
+            cached = None
+        now = self._clock()
+        if cached is not None and now - float(cached.get("read_at") or 0) < ACCOUNT_MAX_AGE:
+            return cached
+        try:
+            data = client.get("/api/v4/account")
+        except BridgeError as exc:
+            if cached is None:
+                raise
+            log_event("crm_account_stale", crm="amocrm", error=exc.message[:300])
+            return cached
+        data = data if isinstance(data, dict) else {}
+        account = {"base_url": base_url, "read_at": int(now),
+                   "country": str(data.get("country") or "")[:8], "currency": str(data.get("currency") or "")[:8]}
+        self._accounts.put_crm_account(scope, account)
+        return account
+
     def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef],
                  attributes: list[dict] = ()) -> dict[tuple[str, str], EntityRows]:
-        """Two to four requests for a whole batch: leads (with contacts and products), then contacts."""
+        """Two to four requests for a whole batch: leads (with contacts and products), then contacts
+        (and, once a day per account, the account's country and currency)."""
         client = self.client_for(integration)
+        settings = self.settings(client, integration)
         lead_ids = [r.crm_id for r in refs if r.kind == ORDER]
         leads = {str(lead["id"]): lead for lead in client.leads(lead_ids)} if lead_ids else {}
-        rows = self._lead_entities(client, integration, mapping, attributes, list(leads.values()),
+        rows = self._lead_entities(client, settings, mapping, attributes, list(leads.values()),
                                    [r.crm_id for r in refs if r.kind == CONTACT])
         for ref in refs:
             rows.setdefault((ref.kind, ref.crm_id), EntityRows(gone=True))
         return rows
 
-    def _lead_entities(self, client: AmoCrmClient, integration: dict, mapping: list[dict], attributes: list[dict],
+    def _lead_entities(self, client: AmoCrmClient, settings: Settings, mapping: list[dict], attributes: list[dict],
                        leads: list[dict], contact_ids: list[str]) -> dict[tuple[str, str], EntityRows]:
         """Leads (with their main contacts, read in bulk) and contacts → rows, keyed by (kind, id)."""
-        field = integration.get("client_id_field") or DEFAULT_CLIENT_ID_FIELD
         wanted = [str(cid) for cid in map(main_contact_id, leads) if cid is not None] + contact_ids
         contacts = {c["id"]: c for c in client.contacts(wanted)} if wanted else {}
         now = datetime.now(timezone.utc)
         pipelines = None
         rows: dict[tuple[str, str], EntityRows] = {}
         for lead in leads:
-            options = dict(mapping=mapping, client_id_field=field, now=now, currency=integration.get("currency"),
-                           attributes=attributes)
+            options = dict(mapping=mapping, client_id_field=settings.client_id_field, now=now,
+                           currency=settings.currency, phone_region=settings.phone_region,
+                           cost_field=settings.cost_field, attributes=attributes)
             entity = lead_rows(lead, contacts, pipelines=pipelines, **options)
             if entity.error and pipelines is None:  # name the stage for the person who must map it
                 pipelines = {p["id"]: p for p in client.pipelines()}
@@ -61,7 +146,8 @@ class AmoCrmSource:
         for contact_id in contact_ids:
             contact = contacts.get(int(contact_id))
             if contact is not None:
-                rows[(CONTACT, contact_id)] = EntityRows(contacts=[contact_row(contact, field, now, attributes=attributes)])
+                rows[(CONTACT, contact_id)] = contact_entity(contact, settings.client_id_field, now,
+                                                             phone_region=settings.phone_region, attributes=attributes)
         return rows
 
     def product_names(self, integration: dict, products: dict[str, dict]) -> dict[str, str]:
@@ -86,15 +172,17 @@ class AmoCrmSource:
                       since: int, cursor: dict | None) -> BackfillPage:
         """One API page (250) of contacts, or of leads plus one bulk read of their main contacts."""
         client = self.client_for(integration)
+        settings = self.settings(client, integration)
         page = (cursor or {}).get("page", 1)
         entity = "contacts" if phase == "contacts" else "leads"
         items, more = client.page(entity, since, page, with_=None if phase == "contacts" else "contacts,catalog_elements")
         if phase == "contacts":
-            field, now = integration.get("client_id_field") or DEFAULT_CLIENT_ID_FIELD, datetime.now(timezone.utc)
-            rows = {(CONTACT, str(c["id"])): EntityRows(contacts=[contact_row(c, field, now, attributes=attributes)])
+            now = datetime.now(timezone.utc)
+            rows = {(CONTACT, str(c["id"])): contact_entity(c, settings.client_id_field, now,
+                                                            phone_region=settings.phone_region, attributes=attributes)
                     for c in items}
         else:
-            rows = self._lead_entities(client, integration, mapping, attributes, items, [])
+            rows = self._lead_entities(client, settings, mapping, attributes, items, [])
         kind = CONTACT if phase == "contacts" else ORDER
         times = {(kind, str(i["id"])): int(i.get("updated_at") or 0) for i in items}
         requests = 1 + (phase != "contacts" and any(main_contact_id(i) for i in items))

@@ -10,6 +10,9 @@ Sources (amoCRM developer documentation):
 * Pipelines and the fixed statuses 142/143 — "Воронки и этапы",
   https://www.amocrm.ru/developers/content/crm_platform/leads_pipelines
 * Catalog element names — "Списки", https://www.amocrm.ru/developers/content/crm_platform/catalogs-api
+* The account's `country` and `currency` (the defaults for `phone_region` and orders' `currency`) —
+  "Параметры аккаунта", https://www.amocrm.ru/developers/content/crm_platform/account-info (Kommo:
+  "Account parameters", https://developers.kommo.com/reference/account-parameters)
 """
 from __future__ import annotations
 
@@ -17,8 +20,16 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from .. import EntityRows, unmapped_stage
+from ..notes import merge_notes, order_cost, phone_notes
 from ...metrika.schemas import SCHEMA_ID
-from ...normalize import keep_valid, normalize_client_id, normalize_email, normalize_phone, normalize_product_id
+from ...normalize import (
+    DEFAULT_PHONE_REGION,
+    keep_valid,
+    normalize_client_id,
+    normalize_email,
+    normalize_product_id,
+    split_phones,
+)
 from ...status_mapping import status_for
 
 WON, LOST = 142, 143
@@ -61,17 +72,28 @@ def _time(ts: Any, now: datetime) -> datetime | None:
     return min(datetime.fromtimestamp(int(ts), timezone.utc), now)
 
 
-def contact_row(contact: dict, client_id_field: str, now: datetime, extra_client_ids: Iterable[str] = (),
-                attributes: Iterable[dict] = ()) -> dict:
+def contact_row(contact: dict, client_id_field: str, now: datetime, *, phone_region: str = DEFAULT_PHONE_REGION,
+                extra_client_ids: Iterable[str] = (), attributes: Iterable[dict] = ()) -> tuple[dict, dict]:
+    """A contact → (its row, notes on what was left out: phones that are not valid numbers in
+    `phone_region`, masked)."""
     fields = contact.get("custom_fields_values")
-    row = {"uniq_id": str(contact["id"]), "name": contact.get("name") or None,
+    uniq_id = str(contact["id"])
+    phones, dropped = split_phones(field_values(fields, "PHONE"), region=phone_region)
+    row = {"uniq_id": uniq_id, "name": contact.get("name") or None,
            "create_date_time": _time(contact.get("created_at"), now),
            "update_date_time": _time(contact.get("updated_at"), now),
-           "phones": keep_valid(field_values(fields, "PHONE"), normalize_phone),
+           "phones": phones,
            "emails": keep_valid(field_values(fields, "EMAIL"), normalize_email),
            "client_ids": keep_valid([*field_values(fields, client_id_field), *extra_client_ids], normalize_client_id),
            "attribute_values": attribute_values(fields, attributes, "contact")}
-    return {k: v for k, v in row.items() if v not in (None, [], {})}
+    return {k: v for k, v in row.items() if v not in (None, [], {})}, phone_notes(uniq_id, dropped)
+
+
+def contact_entity(contact: dict, client_id_field: str, now: datetime, *, phone_region: str = DEFAULT_PHONE_REGION,
+                   attributes: Iterable[dict] = ()) -> EntityRows:
+    """A contact on its own (a contact webhook, the history import's contacts phase)."""
+    row, notes = contact_row(contact, client_id_field, now, phone_region=phone_region, attributes=attributes)
+    return EntityRows(contacts=[row], notes=notes)
 
 
 def main_contact_id(lead: dict) -> int | None:
@@ -81,12 +103,15 @@ def main_contact_id(lead: dict) -> int | None:
 
 
 def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], client_id_field: str,
-              now: datetime, currency: str | None = None, pipelines: dict[int, dict] | None = None,
+              now: datetime, currency: str | None = None, phone_region: str = DEFAULT_PHONE_REGION,
+              cost_field: str | None = None, pipelines: dict[int, dict] | None = None,
               attributes: Iterable[dict] = ()) -> EntityRows:
     """A lead → its main contact (or one synthesised from the lead) and its order.
 
     The ClientID is read from the lead (where amoCRM's tracking fields live) and from the contact.
     A stage missing from the mapping holds the deal with an explanation, never a guessed status.
+    `currency` is the integration's, else the account's; `cost_field` a lead custom field (id, code or
+    name) whose value becomes the order's `cost` — one that is not an amount is left out and noted.
     """
     key = stage_key(lead.get("pipeline_id"), lead.get("status_id"))
     status = status_for(mapping, key)
@@ -96,23 +121,28 @@ def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], cli
     lead_client_ids = keep_valid(field_values(lead.get("custom_fields_values"), client_id_field), normalize_client_id)
     contact_id = main_contact_id(lead)
     contact = contacts.get(contact_id) if contact_id is not None else None
+    notes: dict = {}
     if contact is not None:
-        customer = contact_row(contact, client_id_field, now, extra_client_ids=lead_client_ids, attributes=attributes)
+        customer, notes = contact_row(contact, client_id_field, now, phone_region=phone_region,
+                                      extra_client_ids=lead_client_ids, attributes=attributes)
     else:
         # No contact (or it was deleted): the ClientID on the lead still ties the deal to a visit.
         customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{lead['id']}", "name": lead.get("name") or None,
                     "create_date_time": _time(lead.get("created_at"), now), "client_ids": lead_client_ids}
         customer = {k: v for k, v in customer.items() if v not in (None, [])}
+    cost, cost_notes = order_cost(field_values(lead.get("custom_fields_values"), cost_field, raw=True)
+                                  if cost_field else [], currency)
     order = {"id": str(lead["id"]), "client_uniq_id": customer["uniq_id"], "order_status": status,
              "create_date_time": _time(lead.get("created_at"), now),
              "update_date_time": _time(lead.get("updated_at"), now),
              "finish_date_time": _time(lead.get("closed_at"), now),
              "revenue": lead.get("price_with_minor_units", lead.get("price")),
+             "cost": cost,
              "currency": currency,
              "products": products_of(lead),
              "attribute_values": attribute_values(lead.get("custom_fields_values"), attributes, "order")}
     return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}],
-                      products=product_hints(lead))
+                      products=product_hints(lead), notes=merge_notes(notes, cost_notes))
 
 
 def products_of(lead: dict) -> dict[str, Any]:

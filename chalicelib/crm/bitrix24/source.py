@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from ...errors import BridgeError, Permanent, Transient
 from ...metrika.schemas import normalize_product_id
+from ...normalize import DEFAULT_PHONE_REGION
 from .. import CONTACT, ORDER, BackfillPage, EntityRef, EntityRows, slot_waiter
 from .api import BATCH_LIMIT, MIN_INTERVAL, SOURCE, Bitrix24Client, NotFound
 from .translate import contact_row, deal_rows, default_mapping, from_item_product_row
@@ -107,7 +108,7 @@ class Bitrix24Source:
         rows: dict[tuple[str, str], EntityRows] = {}
         if phase == "contacts":
             for contact in items:
-                rows[(CONTACT, str(contact["ID"]))] = EntityRows(contacts=[translation.contact(contact)])
+                rows[(CONTACT, str(contact["ID"]))] = translation.contact(contact)
         elif items:
             related, calls = self._deal_relations(client, items)
             requests += calls
@@ -179,19 +180,25 @@ class Bitrix24Source:
 
 
 class _Translation:
-    """The pure translation with one integration's settings and one clock."""
+    """The pure translation with one integration's settings and one clock. Bitrix24's REST API documents
+    no portal country, so phones are read in the integration's `phone_region`, else Russia."""
 
     def __init__(self, integration: dict, mapping: list[dict], attributes: list[dict]) -> None:
         self.field = integration.get("client_id_field") or DEFAULT_CLIENT_ID_FIELD
+        self.phone_region = integration.get("phone_region") or DEFAULT_PHONE_REGION
+        self.cost_field = integration.get("cost_field") or None
         self.mapping, self.attributes = mapping, attributes
         self.now = datetime.now(timezone.utc)
 
     def deal(self, deal: dict, *, contact: dict | None, lead: dict | None, product_rows: list[dict]) -> EntityRows:
         return deal_rows(deal, contact=contact, lead=lead, product_rows=product_rows, mapping=self.mapping,
-                         client_id_field=self.field, now=self.now, attributes=self.attributes)
+                         client_id_field=self.field, now=self.now, attributes=self.attributes,
+                         phone_region=self.phone_region, cost_field=self.cost_field)
 
-    def contact(self, contact: dict) -> dict:
-        return contact_row(contact, self.field, self.now, attributes=self.attributes)
+    def contact(self, contact: dict) -> EntityRows:
+        row, notes = contact_row(contact, self.field, self.now, attributes=self.attributes,
+                                 phone_region=self.phone_region)
+        return EntityRows(contacts=[row], notes=notes)
 
 
 def _read_deals(client: Bitrix24Client, deal_ids: list[str], translation: _Translation) -> tuple[dict[str, EntityRows], int]:
@@ -247,7 +254,7 @@ def _contact_entity(contact_id: str, results: dict, errors: dict, key: str, tran
     if not isinstance(contact, dict):
         raise Transient(f"Bitrix24 crm.contact.get answered something other than a contact for contact {contact_id}",
                         source=SOURCE)
-    return EntityRows(contacts=[translation.contact(contact)])
+    return translation.contact(contact)
 
 
 def _sub_result(results: dict, errors: dict, key: str, what: str) -> Any:

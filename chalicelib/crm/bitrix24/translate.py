@@ -16,7 +16,8 @@ Sources (Bitrix24 REST documentation):
   https://apidocs.bitrix24.com/api-reference/data-types.html
 
 Bitrix24 has no standard ClientID field: it is read from a configured `UF_CRM_…` field on the deal,
-its source lead, or the contact.
+its source lead, or the contact. Nor does its REST API document a portal country: phones are read as
+written in the integration's `phone_region`, else Russia. Orders carry the deal's own `CURRENCY_ID`.
 """
 from __future__ import annotations
 
@@ -24,13 +25,15 @@ from datetime import datetime
 from typing import Any, Iterable
 
 from .. import EntityRows, unmapped_stage
+from ..notes import merge_notes, order_cost, phone_notes
 from ...normalize import (
+    DEFAULT_PHONE_REGION,
     keep_valid,
     normalize_client_id,
     normalize_email,
-    normalize_phone,
     normalize_product_id,
     parse_decimal,
+    split_phones,
 )
 from ...status_mapping import status_for
 
@@ -76,16 +79,20 @@ def attribute_values(record: dict | None, attributes: Iterable[dict], entity: st
 
 
 def contact_row(contact: dict, field: str, now: datetime, extra_client_ids: Iterable[str] = (),
-                attributes: Iterable[dict] = ()) -> dict:
+                attributes: Iterable[dict] = (), *, phone_region: str = DEFAULT_PHONE_REGION) -> tuple[dict, dict]:
+    """A contact → (its row, notes on what was left out: phones that are not valid numbers in
+    `phone_region`, masked)."""
     name = " ".join(p for p in (contact.get("NAME"), contact.get("SECOND_NAME"), contact.get("LAST_NAME")) if p)
-    row = {"uniq_id": str(contact["ID"]), "name": name or None,
+    uniq_id = str(contact["ID"])
+    phones, dropped = split_phones(_multi(contact, "PHONE"), region=phone_region)
+    row = {"uniq_id": uniq_id, "name": name or None,
            "create_date_time": _time(contact.get("DATE_CREATE"), now),
            "update_date_time": _time(contact.get("DATE_MODIFY"), now),
-           "phones": keep_valid(_multi(contact, "PHONE"), normalize_phone),
+           "phones": phones,
            "emails": keep_valid(_multi(contact, "EMAIL"), normalize_email),
            "client_ids": keep_valid([*client_ids(contact, field), *extra_client_ids], normalize_client_id),
            "attribute_values": attribute_values(contact, attributes, "contact")}
-    return {k: v for k, v in row.items() if v not in (None, [], {})}
+    return {k: v for k, v in row.items() if v not in (None, [], {})}, phone_notes(uniq_id, dropped)
 
 
 def product_id(row: dict) -> str:
@@ -97,17 +104,22 @@ def product_id(row: dict) -> str:
 
 def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_rows: list[dict],
               mapping: list[dict], client_id_field: str, now: datetime,
-              stage_names: dict[str, str] | None = None, attributes: Iterable[dict] = ()) -> EntityRows:
+              stage_names: dict[str, str] | None = None, attributes: Iterable[dict] = (),
+              phone_region: str = DEFAULT_PHONE_REGION, cost_field: str | None = None) -> EntityRows:
     """A deal → its contact (or one made from the deal) and its order. The ClientID is looked up on
-    the deal, then its source lead (`LEAD_ID`), then the contact."""
+    the deal, then its source lead (`LEAD_ID`), then the contact. `cost_field` names a deal field
+    (`UF_CRM_COST`; a money field's `1500|RUB` is read too) whose value becomes the order's `cost`; one
+    that is not an amount is left out and noted, the order still goes."""
     stage = str(deal.get("STAGE_ID") or "")
     status = status_for(mapping, stage)
     if status is None:
         name = (stage_names or {}).get(stage)
         return unmapped_stage(stage, name)
     found = client_ids(deal, client_id_field) or client_ids(lead, client_id_field)
+    notes: dict = {}
     if contact is not None:
-        customer = contact_row(contact, client_id_field, now, extra_client_ids=found, attributes=attributes)
+        customer, notes = contact_row(contact, client_id_field, now, extra_client_ids=found, attributes=attributes,
+                                      phone_region=phone_region)
     else:
         customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{deal['ID']}", "name": deal.get("TITLE") or None,
                     "create_date_time": _time(deal.get("DATE_CREATE"), now), "client_ids": found}
@@ -123,16 +135,20 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
         products[product_id(row)] = products.get(product_id(row), 0) + quantity
         names[product_id(row)] = {"name": row.get("PRODUCT_NAME") or None}
     closed = deal.get("CLOSED") == "Y"
+    currency = deal.get("CURRENCY_ID") or None
+    cost_value = deal.get(cost_field) if cost_field else None
+    cost, cost_notes = order_cost(cost_value if isinstance(cost_value, list) else [cost_value], currency)
     order = {"id": str(deal["ID"]), "client_uniq_id": customer["uniq_id"], "order_status": status,
              "create_date_time": _time(deal.get("DATE_CREATE"), now),
              "update_date_time": _time(deal.get("DATE_MODIFY"), now),
              "finish_date_time": _time(deal.get("MOVED_TIME"), now) if closed else None,
              "revenue": revenue,
-             "currency": deal.get("CURRENCY_ID") or None,
+             "cost": cost,
+             "currency": currency,
              "products": products,
              "attribute_values": attribute_values(deal, attributes, "order")}
     return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}],
-                      products=names)
+                      products=names, notes=merge_notes(notes, cost_notes))
 
 
 def _amount(record: dict, field: str) -> Any:
