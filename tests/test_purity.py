@@ -26,6 +26,7 @@ PURE_MODULES = [
     "chalicelib.crm.amocrm.translate",
     "chalicelib.crm.bitrix24.translate",
     "chalicelib.normalize",
+    "chalicelib.crm.notes",
     "chalicelib.status_mapping",
     "chalicelib.metrika.schemas",
     "chalicelib.metrika.cdp",
@@ -61,6 +62,68 @@ def test_pure_module_imports_no_io_stack(module):
     assert result.returncode == 0, f"importing {module} failed:\n{result.stderr}"
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded == {}, f"{module} pulls in {sorted(loaded)}; imported from: {json.dumps(loaded, indent=1)}"
+
+
+# --- the phone library stays off the webhook path ----------------------------------------------------
+
+# Run in the child: the app answers an amoCRM and a Bitrix24 webhook through its routes (chalice's test
+# client; the in-memory store and queue in place of DynamoDB and SQS), and the phone library must not
+# have been imported, by anything. Then the worker-side normaliser loads it: the watch works.
+_WEBHOOK_PROBE = """
+import json, sys, traceback
+from urllib.parse import urlencode
+ROOT = sys.argv[1]
+culprits = []
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "phonenumbers" and not culprits:
+            culprits.append([f"{f.filename[len(ROOT) + 1:]}:{f.lineno}" for f in traceback.extract_stack()
+                             if f.filename.startswith(ROOT)])
+        return None
+
+sys.meta_path.insert(0, Watch())
+import app
+from chalice.test import Client
+from chalicelib.queue import MemoryQueue
+from chalicelib.store.memory import MemoryStore
+app._STORE, app._QUEUE = MemoryStore(), MemoryQueue()
+secret, token = "s" * 24, "b" * 32
+app._STORE.put_integration("amo", {"crm": "amocrm", "counter_id": 1, "metrika_token": "y0_x", "timezone": "UTC",
+    "connection": {"base_url": "https://shop.amocrm.ru", "access_token": "t", "webhook_secret": secret}})
+app._STORE.put_integration("b24", {"crm": "bitrix24", "counter_id": 1, "metrika_token": "y0_x", "timezone": "UTC",
+    "connection": {"webhook_url": "https://x.bitrix24.ru/rest/1/abc/", "application_token": token}})
+form = {"Content-Type": "application/x-www-form-urlencoded"}
+amo = urlencode([("account[id]", "1"), ("account[subdomain]", "shop"), ("leads[add][0][id]", "5"),
+                 ("leads[add][0][last_modified]", "1700000000"), ("contacts[add][0][id]", "7"),
+                 ("contacts[add][0][last_modified]", "1700000000"),
+                 ("contacts[add][0][custom_fields][0][code]", "PHONE"),
+                 ("contacts[add][0][custom_fields][0][values][0][value]", "8 029 123-45-67")])
+b24 = urlencode([("event", "ONCRMDEALADD"), ("data[FIELDS][ID]", "9"), ("ts", "1700000000"),
+                 ("auth[application_token]", token)])
+with Client(app.app, stage_name="dev") as client:
+    answers = [client.http.post(f"/webhooks/amocrm/amo?secret={secret}", headers=form, body=amo.encode()),
+               client.http.post("/webhooks/bitrix24/b24", headers=form, body=b24.encode())]
+statuses = [(a.status_code, a.json_body) for a in answers]
+loaded_by_webhooks = "phonenumbers" in sys.modules
+from chalicelib.normalize import normalize_phone
+print(json.dumps({"statuses": statuses, "loaded": loaded_by_webhooks, "culprits": culprits,
+                  "worker": [normalize_phone("8 029 123-45-67", region="BY"), "phonenumbers" in sys.modules]}))
+"""
+
+
+def test_the_webhook_path_never_imports_the_phone_library():
+    """`phonenumbers` (40 ms to import, 5 MB) is for the worker: a webhook's cold start never pays it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "ADMIN_TOKEN": "purity-admin-token"}
+    result = subprocess.run([sys.executable, "-c", _WEBHOOK_PROBE, str(ROOT)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe["statuses"] == [[200, {"accepted": 2, "queued": 2, "ignored": 0}],
+                                 [200, {"accepted": 1, "queued": 1, "ignored": 0}]]
+    assert probe["loaded"] is False, f"the webhook path imported phonenumbers: {probe['culprits']}"
+    assert probe["worker"] == ["375291234567", True]  # and the watch sees it when it is imported
 
 
 # --- the import graph -------------------------------------------------------------------------------
