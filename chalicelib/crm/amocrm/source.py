@@ -3,9 +3,9 @@ reaches the caller as the error taxonomy with source "amocrm", raised by the cli
 
 Orders carry the integration's `currency`, else the account's; phones are read as written in the
 integration's `phone_region`, else the account's `country`, else Russia. Both account values come from
-`GET /api/v4/account` ("Параметры аккаунта", https://www.amocrm.ru/developers/content/crm_platform/account-info;
-Kommo "Account parameters", https://developers.kommo.com/reference/account-parameters: `country`,
-`currency`), read when the integration lacks one of them and kept in the store per account (`scope` from
+`GET /api/v4/account` ("Параметры аккаунта",
+https://www.amocrm.ru/developers/content/crm_platform/account-info; Kommo "Account parameters",
+https://developers.kommo.com/reference/account-parameters: `country`, `currency`), read when the integration lacks one of them and kept in the store per account (`scope` from
 the base URL, so a new base URL is read afresh), re-read once a day.
 """
 from __future__ import annotations
