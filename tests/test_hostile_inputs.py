@@ -404,6 +404,7 @@ CONFIGS = [
     ("hash_pii true is stored as true", amocrm_config(hash_pii=True), stored(lambda c: c["hash_pii"] is True)),
     ("counter_id true", amocrm_config(counter_id=True), Refused("counter_id")),
     ("counter_id \"4242\"", amocrm_config(counter_id="4242"), Refused("counter_id")),
+    ("counter_id Arabic-Indic digits", amocrm_config(counter_id="٤٢٤٢"), Refused("counter_id")),
     ("counter_id 1e40", amocrm_config(counter_id=1e40), Refused("counter_id")),
     ("counter_id 10^40", amocrm_config(counter_id=10**40), Refused("counter_id")),
     ("counter_id 4242.0", amocrm_config(counter_id=4242.0), Refused("counter_id")),
@@ -674,3 +675,14 @@ def test_every_connection_string_has_a_length_limit(crm, name):
     with pytest.raises(ApiError) as refused:
         save_integration(FakeStore(), "shop", config, counter_time_zone)
     assert f"connection.{name}" in _paths(refused.value.details)
+
+
+@pytest.mark.parametrize("crm_id", ["١٢٣", "１２３", "²", "12³", "1_000", " 12", "12\n"])
+def test_replay_takes_ascii_digit_ids_only(crm_id):
+    """Python's str.isdigit() and int() accept these; an entity id is 1-19 ASCII digits."""
+    from chalicelib.operations import replay
+    from chalicelib.store.memory import MemoryStore
+    store = MemoryStore()
+    with pytest.raises(ApiError) as refused:
+        replay(store, lambda *args: pytest.fail("nothing may be queued"), "shop", {"kind": "order", "crm_id": crm_id})
+    assert refused.value.status == 400 and "crm_id" in refused.value.details
