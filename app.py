@@ -164,7 +164,8 @@ def health():
 def put_integration(integration_id):
     from chalicelib.integrations import save_integration
     return save_integration(get_store(), integration_id, json_body(),
-                            lambda config: get_metrika(config).counter_time_zone(config["counter_id"]))
+                            lambda config: get_metrika(config).counter_time_zone(config["counter_id"]),
+                            allow_loopback=get_settings().allow_loopback_crm)
 
 
 @app.route("/integrations/{integration_id}", methods=["GET"], authorizer=admin)
@@ -290,7 +291,8 @@ def amocrm_webhook(integration_id):
 @app.route("/webhooks/bitrix24/{integration_id}", methods=["POST"], content_types=[FORM])
 @answers
 def bitrix24_webhook(integration_id):
-    return get_ingest().bitrix24(integration_id, app.current_request.raw_body)
+    request = app.current_request
+    return get_ingest().bitrix24(integration_id, request.raw_body, request.query_params or {})
 
 # End of routes. Start of event handlers.
 

@@ -28,7 +28,8 @@ def environment() -> Iterator[dict]:
     amocrm = AmoCrmSandbox(token="bench-amo").start()
     bitrix = Bitrix24Sandbox(bucket_size=10**6).start()
     env = {**emulator_env(f"http://127.0.0.1:{port}"), "STAGE": "dev",
-           "ADMIN_TOKEN": ADMIN_TOKEN, "METRIKA_API_URL": metrika.url, "WORKER_BATCHING_WINDOW": "0"}
+           "ADMIN_TOKEN": ADMIN_TOKEN, "METRIKA_API_URL": metrika.url, "WORKER_BATCHING_WINDOW": "0",
+           "ALLOW_LOOPBACK_CRM": "1"}  # the CRM sandboxes listen on loopback
     os.environ.update(env)
     from chalicelib.infra import ensure_resources
     from chalicelib.settings import get_settings

@@ -29,6 +29,9 @@ FUTURE_SKEW_SECONDS = 300
 # Seconds a warm Lambda answers webhooks from its copy of the integration (one DynamoDB read less per
 # webhook); a changed config, or a deleted integration, shows in the other Lambdas after that long.
 INTEGRATION_MAX_AGE = 5.0
+# The one answer to a webhook whose integration id is unknown, names the other CRM's integration, or
+# whose secret is wrong.
+FORBIDDEN = "this webhook URL does not accept these credentials"
 
 
 def secrets_match(given: str | None, expected: str | None) -> bool:
@@ -36,6 +39,27 @@ def secrets_match(given: str | None, expected: str | None) -> bool:
     if not given or not expected:
         return False
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def _accepts(integration: dict, crm: str, secret_matches: Callable[[dict], bool]) -> bool:
+    return integration.get("crm") == crm and secret_matches(integration.get("connection") or {})
+
+
+def _holds_own_secret(integration: dict, raw: bytes, query: dict[str, str]) -> bool:
+    """Whether the request carries the secret of the integration's own CRM: amoCRM's `?secret=`, or
+    the `auth[application_token]` in a Bitrix24 body. Constant time, as every secret comparison."""
+    connection = integration.get("connection") or {}
+    if integration.get("crm") == "amocrm":
+        return secrets_match(query.get("secret"), connection.get("webhook_secret"))
+    if integration.get("crm") == "bitrix24":
+        from .crm.form import parse_bracket_form
+        try:
+            auth = parse_bracket_form(raw).get("auth")
+        except WebhookError:
+            return False
+        token = auth.get("application_token") if isinstance(auth, dict) else None
+        return isinstance(token, str) and secrets_match(token, connection.get("application_token"))
+    return False
 
 
 def newest_refs(refs: Iterable[EntityRef]) -> list[EntityRef]:
@@ -62,10 +86,9 @@ class Ingest:
         """amoCRM signs nothing: the unguessable `?secret=` and the account id are the checks
         ("Webhooks", https://www.amocrm.ru/developers/content/crm_platform/webhooks-format)."""
         from .crm.amocrm.webhook import parse_amocrm_webhook
-        connection = self._verified(integration_id, "amocrm", raw, lambda c: secrets_match(
+        self._check_size(raw)
+        connection = self._authenticated(integration_id, "amocrm", raw, query, lambda c: secrets_match(
             query.get("secret"), c.get("webhook_secret")))
-        if connection is None:
-            raise ApiError(403, "forbidden", "wrong or missing ?secret= for this integration's webhook URL")
         webhook = self._parse(parse_amocrm_webhook, raw)
         expected_account = connection.get("account_id")
         if expected_account and webhook.account_id != expected_account:
@@ -73,48 +96,64 @@ class Ingest:
                                              f"this integration serves account {expected_account}")
         return self.record(integration_id, webhook.refs, origin="amocrm", ignored=webhook.ignored)
 
-    def bitrix24(self, integration_id: str, raw: bytes) -> dict:
-        """Bitrix24: `auth[application_token]` first (absent: 401), in constant time, then member id
-        and domain when configured ("Event handlers", https://apidocs.bitrix24.com/api-reference/events/index.html)."""
+    def bitrix24(self, integration_id: str, raw: bytes, query: dict[str, str] | None = None) -> dict:
+        """Bitrix24: `auth[application_token]` first (absent: 401, whether the integration exists or not),
+        in constant time, then member id and domain when configured ("Event handlers",
+        https://apidocs.bitrix24.com/api-reference/events/index.html). `query` is read only to recognise
+        an amoCRM webhook sent here by mistake."""
         from .crm.bitrix24.webhook import MissingCredentials, parse_bitrix24_event
-        known = self._integration(integration_id, "bitrix24", raw, max_age=INTEGRATION_MAX_AGE)  # 413, 404 first
+        self._check_size(raw)
+        query = query or {}
         try:
             event = parse_bitrix24_event(raw)
         except MissingCredentials as exc:
+            if query.get("secret"):
+                self._check_route(integration_id, "bitrix24", self._read(integration_id), raw, query)
             raise ApiError(401, "unauthenticated", str(exc)) from exc
         except WebhookError as exc:
             raise invalid(str(exc)) from exc
-        connection = self._verified(integration_id, "bitrix24", raw, lambda c: secrets_match(
-            event.application_token, c.get("application_token")), known=known)
-        if connection is None:
-            raise ApiError(403, "forbidden", "auth[application_token] does not match this integration")
+        connection = self._authenticated(integration_id, "bitrix24", raw, query, lambda c: secrets_match(
+            event.application_token, c.get("application_token")))
         for key, value in (("member_id", event.member_id), ("domain", event.domain)):
             if connection.get(key) and value != connection[key]:
                 raise ApiError(403, "forbidden", f"auth[{key}] does not match this integration")
         return self.record(integration_id, event.refs, origin="bitrix24", ignored=0 if event.refs else 1)
 
-    def _verified(self, integration_id: str, crm: str, raw: bytes, secret_matches: Callable[[dict], bool], *,
-                  known: dict | None = None) -> dict | None:
-        """The integration's connection if the webhook's secret matches, else None. The config may come
-        from this Lambda's copy of the last seconds (`known`: already read for this request); a mismatch
-        is checked again against a fresh read, so a rotated secret works at once (the old one may still
-        pass here for those seconds)."""
-        connection = (known or self._integration(integration_id, crm, raw, max_age=INTEGRATION_MAX_AGE))["connection"]
-        if secret_matches(connection):
-            return connection
-        connection = self._integration(integration_id, crm, raw)["connection"]
-        return connection if secret_matches(connection) else None
-
-    def _integration(self, integration_id: str, crm: str, raw: bytes, max_age: float = 0) -> dict:
+    def _check_size(self, raw: bytes) -> None:
+        """First, whatever the integration: a body over the limit is never read."""
         if len(raw) > self._max_body:
             raise ApiError(413, "payload_too_large", f"webhook body is {len(raw)} bytes; the limit is {self._max_body}")
-        integration = self._store.get_integration(integration_id, max_age=max_age)
-        if integration is None:
-            raise not_found(f"integration {integration_id!r}")
-        if integration["crm"] != crm:
-            raise invalid(f"integration {integration_id!r} is a {integration['crm']} integration: "
-                          f"send its webhooks to /webhooks/{integration['crm']}/{integration_id}")
-        return integration
+
+    def _authenticated(self, integration_id: str, crm: str, raw: bytes, query: dict[str, str],
+                       secret_matches: Callable[[dict], bool]) -> dict:
+        """The integration's connection when it is a `crm` integration and the webhook's secret matches.
+        Otherwise one answer, 403 with one message, whether the id is unknown, names the other CRM's
+        integration or the secret is wrong: the answers do not tell an outsider which integrations exist.
+        (Only a caller holding the integration's own secret learns that it posted to the wrong route.)
+
+        The config may come from this Lambda's copy of the last seconds; a mismatch is checked again
+        against a fresh read, so a rotated secret works at once (the old one may still pass here for
+        those seconds). An unknown id is not read twice: the store keeps no copy of a miss."""
+        integration = self._read(integration_id, max_age=INTEGRATION_MAX_AGE)
+        if integration is not None and not _accepts(integration, crm, secret_matches):
+            integration = self._read(integration_id)
+        if integration is not None and _accepts(integration, crm, secret_matches):
+            return integration["connection"]
+        self._check_route(integration_id, crm, integration, raw, query)
+        raise ApiError(403, "forbidden", FORBIDDEN)
+
+    def _read(self, integration_id: str, max_age: float = 0) -> dict | None:
+        return self._store.get_integration(integration_id, max_age=max_age)
+
+    @staticmethod
+    def _check_route(integration_id: str, route: str, integration: dict | None, raw: bytes,
+                     query: dict[str, str]) -> None:
+        """A 400 saying where to send it, for a webhook that carries the secret of the integration's own
+        CRM but came to the other CRM's route; nothing for anyone else."""
+        if integration is None or integration.get("crm") == route or not _holds_own_secret(integration, raw, query):
+            return
+        raise invalid(f"integration {integration_id!r} is a {integration['crm']} integration: "
+                      f"send its webhooks to /webhooks/{integration['crm']}/{integration_id}")
 
     @staticmethod
     def _parse(parser: Callable[[bytes], Any], raw: bytes) -> Any:

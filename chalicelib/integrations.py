@@ -47,9 +47,9 @@ def _no_control(value: str) -> None:
         raise ValidationError("must not contain control characters")
 
 
-def _https_url(value: str) -> None:
-    """CRM URLs must be HTTPS; plain HTTP only to loopback, where the sandboxes live. No user-info,
-    query or fragment: the URL is a base that paths are appended to."""
+def _http_url(value: str) -> None:
+    """The shape of a CRM URL: http(s), a host, no user-info, query or fragment (the URL is a base that
+    paths are appended to). Which hosts and schemes an integration may use is `endpoint_problem`'s."""
     if len(value) > MAX_URL:
         return  # the length validator says so; nothing to parse
     _printable(value)
@@ -65,14 +65,69 @@ def _https_url(value: str) -> None:
     except ValueError as exc:
         raise ValidationError("must have a valid port (1-65535) or none") from exc
     if hostname and not re.fullmatch(r"[a-z0-9.-]+|[0-9a-f:.]+", hostname):  # urlsplit lower-cases it
-        raise ValidationError("must name a host: letters, digits, dots and hyphens")
+        raise ValidationError("must name a host: letters, digits, dots and hyphens (an IDN in its xn-- form)")
     if parts.query or parts.fragment:
         raise ValidationError("must not carry a query or fragment")
-    if parts.scheme == "https" and hostname:
-        return
-    if parts.scheme == "http" and hostname and _is_loopback(hostname):
-        return
-    raise ValidationError("must be an https:// URL (http:// only for loopback sandboxes)")
+    if parts.scheme not in ("https", "http") or not hostname:
+        raise ValidationError("must be an https:// URL")
+
+
+# Where the CRMs' cloud accounts live: one label (the account or portal name) under one of these.
+# amoCRM: https://<account>.amocrm.ru ("API сделок", https://www.amocrm.ru/developers/content/crm_platform/leads-api);
+# Kommo (amoCRM's international brand): https://<account>.kommo.com ("Long-lived token",
+# https://developers.kommo.com/docs/long-lived-token), older international accounts <account>.amocrm.com.
+AMOCRM_DOMAINS = ("amocrm.ru", "kommo.com", "amocrm.com")
+# Bitrix24 cloud: the 18 domain zones of Bitrix24 Helpdesk's article on changing an account's zone
+# ("In Bitrix24 sind folgende Domain-Zonen verfügbar", https://helpdesk.bitrix24.de/open/10252860), and
+# bitrix24.uk. An on-premise portal, or a cloud one on its own domain, needs `custom_domain: true`.
+BITRIX24_DOMAINS = tuple(f"bitrix24.{zone}" for zone in (
+    "ru", "com", "de", "eu", "es", "com.br", "fr", "it", "com.tr", "ua", "pl", "kz", "by", "in", "cn", "id", "vn",
+    "jp", "uk"))
+# Names that never lead to a public host (RFC 6761 and 6762 special-use names, home.arpa of RFC 8375,
+# cloud-internal names such as ec2.internal, and names commonly used inside company networks).
+RESERVED_SUFFIXES = ("localhost", "local", "localdomain", "internal", "intranet", "lan", "home", "corp",
+                     "arpa", "test", "invalid", "example", "onion")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_NOT_LISTED = "must be the CRM's own address"
+_TOP_LABEL = re.compile(r"[a-z]{2,63}|xn--[a-z0-9-]{1,59}")  # never all digits: "127.1" and "0x7f.1" are addresses
+
+
+def endpoint_problem(url: str, *, domains: tuple[str, ...], custom_domain: bool = False,
+                     allow_loopback: bool = False) -> str | None:
+    """Why a CRM URL that has `_http_url`'s shape may not be called, or None. Pure.
+
+    https only, to a DNS name (no IP literal in any spelling: inet_aton reads "2130706433", "127.1"
+    and "0x7f.1" as addresses), one label under one of `domains`; with `custom_domain`, any public
+    name (still no IP literal, no reserved or internal name; the adapters refuse, when connecting, a
+    name that resolves to a private address: `chalicelib.outbound`). With `allow_loopback` (the local
+    stack and the tests) http:// or https:// to localhost or a loopback address passes too."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if allow_loopback and _is_loopback(host):
+        return None
+    if parts.scheme != "https":
+        return "must be an https:// URL"
+    if _is_ip_literal(host):
+        return "must name the CRM's host, not an IP address"
+    labels = host.split(".")
+    if (len(host) > 253 or len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels)
+            or not _TOP_LABEL.fullmatch(labels[-1])):
+        return "must name a host on the internet: labels of letters, digits and hyphens, ending in a top-level domain"
+    if custom_domain:
+        if any(host == suffix or host.endswith("." + suffix) for suffix in RESERVED_SUFFIXES):
+            return "names a local or internal host, which this service does not call"
+        return None
+    if not any(host.endswith("." + domain) and host.count(".") == domain.count(".") + 1 for domain in domains):
+        return f"{_NOT_LISTED}: " + ", ".join(f"<name>.{domain}" for domain in domains)
+    return None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -115,22 +170,50 @@ def _secret(min_length: int = 1) -> fields.String:
                    min_length=min_length, required=True, load_only=True)
 
 
-class AmoCrmConnection(Schema):
+class _Connection(Schema):
+    """A CRM connection. `allow_loopback`: the deployment's `Settings.allow_loopback_crm` (the local
+    stack and the tests, whose sandboxes listen on loopback)."""
+
+    class Meta:
+        unknown = RAISE
+
+    def __init__(self, *, allow_loopback: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.allow_loopback = allow_loopback
+
+
+def _no_path(value: str) -> None:
+    try:
+        path = urlsplit(value).path
+    except ValueError:
+        return  # `_http_url` says so
+    if path not in ("", "/"):
+        raise ValidationError("must be the account's address alone, such as https://shop.amocrm.ru (no path)")
+
+
+class AmoCrmConnection(_Connection):
     """amoCRM: account URL, long-lived token (Kommo "Long-lived Token",
     https://developers.kommo.com/docs/long-lived-token), and our webhook secret."""
 
     class Meta:
         unknown = RAISE
 
-    base_url = _string(MAX_URL, _https_url, required=True)
+    base_url = _string(MAX_URL, _http_url, _no_path, required=True)
     access_token = _secret()
     # Compared with the webhook's account[id], which is checked the same way (crm/form.py `crm_id`).
     account_id = _string(19, _fullmatch(r"[0-9]{1,19}", "must be the numeric account id"))
     # Sent by amoCRM in the webhook URL's query: long enough not to be guessed.
     webhook_secret = _secret(min_length=16)
 
+    @validates_schema(skip_on_field_errors=False)
+    def _endpoint(self, data: dict, **kwargs: Any) -> None:
+        problem = "base_url" in data and endpoint_problem(data["base_url"], domains=AMOCRM_DOMAINS,
+                                                          allow_loopback=self.allow_loopback)
+        if problem:
+            raise ValidationError({"base_url": [problem]})
 
-class Bitrix24Connection(Schema):
+
+class Bitrix24Connection(_Connection):
     """Bitrix24: incoming-webhook URL for REST calls (a secret itself) and the outbound webhook's
     application_token (Bitrix24 "Security in Handlers",
     https://apidocs.bitrix24.com/api-reference/events/safe-event-handlers.html; "Входящие и исходящие вебхуки",
@@ -139,13 +222,26 @@ class Bitrix24Connection(Schema):
     class Meta:
         unknown = RAISE
 
-    webhook_url = _string(MAX_URL, _https_url, _fullmatch(r"https?://[^/]+/rest/[0-9]+/[^/]+/?",
-                                                          "must look like https://<portal>/rest/<user id>/<code>/"),
+    webhook_url = _string(MAX_URL, _http_url, _fullmatch(r"https?://[^/]+/rest/[0-9]+/[^/]+/?",
+                                                         "must look like https://<portal>/rest/<user id>/<code>/"),
                           required=True, load_only=True)
     application_token = _secret()
     # Compared with the event's auth[member_id] / auth[domain] (crm/bitrix24/webhook.py).
     member_id = _string(MAX_ID, _fullmatch(r"[A-Za-z0-9_.-]+", "must be the portal's member id (Latin letters and digits)"))
     domain = _string(MAX_ID, _printable)
+    # An on-premise portal, or a cloud portal on its own domain: webhook_url may name any public host.
+    custom_domain = StrictBoolean()
+
+    @validates_schema(skip_on_field_errors=False)
+    def _endpoint(self, data: dict, **kwargs: Any) -> None:
+        if "webhook_url" not in data:
+            return
+        problem = endpoint_problem(data["webhook_url"], domains=BITRIX24_DOMAINS,
+                                   custom_domain=data.get("custom_domain") is True, allow_loopback=self.allow_loopback)
+        if problem and problem.startswith(_NOT_LISTED):
+            problem += "; for an on-premise portal, or one on its own domain, set connection.custom_domain to true"
+        if problem:
+            raise ValidationError({"webhook_url": [problem]})
 
 
 CONNECTION_SCHEMAS = {"amocrm": AmoCrmConnection, "bitrix24": Bitrix24Connection}
@@ -154,6 +250,10 @@ CONNECTION_SCHEMAS = {"amocrm": AmoCrmConnection, "bitrix24": Bitrix24Connection
 class IntegrationConfig(Schema):
     class Meta:
         unknown = RAISE
+
+    def __init__(self, *, allow_loopback: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.allow_loopback = allow_loopback  # passed on to the connection's schema
 
     crm = fields.String(required=True, validate=validate.OneOf(CRMS))
     counter_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=2**31 - 1))
@@ -177,7 +277,7 @@ class IntegrationConfig(Schema):
         schema = CONNECTION_SCHEMAS.get(crm) if isinstance(crm, str) else None
         if schema is not None:
             try:
-                schema().load(data.get("connection") or {})
+                schema(allow_loopback=self.allow_loopback).load(data.get("connection") or {})
             except ValidationError as exc:
                 raise ValidationError({"connection": exc.messages}) from exc
 
@@ -185,7 +285,7 @@ class IntegrationConfig(Schema):
     def _typed_connection(self, data: dict, **kwargs: Any) -> dict:
         """Store what was validated, not what was sent."""
         if "connection" in data:  # absent only in the partial load that names errors besides it
-            data["connection"] = CONNECTION_SCHEMAS[data["crm"]]().load(data["connection"])
+            data["connection"] = CONNECTION_SCHEMAS[data["crm"]](allow_loopback=self.allow_loopback).load(data["connection"])
         return data
 
 
@@ -196,17 +296,77 @@ def validate_integration_id(integration_id: str) -> None:
 
 def carry_over_secrets(incoming: dict, stored: dict | None) -> dict:
     """A secret left out (or sent back masked, as GET shows it) keeps its stored value, so a user can
-    GET, edit a field and PUT without re-entering tokens. Only when the CRM stays the same."""
+    GET, edit a field and PUT without re-entering tokens. Only when the CRM stays the same, and only
+    while the endpoint the secret belongs to does (`withheld_secrets`)."""
     merged = {**incoming, "connection": dict(incoming.get("connection") or {})}
     if not stored or stored.get("crm") != incoming.get("crm"):
         return merged
+    withheld = withheld_secrets(incoming, stored)
     for path in SECRET_PATHS:
+        if ".".join(path) in withheld:
+            continue
         parent_in, parent_stored = merged, stored
         for key in path[:-1]:
             parent_in, parent_stored = parent_in.get(key, {}), parent_stored.get(key, {})
         if parent_in.get(path[-1]) in (None, MASK) and path[-1] in parent_stored:
             parent_in[path[-1]] = parent_stored[path[-1]]
     return merged
+
+
+def withheld_secrets(incoming: dict, stored: dict | None) -> dict[str, str]:
+    """Stored secrets a PUT may not keep by leaving them out or masked, because the endpoint they
+    belong to changed: dotted path → why. Otherwise amoCRM's token would be sent to the new
+    `base_url`'s host (whoever controls it), and a Bitrix24 portal's webhook URL and application token
+    would go on serving another portal. The Metrika token is not tied to a configurable host."""
+    if not stored or stored.get("crm") != incoming.get("crm") or not isinstance(incoming.get("connection"), dict):
+        return {}
+    new, old = incoming["connection"], stored.get("connection") or {}
+    if incoming.get("crm") == "amocrm":
+        moved = _moved(new.get("base_url"), old.get("base_url"), "connection.base_url")
+        if not moved:
+            return {}
+        return {"connection.access_token": f"{moved}: send the access token for the new address (the stored "
+                                           "one is never sent to another host)",
+                "connection.webhook_secret": f"{moved}: send a webhook_secret for the new account's webhook URL "
+                                             "(the stored one belongs to the old account's webhooks)"}
+    if incoming.get("crm") == "bitrix24":
+        withheld: dict[str, str] = {}
+        url = new.get("webhook_url")
+        moved = _moved(url, old.get("webhook_url"), "the portal (connection.webhook_url's host)") if url != MASK else None
+        for key in ("member_id", "domain"):
+            if not moved and isinstance(new.get(key), str) and old.get(key) and new[key].lower() != old[key].lower():
+                moved = f"connection.{key} changed: this is another portal"
+                withheld["connection.webhook_url"] = f"{moved}: send its incoming-webhook URL"
+        if moved:
+            withheld["connection.application_token"] = (f"{moved}: send its application_token (the stored one "
+                                                        "belongs to the old portal)")
+        return withheld
+    return {}
+
+
+def _moved(new_url: Any, old_url: Any, what: str) -> str | None:
+    """"<what> changed (old host → new host)" when the two URLs lead to different places (scheme, host
+    or port), else None. A value that is not a string is the schema's to refuse."""
+    if not isinstance(new_url, str) or not isinstance(old_url, str):
+        return None
+    new, old = _origin(new_url), _origin(old_url)
+    if new == old:
+        return None
+    return f"{what} changed ({_shown(old[1])} → {_shown(new[1])})"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+        return parts.scheme.lower(), (parts.hostname or "").rstrip("."), port
+    except ValueError:
+        return "", url, None
+
+
+def _shown(host: str) -> str:
+    host = "".join(ch for ch in host if ch.isprintable() and not ch.isspace())
+    return (host if len(host) <= 80 else host[:80] + "…") or "?"
 
 
 def public_view(config: dict) -> dict:
@@ -222,9 +382,10 @@ def public_view(config: dict) -> dict:
 
 
 def save_integration(store: Any, integration_id: str, body: Any,
-                     counter_time_zone: Callable[[dict], str]) -> dict:
+                     counter_time_zone: Callable[[dict], str], *, allow_loopback: bool = False) -> dict:
     """Validate and store an integration. When `timezone` is absent it is read from the counter, which
-    also proves the token can see the counter before anything is stored.
+    also proves the token can see the counter before anything is stored. `allow_loopback`: CRM URLs may
+    point at loopback (`Settings.allow_loopback_crm`, the local stack and the tests only).
 
     Every way a body can be wrong is an `ApiError` 400 naming the field (in `details`, or in the
     message for the body's shape); what is stored is the validated config, not the body as sent."""
@@ -240,12 +401,20 @@ def save_integration(store: Any, integration_id: str, body: Any,
         except ValidationError as exc:
             errors = exc.messages if isinstance(exc.messages, dict) else {}
         raise invalid("integration config is invalid", {**errors, "connection": ["must be a JSON object"]})
-    merged = carry_over_secrets(body, store.get_integration(integration_id))
-    masked = [".".join(path) for path in SECRET_PATHS if _at(merged, path) == MASK]
+    stored = store.get_integration(integration_id)
+    merged = carry_over_secrets(body, stored)
+    # A secret whose endpoint changed must come anew: named with the reason, before any other error
+    # about the same field ("missing", or the mask's length) would say less.
+    refused = {path: [reason] for path, reason in withheld_secrets(body, stored).items()
+               if _at(merged, tuple(path.split("."))) in (None, MASK)}
+    masked = [".".join(path) for path in SECRET_PATHS if _at(merged, path) == MASK and ".".join(path) not in refused]
     try:
-        config = IntegrationConfig().load(merged)
+        config = IntegrationConfig(allow_loopback=allow_loopback).load(merged)
     except ValidationError as exc:
-        raise invalid("integration config is invalid", exc.messages) from exc
+        errors = exc.messages if isinstance(exc.messages, dict) else {"body": exc.messages}
+        raise invalid("integration config is invalid", {**_without(errors, refused), **refused}) from exc
+    if refused:
+        raise invalid("integration config is invalid", refused)
     if masked:  # GET's mask sent back where nothing is stored to keep (another id, another CRM)
         raise invalid("integration config is invalid",
                       {path: [f"{MASK} stands for a stored secret; there is none here, send the value"] for path in masked})
@@ -287,6 +456,17 @@ def _check_shape(body: dict) -> None:
                     raise invalid(f"body is nested deeper than {MAX_BODY_DEPTH} levels (at {name[:200]})",
                                   {name.split(".")[0]: [f"nested deeper than {MAX_BODY_DEPTH} levels"]})
                 stack.append((child, depth + 1, name))
+
+
+def _without(errors: dict, paths: dict) -> dict:
+    """marshmallow's nested messages less those about the connection fields in `paths` (dotted), which
+    are named otherwise."""
+    connection = errors.get("connection")
+    if not isinstance(connection, dict):
+        return errors
+    rest = {key: value for key, value in errors.items() if key != "connection"}
+    left = {key: value for key, value in connection.items() if f"connection.{key}" not in paths}
+    return {**rest, "connection": left} if left else rest
 
 
 def _at(config: dict, path: tuple[str, ...]) -> Any:

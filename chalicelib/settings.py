@@ -26,6 +26,9 @@ class Settings:
     worker_retry_limit: int
     upload_row_limit: int
     metrika_daily_budget: int
+    # CRM URLs may point at loopback (http:// included): the local stack's and the tests' sandboxes.
+    # Off unless ALLOW_LOOPBACK_CRM=1; never set in `.chalice/config.json` (tests/test_safe_config.py).
+    allow_loopback_crm: bool = False
 
     @property
     def dead_letter_queue(self) -> str:
@@ -50,6 +53,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         worker_retry_limit=int(env.get("WORKER_RETRY_LIMIT", "12")),
         upload_row_limit=int(env.get("UPLOAD_ROW_LIMIT", "1000")),
         metrika_daily_budget=int(env.get("METRIKA_DAILY_BUDGET", "5000")),
+        allow_loopback_crm=env.get("ALLOW_LOOPBACK_CRM", "") == "1",
     )
 
 

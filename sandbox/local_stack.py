@@ -90,8 +90,10 @@ def main() -> None:
     try:
         moto_port = free_port()
         processes.append(start_moto(moto_port))
+        # ALLOW_LOOPBACK_CRM: integrations may name the CRM sandboxes (http://127.0.0.1:…); a
+        # deployment never sets it.
         env = {**os.environ, **emulator_env(f"http://127.0.0.1:{moto_port}"), "STAGE": "dev",
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", "ALLOW_LOOPBACK_CRM": "1"}
         env.setdefault("ADMIN_TOKEN", secrets.token_urlsafe(24))
         env.setdefault("WORKER_BATCHING_WINDOW", "1")  # snappier locally; AWS uses the stage's value
         if not os.environ.get("METRIKA_API_URL"):

@@ -16,6 +16,11 @@ import boto3
 
 import pytest
 
+# The sandboxes listen on loopback: let CRM URLs and connections point there, as the local stack does
+# (chalicelib.settings `allow_loopback_crm`). Before anything reads the settings; tests of the
+# production default pass `allow_loopback=False` explicitly.
+os.environ["ALLOW_LOOPBACK_CRM"] = "1"
+
 from sandbox.local_stack import emulator_env, free_port, start_moto, stop
 from sandbox.metrika import MetrikaSandbox
 
@@ -107,7 +112,7 @@ def worker(service_env):
 def service_env(moto_url, metrika_sandbox):
     """Environment for the app under test; tables and queues created once through chalicelib.infra."""
     env = {**emulator_env(moto_url), "STAGE": "dev", "ADMIN_TOKEN": ADMIN_TOKEN,
-           "METRIKA_API_URL": metrika_sandbox.url, "ADMIN_TOKEN_PARAMETER": ""}
+           "METRIKA_API_URL": metrika_sandbox.url, "ADMIN_TOKEN_PARAMETER": "", "ALLOW_LOOPBACK_CRM": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     from chalicelib.infra import ensure_resources

@@ -187,3 +187,43 @@ def test_the_stored_config_holds_validated_values(app_client, integration_id):
     from app import get_store
     stored = get_store().get_integration(integration_id)
     assert stored["hash_pii"] is False and stored["counter_id"] == 4242
+
+
+@pytest.mark.parametrize("since", [True, False, -1, 1.5, "123", 2**60, [], {"x": 1}])
+def test_reconcile_since_must_be_unix_seconds(app_client, integration_id, since):
+    assert put(app_client, integration_id, amocrm_config(timezone="UTC")).status_code == 200
+    response = app_client.http.post(f"/integrations/{integration_id}/reconcile", headers=admin_headers(),
+                                    body=json.dumps({"since": since}))
+    assert response.status_code == 400 and response.json_body["error"] == "invalid_request"
+    assert "since" in response.json_body["details"] and "since" in response.json_body["message"]
+
+
+def test_a_masked_token_does_not_follow_a_new_base_url(app_client, integration_id, amocrm):
+    """The stored amoCRM token is never sent to another host: moving base_url needs the token again."""
+    assert put(app_client, integration_id, amocrm_config(timezone="UTC")).status_code == 200
+    shown = app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).json_body
+    shown["connection"]["base_url"] = amocrm.url  # a host this test controls, where a leaked token would show
+    response = put(app_client, integration_id, shown)
+    assert response.status_code == 400
+    assert {"connection.access_token", "connection.webhook_secret"} <= set(response.json_body["details"])
+    assert AMO_TOKEN not in response.body.decode()
+    from app import get_store
+    assert get_store().get_integration(integration_id)["connection"]["base_url"] == "https://shop.amocrm.ru"
+    shown["connection"].update(access_token=amocrm.token, webhook_secret=AMO_SECRET)
+    assert put(app_client, integration_id, shown).status_code == 200
+
+
+def test_a_deployment_without_the_loopback_leave_refuses_loopback_crm_urls(app_client, integration_id, amocrm,
+                                                                           monkeypatch):
+    from chalicelib.settings import get_settings
+    monkeypatch.setenv("ALLOW_LOOPBACK_CRM", "0")
+    get_settings.cache_clear()
+    try:
+        config = amocrm_config(timezone="UTC")
+        config["connection"]["base_url"] = amocrm.url
+        refused = put(app_client, integration_id, config)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert refused.status_code == 400 and "base_url" in refused.json_body["details"]["connection"]
+    assert put(app_client, integration_id, config).status_code == 200  # the tests' deployment allows it

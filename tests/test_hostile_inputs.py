@@ -19,7 +19,7 @@ from chalicelib.crm.amocrm.webhook import parse_amocrm_webhook
 from chalicelib.crm.bitrix24.webhook import MissingCredentials, parse_bitrix24_event
 from chalicelib.crm.form import parse_bracket_form
 from chalicelib.errors import ApiError, Misconfigured, Transient
-from chalicelib.integrations import save_integration
+from chalicelib.integrations import CONNECTION_SCHEMAS, IntegrationConfig, save_integration
 
 NOW = 1790000000
 MB = 1_000_000
@@ -313,13 +313,73 @@ CONFIGS = [
     ("base_url with a NUL", amo_connection(base_url="https://shop.amocrm.ru\x00.evil"), Refused("connection.base_url")),
     ("base_url with a query", amo_connection(base_url="https://shop.amocrm.ru/?x=1"), Refused("connection.base_url")),
     ("base_url a number", amo_connection(base_url=1), Refused("connection.base_url")),
-    ("base_url http:// to loopback", amo_connection(base_url="http://127.0.0.1:8080"),
-     stored(lambda c: c["connection"]["base_url"] == "http://127.0.0.1:8080")),
+    # without the deployment's leave (ALLOW_LOOPBACK_CRM), loopback is like any other address
+    ("base_url http:// to loopback", amo_connection(base_url="http://127.0.0.1:8080"), Refused("connection.base_url")),
+    ("base_url https:// to loopback", amo_connection(base_url="https://127.0.0.1:8080"), Refused("connection.base_url")),
+    ("base_url localhost", amo_connection(base_url="https://localhost"), Refused("connection.base_url")),
+    # IP literals in every spelling getaddrinfo reads as an address
+    ("base_url a public IPv4 address", amo_connection(base_url="https://93.184.216.34"), Refused("connection.base_url")),
+    ("base_url link-local metadata address", amo_connection(base_url="https://169.254.169.254"),
+     Refused("connection.base_url")),
+    ("base_url an IPv6 address", amo_connection(base_url="https://[2a00:1450:4001::1]"), Refused("connection.base_url")),
+    ("base_url IPv4-mapped IPv6", amo_connection(base_url="https://[::ffff:10.0.0.1]"), Refused("connection.base_url")),
+    ("base_url decimal address 2130706433", amo_connection(base_url="https://2130706433"), Refused("connection.base_url")),
+    ("base_url short address 127.1", amo_connection(base_url="https://127.1"), Refused("connection.base_url")),
+    ("base_url hex address", amo_connection(base_url="https://0x7f.0.0.1"), Refused("connection.base_url")),
+    # the CRM's own domains only
+    ("base_url another domain", amo_connection(base_url="https://shop.example.com"), Refused("connection.base_url")),
+    ("base_url amoCRM's domain as a prefix", amo_connection(base_url="https://shop.amocrm.ru.evil.com"),
+     Refused("connection.base_url")),
+    ("base_url a look-alike domain", amo_connection(base_url="https://shopamocrm.ru"), Refused("connection.base_url")),
+    ("base_url amoCRM's bare domain", amo_connection(base_url="https://amocrm.ru"), Refused("connection.base_url")),
+    ("base_url two labels under amoCRM", amo_connection(base_url="https://a.b.amocrm.ru"), Refused("connection.base_url")),
+    ("base_url with a trailing dot", amo_connection(base_url="https://shop.amocrm.ru."), Refused("connection.base_url")),
+    ("base_url a Unicode host", amo_connection(base_url="https://шоп.amocrm.ru"), Refused("connection.base_url")),
+    ("base_url with a path", amo_connection(base_url="https://shop.amocrm.ru/leads"), Refused("connection.base_url")),
+    ("base_url custom_domain is not an amoCRM option", amo_connection(custom_domain=True),
+     Refused("connection.custom_domain")),
+    ("base_url Kommo", amo_connection(base_url="https://shop.kommo.com"),
+     stored(lambda c: c["connection"]["base_url"] == "https://shop.kommo.com")),
+    ("base_url amocrm.com", amo_connection(base_url="https://shop.amocrm.com/"),
+     stored(lambda c: c["connection"]["base_url"] == "https://shop.amocrm.com/")),
+    ("base_url punycode account", amo_connection(base_url="https://xn--e1afmkfd.amocrm.ru"),
+     stored(lambda c: c["connection"]["base_url"] == "https://xn--e1afmkfd.amocrm.ru")),
+    ("base_url upper case", amo_connection(base_url="https://SHOP.AmoCRM.ru"),
+     stored(lambda c: c["connection"]["base_url"] == "https://SHOP.AmoCRM.ru")),
     ("webhook_url 1 MB", b24_connection(webhook_url="https://p.ru/rest/1/" + "a" * MB + "/"), Refused("connection.webhook_url")),
     ("webhook_url with user-info", b24_connection(webhook_url="https://u:p@portal.bitrix24.ru/rest/1/abc/"),
      Refused("connection.webhook_url")),
     ("webhook_url with a trailing newline", b24_connection(webhook_url="https://portal.bitrix24.ru/rest/1/abc/\n"),
      Refused("connection.webhook_url")),
+    ("webhook_url http://", b24_connection(webhook_url="http://portal.bitrix24.ru/rest/1/abc/"), Refused("connection.webhook_url")),
+    ("webhook_url a zone Bitrix24 does not serve", b24_connection(webhook_url="https://portal.bitrix24.evil/rest/1/abc/"),
+     Refused("connection.webhook_url")),
+    ("webhook_url on-premise without custom_domain", b24_connection(webhook_url="https://crm.example.ru/rest/1/abc/"),
+     Refused("connection.webhook_url")),
+    ("webhook_url an IP literal", b24_connection(webhook_url="https://10.0.0.5/rest/1/abc/"), Refused("connection.webhook_url")),
+    ("webhook_url an IP literal with custom_domain", b24_connection(webhook_url="https://10.0.0.5/rest/1/abc/",
+                                                                    custom_domain=True), Refused("connection.webhook_url")),
+    ("webhook_url 2130706433 with custom_domain", b24_connection(webhook_url="https://2130706433/rest/1/abc/",
+                                                                 custom_domain=True), Refused("connection.webhook_url")),
+    ("webhook_url an internal name with custom_domain",
+     b24_connection(webhook_url="https://crm.corp.internal/rest/1/abc/", custom_domain=True), Refused("connection.webhook_url")),
+    ("webhook_url a .local name with custom_domain", b24_connection(webhook_url="https://crm.local/rest/1/abc/",
+                                                                    custom_domain=True), Refused("connection.webhook_url")),
+    ("webhook_url localhost with custom_domain", b24_connection(webhook_url="https://localhost/rest/1/abc/",
+                                                                custom_domain=True), Refused("connection.webhook_url")),
+    ("webhook_url a single label with custom_domain", b24_connection(webhook_url="https://bitrix/rest/1/abc/",
+                                                                     custom_domain=True), Refused("connection.webhook_url")),
+    ("webhook_url http:// with custom_domain", b24_connection(webhook_url="http://crm.example.ru/rest/1/abc/",
+                                                              custom_domain=True), Refused("connection.webhook_url")),
+    ("custom_domain \"true\"", b24_connection(webhook_url="https://crm.example.ru/rest/1/abc/", custom_domain="true"),
+     Refused("connection.custom_domain")),
+    ("webhook_url on-premise with custom_domain", b24_connection(webhook_url="https://crm.example.ru/rest/1/abc/",
+                                                                 custom_domain=True),
+     stored(lambda c: c["connection"]["custom_domain"] is True)),
+    ("webhook_url bitrix24.de", b24_connection(webhook_url="https://b24-aokwy2.bitrix24.de/rest/1/abc/"),
+     stored(lambda c: c["connection"]["webhook_url"].startswith("https://b24-aokwy2.bitrix24.de/"))),
+    ("webhook_url bitrix24.com.br", b24_connection(webhook_url="https://loja.bitrix24.com.br/rest/1/abc/"),
+     stored(lambda c: "custom_domain" not in c["connection"])),
     # tokens and ids
     ("metrika_token 1 MB", amocrm_config(metrika_token="t" * MB), Refused("metrika_token")),
     ("metrika_token with a newline", amocrm_config(metrika_token="y0_abc\r\nX-Evil: 1"), Refused("metrika_token")),
@@ -344,6 +404,7 @@ CONFIGS = [
     ("hash_pii true is stored as true", amocrm_config(hash_pii=True), stored(lambda c: c["hash_pii"] is True)),
     ("counter_id true", amocrm_config(counter_id=True), Refused("counter_id")),
     ("counter_id \"4242\"", amocrm_config(counter_id="4242"), Refused("counter_id")),
+    ("counter_id Arabic-Indic digits", amocrm_config(counter_id="٤٢٤٢"), Refused("counter_id")),
     ("counter_id 1e40", amocrm_config(counter_id=1e40), Refused("counter_id")),
     ("counter_id 10^40", amocrm_config(counter_id=10**40), Refused("counter_id")),
     ("counter_id 4242.0", amocrm_config(counter_id=4242.0), Refused("counter_id")),
@@ -410,7 +471,7 @@ def _paths(details: Any, prefix: str = "") -> set[str]:
     return paths
 
 
-@pytest.mark.parametrize("integration_id", ["", "a" * 65, "shop\n", "shop/../x", "шоп", "a b"])
+@pytest.mark.parametrize("integration_id", ["", "a" * 65, "shop\n", "shop/../x", "шоп", "a b", "١٢٣", "１２３", "shop²"])
 def test_integration_id(integration_id):
     with pytest.raises(ApiError) as info:
         save_integration(FakeStore(), integration_id, amocrm_config(), counter_time_zone)
@@ -452,3 +513,176 @@ def test_a_time_zone_from_metrika_that_is_no_zone_is_not_stored(time_zone):
         save_integration(store, "shop", amocrm_config(), lambda config: time_zone)
     assert info.value.status == 422 and "timezone" in info.value.message and len(info.value.message) < 300
     assert store.writes == 0
+
+
+# --- URLs and the deployment's leave for loopback ---------------------------------------------------
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "https://127.0.0.1:8080", "http://localhost:9", "http://[::1]:8080",
+                                 "http://127.5.6.7"])
+def test_loopback_urls_only_where_the_deployment_allows_them(url):
+    store = FakeStore()
+    with pytest.raises(ApiError) as refused:
+        save_integration(store, "shop", amo_connection(base_url=url), counter_time_zone)
+    assert "connection.base_url" in _paths(refused.value.details) and store.writes == 0
+    save_integration(store, "shop", amo_connection(base_url=url), counter_time_zone, allow_loopback=True)
+    assert store.items["shop"]["connection"]["base_url"] == url
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:8080", "http://169.254.169.254", "http://shop.amocrm.ru",
+                                 "http://0.0.0.0:80", "https://192.168.1.1"])
+def test_the_loopback_leave_is_for_loopback_alone(url):
+    with pytest.raises(ApiError) as refused:
+        save_integration(FakeStore(), "shop", amo_connection(base_url=url), counter_time_zone, allow_loopback=True)
+    assert "connection.base_url" in _paths(refused.value.details)
+
+
+def test_an_unlisted_portal_is_told_about_custom_domain_and_the_secret_url_is_not_echoed():
+    secret_url = "https://crm.example.ru/rest/1/s3cr3tc0de4242/"
+    with pytest.raises(ApiError) as refused:
+        save_integration(FakeStore(), "shop", b24_connection(webhook_url=secret_url), counter_time_zone)
+    (message,) = refused.value.details["connection"]["webhook_url"]
+    assert "connection.custom_domain" in message and "bitrix24.de" in message
+    assert "s3cr3tc0de4242" not in json.dumps(refused.value.body())
+
+
+# --- a stored secret stays with its endpoint ---------------------------------------------------------
+
+def _stored(config: dict) -> FakeStore:
+    store = FakeStore()
+    save_integration(store, "shop", config, counter_time_zone)
+    return store
+
+
+def _masked(config: dict, *paths: str) -> dict:
+    body = copy.deepcopy(config)
+    for path in paths:
+        *head, last = path.split(".")
+        parent = body
+        for key in head:
+            parent = parent[key]
+        parent[last] = "********"
+    return body
+
+
+def _refusal(store: FakeStore, body: dict) -> dict:
+    writes = store.writes
+    with pytest.raises(ApiError) as refused:
+        save_integration(store, "shop", body, counter_time_zone)
+    assert refused.value.status == 400 and store.writes == writes  # nothing stored, nothing half-stored
+    text = json.dumps(refused.value.body())
+    assert "amo-token" not in text and "apptoken" not in text and "abcdef0123456789" not in text
+    return refused.value.details
+
+
+@pytest.mark.parametrize("leave_out", [False, True])
+def test_amocrm_token_does_not_follow_a_new_base_url(leave_out):
+    store = _stored(amocrm_config())
+    moved = _masked(amo_connection(base_url="https://other.kommo.com"), "connection.access_token",
+                    "connection.webhook_secret")
+    if leave_out:
+        del moved["connection"]["access_token"], moved["connection"]["webhook_secret"]
+    details = _refusal(store, moved)
+    assert set(details) == {"connection.access_token", "connection.webhook_secret"}
+    assert "shop.amocrm.ru → other.kommo.com" in details["connection.access_token"][0]
+    assert store.items["shop"]["connection"]["base_url"] == "https://shop.amocrm.ru"
+
+
+def test_a_new_base_url_with_a_new_token_but_the_old_webhook_secret_names_the_secret():
+    store = _stored(amocrm_config())
+    moved = _masked(amo_connection(base_url="https://other.kommo.com", access_token="new-token"), "connection.webhook_secret")
+    assert set(_refusal(store, moved)) == {"connection.webhook_secret"}
+    moved["connection"]["webhook_secret"] = "n" * 32
+    save_integration(store, "shop", moved, counter_time_zone)
+    assert store.items["shop"]["connection"] == {"base_url": "https://other.kommo.com", "access_token": "new-token",
+                                                 "account_id": "32427762", "webhook_secret": "n" * 32}
+
+
+def test_other_errors_are_named_together_with_the_withheld_secret():
+    store = _stored(amocrm_config())
+    moved = _masked(amo_connection(base_url="https://other.kommo.com", account_id="abc"), "connection.access_token")
+    moved["counter_id"] = "12"
+    details = _refusal(store, moved)
+    assert {"counter_id", "connection.access_token"} <= set(details)
+    assert "account_id" in details["connection"] and "access_token" not in details["connection"]
+
+
+@pytest.mark.parametrize("same", ["https://shop.amocrm.ru/", "https://SHOP.amocrm.ru", "https://shop.amocrm.ru:443"])
+def test_the_same_address_spelled_differently_keeps_the_secrets(same):
+    store = _stored(amocrm_config())
+    save_integration(store, "shop", _masked(amo_connection(base_url=same), "metrika_token", "connection.access_token",
+                                            "connection.webhook_secret"), counter_time_zone)
+    assert store.items["shop"]["connection"]["access_token"] == "amo-token"
+    assert store.items["shop"]["metrika_token"] == "y0_metrika-token"
+
+
+def test_bitrix24_token_does_not_follow_a_new_portal():
+    store = _stored(bitrix24_config())
+    moved = _masked(b24_connection(webhook_url="https://other.bitrix24.ru/rest/1/abcdef0123456789/"),
+                    "connection.application_token")
+    details = _refusal(store, moved)
+    assert set(details) == {"connection.application_token"}
+    assert "portal.bitrix24.ru → other.bitrix24.ru" in details["connection.application_token"][0]
+
+
+def test_bitrix24_rotated_webhook_code_on_the_same_portal_keeps_the_token():
+    store = _stored(bitrix24_config())
+    rotated = _masked(b24_connection(webhook_url="https://portal.bitrix24.ru/rest/7/newcode/"), "connection.application_token")
+    save_integration(store, "shop", rotated, counter_time_zone)
+    assert store.items["shop"]["connection"]["application_token"] == "apptoken"
+    assert store.items["shop"]["connection"]["webhook_url"] == "https://portal.bitrix24.ru/rest/7/newcode/"
+
+
+@pytest.mark.parametrize("change", [{"member_id": "0123456789abcdef0123456789abcdef"}, {"domain": "other.bitrix24.ru"}])
+def test_bitrix24_another_member_id_or_domain_is_another_portal(change):
+    store = _stored(b24_connection(domain="portal.bitrix24.ru"))
+    body = _masked(b24_connection(**{"domain": "portal.bitrix24.ru", **change}), "connection.webhook_url",
+                   "connection.application_token")
+    details = _refusal(store, body)
+    assert set(details) == {"connection.webhook_url", "connection.application_token"}
+    key = next(iter(change))
+    assert f"connection.{key} changed" in details["connection.application_token"][0]
+
+
+def test_bitrix24_a_member_id_added_where_none_was_stored_keeps_the_secrets():
+    config = bitrix24_config()
+    del config["connection"]["member_id"]
+    store = _stored(config)
+    body = _masked(bitrix24_config(), "connection.webhook_url", "connection.application_token")
+    save_integration(store, "shop", body, counter_time_zone)
+    assert store.items["shop"]["connection"]["application_token"] == "apptoken"
+    assert store.items["shop"]["connection"]["member_id"] == "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37"
+
+
+# --- every string has a limit ------------------------------------------------------------------------
+
+def _string_fields(schema) -> list[str]:
+    from marshmallow import fields
+    return [name for name, field in schema.fields.items() if isinstance(field, fields.String)]
+
+
+@pytest.mark.parametrize("name", _string_fields(IntegrationConfig()))
+def test_every_top_level_string_has_a_length_limit(name):
+    """Fields added later are covered too: a 5,000-character value is refused and named."""
+    with pytest.raises(ApiError) as refused:
+        save_integration(FakeStore(), "shop", amocrm_config(**{name: "x" * 5000}), counter_time_zone)
+    assert name in _paths(refused.value.details)
+
+
+@pytest.mark.parametrize("crm, name", [(crm, name) for crm, schema in CONNECTION_SCHEMAS.items()
+                                       for name in _string_fields(schema())])
+def test_every_connection_string_has_a_length_limit(crm, name):
+    config = (amo_connection if crm == "amocrm" else b24_connection)(**{name: "x" * 5000})
+    with pytest.raises(ApiError) as refused:
+        save_integration(FakeStore(), "shop", config, counter_time_zone)
+    assert f"connection.{name}" in _paths(refused.value.details)
+
+
+@pytest.mark.parametrize("crm_id", ["١٢٣", "１２３", "²", "12³", "1_000", " 12", "12\n"])
+def test_replay_takes_ascii_digit_ids_only(crm_id):
+    """Python's str.isdigit() and int() accept these; an entity id is 1-19 ASCII digits."""
+    from chalicelib.operations import replay
+    from chalicelib.store.memory import MemoryStore
+    store = MemoryStore()
+    with pytest.raises(ApiError) as refused:
+        replay(store, lambda *args: pytest.fail("nothing may be queued"), "shop", {"kind": "order", "crm_id": crm_id})
+    assert refused.value.status == 400 and "crm_id" in refused.value.details

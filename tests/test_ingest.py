@@ -96,14 +96,61 @@ def test_foreign_account_is_403(app_client, amo, queue):
     assert response.status_code == 403 and "account 1" in response.json_body["message"]
 
 
-def test_unknown_integration_is_404(app_client, integration_id):
-    response = post_amo(app_client, "nope-" + integration_id, amo_body())
-    assert response.status_code == 404 and "does not exist" in response.json_body["message"]
+def exist(*integration_ids):
+    from app import get_store
+    return all(get_store().get_integration(iid) is not None for iid in integration_ids)
 
 
-def test_webhook_for_the_other_crm_says_where_to_send_it(app_client, b24):
-    response = post_amo(app_client, b24, amo_body())
-    assert response.status_code == 400 and f"/webhooks/bitrix24/{b24}" in response.json_body["message"]
+def test_unknown_integration_wrong_secret_and_the_other_crms_integration_answer_alike(app_client, amo, b24, queue):
+    """An outsider cannot tell which integrations exist: an unknown id, a known one with a wrong secret
+    and the other CRM's integration get the same 403, body and all."""
+    assert exist(amo, b24)
+    body = amo_body(*lead("status", 5, 1700000000))
+    answers = [post_amo(app_client, "nope-" + amo, body, secret="guess-0123456789abcdef"),
+               post_amo(app_client, amo, body, secret="guess-0123456789abcdef"),
+               post_amo(app_client, b24, body, secret="guess-0123456789abcdef"),
+               post_amo(app_client, b24, body, secret=B24_APP_TOKEN),  # the other CRM's secret, on this route
+               post_amo(app_client, "nope-" + amo, body, secret=None)]
+    assert {(a.status_code, a.body) for a in answers} == {(403, answers[0].body)}
+    assert answers[0].json_body == {"error": "forbidden", "message": "this webhook URL does not accept these credentials"}
+    assert queue.bodies() == []
+
+
+def test_bitrix24_route_answers_alike_for_unknown_ids_wrong_tokens_and_amocrm_integrations(app_client, amo, b24, queue):
+    assert exist(amo, b24)
+    answers = [app_client.http.post(f"/webhooks/bitrix24/{iid}", headers=FORM, body=b24_body(token=token))
+               for iid, token in (("nope-" + b24, "guessed-token"), (b24, "guessed-token"), (amo, "guessed-token"),
+                                  (amo, AMO_SECRET), ("nope-" + b24, B24_APP_TOKEN))]
+    assert {(a.status_code, a.body) for a in answers} == {(403, answers[0].body)}
+    unauthenticated = [app_client.http.post(f"/webhooks/bitrix24/{iid}", headers=FORM, body=b"event=ONCRMDEALADD")
+                       for iid in ("nope-" + b24, b24, amo)]
+    assert {(a.status_code, a.body) for a in unauthenticated} == {(401, unauthenticated[0].body)}
+    assert queue.bodies() == []
+
+
+def test_a_webhook_with_its_own_secret_on_the_other_route_is_told_where_to_go(app_client, amo, b24, queue):
+    """Only a caller that holds the integration's own secret learns that it exists and which route it
+    has: a misconfigured CRM, not an outsider."""
+    assert exist(amo, b24)
+    bitrix_on_amo_route = post_amo(app_client, b24, b24_body(), secret="anything")
+    assert bitrix_on_amo_route.status_code == 400
+    assert f"/webhooks/bitrix24/{b24}" in bitrix_on_amo_route.json_body["message"]
+    amo_on_bitrix_route = app_client.http.post(f"/webhooks/bitrix24/{amo}?{urlencode({'secret': AMO_SECRET})}",
+                                               headers=FORM, body=amo_body(*lead("status", 5, 1700000000)))
+    assert amo_on_bitrix_route.status_code == 400
+    assert f"/webhooks/amocrm/{amo}" in amo_on_bitrix_route.json_body["message"]
+    wrong = app_client.http.post(f"/webhooks/bitrix24/{amo}?secret=wrong-secret-0123456789",
+                                 headers=FORM, body=amo_body(*lead("status", 5, 1700000000)))
+    assert wrong.status_code == 401
+    assert queue.bodies() == []
+
+
+def test_an_oversized_body_is_413_for_any_id(app_client, amo, b24):
+    assert exist(amo, b24)
+    body = amo_body(("leads[status][0][name]", "x" * 300_000))
+    for path in (f"/webhooks/amocrm/nope-{amo}?secret=x", f"/webhooks/amocrm/{amo}?secret=x",
+                 f"/webhooks/bitrix24/nope-{b24}", f"/webhooks/bitrix24/{b24}"):
+        assert app_client.http.post(path, headers=FORM, body=body).status_code == 413, path
 
 
 @pytest.mark.parametrize("body, words", [

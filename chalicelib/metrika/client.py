@@ -12,6 +12,7 @@ from typing import Any, Callable
 import requests
 
 from ..errors import Transient
+from ..outbound import redirect_target
 from . import cdp
 
 # (connect, read): uploads of a few thousand rows are answered in seconds; past that we would rather
@@ -73,9 +74,15 @@ class MetrikaClient:
         try:
             response = self._session.request(request.method, self._base_url + request.path,
                                              params=request.params or None, data=data, files=files, headers=headers,
-                                             timeout=self._timeout)
+                                             timeout=self._timeout, allow_redirects=False)
         except requests.RequestException as exc:
             raise cdp.unreachable(type(exc).__name__, isinstance(exc, requests.Timeout)) from exc
+        if 300 <= response.status_code < 400:
+            # requests would follow it, with the OAuth token when the host stays the same. Metrika's API
+            # does not redirect; a proxy or a wrong METRIKA_API_URL does. Retried like cdp's other 3xx.
+            raise Transient(f"Metrika answered {response.status_code} redirecting {redirect_target(response.headers)}: "
+                            "redirects are not followed (the OAuth token would go with them); check METRIKA_API_URL",
+                            source=cdp.SOURCE, status=response.status_code)
         return cdp.decipher_response(response.status_code, response.headers, response.content)
 
     def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "APPEND",

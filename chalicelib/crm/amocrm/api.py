@@ -11,7 +11,8 @@ https://www.amocrm.ru/developers/content/api/recommendations ("Ограниче�
 5xx, and any answer whose body is not JSON (amoCRM's maintenance page comes as HTML with a 200) are
 `Transient`, retried in the client (`attempts`, growing backoff) and then raised; 401/403 are
 `Misconfigured` (the token expired or was revoked, or the account's API is blocked); any other 4xx is
-`Permanent`.
+`Permanent`. A 3xx is `Misconfigured` too: redirects are not followed (the token would go with them),
+and a host that resolves to a private address is not called at all (`chalicelib.outbound`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from typing import Any, Callable, Iterator, Mapping
 import requests
 
 from ...errors import BridgeError, Misconfigured, Permanent, Transient
+from ...outbound import PrivateAddress, redirect_target
+from ...outbound import session as checked_session
 
 SOURCE = "amocrm"
 PAGE_LIMIT = 250  # the API's maximum for list calls
@@ -50,10 +53,14 @@ def classify(status: int, headers: Mapping[str, str], body: bytes) -> Any:
             return Transient(f"amoCRM answered {status} with a body that is not JSON (maintenance page?): "
                              f"{_excerpt(body)}", source=SOURCE, status=status)
         return data
+    if 300 <= status < 400:
+        return Misconfigured(f"amoCRM answered {status} redirecting {redirect_target(headers)}: redirects are not "
+                             "followed (the token would go with them); set connection.base_url to the account's "
+                             "current address (an account moved to kommo.com answers so)", source=SOURCE, status=status)
     message = f"amoCRM answered {status}: {_detail(data, body)}"
     if status in (401, 403):
         return Misconfigured(f"{message}; {_ACTION[status]}", source=SOURCE, status=status)
-    if status == 429 or status >= 500 or status < 400:
+    if status == 429 or status >= 500 or status < 300:
         return Transient(message, source=SOURCE, status=status, retry_after=_retry_after(headers))
     return Permanent(message, source=SOURCE, status=status)
 
@@ -65,7 +72,7 @@ class AmoCrmClient:
         self._base = base_url.rstrip("/")
         self._token = token
         self._wait_for_slot = wait_for_slot
-        self._session = session or requests.Session()
+        self._session = session or checked_session()
         self._timeout, self._attempts, self._backoff = timeout, attempts, backoff
 
     def __repr__(self) -> str:  # never show the token
@@ -82,7 +89,10 @@ class AmoCrmClient:
             self._wait_for_slot()
             try:
                 response = self._session.get(self._base + path, params=params, timeout=self._timeout,
-                                             headers={"Authorization": f"Bearer {self._token}"})
+                                             headers={"Authorization": f"Bearer {self._token}"}, allow_redirects=False)
+            except PrivateAddress as exc:
+                raise Misconfigured(f"amoCRM's host {exc.host} resolves to {exc.address}, not a public address: this "
+                                    "deployment does not call it; check connection.base_url", source=SOURCE) from exc
             except requests.RequestException as exc:
                 what = "did not answer in time" if isinstance(exc, requests.Timeout) else "unreachable"
                 failure = Transient(f"amoCRM {what}: {type(exc).__name__}", source=SOURCE)

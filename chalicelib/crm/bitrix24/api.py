@@ -15,6 +15,8 @@ https://apidocs.bitrix24.ru/limits.html "Лимиты REST API"):
   "Access denied", WRONG_AUTH_TYPE, PORTAL_DELETED, OVERLOAD_LIMIT (REST blocked for overload until
   the portal's administrator contacts support), and any 401/403 → `Misconfigured`;
 * a method's "Not found" → `NotFound`: the entity does not exist (deleted), which is not an error;
+* a 3xx → `Misconfigured`: redirects are not followed (the webhook URL is a secret and would go with
+  them), nor is a host called that resolves to a private address (`chalicelib.outbound`);
 * anything else → `Permanent`.
 
 Callers never parse error strings: `call` raises the `BridgeError`, `get` returns None for an entity
@@ -25,12 +27,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlencode
 
 import requests
 
 from ...errors import BridgeError, Misconfigured, Permanent, Transient
+from ...outbound import PrivateAddress, redirect_target
+from ...outbound import session as checked_session
 
 SOURCE = "bitrix24"
 # Sub-calls per batch (https://dev.1c-bitrix.ru/rest_help/general/batch.php "batch").
@@ -88,10 +92,17 @@ def classify(code: Any, description: Any = "", status: int | None = None,
     return Permanent(message, source=SOURCE, status=status)
 
 
-def judge(status: int, body: bytes, method: str = "") -> dict | BridgeError | NotFound:
+def judge(status: int, body: bytes, method: str = "", headers: Mapping[str, str] | None = None,
+          ) -> dict | BridgeError | NotFound:
     """A whole answer: the decoded body of a success, else what `classify` makes of it. An answer that is
     not JSON (a block or maintenance page in HTML, observed when Bitrix24 blocks a client) is
-    `Transient`, unless its status already says the credentials are refused."""
+    `Transient`, unless its status already says the credentials are refused. A redirect is
+    `Misconfigured` (a renamed portal answers so): it is not followed."""
+    if 300 <= status < 400:
+        return Misconfigured(f"Bitrix24 {method} answered {status} redirecting {redirect_target(headers or {})}: "
+                             "redirects are not followed (the webhook URL is a secret and would go with them); save "
+                             "the portal's current incoming-webhook URL as connection.webhook_url", source=SOURCE,
+                             status=status)
     try:
         data = json.loads(body)
     except ValueError:
@@ -111,7 +122,7 @@ class Bitrix24Client:
                  attempts: int = 4, backoff: float = 1.0) -> None:
         self._base = webhook_url if webhook_url.endswith("/") else webhook_url + "/"
         self._wait_for_slot = wait_for_slot
-        self._session = session or requests.Session()
+        self._session = session or checked_session()
         self._timeout, self._attempts, self._backoff = timeout, attempts, backoff
 
     def __repr__(self) -> str:  # the URL is a secret
@@ -127,12 +138,17 @@ class Bitrix24Client:
                 time.sleep(self._backoff * 2 ** (attempt - 1))
             self._wait_for_slot()
             try:
-                response = self._session.post(f"{self._base}{method}.json", json=params or {}, timeout=self._timeout)
+                response = self._session.post(f"{self._base}{method}.json", json=params or {}, timeout=self._timeout,
+                                              allow_redirects=False)
+            except PrivateAddress as exc:
+                raise Misconfigured(f"the Bitrix24 portal's host {exc.host} resolves to {exc.address}, not a public "
+                                    "address: this deployment does not call it; check connection.webhook_url",
+                                    source=SOURCE) from exc
             except requests.RequestException as exc:
                 what = "did not answer in time" if isinstance(exc, requests.Timeout) else "unreachable"
                 failure = Transient(f"Bitrix24 {what}: {type(exc).__name__}", source=SOURCE)
                 continue
-            answer = judge(response.status_code, response.content, method)
+            answer = judge(response.status_code, response.content, method, response.headers)
             if isinstance(answer, Transient):
                 failure = answer
                 continue
