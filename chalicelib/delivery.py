@@ -323,7 +323,9 @@ class Sink:
                     log_event("upload_refused", integration_id=integration_id, kind=plural,
                               entities=len(owners), located=bool(named))
                     continue
-                self._store.record_upload(integration_id, uploading_id, kind=plural, rows=len(chunk))
+                # With the entities it carried: should Metrika report it FAILED, they are sent again.
+                self._store.record_upload(integration_id, uploading_id, kind=plural, rows=len(chunk),
+                                          entities=sorted({key for i in chunk_ids for key, _ in by_id[i]}))
                 result.uploads.append(Upload(plural, uploading_id, len(chunk)))
                 for i in chunk_ids:
                     for key, row in by_id[i]:

@@ -261,8 +261,8 @@ class Worker:
 
 def sent_hashes(state: dict) -> dict[str, str]:
     """What Metrika holds of this entity, row by row. Items written before row hashes existed carry
-    only the last order sent."""
-    if state.get("row_hashes"):
+    only the last order sent; an empty map means none (`mark_resend`: an upload of it failed)."""
+    if state.get("row_hashes") is not None:
         return dict(state["row_hashes"])
     if state.get("last_order"):
         order = json.loads(state["last_order"])
