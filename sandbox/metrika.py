@@ -277,8 +277,10 @@ class MetrikaSandbox(SandboxServer):
             return _validation_failed(errors)
         counter = self.counter(int(request.match["counter"]))
         with self._lock:
-            for status in statuses:
-                counter.order_statuses[status["id"]] = dict(status)
+            # Replaces the whole list: the docs do not say whether a save replaces or adds, so the
+            # sandbox takes the stricter reading, and a client that sends only its own statuses loses
+            # those another integration on the counter pushed.
+            counter.order_statuses = {status["id"]: dict(status) for status in statuses}
         return Reply(200, {"success": True})
 
     def _last_uploadings(self, request: Request) -> Reply:
