@@ -127,8 +127,8 @@ def confirm_uploads(store: Any, metrika: Any, integration_id: str, integration: 
     for uploading_id, mine in pending.items():
         listed = found.get(uploading_id)
         if listed is not None:
-            if listed.get("api_validation_status") == "PASSED" and listed.get("elements_count") == mine["rows"]:
-                store.confirm_upload(integration_id, uploading_id, "PASSED", listed.get("elements_count"))
+            if listed.get("api_validation_status") == "PASSED" and _count(listed) == mine["rows"]:
+                store.confirm_upload(integration_id, uploading_id, "PASSED", _count(listed))
                 result["passed"] += 1
             else:
                 failed[uploading_id] = listed
@@ -158,12 +158,18 @@ def _send_again(store: Any, requeue: Callable[[str, list[EntityRef]], dict], int
     if refs:
         requeue(integration_id, list(refs.values()))
     for uploading_id, listed in failed.items():
-        store.confirm_upload(integration_id, uploading_id, "FAILED", listed.get("elements_count"),
+        store.confirm_upload(integration_id, uploading_id, "FAILED", _count(listed),
                              resent=sum(1 for key in carried[uploading_id] if key in refs))
         log_event("upload_failed", integration_id=integration_id, uploading_id=uploading_id,
-                  status=str(listed.get("api_validation_status"))[:40], elements_count=listed.get("elements_count"),
+                  status=str(listed.get("api_validation_status"))[:40], elements_count=_count(listed),
                   resent=sum(1 for key in carried[uploading_id] if key in refs))
     return len(refs)
+
+
+def _count(listed: dict) -> int | None:
+    """`elements_count` when it is a whole number (not a bool, string or anything else)."""
+    count = listed.get("elements_count")
+    return count if type(count) is int else None
 
 
 def _listed(metrika: Any, counter_id: int, pending: dict[str, dict], time_zone: str, page_size: int,
@@ -185,8 +191,9 @@ def _listed(metrika: Any, counter_id: int, pending: dict[str, dict], time_zone: 
     while pages < max_pages:
         page = metrika.last_uploadings(counter_id, limit=page_size, datetime_offset=offset)
         pages += 1
-        found.update({u["uploading_id"]: u for u in page
-                      if isinstance(u, dict) and u.get("uploading_id") in pending and u["uploading_id"] not in found})
+        page = page if isinstance(page, list) else []  # an answer of another shape lists nothing
+        found.update({u["uploading_id"]: u for u in page if isinstance(u, dict) and isinstance(u.get("uploading_id"), str)
+                      and u["uploading_id"] in pending and u["uploading_id"] not in found})
         if len(page) < page_size:
             return found, float("-inf"), pages
         oldest = page[-1].get("datetime") if isinstance(page[-1], dict) else None

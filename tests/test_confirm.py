@@ -262,3 +262,29 @@ def test_next_offset_is_one_second_later_in_the_same_form():
     assert next_offset("2026-12-31 23:59:59") == "2027-01-01 00:00:00"
     assert next_offset("2026-09-21T07:00:00.000Z") == "2026-09-21T07:00:01.000Z"
     assert next_offset("9999-12-31 23:59:59") is None and next_offset("nonsense") is None
+
+
+def test_a_listing_of_the_wrong_shape_confirms_nothing_wrongly(core):
+    """Whatever Metrika's answer holds, nothing crashes: an entry that is no upload is skipped, and a
+    count that is not a whole number is no proof of loading (the upload is sent again)."""
+    shop = core.integration()
+    for uploading_id in ("u-bool", "u-text", "u-ok"):
+        core.store.record_upload(shop, uploading_id, kind="orders", rows=1)
+
+    class Odd:
+        def last_uploadings(self, *args, **kwargs):
+            return [None, "u-ok", 7, {"uploading_id": ["u-ok"]}, {"uploading_id": {"a": 1}},
+                    {"uploading_id": "u-bool", "api_validation_status": "PASSED", "elements_count": True},
+                    {"uploading_id": "u-text", "api_validation_status": "PASSED", "elements_count": "1"},
+                    {"uploading_id": "u-ok", "api_validation_status": "PASSED", "elements_count": 1, "datetime": 5}]
+    result = confirm_uploads(core.store, Odd(), shop, core.store.get_integration(shop), requeue=core.ingest.requeue)
+    assert {k: result[k] for k in ("passed", "failed")} == {"passed": 1, "failed": 2}
+    assert {u["uploading_id"]: (u["status"], u["elements_count"]) for u in core.store.uploads(shop)} == {
+        "u-bool": ("FAILED", 0), "u-text": ("FAILED", 0), "u-ok": ("PASSED", 1)}
+
+    class NotAList:
+        def last_uploadings(self, *args, **kwargs):
+            return {"uploadings": "nope"}
+    core.store.record_upload(shop, "u-later", kind="orders", rows=1)
+    assert confirm_uploads(core.store, NotAList(), shop, core.store.get_integration(shop),
+                           requeue=core.ingest.requeue)["passed"] == 0
