@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from chalicelib.crm import CONTACT, ORDER, EntityRef
+from chalicelib.crm import ORDER, EntityRef
 from chalicelib.errors import ApiError, Transient, Unavailable
 from chalicelib.operations import (GIVE_UP_AFTER, UNCONFIRMED_AFTER, confirm_or_answer, confirm_uploads,
                                    integration_status, listing_time, next_offset)
