@@ -179,8 +179,8 @@ class DynamoStore:
 
     def integrations_on_counter(self, counter_id: int) -> list[str]:
         # A scan, like list_integration_ids: only admin writes (a config or a status mapping) ask.
-        kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config AND config.counter_id = :c",
-                                  "ProjectionExpression": "pk",
+        kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config AND #cfg.counter_id = :c",
+                                  "ProjectionExpression": "pk", "ExpressionAttributeNames": {"#cfg": "config"},
                                   "ExpressionAttributeValues": _to_item({":config": CONFIG, ":c": counter_id})}
         ids: list[str] = []
         while True:
