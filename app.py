@@ -261,6 +261,15 @@ def reconcile_integration(integration_id):
     return _reconcile(integration_id, json_body())
 
 
+@app.route("/integrations/{integration_id}/confirm", methods=["POST"], authorizer=admin)
+@answers
+def confirm_integration_uploads(integration_id):
+    body = json_body()
+    if body not in (None, {}):
+        raise invalid("this route takes no body (or {}): it confirms every upload still waiting")
+    return _confirm(integration_id)
+
+
 @app.route("/integrations/{integration_id}/status", methods=["GET"], authorizer=admin)
 @answers
 def integration_status(integration_id):
@@ -324,23 +333,28 @@ def reconcile_all(event):
 @app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
 def confirm_uploads(event):
     from chalicelib.logs import log_event
-    from chalicelib.operations import confirm_uploads as confirm
     results = {}
     for integration_id in get_store().list_integration_ids():
-        integration = get_store().get_integration(integration_id)
-        if not integration:
-            continue
         try:
-            results[integration_id] = confirm(get_store(), get_metrika(integration), integration_id,
-                                              integration["counter_id"])
+            results[integration_id] = _confirm(integration_id)
         except Unavailable:
             raise
+        except ApiError as error:  # Metrika unreachable or refusing, or the integration deleted meanwhile
+            results[integration_id] = {"error": error.message}
         except Exception as exc:  # noqa: BLE001 — as above
             log_event("confirm_failed", integration_id=integration_id, error=type(exc).__name__,
                       traceback=traceback.format_exc(limit=8))
     return results
 
 # End of event handlers.
+
+
+def _confirm(integration_id):
+    from chalicelib.integrations import get_integration as read
+    from chalicelib.operations import confirm_or_answer
+    integration = read(get_store(), integration_id)
+    return confirm_or_answer(get_store(), get_metrika(integration), integration_id, integration,
+                             requeue=get_ingest().requeue)
 
 
 def _reconcile(integration_id, body):

@@ -33,6 +33,7 @@ from .errors import BridgeError, Transient, invalid, not_found
 from .ingest import FUTURE_SKEW_SECONDS
 from .logs import log_event
 from .queue import BACKFILL, MAX_DELAY_SECONDS, Queue, message
+from .shared_counter import id_prefix, scoped_id
 PHASES = ("contacts", "orders")
 STEP_ROWS = 1000  # entities read per step, at most (and at most the upload row limit)
 STEP_SECONDS = 60  # well inside the worker Lambda's timeout and the queue's visibility timeout
@@ -306,7 +307,7 @@ class Backfill:
                 continue
             # The customer of a deal usually went up in the contacts phase: the sink sends it again only
             # if the deal adds something (a ClientID from the lead, say).
-            sent = {row_key(CONTACT, c): sent_contacts[c["uniq_id"]]
+            sent = {row_key(CONTACT, {"uniq_id": scoped_id(id_prefix(integration), c["uniq_id"])}): sent_contacts[c["uniq_id"]]
                     for c in rows[key].contacts if key[0] == ORDER and c["uniq_id"] in sent_contacts}
             sent.update(partial["accepted"].get(_key_text(key), {}))
             entity = EntityRows(error=error) if error else rows[key]

@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo
 from .crm import CONTACT, ORDER, EntityRows
 from .errors import BridgeError, Misconfigured, Transient
 from .logs import log_event
+from .shared_counter import id_prefix, scoped_rows
 
 EntityKey = tuple[str, str]  # (kind, crm id)
 
@@ -178,7 +179,8 @@ def validated_rows(integration: dict, attributes: list[dict], entity: EntityRows
     orders = [order_schema.dump(order_schema.load(o)) for o in entity.orders]
     if integration.get("hash_pii") is True:
         contacts = [hash_identifiers(c) for c in contacts]
-    return contacts, orders
+    # Ids as Metrika knows them on a counter several integrations share (the one place they are set).
+    return scoped_rows(id_prefix(integration), contacts, orders)
 
 
 def delivery_facts(contacts: list[dict], orders: list[dict], time_zone: str,
@@ -326,7 +328,9 @@ class Sink:
                     log_event("upload_refused", integration_id=integration_id, kind=plural,
                               entities=len(owners), located=bool(named))
                     continue
-                self._store.record_upload(integration_id, uploading_id, kind=plural, rows=len(chunk))
+                # With the entities it carried: should Metrika report it FAILED, they are sent again.
+                self._store.record_upload(integration_id, uploading_id, kind=plural, rows=len(chunk),
+                                          entities=sorted({key for i in chunk_ids for key, _ in by_id[i]}))
                 result.uploads.append(Upload(plural, uploading_id, len(chunk)))
                 for i in chunk_ids:
                     for key, row in by_id[i]:

@@ -13,6 +13,7 @@ from .ids import is_integration_id
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
 from .metrika.schemas import SCHEMA_ID, check_phone_region, resolve_time_zone
+from .shared_counter import assigned_id_prefix
 
 CRMS = ("amocrm", "bitrix24")
 MASK = "********"
@@ -393,6 +394,8 @@ def save_integration(store: Any, integration_id: str, body: Any,
     if not isinstance(body, dict):
         raise invalid("body must be a JSON object")
     _check_shape(body)
+    # Assigned by the service (shared_counter): only the stored value may come back, checked below.
+    sent_prefix, body = body.get("id_prefix"), {k: v for k, v in body.items() if k != "id_prefix"}
     if "connection" in body and not isinstance(body["connection"], dict):
         # Before carry-over touches it; the other fields are still checked, to name every problem at once.
         errors: dict = {}
@@ -431,6 +434,7 @@ def save_integration(store: Any, integration_id: str, body: Any,
             raise ApiError(422, "metrika_refused", f"the counter's time zone {str(time_zone)[:MAX_TIME_ZONE]!r} "
                                                    "is not one this service knows: set `timezone` explicitly") from exc
         config["timezone"], config["timezone_source"] = time_zone, "counter"
+    config.update(assigned_id_prefix(store, integration_id, config["counter_id"], sent_prefix))
     store.put_integration(integration_id, config)
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])
     return public_view(config)

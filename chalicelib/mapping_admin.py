@@ -3,8 +3,11 @@ and validate → push to Metrika → store a new one. The rules themselves are `
 this module is where they meet the store and the Metrika client.
 
 Metrika side: "Order status mapping", https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses
-(the POST takes the whole list; whether it replaces or merges is not stated, so the full list is
-always sent).
+(the POST takes the whole list; whether it replaces or merges is not stated, so we assume it replaces
+and always send the full list of the counter: the statuses of every integration on it).
+
+Deleting an integration pushes nothing: orders it uploaded keep their status ids, and the next push on
+the counter (by another integration) sends the others' union without its statuses.
 """
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from typing import Any, Callable
 
 from marshmallow import ValidationError
 
-from .errors import BridgeError, http_error, invalid, not_found
+from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
-from .status_mapping import StatusMapping, to_order_statuses
+from .status_mapping import StatusConflict, StatusMapping, counter_order_statuses
 
 
 def _integration(store: Any, integration_id: str) -> dict:
@@ -41,13 +44,22 @@ def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for,
         entries = StatusMapping().load(body if isinstance(body, dict) else {"entries": body})["entries"]
     except ValidationError as exc:
         raise invalid("status mapping is invalid", exc.messages) from exc
+    others = {other: (store.get_status_mapping(other) or {}).get("entries") or []
+              for other in store.integrations_on_counter(integration["counter_id"]) if other != integration_id}
     try:
-        metrika_for(integration).save_order_statuses(integration["counter_id"], to_order_statuses(entries))
+        statuses = counter_order_statuses(integration_id, entries, others)
+    except StatusConflict as exc:
+        raise ApiError(409, "status_conflict", str(exc), exc.details) from exc
+    try:
+        metrika_for(integration).save_order_statuses(integration["counter_id"], statuses)
     except BridgeError as exc:
         log_event("status_mapping_refused", integration_id=integration_id, status=exc.status, kind=exc.kind)
         raise http_error("Metrika did not accept the status mapping", exc) from exc
     pushed_at = int(time.time())
     store.put_status_mapping(integration_id, entries, pushed_at)
     requeued = requeue_held(integration_id, entries) if requeue_held else 0
-    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries), requeued=requeued)
-    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at, "requeued": requeued}
+    shared_with = sorted(other for other, listed in others.items() if listed)
+    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries), requeued=requeued,
+              statuses=len(statuses), shared_with=len(shared_with))
+    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at, "requeued": requeued,
+            "counter_statuses": len(statuses), "shared_with": shared_with}

@@ -4,18 +4,33 @@ uploads against Metrika's `last_uploadings` (a 200 to an upload is not proof of 
 "Информация о последних загрузках")."""
 from __future__ import annotations
 
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
+from zoneinfo import ZoneInfo
 
 from .crm import EntityRef
 from .crm.notes import dropped_summary
 from .errors import BridgeError, http_error, invalid, not_found
+from .logs import log_event
 
 FAILED_SHOWN = 100
-CONFIRM_PAGE = 1000
+UPLOAD_STATUSES = ("SENT", "PASSED", "FAILED", "UNCONFIRMED")
+CONFIRM_PAGE = 1000  # last_uploadings' largest page
+# Pages read per confirmation at most: a run normally needs one; a missing upload costs more until it
+# is given up on (UNCONFIRMED), so a run never spends more than this of the daily budget.
+CONFIRM_MAX_PAGES = 5
+UNCONFIRMED_AFTER = 6 * 3600  # an upload not listed 6 h after it was sent is reported
+GIVE_UP_AFTER = 48 * 3600  # and after 2 days it is no longer looked for
+# How far past an upload's time the listing must reach before its absence counts: a day covers any
+# time zone the listing's times might be in, and clock skew.
+LISTING_MARGIN = 24 * 3600
+LISTING_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 def integration_status(store: Any, integration_id: str, *, requests_today: int | None,
-                       webhook_health: dict | None = None, backfill: dict | None = None) -> dict:
+                       webhook_health: dict | None = None, backfill: dict | None = None,
+                       now: float | None = None) -> dict:
     entities = store.list_entities(integration_id)
     failed = [e for e in entities if e.get("last_error") and not e.get("dirty")]
     orders = [e.get("facts") or {} for e in entities if e["kind"] == "order" and (e.get("facts") or {}).get("order")]
@@ -38,7 +53,11 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
         "share_with_phone": share("with_phone"),
         "share_with_email": share("with_email"),
         "orders_older_than_21_days": sum(1 for f in orders if f.get("late")),
-        "uploads": {status: sum(1 for u in uploads if u.get("status") == status) for status in ("SENT", "PASSED", "FAILED")},
+        "uploads": {status: sum(1 for u in uploads if u.get("status") == status) for status in UPLOAD_STATUSES},
+        # Confirmation (`confirm_uploads`): entities sent again because an upload of them failed, and
+        # uploads Metrika has not confirmed 6 h after they were sent.
+        "resent_after_failed_uploads": sum(u.get("resent") or 0 for u in uploads),
+        **_unconfirmed_over_6h(uploads, time.time() if now is None else now),
         "webhook": webhook_health,
         "backfill": backfill,
         "products_listed": len(store.products(integration_id)),
@@ -80,26 +99,156 @@ def replay(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integrat
     return {"replayed": len(refs), "queued": result["queued"]}
 
 
-def confirm_uploads(store: Any, metrika: Any, integration_id: str, counter_id: int) -> dict:
-    """Mark each SENT upload PASSED or FAILED from `last_uploadings`; a FAILED upload, or one whose
-    `elements_count` differs from what we sent, is reported as FAILED."""
+def confirm_uploads(store: Any, metrika: Any, integration_id: str, integration: dict, *,
+                    requeue: Callable[[str, list[EntityRef]], dict], now: float | None = None,
+                    page_size: int = CONFIRM_PAGE, max_pages: int = CONFIRM_MAX_PAGES) -> dict:
+    """Confirm each SENT upload from `last_uploadings`, read back (page by page, newest first) to the
+    oldest upload still waiting:
+
+    * listed PASSED with the `elements_count` we sent → PASSED;
+    * listed FAILED, or with another count → its entities are sent again, then the upload is FAILED;
+    * not listed: waits; past UNCONFIRMED_AFTER (6 h) it is reported (`unconfirmed_over_6h`), and once
+      the listing was read back past its time, or after GIVE_UP_AFTER, it is UNCONFIRMED (final,
+      reported, no longer looked for).
+
+    Sending again, in an order a crash cannot break: each entity the failed upload carried is marked
+    (`mark_resend`: what was sent forgotten, dirty, a lease that has run out), then queued through
+    the ingest path (`requeue`, which takes that lease), and only then is the upload marked FAILED. A
+    crash before the mark leaves the upload SENT, so the next run finds it FAILED again and repeats
+    (one extra delivery at most); a crash before the requeue leaves dirty entities without a live
+    lease, which the next event or the stuck sweep queues. A Metrika failure while reading the list
+    raises (`BridgeError`) before anything is written."""
+    now = time.time() if now is None else now
     pending = {u["uploading_id"]: u for u in store.uploads(integration_id) if u.get("status") == "SENT"}
-    if not pending:
-        return {"checked": 0, "passed": 0, "failed": 0}
-    try:
-        listed = metrika.last_uploadings(counter_id, limit=CONFIRM_PAGE)
-    except BridgeError as exc:
-        return {"checked": 0, "error": exc.message}
-    passed = failed = 0
-    for uploading in listed:
-        mine = pending.get(uploading.get("uploading_id"))
-        if mine is None:
+    result = {"checked": len(pending), "passed": 0, "failed": 0, "resent": 0, "unconfirmed": 0, "pages": 0}
+    found: dict[str, dict] = {}
+    read_back_to: float | None = None
+    if pending:
+        found, read_back_to, result["pages"] = _listed(metrika, integration["counter_id"], pending,
+                                                       integration.get("timezone") or "UTC", page_size, max_pages)
+    failed: dict[str, dict] = {}
+    for uploading_id, mine in pending.items():
+        listed = found.get(uploading_id)
+        if listed is not None:
+            if listed.get("api_validation_status") == "PASSED" and _count(listed) == mine["rows"]:
+                store.confirm_upload(integration_id, uploading_id, "PASSED", _count(listed))
+                result["passed"] += 1
+            else:
+                failed[uploading_id] = listed
             continue
-        ok = uploading.get("api_validation_status") == "PASSED" and uploading.get("elements_count") == mine["rows"]
-        store.confirm_upload(integration_id, mine["uploading_id"], "PASSED" if ok else "FAILED",
-                             uploading.get("elements_count"))
-        passed, failed = passed + ok, failed + (not ok)
-    return {"checked": len(pending), "passed": passed, "failed": failed}
+        age = now - mine["sent_at"]
+        looked_past = read_back_to is not None and read_back_to < mine["sent_at"] - LISTING_MARGIN
+        if age > UNCONFIRMED_AFTER and (looked_past or age > GIVE_UP_AFTER):
+            store.confirm_upload(integration_id, uploading_id, "UNCONFIRMED", None)
+            result["unconfirmed"] += 1
+    if failed:
+        result["resent"] = _send_again(store, requeue, integration_id, failed)
+        result["failed"] = len(failed)
+    log_event("uploads_confirmed", integration_id=integration_id, **result)
+    return {**result, **_unconfirmed_over_6h(store.uploads(integration_id), now)}
+
+
+def _send_again(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integration_id: str,
+                failed: dict[str, dict]) -> int:
+    """Mark and queue again every entity the failed uploads carried (each once), then mark the
+    uploads FAILED (see `confirm_uploads` for why in this order). Returns the entities queued."""
+    carried = {uploading_id: store.upload_entities(integration_id, uploading_id) for uploading_id in failed}
+    refs: dict[tuple[str, str], EntityRef] = {}
+    for key in sorted({key for keys in carried.values() for key in keys}):
+        event_time = store.mark_resend(integration_id, *key)
+        if event_time is not None:  # no state: its integration's data was deleted meanwhile
+            refs[key] = EntityRef(key[0], key[1], event_time, "resend")
+    if refs:
+        requeue(integration_id, list(refs.values()))
+    for uploading_id, listed in failed.items():
+        store.confirm_upload(integration_id, uploading_id, "FAILED", _count(listed),
+                             resent=sum(1 for key in carried[uploading_id] if key in refs))
+        log_event("upload_failed", integration_id=integration_id, uploading_id=uploading_id,
+                  status=str(listed.get("api_validation_status"))[:40], elements_count=_count(listed),
+                  resent=sum(1 for key in carried[uploading_id] if key in refs))
+    return len(refs)
+
+
+def _count(listed: dict) -> int | None:
+    """`elements_count` when it is a whole number (not a bool, string or anything else)."""
+    count = listed.get("elements_count")
+    return count if type(count) is int else None
+
+
+def _listed(metrika: Any, counter_id: int, pending: dict[str, dict], time_zone: str, page_size: int,
+            max_pages: int) -> tuple[dict[str, dict], float | None, int]:
+    """Read `last_uploadings` newest first until every pending upload is found, the listing ends, it
+    reaches back past the oldest pending one (by LISTING_MARGIN), or `max_pages`. Returns (pending
+    uploads found, by id; how far back the listing was read, as Unix seconds: -inf when to its end,
+    None when not known; pages read).
+
+    Paging: `datetime_offset` returns uploads strictly before it ("Информация о последних загрузках",
+    https://yandex.ru/dev/metrika/ru/management/openapi/schema/getLastUploadings), so the next offset
+    is the page's oldest time plus one second: uploads sharing that second with the page's end are
+    listed again (ids already seen are skipped) rather than lost."""
+    oldest_pending = min(u["sent_at"] for u in pending.values())
+    found: dict[str, dict] = {}
+    offset: str | None = None
+    read_back_to: float | None = None
+    pages = 0
+    while pages < max_pages:
+        page = metrika.last_uploadings(counter_id, limit=page_size, datetime_offset=offset)
+        pages += 1
+        page = page if isinstance(page, list) else []  # an answer of another shape lists nothing
+        found.update({u["uploading_id"]: u for u in page if isinstance(u, dict) and isinstance(u.get("uploading_id"), str)
+                      and u["uploading_id"] in pending and u["uploading_id"] not in found})
+        if len(page) < page_size:
+            return found, float("-inf"), pages
+        oldest = page[-1].get("datetime") if isinstance(page[-1], dict) else None
+        read_back_to = listing_time(oldest, time_zone)
+        if read_back_to is None or len(found) == len(pending) or read_back_to < oldest_pending - LISTING_MARGIN:
+            break
+        after = next_offset(oldest)
+        # A whole page within one second (no progress): step past that second, the one gap left.
+        offset = after if after != offset else oldest
+    return found, read_back_to, pages
+
+
+def listing_time(value: Any, time_zone: str) -> float | None:
+    """A `last_uploadings` time as Unix seconds: `yyyy-MM-dd HH:mm:ss` in the counter's time zone (the
+    Russian page's form, and Metrika's rule for uploaded times: "Формат даты и времени",
+    https://yandex.ru/dev/metrika/ru/data-import/date), or ISO 8601 in UTC with `Z` (the English page's
+    example). None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        if value.endswith("Z"):
+            return datetime.fromisoformat(value[:-1]).replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(value, LISTING_FORMAT).replace(tzinfo=ZoneInfo(time_zone)).timestamp()
+    except (ValueError, KeyError):
+        return None
+
+
+def next_offset(value: str) -> str | None:
+    """One second after a listed time, written as Metrika wrote it."""
+    try:
+        if value.endswith("Z"):
+            later = datetime.fromisoformat(value[:-1]) + timedelta(seconds=1)
+            return later.strftime("%Y-%m-%dT%H:%M:%S.") + f"{later.microsecond // 1000:03d}Z"
+        return (datetime.strptime(value, LISTING_FORMAT) + timedelta(seconds=1)).strftime(LISTING_FORMAT)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _unconfirmed_over_6h(uploads: list[dict], now: float) -> dict:
+    """Uploads Metrika has not confirmed 6 h after they were sent: still waiting, or given up on."""
+    late = [u["sent_at"] for u in uploads if u.get("status") == "UNCONFIRMED"
+            or (u.get("status") == "SENT" and now - u["sent_at"] > UNCONFIRMED_AFTER)]
+    return {"unconfirmed_over_6h": len(late), "oldest_unconfirmed": min(late, default=None)}
+
+
+def confirm_or_answer(store: Any, metrika: Any, integration_id: str, integration: dict, *,
+                      requeue: Callable[[str, list[EntityRef]], dict]) -> dict:
+    """`confirm_uploads` for the admin route: Metrika's failure answers as `errors.http_error` says."""
+    try:
+        return confirm_uploads(store, metrika, integration_id, integration, requeue=requeue)
+    except BridgeError as exc:
+        raise http_error("could not read Metrika's last uploadings", exc) from exc
 
 
 def sync_catalog(store: Any, metrika_for: Callable[[dict], Any], sources: dict, integration_id: str) -> dict:

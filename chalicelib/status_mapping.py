@@ -72,6 +72,47 @@ def to_order_statuses(entries: list[dict]) -> list[dict]:
     return OrderStatus(many=True).dump(OrderStatus(many=True).load(list(statuses.values())))
 
 
+class StatusConflict(ValueError):
+    """Two integrations on one counter give one Metrika status id different meanings. `details`
+    names the id and what each integration says."""
+
+    def __init__(self, message: str, details: dict) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def counter_order_statuses(integration_id: str, entries: list[dict], others: dict[str, list[dict]]) -> list[dict]:
+    """The complete list for a counter several integrations share: this integration's statuses
+    (`entries`, about to be pushed) and those of every other integration on the counter (`others`:
+    integration id → its stored entries), one per Metrika status id. Metrika may replace the whole
+    list on each push ("Order status mapping",
+    https://yandex.com/dev/metrika/en/management/openapi/schema/mapOrderStatuses, does not say), so
+    every push carries all of them. An id that two integrations define differently (type, label or
+    goals) raises `StatusConflict` naming it: Metrika keeps one entry per id."""
+    statuses: dict[str, tuple[str, dict]] = {s["id"]: (integration_id, s) for s in to_order_statuses(entries)}
+    conflicts: dict[str, dict] = {}
+    for other in sorted(others):
+        try:
+            listed = to_order_statuses(others[other]) if others[other] else []
+        except ValidationError as exc:  # stored under older rules: say so rather than push half a list
+            raise StatusConflict(f"the stored status mapping of integration {other!r}, on the same counter, is no "
+                                 "longer valid: replace it first", {other: exc.messages}) from exc
+        for status in listed:
+            owner, first = statuses.setdefault(status["id"], (other, status))
+            if first != status and status["id"] not in conflicts:
+                conflicts[status["id"]] = {owner: _meaning(first), other: _meaning(status)}
+    if conflicts:
+        named = ", ".join(f"{sid!r} ({' vs '.join(conflicts[sid])})" for sid in sorted(conflicts)[:5])
+        raise StatusConflict(f"Metrika status ids defined differently by integrations on the same counter: {named}. "
+                             "Metrika keeps one entry per id: give them the same type, humanized and goal_action_ids, "
+                             "or use another metrika_status_id", {"metrika_status_id": conflicts})
+    return [status for _, status in statuses.values()]
+
+
+def _meaning(status: dict) -> dict:
+    return {k: status[k] for k in ("type", "humanized", "goal_action_ids") if k in status}
+
+
 def status_for(entries: list[dict], crm_status: str) -> str | None:
     """The Metrika status id for a CRM stage, or None when the stage is not mapped (never a guess)."""
     return next((e["metrika_status_id"] for e in entries if e["crm_status"] == crm_status), None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
-from .crm import CONTACT, ORDER, CrmSource, EntityRef, EntityRows, is_crm_contact
+from .crm import CONTACT, ORDER, CrmSource, EntityRef, EntityRows, crm_contact_id, is_crm_contact
 from .delivery import BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, row_hash, row_key
 from .errors import BridgeError, Transient, Unavailable
 from .logs import log_event
@@ -160,7 +160,7 @@ class Worker:
                              outcome.uploading_id or state.get("uploading_id"),
                              outcome.last_order or state.get("last_order"), outcome.facts, report)
                 if key[0] == ORDER and sent:
-                    customers.update({c["uniq_id"]: row_hash(CONTACT, c) for c in outcome.contacts
+                    customers.update({crm_contact_id(c["uniq_id"]): row_hash(CONTACT, c) for c in outcome.contacts
                                       if is_crm_contact(c["uniq_id"])})
             elif isinstance(outcome, Parked):
                 self._park(integration_id, key, state, outcome.error, report)
@@ -261,8 +261,8 @@ class Worker:
 
 def sent_hashes(state: dict) -> dict[str, str]:
     """What Metrika holds of this entity, row by row. Items written before row hashes existed carry
-    only the last order sent."""
-    if state.get("row_hashes"):
+    only the last order sent; an empty map means none (`mark_resend`: an upload of it failed)."""
+    if state.get("row_hashes") is not None:
         return dict(state["row_hashes"])
     if state.get("last_order"):
         order = json.loads(state["last_order"])

@@ -145,6 +145,18 @@ class MetrikaSandbox(SandboxServer):
                     if uploading["uploading_id"] == uploading_id:
                         uploading["api_validation_status"] = "FAILED"
 
+    def add_uploading(self, counter_id: int, at: str, *, status: str = "PASSED", elements_count: int = 1,
+                      uploading_id: str | None = None) -> dict:
+        """An upload made by someone else at `at` (`yyyy-MM-dd HH:mm:ss`, counter time), as it would
+        appear in last_uploadings: fills the listing for paging tests."""
+        uploading = {"uploading_id": uploading_id or uuid.uuid4().hex, "datetime": at, "api_validation_status": status,
+                     "elements_count": elements_count, "entity_type": "SYSTEM", "uploading_format": "JSON",
+                     "uploading_source": "API"}
+        counter = self.counter(counter_id)
+        with self._lock:
+            counter.uploadings.append(uploading)
+        return uploading
+
     def set_faults(self, **kwargs: Any) -> None:
         self.faults = Faults(**kwargs)
         self._rng = random.Random(self.faults.seed)
@@ -265,18 +277,30 @@ class MetrikaSandbox(SandboxServer):
             return _validation_failed(errors)
         counter = self.counter(int(request.match["counter"]))
         with self._lock:
-            for status in statuses:
-                counter.order_statuses[status["id"]] = dict(status)
+            # Replaces the whole list: the docs do not say whether a save replaces or adds, so the
+            # sandbox takes the stricter reading, and a client that sends only its own statuses loses
+            # those another integration on the counter pushed.
+            counter.order_statuses = {status["id"]: dict(status) for status in statuses}
         return Reply(200, {"success": True})
 
     def _last_uploadings(self, request: Request) -> Reply:
+        """"Информация о последних загрузках" (https://yandex.ru/dev/metrika/ru/management/openapi/schema/getLastUploadings):
+        newest first, `limit` 1..1000 (default 10), `datetime_offset` returns uploads strictly before
+        it — `yyyy-MM-dd HH:mm:ss` in the counter's zone (the Russian page's example) or ISO 8601 in UTC
+        (`2020-02-10T10:00:00.000Z`, the English page's)."""
         counter = self.counter(int(request.match["counter"]))
-        limit = int(request.query.get("limit", "10"))
-        if not 1 <= limit <= 1000:
+        limit_text = request.query.get("limit", "10")
+        if not (limit_text.isascii() and limit_text.isdigit() and 1 <= int(limit_text) <= 1000):
             return _error(400, "invalid_parameter", "limit must be 1..1000", "limit")
         offset = request.query.get("datetime_offset")
-        items = [u for u in reversed(counter.uploadings) if offset is None or u["datetime"] < offset]
-        return Reply(200, {"uploadings": items[:limit]})
+        if offset is not None:
+            offset = _local_time(offset, counter.time_zone)
+            if offset is None:
+                return _error(400, "invalid_parameter", "datetime_offset must be a date-time", "datetime_offset")
+        with self._lock:
+            newest_first = sorted(reversed(counter.uploadings), key=lambda u: u["datetime"], reverse=True)
+        items = [u for u in newest_first if offset is None or u["datetime"] < offset]
+        return Reply(200, {"uploadings": items[:int(limit_text)]})
 
     def _upload_contacts(self, request: Request) -> Reply:
         return self._upload(request, "contacts", self._check_contact, "uniq_id")
@@ -605,6 +629,19 @@ def _check_times(row: dict, where: str, now: str, names: tuple[str, ...]) -> lis
         if name != names[0] and isinstance(create, str) and value < create:
             errors.append(("invalid_parameter", f"must not be before {_camel(names[0])}", location))
     return errors
+
+
+def _local_time(value: str, time_zone: str) -> str | None:
+    """A date-time parameter as the counter's local `yyyy-MM-dd HH:mm:ss`, or None if it is none."""
+    try:
+        if "T" in value:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                return None
+            return parsed.astimezone(ZoneInfo(time_zone)).strftime(DT)
+        return datetime.strptime(value, DT).strftime(DT)
+    except ValueError:
+        return None
 
 
 def _validation_failed(errors: list[tuple[str, str, str]]) -> Reply:

@@ -227,3 +227,32 @@ def test_a_deployment_without_the_loopback_leave_refuses_loopback_crm_urls(app_c
         get_settings.cache_clear()
     assert refused.status_code == 400 and "base_url" in refused.json_body["details"]["connection"]
     assert put(app_client, integration_id, config).status_code == 200  # the tests' deployment allows it
+
+
+def test_a_second_integration_on_a_counter_gets_an_id_prefix_that_get_put_keeps(app_client, integration_id):
+    counter = 100_000 + int(integration_id[-5:], 16)  # a counter no other test uses
+    second = integration_id + "-b24"
+    try:
+        first = put(app_client, integration_id, amocrm_config(counter_id=counter, timezone="UTC"))
+        assert first.status_code == 200 and "id_prefix" not in first.json_body
+        created = put(app_client, second, bitrix24_config(counter_id=counter, timezone="UTC"))
+        assert created.status_code == 200 and created.json_body["id_prefix"] == second + ":"
+        shown = app_client.http.get(f"/integrations/{second}", headers=admin_headers()).json_body
+        assert put(app_client, second, shown).json_body["id_prefix"] == second + ":"
+        refused = put(app_client, second, {**shown, "id_prefix": "mine:"})
+        assert refused.status_code == 400 and "id_prefix" in refused.json_body["details"]
+    finally:
+        app_client.http.delete(f"/integrations/{second}", headers=admin_headers())
+
+
+def test_the_confirm_route(app_client, integration_id, metrika_sandbox):
+    assert app_client.http.post(f"/integrations/{integration_id}/confirm", headers=admin_headers()).status_code == 404
+    assert put(app_client, integration_id, amocrm_config(timezone="UTC")).status_code == 200
+    wrong = app_client.http.post(f"/integrations/{integration_id}/confirm", headers=admin_headers(), body=b"[1]")
+    assert wrong.status_code == 400
+    assert app_client.http.post(f"/integrations/{integration_id}/confirm").status_code == 401
+    answer = app_client.http.post(f"/integrations/{integration_id}/confirm", headers=admin_headers(), body=b"{}")
+    assert answer.status_code == 200
+    assert answer.json_body == {"checked": 0, "passed": 0, "failed": 0, "resent": 0, "unconfirmed": 0, "pages": 0,
+                                "unconfirmed_over_6h": 0, "oldest_unconfirmed": None}
+    assert metrika_sandbox.requests == []  # nothing waits: Metrika is not asked

@@ -219,9 +219,20 @@ def test_confirm_job_marks_uploads_passed_or_failed(app_client, setup, amocrm, m
         with mock.patch.object(app.get_store(), "list_integration_ids", lambda: [setup]):
             result = client.lambda_.invoke("confirm_uploads", client.events.generate_cw_event(
                 source="aws.events", detail_type="Scheduled Event", detail={}, resources=[], region="eu-central-1")).payload
-    assert result == {setup: {"checked": 2, "passed": 1, "failed": 1}}
+    assert result == {setup: {"checked": 2, "passed": 1, "failed": 1, "resent": 1, "unconfirmed": 0, "pages": 1,
+                              "unconfirmed_over_6h": 0, "oldest_unconfirmed": None}}
     status = app_client.http.get(f"/integrations/{setup}/status", headers=admin_headers()).json_body
-    assert status["uploads"] == {"SENT": 0, "PASSED": 1, "FAILED": 1}
+    assert status["uploads"] == {"SENT": 0, "PASSED": 1, "FAILED": 1, "UNCONFIRMED": 0}
+    assert status["resent_after_failed_uploads"] == 1 and status["backlog"] == 1
+    # The failed order goes up again (its contact, which Metrika holds, does too: the entity is re-sent
+    # whole), and POST …/confirm confirms the new uploads at once.
+    make_worker().drain()
+    counter = metrika_sandbox.counter(COUNTER)
+    assert [v for k, v in counter.times_uploaded.items() if k.startswith("orders:")] == [2]
+    confirmed = app_client.http.post(f"/integrations/{setup}/confirm", headers=admin_headers())
+    assert confirmed.status_code == 200
+    assert {k: confirmed.json_body[k] for k in ("checked", "passed", "failed", "resent")} == \
+        {"checked": 2, "passed": 2, "failed": 0, "resent": 0}
 
 
 def test_status_reports_backlog_shares_quota_and_webhook(app_client, setup, amocrm, metrika_sandbox):

@@ -245,6 +245,9 @@ class FakeStore:
         self.items[integration_id] = copy.deepcopy(config)
         self.writes += 1
 
+    def integrations_on_counter(self, counter_id: int) -> list[str]:
+        return sorted(i for i, config in self.items.items() if config.get("counter_id") == counter_id)
+
 
 def counter_time_zone(config: dict) -> str:
     return "Europe/Moscow"

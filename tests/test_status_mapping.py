@@ -137,6 +137,9 @@ class MemoryStore:
     def put_status_mapping(self, integration_id, entries, pushed_at):
         self.mappings[integration_id] = {"entries": entries, "pushed_at": pushed_at}
 
+    def integrations_on_counter(self, counter_id):
+        return sorted(i for i, config in self.integrations.items() if config["counter_id"] == counter_id)
+
 
 class FakeMetrika:
     def __init__(self, error=None):

@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
-from chalicelib.store import Hold
+from chalicelib.store import CLAIM_GRACE_SECONDS, Hold
 from chalicelib.store.dynamodb import DynamoStore
 from chalicelib.store.memory import MemoryStore
 
@@ -141,7 +141,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 40, sorted(names)  # every method of every concern
+    assert len(names) == 43, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -202,7 +202,7 @@ def test_delete_integration_removes_everything_under_it(store, iid, clock):
         store.put_backfill(target, {"run_id": "r", "state": "running"})
         assert mark(store, target, "5", NOW)
         store.note_contacts_sent(target, {"9": "h9"})
-        store.record_upload(target, "u1", kind="orders", rows=1)
+        store.record_upload(target, "u1", kind="orders", rows=1, entities=[("order", "5")])
         store.put_products(target, {"p1": "Product"})
     assert store.delete_integration(iid) is True
     assert store.get_integration(iid) is None and iid not in store.list_integration_ids()
@@ -215,6 +215,7 @@ def test_delete_integration_removes_everything_under_it(store, iid, clock):
     assert store.get_integration(other) == {"crm": "amocrm"}
     assert [e["crm_id"] for e in store.list_entities(other)] == ["5", "9"]
     assert store.uploads(other)[0]["uploading_id"] == "u1" and store.products(other) == {"p1": "Product"}
+    assert store.upload_entities(iid, "u1") == [] and store.upload_entities(other, "u1") == [("order", "5")]
 
 
 # --- EntityStore: mark_dirty and the queue lease ----------------------------------------------------
@@ -805,3 +806,86 @@ def test_retaking_a_held_entity_never_moves_its_time_back(store, iid):
     assert store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h", now=NOW, lease_seconds=LEASE) is None
     assert entity(store, iid, "5")["event_time"] == 1_700_000_200
     assert store.take_for_backfill(iid, "order", "5", 1_700_000_300, "h", now=NOW, lease_seconds=LEASE) is not None
+
+
+# --- issue 13: what each upload carried, sending again, integrations sharing a counter -------------------
+
+def test_an_upload_keeps_its_entities_until_confirmed(store, iid, clock):
+    store.record_upload(iid, "u1", kind="contacts", rows=3,
+                        entities=[("order", "5"), ("contact", "9"), ("order", "5"), ("ORDER", "10")])
+    store.record_upload(iid, "u2", kind="orders", rows=1)  # none recorded (an older caller)
+    assert store.upload_entities(iid, "u1") == [("contact", "9"), ("order", "10"), ("order", "5")]
+    assert store.upload_entities(iid, "u2") == [] and store.upload_entities(iid, "nope") == []
+    assert "entities" not in store.uploads(iid)[0]  # reading every upload stays cheap
+    clock.t = NOW + 60
+    store.confirm_upload(iid, "u1", "FAILED", 2, resent=2)
+    store.confirm_upload(iid, "u2", "UNCONFIRMED", None)
+    assert store.upload_entities(iid, "u1") == []
+    assert store.uploads(iid) == [
+        {"uploading_id": "u1", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
+         "elements_count": 2, "confirmed_at": int(NOW + 60), "resent": 2},
+        {"uploading_id": "u2", "kind": "orders", "rows": 1, "status": "UNCONFIRMED", "sent_at": int(NOW),
+         "elements_count": 0, "confirmed_at": int(NOW + 60)}]
+
+
+def test_any_number_of_carried_entities_fits(store, iid, monkeypatch):
+    """DynamoDB keeps an upload's entities in items of CARRIED_PER_ITEM keys, each far below the 400 KB
+    item limit even with 19-digit ids; more keys take more items (here made small, so 1,200 entities
+    take three: moto is slow with long lists)."""
+    from chalicelib.store import dynamodb
+    longest = len("contact:") + 19 + 3  # a key and its list-element overhead, in bytes
+    assert dynamodb.CARRIED_PER_ITEM * longest + 1024 < 400 * 1024 / 2
+    monkeypatch.setattr(dynamodb, "CARRIED_PER_ITEM", 500)
+    keys = [("contact" if n % 2 else "order", str(9_000_000_000_000_000_000 + n)) for n in range(1_200)]
+    store.record_upload(iid, "big", kind="contacts", rows=1000, entities=keys)
+    assert store.upload_entities(iid, "big") == sorted(keys)
+    store.confirm_upload(iid, "big", "PASSED", 1000)
+    assert store.upload_entities(iid, "big") == []
+
+
+def test_mark_resend_forgets_what_was_sent_and_owes_a_delivery(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    seen = store.claim(iid, "order", "5")
+    assert store.mark_clean(iid, "order", "5", event_time=seen["event_time"], content_hash="h",
+                            row_hashes={"order:5": "r", "contact:1": "c"}, uploading_id="u1", last_order='{"id": "5"}',
+                            facts={"order": True})
+    assert store.mark_resend(iid, "order", "5") == 1_700_000_000
+    state = entity(store, iid, "5")
+    assert state["dirty"] is True and state["row_hashes"] == {} and "content_hash" not in state
+    assert state["last_order"] == '{"id": "5"}' and state["facts"] == {"order": True}
+    assert [e["crm_id"] for e in store.stuck_entities(iid, now=NOW + CLAIM_GRACE_SECONDS + 1)] == ["5"]
+    assert mark(store, iid, "5", 1_700_000_000) is True  # the run-out lease is taken over: queue it
+    assert mark(store, iid, "5", 1_700_000_000) is False
+    assert store.mark_resend(iid, "order", "nope") is None and entity(store, iid, "nope") is None
+
+
+def test_mark_resend_keeps_a_live_lease_and_defeats_stale_writers(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)  # a message is on its way
+    store.mark_resend(iid, "order", "5")
+    assert mark(store, iid, "5", 1_700_000_000) is False  # that message covers the re-send
+    assert mark(store, iid, "6", 1_700_000_000)
+    seen = store.claim(iid, "order", "6")  # a worker holds 6 with what it read before the re-send
+    store.mark_resend(iid, "order", "6")
+    assert store.mark_clean(iid, "order", "6", event_time=seen["event_time"], content_hash="old",
+                            row_hashes={"order:6": "r"}, uploading_id=None) is False
+    assert store.mark_failed(iid, "order", "6", event_time=seen["event_time"], error={"m": 1}) is False
+    assert entity(store, iid, "6")["row_hashes"] == {} and entity(store, iid, "6")["dirty"] is True
+
+
+def test_mark_resend_takes_the_entity_from_a_history_import(store, iid):
+    hold = store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert store.mark_resend(iid, "order", "5") == 1_700_000_000
+    assert "owner" not in entity(store, iid, "5")
+    assert store.release_backfilled(hold, content_hash="h", row_hashes={"order:5": "r"}, uploading_id="u",
+                                    last_order=None, facts=None) is False  # the import queues it to the live path
+    assert entity(store, iid, "5")["row_hashes"] == {}
+
+
+def test_integrations_on_counter(store, iid):
+    counter = int(uuid.uuid4().int % 2**31)
+    assert store.integrations_on_counter(counter) == []
+    for n, target in enumerate((iid + "-b", iid + "-a", iid + "-c")):
+        store.put_integration(target, {"crm": "amocrm", "counter_id": counter if n < 2 else counter + 1})
+    assert store.integrations_on_counter(counter) == [iid + "-a", iid + "-b"]
+    store.delete_integration(iid + "-a")
+    assert store.integrations_on_counter(counter) == [iid + "-b"]

@@ -9,10 +9,16 @@ ORDER = "order"
 CONTACT = "contact"
 
 
+def crm_contact_id(uniq_id: str) -> str | None:
+    """The CRM contact a contact row's `uniq_id` stands for (amoCRM and Bitrix24 ids are numbers),
+    with or without its integration's id prefix (`shop:123` → `123`, see `chalicelib.shared_counter`);
+    None for the customer synthesised for a deal without one (`lead-…`, `deal-…`)."""
+    local = uniq_id.rpartition(":")[2]
+    return local if local.isascii() and local.isdigit() else None
+
+
 def is_crm_contact(uniq_id: str) -> bool:
-    """A contact row that stands for a CRM contact (amoCRM and Bitrix24 ids are numbers), not the
-    customer synthesised for a deal without one (`lead-…`, `deal-…`)."""
-    return uniq_id.isdigit()
+    return crm_contact_id(uniq_id) is not None
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,16 @@ def stored_time(seconds: float) -> Decimal:
     return Decimal(str(round(seconds, 4)))
 
 
+def entity_keys(entities: Any) -> list[str]:
+    """(kind, crm_id) pairs as both stores keep an upload's entities: "kind:crm_id", each once, sorted."""
+    return sorted({f"{kind.lower()}:{crm_id}" for kind, crm_id in entities})
+
+
+def entity_pairs(keys: Any) -> list[tuple[str, str]]:
+    """`entity_keys` back to (kind, crm_id) pairs, sorted, each once."""
+    return sorted({(kind, crm_id) for kind, _, crm_id in (key.partition(":") for key in keys)})
+
+
 @dataclass(frozen=True)
 class Hold:
     """An entity a history import took (`ImportStore.take_for_backfill`), to hand back to
@@ -93,6 +103,10 @@ class IntegrationStore(Protocol):
 
     def list_integration_ids(self) -> list[str]:
         """Every integration that has a config, sorted."""
+
+    def integrations_on_counter(self, counter_id: int) -> list[str]:
+        """Every integration whose config names this Metrika counter (`counter_id`), sorted: they share
+        its order ids and its one status list (see `chalicelib.shared_counter`)."""
 
     def get_status_mapping(self, integration_id: str) -> dict | None:
         """{"entries": [...], "pushed_at": int | None}, or None when none was saved."""
@@ -185,6 +199,17 @@ class EntityStore(Protocol):
     def content_hashes(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, str]:
         """crm_id → last sent content hash, for those of `crm_ids` that have one."""
 
+    def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
+        """Metrika reported an upload that carried this entity as failed: forget what was sent and owe a
+        delivery, in one atomic write. content_hash removed; row_hashes set to {} (Metrika holds none of
+        its rows; an absent map would fall back to `last_order`); dirty=True; a history import's hold
+        (`owner`) dropped; and, unless a live lease exists, a lease that has already run out
+        (queued_until=0). So a delivery that read the old state cannot close the entity (`mark_clean`,
+        `mark_failed` and `release_backfilled` fail), the caller's `mark_dirty` takes the lease over and
+        queues a message, and if the caller dies first the stuck sweep finds it. last_order and facts
+        stay (a later deletion can still be reported). Returns the entity's event_time (to queue it
+        with), or None when it has no state (nothing is created)."""
+
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         """Contacts that went up with a deal: remember their content hash (a contact without state gets
         event time 0, not dirty), so neither an import nor an unchanged webhook sends them again. Only
@@ -194,15 +219,24 @@ class EntityStore(Protocol):
 class UploadStore(Protocol):
     """Uploads Metrika accepted, until their final validation status is read."""
 
-    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int) -> None:
-        """A new upload: status "SENT", sent_at=now."""
+    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
+                      entities: list[tuple[str, str]] = ()) -> None:
+        """A new upload: status "SENT", sent_at=now, and the entities ((kind, crm_id)) whose rows it
+        carried, kept apart from the upload's record (`upload_entities`) until it is confirmed. Any
+        number of entities fits (DynamoDB splits them over several items below 400 KB each)."""
 
     def uploads(self, integration_id: str) -> list[dict]:
-        """[{"uploading_id", "kind", "rows", "status", "sent_at", ("elements_count", "confirmed_at")}],
-        ordered by uploading_id."""
+        """[{"uploading_id", "kind", "rows", "status", "sent_at", ("elements_count", "confirmed_at",
+        "resent")}], ordered by uploading_id; without the entities (reading every upload stays cheap)."""
 
-    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None) -> None:
-        """The upload's final status: status, elements_count (0 for None), confirmed_at=now."""
+    def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
+        """The (kind, crm_id) of every entity the upload carried, sorted, each once; [] when none were
+        recorded or the upload is confirmed."""
+
+    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
+                       resent: int | None = None) -> None:
+        """The upload's final status: status, elements_count (0 for None), confirmed_at=now, `resent`
+        (entities queued again) when given; its entity list is dropped."""
 
 
 class ProductStore(Protocol):

@@ -6,7 +6,8 @@ Two tables (names from settings, prefixed by stage):
   `BACKFILL` (the history import job) or `CURSOR#<name>`.
 * state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
   state (see `chalicelib.store`); `PRODUCT#<product id>`: products in Metrika's product list;
-  `UPLOAD#<id>`: uploads to confirm. Shared limits live in their own partitions: `RATE#<scope>`/`NEXT`,
+  `UPLOAD#<id>`: uploads to confirm, and `CARRIED#<id>#<part>` the entities each carried (apart, so
+  reading every upload stays cheap; in parts, so any number fits under 400 KB). Shared limits live in their own partitions: `RATE#<scope>`/`NEXT`,
   `QUOTA#<key>`/`DAY#<day>`, `LEASE#<scope>`/`SLOT#<n>`.
 
 The low-level client with boto3's type (de)serialisers keeps cold starts cheaper than the resource API.
@@ -28,7 +29,7 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTime
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
 
-from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold
+from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold, entity_keys, entity_pairs
 from . import plain as _plain
 from . import stored_time as _decimal
 
@@ -43,6 +44,9 @@ BACKFILL = "BACKFILL"
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
                                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"})
+# Entity keys per CARRIED item: 5,000 of the longest ("contact:" + 19 digits) are ~140 KB, well under
+# DynamoDB's 400 KB item limit.
+CARRIED_PER_ITEM = 5000
 # Batch calls hand back what DynamoDB did not process (throttling): retried with a short backoff, and
 # after this many rounds without finishing the store counts as unavailable rather than looping forever.
 BATCH_ROUNDS = 8
@@ -165,6 +169,19 @@ class DynamoStore:
         # A scan: the config table holds a few items per integration, and only scheduled jobs ask.
         kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config",
                                   "ProjectionExpression": "pk", "ExpressionAttributeValues": _to_item({":config": CONFIG})}
+        ids: list[str] = []
+        while True:
+            page = self._db.scan(**kwargs)
+            ids += [item["pk"]["S"].partition("#")[2] for item in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return sorted(ids)
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def integrations_on_counter(self, counter_id: int) -> list[str]:
+        # A scan, like list_integration_ids: only admin writes (a config or a status mapping) ask.
+        kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config AND #cfg.counter_id = :c",
+                                  "ProjectionExpression": "pk", "ExpressionAttributeNames": {"#cfg": "config"},
+                                  "ExpressionAttributeValues": _to_item({":config": CONFIG, ":c": counter_id})}
         ids: list[str] = []
         while True:
             page = self._db.scan(**kwargs)
@@ -321,6 +338,22 @@ class DynamoStore:
                 for i in self._batch_get(integration_id, [_entity_sk(kind, c) for c in crm_ids], "sk, content_hash")
                 if i.get("content_hash")}
 
+    def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
+        try:  # conditional: an update would otherwise create an item for an entity that has none
+            item = self._db.update_item(
+                TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                # queued_until 0: a lease that has run out, which the caller's mark_dirty takes over
+                UpdateExpression="SET dirty = :yes, row_hashes = :none, queued_until = if_not_exists(queued_until, :out) "
+                                 "REMOVE content_hash, #o",
+                ConditionExpression="attribute_exists(pk)", ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues=_to_item({":yes": True, ":none": {}, ":out": _decimal(0)}),
+                ReturnValues="ALL_NEW")["Attributes"]
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
+        return int(_entity(item).get("event_time") or 0)
+
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         for crm_id, content_hash in content_hashes.items():
             try:
@@ -338,7 +371,15 @@ class DynamoStore:
 
     # --- UploadStore ---------------------------------------------------------------------------------
 
-    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int) -> None:
+    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
+                      entities: list[tuple[str, str]] = ()) -> None:
+        # The entities first: an upload on record always has its entity list (a crash in between leaves
+        # only an orphan list, deleted with the integration).
+        keys = entity_keys(entities)
+        for part, start in enumerate(range(0, len(keys), CARRIED_PER_ITEM)):
+            self._db.put_item(TableName=self._state, Item=_to_item({
+                "pk": _pk(integration_id), "sk": f"CARRIED#{uploading_id}#{part}",
+                "entities": keys[start:start + CARRIED_PER_ITEM]}))
         self._db.put_item(TableName=self._state, Item=_to_item({
             "pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}", "kind": kind, "rows": rows,
             "status": "SENT", "sent_at": self._now()}))
@@ -348,12 +389,22 @@ class DynamoStore:
         return [{"uploading_id": i["sk"].partition("#")[2], **{k: v for k, v in i.items() if k not in ("pk", "sk")}}
                 for i in map(_from_item, items) if i is not None]
 
-    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None) -> None:
+    def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
+        items = self._query(self._state, _pk(integration_id), begins_with=f"CARRIED#{uploading_id}#")
+        return entity_pairs(key for item in map(_from_item, items) if item for key in item.get("entities", []))
+
+    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
+                       resent: int | None = None) -> None:
+        resent_update = ", resent = :r" if resent is not None else ""
         self._db.update_item(TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}"}),
-                             UpdateExpression="SET #s = :s, elements_count = :n, confirmed_at = :now",
+                             UpdateExpression=f"SET #s = :s, elements_count = :n, confirmed_at = :now{resent_update}",
                              ExpressionAttributeNames={"#s": "status"},
                              ExpressionAttributeValues=_to_item({":s": status, ":n": elements_count or 0,
-                                                                 ":now": self._now()}))
+                                                                 ":now": self._now(), ":r": resent}))
+        # After the status: until then a re-run still finds what the upload carried.
+        for item in self._query(self._state, _pk(integration_id), projection="pk, sk",
+                                begins_with=f"CARRIED#{uploading_id}#"):
+            self._db.delete_item(TableName=self._state, Key={"pk": item["pk"], "sk": item["sk"]})
 
     # --- ProductStore --------------------------------------------------------------------------------
 

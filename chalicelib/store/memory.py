@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from chalicelib.crm import EntityRef
 
-from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold
+from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold, entity_keys, entity_pairs
 from . import plain as _plain
 from . import stored_time as _decimal
 
@@ -69,6 +69,7 @@ class MemoryStore:
         self._entities: dict[str, dict[tuple[str, str], dict]] = {}  # id → (kind, crm_id) → attributes
         self._products: dict[str, dict[str, Any]] = {}  # id → product id → name
         self._uploads: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes
+        self._carried: dict[str, dict[str, list[str]]] = {}  # id → uploading id → "kind:crm_id" entity keys
         self._next_at: dict[str, Decimal] = {}  # rate scope → next free time
         self._requests: dict[tuple[str, str], Decimal] = {}  # (quota key, day) → count
         self._slots: dict[tuple[str, int], tuple[str, Decimal]] = {}  # (scope, slot) → (owner, expires at)
@@ -91,13 +92,18 @@ class MemoryStore:
         with self._lock:
             existed = integration_id in self._integrations
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
-                          self._cursors, self._entities, self._products, self._uploads):
+                          self._cursors, self._entities, self._products, self._uploads, self._carried):
                 table.pop(integration_id, None)
             return existed
 
     def list_integration_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._integrations)
+
+    def integrations_on_counter(self, counter_id: int) -> list[str]:
+        with self._lock:
+            return sorted(i for i, item in self._integrations.items()
+                          if item["config"].get("counter_id") == _model(counter_id))
 
     def get_status_mapping(self, integration_id: str) -> dict | None:
         with self._lock:
@@ -234,6 +240,17 @@ class MemoryStore:
             return {crm_id: item["content_hash"] for crm_id in crm_ids
                     if (item := entities.get((kind.lower(), crm_id))) is not None and item.get("content_hash")}
 
+    def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            if item is None:
+                return None
+            _set(item, dirty=True, row_hashes={})
+            item.setdefault("queued_until", _decimal(0))  # run out: the caller's mark_dirty takes it over
+            item.pop("content_hash", None)
+            item.pop("owner", None)
+            return int(item.get("event_time", 0))
+
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         with self._lock:
             entities = self._entities.setdefault(integration_id, {})
@@ -249,10 +266,13 @@ class MemoryStore:
 
     # --- UploadStore ---------------------------------------------------------------------------------
 
-    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int) -> None:
+    def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
+                      entities: list[tuple[str, str]] = ()) -> None:
         with self._lock:
             item: dict = {}
             _set(item, kind=kind, rows=rows, status="SENT", sent_at=self._now())
+            if entities:
+                self._carried.setdefault(integration_id, {})[uploading_id] = entity_keys(entities)
             self._uploads.setdefault(integration_id, {})[uploading_id] = item
 
     def uploads(self, integration_id: str) -> list[dict]:
@@ -260,10 +280,16 @@ class MemoryStore:
             uploads = self._uploads.get(integration_id, {})
             return [{"uploading_id": uploading_id, **_plain(uploads[uploading_id])} for uploading_id in sorted(uploads)]
 
-    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None) -> None:
+    def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
+        with self._lock:
+            return entity_pairs(self._carried.get(integration_id, {}).get(uploading_id, []))
+
+    def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
+                       resent: int | None = None) -> None:
         with self._lock:
             item = self._uploads.setdefault(integration_id, {}).setdefault(uploading_id, {})
-            _set(item, status=status, elements_count=elements_count or 0, confirmed_at=self._now())
+            _set(item, status=status, elements_count=elements_count or 0, confirmed_at=self._now(), resent=resent)
+            self._carried.get(integration_id, {}).pop(uploading_id, None)
 
     # --- ProductStore --------------------------------------------------------------------------------
 

@@ -1,0 +1,65 @@
+"""Several integrations on one Metrika counter (two CRMs, or two amoCRM accounts, feeding one site's
+counter): order and customer ids that do not collide, assigned once.
+
+Metrika keys customers by `uniq_id` and orders by `id`, per counter ("Customer data format",
+https://yandex.com/dev/metrika/en/data-import/contacts-data; "Order data format",
+https://yandex.com/dev/metrika/en/data-import/orders-data): both are any non-empty string. Raw CRM ids
+collide across CRMs (amoCRM lead 500 and Bitrix24 deal 500 are one order to Metrika), so an integration
+that is not alone on its counter sends every id as `<integration id>:<CRM id>` (`shop-b24:500`,
+`shop-b24:lead-500` for a synthesised customer, its orders' `client_uniq_id` alike). The prefix
+(`id_prefix` in the config) is decided when the integration is saved, never changed afterwards:
+
+* created on a counter no other integration uses: no prefix, the raw CRM ids (as before; an existing
+  integration keeps the ids Metrika already holds);
+* created on, or moved to, a counter another integration uses: `<integration id>:`;
+* once set, kept by every later PUT (a PUT may send it back unchanged, as GET shows it).
+
+Integration ids are `[A-Za-z0-9_-]` and CRM ids digits (or `lead-`/`deal-` + digits), so a prefixed id is
+unambiguous and a raw one never contains `:`: applying the prefix twice changes nothing (a deletion
+re-sends the order as last sent, already prefixed). Product ids are not prefixed: a product list is one
+per counter and both CRMs naming product `123` share its entry.
+
+Known limit: two integrations created on one empty counter at the same instant can both get no prefix
+(the check reads, then the PUT writes); create them one after the other.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import invalid
+
+SEPARATOR = ":"
+
+
+def id_prefix(integration: dict) -> str:
+    return integration.get("id_prefix") or ""
+
+
+def scoped_id(prefix: str, crm_id: str) -> str:
+    """The id Metrika knows for a CRM id; an id already carrying the prefix is left as it is."""
+    return crm_id if not prefix or crm_id.startswith(prefix) else prefix + crm_id
+
+
+def scoped_rows(prefix: str, contacts: list[dict], orders: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Rows with the integration's ids: `uniq_id`, order `id` and `client_uniq_id` (new dicts)."""
+    if not prefix:
+        return contacts, orders
+    return ([{**c, "uniq_id": scoped_id(prefix, c["uniq_id"])} for c in contacts],
+            [{**o, "id": scoped_id(prefix, o["id"]), "client_uniq_id": scoped_id(prefix, o["client_uniq_id"])}
+             for o in orders])
+
+
+def assigned_id_prefix(store: Any, integration_id: str, counter_id: int, sent: Any = None) -> dict:
+    """{"id_prefix": …} for the config about to be saved, or {} for raw ids (see the module doc).
+    `sent`: the `id_prefix` the PUT body carried, if any: only the stored value may be sent back."""
+    stored = store.get_integration(integration_id) or {}
+    kept = stored.get("id_prefix") or ""
+    if sent is not None and sent != kept:
+        raise invalid("id_prefix is assigned by the service and never changes",
+                      {"id_prefix": [f"must be left out or sent back as stored ({kept!r})"]})
+    if kept:
+        return {"id_prefix": kept}
+    if stored and stored.get("counter_id") == counter_id:
+        return {}  # its ids in Metrika stay as they are
+    others = [i for i in store.integrations_on_counter(counter_id) if i != integration_id]
+    return {"id_prefix": integration_id + SEPARATOR} if others else {}

@@ -1,0 +1,178 @@
+"""Several integrations on one Metrika counter (issue 13, item 2): ids that do not collide, assigned
+once; deliveries, deletions and the history import agree on them; every status push carries the
+union of the counter's mappings. The in-memory store; Metrika is the sandbox over loopback HTTP (its
+status list is replaced by each push, as we assume Metrika's is)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from chalicelib.crm import CONTACT, ORDER, EntityRef, EntityRows, crm_contact_id, is_crm_contact
+from chalicelib.crm.amocrm.source import AmoCrmSource
+from chalicelib.errors import ApiError
+from chalicelib.integrations import save_integration
+from chalicelib.mapping_admin import replace_mapping
+from chalicelib.metrika.client import MetrikaClient
+from chalicelib.shared_counter import scoped_id, scoped_rows
+from chalicelib.store.memory import MemoryStore
+from tests.conftest import amocrm_config, bitrix24_config
+from tests.core import Clock, Core, deal_rows
+
+
+def moscow(config):
+    return "Europe/Moscow"
+
+
+# --- the id scheme (pure) ------------------------------------------------------------------------------
+
+def test_rows_get_the_prefix_once():
+    contacts, orders = [{"uniq_id": "11", "name": "Иван"}, {"uniq_id": "lead-5"}], \
+        [{"id": "5", "client_uniq_id": "lead-5", "order_status": "won"}]
+    assert scoped_rows("", contacts, orders) == (contacts, orders)
+    scoped = scoped_rows("b24:", contacts, orders)
+    assert scoped == ([{"uniq_id": "b24:11", "name": "Иван"}, {"uniq_id": "b24:lead-5"}],
+                      [{"id": "b24:5", "client_uniq_id": "b24:lead-5", "order_status": "won"}])
+    assert scoped_rows("b24:", *scoped) == scoped  # a deletion re-sends the order as last sent
+    assert contacts[0]["uniq_id"] == "11"  # the caller's rows are left alone
+    assert scoped_id("b24:", "b24:7") == "b24:7" and scoped_id("", "7") == "7"
+
+
+@pytest.mark.parametrize("uniq_id, crm_id", [
+    ("11", "11"), ("b24:11", "11"), ("123:456", "456"), ("lead-5", None), ("b24:lead-5", None),
+    ("deal-5", None), ("", None), ("b24:", None), ("١٢", None),  # Arabic-Indic digits are no CRM id
+])
+def test_crm_contacts_are_recognised_with_or_without_a_prefix(uniq_id, crm_id):
+    assert crm_contact_id(uniq_id) == crm_id and is_crm_contact(uniq_id) is (crm_id is not None)
+
+
+# --- the prefix is assigned once ------------------------------------------------------------------------
+
+def test_the_first_integration_on_a_counter_keeps_raw_ids_and_later_ones_get_a_prefix():
+    store = MemoryStore()
+    assert "id_prefix" not in save_integration(store, "amo", amocrm_config(), moscow)
+    assert save_integration(store, "b24", bitrix24_config(counter_id=4242), moscow)["id_prefix"] == "b24:"
+    # later PUTs keep both as they are, whatever else changes
+    assert "id_prefix" not in save_integration(store, "amo", amocrm_config(currency="USD"), moscow)
+    shown = save_integration(store, "b24", bitrix24_config(counter_id=4242, currency="EUR"), moscow)
+    assert shown["id_prefix"] == "b24:"
+    # GET → PUT sends it back: accepted; anything else is a 400 naming it, and nothing is stored
+    assert save_integration(store, "b24", {**bitrix24_config(counter_id=4242), "id_prefix": "b24:"}, moscow)
+    for integration_id, body in (("b24", {**bitrix24_config(counter_id=4242), "id_prefix": "x:"}),
+                                 ("amo", {**amocrm_config(), "id_prefix": "amo:"})):
+        with pytest.raises(ApiError) as refused:
+            save_integration(store, integration_id, body, moscow)
+        assert refused.value.status == 400 and "id_prefix" in refused.value.details
+    assert store.get_integration("b24")["id_prefix"] == "b24:" and "id_prefix" not in store.get_integration("amo")
+
+
+def test_moving_to_a_shared_counter_assigns_a_prefix_that_then_stays():
+    store = MemoryStore()
+    save_integration(store, "amo", amocrm_config(), moscow)
+    assert "id_prefix" not in save_integration(store, "solo", amocrm_config(counter_id=5000), moscow)
+    assert save_integration(store, "solo", amocrm_config(counter_id=4242), moscow)["id_prefix"] == "solo:"
+    assert save_integration(store, "solo", amocrm_config(counter_id=5000), moscow)["id_prefix"] == "solo:"
+    store.delete_integration("amo")
+    assert save_integration(store, "next", amocrm_config(counter_id=4242), moscow).get("id_prefix") is None
+
+
+# --- deliveries, deletions and the import agree ------------------------------------------------------------
+
+def test_two_integrations_on_one_counter_do_not_overwrite_each_other(metrika_sandbox):
+    core = Core(metrika_sandbox.url)
+    amo, b24 = core.integration("amo"), core.integration("b24", id_prefix="b24:")
+    core.source.rows = {(ORDER, "500"): deal_rows("500", revenue=100),
+                        (ORDER, "501"): deal_rows("501", contact="lead-501")}
+    core.ingest.record(amo, [EntityRef(ORDER, "500", 1789990000, "add")], origin="amocrm")
+    core.drain()
+    core.source.rows[(ORDER, "500")] = deal_rows("500", revenue=900)
+    core.ingest.record(b24, [EntityRef(ORDER, "500", 1789990000, "add"), EntityRef(ORDER, "501", 1789990000, "add")],
+                       origin="amocrm")
+    core.drain()
+    counter = metrika_sandbox.counter(core.counter_id)
+    assert set(counter.orders) == {"500", "b24:500", "b24:501"}
+    assert counter.orders["500"]["revenue"] == 100 and counter.orders["b24:500"]["revenue"] == 900
+    assert counter.orders["b24:500"]["client_uniq_id"] == "b24:11" and set(counter.contacts) >= {"11", "b24:11"}
+    assert counter.orders["b24:501"]["client_uniq_id"] == "b24:lead-501"
+    # the deal's CRM customer is noted under its CRM id, so its own unchanged webhook sends nothing
+    assert core.store.get_entity(b24, CONTACT, "11")["content_hash"]
+    assert core.store.get_entity(b24, CONTACT, "b24:11") is None
+    core.source.rows[(ORDER, "500")] = EntityRows(gone=True)  # deleted in the second CRM
+    core.ingest.record(b24, [EntityRef(ORDER, "500", 1789990100, "delete")], origin="amocrm")
+    core.drain()
+    assert counter.orders["b24:500"]["order_status"] == "CANCELLED" and counter.orders["500"]["order_status"] == "PAID"
+    assert set(counter.orders) == {"500", "b24:500", "b24:501"}
+
+
+def test_a_history_import_with_a_prefix_sends_each_customer_once(metrika_sandbox, amocrm):
+    """The contacts phase sends the customers; the deals phase must recognise them inside the deals
+    (the same prefixed row), not send them again."""
+    amocrm.reset()
+    amocrm.add_pipeline(7001, "Продажи", [(1001, "Первичный контакт")], is_main=True)
+    people = [amocrm.create_contact(f"Клиент {n}", phones=[f"+7 916 {n:07d}"], notify=False)["id"] for n in range(4)]
+    for n in range(8):
+        amocrm.create_lead(f"Сделка {n}", 7001, 1001, price=1000 + n, contacts=[people[n % 4]], notify=False)
+    core = Core(metrika_sandbox.url, clock=Clock(time.time()), sources={})
+    core.sources["amocrm"] = AmoCrmSource(core.store.reserve_slot, backoff=0.01)
+    shop = core.integration("second", id_prefix="second:", connection={
+        "base_url": amocrm.url, "access_token": amocrm.token, "webhook_secret": "s" * 20})
+    core.store.put_status_mapping(shop, [{"crm_status": "7001:1001", "metrika_status_id": "new", "type": "IN_PROGRESS"}], 0)
+    metrika_sandbox.counter(core.counter_id).order_statuses["new"] = {"id": "new", "type": "IN_PROGRESS"}
+    core.backfill.start(shop, {"since": int(time.time()) - 86400})
+    core.drain()
+    counter = metrika_sandbox.counter(core.counter_id)
+    assert core.backfill.status(shop)["backfill"]["state"] == "done"
+    assert set(counter.orders) == {f"second:{i}" for i in amocrm.leads}
+    assert set(counter.contacts) == {f"second:{i}" for i in people}
+    assert all(n == 1 for n in counter.times_uploaded.values()), counter.times_uploaded
+
+
+# --- one status list per counter ----------------------------------------------------------------------------
+
+WON = {"crm_status": "7001:142", "metrika_status_id": "won", "humanized": "Успешно", "type": "PAID"}
+LOST = {"crm_status": "7001:143", "metrika_status_id": "lost", "humanized": "Не реализовано", "type": "CANCELLED"}
+B24_NEW = {"crm_status": "C0:NEW", "metrika_status_id": "b24_new", "humanized": "Новая", "type": "IN_PROGRESS"}
+B24_WON = {"crm_status": "C0:WON", "metrika_status_id": "won", "humanized": "Успешно", "type": "PAID"}
+
+
+def test_each_push_sends_the_union_of_the_counters_mappings(metrika_sandbox):
+    store = MemoryStore()
+    for integration_id, config in (("amo", amocrm_config(timezone="UTC")),
+                                   ("b24", bitrix24_config(counter_id=4242, timezone="UTC")),
+                                   ("elsewhere", amocrm_config(counter_id=4343, timezone="UTC"))):
+        save_integration(store, integration_id, config, moscow)
+
+    def metrika_for(integration):
+        return MetrikaClient(integration["metrika_token"], metrika_sandbox.url)
+    counter = metrika_sandbox.counter(4242)
+
+    def listed():
+        return {s["id"]: (s["type"], s["humanized"]) for s in counter.order_statuses.values()}
+    replace_mapping(store, "amo", {"entries": [WON, LOST]}, metrika_for)
+    replace_mapping(store, "elsewhere", {"entries": [{**WON, "type": "CANCELLED"}]}, metrika_for)  # its own counter
+    pushed = replace_mapping(store, "b24", {"entries": [B24_NEW, B24_WON]}, metrika_for)
+    assert pushed["shared_with"] == ["amo"] and pushed["counter_statuses"] == 3
+    assert listed() == {"won": ("PAID", "Успешно"), "lost": ("CANCELLED", "Не реализовано"),
+                        "b24_new": ("IN_PROGRESS", "Новая")}
+    # the first integration's next push keeps the second one's statuses
+    replace_mapping(store, "amo", {"entries": [LOST]}, metrika_for)
+    assert set(listed()) == {"won", "lost", "b24_new"}
+    # one id, two meanings: 409 naming it; nothing pushed, nothing stored
+    before = (listed(), store.get_status_mapping("b24"))
+    with pytest.raises(ApiError) as conflict:
+        replace_mapping(store, "b24", {"entries": [{**B24_WON, "crm_status": "C0:LOSE", "metrika_status_id": "lost",
+                                                    "type": "SPAM"}]}, metrika_for)
+    assert conflict.value.status == 409 and conflict.value.error == "status_conflict"
+    assert "'lost'" in conflict.value.message and set(conflict.value.details["metrika_status_id"]["lost"]) == {"amo", "b24"}
+    assert (listed(), store.get_status_mapping("b24")) == before
+    # a deleted integration's statuses leave with the next push on the counter
+    store.delete_integration("b24")
+    replace_mapping(store, "amo", {"entries": [LOST]}, metrika_for)
+    assert set(listed()) == {"lost"}
+
+
+def test_the_sandbox_replaces_the_status_list_as_we_assume_metrika_does(metrika_sandbox):
+    client = MetrikaClient("y0_t", metrika_sandbox.url)
+    client.save_order_statuses(77, [{"id": "a", "type": "PAID", "humanized": "A"}])
+    client.save_order_statuses(77, [{"id": "b", "type": "SPAM", "humanized": "B"}])
+    assert [s["id"] for s in client.get_order_statuses(77)] == ["b"]
