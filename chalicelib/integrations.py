@@ -396,6 +396,11 @@ def save_integration(store: Any, integration_id: str, body: Any,
     _check_shape(body)
     # Assigned by the service (shared_counter): only the stored value may come back, checked below.
     sent_prefix, body = body.get("id_prefix"), {k: v for k, v in body.items() if k != "id_prefix"}
+    # Read-only too, so that GET → edit → PUT works: kept while the time zone stays the counter's.
+    sent_source, body = body.get("timezone_source"), {k: v for k, v in body.items() if k != "timezone_source"}
+    if sent_source not in (None, "counter"):
+        raise invalid("integration config is invalid",
+                      {"timezone_source": ["read-only: \"counter\" when the time zone was read from the counter"]})
     if "connection" in body and not isinstance(body["connection"], dict):
         # Before carry-over touches it; the other fields are still checked, to name every problem at once.
         errors: dict = {}
@@ -434,6 +439,9 @@ def save_integration(store: Any, integration_id: str, body: Any,
             raise ApiError(422, "metrika_refused", f"the counter's time zone {str(time_zone)[:MAX_TIME_ZONE]!r} "
                                                    "is not one this service knows: set `timezone` explicitly") from exc
         config["timezone"], config["timezone_source"] = time_zone, "counter"
+    elif sent_source and stored and stored.get("timezone_source") == sent_source \
+            and stored.get("timezone") == config["timezone"]:
+        config["timezone_source"] = sent_source  # a GET sent back as it was
     config.update(assigned_id_prefix(store, integration_id, config["counter_id"], sent_prefix))
     store.put_integration(integration_id, config)
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])

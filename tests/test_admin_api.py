@@ -70,11 +70,13 @@ def test_secrets_left_out_or_masked_keep_their_stored_values(app_client, integra
     shown = app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).json_body
     shown["counter_id"] = 777
     shown["connection"].pop("access_token")
-    shown.pop("timezone_source")
+    assert shown["timezone_source"] == "counter"  # read-only, sent back as GET showed it
     assert put(app_client, integration_id, shown).status_code == 200
     from app import get_store
     stored = get_store().get_integration(integration_id)
-    assert stored["counter_id"] == 777
+    assert stored["counter_id"] == 777 and stored["timezone_source"] == "counter"
+    refused = put(app_client, integration_id, {**shown, "timezone_source": "mine"})
+    assert refused.status_code == 400 and "timezone_source" in refused.json_body["details"]
     assert stored["metrika_token"] == METRIKA_TOKEN
     assert stored["connection"]["access_token"] == AMO_TOKEN and stored["connection"]["webhook_secret"] == AMO_SECRET
 
