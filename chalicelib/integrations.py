@@ -428,6 +428,10 @@ def save_integration(store: Any, integration_id: str, body: Any,
                       {path: [f"{MASK} stands for a stored secret; there is none here, send the value"] for path in masked})
     config.setdefault("client_id_field", DEFAULT_CLIENT_ID_FIELD[config["crm"]])
     config.setdefault("deleted_deal_status", "CANCELLED")
+    read_from_counter = (sent_source == "counter" and stored is not None and stored.get("timezone_source") == "counter"
+                         and stored.get("timezone") == config.get("timezone"))
+    if read_from_counter and stored.get("counter_id") != config["counter_id"]:
+        config.pop("timezone")  # the GET's time zone was the old counter's: read the new one's
     if not config.get("timezone"):
         try:
             time_zone = counter_time_zone(config)
@@ -439,9 +443,8 @@ def save_integration(store: Any, integration_id: str, body: Any,
             raise ApiError(422, "metrika_refused", f"the counter's time zone {str(time_zone)[:MAX_TIME_ZONE]!r} "
                                                    "is not one this service knows: set `timezone` explicitly") from exc
         config["timezone"], config["timezone_source"] = time_zone, "counter"
-    elif sent_source and stored and stored.get("timezone_source") == sent_source \
-            and stored.get("timezone") == config["timezone"]:
-        config["timezone_source"] = sent_source  # a GET sent back as it was
+    elif read_from_counter:
+        config["timezone_source"] = "counter"  # a GET sent back as it was
     config.update(assigned_id_prefix(store, integration_id, config["counter_id"], sent_prefix))
     store.put_integration(integration_id, config)
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])

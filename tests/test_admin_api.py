@@ -65,7 +65,7 @@ def test_secrets_are_masked_on_get_and_absent_from_logs(app_client, integration_
     assert not any(secret in captured_logs.text for secret in SECRETS)
 
 
-def test_secrets_left_out_or_masked_keep_their_stored_values(app_client, integration_id):
+def test_secrets_left_out_or_masked_keep_their_stored_values(app_client, integration_id, metrika_sandbox):
     put(app_client, integration_id, amocrm_config())
     shown = app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).json_body
     shown["counter_id"] = 777
@@ -75,6 +75,7 @@ def test_secrets_left_out_or_masked_keep_their_stored_values(app_client, integra
     from app import get_store
     stored = get_store().get_integration(integration_id)
     assert stored["counter_id"] == 777 and stored["timezone_source"] == "counter"
+    assert metrika_sandbox.requests[-1]["path"].endswith("/counter/777")  # the new counter's time zone was read
     refused = put(app_client, integration_id, {**shown, "timezone_source": "mine"})
     assert refused.status_code == 400 and "timezone_source" in refused.json_body["details"]
     assert stored["metrika_token"] == METRIKA_TOKEN
