@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 from .crm import CONTACT, ORDER, EntityRows
 from .errors import BridgeError, Misconfigured, Transient
 from .logs import log_event
-from .shared_counter import id_prefix, scoped_rows
+from .shared_counter import counter_products, id_prefix, scoped_rows
 
 EntityKey = tuple[str, str]  # (kind, crm id)
 
@@ -383,7 +383,8 @@ class Sink:
         try:
             if missing and self._name_products is not None:
                 names.update(self._name_products(integration, missing))
-            listed = {**self._store.products(integration_id), **{p: (n or p)[:4096] for p, n in names.items()}}
+            listed = {**counter_products(self._store, integration_id, integration["counter_id"]),
+                      **{p: (n or p)[:4096] for p, n in names.items()}}
             self._metrika.save_products(integration["counter_id"],
                                         [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
         except BridgeError as exc:

@@ -13,6 +13,7 @@ from .crm import EntityRef
 from .crm.notes import dropped_summary
 from .errors import BridgeError, http_error, invalid, not_found
 from .logs import log_event
+from .shared_counter import counter_products
 
 FAILED_SHOWN = 100
 UPLOAD_STATUSES = ("SENT", "PASSED", "FAILED", "UNCONFIRMED")
@@ -265,7 +266,7 @@ def sync_catalog(store: Any, metrika_for: Callable[[dict], Any], sources: dict, 
         catalog = {p: (n or p)[:4096] for p, n in source.catalog(integration).items()}
     except BridgeError as exc:
         raise http_error("could not read the CRM's catalogue", exc) from exc
-    listed = {**store.products(integration_id), **catalog}
+    listed = {**counter_products(store, integration_id, integration["counter_id"]), **catalog}
     if not listed:
         return {"products": 0, "added": 0}
     try:

@@ -14,6 +14,10 @@ that is not alone on its counter sends every id as `<integration id>:<CRM id>` (
 * created on, or moved to, a counter another integration uses: `<integration id>:`;
 * once set, kept by every later PUT (a PUT may send it back unchanged, as GET shows it).
 
+Lists that are one per counter — order statuses (`mapping_admin`) and products (`counter_products`) — are
+sent as the union of what every integration on the counter lists, since a save may replace the whole
+list.
+
 Integration ids are `[A-Za-z0-9_-]` and CRM ids digits (or `lead-`/`deal-` + digits), so a prefixed id is
 unambiguous and a raw one never contains `:`: applying the prefix twice changes nothing (a deletion
 re-sends the order as last sent, already prefixed). Product ids are not prefixed: a product list is one
@@ -63,3 +67,16 @@ def assigned_id_prefix(store: Any, integration_id: str, counter_id: int, sent: A
         return {}  # its ids in Metrika stay as they are
     others = [i for i in store.integrations_on_counter(counter_id) if i != integration_id]
     return {"id_prefix": integration_id + SEPARATOR} if others else {}
+
+
+def counter_products(store: Any, integration_id: str, counter_id: int) -> dict[str, str]:
+    """The product list as the counter should hold it: every integration's products on this counter
+    (product id → display name), this integration's names winning where two name one id. Sent whole
+    by every product sync ("Creating a product list",
+    https://yandex.com/dev/metrika/en/management/openapi/schema/createProducts, does not say whether a
+    save replaces or adds), so one integration's sync must not drop the other's products."""
+    listed: dict[str, str] = {}
+    for other in store.integrations_on_counter(counter_id):
+        if other != integration_id:
+            listed.update(store.products(other))
+    return {**listed, **store.products(integration_id)}

@@ -176,3 +176,20 @@ def test_the_sandbox_replaces_the_status_list_as_we_assume_metrika_does(metrika_
     client.save_order_statuses(77, [{"id": "a", "type": "PAID", "humanized": "A"}])
     client.save_order_statuses(77, [{"id": "b", "type": "SPAM", "humanized": "B"}])
     assert [s["id"] for s in client.get_order_statuses(77)] == ["b"]
+
+
+def test_a_product_sync_keeps_the_other_integrations_products(metrika_sandbox):
+    """The product list is one per counter and a save may replace it: each sync sends the union."""
+    core = Core(metrika_sandbox.url)
+    amo, b24 = core.integration("amo"), core.integration("b24", id_prefix="b24:")
+    core.source.rows = {(ORDER, "5"): deal_rows("5", products={"77": 1}), (ORDER, "6"): deal_rows("6", products={"88": 2})}
+    core.source.product_names = lambda integration, products: {p: f"product {p}" for p in products}
+    core.ingest.record(amo, [EntityRef(ORDER, "5", 1789990000, "add")], origin="amocrm")
+    core.drain()
+    core.ingest.record(b24, [EntityRef(ORDER, "6", 1789990000, "add")], origin="amocrm")
+    core.drain()
+    assert metrika_sandbox.counter(core.counter_id).products == {"77": "product 77", "88": "product 88"}
+    from chalicelib.operations import sync_catalog
+    core.source.catalog = lambda integration: {"99": "catalogue item"}
+    assert sync_catalog(core.store, core.metrika_for, core.sources, amo)["products"] == 3
+    assert set(metrika_sandbox.counter(core.counter_id).products) == {"77", "88", "99"}
