@@ -14,10 +14,9 @@ import re
 import time
 from urllib.parse import parse_qsl, quote
 
-import boto3
 import pytest
 
-from chalicelib.crm import CONTACT, ORDER, EntityRef, WebhookError
+from chalicelib.crm import ORDER, EntityRef, WebhookError
 from chalicelib.crm.amocrm.webhook import parse_amocrm_webhook
 from chalicelib.crm.form import MAX_KEYS, _pairs, parse_bracket_form
 from chalicelib.errors import Unavailable
