@@ -10,14 +10,15 @@ import re
 from . import WebhookError
 
 # Limits sized to the largest body a CRM sends: an amoCRM mass action (250 leads moved at once) is one
-# POST with every lead and its filled custom fields, in the form of amoCRM "Webhooks"
-# (https://www.amocrm.ru/developers/content/crm_platform/webhooks-format, "Пример webhook"). Built in that
-# form, 250 leads with 2 filled custom fields are 5,503 fields and 370 KB (~69 bytes a field); each
-# further filled custom field adds 4 fields a lead. Bitrix24 events are one entity, a few hundred bytes.
+# POST with every lead and its filled custom fields — amoCRM "Webhooks"
+# (https://www.amocrm.ru/developers/content/crm_platform/webhooks-format): x-www-form-urlencoded,
+# `{entity: {action: {0..n: {fields}}}}`. Built in that form, 250 leads with 2 filled custom fields are
+# ~5,500 fields and 370–440 KB (~70 bytes a field); each further filled custom field adds 3–5 fields a
+# lead. Bitrix24 events name one entity in a few hundred bytes.
 # Fields: 250 entities × 100 fields (the 14 standard ones and ~20 filled custom fields), 4.5× the
-# observed mass action; a contact with 20,000 linked leads (one field each) fits too. At the limit the
-# body parses in ~0.1 s here, so the parse stays well inside amoCRM's 2 s. The byte limit
-# (settings.MAX_WEBHOOK_BYTES) is the same body size: 25,000 fields of ~80 bytes ≈ 2 MiB.
+# observed mass action; a contact with 20,000 linked leads (one field each) fits too. At the limit a
+# body parses in ~0.15 s here, well inside amoCRM's 2 s. The byte limit (settings.MAX_WEBHOOK_BYTES)
+# is the same body: 25,000 fields of ~80 bytes ≈ 2 MiB.
 MAX_KEYS = 25_000
 # Bracket groups after the head: real bodies go to 7 (`contacts[add][0][custom_fields][0][values][0][value]`),
 # amoCRM's composite fields (legal entity) one more. Deeper is not a CRM webhook.
