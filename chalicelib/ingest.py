@@ -6,17 +6,25 @@ recorded (`StateStore.mark_dirty`); whoever takes the lease sends the message. I
 between the two writes, or the queue refuses the message, the lease is released or runs out
 (`QUEUE_LEASE_SECONDS`), and the next webhook, the CRM's retry or the reconciliation sweep queues the
 entity again. No entity can stay flagged queued with no message on its way.
+
+A webhook naming more than `INLINE_ENTITIES` entities (an amoCRM mass action, a contact with many
+linked leads) is recorded whole before the answer — its refs in the store's inbox, one queue message
+per batch — and the worker expands each batch exactly as above (`expand_inbox`). The answer then costs
+the same for 11 entities or 20,000. A batch stays in the inbox until it has been expanded, so a lost
+message costs time, not events: the reconciliation sweep queues a batch left behind again.
 """
 from __future__ import annotations
 
 import hmac
 import time
+import traceback
+import uuid
 from typing import Any, Callable, Iterable
 
 from .crm import CrmSource, EntityRef, WebhookError
 from .errors import ApiError, BridgeError, Unavailable, http_error, invalid, not_found
 from .logs import log_event
-from .queue import Queue, message
+from .queue import INBOX, Queue, message
 
 RECONCILE_OVERLAP = 120  # seconds; the window overlaps the last run to absorb clock skew
 RECONCILE_FIRST_WINDOW = 24 * 3600  # a first run looks back one day
@@ -32,6 +40,26 @@ INTEGRATION_MAX_AGE = 5.0
 # The one answer to a webhook whose integration id is unknown, names the other CRM's integration, or
 # whose secret is wrong.
 FORBIDDEN = "this webhook URL does not accept these credentials"
+# A webhook naming at most this many entities is recorded entity by entity before the answer: one
+# conditional write each (single-digit ms on DynamoDB) and one SendMessageBatch (which holds ten). A
+# larger one is recorded whole: one BatchWriteItem and one SendMessageBatch, however many entities. All
+# of them before the answer cannot be made fast: every entity of an integration lives in one DynamoDB
+# partition, which takes 1,000 writes a second ("Best practices for designing and using partition keys
+# effectively", https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/bp-partition-key-design.html),
+# and on the local emulator 250 writes took 2.5 s one by one and 1.6 s from 16 threads.
+INLINE_ENTITIES = 10
+# Refs per inbox batch: one item (~45 bytes a ref: ~23 KB of DynamoDB's 400 KB), one queue message, and
+# one expansion in the worker: 500 conditional writes one after another, ~4 s at DynamoDB's usual
+# single-digit ms, and ~150 writes a second, far below the partition's 1,000 (the deliveries the
+# expansion queues then write to the same partition).
+INBOX_BATCH_REFS = 500
+# Batches one worker invocation expands (~8 s): with its deliveries it stays well inside its 60 s. More
+# in one SQS batch are queued again for the next invocation.
+INBOX_BATCHES_PER_RUN = 2
+# A batch still in the inbox this long after it was recorded lost its message (or its expansion keeps
+# failing): the reconciliation sweep queues it again.
+INBOX_GRACE_SECONDS = QUEUE_LEASE_SECONDS
+WEBHOOK_ORIGINS = ("amocrm", "bitrix24")
 
 
 def secrets_match(given: str | None, expected: str | None) -> bool:
@@ -167,9 +195,25 @@ class Ingest:
     def record(self, integration_id: str, refs: list[EntityRef], *, origin: str, ignored: int = 0) -> dict:
         """Record each entity's newest event and queue a message for those whose lease this call took.
         All-or-nothing towards the caller: on any failure the leases taken here are released before
-        the error goes up, so the CRM's retry (or the next event) queues them."""
+        the error goes up, so the CRM's retry (or the next event) queues them.
+
+        A webhook naming more than INLINE_ENTITIES entities is recorded whole instead (`_record_later`)
+        and answered with `deferred` (its entities) and `queued` 0: the worker's expansion records them."""
         now = self._clock()
         accepted, refs = len(refs), newest_refs(refs)
+        if origin in WEBHOOK_ORIGINS and len(refs) > INLINE_ENTITIES:
+            batches = self._record_later(integration_id, refs, now=now, origin=origin)
+            log_event("webhook", integration_id=integration_id, origin=origin, entities=accepted, queued=0,
+                      deferred=len(refs), batches=batches, ignored=ignored)
+            return {"accepted": accepted, "queued": 0, "ignored": ignored, "deferred": len(refs)}
+        leased = self._record_now(integration_id, refs, now=now, origin=origin)
+        log_event("webhook" if origin in WEBHOOK_ORIGINS else "requeue", integration_id=integration_id,
+                  origin=origin, entities=accepted, queued=len(leased), ignored=ignored)
+        return {"accepted": accepted, "queued": len(leased), "ignored": ignored}
+
+    def _record_now(self, integration_id: str, refs: list[EntityRef], *, now: float, origin: str) -> list[EntityRef]:
+        """Mark each entity dirty (future times capped) and queue those whose lease this call took; the
+        refs leased. On any failure the leases taken are released before the error goes up."""
         leased: list[EntityRef] = []
         try:
             for ref in refs:
@@ -185,9 +229,40 @@ class Ingest:
             log_event("record_failed", integration_id=integration_id, origin=origin, error=type(exc).__name__,
                       released=len(leased))
             raise
-        log_event("webhook" if origin in ("amocrm", "bitrix24") else "requeue", integration_id=integration_id,
-                  origin=origin, entities=accepted, queued=len(leased), ignored=ignored)
-        return {"accepted": accepted, "queued": len(leased), "ignored": ignored}
+        return leased
+
+    def _record_later(self, integration_id: str, refs: list[EntityRef], *, now: float, origin: str) -> int:
+        """Record the refs whole, in batches of INBOX_BATCH_REFS, and queue one message per batch; the
+        number of batches. All or nothing as well: if the store or the queue fails, the batches are
+        deleted again before the error goes up (should that fail too, the sweep expands them later: a
+        duplicate of the CRM's retry, harmless), and no entity was touched."""
+        batches = {uuid.uuid4().hex: refs[start:start + INBOX_BATCH_REFS] for start in range(0, len(refs), INBOX_BATCH_REFS)}
+        try:
+            self._store.put_inbox(integration_id, batches, now=now)
+            self._queue.send([message(integration_id, INBOX, batch_id) for batch_id in batches])
+        except BaseException as exc:
+            try:
+                self._store.delete_inbox(integration_id, list(batches))
+            except Exception:  # noqa: BLE001 — the first error is the one to report; the sweep finds the batches
+                pass
+            log_event("record_failed", integration_id=integration_id, origin=origin, error=type(exc).__name__,
+                      deferred=len(refs), batches=len(batches))
+            raise
+        return len(batches)
+
+    def expand(self, integration_id: str, batch_id: str) -> dict:
+        """Record an inbox batch's entities as a small webhook's are (capped times, leases, messages),
+        then delete the batch: {"entities", "queued"}. A batch already gone (a message delivered twice,
+        a sweep) does nothing. On a failure the leases are released and the batch stays, for SQS's
+        redelivery of the message or, should that be lost too, the sweep."""
+        refs = self._store.get_inbox(integration_id, batch_id)
+        if refs is None:
+            return {"entities": 0, "queued": 0}
+        leased = self._record_now(integration_id, refs, now=self._clock(), origin=INBOX)
+        self._store.delete_inbox(integration_id, [batch_id])
+        log_event("inbox_expanded", integration_id=integration_id, batch_id=batch_id, entities=len(refs),
+                  queued=len(leased))
+        return {"entities": len(refs), "queued": len(leased)}
 
     def _untrusted_time(self, integration_id: str, ref: EntityRef, now: float, origin: str) -> EntityRef:
         """An event time far in the future is capped: the event is recorded and queued, but it does not
@@ -235,10 +310,42 @@ class Ingest:
         stuck = [EntityRef(e["kind"], e["crm_id"], e["event_time"], "sweep")
                  for e in self._store.stuck_entities(integration_id, now=now)]
         swept = self.record(integration_id, stuck, origin="sweep")["queued"] if stuck else 0
+        stale = self._store.stale_inbox(integration_id, before=now - INBOX_GRACE_SECONDS)
+        if stale:  # queued again, not expanded here: expanding is the worker's, with its time budget
+            self._queue.send([message(integration_id, INBOX, batch_id) for batch_id in stale])
+            log_event("inbox_swept", integration_id=integration_id, batches=len(stale))
         refs = source.changed_since(integration, start)
         result = self.record(integration_id, refs, origin="reconcile")
         self._store.put_cursor(integration_id, "reconcile", now)
         return {"since": start, "found": len(refs), "queued": result["queued"], "swept": swept}
+
+
+def expand_inbox(store: Any, queue: Queue, batches: list[tuple[str, str]], *,
+                 clock: Callable[[], float] = time.time) -> dict:
+    """The worker's part for INBOX messages ((integration id, batch id) each): expand up to
+    INBOX_BATCHES_PER_RUN batches and queue the rest again for another invocation, so one SQS batch
+    full of them stays inside the worker's time. `Unavailable` goes up (SQS redelivers the batch);
+    anything else one batch raises is logged and leaves that batch for the sweep, failing no other.
+    {"expanded": entities, "queued": entity messages, "failed": batches, "postponed": batches}."""
+    batches = list(dict.fromkeys(batches))
+    first, later = batches[:INBOX_BATCHES_PER_RUN], batches[INBOX_BATCHES_PER_RUN:]
+    if later:
+        queue.send([message(integration_id, INBOX, batch_id) for integration_id, batch_id in later])
+    ingest = Ingest(store, queue, max_body_bytes=0, clock=clock)
+    outcome = {"expanded": 0, "queued": 0, "failed": 0, "postponed": len(later)}
+    for integration_id, batch_id in first:
+        try:
+            result = ingest.expand(integration_id, batch_id)
+        except Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 — one batch's bug must not fail the others
+            outcome["failed"] += 1
+            log_event("inbox_expand_failed", integration_id=integration_id, batch_id=batch_id,
+                      error=type(exc).__name__, traceback=traceback.format_exc(limit=8))
+            continue
+        outcome["expanded"] += result["entities"]
+        outcome["queued"] += result["queued"]
+    return outcome
 
 
 def reconcile_or_answer(ingest: Ingest, integration_id: str, source: CrmSource, since: Any = None) -> dict:

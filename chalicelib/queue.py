@@ -1,7 +1,8 @@
 """The events queue: SQS in AWS and locally, a list in memory for logic tests.
 
 Messages are `{"integration_id", "kind", "crm_id"}` JSON: an entity to deliver (`kind` order/contact)
-or a job for one integration (`kind` backfill, its `crm_id` the run id).
+or a job for one integration (`kind` backfill, its `crm_id` the run id; `kind` inbox, its `crm_id` a
+batch of a large webhook body to expand into entity messages, see `chalicelib.ingest`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Callable, Protocol
 from .errors import Unavailable
 
 BACKFILL = "backfill"  # message kind of a history-import step (its `crm_id` is the run id)
+INBOX = "inbox"  # message kind of a large webhook body's batch of refs (its `crm_id` is the batch id)
 MAX_SQS_BATCH = 10  # SendMessageBatch takes at most 10 entries
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
 _UNAVAILABLE_CODES = frozenset({"ServiceUnavailable", "InternalError", "ThrottlingException", "RequestThrottled",

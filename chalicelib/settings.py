@@ -11,6 +11,7 @@ from functools import lru_cache
 
 APP_NAME = "metrika-crm-bridge"
 DEFAULT_METRIKA_API_URL = "https://api-metrika.yandex.net"
+MAX_WEBHOOK_BYTES = 2 * 1024 * 1024  # see load_settings
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,11 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         state_table=env.get("STATE_TABLE", f"{prefix}-state"),
         events_queue=env.get("EVENTS_QUEUE", f"{prefix}-events"),
         metrika_api_url=env.get("METRIKA_API_URL", DEFAULT_METRIKA_API_URL).rstrip("/"),
-        # amoCRM and Bitrix24 bodies for a handful of entities are a few KB; 256 KB leaves room for
-        # batched events while refusing floods before the parser sees them.
-        max_webhook_bytes=int(env.get("MAX_WEBHOOK_BYTES", str(256 * 1024))),
+        # The largest CRM body is an amoCRM mass action (250 leads with their custom fields: 0.4 MB with
+        # 2 filled fields a lead, 1.1 MB with 10). 2 MiB is the body of chalicelib.crm.form.MAX_KEYS
+        # fields at ~80 bytes each, so the two limits agree; far under API Gateway's 10 MB payload and
+        # Lambda's 6 MB request ("Lambda quotas", https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html).
+        max_webhook_bytes=int(env.get("MAX_WEBHOOK_BYTES", str(MAX_WEBHOOK_BYTES))),
         admin_token=env.get("ADMIN_TOKEN") or None,
         admin_token_parameter=env.get("ADMIN_TOKEN_PARAMETER") or None,
         worker_retry_limit=int(env.get("WORKER_RETRY_LIMIT", "12")),

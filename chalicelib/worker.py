@@ -20,7 +20,8 @@ from .crm import CONTACT, ORDER, CrmSource, EntityRef, EntityRows, crm_contact_i
 from .delivery import BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, row_hash, row_key
 from .errors import BridgeError, Transient, Unavailable
 from .logs import log_event
-from .queue import BACKFILL, MAX_DELAY_SECONDS, Queue, message
+from .ingest import expand_inbox
+from .queue import BACKFILL, INBOX, MAX_DELAY_SECONDS, Queue, message
 
 DELETED_DEAL_STATUS = "CANCELLED"
 # A retry message's lease lasts its delay plus this margin (see ingest.QUEUE_LEASE_SECONDS).
@@ -39,6 +40,7 @@ class Report:
     requests: int = 0
     backfill_steps: int = 0
     failed_groups: int = 0
+    expanded: int = 0  # entities of large webhook bodies recorded (ingest.expand_inbox)
 
 
 class Worker:
@@ -52,10 +54,12 @@ class Worker:
         self._backfill_for = backfill_for
 
     def handle(self, bodies: Iterable[str]) -> Report:
-        """One SQS batch of message bodies: entity deliveries per integration, then history-import steps."""
+        """One SQS batch of message bodies: large webhook bodies expanded into entity messages
+        (`ingest.expand_inbox`), entity deliveries per integration, then history-import steps."""
         report = Report()
         groups: dict[str, dict[tuple[str, str], None]] = {}
         steps: list[dict] = []
+        inbox: list[tuple[str, str]] = []
         for body in bodies:
             try:
                 item = json.loads(body)
@@ -65,8 +69,14 @@ class Worker:
                 continue
             if kind == BACKFILL:
                 steps.append(item)
+            elif kind == INBOX:
+                inbox.append((integration_id, crm_id))
             else:
                 groups.setdefault(integration_id, {})[(kind, crm_id)] = None
+        if inbox:  # large webhook bodies become entity messages (for a later batch)
+            expansion = expand_inbox(self._store, self._queue, inbox, clock=self._clock)
+            report.expanded += expansion["expanded"]
+            report.failed_groups += expansion["failed"]
         for integration_id, keys in groups.items():
             self._isolated(integration_id, list(keys), report)
         for step in steps:

@@ -328,9 +328,14 @@ class AmoCrmSandbox(SandboxServer):
 
     def webhook_body(self, entity: str, action: str, item: dict) -> bytes:
         """The form body amoCRM sends: PHP-style brackets, every value a string."""
+        return self.webhook_body_items(entity, action, [item])
+
+    def webhook_body_items(self, entity: str, action: str, items: list[dict]) -> bytes:
+        """One body carrying several items (`leads[status][0..n]`), as a mass action sends them."""
         pairs = [("account[subdomain]", self.subdomain), ("account[id]", str(self.account_id)),
                  ("account[_links][self]", f"https://{self.subdomain}.amocrm.ru")]
-        pairs += _flatten(f"{entity}[{action}][0]", item)
+        for index, item in enumerate(items):
+            pairs += _flatten(f"{entity}[{action}][{index}]", item)
         return urlencode(pairs).encode()
 
     def _fire(self, entity: str, action: str, item: dict) -> None:

@@ -109,6 +109,7 @@ def test_malformed_bodies(raw, words):
 
 
 def test_key_count_is_capped_before_parsing():
-    flood = "&".join(f"k{i}=v" for i in range(6000)).encode()
-    with pytest.raises(WebhookError):
+    from chalicelib.crm.form import MAX_KEYS
+    flood = "&".join(f"k{i}=v" for i in range(MAX_KEYS + 1)).encode()
+    with pytest.raises(WebhookError, match=f"{MAX_KEYS + 1} form fields; the limit is {MAX_KEYS}"):
         parse_bracket_form(flood)

@@ -215,6 +215,7 @@ def test_accepted_contacts_are_not_sent_again_while_orders_fail(core, metrika_sa
     core.source.rows = {(ORDER, str(i)): deal_rows(str(i), contact=str(100 + i)) for i in range(20)}
     metrika_sandbox.set_faults(error_503=1.0, paths="/data/orders/")
     core.ingest.record(shop, [EntityRef(ORDER, str(i), 1789990000, "add") for i in range(20)], origin="amocrm")
+    core.worker.handle(core.queue.receive())  # 20 entities: the body is expanded first (ingest.INLINE_ENTITIES)
     core.worker.handle(core.queue.receive())
     state = core.store.get_entity(shop, ORDER, "3")
     assert state["dirty"] is True and state["attempts"] == 1 and "contact:103" in state["row_hashes"]

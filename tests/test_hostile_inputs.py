@@ -17,7 +17,7 @@ import pytest
 from chalicelib.crm import CONTACT, ORDER, EntityRef, WebhookError
 from chalicelib.crm.amocrm.webhook import parse_amocrm_webhook
 from chalicelib.crm.bitrix24.webhook import MissingCredentials, parse_bitrix24_event
-from chalicelib.crm.form import parse_bracket_form
+from chalicelib.crm.form import MAX_KEY_LENGTH, MAX_KEYS, parse_bracket_form
 from chalicelib.errors import ApiError, Misconfigured, Transient
 from chalicelib.integrations import CONNECTION_SCHEMAS, IntegrationConfig, save_integration
 
@@ -139,13 +139,16 @@ AMOCRM = [
     ("empty key", amo("=1"), Ok(lambda hook: hook.ignored == 1)),
     ("empty field between `&&`", amo("", "leads[add][0][id]=1"), Refused("form-encoded")),
     ("field without `=`", amo("leads"), Refused("form-encoded")),
-    ("5,001 fields", b"&".join([amo()] + [b"f%d=v" % i for i in range(4999)]), Refused("form-encoded")),
-    ("5,000 fields", b"&".join([amo()] + [b"f%d=v" % i for i in range(4998)]), Ok(lambda hook: hook.ignored == 4998)),
+    ("one field too many", b"&".join([amo()] + [b"f%d=v" % i for i in range(MAX_KEYS - 1)]),
+     Refused(f"{MAX_KEYS + 1} form fields; the limit is {MAX_KEYS}")),
+    ("as many fields as allowed", b"&".join([amo()] + [b"f%d=v" % i for i in range(MAX_KEYS - 2)]),
+     Ok(lambda hook: hook.ignored == MAX_KEYS - 2)),
     ("raw non-UTF-8 bytes", amo("leads[add][0][name]=") + b"\xff\xfe", Refused("UTF-8")),
     ("percent-encoded non-UTF-8 is text", amo("leads[add][0][id]=1", "leads[add][0][name]=%FF%FE"), Ok(refs((ORDER, "1", NOW)))),
     ("raw NUL in a key", amo("le\x00ads[add][0][id]=1"), Ok(lambda hook: hook.refs == [] and hook.ignored == 1)),
     ("raw NUL in an id", amo("leads[add][0][id]=1\x00"), Refused("leads[add][0][id]")),
-    ("10 KB key", amo("k" * 10_000 + "=1"), Ok(lambda hook: hook.ignored == 1)),
+    ("10 KB key", amo("k" * 10_000 + "=1"), Refused(f"longer than {MAX_KEY_LENGTH} characters")),
+    ("longest key allowed", amo("k" * MAX_KEY_LENGTH + "=1"), Ok(lambda hook: hook.ignored == 1)),
     ("10 KB key in brackets, refused id", amo("leads[add][" + "k" * 10_000 + "][id]=x"), Refused("leads[add][kkkk")),
     ("1 MB value we do not read", amo("leads[add][0][id]=1", "leads[add][0][name]=" + "x" * MB), Ok(refs((ORDER, "1", NOW)))),
     ("not bytes", "account[id]=1", Refused("bytes")),

@@ -147,7 +147,8 @@ def test_a_webhook_with_its_own_secret_on_the_other_route_is_told_where_to_go(ap
 
 def test_an_oversized_body_is_413_for_any_id(app_client, amo, b24):
     assert exist(amo, b24)
-    body = amo_body(("leads[status][0][name]", "x" * 300_000))
+    from chalicelib.settings import get_settings
+    body = amo_body(("leads[status][0][name]", "x" * get_settings().max_webhook_bytes))
     for path in (f"/webhooks/amocrm/nope-{amo}?secret=x", f"/webhooks/amocrm/{amo}?secret=x",
                  f"/webhooks/bitrix24/nope-{b24}", f"/webhooks/bitrix24/{b24}"):
         assert app_client.http.post(path, headers=FORM, body=body).status_code == 413, path
@@ -165,10 +166,16 @@ def test_malformed_bodies_are_400_with_a_reason(app_client, amo, body, words):
 
 
 def test_oversized_body_is_413(app_client, amo, queue):
-    body = amo_body(*lead("status", 5, 1700000000), ("leads[status][0][name]", "x" * 300_000))
+    from chalicelib.settings import get_settings
+    limit = get_settings().max_webhook_bytes
+    body = amo_body(*lead("status", 5, 1700000000), ("leads[status][0][name]", "x"))
+    body += b"y" * (limit + 1 - len(body))
     response = post_amo(app_client, amo, body)
-    assert response.status_code == 413 and "limit" in response.json_body["message"]
-    assert queue.bodies() == []
+    assert response.status_code == 413 and f"is {limit + 1} bytes; the limit is {limit}" in response.json_body["message"]
+    assert state(amo, "order", "5") is None and queue.bodies() == []
+    # one byte less is parsed (and recorded): the limit is the body's size, nothing else
+    assert post_amo(app_client, amo, body[:-1]).status_code == 200
+    assert state(amo, "order", "5")["event_time"] == 1700000000
 
 
 def test_json_is_not_a_webhook_content_type(app_client, amo):

@@ -141,7 +141,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 43, sorted(names)  # every method of every concern
+    assert len(names) == 47, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -889,3 +889,48 @@ def test_integrations_on_counter(store, iid):
     assert store.integrations_on_counter(counter) == [iid + "-a", iid + "-b"]
     store.delete_integration(iid + "-a")
     assert store.integrations_on_counter(counter) == [iid + "-b"]
+
+
+# --- InboxStore ------------------------------------------------------------------------------------------
+
+def test_inbox_batches_round_trip_in_order_until_deleted(store, iid):
+    big = [EntityRef("order", str(10**18 + i), 1_700_000_000 + i, "status") for i in range(500)]  # a full batch
+    odd = [EntityRef("contact", "9223372036854775807", YEAR_2100, "update"), EntityRef("order", "7", 0, "contact_update"),
+           EntityRef("order", "7", 5, "status")]  # the same entity twice is kept as recorded
+    store.put_inbox(iid, {"b1": big, "b2": odd}, now=NOW)
+    store.put_inbox(iid + "-other", {"b1": odd[:1]}, now=NOW)
+    assert store.get_inbox(iid, "b1") == big and store.get_inbox(iid, "b2") == odd
+    assert store.get_inbox(iid, "missing") is None
+    assert all(isinstance(r.event_time, int) for r in store.get_inbox(iid, "b2"))
+    store.delete_inbox(iid, ["b1", "never-there", "b1"])
+    assert store.get_inbox(iid, "b1") is None and store.get_inbox(iid, "b2") == odd
+    assert store.get_inbox(iid + "-other", "b1") == odd[:1]  # another integration's batch of the same id
+    assert store.list_entities(iid) == []  # batches are not entities
+    store.delete_inbox(iid, [])
+
+
+def test_stale_inbox_lists_batches_recorded_before_a_time_oldest_first(store, iid):
+    ref = [EntityRef("order", "1", 1, "add")]
+    store.put_inbox(iid, {"late": ref}, now=NOW + 20)
+    store.put_inbox(iid, {"early": ref, "middle": ref}, now=NOW)
+    store.put_inbox(iid, {"middle": ref}, now=NOW + 10)  # written again: the new time
+    assert store.stale_inbox(iid, before=NOW) == []
+    assert store.stale_inbox(iid, before=NOW + 0.5) == ["early"]
+    assert store.stale_inbox(iid, before=NOW + 30) == ["early", "middle", "late"]
+    store.delete_inbox(iid, ["early"])
+    assert store.stale_inbox(iid, before=NOW + 30) == ["middle", "late"]
+
+
+def test_more_inbox_batches_than_one_batch_write_takes(store, iid):
+    batches = {f"b{i:02d}": [EntityRef("order", str(i), i, "add")] for i in range(30)}  # BatchWriteItem takes 25
+    store.put_inbox(iid, batches, now=NOW)
+    assert sorted(store.stale_inbox(iid, before=NOW + 1)) == sorted(batches)
+    store.delete_inbox(iid, list(batches))
+    assert store.stale_inbox(iid, before=NOW + 1) == []
+
+
+def test_delete_integration_removes_its_inbox(store, iid):
+    store.put_integration(iid, {"crm": "amocrm"})
+    store.put_inbox(iid, {"b": [EntityRef("order", "1", 1, "add")]}, now=NOW)
+    assert store.delete_integration(iid) is True
+    assert store.get_inbox(iid, "b") is None and store.stale_inbox(iid, before=NOW + 1) == []

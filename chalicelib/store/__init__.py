@@ -320,7 +320,28 @@ class CrmAccountStore(Protocol):
         """Replace the account's facts."""
 
 
+class InboxStore(Protocol):
+    """Webhook bodies naming more entities than the acknowledgement records one by one: recorded whole,
+    in batches of refs, and expanded into entity state by the worker (`chalicelib.ingest`). A batch
+    stays until it has been expanded, so a lost queue message costs time, not the events."""
+
+    def put_inbox(self, integration_id: str, batches: dict[str, list[EntityRef]], *, now: float) -> None:
+        """Record each batch of refs under its id (a batch of that id is replaced), with `recorded_at` =
+        `now`. Either every batch is written, or an error is raised and some may have been (the caller
+        deletes them). A batch is one item: a few hundred refs, far from DynamoDB's 400 KB item limit."""
+
+    def get_inbox(self, integration_id: str, batch_id: str) -> list[EntityRef] | None:
+        """The batch's refs as recorded, in order; None when there is no such batch (expanded, deleted)."""
+
+    def delete_inbox(self, integration_id: str, batch_ids: list[str]) -> None:
+        """Forget these batches; ids without a batch are ignored."""
+
+    def stale_inbox(self, integration_id: str, *, before: float) -> list[str]:
+        """Ids of the batches recorded before `before` (their message was lost or keeps failing), oldest
+        first."""
+
+
 class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, CrmAccountStore,
-                 Protocol):
+                 InboxStore, Protocol):
     """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement."""
 

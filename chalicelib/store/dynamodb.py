@@ -9,6 +9,7 @@ Two tables (names from settings, prefixed by stage):
   `UPLOAD#<id>`: uploads to confirm, and `CARRIED#<id>#<part>` the entities each carried (apart, so
   reading every upload stays cheap; in parts, so any number fits under 400 KB). Shared limits live in their own partitions: `RATE#<scope>`/`NEXT`,
   `QUOTA#<key>`/`DAY#<day>`, `LEASE#<scope>`/`SLOT#<n>`.
+  `INBOX#<batch id>` (state table): a large webhook body's refs until the worker has expanded them.
 
 The low-level client with boto3's type (de)serialisers keeps cold starts cheaper than the resource API.
 Every call goes through `_Guarded`, which turns "DynamoDB cannot be reached or throttles us" into
@@ -17,6 +18,7 @@ Every call goes through `_Guarded`, which turns "DynamoDB cannot be reached or t
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from decimal import Decimal
@@ -40,6 +42,7 @@ CONFIG = "CONFIG"
 STATUS_MAPPING = "STATUS_MAPPING"
 ATTRIBUTES = "ATTRIBUTES"
 BACKFILL = "BACKFILL"
+INBOX = "INBOX"
 
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
@@ -582,6 +585,45 @@ class DynamoStore:
                 return False
             raise
         return True
+
+    # --- InboxStore ----------------------------------------------------------------------------------
+
+    def put_inbox(self, integration_id: str, batches: dict[str, list[EntityRef]], *, now: float) -> None:
+        # One BatchWriteItem for up to 25 batches: a mass action costs one round trip, not one per entity.
+        self._write_all([{"PutRequest": {"Item": _to_item({
+            "pk": _pk(integration_id), "sk": f"{INBOX}#{batch_id}", "recorded_at": _decimal(now), "entities": len(refs),
+            "refs": json.dumps([[r.kind, r.crm_id, int(r.event_time), r.action] for r in refs], separators=(",", ":"))})}}
+            for batch_id, refs in batches.items()])
+
+    def get_inbox(self, integration_id: str, batch_id: str) -> list[EntityRef] | None:
+        item = self._get(self._state, _pk(integration_id), f"{INBOX}#{batch_id}")
+        if item is None:
+            return None
+        return [EntityRef(kind, crm_id, int(event_time), action) for kind, crm_id, event_time, action in json.loads(item["refs"])]
+
+    def delete_inbox(self, integration_id: str, batch_ids: list[str]) -> None:
+        self._write_all([{"DeleteRequest": {"Key": _to_item({"pk": _pk(integration_id), "sk": f"{INBOX}#{batch_id}"})}}
+                         for batch_id in dict.fromkeys(batch_ids)])
+
+    def stale_inbox(self, integration_id: str, *, before: float) -> list[str]:
+        items = self._query(self._state, _pk(integration_id), projection="sk, recorded_at", begins_with=f"{INBOX}#",
+                            FilterExpression="recorded_at < :before",
+                            ExpressionAttributeValues=_to_item({":before": _decimal(before)}))
+        stale = sorted((i["recorded_at"], i["sk"].partition("#")[2]) for i in map(_from_item, items) if i is not None)
+        return [batch_id for _, batch_id in stale]
+
+    def _write_all(self, requests: list[dict]) -> None:
+        """BatchWriteItem in groups of 25 (its limit); what DynamoDB hands back unprocessed is sent again."""
+        for start in range(0, len(requests), 25):
+            pending: dict | None = {self._state: requests[start:start + 25]}
+            for attempt in range(BATCH_ROUNDS):
+                if attempt:
+                    _backoff(attempt)
+                pending = self._db.batch_write_item(RequestItems=pending).get("UnprocessedItems") or None
+                if not pending:
+                    break
+            else:
+                raise Unavailable("store", "batch_write_item: items left unprocessed")
 
     # --- helpers -------------------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class MemoryStore:
         self._requests: dict[tuple[str, str], Decimal] = {}  # (quota key, day) → count
         self._slots: dict[tuple[str, int], tuple[str, Decimal]] = {}  # (scope, slot) → (owner, expires at)
         self._crm_accounts: dict[str, dict] = {}  # account scope → facts
+        self._inbox: dict[str, dict[str, tuple[Decimal, list[EntityRef]]]] = {}  # id → batch id → (recorded at, refs)
 
     # --- IntegrationStore ----------------------------------------------------------------------------
 
@@ -92,7 +93,8 @@ class MemoryStore:
         with self._lock:
             existed = integration_id in self._integrations
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
-                          self._cursors, self._entities, self._products, self._uploads, self._carried):
+                          self._cursors, self._entities, self._products, self._uploads, self._carried,
+                          self._inbox):
                 table.pop(integration_id, None)
             return existed
 
@@ -412,6 +414,29 @@ class MemoryStore:
             _set(replaced, **state)
             self._entities[hold.integration_id][(hold.kind.lower(), hold.crm_id)] = replaced
             return True
+
+    # --- InboxStore ----------------------------------------------------------------------------------
+
+    def put_inbox(self, integration_id: str, batches: dict[str, list[EntityRef]], *, now: float) -> None:
+        with self._lock:
+            inbox = self._inbox.setdefault(integration_id, {})
+            for batch_id, refs in batches.items():
+                inbox[batch_id] = (_decimal(now), [EntityRef(r.kind, r.crm_id, int(r.event_time), r.action) for r in refs])
+
+    def get_inbox(self, integration_id: str, batch_id: str) -> list[EntityRef] | None:
+        with self._lock:
+            batch = self._inbox.get(integration_id, {}).get(batch_id)
+            return list(batch[1]) if batch is not None else None
+
+    def delete_inbox(self, integration_id: str, batch_ids: list[str]) -> None:
+        with self._lock:
+            for batch_id in batch_ids:
+                self._inbox.get(integration_id, {}).pop(batch_id, None)
+
+    def stale_inbox(self, integration_id: str, *, before: float) -> list[str]:
+        with self._lock:
+            batches = self._inbox.get(integration_id, {})
+            return [b for _, b in sorted((at, b) for b, (at, _) in batches.items() if at < _decimal(before))]
 
     # --- helpers -------------------------------------------------------------------------------------
 

@@ -95,6 +95,10 @@ def _is_contact(item: object) -> bool:
 
 
 def _linked_leads(item: object, path: str) -> list[str]:
+    """Every linked lead, however many: each one's customer may have changed, and dropping some would
+    leave their orders stale until they change themselves (reconciliation lists changed deals only).
+    The count costs the answer nothing: a body with many entities is recorded whole and expanded by the
+    worker (`chalicelib.ingest`); the form parser's field limit bounds it."""
     linked = item.get("linked_leads_id") if isinstance(item, dict) else None
     if not isinstance(linked, dict):
         return []

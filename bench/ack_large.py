@@ -1,0 +1,154 @@
+"""Acknowledge time of large webhook bodies: an amoCRM mass action (1, 50 and 250 leads with their
+custom fields in one POST) and a contact with 2,000 linked leads, webhook in → 200 out, in-process
+(chalice.test.Client) and over HTTP (chalice local) on the local stack (moto_server DynamoDB + SQS).
+Each is given as a ratio to the one-entity webhook measured in the same run, sampled in turn with it.
+Target: p99 ≤ 0.5 s for 250 leads, and a ratio that does not grow with the number of entities.
+
+For scale, the same run also times what a large body cost before (every entity written before the
+answer) and what it costs the worker now (expanding one batch into entity messages).
+
+    python -m bench.ack_large [--rounds 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from bench.ack_latency import drain
+from bench.harness import AMO_SECRET, ADMIN_TOKEN, amocrm_config, environment, ms, percentiles, table
+from sandbox.local_stack import free_port, wait_http
+from tests.test_ack_large import linked_leads_contact_body, mass_action_body, seed_leads
+
+ROOT = Path(__file__).resolve().parent.parent
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+IID = "amo-large"
+BASELINE = "1 lead (baseline)"
+
+
+def bodies(amocrm) -> tuple[dict[str, tuple[bytes, int]], str]:
+    """name → (body, entities), the baseline first; and the baseline's lead id."""
+    one = seed_leads(amocrm, 1)
+    out = {BASELINE: (mass_action_body(amocrm, one), 1)}
+    for count in (50, 250):
+        out[f"{count} leads"] = (mass_action_body(amocrm, seed_leads(amocrm, count)), count)
+    out["contact, 2,000 linked leads"] = (linked_leads_contact_body(amocrm, 2000), 2001)
+    return out, str(one[0]["id"])
+
+
+def row(name: str, body: bytes, samples: list[float], base: dict) -> list:
+    p = percentiles(samples)
+    return [name, f"{len(body) / 1024:.0f} KB", body.count(b"&") + 1, ms(p["p50"]), ms(p["p99"]),
+            f"{p['p50'] / base['p50']:.2f}×", f"{p['p99'] / base['p99']:.2f}×"]
+
+
+def before_and_worker(store, queue, lead_ids: list[str], runs: int) -> list[list]:
+    """The old way (each entity written before the answer: what `record` still does for reconciliation)
+    and the worker's expansion of one batch, for 250 leads; each run starts from entities without
+    leases, so every write takes one and queues."""
+    from chalicelib.crm import ORDER, EntityRef
+    from chalicelib.ingest import Ingest, expand_inbox
+    ingest = Ingest(store, queue, max_body_bytes=0)
+    refs = [EntityRef(ORDER, lead_id, 1_790_000_000, "status") for lead_id in lead_ids]
+    before, expansion = [], []
+    for i in range(runs):
+        for lead_id in lead_ids:
+            store.claim(IID, ORDER, lead_id)
+        start = time.perf_counter()
+        result = ingest.record(IID, [EntityRef(r.kind, r.crm_id, r.event_time + i, r.action) for r in refs],
+                               origin="reconcile")
+        before.append(time.perf_counter() - start)
+        assert result["queued"] == len(lead_ids), result
+        for lead_id in lead_ids:
+            store.claim(IID, ORDER, lead_id)
+        batch = f"bench-{i}"
+        store.put_inbox(IID, {batch: [EntityRef(r.kind, r.crm_id, r.event_time + i, r.action) for r in refs]}, now=time.time())
+        start = time.perf_counter()
+        expand_inbox(store, queue, [(IID, batch)])
+        expansion.append(time.perf_counter() - start)
+    b, e = percentiles(before), percentiles(expansion)
+    return [["250 leads written before the answer (as before)", ms(b["p50"]), ms(max(before))],
+            ["the worker expanding the 250-lead batch (now)", ms(e["p50"]), ms(max(expansion))]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--before-runs", type=int, default=3)
+    args = parser.parse_args()
+    with environment() as world:
+        import app
+        from chalice.test import Client
+        from chalicelib.settings import get_settings
+        from chalicelib.crm.amocrm.webhook import parse_amocrm_webhook
+        amocrm = world["amocrm"]
+        cases, baseline_lead = bodies(amocrm)
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+        path = f"/webhooks/amocrm/{IID}?secret={AMO_SECRET}"
+        rows = []
+        with Client(app.app, stage_name="dev") as client:
+            os.environ.update(world["env"])
+            assert client.http.put(f"/integrations/{IID}", headers=headers,
+                                   body=json.dumps(amocrm_config(amocrm))).status_code == 200
+            settings = get_settings()
+            samples: dict[str, list[float]] = {name: [] for name in cases}
+            # All sizes sampled in turn: the emulator's speed drifts over a run (see bench/ack_latency.py).
+            for i in range(args.rounds):
+                if i % 20 == 0:
+                    drain(settings.events_queue)
+                for name, (body, entities) in cases.items():
+                    if entities == 1:  # as if the worker had taken it: the webhook writes AND queues
+                        app.get_store().claim(IID, "order", baseline_lead)
+                    start = time.perf_counter()
+                    response = client.http.post(path, headers=FORM, body=body)
+                    samples[name].append(time.perf_counter() - start)
+                    assert response.status_code == 200, response.body
+                    assert response.json_body["accepted"] == entities, response.json_body
+            base = percentiles(samples[BASELINE])
+            rows += [row(f"{name}, in-process", cases[name][0], samples[name], base) for name in cases]
+            drain(settings.events_queue)
+            lead_ids = [r.crm_id for r in parse_amocrm_webhook(cases["250 leads"][0]).refs]
+            scale = before_and_worker(app.get_store(), app.get_queue(), lead_ids, args.before_runs)
+            drain(settings.events_queue)
+        # Over HTTP: the same app under `chalice local`, bodies on the loopback wire.
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-c", "from chalice.cli import main; main()", "local",
+                                   "--no-autoreload", "--port", str(port), "--stage", "dev"], cwd=ROOT,
+                                  env={**os.environ, **world["env"], "STAGE": "dev"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            base_url = f"http://127.0.0.1:{port}"
+            wait_http(base_url + "/health")
+            session = requests.Session()
+            samples = {name: [] for name in cases}
+            for i in range(max(10, args.rounds // 2)):
+                if i % 20 == 0:
+                    drain(settings.events_queue)
+                for name, (body, entities) in cases.items():
+                    if entities == 1:
+                        app.get_store().claim(IID, "order", baseline_lead)
+                    start = time.perf_counter()
+                    response = session.post(f"{base_url}/webhooks/amocrm/{IID}", params={"secret": AMO_SECRET},
+                                            data=body, headers=FORM)
+                    samples[name].append(time.perf_counter() - start)
+                    assert response.status_code == 200, response.text
+            base = percentiles(samples[BASELINE])
+            rows += [row(f"{name}, chalice local (HTTP)", cases[name][0], samples[name], base) for name in cases]
+        finally:
+            server.terminate()
+            server.wait()
+            drain(settings.events_queue)
+        table(f"Acknowledge time of large bodies ({args.rounds} rounds in-process, {max(10, args.rounds // 2)} over "
+              f"HTTP; target p99 ≤ 500 ms for 250 leads)",
+              ["body", "size", "form fields", "p50", "p99", "p50 / 1 lead", "p99 / 1 lead"], rows)
+        table(f"For scale: 250 leads written entity by entity ({args.before_runs} runs)", ["path", "p50", "max"], scale)
+
+
+if __name__ == "__main__":
+    main()
