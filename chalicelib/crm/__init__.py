@@ -41,6 +41,11 @@ class EntityRows:
     # Products the orders name: product id → what the CRM told us on the way ({"name", "catalog_id"}),
     # so the product list can be filled without asking again.
     products: dict[str, dict] = field(default_factory=dict)
+    # A deal's row for a CRM contact joins two sources: the contact as read now and the ClientIDs the
+    # deal itself carries (its field, or its lead's). Per customer `uniq_id`: (the contact's own row,
+    # the deal's ClientIDs), so the delivery can keep them apart and a value removed from either leaves
+    # Metrika (`chalicelib.customers`). A customer not named here is wholly this entity's.
+    contact_parts: dict[str, tuple[dict, list[str]]] = field(default_factory=dict)
 
 
 @dataclass

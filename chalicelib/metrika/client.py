@@ -78,7 +78,7 @@ class MetrikaClient:
             raise cdp.unreachable(type(exc).__name__, isinstance(exc, requests.Timeout)) from exc
         return cdp.decipher_response(response.status_code, response.headers, response.content)
 
-    def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "APPEND",
+    def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "SAVE",
                         as_csv: bool = False) -> dict:
         request = (cdp.upload_csv(counter_id, "contacts", contacts, merge_mode) if as_csv
                    else cdp.upload_contacts(counter_id, contacts, merge_mode))

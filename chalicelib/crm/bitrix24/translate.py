@@ -106,8 +106,10 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
         name = (stage_names or {}).get(stage)
         return unmapped_stage(stage, name)
     found = client_ids(deal, client_id_field) or client_ids(lead, client_id_field)
+    parts = {}  # the contact's own row and the deal's ClientIDs, kept apart (`EntityRows.contact_parts`)
     if contact is not None:
         customer = contact_row(contact, client_id_field, now, extra_client_ids=found, attributes=attributes)
+        parts[customer["uniq_id"]] = (contact_row(contact, client_id_field, now, attributes=attributes), found)
     else:
         customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{deal['ID']}", "name": deal.get("TITLE") or None,
                     "create_date_time": _time(deal.get("DATE_CREATE"), now), "client_ids": found}
@@ -132,7 +134,7 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
              "products": products,
              "attribute_values": attribute_values(deal, attributes, "order")}
     return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}],
-                      products=names)
+                      products=names, contact_parts=parts)
 
 
 def _amount(record: dict, field: str) -> Any:
