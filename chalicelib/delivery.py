@@ -1,12 +1,14 @@
 """The one delivery sink: entities' rows in, one outcome per entity out.
 
-    validate → skip what Metrika already holds → merge rows that share an id → chunk → upload
-    (contacts first, through the quota governor) → Accepted / Retry / Parked per entity
+    validate → each customer's complete row from its recorded sources → skip what Metrika already
+    holds → chunk → upload (contacts first, through the quota governor) → record the customers'
+    sources → Accepted / Retry / Parked per entity
 
 The worker (live webhooks) and the history import both deliver through `Sink.deliver`; what they do
 with the outcomes (mark clean, re-queue, release a hold) is theirs. The sink writes nothing about
 entity state: results are values. It records each upload Metrika accepted as soon as it is accepted
-(the confirm job checks it later) and keeps the product list filled.
+(the confirm job checks it later), each customer's sources once its row is in Metrika, and keeps the
+product list filled.
 
 Why a contact row is the customer's complete record: one customer is described by its contact and by
 each of its deals (their ClientIDs), and contacts go with merge mode SAVE, which replaces the record
