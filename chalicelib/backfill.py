@@ -27,8 +27,8 @@ from datetime import date, datetime, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
-from .crm import CONTACT, ORDER, EntityRows
-from .delivery import Accepted, Parked, Pending, Retry, Sink, content_hash_of, row_key, validated_rows
+from .crm import EntityRows
+from .delivery import Accepted, Parked, Pending, Retry, Sink, content_hash_of, previous_customers, validated_rows
 from .errors import BridgeError, Transient, invalid, not_found
 from .ingest import FUTURE_SKEW_SECONDS
 from .logs import log_event
@@ -280,8 +280,6 @@ class Backfill:
         rows = {key: entity for key, entity in rows.items() if key not in settled_before}
         counts = {k: 0 for k in COUNTS}
         counts["read"] = len(rows)
-        sent_contacts = self._store.content_hashes(integration_id, CONTACT, [
-            c["uniq_id"] for key, e in rows.items() if key[0] == ORDER for c in e.contacts])
         checked: dict[tuple[str, str], tuple] = {}
         for key, entity in rows.items():
             if entity.gone:
@@ -306,12 +304,11 @@ class Backfill:
                 counts["skipped"] += 1  # the live path has it, or this content was already sent
                 continue
             # The customer of a deal usually went up in the contacts phase: the sink sends it again only
-            # if the deal adds something (a ClientID from the lead, say).
-            sent = {row_key(CONTACT, {"uniq_id": scoped_id(id_prefix(integration), c["uniq_id"])}): sent_contacts[c["uniq_id"]]
-                    for c in rows[key].contacts if key[0] == ORDER and c["uniq_id"] in sent_contacts}
-            sent.update(partial["accepted"].get(_key_text(key), {}))
+            # if the deal adds something (a ClientID from the lead, say), by the customer's record.
+            sent = dict(partial["accepted"].get(_key_text(key), {}))
             entity = EntityRows(error=error) if error else rows[key]
-            pending.append(Pending(key, entity, sent=sent, validated=validated))
+            pending.append(Pending(key, entity, sent=sent, validated=validated,
+                                   customers_before=previous_customers(taken[key].state)))
         delivery = Sink(self._store, metrika, row_limit=self._row_limit,
                         name_products=getattr(source, "product_names", None)).deliver(
             integration_id, integration, pending, attributes=attributes)

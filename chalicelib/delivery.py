@@ -1,18 +1,24 @@
 """The one delivery sink: entities' rows in, one outcome per entity out.
 
-    validate → skip what Metrika already holds → merge rows that share an id → chunk → upload
-    (contacts first, through the quota governor) → Accepted / Retry / Parked per entity
+    validate → each customer's complete row from its recorded sources → skip what Metrika already
+    holds → chunk → upload (contacts first, through the quota governor) → record the customers'
+    sources → Accepted / Retry / Parked per entity
 
 The worker (live webhooks) and the history import both deliver through `Sink.deliver`; what they do
 with the outcomes (mark clean, re-queue, release a hold) is theirs. The sink writes nothing about
 entity state: results are values. It records each upload Metrika accepted as soon as it is accepted
-(the confirm job checks it later) and keeps the product list filled.
+(the confirm job checks it later), each customer's sources once its row is in Metrika, and keeps the
+product list filled.
 
-Why rows are merged: an `add_lead` and an `add_contact` of one new deal land in one batch and both
-produce a contact row with the same `uniq_id`, one with the lead's ClientID and one without. Metrika
-applies rows with the same id within one upload in random order ("Customer data format",
-https://yandex.com/dev/metrika/en/data-import/contacts-data), so one row per id is
-sent: the union of ClientIDs, phones and e-mails, and the newest row's scalars.
+Why a contact row is the customer's complete record: one customer is described by its contact and by
+each of its deals (their ClientIDs), and contacts go with merge mode SAVE, which replaces the record
+("Data upload modes", https://yandex.com/dev/metrika/en/data-import/modes), so that a value removed in
+the CRM leaves Metrika. Each row sent is therefore built from every source the store knows for the
+customer, with the sources this delivery read replaced by what the CRM says now (`chalicelib.customers`);
+the sources are recorded once Metrika accepted the row. An `add_lead` and an `add_contact` of one new
+deal, landing in one batch, so give one row for their customer: Metrika applies rows with the same id
+within one upload in random order ("Customer data format",
+https://yandex.com/dev/metrika/en/data-import/contacts-data), and there is only ever one per id.
 
 Why progress is kept per row: an entity counts as delivered only when all its rows were accepted.
 When the contacts go up and the orders fail, the contacts' hashes come back in `Retry.row_hashes`,
@@ -24,14 +30,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Union
 from zoneinfo import ZoneInfo
 
 from .crm import CONTACT, ORDER, EntityRows
+from .customers import CustomerPlan, merge_contacts, part_of, plan_customers, source_id
 from .errors import BridgeError, Misconfigured, Transient
 from .logs import log_event
+from .normalize import keep_valid, normalize_client_id
 from .shared_counter import counter_products, id_prefix, scoped_rows
 
 EntityKey = tuple[str, str]  # (kind, crm id)
@@ -40,8 +49,8 @@ MATCHING_WINDOW_DAYS = 21
 # Few Metrika requests left today: wait for more rows so each request carries a full chunk.
 LOW_BUDGET = 250
 BATCH_HARDER_SECONDS = 300
-LIST_FIELDS = ("client_ids", "phones", "emails", "phones_md5", "emails_md5", "user_ids")
 _ROW_LOCATION = re.compile(r"^(contacts|orders)\[(\d+)\]")
+RECORD_WRITERS = 8  # customers recorded side by side (botocore's connection pool holds 10 per client)
 
 
 # --- inputs and outcomes -----------------------------------------------------------------------------
@@ -52,13 +61,20 @@ class Pending:
 
     `sent`: row key (`contact:<uniq_id>` / `order:<id>`) → hash of that row as Metrika last accepted
     it (this entity's own `row_hashes`, and for the history import the customers' own deliveries).
-    `content_hash`: the entity's whole content as last delivered; equal content is not sent again."""
+    `content_hash`: the entity's whole content as last delivered; equal content is not sent again.
+    `customers_before`: the customers (`uniq_id`) its rows went to when last delivered
+    (`previous_customers`); those it no longer has lose its source (a deleted deal, a deal moved to
+    another contact). Contact rows are sent or skipped by what the store says Metrika holds for the
+    customer, whoever sent it, not by `sent`; `resend` (what Metrika holds of the entity is unknown, as
+    after a replay: `copy_unknown`) sends its customers' rows even so."""
 
     key: EntityKey
     rows: EntityRows
     sent: Mapping[str, str] = field(default_factory=dict)
     content_hash: str | None = None
     validated: tuple[list[dict], list[dict]] | None = None  # rows already through `validated_rows`
+    customers_before: tuple[str, ...] = ()
+    resend: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,9 @@ class Accepted:
     uploading_id: str | None  # the last upload that carried a row of it; None when nothing was sent
     last_order: str | None  # the order as sent (JSON), so a later deletion can be reported
     facts: dict | None  # identifiers and lateness of the order, for the status page
-    contacts: list[dict]  # the entity's contact rows as validated (the worker notes CRM customers)
+    # The entity's customers as their CRM contacts read (a deal's row without the deal's own ClientIDs),
+    # validated: the worker notes them as sent for the contacts themselves.
+    contacts: list[dict]
     contacts_sent: int = 0
     orders_sent: int = 0
 
@@ -134,19 +152,24 @@ def entity_row_hashes(contacts: list[dict], orders: list[dict]) -> dict[str, str
             **{row_key(ORDER, o): row_hash(ORDER, o) for o in orders}}
 
 
-def merge_contacts(rows: list[dict]) -> dict:
-    """Rows of one customer → one row: lists united (first seen first), scalars and each custom
-    attribute from the newest row (by `update_date_time`; on a tie the later row)."""
-    merged: dict[str, Any] = {}
-    for row in sorted(rows, key=lambda r: str(r.get("update_date_time") or "")):
-        for name, value in row.items():
-            if name in LIST_FIELDS:
-                merged[name] = list(dict.fromkeys([*merged.get(name, []), *value]))
-            elif name == "attribute_values":
-                merged[name] = {**merged.get(name, {}), **value}
-            else:
-                merged[name] = value
-    return merged
+def previous_customers(state: Mapping[str, Any]) -> tuple[str, ...]:
+    """The customers an entity's rows went to when it was last delivered: the contact keys of its row
+    hashes, and the customer of the order last sent (entities sent before row hashes existed)."""
+    customers = [key.partition(":")[2] for key in (state.get("row_hashes") or {}) if key.startswith(f"{CONTACT}:")]
+    if state.get("last_order"):
+        customer = json.loads(state["last_order"]).get("client_uniq_id")
+        if customer:
+            customers.append(str(customer))
+    return tuple(dict.fromkeys(customers))
+
+
+def copy_unknown(state: Mapping[str, Any]) -> bool:
+    """The entity was sent, and what was sent has been forgotten since: send all of it again, its
+    customers included. `forget_content` (a replay) drops the hashes and the last order; `mark_resend`
+    (an upload Metrika listed FAILED) leaves `row_hashes` empty and keeps `last_order` for deletions."""
+    if not state.get("sent_at") or state.get("content_hash"):
+        return False
+    return state.get("row_hashes") == {} or not (state.get("row_hashes") or state.get("last_order"))
 
 
 def newest_order(rows: list[dict]) -> dict:
@@ -201,11 +224,22 @@ def delivery_facts(contacts: list[dict], orders: list[dict], time_zone: str,
             "late": (local_now - created).days > MATCHING_WINDOW_DAYS}
 
 
+def _each(write: Callable[[Any], bool], items: list) -> list[bool]:
+    """`write(item)` for each item, up to RECORD_WRITERS at a time (a history import's step records a
+    thousand customers; one by one their latencies add up). The first error is raised after all ran."""
+    if len(items) <= 1:
+        return [write(item) for item in items]
+    with ThreadPoolExecutor(min(RECORD_WRITERS, len(items))) as pool:
+        futures = [pool.submit(write, item) for item in items]
+    return [future.result() for future in futures]
+
+
 # --- the sink ----------------------------------------------------------------------------------------
 
 @dataclass
 class _Ready:
-    """An entity that passed validation and has rows to send."""
+    """An entity that passed validation. Its contact rows (`contacts`) are its customers' complete rows,
+    attached once the customers are planned (`attach`)."""
 
     contacts: list[dict]
     orders: list[dict]
@@ -216,10 +250,42 @@ class _Ready:
     contacts_sent: int = 0
     orders_sent: int = 0
     notes: dict | None = None  # what the translation left out (EntityRows.notes), kept in the facts
+    parts: dict[str, dict[str, dict | None]] = field(default_factory=dict)  # customer → source → part now
+    left: set[str] = field(default_factory=set)  # customers it no longer has
+    noted: list[dict] = field(default_factory=list)  # for `Accepted.contacts`
+    plans: dict[str, CustomerPlan] = field(default_factory=dict)  # its customers' plans, by uniq_id
+    resend: bool = False  # `Pending.resend`
 
     def unsent(self, kind: str) -> list[dict]:
         rows = self.contacts if kind == CONTACT else self.orders
         return [r for r in rows if self.accepted.get(row_key(kind, r)) != self.hashes[row_key(kind, r)]]
+
+    def attach(self, key: EntityKey, plans: Mapping[str, CustomerPlan]) -> None:
+        """Take the complete row of each customer it has or left; a row Metrika already holds (whoever
+        sent it) counts as accepted."""
+        for uniq_id in (*self.parts, *sorted(self.left)):
+            plan = plans.get(uniq_id)
+            if plan is None or key not in plan.owners:
+                continue
+            self.plans[uniq_id] = plan
+            if plan.row is None:
+                continue
+            row_id = row_key(CONTACT, plan.row)
+            self.contacts.append(plan.row)
+            self.hashes[row_id] = plan.row_hash
+            if plan.settled:
+                self.accepted[row_id] = plan.row_hash
+
+    def kept_hashes(self) -> dict[str, str]:
+        """Row hashes once delivered: the customers it left are no longer its own."""
+        gone = {row_key(CONTACT, {"uniq_id": c}) for c in self.left}
+        return {k: h for k, h in self.hashes.items() if k not in gone}
+
+    def progress(self) -> dict[str, str]:
+        """What a retry needs: the rows Metrika holds, and every customer it has or still leaves (so the
+        retry knows them as `customers_before`; contact rows are skipped by the customer's record)."""
+        customers = {row_key(CONTACT, {"uniq_id": c}): "" for c in (*self.parts, *self.left)}
+        return {**customers, **self.accepted}
 
 
 class Sink:
@@ -239,18 +305,27 @@ class Sink:
     def deliver(self, integration_id: str, integration: dict, pending: Iterable[Pending], *,
                 attributes: list[dict] = ()) -> Delivery:
         result = Delivery()
+        prepared: dict[EntityKey, _Ready] = {}
         ready: dict[EntityKey, _Ready] = {}
         products: dict[str, dict] = {}
         for item in pending:
             outcome = self._prepare(integration, attributes, item)
             if isinstance(outcome, _Ready):
-                if outcome.unsent(CONTACT) or outcome.unsent(ORDER):
-                    ready[item.key] = outcome
-                    products.update(item.rows.products)
-                else:
-                    result.outcomes[item.key] = self._accepted(integration, outcome)
+                prepared[item.key] = outcome
+                products.update(item.rows.products)
             else:
                 result.outcomes[item.key] = outcome
+        plans = self._plan_customers(integration_id, prepared)
+        # Customers whose complete row Metrika already holds: their sources are recorded now.
+        self._record_customers(integration_id, [p for p in plans.values() if p.settled and p.to_record],
+                               prepared, result)
+        for key, entity in prepared.items():
+            if key in result.outcomes:
+                continue
+            if entity.unsent(CONTACT) or entity.unsent(ORDER):
+                ready[key] = entity
+            else:
+                result.outcomes[key] = self._accepted(integration, entity)
         if not ready:
             return result
         rows = sum(len(r.unsent(CONTACT)) + len(r.unsent(ORDER)) for r in ready.values())
@@ -258,7 +333,7 @@ class Sink:
         if remaining is not None and remaining < LOW_BUDGET and rows < self._row_limit:
             error = {"kind": "transient", "message": f"batching harder: {remaining} Metrika requests left today"}
             for key, entity in ready.items():
-                result.outcomes[key] = Retry(error, self._batch_harder_seconds, False, dict(entity.accepted))
+                result.outcomes[key] = Retry(error, self._batch_harder_seconds, False, entity.progress())
             return result
         ordered = {p for r in ready.values() for o in r.unsent(ORDER) for p in o.get("products") or {}}
         if ordered:
@@ -275,23 +350,90 @@ class Sink:
             return Parked(item.rows.error)
         try:
             contacts, orders = item.validated or validated_rows(integration, attributes, item.rows)
+            parts, noted = self._sources(integration, attributes, item, contacts)
         except ValidationError as exc:
             return Parked({"kind": "permanent", "message": "row failed validation", "fields": exc.messages})
-        hashes = entity_row_hashes(contacts, orders)
-        content_hash = content_hash_of(contacts, orders)
+        hashes = entity_row_hashes([], orders)  # contact rows: their customers' complete rows, once planned
+        content_hash = content_hash_of(contacts, orders)  # what the CRM says of this entity alone
         if content_hash == item.content_hash:
-            accepted = hashes  # delivered as it is
+            accepted = dict(hashes)  # delivered as it is
         else:
             accepted = {k: h for k, h in item.sent.items() if hashes.get(k) == h}
-        return _Ready(contacts, orders, content_hash, hashes, accepted, notes=item.rows.notes)
+        return _Ready([], orders, content_hash, hashes, accepted, notes=item.rows.notes, parts=parts,
+                      left=set(item.customers_before) - set(parts), noted=noted, resend=item.resend)
+
+    @staticmethod
+    def _sources(integration: dict, attributes: list[dict], item: Pending,
+                 contacts: list[dict]) -> tuple[dict[str, dict[str, dict | None]], list[dict]]:
+        """What the entity says of each customer now, by source (`chalicelib.customers`): its own row is
+        one source; a deal's row for a CRM contact is two, the contact as read now (`contact:<id>`) and
+        the deal's ClientIDs (None when it has none). Also the customers' rows as their contacts read,
+        for `Accepted.contacts`. `contacts` are the validated rows, in the order of the raw ones."""
+        own = source_id(item.key)
+        parts: dict[str, dict[str, dict | None]] = {}
+        noted: list[dict] = []
+        for raw, row in zip(item.rows.contacts, contacts):
+            split = item.rows.contact_parts.get(str(raw.get("uniq_id")))
+            if split is None:
+                parts.setdefault(row["uniq_id"], {})[own] = part_of(row)
+                noted.append(row)
+                continue
+            contact_row, deal_client_ids = split
+            [contact], _ = validated_rows(integration, attributes, EntityRows(contacts=[contact_row]))
+            contact = {**contact, "uniq_id": row["uniq_id"]}
+            client_ids = keep_valid(deal_client_ids, normalize_client_id)
+            parts.setdefault(row["uniq_id"], {}).update({
+                source_id((CONTACT, str(raw["uniq_id"]))): part_of(contact),
+                own: {"client_ids": client_ids} if client_ids else None})
+            noted.append(contact)
+        return parts, noted
+
+    def _plan_customers(self, integration_id: str, prepared: dict[EntityKey, _Ready]) -> dict[str, CustomerPlan]:
+        """One read of the customers' recorded sources; each entity takes its customers' complete rows."""
+        wanted = sorted({c for entity in prepared.values() for c in (*entity.parts, *entity.left)})
+        if not wanted:
+            return {}
+        plans = plan_customers(self._store.customers(integration_id, wanted),
+                               {key: entity.parts for key, entity in prepared.items()},
+                               {key: entity.left for key, entity in prepared.items() if entity.left})
+        for entity in prepared.values():
+            for uniq_id in entity.parts if entity.resend else ():
+                if uniq_id in plans:
+                    plans[uniq_id].sent = None  # as if Metrika had none of it: sent, then recorded
+        for key, entity in prepared.items():
+            entity.attach(key, plans)
+        return plans
+
+    def _record_customers(self, integration_id: str, plans: Iterable[CustomerPlan],
+                          entities: Mapping[EntityKey, _Ready], result: Delivery) -> None:
+        """Record the sources of customers whose row Metrika holds now. One conditional write each: if
+        another delivery recorded the customer since we read it, our row may lack its change (or it
+        ours), so nothing is recorded and the customer's entities are retried; the retry reads the CRM
+        and the store again and sends the complete row."""
+        todo = [plan for plan in plans if plan.to_record]
+        recorded = _each(lambda plan: self._store.record_customer(
+            integration_id, plan.uniq_id, put=plan.put, drop=sorted(plan.drop), sent=plan.row_hash,
+            version=plan.version), todo)
+        for plan, ok in zip(todo, recorded):
+            if ok:
+                plan.version, plan.sent, plan.put, plan.drop = plan.version + 1, plan.row_hash, {}, set()
+                continue
+            log_event("customer_changed_meanwhile", integration_id=integration_id, entities=len(plan.owners))
+            error = {"kind": "transient", "message": "the customer was changed by another delivery at the same "
+                                                     "time: sent again with both changes"}
+            for key in sorted(plan.owners):
+                entity = entities.get(key)
+                if entity is not None and key not in result.outcomes:
+                    result.outcomes[key] = Retry(error, None, True, entity.progress(), entity.contacts_sent,
+                                                 entity.orders_sent)
 
     def _accepted(self, integration: dict, entity: _Ready) -> Accepted:
         last_order = json.dumps(entity.orders[0], sort_keys=True, ensure_ascii=False) if entity.orders else None
         facts = delivery_facts(entity.contacts, entity.orders, integration["timezone"])
         if entity.notes is not None:  # replaces the last delivery's notes, so a corrected value clears them
             facts = {**(facts or {}), **entity.notes}
-        return Accepted(entity.content_hash, dict(entity.hashes), entity.uploading_id, last_order,
-                        facts, entity.contacts, entity.contacts_sent, entity.orders_sent)
+        return Accepted(entity.content_hash, entity.kept_hashes(), entity.uploading_id, last_order,
+                        facts, entity.noted, entity.contacts_sent, entity.orders_sent)
 
     def _upload(self, integration_id: str, integration: dict, ready: dict[EntityKey, _Ready], result: Delivery,
                 csv_kinds: set[str]) -> None:
@@ -341,6 +483,9 @@ class Sink:
                             entity.contacts_sent += 1
                         else:
                             entity.orders_sent += 1
+                if kind == CONTACT:  # accepted: now their sources may be recorded
+                    self._record_customers(integration_id, [ready[by_id[i][0][0]].plans[row["uniq_id"]]
+                                                            for i, row in zip(chunk_ids, chunk)], ready, result)
 
     @staticmethod
     def _merged(kind: str, rows: list[dict]) -> dict:
@@ -365,7 +510,7 @@ class Sink:
         for key, entity in live.items():
             if not (entity.unsent(CONTACT) or entity.unsent(ORDER)):
                 continue
-            result.outcomes[key] = Retry(exc.describe(), exc.retry_after, not exc.daily_quota, dict(entity.accepted),
+            result.outcomes[key] = Retry(exc.describe(), exc.retry_after, not exc.daily_quota, entity.progress(),
                                          entity.contacts_sent, entity.orders_sent)
 
     def sync_products(self, integration_id: str, integration: dict, wanted: dict[str, dict]) -> int:

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 from .crm import CONTACT, ORDER, CrmSource, EntityRef, EntityRows, crm_contact_id, is_crm_contact
-from .delivery import BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, row_hash, row_key
+from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, copy_unknown, previous_customers,
+                       row_hash, row_key)
 from .errors import BridgeError, Transient, Unavailable
 from .logs import log_event
 from .ingest import expand_inbox
@@ -141,14 +142,17 @@ class Worker:
             entity = rows.get(key) or EntityRows(error={"kind": "permanent",
                                                         "message": "the CRM returned nothing for this entity"})
             if entity.gone:
-                entity = deletion_rows(state, integration.get("deleted_deal_status", DELETED_DEAL_STATUS),
-                                       datetime.fromtimestamp(self._clock(), timezone.utc))
+                deleted = deletion_rows(state, integration.get("deleted_deal_status", DELETED_DEAL_STATUS),
+                                        datetime.fromtimestamp(self._clock(), timezone.utc))
+                # A deleted entity's identifiers leave its customers (the sink drops its source from them).
+                entity = deleted or (EntityRows(gone=True) if previous_customers(state) else None)
                 if entity is None:  # nothing in Metrika to change
                     report.skipped += 1
                     self._finish(integration_id, key, state, state.get("content_hash") or "", state.get("row_hashes") or {},
                                  state.get("uploading_id"), state.get("last_order"), None, report)
                     continue
-            pending.append(Pending(key, entity, sent=sent_hashes(state), content_hash=state.get("content_hash")))
+            pending.append(Pending(key, entity, sent=sent_hashes(state), content_hash=state.get("content_hash"),
+                                   customers_before=previous_customers(state), resend=copy_unknown(state)))
         metrika = self._metrika_for(integration)
         sink = Sink(self._store, metrika, row_limit=self._row_limit, batch_harder=True,
                     batch_harder_seconds=self._batch_harder_seconds,
@@ -284,7 +288,8 @@ def deletion_rows(state: dict, deleted_status: str | None, now: datetime) -> Ent
     """Metrika has no delete ("Order data format", https://yandex.com/dev/metrika/en/data-import/orders-data):
     a deleted deal is re-sent, as last sent, with the integration's `deleted_deal_status` (CANCELLED by
     default). None when there is nothing to change: never sent, a contact, already in that status, or
-    the integration keeps deleted deals as they were."""
+    the integration keeps deleted deals as they were. The rows are marked `gone`: they name no customer,
+    so the sink drops the deal's identifiers from the customers it had (`Pending.customers_before`)."""
     last = state.get("last_order")
     if state.get("kind") != ORDER or not last or not deleted_status:
         return None
@@ -293,6 +298,6 @@ def deletion_rows(state: dict, deleted_status: str | None, now: datetime) -> Ent
         return None
     order.update(order_status=deleted_status, update_date_time=now)
     order.pop("finish_date_time", None)
-    return EntityRows(orders=[order])
+    return EntityRows(orders=[order], gone=True)
 
 

@@ -660,8 +660,19 @@ def _json_object(request: Request) -> dict | Reply:
 
 
 def _merge(stored: dict | None, row: dict, mode: str) -> dict:
-    """SAVE replaces the record, UPDATE keeps absent fields, APPEND also unions multi-valued fields.
-    Creation dates never change ("Data upload modes", https://yandex.com/dev/metrika/en/data-import/modes)."""
+    """A row applied to the stored record as "Data upload modes" (https://yandex.com/dev/metrika/en/data-import/modes)
+    shows it, field by field (each custom attribute counts as a field):
+
+    * SAVE replaces the record: a field the row leaves out becomes empty; lists are the row's.
+    * UPDATE replaces the fields the row carries and keeps the others; a list is replaced (1,2 + 1,3 → 1,3).
+    * APPEND keeps the fields the row leaves out and unites lists (1,2 + 1,3 → 1,2,3).
+
+    Creation dates never change, whatever the mode. What an empty list does is not documented: the
+    sandbox takes it as not sent, so under UPDATE and APPEND the stored values stay — the reading under
+    which sending `[]` removes nothing, so code that relied on it fails here."""
+    row = {k: v for k, v in row.items() if v != []}
+    if isinstance(row.get("attribute_values"), dict):
+        row["attribute_values"] = {k: v for k, v in row["attribute_values"].items() if v not in ([], None)}
     if stored is None:
         return dict(row)
     if mode == "SAVE":
@@ -672,8 +683,14 @@ def _merge(stored: dict | None, row: dict, mode: str) -> dict:
             for name in MULTI_VALUED:
                 if name in stored and name in row:
                     merged[name] = stored[name] + [v for v in row[name] if v not in stored[name]]
-        if mode != "SAVE" and "attribute_values" in stored and "attribute_values" in row:
-            merged["attribute_values"] = {**stored["attribute_values"], **row["attribute_values"]}
+        if "attribute_values" in stored and "attribute_values" in row:
+            attributes = {**stored["attribute_values"], **row["attribute_values"]}
+            if mode == "APPEND":
+                for name, old in stored["attribute_values"].items():
+                    new = row["attribute_values"].get(name)
+                    if isinstance(old, list) and isinstance(new, list):
+                        attributes[name] = old + [v for v in new if v not in old]
+            merged["attribute_values"] = attributes
     if stored.get("create_date_time") is not None:
         merged["create_date_time"] = stored["create_date_time"]
     return merged

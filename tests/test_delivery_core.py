@@ -314,12 +314,13 @@ def test_a_revert_after_a_partial_send_is_sent_again(core, metrika_sandbox):
     metrika_sandbox.set_faults(error_503=1.0, paths="/data/orders/")
     core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990100, "update")], origin="amocrm")
     core.worker.handle(core.queue.receive())
-    assert metrika_sandbox.counter(core.counter_id).contacts["11"]["phones"] == ["79161234567", "79160000000"]
+    assert metrika_sandbox.counter(core.counter_id).contacts["11"]["phones"] == ["79160000000"]  # SAVE: B only
     metrika_sandbox.set_faults(paths="/data/orders/")
     core.source.rows = {(ORDER, "5"): deal_rows("5")}  # reverted in the CRM
     core.drain()
     contact_uploads = [r for r in metrika_sandbox.requests if "/data/contacts/" in r["path"]]
-    assert len(contact_uploads) == 3  # A, B, and A again (APPEND keeps both phones; the order is A's again)
+    assert len(contact_uploads) == 3  # A, B, and A again
+    assert metrika_sandbox.counter(core.counter_id).contacts["11"]["phones"] == ["79161234567"]
     assert metrika_sandbox.counter(core.counter_id).orders["5"]["revenue"] == 15990
 
 

@@ -24,7 +24,7 @@ def test_sends_the_oauth_header_and_uploads(client, metrika_sandbox):
     client.upload_orders(7, [ORDER])
     counter = metrika_sandbox.counter(7)
     assert counter.orders["d-1"]["revenue"] == 1500
-    assert [r["query"]["merge_mode"] for r in metrika_sandbox.requests] == ["APPEND", "SAVE"]
+    assert [r["query"]["merge_mode"] for r in metrika_sandbox.requests] == ["SAVE", "SAVE"]
 
 
 def test_reads_counter_time_zone_statuses_and_last_uploadings(client, metrika_sandbox):
@@ -161,7 +161,7 @@ def test_requests_are_built_for_the_documented_paths():
     request = cdp.upload_orders(5, [ORDER])
     assert (request.method, request.path, request.params) == (
         "POST", "/cdp/api/v1/counter/5/data/orders/json", {"merge_mode": "SAVE"})
-    assert cdp.upload_contacts(5, []).params == {"merge_mode": "APPEND"}
+    assert cdp.upload_contacts(5, []).params == {"merge_mode": "SAVE"}
     assert cdp.get_counter(5).path == "/management/v1/counter/5"
     assert cdp.last_uploadings(5, 50, "2026-01-01 00:00:00").params == {"limit": "50", "datetime_offset": "2026-01-01 00:00:00"}
 

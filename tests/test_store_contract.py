@@ -141,7 +141,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 47, sorted(names)  # every method of every concern
+    assert len(names) == 49, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -934,3 +934,62 @@ def test_delete_integration_removes_its_inbox(store, iid):
     store.put_inbox(iid, {"b": [EntityRef("order", "1", 1, "add")]}, now=NOW)
     assert store.delete_integration(iid) is True
     assert store.get_inbox(iid, "b") is None and store.stale_inbox(iid, before=NOW + 1) == []
+
+
+# --- CustomerStore (corrections: each customer's sources) -------------------------------------------------
+
+CONTACT_PART = {"name": "Иван", "create_date_time": "2026-09-20 10:00:00", "phones": ["79161234567"],
+                "attribute_values": {"tier": ["gold"]}}
+
+
+def test_customer_sources_round_trip_and_a_write_names_only_its_sources(store, iid):
+    assert store.customers(iid, ["11"]) == {}
+    sources = {"contact:11": CONTACT_PART, "order:5": {"client_ids": ["1714651234567890123"]}}
+    assert store.record_customer(iid, "11", put=sources, drop=[], sent="h1", version=0) is True
+    first = store.customers(iid, ["11", "12"])
+    assert first == {"11": {"sources": sources, "sent": "h1", "version": 1}}
+    assert_plain(first)
+    first["11"]["sources"]["contact:11"]["phones"].append("x")  # the caller's copy
+    assert store.record_customer(iid, "11", put={"order:6": {"client_ids": ["2"]}}, drop=["order:5", "order:404"],
+                                 sent=None, version=1) is True
+    assert store.customers(iid, ["11"])["11"] == {
+        "sources": {"contact:11": CONTACT_PART, "order:6": {"client_ids": ["2"]}}, "sent": None, "version": 2}
+
+
+def test_a_customer_write_from_a_stale_read_writes_nothing(store, iid):
+    assert store.record_customer(iid, "11", put={"order:5": {"client_ids": ["1"]}}, drop=[], sent="h1", version=0)
+    for stale in (0, 2, 7):
+        assert store.record_customer(iid, "11", put={"order:6": {"client_ids": ["2"]}}, drop=["order:5"], sent="h2",
+                                     version=stale) is False
+    assert store.customers(iid, ["11"])["11"] == {"sources": {"order:5": {"client_ids": ["1"]}}, "sent": "h1",
+                                                  "version": 1}
+
+
+def test_concurrent_sources_of_one_customer_are_never_lost(racing_store, iid):
+    """Eight deliveries record eight deals' ClientIDs for one customer at once, each reading first and
+    reading again when its write is refused: every source ends recorded, once."""
+    store = racing_store
+
+    def deliver(n):
+        for _ in range(20):
+            seen = store.customers(iid, ["11"]).get("11", {}).get("version", 0)
+            if store.record_customer(iid, "11", put={f"order:{n}": {"client_ids": [str(1000 + n)]}}, drop=[],
+                                     sent=f"h{n}", version=seen):
+                return True
+        return False
+
+    assert race(*[lambda n=n: deliver(n) for n in range(8)]) == [True] * 8
+    record = store.customers(iid, ["11"])["11"]
+    assert record["sources"] == {f"order:{n}": {"client_ids": [str(1000 + n)]} for n in range(8)}
+    assert record["version"] == 8
+    assert sorted(race(*[lambda n=n: store.record_customer(iid, "11", put={f"order:{n}": {}}, drop=[], sent=None,
+                                                           version=8) for n in range(3)])) == [False, False, True]
+
+
+def test_customers_go_with_their_integration(store, iid):
+    store.put_integration(iid, {"crm": "amocrm"})
+    assert store.record_customer(iid, "11", put={"contact:11": CONTACT_PART}, drop=[], sent="h", version=0)
+    assert store.record_customer(iid + "-other", "11", put={"contact:11": {}}, drop=[], sent="h", version=0)
+    assert store.delete_integration(iid) is True
+    assert store.customers(iid, ["11"]) == {}
+    assert store.customers(iid + "-other", ["11"]) == {"11": {"sources": {"contact:11": {}}, "sent": "h", "version": 1}}

@@ -50,6 +50,11 @@ class EntityRows:
     # What the translation left out (a phone that is not a number, a cost that is not an amount), for
     # the status page: kept in the entity's facts by the delivery (crm/notes.py). None: nothing to say.
     notes: dict | None = None
+    # A deal's row for a CRM contact joins two sources: the contact as read now and the ClientIDs the
+    # deal itself carries (its field, or its lead's). Per customer `uniq_id`: (the contact's own row,
+    # the deal's ClientIDs), so the delivery can keep them apart and a value removed from either leaves
+    # Metrika (`chalicelib.customers`). A customer not named here is wholly this entity's.
+    contact_parts: dict[str, tuple[dict, list[str]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -41,11 +41,14 @@ class ApiRequest:
     csv_file: str | None = None  # sent as the multipart part `file` instead of a JSON body
 
 
-def upload_contacts(counter_id: int, contacts: list[dict], merge_mode: str = "APPEND") -> ApiRequest:
+def upload_contacts(counter_id: int, contacts: list[dict], merge_mode: str = "SAVE") -> ApiRequest:
     """POST data/contacts/json (https://yandex.ru/dev/metrika/ru/management/openapi/schema/uploadContactJson_1
-    "Загрузка данных о клиентах (JSON)"). APPEND by default so ClientIDs and phones collected earlier
-    are never dropped by a snapshot that lacks them (https://yandex.ru/dev/metrika/ru/data-import/modes
-    "Режимы загрузки данных")."""
+    "Загрузка данных о клиентах (JSON)"). SAVE by default: each row is the customer's complete record,
+    built from every source the CRM has for it (`chalicelib.customers`), and SAVE is the one mode that
+    lets a removed value leave: UPDATE keeps a field the row leaves out and APPEND unites lists, while
+    what an empty list does is not documented ("Режимы загрузки данных",
+    https://yandex.ru/dev/metrika/ru/data-import/modes; "Data upload modes",
+    https://yandex.com/dev/metrika/en/data-import/modes)."""
     return ApiRequest("POST", f"{CDP_PREFIX.format(counter_id=counter_id)}/data/contacts/json",
                       {"merge_mode": merge_mode}, {"contacts": contacts})
 

@@ -85,7 +85,7 @@ class MetrikaClient:
                             source=cdp.SOURCE, status=response.status_code)
         return cdp.decipher_response(response.status_code, response.headers, response.content)
 
-    def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "APPEND",
+    def upload_contacts(self, counter_id: int, contacts: list[dict], merge_mode: str = "SAVE",
                         as_csv: bool = False) -> dict:
         request = (cdp.upload_csv(counter_id, "contacts", contacts, merge_mode) if as_csv
                    else cdp.upload_contacts(counter_id, contacts, merge_mode))

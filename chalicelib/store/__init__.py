@@ -275,6 +275,23 @@ class QuotaStore(Protocol):
         """Free the slot if `owner` still holds it (an expired lease taken over is not ours to free)."""
 
 
+class CustomerStore(Protocol):
+    """What the CRM says about each customer (a contact row's `uniq_id` as sent), source by source, and
+    what Metrika holds of it (`chalicelib.customers`). A record: {"sources": {source id: part},
+    "sent": hash of the row Metrika last accepted, or None, "version": count of writes (0: none)}."""
+
+    def customers(self, integration_id: str, uniq_ids: list[str]) -> dict[str, dict]:
+        """uniq_id → record, for those of `uniq_ids` that have one (a strongly consistent read)."""
+
+    def record_customer(self, integration_id: str, uniq_id: str, *, put: dict[str, dict], drop: list[str],
+                        sent: str | None, version: int) -> bool:
+        """Set each source in `put` (each replaces only itself), remove each in `drop`, set `sent` (None
+        removes it) and count a version, only if the record is still at `version` (0: none yet): no other
+        delivery recorded the customer since the caller read it. False (nothing written) otherwise: the
+        caller's row may lack the other delivery's change, so the caller reads again and sends again.
+        Sources are stored apart, so a write never rewrites a source it does not name."""
+
+
 class ImportStore(Protocol):
     """The history import: its job, and its hold on the entities it sends."""
 
@@ -342,6 +359,6 @@ class InboxStore(Protocol):
 
 
 class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, CrmAccountStore,
-                 InboxStore, Protocol):
+                 InboxStore, CustomerStore, Protocol):
     """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement."""
 

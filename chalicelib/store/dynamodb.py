@@ -7,7 +7,9 @@ Two tables (names from settings, prefixed by stage):
 * state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
   state (see `chalicelib.store`); `PRODUCT#<product id>`: products in Metrika's product list;
   `UPLOAD#<id>`: uploads to confirm, and `CARRIED#<id>#<part>` the entities each carried (apart, so
-  reading every upload stays cheap; in parts, so any number fits under 400 KB). Shared limits live in their own partitions: `RATE#<scope>`/`NEXT`,
+  reading every upload stays cheap; in parts, so any number fits under 400 KB); `CUSTOMER#<uniq_id>`: a
+  customer's sources, one attribute each (`src:<source id>`), with `sent` and `version`. Shared limits
+  live in their own partitions: `RATE#<scope>`/`NEXT`,
   `QUOTA#<key>`/`DAY#<day>`, `LEASE#<scope>`/`SLOT#<n>`.
   `INBOX#<batch id>` (state table): a large webhook body's refs until the worker has expanded them.
 
@@ -43,6 +45,8 @@ STATUS_MAPPING = "STATUS_MAPPING"
 ATTRIBUTES = "ATTRIBUTES"
 BACKFILL = "BACKFILL"
 INBOX = "INBOX"
+CUSTOMER = "CUSTOMER#"
+SOURCE = "src:"  # a customer item's source attributes
 
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
@@ -433,6 +437,49 @@ class DynamoStore:
             else:
                 raise Unavailable("store", "batch_write_item: items left unprocessed")
 
+    # --- CustomerStore -------------------------------------------------------------------------------
+
+    def customers(self, integration_id: str, uniq_ids: list[str]) -> dict[str, dict]:
+        records = {}
+        for item in self._batch_get(integration_id, [f"{CUSTOMER}{u}" for u in uniq_ids], None):
+            records[item["sk"][len(CUSTOMER):]] = {
+                "sources": {k[len(SOURCE):]: v for k, v in item.items() if k.startswith(SOURCE)},
+                "sent": item.get("sent"), "version": item.get("version", 0)}
+        return records
+
+    def record_customer(self, integration_id: str, uniq_id: str, *, put: dict[str, dict], drop: list[str],
+                        sent: str | None, version: int) -> bool:
+        # One attribute per source, each set or removed by its own path: the write names only the sources
+        # this delivery read. The version condition makes it all-or-nothing against a concurrent delivery.
+        names = {"#v": "version", "#sent": "sent"}
+        values: dict[str, Any] = {":next": version + 1, ":seen": version}
+        sets, removes = ["#v = :next"], []
+        for i, (sid, part) in enumerate(sorted(put.items())):
+            names[f"#p{i}"], values[f":p{i}"] = SOURCE + sid, part
+            sets.append(f"#p{i} = :p{i}")
+        for i, sid in enumerate(sorted(set(drop) - set(put))):
+            names[f"#d{i}"] = SOURCE + sid
+            removes.append(f"#d{i}")
+        if sent is None:
+            removes.append("#sent")
+        else:
+            values[":sent"] = sent
+            sets.append("#sent = :sent")
+        condition = "attribute_not_exists(#v)" if version == 0 else "#v = :seen"
+        if version == 0:
+            values.pop(":seen")
+        try:
+            self._db.update_item(
+                TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"{CUSTOMER}{uniq_id}"}),
+                UpdateExpression="SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else ""),
+                ConditionExpression=condition, ExpressionAttributeNames=names,
+                ExpressionAttributeValues=_to_item(values))
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
     # --- QuotaStore ----------------------------------------------------------------------------------
 
     def reserve_slot(self, scope: str, interval: float, now: float) -> float:
@@ -657,12 +704,13 @@ class DynamoStore:
             raise
         return True
 
-    def _batch_get(self, integration_id: str, sort_keys: list[str], projection: str) -> list[dict]:
+    def _batch_get(self, integration_id: str, sort_keys: list[str], projection: str | None) -> list[dict]:
         items: list[dict] = []
         unique = list(dict.fromkeys(sort_keys))
         for start in range(0, len(unique), 100):  # BatchGetItem takes at most 100 keys
             keys = [_to_item({"pk": _pk(integration_id), "sk": sk}) for sk in unique[start:start + 100]]
-            request: dict | None = {self._state: {"Keys": keys, "ProjectionExpression": projection, "ConsistentRead": True}}
+            request: dict | None = {self._state: {"Keys": keys, "ConsistentRead": True,
+                                                  **({"ProjectionExpression": projection} if projection else {})}}
             for attempt in range(BATCH_ROUNDS):
                 if attempt:
                     _backoff(attempt)

@@ -75,6 +75,7 @@ class MemoryStore:
         self._slots: dict[tuple[str, int], tuple[str, Decimal]] = {}  # (scope, slot) → (owner, expires at)
         self._crm_accounts: dict[str, dict] = {}  # account scope → facts
         self._inbox: dict[str, dict[str, tuple[Decimal, list[EntityRef]]]] = {}  # id → batch id → (recorded at, refs)
+        self._customers: dict[str, dict[str, dict]] = {}  # id → uniq_id → {"sources", "sent", "version"}
 
     # --- IntegrationStore ----------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class MemoryStore:
             existed = integration_id in self._integrations
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
                           self._cursors, self._entities, self._products, self._uploads, self._carried,
-                          self._inbox):
+                          self._inbox, self._customers):
                 table.pop(integration_id, None)
             return existed
 
@@ -308,6 +309,27 @@ class MemoryStore:
     def put_products(self, integration_id: str, names: dict[str, str]) -> None:
         with self._lock:
             self._products.setdefault(integration_id, {}).update({p: _model(n) for p, n in names.items()})
+
+    # --- CustomerStore -------------------------------------------------------------------------------
+
+    def customers(self, integration_id: str, uniq_ids: list[str]) -> dict[str, dict]:
+        with self._lock:
+            records = self._customers.get(integration_id, {})
+            return {u: {"sources": _plain(records[u]["sources"]), "sent": records[u].get("sent"),
+                        "version": _plain(records[u]["version"])} for u in uniq_ids if u in records}
+
+    def record_customer(self, integration_id: str, uniq_id: str, *, put: dict[str, dict], drop: list[str],
+                        sent: str | None, version: int) -> bool:
+        with self._lock:
+            records = self._customers.setdefault(integration_id, {})
+            record = records.get(uniq_id)
+            if (record["version"] if record else Decimal(0)) != _model(version):
+                return False
+            sources = {**(record["sources"] if record else {}), **{sid: _model(part) for sid, part in put.items()}}
+            for sid in drop:
+                sources.pop(sid, None)
+            records[uniq_id] = {"sources": sources, "version": _model(version + 1), "sent": sent}
+            return True
 
     # --- QuotaStore ----------------------------------------------------------------------------------
 

@@ -122,9 +122,12 @@ def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], cli
     contact_id = main_contact_id(lead)
     contact = contacts.get(contact_id) if contact_id is not None else None
     notes: dict = {}
+    parts = {}  # the contact's own row and the lead's ClientIDs, kept apart (`EntityRows.contact_parts`)
     if contact is not None:
         customer, notes = contact_row(contact, client_id_field, now, phone_region=phone_region,
                                       extra_client_ids=lead_client_ids, attributes=attributes)
+        parts[customer["uniq_id"]] = (contact_row(contact, client_id_field, now, phone_region=phone_region,
+                                                  attributes=attributes)[0], lead_client_ids)
     else:
         # No contact (or it was deleted): the ClientID on the lead still ties the deal to a visit.
         customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{lead['id']}", "name": lead.get("name") or None,
@@ -142,7 +145,7 @@ def lead_rows(lead: dict, contacts: dict[int, dict], *, mapping: list[dict], cli
              "products": products_of(lead),
              "attribute_values": attribute_values(lead.get("custom_fields_values"), attributes, "order")}
     return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}],
-                      products=product_hints(lead), notes=merge_notes(notes, cost_notes))
+                      products=product_hints(lead), notes=merge_notes(notes, cost_notes), contact_parts=parts)
 
 
 def products_of(lead: dict) -> dict[str, Any]:

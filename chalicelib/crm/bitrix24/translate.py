@@ -117,9 +117,12 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
         return unmapped_stage(stage, name)
     found = client_ids(deal, client_id_field) or client_ids(lead, client_id_field)
     notes: dict = {}
+    parts = {}  # the contact's own row and the deal's ClientIDs, kept apart (`EntityRows.contact_parts`)
     if contact is not None:
         customer, notes = contact_row(contact, client_id_field, now, extra_client_ids=found, attributes=attributes,
                                       phone_region=phone_region)
+        parts[customer["uniq_id"]] = (contact_row(contact, client_id_field, now, attributes=attributes,
+                                                  phone_region=phone_region)[0], found)
     else:
         customer = {"uniq_id": f"{SYNTHETIC_CONTACT_PREFIX}{deal['ID']}", "name": deal.get("TITLE") or None,
                     "create_date_time": _time(deal.get("DATE_CREATE"), now), "client_ids": found}
@@ -148,7 +151,7 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
              "products": products,
              "attribute_values": attribute_values(deal, attributes, "order")}
     return EntityRows(contacts=[customer], orders=[{k: v for k, v in order.items() if v not in (None, {})}],
-                      products=names, notes=merge_notes(notes, cost_notes))
+                      products=names, notes=merge_notes(notes, cost_notes), contact_parts=parts)
 
 
 def _amount(record: dict, field: str) -> Any:
