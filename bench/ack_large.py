@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import requests
 
 from bench.ack_latency import drain
-from bench.harness import AMO_SECRET, ADMIN_TOKEN, amocrm_config, environment, ms, percentiles, table
-from sandbox.local_stack import free_port, wait_http
+from bench.harness import AMO_SECRET, ADMIN_TOKEN, amocrm_config, chalice_local, environment, ms, percentiles, table
 from tests.test_ack_large import linked_leads_contact_body, mass_action_body, seed_leads
 
-ROOT = Path(__file__).resolve().parent.parent
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 IID = "amo-large"
 BASELINE = "1 lead (baseline)"
@@ -117,14 +112,7 @@ def main() -> None:
             scale = before_and_worker(app.get_store(), app.get_queue(), lead_ids, args.before_runs)
             drain(settings.events_queue)
         # Over HTTP: the same app under `chalice local`, bodies on the loopback wire.
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-c", "from chalice.cli import main; main()", "local",
-                                   "--no-autoreload", "--port", str(port), "--stage", "dev"], cwd=ROOT,
-                                  env={**os.environ, **world["env"], "STAGE": "dev"},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            base_url = f"http://127.0.0.1:{port}"
-            wait_http(base_url + "/health")
+        with chalice_local(world["env"]) as base_url:
             session = requests.Session()
             samples = {name: [] for name in cases}
             for i in range(max(10, args.rounds // 2)):
@@ -140,10 +128,7 @@ def main() -> None:
                     assert response.status_code == 200, response.text
             base = percentiles(samples[BASELINE])
             rows += [row(f"{name}, chalice local (HTTP)", cases[name][0], samples[name], base) for name in cases]
-        finally:
-            server.terminate()
-            server.wait()
-            drain(settings.events_queue)
+        drain(settings.events_queue)
         table(f"Acknowledge time of large bodies ({args.rounds} rounds in-process, {max(10, args.rounds // 2)} over "
               f"HTTP; target p99 ≤ 500 ms for 250 leads)",
               ["body", "size", "form fields", "p50", "p99", "p50 / 1 lead", "p99 / 1 lead"], rows)

@@ -11,19 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import boto3
 import requests
 
-from bench.harness import (ADMIN_TOKEN, AMO_SECRET, B24_TOKEN, amocrm_config, bitrix24_config, environment, ms,
+from bench.harness import (ADMIN_TOKEN, AMO_SECRET, B24_TOKEN, amocrm_config, bitrix24_config, chalice_local, environment, ms,
                            percentiles, table)
-from sandbox.local_stack import free_port, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
@@ -96,14 +91,7 @@ def main() -> None:
                 rows.append([f"{crm}, in-process", ms(p["p50"]), ms(p["p95"]), ms(p["p99"]), ms(floor["p50"]),
                              f"{p['p50'] / floor['p50']:.2f}×"])
         # Over HTTP: the same app under `chalice local`, against the same floor plus one loopback round trip.
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-c", "from chalice.cli import main; main()", "local",
-                                   "--no-autoreload", "--port", str(port), "--stage", "dev"], cwd=ROOT,
-                                  env={**os.environ, **world["env"], "STAGE": "dev"},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_http(base + "/health")
+        with chalice_local(world["env"]) as base:
             session = requests.Session()
             session.put(f"{base}/integrations/amo", headers=headers, json=amocrm_config(amocrm))
             health = []
@@ -123,9 +111,6 @@ def main() -> None:
             http_floor = floor["p50"] + percentiles(health)["p50"]
             rows.append(["amoCRM, chalice local (HTTP)", ms(p["p50"]), ms(p["p95"]), ms(p["p99"]),
                          f"{ms(http_floor)} (floor + GET /health)", f"{p['p50'] / http_floor:.2f}×"])
-        finally:
-            server.terminate()
-            server.wait()
         table(f"Acknowledge latency ({args.events} webhooks each; target p50 ≤ 1.2× floor)",
               ["path", "p50", "p95", "p99", "floor p50", "ratio p50"], rows)
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from sandbox.amocrm import AmoCrmSandbox, seed_demo
 from sandbox.bitrix24 import Bitrix24Sandbox
 from sandbox.bitrix24 import seed_demo as seed_bitrix
-from sandbox.local_stack import emulator_env, free_port, start_moto, stop
+from sandbox.local_stack import emulator_env, free_port, start_moto, stop, wait_http
 from sandbox.metrika import MetrikaSandbox
 
 ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex
@@ -73,3 +76,21 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+@contextmanager
+def chalice_local(env: dict[str, str]) -> Iterator[str]:
+    """The app under `chalice local` on a free loopback port, with `env` (the local stack's); yields its
+    base URL once /health answers, and stops it afterwards."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", "from chalice.cli import main; main()", "local",
+                               "--no-autoreload", "--port", str(port), "--stage", "dev"],
+                              cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **env, "STAGE": "dev"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health")
+        yield base
+    finally:
+        server.terminate()
+        server.wait()

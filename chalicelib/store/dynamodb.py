@@ -424,18 +424,8 @@ class DynamoStore:
                 if i is not None}
 
     def put_products(self, integration_id: str, names: dict[str, str]) -> None:
-        items = [{"PutRequest": {"Item": _to_item({"pk": _pk(integration_id), "sk": f"PRODUCT#{p}", "humanized": n})}}
-                 for p, n in names.items()]
-        for start in range(0, len(items), 25):
-            request: dict | None = {self._state: items[start:start + 25]}
-            for attempt in range(BATCH_ROUNDS):
-                if attempt:
-                    _backoff(attempt)
-                request = self._db.batch_write_item(RequestItems=request).get("UnprocessedItems") or None
-                if not request:
-                    break
-            else:
-                raise Unavailable("store", "batch_write_item: items left unprocessed")
+        self._write_all([{"PutRequest": {"Item": _to_item({"pk": _pk(integration_id), "sk": f"PRODUCT#{p}",
+                                                            "humanized": n})}} for p, n in names.items()])
 
     # --- CustomerStore -------------------------------------------------------------------------------
 
