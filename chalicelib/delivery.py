@@ -41,7 +41,7 @@ from .customers import CustomerPlan, merge_contacts, part_of, plan_customers, so
 from .errors import BridgeError, Misconfigured, Transient
 from .logs import log_event
 from .normalize import keep_valid, normalize_client_id
-from .shared_counter import counter_products, id_prefix, scoped_rows
+from .shared_counter import counter_products, id_prefix, scoped_id, scoped_rows
 
 EntityKey = tuple[str, str]  # (kind, crm id)
 
@@ -359,8 +359,12 @@ class Sink:
             accepted = dict(hashes)  # delivered as it is
         else:
             accepted = {k: h for k, h in item.sent.items() if hashes.get(k) == h}
+        # Customers it had under another id scheme (before a move onto a shared counter gave it a prefix)
+        # are not its own on this counter: a raw id there is another integration's customer.
+        prefix = id_prefix(integration)
+        left = {c for c in item.customers_before if scoped_id(prefix, c) == c} - set(parts)
         return _Ready([], orders, content_hash, hashes, accepted, notes=item.rows.notes, parts=parts,
-                      left=set(item.customers_before) - set(parts), noted=noted, resend=item.resend)
+                      left=left, noted=noted, resend=item.resend)
 
     @staticmethod
     def _sources(integration: dict, attributes: list[dict], item: Pending,
