@@ -44,3 +44,29 @@ def test_moving_onto_a_shared_counter_never_sends_the_old_raw_customer_there(met
     assert shared.orders["solo:77"]["revenue"] == 999 and shared.orders["solo:77"]["client_uniq_id"] == "solo:11"
     assert shared.contacts["solo:11"]["name"] == "Клиент solo"
     assert shared.contacts["11"]["name"] == "Клиент amo"  # amo's customer untouched
+
+
+def test_a_resend_after_a_failed_upload_survives_a_retry(metrika_sandbox):
+    """`mark_resend` leaves `row_hashes` empty, which is how the worker knows to send the customers'
+    rows again although their records say Metrika holds them. A transient failure of that resend saves
+    the retry's progress in `row_hashes`: the next attempt must still send the customer."""
+    from chalicelib.operations import confirm_uploads
+    core = Core(metrika_sandbox.url)
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5")}
+    core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990000, "add")], origin="amocrm")
+    core.drain()
+    counter = metrika_sandbox.counter(core.counter_id)
+    uploads = {u["kind"]: u["uploading_id"] for u in core.store.uploads(shop)}
+    metrika_sandbox.fail_uploading(uploads["contacts"])
+    integration = core.store.get_integration(shop)
+    assert confirm_uploads(core.store, core.metrika_for(integration), shop, integration,
+                           requeue=core.ingest.requeue, now=core.clock())["resent"] == 1
+    try:
+        metrika_sandbox.set_faults(error_503=1.0, paths="/data/contacts/")
+        core.worker.handle(core.queue.receive(100))  # the resend meets a Metrika outage: retried later
+    finally:
+        metrika_sandbox.set_faults()
+    assert core.store.get_entity(shop, ORDER, "5")["dirty"] is True
+    core.drain()
+    assert counter.times_uploaded["contacts:11"] == 2, counter.times_uploaded
