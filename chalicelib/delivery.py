@@ -41,7 +41,7 @@ from .customers import CustomerPlan, merge_contacts, part_of, plan_customers, so
 from .errors import BridgeError, Misconfigured, Transient
 from .logs import log_event
 from .normalize import keep_valid, normalize_client_id
-from .shared_counter import counter_products, id_prefix, scoped_rows
+from .shared_counter import counter_products, id_prefix, scoped_id, scoped_rows
 
 EntityKey = tuple[str, str]  # (kind, crm id)
 
@@ -51,6 +51,9 @@ LOW_BUDGET = 250
 BATCH_HARDER_SECONDS = 300
 _ROW_LOCATION = re.compile(r"^(contacts|orders)\[(\d+)\]")
 RECORD_WRITERS = 8  # customers recorded side by side (botocore's connection pool holds 10 per client)
+# In a retry's `row_hashes` (`_Ready.progress`): a customer whose row this resend (`Pending.resend`) has
+# not got into Metrika yet, so the next attempt still sends it whatever the customer's record says.
+RESEND_PENDING = "resend"
 
 
 # --- inputs and outcomes -----------------------------------------------------------------------------
@@ -166,7 +169,10 @@ def previous_customers(state: Mapping[str, Any]) -> tuple[str, ...]:
 def copy_unknown(state: Mapping[str, Any]) -> bool:
     """The entity was sent, and what was sent has been forgotten since: send all of it again, its
     customers included. `forget_content` (a replay) drops the hashes and the last order; `mark_resend`
-    (an upload Metrika listed FAILED) leaves `row_hashes` empty and keeps `last_order` for deletions."""
+    (an upload Metrika listed FAILED) leaves `row_hashes` empty and keeps `last_order` for deletions;
+    a retry of such a delivery marks the customers still owed (RESEND_PENDING)."""
+    if RESEND_PENDING in (state.get("row_hashes") or {}).values():
+        return True
     if not state.get("sent_at") or state.get("content_hash"):
         return False
     return state.get("row_hashes") == {} or not (state.get("row_hashes") or state.get("last_order"))
@@ -283,8 +289,10 @@ class _Ready:
 
     def progress(self) -> dict[str, str]:
         """What a retry needs: the rows Metrika holds, and every customer it has or still leaves (so the
-        retry knows them as `customers_before`; contact rows are skipped by the customer's record)."""
-        customers = {row_key(CONTACT, {"uniq_id": c}): "" for c in (*self.parts, *self.left)}
+        retry knows them as `customers_before`; contact rows are skipped by the customer's record, unless
+        this is a resend, whose customers stay owed until accepted: RESEND_PENDING)."""
+        customers = {row_key(CONTACT, {"uniq_id": c}): "" for c in self.left}
+        customers.update({row_key(CONTACT, {"uniq_id": c}): RESEND_PENDING if self.resend else "" for c in self.parts})
         return {**customers, **self.accepted}
 
 
@@ -359,8 +367,12 @@ class Sink:
             accepted = dict(hashes)  # delivered as it is
         else:
             accepted = {k: h for k, h in item.sent.items() if hashes.get(k) == h}
+        # Customers it had under another id scheme (before a move onto a shared counter gave it a prefix)
+        # are not its own on this counter: a raw id there is another integration's customer.
+        prefix = id_prefix(integration)
+        left = {c for c in item.customers_before if scoped_id(prefix, c) == c} - set(parts)
         return _Ready([], orders, content_hash, hashes, accepted, notes=item.rows.notes, parts=parts,
-                      left=set(item.customers_before) - set(parts), noted=noted, resend=item.resend)
+                      left=left, noted=noted, resend=item.resend)
 
     @staticmethod
     def _sources(integration: dict, attributes: list[dict], item: Pending,

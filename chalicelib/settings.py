@@ -28,7 +28,7 @@ class Settings:
     upload_row_limit: int
     metrika_daily_budget: int
     # CRM URLs may point at loopback (http:// included): the local stack's and the tests' sandboxes.
-    # Off unless ALLOW_LOOPBACK_CRM=1; never set in `.chalice/config.json` (tests/test_safe_config.py).
+    # Off unless ALLOW_LOOPBACK_CRM=1; never set in `.chalice/config.json` (tests/test_deploy_config.py).
     allow_loopback_crm: bool = False
 
     @property

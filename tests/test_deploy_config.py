@@ -20,6 +20,8 @@ def test_stage_config_matches_settings_and_policy(stage):
     assert (env["CONFIG_TABLE"], env["STATE_TABLE"], env["EVENTS_QUEUE"]) == (
         settings.config_table, settings.state_table, settings.events_queue)
     assert "ADMIN_TOKEN" not in env and "METRIKA_API_URL" not in env  # secrets and targets never in config
+    assert "ALLOW_LOOPBACK_CRM" not in env  # the local stack's leave to call loopback CRMs, never deployed
+    assert not load_settings({"STAGE": stage, **env}).allow_loopback_crm
     worker = config.scope(stage, "on_events_message")
     assert infra.VISIBILITY_TIMEOUT_SECONDS >= 6 * worker.lambda_timeout
     policy = json.loads((ROOT / ".chalice" / config.iam_policy_file).read_text())

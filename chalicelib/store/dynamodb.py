@@ -185,7 +185,8 @@ class DynamoStore:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def integrations_on_counter(self, counter_id: int) -> list[str]:
-        # A scan, like list_integration_ids: only admin writes (a config or a status mapping) ask.
+        # A scan, like list_integration_ids: admin writes (a config, a status mapping, the catalogue) ask,
+        # and a worker's product sync (`shared_counter.counter_products`), when an order names a new product.
         kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config AND #cfg.counter_id = :c",
                                   "ProjectionExpression": "pk", "ExpressionAttributeNames": {"#cfg": "config"},
                                   "ExpressionAttributeValues": _to_item({":config": CONFIG, ":c": counter_id})}
