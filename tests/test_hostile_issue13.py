@@ -92,8 +92,23 @@ def test_the_largest_mapping_allowed_is_kept(app_client, integration_id, metrika
     """The byte limit is below what DynamoDB (moto enforces its 400 KB) takes for one item."""
     assert app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(),
                                body=json.dumps(amocrm_config(timezone="UTC"))).status_code == 200
-    body = {"entries": entries(1000, label="Этап " + "я" * 96)}  # Cyrillic: two bytes a letter
+    body = {"entries": entries(37, label="Этап " + "я" * 4091)}  # the longest labels, in Cyrillic (2 bytes a letter)
     assert MAX_MAPPING_BYTES - 10_000 < len(json.dumps(body["entries"], ensure_ascii=False).encode()) <= MAX_MAPPING_BYTES
     assert put_mapping(app_client, integration_id, body).status_code == 200
     shown = app_client.http.get(f"/integrations/{integration_id}/status-mapping", headers=admin_headers())
-    assert len(shown.json_body["entries"]) == 1000
+    assert shown.json_body["entries"] == body["entries"]
+
+
+def test_an_attribute_mapping_too_large_to_keep_is_a_400_before_metrika_creates_anything(
+        app_client, integration_id, metrika_sandbox):
+    """Metrika's API cannot delete an attribute: one created for a mapping the store then refused
+    (100 entries with 4,096-character labels, ~450 KB: a 500) would stay on the counter for good."""
+    assert app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(),
+                               body=json.dumps(amocrm_config(timezone="UTC"))).status_code == 200
+    metrika_sandbox.requests.clear()
+    attributes = [{"crm_field": f"{752000 + i}", "entity": "contact", "name": f"field_{i}", "type": "text",
+                   "humanized": "h" * 4096} for i in range(100)]
+    refused = app_client.http.put(f"/integrations/{integration_id}/attributes", headers=admin_headers(),
+                                  body=json.dumps({"entries": attributes}))
+    assert refused.status_code == 400 and "entries" in refused.json_body["details"], refused.json_body
+    assert metrika_sandbox.requests == [] and metrika_sandbox.counter(4242).custom_attributes["CONTACT"] == {}
