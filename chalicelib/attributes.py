@@ -13,6 +13,7 @@ CSV columns: https://yandex.ru/dev/metrika/ru/management/openapi/schema/uploadCo
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
@@ -21,6 +22,7 @@ from .errors import ApiError, BridgeError, http_error, invalid
 from .integrations import StrictBoolean, get_integration
 from .logs import log_event
 from .metrika.schemas import ATTRIBUTE_TYPES, SCHEMA_ID
+from .status_mapping import MAX_MAPPING_BYTES
 
 ENTITY_TYPES = {"contact": "CONTACT", "order": "ORDER"}
 MAX_ATTRIBUTES = 100
@@ -61,6 +63,12 @@ class AttributeMapping(Schema):
             if key in seen:
                 raise ValidationError(f"attribute {entry['name']!r} is mapped twice for {entry['entity']}", "entries")
             seen.add(key)
+        # Stored as one item after Metrika created the attributes, which the API cannot delete: a
+        # mapping too large to store must be refused first (100 entries with 4,096-character labels are).
+        size = len(json.dumps(data.get("entries", []), ensure_ascii=False).encode("utf-8"))
+        if size > MAX_MAPPING_BYTES:
+            raise ValidationError(f"the entries take {size:,} bytes; at most {MAX_MAPPING_BYTES:,} can be kept "
+                                  "(shorten the humanized labels)", "entries")
 
 
 def read_attributes(store: Any, integration_id: str) -> dict:

@@ -62,12 +62,14 @@ def _http_url(value: str) -> None:
     if "@" in parts.netloc:
         raise ValidationError("must not carry a user name or password")
     try:
-        parts.port  # noqa: B018 — raises for a port out of range
+        port = parts.port  # raises for a port out of range
     except ValueError as exc:
         raise ValidationError("must have a valid port (1-65535) or none") from exc
+    if port == 0 or parts.netloc.endswith(":"):  # urlsplit takes 0 and an empty port; no one listens there
+        raise ValidationError("must have a valid port (1-65535) or none")
     if hostname and not re.fullmatch(r"[a-z0-9.-]+|[0-9a-f:.]+", hostname):  # urlsplit lower-cases it
         raise ValidationError("must name a host: letters, digits, dots and hyphens (an IDN in its xn-- form)")
-    if parts.query or parts.fragment:
+    if "?" in value or "#" in value:  # an empty one too: paths appended after it would not be paths
         raise ValidationError("must not carry a query or fragment")
     if parts.scheme not in ("https", "http") or not hostname:
         raise ValidationError("must be an https:// URL")

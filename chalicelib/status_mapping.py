@@ -9,11 +9,18 @@ Reading and replacing an integration's mapping (store and Metrika I/O) is `mappi
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from .metrika.schemas import OrderStatus
+
+# A mapping is stored as one item (DynamoDB's limit is 400 KB) and pushed before it is stored: one too
+# large to store must be refused before the push, or Metrika would hold a list the service never kept.
+# 300 KB of JSON (under 400 KB as DynamoDB counts it) is 1,000 entries with 200-character labels; a real
+# pipeline set is a few dozen stages.
+MAX_MAPPING_BYTES = 300 * 1024
 
 
 class StatusMappingEntry(Schema):
@@ -25,7 +32,8 @@ class StatusMappingEntry(Schema):
     metrika_status_id = fields.String(required=True)  # checked by OrderStatus, the single definition
     humanized = fields.String(validate=validate.Length(max=4096))
     type = fields.String(required=True)
-    goal_action_ids = fields.List(fields.String(), validate=validate.Length(max=10))
+    goal_action_ids = fields.List(fields.String(validate=validate.Length(min=1, max=255)),
+                                  validate=validate.Length(max=10))
 
     @validates_schema
     def _as_metrika_status(self, data: dict, **kwargs: Any) -> None:
@@ -58,6 +66,10 @@ class StatusMapping(Schema):
                                  f"type or humanized values")
         if errors:
             raise ValidationError(errors, "entries")
+        size = len(json.dumps(data["entries"], ensure_ascii=False).encode("utf-8"))
+        if size > MAX_MAPPING_BYTES:
+            raise ValidationError(f"the entries take {size:,} bytes; at most {MAX_MAPPING_BYTES:,} can be kept "
+                                  "(shorten the humanized labels)", "entries")
 
 
 def to_order_statuses(entries: list[dict]) -> list[dict]:
