@@ -287,6 +287,16 @@ class Ingest:
     # --- other ways in ------------------------------------------------------------------------------
 
     def requeue(self, integration_id: str, refs: list[EntityRef]) -> dict:
+        """Queue entities again (a replay, a re-send after a FAILED upload). Many at once are recorded
+        whole, like a large webhook, so an admin route or a scheduled job never writes entity by entity
+        past its time limit: {"accepted", "queued", "ignored"} (+ "deferred": the entities the worker
+        records and queues)."""
+        if len(newest_refs(refs)) > INLINE_ENTITIES:
+            refs = newest_refs(refs)
+            batches = self._record_later(integration_id, refs, now=self._clock(), origin="replay")
+            log_event("requeue", integration_id=integration_id, origin="replay", entities=len(refs), queued=0,
+                      deferred=len(refs), batches=batches)
+            return {"accepted": len(refs), "queued": 0, "ignored": 0, "deferred": len(refs)}
         return self.record(integration_id, refs, origin="replay")
 
     def requeue_held(self, integration_id: str, entries: list[dict]) -> int:

@@ -5,6 +5,7 @@ uploads against Metrika's `last_uploadings` (a 200 to an upload is not proof of 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
@@ -16,6 +17,7 @@ from .logs import log_event
 from .shared_counter import counter_products
 
 FAILED_SHOWN = 100
+RESEND_WRITERS = 8
 UPLOAD_STATUSES = ("SENT", "PASSED", "FAILED", "UNCONFIRMED")
 CONFIRM_PAGE = 1000  # last_uploadings' largest page
 # Pages read per confirmation at most: a run normally needs one; a missing upload costs more until it
@@ -97,7 +99,8 @@ def replay(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integrat
         targets = [e for e in store.list_entities(integration_id) if e.get("last_error") and not e.get("dirty")]
     refs = [EntityRef(e["kind"], e["crm_id"], e["event_time"], "replay") for e in targets]
     result = requeue(integration_id, refs) if refs else {"queued": 0}
-    return {"replayed": len(refs), "queued": result["queued"]}
+    deferred = {"deferred": result["deferred"]} if result.get("deferred") else {}  # queued by the worker
+    return {"replayed": len(refs), "queued": result["queued"], **deferred}
 
 
 def confirm_uploads(store: Any, metrika: Any, integration_id: str, integration: dict, *,
@@ -154,11 +157,15 @@ def _send_again(store: Any, requeue: Callable[[str, list[EntityRef]], dict], int
     """Mark and queue again every entity the failed uploads carried (each once), then mark the
     uploads FAILED (see `confirm_uploads` for why in this order). Returns the entities queued."""
     carried = {uploading_id: store.upload_entities(integration_id, uploading_id) for uploading_id in failed}
-    refs: dict[tuple[str, str], EntityRef] = {}
-    for key in sorted({key for keys in carried.values() for key in keys}):
-        event_time = store.mark_resend(integration_id, *key)
-        if event_time is not None:  # no state: its integration's data was deleted meanwhile
-            refs[key] = EntityRef(key[0], key[1], event_time, "resend")
+    keys = sorted({key for keys in carried.values() for key in keys})
+    # An upload carries up to UPLOAD_ROW_LIMIT entities: one write each, in parallel, and a requeue that
+    # records them whole above a handful (`Ingest.requeue`), so a run ends within its Lambda's time
+    # instead of timing out, leaving the upload SENT and marking the same entities again next run.
+    with ThreadPoolExecutor(max_workers=RESEND_WRITERS) as pool:
+        times = list(pool.map(lambda key: store.mark_resend(integration_id, *key), keys))
+    refs: dict[tuple[str, str], EntityRef] = {
+        key: EntityRef(key[0], key[1], event_time, "resend") for key, event_time in zip(keys, times)
+        if event_time is not None}  # None: no state, its integration's data was deleted meanwhile
     if refs:
         requeue(integration_id, list(refs.values()))
     for uploading_id, listed in failed.items():

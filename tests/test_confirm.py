@@ -75,6 +75,25 @@ def test_a_failed_upload_is_sent_again_and_counted(core, metrika_sandbox):
     assert core.store.get_entity(shop, ORDER, "5")["dirty"] is False
 
 
+def test_a_large_failed_upload_is_requeued_whole_and_every_deal_goes_again(core, metrika_sandbox):
+    """An upload carries up to 1,000 entities: they are marked in parallel and requeued through the inbox
+    (one write, one message), so a confirmation run is not entity-by-entity writes past its time limit."""
+    shop = core.integration()
+    deals = [str(500 + n) for n in range(40)]
+    core.source.rows = {(ORDER, d): deal_rows(d, contact=str(9000 + n)) for n, d in enumerate(deals)}
+    core.ingest.record(shop, [EntityRef(ORDER, d, 1789990000, "add") for d in deals], origin="reconcile")
+    core.drain()
+    orders_upload = next(u["uploading_id"] for u in core.store.uploads(shop) if u["kind"] == "orders")
+    metrika_sandbox.fail_uploading(orders_upload)
+    assert confirm(core, shop)["resent"] == 40
+    assert len(core.queue) == 1  # one inbox message, not 40 entity messages
+    assert all(core.store.get_entity(shop, ORDER, d)["dirty"] for d in deals)
+    core.drain()
+    counter = metrika_sandbox.counter(core.counter_id)
+    assert all(counter.times_uploaded[f"orders:{d}"] == 2 for d in deals)
+    assert not any(core.store.get_entity(shop, ORDER, d)["dirty"] for d in deals)
+
+
 def test_a_count_other_than_sent_is_a_failure_too(core, metrika_sandbox):
     shop, uploads = two_deals_delivered(core)
     for uploading in metrika_sandbox.counter(core.counter_id).uploadings:
