@@ -206,7 +206,11 @@ def test_revoked_token_parks_with_amocrm_reason(app_client, integration, amocrm,
 def test_never_more_than_seven_requests_a_second(service_env, integration, amocrm, account):
     from app import get_store
     config = get_store().get_integration(integration)
-    source = AmoCrmSource(get_store().reserve_slot)
+    # The limiter on the in-memory store, whose slots are atomic as DynamoDB's conditional writes are;
+    # moto_server's are not across threads (two callers could get one slot). The race itself is a
+    # contract test on a serialised moto (test_concurrent_callers_share_limits).
+    from chalicelib.store.memory import MemoryStore
+    source = AmoCrmSource(MemoryStore().reserve_slot)
     ref = [EntityRef(ORDER, str(account["lead"]["id"]), 1, "update")]
     amocrm.requests.clear()
 
