@@ -22,6 +22,7 @@ WEBHOOK_SECRET = "local-stack-secret-0123456789"
 def stack():
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "METRIKA_API_URL", "ADMIN_TOKEN"))}
+    env["UPLOAD_ROW_LIMIT"] = "250"  # history-import steps of 250 (one amoCRM page): several steps from a small account
     process = subprocess.Popen([sys.executable, "-m", "sandbox.local_stack", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
@@ -154,8 +155,8 @@ def test_history_import_cli_with_progress_bar_stops_on_ctrl_c_and_resumes(stack)
     # More contacts than one step takes, so Ctrl-C lands half way. (One connection per request: the
     # sandbox's keep-alive answers wait out delayed ACKs.)
     people = [requests.post(stack["amocrm"] + "/_sandbox/contacts", timeout=10, json={
-        "name": f"Клиент {i}", "phones": [f"+7 925 {i:07d}"], "notify": False}).json()["id"] for i in range(1300)]
-    for i in range(300):
+        "name": f"Клиент {i}", "phones": [f"+7 925 {i:07d}"], "notify": False}).json()["id"] for i in range(650)]
+    for i in range(150):
         requests.post(stack["amocrm"] + "/_sandbox/leads", timeout=10, json={
             "name": f"Архив {i}", "pipeline_id": 7001, "status_id": 142, "price": 500 + i,
             "contacts": [people[i]], "notify": False}).raise_for_status()
