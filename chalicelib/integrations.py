@@ -81,11 +81,12 @@ def _http_url(value: str) -> None:
 # https://developers.kommo.com/docs/long-lived-token), older international accounts <account>.amocrm.com.
 AMOCRM_DOMAINS = ("amocrm.ru", "kommo.com", "amocrm.com")
 # Bitrix24 cloud: the 18 domain zones of Bitrix24 Helpdesk's article on changing an account's zone
-# ("In Bitrix24 sind folgende Domain-Zonen verfügbar", https://helpdesk.bitrix24.de/open/10252860), and
-# bitrix24.uk. An on-premise portal, or a cloud one on its own domain, needs `custom_domain: true`.
+# ("In Bitrix24 sind folgende Domain-Zonen verfügbar", https://helpdesk.bitrix24.de/open/10252860). Only
+# the vendor's list: a zone seen elsewhere (bitrix24.uk, on a partner's page) is one `custom_domain: true`
+# away, as is an on-premise portal or a cloud one on its own domain.
 BITRIX24_DOMAINS = tuple(f"bitrix24.{zone}" for zone in (
     "ru", "com", "de", "eu", "es", "com.br", "fr", "it", "com.tr", "ua", "pl", "kz", "by", "in", "cn", "id", "vn",
-    "jp", "uk"))
+    "jp"))
 # Names that never lead to a public host (RFC 6761 and 6762 special-use names, home.arpa of RFC 8375,
 # cloud-internal names such as ec2.internal, and names commonly used inside company networks).
 RESERVED_SUFFIXES = ("localhost", "local", "localdomain", "internal", "intranet", "lan", "home", "corp",
