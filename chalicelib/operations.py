@@ -18,6 +18,7 @@ from .shared_counter import counter_products
 
 FAILED_SHOWN = 100
 RESEND_WRITERS = 8
+INBOX_HORIZON = 366 * 86400  # every batch recorded before now + this: all of them, even with a skewed clock
 UPLOAD_STATUSES = ("SENT", "PASSED", "FAILED", "UNCONFIRMED")
 CONFIRM_PAGE = 1000  # last_uploadings' largest page
 # Pages read per confirmation at most: a run normally needs one; a missing upload costs more until it
@@ -45,6 +46,8 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
     return {
         "integration_id": integration_id,
         "backlog": sum(1 for e in entities if e.get("dirty")),
+        # Large webhook bodies recorded whole, not yet expanded into entities (each up to 500 of them).
+        "inbox_batches": len(store.stale_inbox(integration_id, before=(now or time.time()) + INBOX_HORIZON)),
         "retrying": sum(1 for e in entities if e.get("dirty") and e.get("attempts")),
         "failed_count": len(failed),
         "failed": [{"kind": e["kind"], "crm_id": e["crm_id"], "error": e["last_error"],

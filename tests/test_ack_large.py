@@ -220,6 +220,8 @@ def test_a_mass_action_is_recorded_whole_then_expanded_into_every_lead(mass_acti
     assert world.memory.list_entities(IID) == [] and world.entity_messages() == []
     [(iid, batch_id)] = world.inbox_messages()  # 250 refs: one batch, one message
     assert iid == IID and len(world.memory.get_inbox(IID, batch_id)) == 250
+    from chalicelib.operations import integration_status
+    assert integration_status(world.memory, IID, requests_today=None)["inbox_batches"] == 1  # waiting shows
     world.store.sticky, world.store.calls = False, 1  # the worker's writes go through
     world.run_worker()
     assert world.report.expanded == 250
@@ -230,6 +232,7 @@ def test_a_mass_action_is_recorded_whole_then_expanded_into_every_lead(mass_acti
                                       for s in states.values())
     assert all(states[r.crm_id]["event_time"] == r.event_time for r in hook.refs)
     assert world.memory.get_inbox(IID, batch_id) is None
+    assert integration_status(world.memory, IID, requests_today=None)["inbox_batches"] == 0
 
 
 @pytest.mark.parametrize("entities, deferred", [(1, False), (INLINE_ENTITIES, False), (INLINE_ENTITIES + 1, True)])
