@@ -174,22 +174,20 @@ class DynamoStore:
 
     def list_integration_ids(self) -> list[str]:
         # A scan: the config table holds a few items per integration, and only scheduled jobs ask.
-        kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config",
-                                  "ProjectionExpression": "pk", "ExpressionAttributeValues": _to_item({":config": CONFIG})}
-        ids: list[str] = []
-        while True:
-            page = self._db.scan(**kwargs)
-            ids += [item["pk"]["S"].partition("#")[2] for item in page.get("Items", [])]
-            if "LastEvaluatedKey" not in page:
-                return sorted(ids)
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return self._integration_ids("sk = :config", {":config": CONFIG})
 
     def integrations_on_counter(self, counter_id: int) -> list[str]:
         # A scan, like list_integration_ids: admin writes (a config, a status mapping, the catalogue) ask,
         # and a worker's product sync (`shared_counter.counter_products`), when an order names a new product.
-        kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": "sk = :config AND #cfg.counter_id = :c",
-                                  "ProjectionExpression": "pk", "ExpressionAttributeNames": {"#cfg": "config"},
-                                  "ExpressionAttributeValues": _to_item({":config": CONFIG, ":c": counter_id})}
+        return self._integration_ids("sk = :config AND #cfg.counter_id = :c", {":config": CONFIG, ":c": counter_id},
+                                     names={"#cfg": "config"})
+
+    def _integration_ids(self, condition: str, values: dict, names: dict | None = None) -> list[str]:
+        """Ids of the integrations whose config item matches `condition`, sorted (a paged scan)."""
+        kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": condition, "ProjectionExpression": "pk",
+                                  "ExpressionAttributeValues": _to_item(values)}
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
         ids: list[str] = []
         while True:
             page = self._db.scan(**kwargs)
