@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
@@ -32,17 +31,14 @@ from .delivery import Accepted, Parked, Pending, Retry, Sink, content_hash_of, p
 from .errors import BridgeError, Transient, invalid, not_found
 from .ingest import FUTURE_SKEW_SECONDS
 from .logs import log_event
+from .parallel import each
 from .queue import BACKFILL, MAX_DELAY_SECONDS, Queue, message
-from .shared_counter import id_prefix, scoped_id
 PHASES = ("contacts", "orders")
 STEP_ROWS = 1000  # entities read per step, at most (and at most the upload row limit)
 STEP_SECONDS = 60  # well inside the worker Lambda's timeout and the queue's visibility timeout
 BUDGET_RESERVE = 500  # Metrika requests a day the import leaves to the live path
 RETRY_LIMIT = 12
 MAX_DELAY = MAX_DELAY_SECONDS
-# Each entity costs two conditional writes (take, release); run them side by side, as the step's time
-# is otherwise their latencies added up. botocore's connection pool holds 10 per client.
-STATE_WRITERS = 8
 # How long the import holds an entity it took: longer than a step's retry can wait (MAX_DELAY) plus the
 # step itself, so a held entity is still held when the retry comes. A crashed import's entities go
 # back to the live path when it runs out.
@@ -293,11 +289,12 @@ class Backfill:
                     error = {"kind": "permanent", "message": "row failed validation", "fields": exc.messages}
             checked[key] = (error, validated, content_hash)
         known = self._store.existing_entities(integration_id, list(checked))
+        # Each entity costs two conditional writes (take, release): side by side (`parallel.each`).
         # A time the CRM puts far in the future must not advance the entity's clock (see
         # ingest.FUTURE_SKEW_SECONDS): taken as 0, so every real change after it still counts.
-        taken = _each(lambda key: self._store.take_for_backfill(
+        taken = dict(zip(checked, each(lambda key: self._store.take_for_backfill(
             integration_id, *key, times[key] if times[key] <= now + FUTURE_SKEW_SECONDS else 0, checked[key][2],
-            absent=key not in known, now=now, lease_seconds=HOLD_SECONDS), list(checked))
+            absent=key not in known, now=now, lease_seconds=HOLD_SECONDS), list(checked))))
         pending = []
         for key, (error, validated, content_hash) in checked.items():
             if taken[key] is None:
@@ -353,7 +350,7 @@ class Backfill:
                 held[key], content_hash=outcome.get("content_hash"), row_hashes=outcome.get("row_hashes"),
                 uploading_id=outcome.get("uploading_id"), last_order=outcome.get("last_order"),
                 facts=outcome.get("facts"), error=outcome.get("error"))
-        released = _each(release, list(outcomes))
+        released = dict(zip(outcomes, each(release, list(outcomes))))
         # A webhook recorded a newer change while we held these: the live path sends them now, after our
         # upload, so the newest state lands last.
         overtaken = [message(integration_id, *key) for key, ok in released.items() if not ok]
@@ -371,13 +368,3 @@ def _added(before: dict, more: dict) -> dict:
     for key, value in more.items():
         counts[key] = counts.get(key, 0) + value
     return counts
-
-
-def _each(write: Callable[[Any], Any], keys: list) -> dict:
-    """`write(key)` for every key, `STATE_WRITERS` at a time; the first error is raised after all ran
-    (an entity left taken is taken again by the step's retry)."""
-    if len(keys) <= 1:
-        return {key: write(key) for key in keys}
-    with ThreadPoolExecutor(min(STATE_WRITERS, len(keys))) as pool:
-        futures = {key: pool.submit(write, key) for key in keys}
-    return {key: future.result() for key, future in futures.items()}

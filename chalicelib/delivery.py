@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Union
@@ -41,6 +40,7 @@ from .customers import CustomerPlan, merge_contacts, part_of, plan_customers, so
 from .errors import BridgeError, Misconfigured, Transient
 from .logs import log_event
 from .normalize import keep_valid, normalize_client_id
+from .parallel import each
 from .shared_counter import counter_products, id_prefix, scoped_id, scoped_rows
 
 EntityKey = tuple[str, str]  # (kind, crm id)
@@ -50,7 +50,6 @@ MATCHING_WINDOW_DAYS = 21
 LOW_BUDGET = 250
 BATCH_HARDER_SECONDS = 300
 _ROW_LOCATION = re.compile(r"^(contacts|orders)\[(\d+)\]")
-RECORD_WRITERS = 8  # customers recorded side by side (botocore's connection pool holds 10 per client)
 # In a retry's `row_hashes` (`_Ready.progress`): a customer whose row this resend (`Pending.resend`) has
 # not got into Metrika yet, so the next attempt still sends it whatever the customer's record says.
 RESEND_PENDING = "resend"
@@ -228,16 +227,6 @@ def delivery_facts(contacts: list[dict], orders: list[dict], time_zone: str,
             "with_phone": bool(customer.get("phones") or customer.get("phones_md5")),
             "with_email": bool(customer.get("emails") or customer.get("emails_md5")),
             "late": (local_now - created).days > MATCHING_WINDOW_DAYS}
-
-
-def _each(write: Callable[[Any], bool], items: list) -> list[bool]:
-    """`write(item)` for each item, up to RECORD_WRITERS at a time (a history import's step records a
-    thousand customers; one by one their latencies add up). The first error is raised after all ran."""
-    if len(items) <= 1:
-        return [write(item) for item in items]
-    with ThreadPoolExecutor(min(RECORD_WRITERS, len(items))) as pool:
-        futures = [pool.submit(write, item) for item in items]
-    return [future.result() for future in futures]
 
 
 # --- the sink ----------------------------------------------------------------------------------------
@@ -423,7 +412,7 @@ class Sink:
         ours), so nothing is recorded and the customer's entities are retried; the retry reads the CRM
         and the store again and sends the complete row."""
         todo = [plan for plan in plans if plan.to_record]
-        recorded = _each(lambda plan: self._store.record_customer(
+        recorded = each(lambda plan: self._store.record_customer(
             integration_id, plan.uniq_id, put=plan.put, drop=sorted(plan.drop), sent=plan.row_hash,
             version=plan.version), todo)
         for plan, ok in zip(todo, recorded):

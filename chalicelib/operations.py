@@ -5,7 +5,6 @@ uploads against Metrika's `last_uploadings` (a 200 to an upload is not proof of 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
@@ -14,10 +13,10 @@ from .crm import EntityRef
 from .crm.notes import dropped_summary
 from .errors import BridgeError, http_error, invalid, not_found
 from .logs import log_event
+from .parallel import each
 from .shared_counter import counter_products
 
 FAILED_SHOWN = 100
-RESEND_WRITERS = 8
 INBOX_HORIZON = 366 * 86400  # every batch recorded before now + this: all of them, even with a skewed clock
 UPLOAD_STATUSES = ("SENT", "PASSED", "FAILED", "UNCONFIRMED")
 CONFIRM_PAGE = 1000  # last_uploadings' largest page
@@ -164,8 +163,7 @@ def _send_again(store: Any, requeue: Callable[[str, list[EntityRef]], dict], int
     # An upload carries up to UPLOAD_ROW_LIMIT entities: one write each, in parallel, and a requeue that
     # records them whole above a handful (`Ingest.requeue`), so a run ends within its Lambda's time
     # instead of timing out, leaving the upload SENT and marking the same entities again next run.
-    with ThreadPoolExecutor(max_workers=RESEND_WRITERS) as pool:
-        times = list(pool.map(lambda key: store.mark_resend(integration_id, *key), keys))
+    times = each(lambda key: store.mark_resend(integration_id, *key), keys)
     refs: dict[tuple[str, str], EntityRef] = {
         key: EntityRef(key[0], key[1], event_time, "resend") for key, event_time in zip(keys, times)
         if event_time is not None}  # None: no state, its integration's data was deleted meanwhile

@@ -3,7 +3,6 @@ sandbox over loopback HTTP. Each defect the outside sweep reproduced has its reg
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 
 import pytest
 
