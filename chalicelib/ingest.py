@@ -60,6 +60,9 @@ INBOX_BATCHES_PER_RUN = 2
 # failing): the reconciliation sweep queues it again.
 INBOX_GRACE_SECONDS = QUEUE_LEASE_SECONDS
 WEBHOOK_ORIGINS = ("amocrm", "bitrix24")
+# Recorded whole above INLINE_ENTITIES: webhooks (the CRM's deadline) and requeues from admin routes and
+# scheduled jobs (their Lambda's). Reconciliation, sweeps and inbox expansion record entity by entity.
+DEFERRABLE_ORIGINS = (*WEBHOOK_ORIGINS, "replay")
 
 
 def secrets_match(given: str | None, expected: str | None) -> bool:
@@ -197,18 +200,20 @@ class Ingest:
         All-or-nothing towards the caller: on any failure the leases taken here are released before
         the error goes up, so the CRM's retry (or the next event) queues them.
 
-        A webhook naming more than INLINE_ENTITIES entities is recorded whole instead (`_record_later`)
-        and answered with `deferred` (its entities) and `queued` 0: the worker's expansion records them."""
+        More than INLINE_ENTITIES entities from a webhook or a requeue (DEFERRABLE_ORIGINS) are recorded
+        whole instead (`_record_later`), answered with `deferred` (their number) and `queued` 0: the
+        worker's expansion records them."""
         now = self._clock()
         accepted, refs = len(refs), newest_refs(refs)
-        if origin in WEBHOOK_ORIGINS and len(refs) > INLINE_ENTITIES:
+        event = "webhook" if origin in WEBHOOK_ORIGINS else "requeue"
+        if origin in DEFERRABLE_ORIGINS and len(refs) > INLINE_ENTITIES:
             batches = self._record_later(integration_id, refs, now=now, origin=origin)
-            log_event("webhook", integration_id=integration_id, origin=origin, entities=accepted, queued=0,
+            log_event(event, integration_id=integration_id, origin=origin, entities=accepted, queued=0,
                       deferred=len(refs), batches=batches, ignored=ignored)
             return {"accepted": accepted, "queued": 0, "ignored": ignored, "deferred": len(refs)}
         leased = self._record_now(integration_id, refs, now=now, origin=origin)
-        log_event("webhook" if origin in WEBHOOK_ORIGINS else "requeue", integration_id=integration_id,
-                  origin=origin, entities=accepted, queued=len(leased), ignored=ignored)
+        log_event(event, integration_id=integration_id, origin=origin, entities=accepted, queued=len(leased),
+                  ignored=ignored)
         return {"accepted": accepted, "queued": len(leased), "ignored": ignored}
 
     def _record_now(self, integration_id: str, refs: list[EntityRef], *, now: float, origin: str) -> list[EntityRef]:
@@ -288,15 +293,8 @@ class Ingest:
 
     def requeue(self, integration_id: str, refs: list[EntityRef]) -> dict:
         """Queue entities again (a replay, a re-send after a FAILED upload). Many at once are recorded
-        whole, like a large webhook, so an admin route or a scheduled job never writes entity by entity
-        past its time limit: {"accepted", "queued", "ignored"} (+ "deferred": the entities the worker
-        records and queues)."""
-        if len(newest_refs(refs)) > INLINE_ENTITIES:
-            refs = newest_refs(refs)
-            batches = self._record_later(integration_id, refs, now=self._clock(), origin="replay")
-            log_event("requeue", integration_id=integration_id, origin="replay", entities=len(refs), queued=0,
-                      deferred=len(refs), batches=batches)
-            return {"accepted": len(refs), "queued": 0, "ignored": 0, "deferred": len(refs)}
+        whole, as a large webhook is, so an admin route or a scheduled job never writes entity by entity
+        past its time limit."""
         return self.record(integration_id, refs, origin="replay")
 
     def requeue_held(self, integration_id: str, entries: list[dict]) -> int:

@@ -252,8 +252,9 @@ def test_duplicates_in_one_body_count_once_towards_the_inline_limit():
     assert world.memory.get_entity(IID, ORDER, "5")["event_time"] == 1_700_000_029
 
 
-def test_only_webhooks_are_deferred():
-    """Reconciliation, replay and the sweep have no CRM waiting: they keep recording entity by entity."""
+def test_reconciliation_is_not_deferred():
+    """Reconciliation and the sweep run in a scheduled job with time to spare: they keep recording entity
+    by entity (webhooks and requeues from admin routes are recorded whole above INLINE_ENTITIES)."""
     world = World()
     refs = [EntityRef(ORDER, str(i), 1_700_000_000, "reconcile") for i in range(1, 51)]
     assert world.ingest.record(IID, refs, origin="reconcile")["queued"] == 50
