@@ -94,7 +94,7 @@ def main() -> None:
         # deployment never sets it.
         env = {**os.environ, **emulator_env(f"http://127.0.0.1:{moto_port}"), "STAGE": "dev",
                "PYTHONUNBUFFERED": "1", "ALLOW_LOOPBACK_CRM": "1"}
-        env.setdefault("ADMIN_TOKEN", secrets.token_urlsafe(24))
+        env.setdefault("ADMIN_TOKEN", secrets.token_hex(24))  # hex: a token_urlsafe one may begin with "-", which a command line reads as an option
         env.setdefault("WORKER_BATCHING_WINDOW", "1")  # snappier locally; AWS uses the stage's value
         if not os.environ.get("METRIKA_API_URL"):
             metrika_port = args.metrika_port or free_port()

@@ -161,7 +161,7 @@ def test_history_import_cli_with_progress_bar_stops_on_ctrl_c_and_resumes(stack)
             "name": f"Архив {i}", "pipeline_id": 7001, "status_id": 142, "price": 500 + i,
             "contacts": [people[i]], "notify": False}).raise_for_status()
     command = [sys.executable, "-m", "tools.backfill", "history", "--since", "2026-01-01", "--api", stack["api"],
-               "--token", stack["token"]]
+               f"--token={stack['token']}"]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     job_url = f"{stack['api']}/integrations/history/backfill"
     deadline = time.monotonic() + 60
