@@ -11,6 +11,7 @@ import uuid
 
 from chalice import AuthResponse, Chalice, Rate, Response
 
+from chalicelib.admin import AUTHORIZER_CACHE_SECONDS
 from chalicelib.errors import ApiError, Unavailable, invalid
 from chalicelib.ids import is_integration_id
 from chalicelib.settings import APP_NAME, get_settings
@@ -21,6 +22,7 @@ MAX_JSON_DEPTH = 32  # admin bodies are a few levels deep; deeper is an attack, 
 
 _STORE = None
 _QUEUE = None
+_ADMIN_TOKENS = None  # chalicelib.admin.AdminTokenCache: re-reads the SSM parameter on its own schedule
 _SOURCES = {}  # crm name → CrmSource, filled on first use (tests may fill it first)
 
 
@@ -60,9 +62,12 @@ def get_sources():
     return _SOURCES
 
 
-def get_admin_token():
-    from chalicelib.admin import admin_token
-    return admin_token(get_settings())
+def get_admin_tokens():
+    global _ADMIN_TOKENS
+    if _ADMIN_TOKENS is None:
+        from chalicelib.admin import admin_tokens
+        _ADMIN_TOKENS = admin_tokens(get_settings())
+    return _ADMIN_TOKENS
 
 
 def get_ingest():
@@ -144,10 +149,11 @@ def _depth(value, level=0):
     return max((_depth(child, level + 1) for child in children), default=level)
 
 
-@app.authorizer()
+@app.authorizer(ttl_seconds=AUTHORIZER_CACHE_SECONDS)
 def admin(auth_request):
-    from chalicelib.admin import is_admin
-    if is_admin(auth_request.token, get_admin_token()):
+    # A token that cannot be checked (SSM unreachable) is refused like a wrong one: API Gateway answers
+    # 403, never a 500 (rotation, overlap and cache times: chalicelib/admin.py).
+    if get_admin_tokens().is_admin(auth_request.token):
         return AuthResponse(routes=["*"], principal_id="admin")
     return AuthResponse(routes=[], principal_id="anonymous")
 

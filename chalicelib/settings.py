@@ -24,6 +24,7 @@ class Settings:
     max_webhook_bytes: int
     admin_token: str | None
     admin_token_parameter: str | None
+    admin_token_overlap_seconds: int
     worker_retry_limit: int
     upload_row_limit: int
     metrika_daily_budget: int
@@ -53,6 +54,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_webhook_bytes=int(env.get("MAX_WEBHOOK_BYTES", str(MAX_WEBHOOK_BYTES))),
         admin_token=env.get("ADMIN_TOKEN") or None,
         admin_token_parameter=env.get("ADMIN_TOKEN_PARAMETER") or None,
+        # How long the token before the last `put-parameter --overwrite` stays valid (chalicelib/admin.py).
+        admin_token_overlap_seconds=max(0, int(env.get("ADMIN_TOKEN_OVERLAP_SECONDS", "900"))),
         worker_retry_limit=int(env.get("WORKER_RETRY_LIMIT", "12")),
         upload_row_limit=int(env.get("UPLOAD_ROW_LIMIT", "1000")),
         metrika_daily_budget=int(env.get("METRIKA_DAILY_BUDGET", "5000")),
