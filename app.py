@@ -32,7 +32,8 @@ def get_store():
         import boto3
         from chalicelib.store.dynamodb import DynamoStore
         settings = get_settings()
-        _STORE = DynamoStore(boto3.client("dynamodb"), settings.config_table, settings.state_table)
+        _STORE = DynamoStore(boto3.client("dynamodb"), settings.config_table, settings.state_table,
+                             quota_table=settings.quota_table)
     return _STORE
 
 

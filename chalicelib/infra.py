@@ -28,7 +28,7 @@ MAX_RECEIVE_COUNT = 5
 def ensure_tables(settings: Settings, dynamodb: Any = None) -> list[str]:
     dynamodb = dynamodb or boto3.client("dynamodb")
     created = []
-    for name in (settings.config_table, settings.state_table):
+    for name in (settings.config_table, settings.state_table, settings.quota_table):
         try:
             dynamodb.create_table(TableName=name, KeySchema=KEY_SCHEMA, AttributeDefinitions=ATTRIBUTES,
                                   BillingMode="PAY_PER_REQUEST")

@@ -266,7 +266,7 @@ def test_warm_webhooks_reuse_the_integration_and_a_rotated_secret_works_at_once(
     from chalicelib.store.dynamodb import DynamoStore
     settings = get_settings()
     db = CountingDynamoDB()
-    webhooks = Ingest(DynamoStore(db, settings.config_table, settings.state_table),
+    webhooks = Ingest(DynamoStore(db, settings.config_table, settings.state_table, quota_table=settings.quota_table),
                       EventQueue(boto3.client("sqs"), settings.events_queue), max_body_bytes=settings.max_webhook_bytes)
     for i in range(3):
         webhooks.amocrm(amo, amo_body(*lead("status", 5, 1700000000 + i)), {"secret": AMO_SECRET})

@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
-from chalicelib.store import CLAIM_GRACE_SECONDS, Hold
+from chalicelib.store import CLAIM_GRACE_SECONDS, Hold, day_expiry
 from chalicelib.store.dynamodb import DynamoStore
 from chalicelib.store.memory import MemoryStore
 
@@ -42,7 +42,8 @@ def _dynamo_store(request, clock, client=None) -> DynamoStore:
     request.getfixturevalue("service_env")
     from chalicelib.settings import get_settings
     settings = get_settings()
-    return DynamoStore(client or boto3.client("dynamodb"), settings.config_table, settings.state_table, clock=clock)
+    return DynamoStore(client or boto3.client("dynamodb"), settings.config_table, settings.state_table,
+                       quota_table=settings.quota_table, clock=clock)
 
 
 @pytest.fixture(params=["memory", "dynamodb"])
@@ -550,6 +551,53 @@ def test_concurrent_callers_share_limits(racing_store):
         assert sorted(slots, key=str) == [0, 1, None, None]
 
 
+def test_day_expiry_is_three_days_after_the_day_ends():
+    assert day_expiry("2025-06-15") == 1_750_291_200  # 2025-06-19T00:00:00Z
+    assert day_expiry("2024-02-29") - day_expiry("2024-02-28") == 86400
+    assert day_expiry("2100-12-31") == 4_134_240_000  # 2101-01-04T00:00:00Z
+    for bad in ("2025-02-30", "2025-6-15x", "", "9" * 2000):
+        with pytest.raises(ValueError):
+            day_expiry(bad)
+
+
+def test_day_counts_live_in_the_quota_table_with_their_expiry(request, clock):
+    """Counts and leases are the quota table's (shared by stages), none in the stage's state table."""
+    from chalicelib.settings import get_settings
+    store, settings, client = _dynamo_store(request, clock), get_settings(), boto3.client("dynamodb")
+    key = "token-" + uuid.uuid4().hex
+    assert store.count_request(key, "2025-06-15", 10) == 1 and store.acquire_lease(key, 3, "a", NOW, 60) == 0
+
+    def item(table, pk, sk):
+        return client.get_item(TableName=table, Key={"pk": {"S": pk}, "sk": {"S": sk}}, ConsistentRead=True).get("Item")
+    assert item(settings.quota_table, f"QUOTA#{key}", "DAY#2025-06-15")["expires_at"] == {"N": "1750291200"}
+    assert float(item(settings.quota_table, f"LEASE#{key}", "SLOT#0")["expires_at"]["N"]) == NOW + 60
+    assert item(settings.state_table, f"QUOTA#{key}", "DAY#2025-06-15") is None
+    assert item(settings.state_table, f"LEASE#{key}", "SLOT#0") is None
+
+
+def test_stages_share_metrika_limits_through_the_quota_table(request, clock, serial_moto_url):
+    """dev and prod on one token: each its own config and state tables, one quota table. Callers of
+    both stages at once get 3 leases in all, and one daily count."""
+    from chalicelib.infra import ensure_tables
+    from chalicelib.settings import load_settings
+    client = boto3.client("dynamodb", endpoint_url=serial_moto_url)
+    stores = []
+    for stage in ("dev", "prod"):
+        settings = load_settings({"STAGE": stage})
+        ensure_tables(settings, client)
+        stores.append(DynamoStore(client, settings.config_table, settings.state_table,
+                                  quota_table=settings.quota_table, clock=clock))
+    dev, prod = stores
+    key, day = "token-" + uuid.uuid4().hex, "2025-06-15"
+    callers = [(store, f"{stage}-{i}") for stage, store in (("dev", dev), ("prod", prod)) for i in range(3)]
+    slots = race(*[lambda store=store, owner=owner: store.acquire_lease(key, 3, owner, NOW, 60)
+                   for store, owner in callers])
+    assert sorted(slots, key=str) == [0, 1, 2, None, None, None]
+    counts = race(*[lambda store=store: store.count_request(key, day, 4) for store, _ in callers])
+    assert sorted(counts, key=str) == [1, 2, 3, 4, None, None]
+    assert dev.requests_on(key, day) == prod.requests_on(key, day) == 4
+
+
 # --- ImportStore -------------------------------------------------------------------------------------
 
 def test_put_backfill_with_expect_run(store, iid):
@@ -717,7 +765,7 @@ def test_dynamo_unreachable_is_unavailable(request, clock, iid):
     from sandbox.local_stack import free_port
     client = boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{free_port()}",
                           config=Config(connect_timeout=0.2, read_timeout=0.2, retries={"total_max_attempts": 1}))
-    store = DynamoStore(client, "config", "state", clock=clock)
+    store = DynamoStore(client, "config", "state", quota_table="quota", clock=clock)
     with pytest.raises(Unavailable) as raised:
         store.get_integration(iid)
     assert raised.value.what == "store"
@@ -733,7 +781,7 @@ def test_dynamo_throttling_is_unavailable(clock, iid, code):
             def call(**kwargs):
                 raise ClientError({"Error": {"Code": code, "Message": "slow down"}}, name)
             return call
-    store = DynamoStore(Throttled(), "config", "state", clock=clock)
+    store = DynamoStore(Throttled(), "config", "state", quota_table="quota", clock=clock)
     with pytest.raises(Unavailable, match=code):
         store.get_entity(iid, "order", "5")
     with pytest.raises(Unavailable):

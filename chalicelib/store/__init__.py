@@ -28,6 +28,7 @@ order as sent), `facts`, and `owner` (set while a history import holds the entit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -59,6 +60,17 @@ def stored_time(seconds: float) -> Decimal:
     """A time as both stores keep it: 0.1 ms is precise enough for leases and spacing, and keeps
     numbers short."""
     return Decimal(str(round(seconds, 4)))
+
+
+# A day's Metrika request count is kept this long after the day ends (00:00 UTC), then expires (the
+# quota table's TTL, `expires_at`): long enough to read yesterday's figure, short enough to stay small.
+DAY_COUNT_KEPT_SECONDS = 3 * 86400
+
+
+def day_expiry(day: str) -> int:
+    """`expires_at` (Unix seconds) of the count of `day` ("YYYY-MM-DD", UTC): 3 days after the day ends."""
+    start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    return int(start.timestamp()) + 86400 + DAY_COUNT_KEPT_SECONDS
 
 
 def entity_keys(entities: Any) -> list[str]:
@@ -253,7 +265,9 @@ class ProductStore(Protocol):
 
 
 class QuotaStore(Protocol):
-    """Limits shared by every process: request spacing, daily budgets, concurrency leases."""
+    """Limits shared by every process: request spacing (per CRM account, per stage), and Metrika's daily
+    budgets and concurrency leases (per token, shared by every stage that uses the token: DynamoStore
+    keeps them in the one quota table)."""
 
     def reserve_slot(self, scope: str, interval: float, now: float) -> float:
         """The time at which the caller may send to `scope`: all callers are spaced at least
@@ -261,7 +275,9 @@ class QuotaStore(Protocol):
 
     def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
         """Count one request against `budget` for `day`: the count including this one, or None (and
-        nothing counted) when the budget is spent. Atomic: concurrent callers never exceed it."""
+        nothing counted) when the budget is spent. Atomic: concurrent callers never exceed it. A stored
+        count carries `expires_at` = `day_expiry(day)`: DynamoDB's TTL removes it (MemoryStore keeps it
+        for the process's life)."""
 
     def requests_on(self, quota_key: str, day: str) -> int:
         """Requests counted for `day` (0 when none)."""

@@ -1,6 +1,6 @@
 """`StateStore` on DynamoDB: the one module that knows key shapes.
 
-Two tables (names from settings, prefixed by stage):
+Three tables (names from settings): config and state per stage, quota shared by every stage:
 
 * config — `pk = INTEGRATION#<id>`; `sk = CONFIG` (the integration), `STATUS_MAPPING`, `ATTRIBUTES`,
   `BACKFILL` (the history import job) or `CURSOR#<name>`.
@@ -8,10 +8,13 @@ Two tables (names from settings, prefixed by stage):
   state (see `chalicelib.store`); `PRODUCT#<product id>`: products in Metrika's product list;
   `UPLOAD#<id>`: uploads to confirm, and `CARRIED#<id>#<part>` the entities each carried (apart, so
   reading every upload stays cheap; in parts, so any number fits under 400 KB); `CUSTOMER#<uniq_id>`: a
-  customer's sources, one attribute each (`src:<source id>`), with `sent` and `version`. Shared limits
-  live in their own partitions: `RATE#<scope>`/`NEXT`,
-  `QUOTA#<key>`/`DAY#<day>`, `LEASE#<scope>`/`SLOT#<n>`.
+  customer's sources, one attribute each (`src:<source id>`), with `sent` and `version`. The CRM rate
+  limiter lives in its own partitions: `RATE#<scope>`/`NEXT`.
   `INBOX#<batch id>` (state table): a large webhook body's refs until the worker has expanded them.
+* quota  — one table for every stage (`metrika-crm-bridge-quota`): Metrika's limits are per token, so dev
+  and prod sharing a token share them. `QUOTA#<key>`/`DAY#<day>` (the day's count `n`, `expires_at` 3
+  days after the day) and `LEASE#<key>`/`SLOT#<n>` (an in-flight request until `expires_at`). The
+  table's TTL attribute is `expires_at` (Unix seconds) for both.
 
 The low-level client with boto3's type (de)serialisers keeps cold starts cheaper than the resource API.
 Every call goes through `_Guarded`, which turns "DynamoDB cannot be reached or throttles us" into
@@ -33,7 +36,7 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTime
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
 
-from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold, entity_keys, entity_pairs
+from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold, day_expiry, entity_keys, entity_pairs
 from . import plain as _plain
 from . import stored_time as _decimal
 
@@ -137,11 +140,12 @@ class DynamoStore:
     """`chalicelib.store.StateStore` on two DynamoDB tables. `clock` gives the timestamps merely
     recorded (sent_at, failed_at …); decisions take `now` from the caller."""
 
-    def __init__(self, client: Any, config_table: str, state_table: str, *,
+    def __init__(self, client: Any, config_table: str, state_table: str, *, quota_table: str,
                  clock: Callable[[], float] = time.time) -> None:
         self._db = _Guarded(client)
         self._config = config_table
         self._state = state_table
+        self._quota = quota_table
         self._clock = clock
         self._integrations: dict[str, tuple[float, dict]] = {}  # id → (read at, config), see get_integration
 
@@ -490,9 +494,11 @@ class DynamoStore:
     def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
         try:
             answer = self._db.update_item(
-                TableName=self._state, Key=_to_item({"pk": f"QUOTA#{quota_key}", "sk": f"DAY#{day}"}),
-                UpdateExpression="ADD n :one", ConditionExpression="attribute_not_exists(n) OR n < :budget",
-                ExpressionAttributeValues=_to_item({":one": 1, ":budget": budget}), ReturnValues="UPDATED_NEW")
+                TableName=self._quota, Key=_to_item({"pk": f"QUOTA#{quota_key}", "sk": f"DAY#{day}"}),
+                UpdateExpression="ADD n :one SET expires_at = :expires",
+                ConditionExpression="attribute_not_exists(n) OR n < :budget",
+                ExpressionAttributeValues=_to_item({":one": 1, ":budget": budget, ":expires": day_expiry(day)}),
+                ReturnValues="UPDATED_NEW")
         except ClientError as exc:
             if _conditional_failed(exc):
                 return None
@@ -500,14 +506,14 @@ class DynamoStore:
         return int(answer["Attributes"]["n"]["N"])
 
     def requests_on(self, quota_key: str, day: str) -> int:
-        item = self._get(self._state, f"QUOTA#{quota_key}", f"DAY#{day}")
+        item = self._get(self._quota, f"QUOTA#{quota_key}", f"DAY#{day}")
         return item["n"] if item else 0
 
     def acquire_lease(self, scope: str, slots: int, owner: str, now: float, ttl: float) -> int | None:
         for slot in range(slots):
             try:
                 self._db.put_item(
-                    TableName=self._state, Item=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}", "owner": owner,
+                    TableName=self._quota, Item=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}", "owner": owner,
                                                           "expires_at": _decimal(now + ttl)}),
                     ConditionExpression="attribute_not_exists(expires_at) OR expires_at < :now",
                     ExpressionAttributeValues=_to_item({":now": _decimal(now)}))
@@ -519,7 +525,7 @@ class DynamoStore:
 
     def release_lease(self, scope: str, slot: int, owner: str) -> None:
         try:
-            self._db.delete_item(TableName=self._state, Key=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}"}),
+            self._db.delete_item(TableName=self._quota, Key=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}"}),
                                  ConditionExpression="#o = :owner", ExpressionAttributeNames={"#o": "owner"},
                                  ExpressionAttributeValues=_to_item({":owner": owner}))
         except ClientError as exc:
