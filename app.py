@@ -50,7 +50,8 @@ def get_metrika(integration):
     from chalicelib.metrika.client import MetrikaClient
     from chalicelib.metrika.governor import QuotaGovernor
     token = integration["metrika_token"]
-    governor = QuotaGovernor(get_store(), token, daily_budget=get_settings().metrika_daily_budget)
+    governor = QuotaGovernor(get_store(), token, daily_budget=get_settings().metrika_daily_budget,
+                             stage=get_settings().stage)
     return MetrikaClient(token, get_settings().metrika_api_url, governor=governor)
 
 

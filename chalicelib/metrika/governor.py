@@ -7,7 +7,13 @@ free slot within `max_wait` (retry in a few seconds), and today's budget spent (
 at 00:00 UTC; waiting for it is not a failed attempt).
 
 The SQS event source's `maximum_concurrency=3` already caps the workers; the lease also covers the
-admin routes and scheduled jobs that call Metrika, and a deployment with several stages on one token.
+admin routes and scheduled jobs that call Metrika, and every stage on one token: the store keeps the
+leases and day counts by token hash in one table all stages share (`store/dynamodb.py`). Each stage
+applies its own `daily_budget` to the shared count, so a dev stage with a lower budget stops while prod,
+on the same token, still has the rest of the day's 5,000.
+
+Every counted request (and a refusal for the spent budget, as 100 %) emits the `MetrikaBudgetUsedPercent`
+metric for the stage (`chalicelib/metrics.py`), which the budget alarm watches.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
+from .. import metrics
 from ..errors import Transient
 from .cdp import SOURCE, seconds_until_quota_reset
 
@@ -28,12 +35,14 @@ def quota_key(token: str) -> str:
 
 class QuotaGovernor:
     def __init__(self, store: Any, token: str, *, daily_budget: int = 5000, parallel: int = 3,
-                 lease_seconds: float = 90.0, max_wait: float = 30.0,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+                 lease_seconds: float = 90.0, max_wait: float = 30.0, stage: str = "",
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 emit: Callable[[str], None] = metrics.write_line) -> None:
         self._store, self._key = store, quota_key(token)
         self.daily_budget, self._parallel = daily_budget, parallel
         self._lease_seconds, self._max_wait = lease_seconds, max_wait
         self._clock, self._sleep = clock, sleep
+        self._stage, self._emit = stage, emit
 
     def _day(self) -> str:
         return datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y-%m-%d")
@@ -57,7 +66,11 @@ class QuotaGovernor:
             self._sleep(0.2)
             slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
         try:
-            if self._store.count_request(self._key, self._day(), self.daily_budget) is None:
+            used = self._store.count_request(self._key, self._day(), self.daily_budget)
+            self._emit(metrics.budget_used_line(stage=self._stage, used=self.daily_budget if used is None else used,
+                                                budget=self.daily_budget, quota_key=self._key,
+                                                timestamp_ms=int(self._clock() * 1000)))
+            if used is None:
                 raise Transient(
                     f"today's budget of {self.daily_budget} Metrika requests is spent; waiting for 00:00 UTC",
                     source=SOURCE, daily_quota=True,
