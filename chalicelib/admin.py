@@ -109,26 +109,29 @@ def bearer_token(authorization: str | None) -> str | None:
 def read_tokens(ssm: Any, name: str, *, overlap_seconds: float, now: float) -> AdminTokens:
     """The SSM adapter: the parameter's current version, and the version before it while the overlap
     lasts (read by its number, so a rotation between the two reads cannot pair the wrong values).
-    Any failure to read is `Unavailable("ssm", <error code>)`; the message never holds a value."""
+    The current version unreadable is `Unavailable("ssm", <error code>)`. The previous one is a grace:
+    unreadable (no such version, throttled, refused) it is left out and logged, the current token works.
+    No message ever holds a value."""
     from botocore.exceptions import BotoCoreError, ClientError
     try:
         parameter = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]
-        version = int(parameter["Version"])
-        previous_until = parameter["LastModifiedDate"].timestamp() + overlap_seconds
-        previous = None
-        if version > 1 and now < previous_until:
-            try:
-                previous = ssm.get_parameter(Name=f"{name}:{version - 1}", WithDecryption=True)["Parameter"]["Value"]
-            except ClientError as exc:
-                # Deleted history (delete-parameter and a new put restarts at version 1, but a history
-                # trimmed by SSM can miss it): no previous token, not a failure.
-                if exc.response.get("Error", {}).get("Code") not in ("ParameterVersionNotFound", "ParameterNotFound"):
-                    raise
-        return AdminTokens.of(parameter["Value"], previous, previous_until)
-    except ClientError as exc:
-        raise Unavailable("ssm", exc.response.get("Error", {}).get("Code", "ClientError")) from None
-    except BotoCoreError as exc:
-        raise Unavailable("ssm", type(exc).__name__) from None
+    except (ClientError, BotoCoreError) as exc:
+        raise Unavailable("ssm", _error_code(exc)) from None
+    version = int(parameter["Version"])
+    previous_until = parameter["LastModifiedDate"].timestamp() + overlap_seconds
+    previous = None
+    if version > 1 and now < previous_until:
+        try:
+            previous = ssm.get_parameter(Name=f"{name}:{version - 1}", WithDecryption=True)["Parameter"]["Value"]
+        except (ClientError, BotoCoreError) as exc:
+            from .logs import log_event
+            log_event("admin_token_previous_unreadable", version=version - 1, error=_error_code(exc))
+    return AdminTokens.of(parameter["Value"], previous, previous_until)
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return response.get("Error", {}).get("Code") or type(exc).__name__
 
 
 class AdminTokenCache:

@@ -14,6 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from chalicelib.admin import (AUTHORIZER_CACHE_SECONDS, MISS_REREAD_SECONDS, PARAMETER_TTL_SECONDS,
                               STALE_LIMIT_SECONDS, AdminTokenCache, AdminTokens, admin_tokens, bearer_token)
@@ -185,6 +186,25 @@ def test_a_rotation_during_the_two_reads_never_pairs_wrong_versions(ssm, name):
     cache = tokens(RotatesBetweenReads(ssm), name, Clock())
     assert cache.is_admin(bearer(second)) and cache.is_admin(bearer(first))  # versions 2 and 1, as read
     assert not cache.is_admin(bearer("x" * 64))
+
+
+def test_an_unreadable_previous_version_drops_only_the_overlap(ssm, name, captured_logs):
+    """The previous token is a grace: refused for it (or throttled), the current token still works."""
+    old, new = "old-" + uuid.uuid4().hex, "new-" + uuid.uuid4().hex
+    put(ssm, name, old)
+    put(ssm, name, new)
+
+    class NoHistory(Counting):
+        def get_parameter(self, **kwargs):
+            if kwargs["Name"] != name:
+                raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "GetParameter")
+            return super().get_parameter(**kwargs)
+
+    cache = tokens(NoHistory(ssm), name, Clock())
+    assert cache.is_admin(bearer(new)) and not cache.is_admin(bearer(old))
+    logged = [json.loads(r.getMessage()) for r in captured_logs.records if "previous_unreadable" in r.getMessage()]
+    assert logged and logged[0]["error"] == "AccessDeniedException" and logged[0]["version"] == 1
+    assert old not in captured_logs.text and new not in captured_logs.text
 
 
 def test_tokens_compare_whole_and_blank_values_accept_nobody():
