@@ -6,13 +6,15 @@ on first use, so a cold start that serves a webhook never pays for what it does 
 import functools
 import json
 import os
+import time
 import traceback
 import uuid
 
 from chalice import AuthResponse, Chalice, Rate, Response
 
+from chalicelib import deadline
 from chalicelib.admin import AUTHORIZER_CACHE_SECONDS
-from chalicelib.errors import ApiError, Unavailable, invalid
+from chalicelib.errors import ApiError, OutOfTime, Unavailable, invalid, timed_out
 from chalicelib.ids import is_integration_id
 from chalicelib.settings import APP_NAME, get_settings
 
@@ -91,7 +93,9 @@ def get_worker():
 
 def answers(view):
     """Every answer is JSON in one shape. Bad input raises `ApiError` (4xx naming the field); our store
-    or queue unreachable is a 503 (the CRM retries; what was written is harmless to write again);
+    or queue unreachable is a 503 (the CRM retries; what was written is harmless to write again); the
+    CRM or Metrika not answering within the request's time is a 504 `timeout` naming it, before API
+    Gateway's bare 502 (each route runs under a deadline of `api_seconds()`);
     anything else is a bug: a 500 with a request id, the traceback in the log under the same id."""
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
@@ -100,8 +104,12 @@ def answers(view):
                 # Checked for every route, before any lookup: DynamoDB refuses keys over 2 KB (a 500).
                 raise invalid("integration id must be 1-64 characters: Latin letters, digits, _ and -",
                               {"integration_id": str(kwargs["integration_id"])[:80]})
-            return view(*args, **kwargs)
+            with deadline.invocation(api_seconds(), reserve=deadline.API_RESERVE):
+                return view(*args, **kwargs)
         except ApiError as error:
+            return Response(body=error.body(), status_code=error.status)
+        except OutOfTime as exc:  # a call no route turned into its own answer
+            error = timed_out(exc)
             return Response(body=error.body(), status_code=error.status)
         except Unavailable as exc:
             _log_failure("unavailable", exc)
@@ -112,6 +120,24 @@ def answers(view):
                                   "message": f"an unexpected error occurred (request id {request_id})"},
                             status_code=500)
     return wrapped
+
+
+def api_seconds():
+    """This request's time: API Gateway's 29 s from when it received the request, within the Lambda's
+    own remaining time (`deadline.api_seconds`)."""
+    context = getattr(app, "lambda_context", None)
+    received = ((app.current_request.context if app.current_request else None) or {}).get("requestTimeEpoch")
+    return deadline.api_seconds(
+        lambda_remaining=context.get_remaining_time_in_millis() / 1000 if context is not None else None,
+        received_at=received / 1000 if isinstance(received, (int, float)) and not isinstance(received, bool) else None,
+        now=time.time())
+
+
+def lambda_deadline(context, reserve):
+    """The invocation's deadline from its Lambda context (`chalicelib.deadline`): the worker's and the
+    schedules'. No context (a caller outside Lambda, such as a test), no deadline."""
+    remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else None
+    return deadline.invocation(remaining, reserve=reserve)
 
 
 def _log_failure(event, exc):
@@ -320,39 +346,27 @@ def bitrix24_webhook(integration_id):
                     # At most 3 workers at once: Metrika allows 3 requests in flight per token.
                     maximum_concurrency=3)
 def on_events_message(event):
-    return vars(get_worker().handle(record.body for record in event))
+    from chalicelib.worker import RESERVE_SECONDS
+    with lambda_deadline(event.context, RESERVE_SECONDS):
+        return vars(get_worker().handle(record.body for record in event))
 
 
 @app.schedule(Rate(int(os.environ.get("RECONCILE_MINUTES", "10")), unit=Rate.MINUTES))
 def reconcile_all(event):
-    from chalicelib.logs import log_event
-    results = {}
-    for integration_id in get_store().list_integration_ids():
-        try:
-            results[integration_id] = _reconcile(integration_id, None)
-        except Unavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 — one broken integration must not stop the others
-            log_event("reconcile_failed", integration_id=integration_id, error=type(exc).__name__,
-                      traceback=traceback.format_exc(limit=8))
-    return results
+    from chalicelib.schedules import RESERVE_SECONDS, each_integration
+    with lambda_deadline(event.context, RESERVE_SECONDS):
+        return each_integration(get_store(), "reconcile_all", lambda integration_id: _reconcile(integration_id, None),
+                                failed_event="reconcile_failed")
 
 
 @app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
 def confirm_uploads(event):
-    from chalicelib.logs import log_event
-    results = {}
-    for integration_id in get_store().list_integration_ids():
-        try:
-            results[integration_id] = _confirm(integration_id)
-        except Unavailable:
-            raise
-        except ApiError as error:  # Metrika unreachable or refusing, or the integration deleted meanwhile
-            results[integration_id] = {"error": error.message}
-        except Exception as exc:  # noqa: BLE001 — as above
-            log_event("confirm_failed", integration_id=integration_id, error=type(exc).__name__,
-                      traceback=traceback.format_exc(limit=8))
-    return results
+    # An ApiError is the integration's result: Metrika unreachable or refusing, or the integration deleted
+    # meanwhile.
+    from chalicelib.schedules import RESERVE_SECONDS, each_integration
+    with lambda_deadline(event.context, RESERVE_SECONDS):
+        return each_integration(get_store(), "confirm_uploads", _confirm, failed_event="confirm_failed",
+                                answer_errors=True)
 
 # End of event handlers.
 

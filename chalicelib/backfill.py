@@ -26,16 +26,26 @@ from datetime import date, datetime, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
+from . import deadline
 from .crm import EntityRows
 from .delivery import Accepted, Parked, Pending, Retry, Sink, content_hash_of, previous_customers, validated_rows
-from .errors import BridgeError, Transient, invalid, not_found
+from .errors import BridgeError, OutOfTime, Transient, invalid, not_found
 from .ingest import FUTURE_SKEW_SECONDS
 from .logs import log_event
 from .parallel import each
 from .queue import BACKFILL, MAX_DELAY_SECONDS, Queue, message
 PHASES = ("contacts", "orders")
 STEP_ROWS = 1000  # entities read per step, at most (and at most the upload row limit)
-STEP_SECONDS = 60  # well inside the worker Lambda's timeout and the queue's visibility timeout
+STEP_SECONDS = 60  # reading time per step, at most; inside the worker's 300 s with the upload after it
+# Seconds of outbound calls a step keeps after reading, for the upload and the saves: a wait for one of
+# the token's 3 Metrika slots (the governor's 30 s at most), the contacts and the orders upload of up to
+# 1,000 rows each (answered within seconds: ~10 s each) and ~2,000 conditional writes, 8 at a time
+# (take and release: ~3 s) ≈ 55 s, rounded up. Reading stops this long before the invocation's
+# deadline (`chalicelib.deadline`) leaves no time for calls, so a step's upload is not cut short.
+UPLOAD_SECONDS = 60
+# A step is started only with time to read something (a page or two: an amoCRM page of 250, or a
+# Bitrix24 batch of 50 deals, is answered within a couple of seconds) and upload it.
+START_SECONDS = 10 + UPLOAD_SECONDS
 BUDGET_RESERVE = 500  # Metrika requests a day the import leaves to the live path
 RETRY_LIMIT = 12
 MAX_DELAY = MAX_DELAY_SECONDS
@@ -173,20 +183,34 @@ class Backfill:
         # What an earlier, failed attempt at this step already settled (see `_deliver`).
         partial = job.get("partial") or {"counts": {}, "settled": [], "accepted": {}}
         used = {"crm": 0, "metrika": metrika.governor.used_today() if metrika.governor else 0}
+        # Reading stops in time for the upload and the saves after it (UPLOAD_SECONDS before the
+        # invocation leaves no time for calls); a page read cut short ends the reading, not the step.
+        calls_left = deadline.usable()
+        read_seconds = self._step_seconds if calls_left is None else min(self._step_seconds, calls_left - UPLOAD_SECONDS)
+        if read_seconds <= 0:
+            return self._again(integration_id, job, 1, "too little of the worker's time was left to start this "
+                               "step", count_attempt=False)
         try:
-            while len(rows) < min(self._row_limit, STEP_ROWS) and self._clock() - started < self._step_seconds:
-                page = source.backfill_page(integration, mapping, attributes, phase, job["since_ts"], cursor)
-                used["crm"] += page.requests
-                rows.update(page.rows)
-                times.update(page.event_times)
-                if page.total is not None and cursor is None:
-                    job["totals"][phase] = page.total
-                cursor = page.cursor
-                if cursor is None:
-                    break
+            with deadline.narrowed(read_seconds):
+                while len(rows) < min(self._row_limit, STEP_ROWS) and self._clock() - started < read_seconds:
+                    page = source.backfill_page(integration, mapping, attributes, phase, job["since_ts"], cursor)
+                    used["crm"] += page.requests
+                    rows.update(page.rows)
+                    times.update(page.event_times)
+                    if page.total is not None and cursor is None:
+                        job["totals"][phase] = page.total
+                    cursor = page.cursor
+                    if cursor is None:
+                        break
+        except OutOfTime as exc:
+            if not rows:  # nothing read: the step waits for an invocation with time, no attempt counted
+                self._add_requests(job, metrika, used)
+                return self._again(integration_id, job, exc.retry_after or 1, exc.message, count_attempt=False)
+            # else: upload what was read; the cursor is the last page read whole
         except Transient as exc:
             self._add_requests(job, metrika, used)
-            return self._again(integration_id, job, exc.retry_after or self._backoff(job), exc.message)
+            return self._again(integration_id, job, exc.retry_after or self._backoff(job), exc.message,
+                               count_attempt=exc.counts_attempt)
         except BridgeError as exc:
             return self._fail(integration_id, job, f"the CRM refused the import: {exc.message}")
         counts, retry, refused = self._deliver(integration_id, integration, metrika, source, attributes, rows, times,

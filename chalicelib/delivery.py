@@ -511,7 +511,7 @@ class Sink:
         for key, entity in live.items():
             if not (entity.unsent(CONTACT) or entity.unsent(ORDER)):
                 continue
-            result.outcomes[key] = Retry(exc.describe(), exc.retry_after, not exc.daily_quota, entity.progress(),
+            result.outcomes[key] = Retry(exc.describe(), exc.retry_after, exc.counts_attempt, entity.progress(),
                                          entity.contacts_sent, entity.orders_sent)
 
     def sync_products(self, integration_id: str, integration: dict, wanted: dict[str, dict]) -> int:

@@ -6,7 +6,8 @@ Every adapter maps its wire errors to these classes in one place (Metrika: `metr
 
 * `Transient` — the same call may succeed later (429, 5xx, timeouts, a maintenance page instead of
   JSON). Carries `retry_after` (seconds, when the far side said) and `daily_quota` (wait for the
-  quota's reset, not a failed attempt).
+  quota's reset, not a failed attempt). Its kind `OutOfTime`: this invocation had no time left for the
+  call, or cut it short (`chalicelib.deadline`) — not a failed attempt either; an admin route answers 504.
 * `Permanent` — the far side refused this data (Metrika's 400 with `location`s naming the rows).
   Retrying the same data cannot help: the entity is parked with the reason.
 * `Misconfigured` — the integration cannot work until a person acts (token revoked, access denied,
@@ -42,6 +43,12 @@ class BridgeError(Exception):
         return isinstance(self, Transient)
 
     @property
+    def counts_attempt(self) -> bool:
+        """Whether retrying after this error counts towards the retry limit: not while waiting for the
+        daily quota, nor when our own invocation ran out of time (`OutOfTime`)."""
+        return not self.daily_quota
+
+    @property
     def locations(self) -> list[str]:
         """Where the far side says the problem is (`orders[3].createDateTime`)."""
         return [str(e["location"]) for e in self.errors if e.get("location")]
@@ -60,6 +67,15 @@ class BridgeError(Exception):
 
 class Transient(BridgeError):
     kind = "transient"
+
+
+class OutOfTime(Transient):
+    """The invocation's deadline (`chalicelib.deadline`) left no time for a call to `source`, or cut it
+    short. The far side may be fine: retried later without counting an attempt."""
+
+    @property
+    def counts_attempt(self) -> bool:
+        return False
 
 
 class Permanent(BridgeError):
@@ -103,9 +119,20 @@ def invalid(message: str, details: Any = None) -> ApiError:
 
 def http_error(what: str, exc: BridgeError) -> ApiError:
     """A failed call to the CRM or Metrika under an admin route, as the caller should see it:
-    502/503 when it failed or throttled us (try again), 422 when it refused (act on the message)."""
+    502/503 when it failed or throttled us (try again), 422 when it refused (act on the message), 504
+    when the request's time ran out first (`timed_out`)."""
+    if isinstance(exc, OutOfTime):
+        return timed_out(exc, what)
     prefix = "metrika" if exc.source == "metrika" else "crm"
     if isinstance(exc, Transient):
         return ApiError(503 if exc.status in (420, 429) else 502, f"{prefix}_unavailable",
                         f"{what}: {exc.message}; try again later", exc.describe())
     return ApiError(422, f"{prefix}_refused", f"{what}: {exc.message}", exc.describe())
+
+
+def timed_out(exc: OutOfTime, what: str = "") -> ApiError:
+    """504 `timeout`: the call named in the message did not answer within the time API Gateway leaves a
+    request (29 s). What was stored before it stays; the same request may be sent again."""
+    message = f"{what}: {exc.message}" if what else exc.message
+    return ApiError(504, "timeout", f"{message}; nothing after that call was done: try again",
+                    exc.describe())

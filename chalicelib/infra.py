@@ -19,8 +19,8 @@ from .settings import Settings, load_settings
 
 KEY_SCHEMA = [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}]
 ATTRIBUTES = [{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}]
-# Lambda's guidance: visibility timeout ≥ 6 × the worker's timeout (60 s in .chalice/config.json).
-WORKER_TIMEOUT_SECONDS = 60
+# Lambda's guidance: visibility timeout ≥ 6 × the worker's timeout (300 s in .chalice/config.json).
+WORKER_TIMEOUT_SECONDS = 300
 VISIBILITY_TIMEOUT_SECONDS = 6 * WORKER_TIMEOUT_SECONDS
 MAX_RECEIVE_COUNT = 5
 

@@ -21,6 +21,7 @@ import traceback
 import uuid
 from typing import Any, Callable, Iterable
 
+from . import deadline
 from .crm import CrmSource, EntityRef, WebhookError
 from .errors import ApiError, BridgeError, Unavailable, http_error, invalid, not_found
 from .logs import log_event
@@ -53,9 +54,13 @@ INLINE_ENTITIES = 10
 # single-digit ms, and ~150 writes a second, far below the partition's 1,000 (the deliveries the
 # expansion queues then write to the same partition).
 INBOX_BATCH_REFS = 500
-# Batches one worker invocation expands (~8 s): with its deliveries it stays well inside its 60 s. More
+# Batches one worker invocation expands (~8 s): with its deliveries it stays well inside its time. More
 # in one SQS batch are queued again for the next invocation.
 INBOX_BATCHES_PER_RUN = 2
+# Seconds of the invocation a batch's expansion needs to be started (`chalicelib.deadline`): 500
+# conditional writes one after another (~4 s; 12.5 s at a slow DynamoDB's 25 ms) and 50 SendMessageBatch
+# calls (~1 s). It calls no CRM and no Metrika, so nothing clips it: this margin is its only guard.
+INBOX_SECONDS = 20
 # A batch still in the inbox this long after it was recorded lost its message (or its expansion keeps
 # failing): the reconciliation sweep queues it again.
 INBOX_GRACE_SECONDS = QUEUE_LEASE_SECONDS
@@ -332,7 +337,8 @@ def expand_inbox(store: Any, queue: Queue, batches: list[tuple[str, str]], *,
                  clock: Callable[[], float] = time.time) -> dict:
     """The worker's part for INBOX messages ((integration id, batch id) each): expand up to
     INBOX_BATCHES_PER_RUN batches and queue the rest again for another invocation, so one SQS batch
-    full of them stays inside the worker's time. `Unavailable` goes up (SQS redelivers the batch);
+    full of them stays inside the worker's time; so are those left when the invocation's deadline no
+    longer leaves INBOX_SECONDS. `Unavailable` goes up (SQS redelivers the batch);
     anything else one batch raises is logged and leaves that batch for the sweep, failing no other.
     {"expanded": entities, "queued": entity messages, "failed": batches, "postponed": batches}."""
     batches = list(dict.fromkeys(batches))
@@ -341,7 +347,14 @@ def expand_inbox(store: Any, queue: Queue, batches: list[tuple[str, str]], *,
         queue.send([message(integration_id, INBOX, batch_id) for integration_id, batch_id in later])
     ingest = Ingest(store, queue, max_body_bytes=0, clock=clock)
     outcome = {"expanded": 0, "queued": 0, "failed": 0, "postponed": len(later)}
-    for integration_id, batch_id in first:
+    for index, (integration_id, batch_id) in enumerate(first):
+        if not deadline.has(INBOX_SECONDS):
+            left = first[index:]
+            queue.send([message(i, INBOX, b) for i, b in left])
+            outcome["postponed"] += len(left)
+            log_event("work_postponed", what="inbox batches", units=len(left), messages=len(left),
+                      seconds_left=round(deadline.remaining() or 0.0, 1))
+            break
         try:
             result = ingest.expand(integration_id, batch_id)
         except Unavailable:

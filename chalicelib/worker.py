@@ -5,6 +5,13 @@ of the batch — up to 100, of every integration. The worker therefore isolates 
 group: whatever a group raises, expected or not, only that group's entities are re-queued with
 backoff and an attempt counted, then parked with the error after the retry limit. Only losing the
 store or the queue (`errors.Unavailable`) fails the batch, and then SQS redelivers it.
+
+Time: the Lambda's deadline (`chalicelib.deadline`, set by `app.py` from the invocation's remaining time)
+clips every outbound call, and a unit of work — an integration group, an inbox batch, a history-import
+step — starts only while enough of the invocation is left for it (GROUP_SECONDS, `ingest.INBOX_SECONDS`,
+`backfill.START_SECONDS`). What is not started is queued again as it came (the entities' queue leases
+still hold) and the batch succeeds, so a slow batch never times out into SQS's redelivery and, after
+five receives, the dead-letter queue.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
+from . import deadline
+from .backfill import START_SECONDS as STEP_START_SECONDS
 from .crm import CONTACT, ORDER, CrmSource, EntityRef, EntityRows, crm_contact_id, is_crm_contact
 from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, copy_unknown, previous_customers,
                        row_hash, row_key)
@@ -25,6 +34,17 @@ from .ingest import expand_inbox
 from .queue import BACKFILL, INBOX, MAX_DELAY_SECONDS, Queue, message
 
 DELETED_DEAL_STATUS = "CANCELLED"
+# Seconds of the invocation kept after the last outbound call (`deadline.invocation`'s reserve): the
+# writes that settle a cut-short group — up to 100 entities' attempts, ~10 ms each, 2.5 s at a slow
+# DynamoDB's 25 ms — and re-queueing the groups not started (100 messages: 10 SendMessageBatch calls),
+# with room for the SDK's retries of throttled calls. Far more than they take, far less than the 300 s.
+RESERVE_SECONDS = 10
+# Seconds of outbound calls an integration group needs to be started: its CRM read (a few requests at
+# amoCRM's 7 or Bitrix24's 2 a second, each answered in a second or two: ~10 s), a wait for one of the
+# token's 3 Metrika slots (at most the governor's 30 s), a contacts and an orders upload (answered in
+# seconds; ~5 s each) and the claim and state writes (~1 s for 100 entities) ≈ 50 s, rounded up. A
+# group started with less is cut short (retried without an attempt counted), which wastes its CRM read.
+GROUP_SECONDS = 60
 # A retry message's lease lasts its delay plus this margin (see ingest.QUEUE_LEASE_SECONDS).
 RETRY_LEASE_MARGIN = 900
 
@@ -42,6 +62,7 @@ class Report:
     backfill_steps: int = 0
     failed_groups: int = 0
     expanded: int = 0  # entities of large webhook bodies recorded (ingest.expand_inbox)
+    postponed: int = 0  # messages queued again, not started: too little of the invocation was left
 
 
 class Worker:
@@ -78,11 +99,30 @@ class Worker:
             expansion = expand_inbox(self._store, self._queue, inbox, clock=self._clock)
             report.expanded += expansion["expanded"]
             report.failed_groups += expansion["failed"]
-        for integration_id, keys in groups.items():
+            report.postponed += expansion["postponed"]
+        work = list(groups.items())
+        for index, (integration_id, keys) in enumerate(work):
+            if not deadline.has(GROUP_SECONDS):
+                self._postpone([message(i, kind, crm_id) for i, rest in work[index:] for kind, crm_id in rest],
+                               "integration groups", len(work) - index, report)
+                break
             self._isolated(integration_id, list(keys), report)
-        for step in steps:
+        for index, step in enumerate(steps):
+            if not deadline.has(STEP_START_SECONDS):
+                self._postpone([message(str(s["integration_id"]), BACKFILL, str(s["crm_id"])) for s in steps[index:]],
+                               "history-import steps", len(steps) - index, report)
+                break
             self._step(step, report)
         return report
+
+    def _postpone(self, messages: list[dict], what: str, units: int, report: Report) -> None:
+        """Queue again, as they came, messages whose work was not started for lack of time. Their
+        entities' queue leases were taken when they were first queued and still hold, so nothing else
+        queues them meanwhile; a failure to queue is `Unavailable` and fails the batch (SQS redelivers)."""
+        self._queue.send(messages)
+        report.postponed += len(messages)
+        log_event("work_postponed", what=what, units=units, messages=len(messages),
+                  seconds_left=round(deadline.remaining() or 0.0, 1))
 
     # --- one integration's entities -----------------------------------------------------------------
 
@@ -102,7 +142,11 @@ class Worker:
             if len(keys) == 1:
                 self._requeue_after_crash(integration_id, keys, exc, report)
                 return
-        for key in keys:
+        for index, key in enumerate(keys):
+            if not deadline.has(GROUP_SECONDS):  # one by one takes longer: the rest waits for another invocation
+                self._postpone([message(integration_id, *k) for k in keys[index:]], "entities of a crashed group",
+                               len(keys) - index, report)
+                return
             self._isolated(integration_id, [key], report)
 
     def _deliver(self, integration_id: str, keys: list[tuple[str, str]], report: Report) -> None:
@@ -131,7 +175,7 @@ class Worker:
             rows = source.snapshot(integration, mapping, refs, attributes)
         except Transient as exc:
             self._retry(integration_id, claimed, exc.describe(), report, after=exc.retry_after,
-                        count_attempt=not exc.daily_quota)
+                        count_attempt=exc.counts_attempt)
             return
         except BridgeError as exc:  # the CRM refused (token revoked, no access): a person must act
             for key, state in claimed.items():

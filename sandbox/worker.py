@@ -2,6 +2,9 @@
 
 Messages are deleted only after the handler returns, as Lambda's SQS event source does; a crash leaves
 them to reappear after the visibility timeout and, past maxReceiveCount, in the dead-letter queue.
+With `lambda_timeout` (`make run`: the worker's timeout in .chalice/config.json) each batch gets a Lambda
+context with that much time, so the handler's deadline (chalicelib/deadline.py) works as deployed;
+without it (tests, benches) the handler runs with no deadline.
 
     python -m sandbox.worker
 """
@@ -31,8 +34,9 @@ def sqs_event(messages: list[dict], queue_arn: str) -> dict:
 
 class WorkerLoop:
     def __init__(self, handler: Any, queue_name: str, *, sqs: Any = None, batch_size: int = 100,
-                 batching_window: float = 0.0, wait_seconds: int = 1) -> None:
+                 batching_window: float = 0.0, wait_seconds: int = 1, lambda_timeout: float | None = None) -> None:
         self._handler = handler
+        self._lambda_timeout = lambda_timeout
         self._sqs = sqs or boto3.client("sqs")
         self._url = self._sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
         self._arn = self._sqs.get_queue_attributes(QueueUrl=self._url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
@@ -63,7 +67,7 @@ class WorkerLoop:
         if not messages:
             return 0
         try:
-            self._handler(sqs_event(messages, self._arn), None)
+            self._handler(sqs_event(messages, self._arn), self._context())
         except Exception:
             log.exception("worker handler failed; %d message(s) will be redelivered", len(messages))
             return 0
@@ -71,6 +75,13 @@ class WorkerLoop:
             self._sqs.delete_message_batch(QueueUrl=self._url, Entries=[
                 {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages[start:start + 10])])
         return len(messages)
+
+    def _context(self) -> Any:
+        """A Lambda context whose remaining time starts at `lambda_timeout` (None without one)."""
+        if self._lambda_timeout is None:
+            return None
+        from chalice.local import LambdaContext
+        return LambdaContext("on_events_message", memory_size=0, max_runtime_ms=int(self._lambda_timeout * 1000))
 
     def drain(self, idle_rounds: int = 2) -> int:
         """Handle messages until the queue stays empty for `idle_rounds` polls (tests, scripts)."""
@@ -89,6 +100,13 @@ class WorkerLoop:
         self._stop.set()
 
 
+def configured_worker_timeout(stage: str) -> float:
+    """The worker's `lambda_timeout` for `stage` in .chalice/config.json, as `chalice deploy` sets it."""
+    from chalice.cli.factory import CLIFactory
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return CLIFactory(root).create_config_obj(chalice_stage_name=stage).scope(stage, "on_events_message").lambda_timeout
+
+
 def main() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     sys.path.insert(0, ".")
@@ -96,7 +114,8 @@ def main() -> None:
     from chalicelib.settings import get_settings
     loop = WorkerLoop(on_events_message, get_settings().events_queue,
                       batch_size=int(os.environ.get("WORKER_BATCH_SIZE", "100")),
-                      batching_window=float(os.environ.get("WORKER_BATCHING_WINDOW", "5")))
+                      batching_window=float(os.environ.get("WORKER_BATCHING_WINDOW", "5")),
+                      lambda_timeout=configured_worker_timeout(get_settings().stage))
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     print(f"worker polling {get_settings().events_queue}", flush=True)
     try:

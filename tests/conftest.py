@@ -55,6 +55,28 @@ def _loopback_only(host, *args, **kwargs):
 socket.getaddrinfo = _loopback_only
 
 
+def _configured_lambda_context():
+    """chalice.test's `lambda_.invoke` gives every function Lambda's default 3 s; deployed, a function
+    runs for its timeout in .chalice/config.json, and its deadline (chalicelib.deadline) reads the
+    remaining time from this context. The test client's functions get their configured timeout."""
+    import chalice.test
+    from chalice.cli.factory import CLIFactory
+    from chalice.local import LambdaContext
+    config = CLIFactory(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).create_config_obj(
+        chalice_stage_name="dev")
+
+    class ConfiguredLambdaContext(LambdaContext):
+        def __init__(self, function_name, memory_size, max_runtime_ms=None, time_source=None):
+            if max_runtime_ms is None:
+                max_runtime_ms = config.scope("dev", function_name).lambda_timeout * 1000
+            super().__init__(function_name, memory_size, max_runtime_ms, time_source)
+
+    chalice.test.LambdaContext = ConfiguredLambdaContext
+
+
+_configured_lambda_context()
+
+
 STACK_FIXTURES = {"moto_url", "service_env", "stack"}
 
 

@@ -36,3 +36,30 @@ def test_stage_config_matches_settings_and_policy(stage):
         used |= {f"sqs:{''.join(p.title() for p in m.split('_'))}".replace("Batch", "")
                  for m in re.findall(r"_sqs\.(\w+)\(", text)}
     assert used and used <= allowed, used - allowed
+
+
+SIZES = {"api_handler": (28, 1024), "admin": (10, 256), "reconcile_all": (300, 512), "confirm_uploads": (300, 512)}
+WORKER_MEMORY = {"dev": 512, "prod": 1024}
+
+
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_each_function_has_its_size_and_its_units_of_work_fit_its_time(stage):
+    """Per-function timeouts and memory (Chalice's `lambda_functions` keys: `api_handler`, the authorizer
+    by its function name), and the deadline margins (chalicelib/deadline.py) against them."""
+    from chalicelib import backfill, deadline, ingest, schedules, worker
+    config = CLIFactory(str(ROOT)).create_config_obj(chalice_stage_name=stage)
+    sizes = {name: (config.scope(stage, name).lambda_timeout, config.scope(stage, name).lambda_memory_size)
+             for name in (*SIZES, "on_events_message")}
+    assert sizes == {**SIZES, "on_events_message": (300, WORKER_MEMORY[stage])}
+    # The API answers before API Gateway gives up (29 s) with a bare 502: a JSON 504 at worst.
+    assert sizes["api_handler"][0] < deadline.GATEWAY_TIMEOUT
+    worker_timeout = sizes["on_events_message"][0]
+    # Every unit of work fits an invocation at least twice over, with its reserve for the last writes.
+    longest_start = max(worker.GROUP_SECONDS, backfill.START_SECONDS, ingest.INBOX_SECONDS)
+    assert worker.RESERVE_SECONDS + 2 * longest_start <= worker_timeout
+    assert worker.RESERVE_SECONDS + backfill.STEP_SECONDS + backfill.UPLOAD_SECONDS <= worker_timeout
+    assert schedules.RESERVE_SECONDS + 2 * schedules.START_SECONDS <= sizes["reconcile_all"][0]
+    # No step outlives its message: the invocation ends (clipped calls, reserve) before the message is
+    # visible again, and a held entity is still held when a step's retry comes.
+    assert infra.VISIBILITY_TIMEOUT_SECONDS >= 6 * worker_timeout
+    assert backfill.HOLD_SECONDS >= backfill.MAX_DELAY + worker_timeout

@@ -31,6 +31,7 @@ PURE_MODULES = [
     "chalicelib.metrika.schemas",
     "chalicelib.metrika.cdp",
     "chalicelib.errors",
+    "chalicelib.deadline",
 ]
 FORBIDDEN = ["chalice", "boto3", "botocore", "requests", "chalicelib.store", "chalicelib.store.dynamodb"]
 

@@ -104,9 +104,16 @@ def unmapped_stage(stage: str, name: str | None = None) -> EntityRows:
 
 
 def slot_waiter(reserve_slot: Callable[[str, float, float], float], scope: str, interval: float) -> Callable[[], None]:
-    """Block until the shared limiter (`Store.reserve_slot`) lets this process send to `scope`."""
+    """Block until the shared limiter (`Store.reserve_slot`) lets this process send to `scope`
+    (`<crm>:<hash>`); `OutOfTime` instead when the invocation's deadline leaves no time to wait for the
+    slot and make the call (`chalicelib.deadline`)."""
     def wait_for_slot() -> None:
+        from .. import deadline  # stdlib only; imported here, as the webhook path never waits for a slot
         delay = reserve_slot(scope, interval, time.time()) - time.time()
         if delay > 0:
+            if not deadline.allows(delay):
+                crm = scope.partition(":")[0]
+                raise deadline.OutOfTime(f"no time left in this invocation to wait {delay:.1f} s for {crm}'s rate "
+                                         "limit", source=crm, retry_after=1)
             time.sleep(delay)
     return wait_for_slot

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import requests
 
+from .. import deadline
 from ..errors import Transient
 from ..outbound import redirect_target
 from . import cdp
@@ -45,7 +46,8 @@ class MetrikaClient:
         """One request through the governor; an answered 5xx or 429 is tried once more after a short
         pause before the caller's backoff (minutes) takes over. Under 30 % of such answers that turns
         a 30 % chance of a long wait into 9 %. Not retried here: timeouts (the call already took its
-        time), the daily quota, and a Retry-After longer than QUICK_RETRY_MAX."""
+        time), the daily quota, a Retry-After longer than QUICK_RETRY_MAX, and a retry the invocation's
+        deadline leaves no time for (`chalicelib.deadline`)."""
         attempts = 0
         while True:
             try:
@@ -53,13 +55,16 @@ class MetrikaClient:
             except Transient as exc:
                 attempts += 1
                 quick = exc.status is not None and not exc.daily_quota and (exc.retry_after or 0) <= QUICK_RETRY_MAX
-                if not quick or attempts >= self._attempts:
+                pause = max(exc.retry_after or 0, random.uniform(QUICK_RETRY_PAUSE / 2, QUICK_RETRY_PAUSE))
+                if not quick or attempts >= self._attempts or not deadline.allows(pause):
                     raise
-                self._sleep(max(exc.retry_after or 0, random.uniform(QUICK_RETRY_PAUSE / 2, QUICK_RETRY_PAUSE)))
+                self._sleep(pause)
 
     def _governed(self, request: cdp.ApiRequest) -> Any:
         if self.governor is None:
             return self._send(request)
+        # No slot is taken, nor a request of today's budget spent, for a call there is no time for.
+        deadline.clip(self._timeout, source=cdp.SOURCE, what="Metrika")
         with self.governor.request():
             return self._send(request)
 
@@ -71,11 +76,14 @@ class MetrikaClient:
         elif request.body is not None:
             headers["Content-Type"] = "application/json; charset=utf-8"
             data = json.dumps(request.body, ensure_ascii=False, default=_json_default).encode("utf-8")
+        timeout = deadline.clip(self._timeout, source=cdp.SOURCE, what="Metrika")
         try:
             response = self._session.request(request.method, self._base_url + request.path,
                                              params=request.params or None, data=data, files=files, headers=headers,
-                                             timeout=self._timeout, allow_redirects=False)
+                                             timeout=timeout, allow_redirects=False)
         except requests.RequestException as exc:
+            if isinstance(exc, requests.Timeout) and timeout != self._timeout:  # our deadline cut it short
+                raise deadline.cut_short(timeout, source=cdp.SOURCE, what="Metrika") from exc
             raise cdp.unreachable(type(exc).__name__, isinstance(exc, requests.Timeout)) from exc
         if 300 <= response.status_code < 400:
             # requests would follow it, with the OAuth token when the host stays the same. Metrika's API

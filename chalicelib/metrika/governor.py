@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-from .. import metrics
-from ..errors import Transient
+from .. import deadline, metrics
+from ..errors import OutOfTime, Transient
 from .cdp import SOURCE, seconds_until_quota_reset
 
 
@@ -55,12 +55,19 @@ class QuotaGovernor:
 
     @contextmanager
     def request(self) -> Iterator[None]:
-        """Hold an in-flight slot and spend one request of today's budget for the duration."""
+        """Hold an in-flight slot and spend one request of today's budget for the duration. The wait for
+        a slot ends after `max_wait`, or earlier when the invocation's deadline would leave no time for
+        the call itself (`OutOfTime`: not a failed attempt)."""
         owner = uuid.uuid4().hex
-        deadline = self._clock() + self._max_wait
+        left = deadline.usable()
+        wait = self._max_wait if left is None else min(self._max_wait, left - deadline.MIN_CALL_SECONDS)
+        give_up = self._clock() + wait
         slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
         while slot is None:
-            if self._clock() >= deadline:
+            if self._clock() >= give_up:
+                if wait < self._max_wait:
+                    raise OutOfTime(f"no Metrika request slot came free in the {max(wait, 0.0):.1f} s this invocation "
+                                    f"had left ({self._parallel} in flight for this token)", source=SOURCE, retry_after=5)
                 raise Transient(f"{self._parallel} Metrika requests already in flight for this token; try later",
                                 source=SOURCE, retry_after=5)
             self._sleep(0.2)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import requests
 
+from ... import deadline
 from ...errors import BridgeError, Misconfigured, Permanent, Transient
 from ...outbound import PrivateAddress, redirect_target
 from ...outbound import session as checked_session
@@ -83,19 +84,27 @@ class AmoCrmClient:
     def get(self, path: str, params: list[tuple[str, str]] | None = None) -> dict | None:
         """One GET; None for 204 (nothing found). A `Transient` failure is retried `attempts` times with
         growing backoff (and the Retry-After amoCRM sends, up to 10 s), then raised; `Misconfigured` and
-        `Permanent` are raised at once."""
+        `Permanent` are raised at once. Timeouts and waits end by the invocation's deadline
+        (`chalicelib.deadline`): a call there is no time for, or one it cut short, raises `OutOfTime`;
+        a retry there is no time for raises the failure that called for it."""
         failure: BridgeError | None = None
         for attempt in range(self._attempts):
             if attempt:
-                time.sleep(self._backoff * 2 ** (attempt - 1))
+                pause = self._backoff * 2 ** (attempt - 1)
+                if failure is not None and not deadline.allows(pause):
+                    raise failure
+                time.sleep(pause)
             self._wait_for_slot()
+            timeout = deadline.clip(self._timeout, source=SOURCE, what="amoCRM")
             try:
-                response = self._session.get(self._base + path, params=params, timeout=self._timeout,
+                response = self._session.get(self._base + path, params=params, timeout=timeout,
                                              headers={"Authorization": f"Bearer {self._token}"}, allow_redirects=False)
             except PrivateAddress as exc:
                 raise Misconfigured(f"amoCRM's host {exc.host} resolves to {exc.address}, not a public address: this "
                                     "deployment does not call it; check connection.base_url", source=SOURCE) from exc
             except requests.RequestException as exc:
+                if isinstance(exc, requests.Timeout) and timeout != self._timeout:  # our deadline cut it short
+                    raise deadline.cut_short(timeout, source=SOURCE, what="amoCRM") from exc
                 what = "did not answer in time" if isinstance(exc, requests.Timeout) else "unreachable"
                 failure = Transient(f"amoCRM {what}: {type(exc).__name__}", source=SOURCE)
                 continue
@@ -106,7 +115,10 @@ class AmoCrmClient:
                 raise answer
             failure = answer
             if answer.retry_after:
-                time.sleep(min(answer.retry_after, MAX_RETRY_AFTER))
+                wait = min(answer.retry_after, MAX_RETRY_AFTER)
+                if not deadline.allows(wait):
+                    raise answer
+                time.sleep(wait)
         assert failure is not None  # attempts >= 1
         raise failure
 

@@ -32,6 +32,7 @@ from urllib.parse import urlencode
 
 import requests
 
+from ... import deadline
 from ...errors import BridgeError, Misconfigured, Permanent, Transient
 from ...outbound import PrivateAddress, redirect_target
 from ...outbound import session as checked_session
@@ -131,20 +132,28 @@ class Bitrix24Client:
     def _request(self, method: str, params: dict | None) -> dict | NotFound:
         """One call: a `Transient` failure (no answer, 503 QUERY_LIMIT_EXCEEDED, 429 OPERATION_TIME_LIMIT,
         5xx, not JSON) is retried `attempts` times with growing backoff, then raised; any other
-        `BridgeError` is raised at once; "Not found" comes back as `NotFound`."""
+        `BridgeError` is raised at once; "Not found" comes back as `NotFound`. Timeouts and waits end by
+        the invocation's deadline (`chalicelib.deadline`): a call there is no time for, or one it cut
+        short, raises `OutOfTime`; a retry there is no time for raises the failure that called for it."""
         failure: BridgeError | None = None
         for attempt in range(self._attempts):
             if attempt:
-                time.sleep(self._backoff * 2 ** (attempt - 1))
+                pause = self._backoff * 2 ** (attempt - 1)
+                if failure is not None and not deadline.allows(pause):
+                    raise failure
+                time.sleep(pause)
             self._wait_for_slot()
+            timeout = deadline.clip(self._timeout, source=SOURCE, what="Bitrix24")
             try:
-                response = self._session.post(f"{self._base}{method}.json", json=params or {}, timeout=self._timeout,
+                response = self._session.post(f"{self._base}{method}.json", json=params or {}, timeout=timeout,
                                               allow_redirects=False)
             except PrivateAddress as exc:
                 raise Misconfigured(f"the Bitrix24 portal's host {exc.host} resolves to {exc.address}, not a public "
                                     "address: this deployment does not call it; check connection.webhook_url",
                                     source=SOURCE) from exc
             except requests.RequestException as exc:
+                if isinstance(exc, requests.Timeout) and timeout != self._timeout:  # our deadline cut it short
+                    raise deadline.cut_short(timeout, source=SOURCE, what="Bitrix24") from exc
                 what = "did not answer in time" if isinstance(exc, requests.Timeout) else "unreachable"
                 failure = Transient(f"Bitrix24 {what}: {type(exc).__name__}", source=SOURCE)
                 continue
