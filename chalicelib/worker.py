@@ -5,6 +5,12 @@ of the batch — up to 100, of every integration. The worker therefore isolates 
 group: whatever a group raises, expected or not, only that group's entities are re-queued with
 backoff and an attempt counted, then parked with the error after the retry limit. Only losing the
 store or the queue (`errors.Unavailable`) fails the batch, and then SQS redelivers it.
+
+A batch can still fail as a whole (the store unreachable, the Lambda timing out or running out of
+memory), and after MAX_RECEIVE_COUNT receives SQS moves its messages to the dead-letter queue. On that
+last receive, before any work, the worker flags each entity the message names (`dead_lettered_at`),
+so the status page shows it and `replay {}` brings it back should the attempt fail too; whatever
+settles the entity or queues it again clears the flag.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, co
 from .errors import BridgeError, Transient, Unavailable
 from .logs import log_event
 from .ingest import expand_inbox
-from .queue import BACKFILL, INBOX, MAX_DELAY_SECONDS, Queue, message
+from .queue import BACKFILL, INBOX, MAX_DELAY_SECONDS, Queue, Received, message
 
 DELETED_DEAL_STATUS = "CANCELLED"
 # A retry message's lease lasts its delay plus this margin (see ingest.QUEUE_LEASE_SECONDS).
@@ -42,6 +48,7 @@ class Report:
     backfill_steps: int = 0
     failed_groups: int = 0
     expanded: int = 0  # entities of large webhook bodies recorded (ingest.expand_inbox)
+    dead_lettered: int = 0  # entities flagged on their message's last receive, before it was worked on
 
 
 class Worker:
@@ -54,26 +61,37 @@ class Worker:
         self._retry_base, self._batch_harder_seconds, self._clock = retry_base, batch_harder_seconds, clock
         self._backfill_for = backfill_for
 
-    def handle(self, bodies: Iterable[str]) -> Report:
-        """One SQS batch of message bodies: large webhook bodies expanded into entity messages
+    def handle(self, messages: Iterable[str | Received]) -> Report:
+        """One SQS batch (message bodies, or `Received` with their receive counts): entities on their
+        message's last receive flagged first, large webhook bodies expanded into entity messages
         (`ingest.expand_inbox`), entity deliveries per integration, then history-import steps."""
         report = Report()
         groups: dict[str, dict[tuple[str, str], None]] = {}
         steps: list[dict] = []
         inbox: list[tuple[str, str]] = []
-        for body in bodies:
+        last: dict[tuple[str, str, str], None] = {}
+        for delivered in messages:
+            received = delivered if isinstance(delivered, Received) else Received(delivered)
             try:
-                item = json.loads(body)
+                item = json.loads(received.body)
                 kind, integration_id, crm_id = item["kind"], str(item["integration_id"]), str(item["crm_id"])
             except (ValueError, KeyError, TypeError):  # not ours: nothing to re-queue, nothing to retry
-                log_event("message_dropped", reason="malformed", body=str(body)[:200])
+                log_event("message_dropped", reason="malformed", body=str(received.body)[:200])
                 continue
+            if received.last_receive:
+                log_event("last_receive", integration_id=integration_id, kind=str(kind)[:40], crm_id=crm_id[:80],
+                          receive_count=received.receive_count)
             if kind == BACKFILL:
                 steps.append(item)
             elif kind == INBOX:
+                # The batch stays in the inbox until expanded: the reconciliation sweep queues it again.
                 inbox.append((integration_id, crm_id))
             else:
                 groups.setdefault(integration_id, {})[(kind, crm_id)] = None
+                if received.last_receive:
+                    last[(integration_id, kind, crm_id)] = None
+        if last:
+            self._flag_dead_letters(list(last), report)
         if inbox:  # large webhook bodies become entity messages (for a later batch)
             expansion = expand_inbox(self._store, self._queue, inbox, clock=self._clock)
             report.expanded += expansion["expanded"]
@@ -83,6 +101,25 @@ class Worker:
         for step in steps:
             self._step(step, report)
         return report
+
+    def _flag_dead_letters(self, keys: list[tuple[str, str, str]], report: Report) -> None:
+        """Flag each entity of a message on its last receive, before any work on the batch: should the
+        Lambda die on it once more (timeout, memory), the flag is already written. One write each, on
+        this rare receive only. `Unavailable` fails the batch (SQS moves the message to the dead-letter
+        queue unflagged; the entity stays dirty without a live lease, so the reconciliation sweep finds
+        it); anything else one entity raises (a key the store refuses) is logged and skips only it."""
+        for integration_id, kind, crm_id in keys:
+            try:
+                flagged = self._store.mark_dead_lettered(integration_id, kind, crm_id)
+            except Unavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 — one odd key must not fail the batch
+                log_event("dead_letter_flag_failed", integration_id=integration_id, kind=str(kind)[:40],
+                          crm_id=crm_id[:80], error=type(exc).__name__)
+                continue
+            if flagged:
+                report.dead_lettered += 1
+                log_event("dead_letter_flagged", integration_id=integration_id, kind=kind, crm_id=crm_id)
 
     # --- one integration's entities -----------------------------------------------------------------
 

@@ -28,6 +28,7 @@ def test_stage_config_matches_settings_and_policy(stage):
     allowed = {action for statement in policy["Statement"] for action in statement["Action"]}
     resources = json.dumps(policy)
     assert settings.config_table in resources and settings.state_table in resources and settings.events_queue in resources
+    assert settings.dead_letter_queue in resources  # the redrive route reads it and deletes from it
     used = set()
     for source in ("chalicelib/store/dynamodb.py", "chalicelib/queue.py", "chalicelib/backfill.py", "sandbox/worker.py"):
         text = (ROOT / source).read_text()
