@@ -106,8 +106,9 @@ class Worker:
         """Flag each entity of a message on its last receive, before any work on the batch: should the
         Lambda die on it once more (timeout, memory), the flag is already written. One write each, on
         this rare receive only. `Unavailable` fails the batch (SQS moves the message to the dead-letter
-        queue unflagged; the entity stays dirty without a live lease, so the reconciliation sweep finds
-        it); anything else one entity raises (a key the store refuses) is logged and skips only it."""
+        queue unflagged; the entity stays dirty, and once its queue lease has run out the
+        reconciliation sweep queues it); anything else one entity raises (a key the store refuses) is
+        logged and skips only it."""
         for integration_id, kind, crm_id in keys:
             try:
                 flagged = self._store.mark_dead_lettered(integration_id, kind, crm_id)
