@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check bench infra clean
+.PHONY: run test check bench infra deploy clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ bench: $(VENV)/.installed
 # Create tables and queues in AWS for a stage: make infra STAGE=prod
 infra: $(VENV)/.installed
 	$(PY) -m chalicelib.infra --stage $(or $(STAGE),dev)
+
+# Deploy the functions of a stage, then API Gateway's own answers in the app's JSON shape (each
+# `chalice deploy` resets them, so the two go together): make deploy STAGE=prod
+deploy: $(VENV)/.installed
+	$(VENV)/bin/chalice deploy --stage $(or $(STAGE),dev)
+	$(PY) -m tools.gateway_responses --stage $(or $(STAGE),dev)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

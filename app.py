@@ -84,6 +84,13 @@ def get_backfill():
     return Backfill(get_store(), get_queue(), get_metrika, get_sources(), row_limit=get_settings().upload_row_limit)
 
 
+def get_dead_letters():
+    import boto3
+    from chalicelib.queue import DeadLetterQueue
+    settings = get_settings()
+    return DeadLetterQueue(boto3.client("sqs"), settings.dead_letter_queue, settings.events_queue)
+
+
 def get_worker():
     from chalicelib.worker import Worker
     settings = get_settings()
@@ -175,6 +182,19 @@ def _depth(value, level=0):
         return level
     children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     return max((_depth(child, level + 1) for child in children), default=level)
+
+
+@app.middleware("http")
+def one_error_shape(request, get_response):
+    """Chalice answers some requests itself (415 for another Content-Type, 405, a 500 outside `answers`)
+    with `{"Code", "Message"}`: those are rewritten into the shape every other answer has."""
+    from chalicelib.errors import reshape_chalice_error
+    response = get_response(request)
+    context = (request.context if request is not None else None) or {}
+    body = reshape_chalice_error(response.status_code, response.body, request_id=context.get("requestId"))
+    if body is not None:
+        response.body = body
+    return response
 
 
 @app.authorizer(ttl_seconds=AUTHORIZER_CACHE_SECONDS)
@@ -324,6 +344,20 @@ def replay_integration(integration_id):
     return replay(get_store(), get_ingest().requeue, integration_id, json_body())
 
 
+@app.route("/dead-letters", methods=["GET"], authorizer=admin)
+@answers
+def count_dead_letters():
+    return get_dead_letters().count()
+
+
+@app.route("/dead-letters/redrive", methods=["POST"], authorizer=admin)
+@answers
+def redrive_dead_letters():
+    from chalicelib.operations import redrive_limit
+    limit = redrive_limit(json_body())  # a bad body is a 400 before any queue is touched
+    return get_dead_letters().redrive(limit=limit)
+
+
 @app.route("/webhooks/amocrm/{integration_id}", methods=["POST"], content_types=[FORM])
 @answers
 def amocrm_webhook(integration_id):
@@ -346,9 +380,10 @@ def bitrix24_webhook(integration_id):
                     # At most 3 workers at once: Metrika allows 3 requests in flight per token.
                     maximum_concurrency=3)
 def on_events_message(event):
+    from chalicelib.queue import received  # each body with its receive count (the last one flags)
     from chalicelib.worker import RESERVE_SECONDS
     with lambda_deadline(event.context, RESERVE_SECONDS):
-        return vars(get_worker().handle(record.body for record in event))
+        return vars(get_worker().handle(received(record.to_dict()) for record in event))
 
 
 @app.schedule(Rate(int(os.environ.get("RECONCILE_MINUTES", "10")), unit=Rate.MINUTES))

@@ -136,3 +136,36 @@ def timed_out(exc: OutOfTime, what: str = "") -> ApiError:
     message = f"{what}: {exc.message}" if what else exc.message
     return ApiError(504, "timeout", f"{message}; nothing after that call was done: try again",
                     exc.describe())
+
+
+# Chalice's own answers, given before or around a view (`chalice.app.error_response`,
+# `RestAPIEventHandler._get_view_function_response`), named by its error code: ours for each.
+_CHALICE_CODES = {
+    "UnsupportedMediaType": ("unsupported_media_type", "the Content-Type header is not one this route takes"),
+    "MethodNotAllowedError": ("method_not_allowed", "this path does not take this HTTP method"),
+    "BadRequest": ("invalid_request", "the request cannot be answered as sent"),
+    "InternalServerError": ("internal_error", "an unexpected error occurred"),
+}
+
+
+def reshape_chalice_error(status: int, body: Any, *, request_id: str | None = None) -> dict | None:
+    """A body Chalice wrote itself (`{"Code", "Message"}`, exactly those keys) in our shape
+    `{"error", "message"}`, keeping Chalice's message after ours; None for any other body (our own
+    answers pass unchanged). A 500 carries the request id, as `app.answers` gives one."""
+    if not (isinstance(body, dict) and set(body) == {"Code", "Message"}):
+        return None
+    code, detail = str(body["Code"]), str(body["Message"])[:300]
+    error, message = _CHALICE_CODES.get(code, (_snake(code) or "error", "the request was refused"))
+    if status >= 500:  # Chalice's text says no more than ours; the id finds the traceback in the log
+        request_id = request_id or "unknown"
+        return {"error": error, "request_id": request_id, "message": f"{message} (request id {request_id})"}
+    reshaped: dict[str, Any] = {"error": error, "message": f"{message} ({detail})" if detail else message}
+    if code == "UnsupportedMediaType":
+        reshaped["details"] = {"header": "Content-Type"}
+    return reshaped
+
+
+def _snake(code: str) -> str:
+    """`SomeChaliceError` → `some_chalice` (a code this module does not list yet)."""
+    code = code.removesuffix("Error")
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(code) if c.isalnum())

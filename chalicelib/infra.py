@@ -15,6 +15,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
+from .queue import MAX_RECEIVE_COUNT
 from .settings import Settings, load_settings
 
 KEY_SCHEMA = [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}]
@@ -22,7 +23,6 @@ ATTRIBUTES = [{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "
 # Lambda's guidance: visibility timeout ≥ 6 × the worker's timeout (300 s in .chalice/config.json).
 WORKER_TIMEOUT_SECONDS = 300
 VISIBILITY_TIMEOUT_SECONDS = 6 * WORKER_TIMEOUT_SECONDS
-MAX_RECEIVE_COUNT = 5
 
 
 def ensure_tables(settings: Settings, dynamodb: Any = None) -> list[str]:

@@ -17,6 +17,7 @@ from .parallel import each
 from .shared_counter import counter_products
 
 FAILED_SHOWN = 100
+DEAD_LETTERED_SHOWN = 20  # the status page's sample; the count covers them all
 INBOX_HORIZON = 366 * 86400  # every batch recorded before now + this: all of them, even with a skewed clock
 UPLOAD_STATUSES = ("SENT", "PASSED", "FAILED", "UNCONFIRMED")
 CONFIRM_PAGE = 1000  # last_uploadings' largest page
@@ -36,6 +37,7 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
                        now: float | None = None) -> dict:
     entities = store.list_entities(integration_id)
     failed = [e for e in entities if e.get("last_error") and not e.get("dirty")]
+    dead = sorted((e for e in entities if e.get("dead_lettered_at")), key=lambda e: e["dead_lettered_at"])
     orders = [e.get("facts") or {} for e in entities if e["kind"] == "order" and (e.get("facts") or {}).get("order")]
     uploads = store.uploads(integration_id)
 
@@ -51,6 +53,11 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
         "failed_count": len(failed),
         "failed": [{"kind": e["kind"], "crm_id": e["crm_id"], "error": e["last_error"],
                     "failed_at": e.get("failed_at")} for e in failed[:FAILED_SHOWN]],
+        # Entities whose message failed on every receive and went to the dead-letter queue (oldest
+        # first): a redrive (`POST /dead-letters/redrive`) or `replay {}` brings them back.
+        "dead_lettered": {"count": len(dead), "entities": [
+            {"kind": e["kind"], "crm_id": e["crm_id"], "dead_lettered_at": e["dead_lettered_at"],
+             "attempts": e.get("attempts") or 0, "last_error": e.get("last_error")} for e in dead[:DEAD_LETTERED_SHOWN]]},
         "last_successful_upload": max((e.get("sent_at") or 0 for e in entities), default=0) or None,
         "metrika_requests_today": requests_today,
         "orders_sent": len(orders),
@@ -82,9 +89,13 @@ def _crm_id(value: Any) -> str:
 
 
 def replay(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integration_id: str, body: Any) -> dict:
-    """Queue again the parked entities, or one named entity (then even an unchanged one is re-sent)."""
+    """Queue again the parked and the dead-lettered entities, or one named entity (then even an
+    unchanged one is re-sent). A dead-lettered entity's queue lease is dropped first: its message is
+    in the dead-letter queue, not on its way, so the requeue must take a new lease and send one (the
+    old message, should it be redriven too, finds the entity delivered and costs one read)."""
     if body is not None and not isinstance(body, dict):
-        raise invalid("body must be a JSON object: {} for every failed entity, or {\"kind\", \"crm_id\"}")
+        raise invalid("body must be a JSON object: {} for every failed or dead-lettered entity, or "
+                      "{\"kind\", \"crm_id\"}")
     body = body or {}
     if "crm_id" in body:
         kind = body.get("kind", "order")
@@ -98,11 +109,30 @@ def replay(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integrat
         store.forget_content(integration_id, kind, crm_id)
         targets = [state]
     else:
-        targets = [e for e in store.list_entities(integration_id) if e.get("last_error") and not e.get("dirty")]
+        targets = [e for e in store.list_entities(integration_id)
+                   if (e.get("last_error") and not e.get("dirty")) or e.get("dead_lettered_at")]
+    dead = [e for e in targets if e.get("dead_lettered_at")]
+    for e in dead:
+        store.release_queue_lease(integration_id, e["kind"], e["crm_id"])
     refs = [EntityRef(e["kind"], e["crm_id"], e["event_time"], "replay") for e in targets]
     result = requeue(integration_id, refs) if refs else {"queued": 0}
     deferred = {"deferred": result["deferred"]} if result.get("deferred") else {}  # queued by the worker
-    return {"replayed": len(refs), "queued": result["queued"], **deferred}
+    dead_lettered = {"dead_lettered": len(dead)} if dead else {}  # of `replayed`, those brought back from it
+    return {"replayed": len(refs), **dead_lettered, "queued": result["queued"], **deferred}
+
+
+def redrive_limit(body: Any) -> int:
+    """The body of `POST /dead-letters/redrive`: none, {} or {"limit": 1..REDRIVE_LIMIT} (messages to
+    move in this call); a 400 naming `limit` otherwise."""
+    from .queue import REDRIVE_LIMIT
+    if body is None:
+        return REDRIVE_LIMIT
+    if not isinstance(body, dict) or set(body) - {"limit"}:
+        raise invalid('body must be a JSON object: {} or {"limit": <messages to move>}')
+    limit = body.get("limit", REDRIVE_LIMIT)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= REDRIVE_LIMIT:
+        raise invalid(f"limit must be a whole number from 1 to {REDRIVE_LIMIT}", {"limit": str(limit)[:40]})
+    return limit
 
 
 def confirm_uploads(store: Any, metrika: Any, integration_id: str, integration: dict, *,

@@ -12,6 +12,12 @@ step — starts only while enough of the invocation is left for it (GROUP_SECOND
 `backfill.START_SECONDS`). What is not started is queued again as it came (the entities' queue leases
 still hold) and the batch succeeds, so a slow batch never times out into SQS's redelivery and, after
 five receives, the dead-letter queue.
+
+A batch can still fail as a whole (the store unreachable, the Lambda timing out or running out of
+memory), and after MAX_RECEIVE_COUNT receives SQS moves its messages to the dead-letter queue. On that
+last receive, before any work, the worker flags each entity the message names (`dead_lettered_at`),
+so the status page shows it and `replay {}` brings it back should the attempt fail too; whatever
+settles the entity or queues it again clears the flag.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, co
 from .errors import BridgeError, Transient, Unavailable
 from .logs import log_event
 from .ingest import expand_inbox
-from .queue import BACKFILL, INBOX, MAX_DELAY_SECONDS, Queue, message
+from .queue import BACKFILL, INBOX, MAX_DELAY_SECONDS, Queue, Received, message
 
 DELETED_DEAL_STATUS = "CANCELLED"
 # Seconds of the invocation kept after the last outbound call (`deadline.invocation`'s reserve): the
@@ -63,6 +69,7 @@ class Report:
     failed_groups: int = 0
     expanded: int = 0  # entities of large webhook bodies recorded (ingest.expand_inbox)
     postponed: int = 0  # messages queued again, not started: too little of the invocation was left
+    dead_lettered: int = 0  # entities flagged on their message's last receive, before it was worked on
 
 
 class Worker:
@@ -75,26 +82,37 @@ class Worker:
         self._retry_base, self._batch_harder_seconds, self._clock = retry_base, batch_harder_seconds, clock
         self._backfill_for = backfill_for
 
-    def handle(self, bodies: Iterable[str]) -> Report:
-        """One SQS batch of message bodies: large webhook bodies expanded into entity messages
+    def handle(self, messages: Iterable[str | Received]) -> Report:
+        """One SQS batch (message bodies, or `Received` with their receive counts): entities on their
+        message's last receive flagged first, large webhook bodies expanded into entity messages
         (`ingest.expand_inbox`), entity deliveries per integration, then history-import steps."""
         report = Report()
         groups: dict[str, dict[tuple[str, str], None]] = {}
         steps: list[dict] = []
         inbox: list[tuple[str, str]] = []
-        for body in bodies:
+        last: dict[tuple[str, str, str], None] = {}
+        for delivered in messages:
+            received = delivered if isinstance(delivered, Received) else Received(delivered)
             try:
-                item = json.loads(body)
+                item = json.loads(received.body)
                 kind, integration_id, crm_id = item["kind"], str(item["integration_id"]), str(item["crm_id"])
             except (ValueError, KeyError, TypeError):  # not ours: nothing to re-queue, nothing to retry
-                log_event("message_dropped", reason="malformed", body=str(body)[:200])
+                log_event("message_dropped", reason="malformed", body=str(received.body)[:200])
                 continue
+            if received.last_receive:
+                log_event("last_receive", integration_id=integration_id, kind=str(kind)[:40], crm_id=crm_id[:80],
+                          receive_count=received.receive_count)
             if kind == BACKFILL:
                 steps.append(item)
             elif kind == INBOX:
+                # The batch stays in the inbox until expanded: the reconciliation sweep queues it again.
                 inbox.append((integration_id, crm_id))
             else:
                 groups.setdefault(integration_id, {})[(kind, crm_id)] = None
+                if received.last_receive:
+                    last[(integration_id, kind, crm_id)] = None
+        if last:
+            self._flag_dead_letters(list(last), report)
         if inbox:  # large webhook bodies become entity messages (for a later batch)
             expansion = expand_inbox(self._store, self._queue, inbox, clock=self._clock)
             report.expanded += expansion["expanded"]
@@ -123,6 +141,26 @@ class Worker:
         report.postponed += len(messages)
         log_event("work_postponed", what=what, units=units, messages=len(messages),
                   seconds_left=round(deadline.remaining() or 0.0, 1))
+
+    def _flag_dead_letters(self, keys: list[tuple[str, str, str]], report: Report) -> None:
+        """Flag each entity of a message on its last receive, before any work on the batch: should the
+        Lambda die on it once more (timeout, memory), the flag is already written. One write each, on
+        this rare receive only. `Unavailable` fails the batch (SQS moves the message to the dead-letter
+        queue unflagged; the entity stays dirty, and once its queue lease has run out the
+        reconciliation sweep queues it); anything else one entity raises (a key the store refuses) is
+        logged and skips only it."""
+        for integration_id, kind, crm_id in keys:
+            try:
+                flagged = self._store.mark_dead_lettered(integration_id, kind, crm_id)
+            except Unavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 — one odd key must not fail the batch
+                log_event("dead_letter_flag_failed", integration_id=integration_id, kind=str(kind)[:40],
+                          crm_id=crm_id[:80], error=type(exc).__name__)
+                continue
+            if flagged:
+                report.dead_lettered += 1
+                log_event("dead_letter_flagged", integration_id=integration_id, kind=kind, crm_id=crm_id)
 
     # --- one integration's entities -----------------------------------------------------------------
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import IO
 
 import requests
 
@@ -32,6 +35,33 @@ AMOCRM_DEMO_TOKEN = "demo-token"
 BITRIX24_DEMO_CODE = "democode"
 EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_SESSION_TOKEN": "local",
                 "AWS_DEFAULT_REGION": "eu-central-1"}
+
+
+# A query parameter whose name says it holds a secret (amoCRM's `?secret=`, a token, a key, a password,
+# a signature, URL-encoded or not): its value never reaches the terminal. `chalice local` writes each
+# request's URL to its access log, and the webhook URLs carry the integration's secret.
+_SECRET_QUERY = re.compile(r"([?&;][^=&;\s\"'#]*(?:secret|token|passw|key|signature)[^=&;\s\"'#]*=)[^&;\s\"'#]*",
+                           re.IGNORECASE)
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with the values of secret-looking query parameters replaced by `[redacted]`."""
+    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+
+
+def echo_redacted(source: IO[str], sink: IO[str]) -> None:
+    """Copy a child's output line by line, secrets redacted, until it closes (the child exited)."""
+    for line in source:
+        sink.write(redact_secrets(line))
+        sink.flush()
+
+
+def start_echoed(command: list[str], **kwargs) -> subprocess.Popen:
+    """A child whose stdout and stderr reach our stdout through `redact_secrets`."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               errors="replace", **kwargs)
+    threading.Thread(target=echo_redacted, args=(process.stdout, sys.stdout), daemon=True).start()
+    return process
 
 
 def free_port() -> int:
@@ -113,10 +143,11 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "chalicelib.infra", "--stage", "dev"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
         api_url = f"http://127.0.0.1:{args.port}"
-        processes.append(subprocess.Popen([sys.executable, "-c", CHALICE_LOCAL, "local", "--no-autoreload",
-                                           "--host", "127.0.0.1", "--port", str(args.port), "--stage", "dev"],
-                                          cwd=ROOT, env=env))
-        processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.worker"], cwd=ROOT, env=env))
+        # Their output goes through `redact_secrets`: chalice local's access log prints webhook URLs.
+        processes.append(start_echoed([sys.executable, "-c", CHALICE_LOCAL, "local", "--no-autoreload",
+                                       "--host", "127.0.0.1", "--port", str(args.port), "--stage", "dev"],
+                                      cwd=ROOT, env=env))
+        processes.append(start_echoed([sys.executable, "-m", "sandbox.worker"], cwd=ROOT, env=env))
         wait_http(api_url + "/health", process=processes[-2])
         print(f"""
 metrika-crm-bridge is up in {time.monotonic() - started:.1f} s

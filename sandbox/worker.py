@@ -1,7 +1,10 @@
 """Local worker loop: polls the emulator's events queue and calls the same handler the Lambda runs.
 
 Messages are deleted only after the handler returns, as Lambda's SQS event source does; a crash leaves
-them to reappear after the visibility timeout and, past maxReceiveCount, in the dead-letter queue.
+them to reappear after the visibility timeout and, past maxReceiveCount, in the dead-letter queue. Each
+record carries SQS's own attributes (`ApproximateReceiveCount` among them, as Lambda passes it), and
+moto_server applies the queue's redrive policy itself: on the receive after the fifth, the message
+moves to the dead-letter queue, as in AWS.
 With `lambda_timeout` (`make run`: the worker's timeout in .chalice/config.json) each batch gets a Lambda
 context with that much time, so the handler's deadline (chalicelib/deadline.py) works as deployed;
 without it (tests, benches) the handler runs with no deadline.
@@ -16,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import boto3
 
@@ -34,9 +37,13 @@ def sqs_event(messages: list[dict], queue_arn: str) -> dict:
 
 class WorkerLoop:
     def __init__(self, handler: Any, queue_name: str, *, sqs: Any = None, batch_size: int = 100,
-                 batching_window: float = 0.0, wait_seconds: int = 1, lambda_timeout: float | None = None) -> None:
+                 batching_window: float = 0.0, wait_seconds: int = 1, lambda_timeout: float | None = None,
+                 on_failure: Callable[[list[dict]], None] | None = None) -> None:
+        """`on_failure(messages)` runs after the handler raised, with the batch's received messages (a
+        test makes them visible again at once instead of waiting out the visibility timeout)."""
         self._handler = handler
         self._lambda_timeout = lambda_timeout
+        self._on_failure = on_failure
         self._sqs = sqs or boto3.client("sqs")
         self._url = self._sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
         self._arn = self._sqs.get_queue_attributes(QueueUrl=self._url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
@@ -70,6 +77,8 @@ class WorkerLoop:
             self._handler(sqs_event(messages, self._arn), self._context())
         except Exception:
             log.exception("worker handler failed; %d message(s) will be redelivered", len(messages))
+            if self._on_failure is not None:
+                self._on_failure(messages)
             return 0
         for start in range(0, len(messages), 10):
             self._sqs.delete_message_batch(QueueUrl=self._url, Entries=[

@@ -29,6 +29,7 @@ def test_stage_config_matches_settings_and_policy(stage):
     resources = json.dumps(policy)
     assert settings.config_table in resources and settings.state_table in resources and settings.events_queue in resources
     assert f"table/{settings.quota_table}\"" in resources  # Metrika's leases and day counts, shared by stages
+    assert settings.dead_letter_queue in resources  # the redrive route reads it and deletes from it
     used = set()
     for source in ("chalicelib/store/dynamodb.py", "chalicelib/queue.py", "chalicelib/backfill.py", "sandbox/worker.py"):
         text = (ROOT / source).read_text()

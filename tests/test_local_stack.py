@@ -185,6 +185,31 @@ def test_history_import_cli_with_progress_bar_stops_on_ctrl_c_and_resumes(stack)
     assert {f"contacts:{c}" for c in people} <= set(uploads)
 
 
+@pytest.mark.parametrize(("printed", "shown"), [
+    ('"POST /webhooks/amocrm/shop?secret=s3cr3t-value HTTP/1.1" 200 -', '"POST /webhooks/amocrm/shop?secret=[redacted] HTTP/1.1" 200 -'),
+    ("/w?a=1&Secret=x&b=2", "/w?a=1&Secret=[redacted]&b=2"),
+    ("/w?auth%5Bapplication_token%5D=zz&x=1", "/w?auth%5Bapplication_token%5D=[redacted]&x=1"),
+    ("/w?api_key=k;password=p%20q", "/w?api_key=[redacted];password=[redacted]"),
+    ("/webhooks/bitrix24/portal?member_id=7f3c", "/webhooks/bitrix24/portal?member_id=7f3c"),
+    ("secret=not-a-query-parameter", "secret=not-a-query-parameter"), ("", "")])
+def test_secret_query_values_are_redacted_in_what_the_stack_prints(printed, shown):
+    from sandbox.local_stack import redact_secrets
+    assert redact_secrets(printed) == shown
+
+
+def test_the_access_log_never_prints_a_webhook_secret(stack):
+    """`chalice local` logs every request's URL; the stack prints that log with secrets redacted."""
+    secret = "printed-secret-" + "7" * 20
+    requests.post(f"{stack['api']}/webhooks/amocrm/no-such-integration", params={"secret": secret}, data="x=1",
+                  headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any("no-such-integration?secret=" in line for line in stack["lines"]):
+        time.sleep(0.05)
+    logged = [line for line in stack["lines"] if "no-such-integration?secret=" in line]
+    assert logged and all("secret=[redacted]" in line for line in logged), logged
+    assert not any(secret in line for line in stack["lines"])
+
+
 def process_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes in a process group, read from /proc."""
     members = []

@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 49, sorted(names)  # every method of every concern
+    assert len(names) == 50, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -386,6 +386,53 @@ def test_forget_content(store, iid):
     assert entity(store, iid, "absent") is None
 
 
+def test_mark_dead_lettered_flags_only_an_entity_that_owes_a_delivery(store, iid, clock):
+    assert store.mark_dead_lettered(iid, "order", "absent") is False
+    assert entity(store, iid, "absent") is None  # nothing created
+    assert mark(store, iid, "5", 1_700_000_000)
+    store.claim(iid, "order", "5")
+    clock.t = NOW + 3
+    assert store.mark_dead_lettered(iid, "order", "5") is True
+    assert entity(store, iid, "5")["dead_lettered_at"] == int(NOW + 3)
+    assert mark(store, iid, "6", 1_700_000_000)
+    store.claim(iid, "order", "6")
+    assert store.mark_clean(iid, "order", "6", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id="u")
+    assert store.mark_dead_lettered(iid, "order", "6") is False  # delivered: nothing owed, nothing flagged
+    assert "dead_lettered_at" not in entity(store, iid, "6")
+
+
+def test_the_dead_letter_flag_goes_when_the_entity_is_settled_or_queued_again(store, iid):
+    def flagged(crm_id):
+        assert mark(store, iid, crm_id, 1_700_000_000)
+        store.claim(iid, "order", crm_id)
+        assert store.mark_dead_lettered(iid, "order", crm_id)
+
+    for crm_id in ("clean", "parked", "retried", "superseded"):
+        flagged(crm_id)
+    assert store.mark_clean(iid, "order", "clean", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id="u")
+    assert store.mark_failed(iid, "order", "parked", event_time=1_700_000_000, error={"message": "bad"})
+    store.note_attempt(iid, "order", "retried", attempts=1, error={"message": "503"}, lease_until=NOW + 60)
+    store.note_attempt(iid, "order", "retried", attempts=2, error={"message": "503"}, lease_until=NOW + 60,
+                       row_hashes={"o": "r"})  # both forms of the update
+    for crm_id in ("clean", "parked", "retried"):
+        assert "dead_lettered_at" not in entity(store, iid, crm_id), crm_id
+    # A newer event during the delivery: the close is refused and the flag stays with the dirty entity
+    # (the event's own message, once delivered, clears it).
+    assert mark(store, iid, "superseded", 1_700_000_009)
+    assert store.mark_clean(iid, "order", "superseded", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id="u") is False
+    assert entity(store, iid, "superseded")["dead_lettered_at"] == int(NOW)
+    # A history import releasing an entity it holds again (an interrupted run) drops the flag too.
+    hold = store.take_for_backfill(iid, "order", "held", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert store.mark_dead_lettered(iid, "order", "held")
+    again = store.take_for_backfill(iid, "order", "held", 1_700_000_000, "h", now=NOW, lease_seconds=LEASE)
+    assert again is not None and again.owner == hold.owner and "dead_lettered_at" in again.state
+    assert store.release_backfilled(again, content_hash="h", uploading_id="u", last_order=None, facts=None)
+    assert "dead_lettered_at" not in entity(store, iid, "held")
+
+
 def test_stuck_entities_are_dirty_without_a_live_lease(store, iid):
     assert mark(store, iid, "no-lease", 1_700_000_000)
     store.release_queue_lease(iid, "order", "no-lease")
@@ -405,6 +452,9 @@ def test_stuck_entities_are_dirty_without_a_live_lease(store, iid):
         ("order", "expired"), ("order", "held-crashed"), ("order", "no-lease"), ("contact", "c-lost")]
     assert all(e["dirty"] for e in stuck)
     assert store.stuck_entities(iid, now=NOW - LEASE - 10) == [e for e in stuck if e["crm_id"] == "no-lease"]
+    # Dead-lettered: every receive of its message failed; it waits for a redrive or a replay, not the sweep.
+    assert store.mark_dead_lettered(iid, "order", "expired")
+    assert [e["crm_id"] for e in store.stuck_entities(iid, now=NOW)] == ["held-crashed", "no-lease", "c-lost"]
 
 
 def test_list_existing_and_content_hashes(store, iid):

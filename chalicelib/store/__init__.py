@@ -23,7 +23,8 @@ Entity state (one per CRM entity, under its integration) holds: `kind` ("order"/
 present while a message for the entity is believed to be on its way; a lease that has passed means the
 message was lost), `last_action`, `attempts`, `last_error`, `failed_at`, `content_hash`, `row_hashes`
 (row id → hash of the rows Metrika accepted), `uploading_id`, `sent_at`, `last_order` (JSON of the
-order as sent), `facts`, and `owner` (set while a history import holds the entity).
+order as sent), `facts`, `owner` (set while a history import holds the entity), and `dead_lettered_at`
+(set while the entity's message is believed to be in the dead-letter queue).
 """
 from __future__ import annotations
 
@@ -173,20 +174,22 @@ class EntityStore(Protocol):
                    facts: dict | None = None) -> bool:
         """Delivered the state seen at `event_time`: dirty=False, content_hash, row_hashes (None removes
         them: unknown), uploading_id ("" for None), sent_at=now, attempts=0, last_order ("" for None), facts (when
-        given); last_error removed. Only if the entity is as the claim saw it: the stored event time is
-        still `event_time` and no lease was taken since (an event recorded meanwhile, even one with the
-        same time, takes a lease and queues its own message). False otherwise; it stays dirty."""
+        given); last_error and dead_lettered_at removed. Only if the entity is as the claim saw it: the
+        stored event time is still `event_time` and no lease was taken since (an event recorded
+        meanwhile, even one with the same time, takes a lease and queues its own message). False
+        otherwise; it stays dirty."""
 
     def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
         """Park the entity (a permanent error that needs a person): dirty=False, last_error=error,
-        failed_at=now, content_hash removed (rows may have gone up before the refusal). Same condition
-        and answer as `mark_clean`."""
+        failed_at=now, content_hash and dead_lettered_at removed (rows may have gone up before the
+        refusal). Same condition and answer as `mark_clean`."""
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
                      lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
         """A retryable failure whose retry message is queued: attempts, last_error, the queue lease
         until `lease_until`, and `row_hashes` when given (rows Metrika already accepted, so the retry
-        skips them; the whole-content hash is then stale and removed). Unconditional."""
+        skips them; the whole-content hash is then stale and removed); dead_lettered_at removed (a new
+        message is on its way). Unconditional."""
 
     def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
         """Forget what was sent (content_hash, last_order, row_hashes), so the next delivery sends the
@@ -203,7 +206,9 @@ class EntityStore(Protocol):
         """Dirty entities whose queue lease is absent or expired (before `now`): their message was lost
         or never sent. A history import's hold carries a lease too, so a held entity is listed only
         once that lease has expired (a crashed import); an entity claimed in the last
-        CLAIM_GRACE_SECONDS is being delivered and is not listed. Same order as `list_entities`."""
+        CLAIM_GRACE_SECONDS is being delivered and is not listed; nor is a dead-lettered one
+        (`mark_dead_lettered`): every receive of its message failed, so it waits for an operator's
+        redrive or replay instead of going round again. Same order as `list_entities`."""
 
     def existing_entities(self, integration_id: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of these (kind, crm_id) have state."""
@@ -221,6 +226,13 @@ class EntityStore(Protocol):
         queues a message, and if the caller dies first the stuck sweep finds it. last_order and facts
         stay (a later deletion can still be reported). Returns the entity's event_time (to queue it
         with), or None when it has no state (nothing is created)."""
+
+    def mark_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> bool:
+        """The worker is on the last receive of a message for this entity: should it fail again, SQS moves
+        the message to the dead-letter queue. Sets `dead_lettered_at` = now, only on a dirty entity (a
+        clean one owes nothing); True when set. The flag goes with whatever settles the entity or puts a
+        new message on its way: `mark_clean`, `mark_failed`, `note_attempt` and `release_backfilled`
+        remove it. Nothing is created for an entity without state."""
 
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         """Contacts that went up with a deal: remember their content hash (a contact without state gets
@@ -336,9 +348,10 @@ class ImportStore(Protocol):
         """End the hold: the state as taken, dirty=False, without lease and owner, and either sent
         (content_hash, row_hashes (None removes them), uploading_id, sent_at=now, attempts=0,
         last_order, facts when given; last_error removed) or, with `error`, parked (last_error,
-        failed_at=now, content_hash removed). Only if no newer event came and nobody claimed the entity since the hold (event
-        time and owner unchanged): one atomic check-and-write. False otherwise: the entity stays dirty,
-        and the caller must queue a message for it."""
+        failed_at=now, content_hash removed); dead_lettered_at removed either way. Only if no newer
+        event came and nobody claimed the entity since the hold (event time and owner unchanged): one
+        atomic check-and-write. False otherwise: the entity stays dirty, and the caller must queue a
+        message for it."""
 
 
 class CrmAccountStore(Protocol):

@@ -292,22 +292,24 @@ class DynamoStore:
         hashes_update, removed = (", row_hashes = :rh", "") if row_hashes is not None else ("", ", row_hashes")
         return self._finish(integration_id, kind, crm_id, event_time,
                             "SET dirty = :no, content_hash = :h, uploading_id = :u, sent_at = :now, attempts = :zero, "
-                            f"last_order = :o{hashes_update}{facts_update} REMOVE last_error{removed}",
+                            f"last_order = :o{hashes_update}{facts_update} REMOVE last_error, dead_lettered_at{removed}",
                             {":h": content_hash, ":rh": row_hashes, ":u": uploading_id or "", ":zero": 0,
                              ":o": last_order or "", ":f": facts})
 
     def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
         # Rows may have gone up before the refusal: the old content hash no longer says what Metrika holds.
         return self._finish(integration_id, kind, crm_id, event_time,
-                            "SET dirty = :no, last_error = :e, failed_at = :now REMOVE content_hash", {":e": error})
+                            "SET dirty = :no, last_error = :e, failed_at = :now REMOVE content_hash, dead_lettered_at",
+                            {":e": error})
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
                      lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
         # Partial progress: Metrika now holds some new rows, so the whole-content hash is stale.
-        progress = ", row_hashes = :rh REMOVE content_hash" if row_hashes is not None else ""
+        progress = (", row_hashes = :rh", ", content_hash") if row_hashes is not None else ("", "")
         self._db.update_item(
             TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-            UpdateExpression=f"SET attempts = :n, last_error = :e, queued_until = :lease{progress}",
+            UpdateExpression=f"SET attempts = :n, last_error = :e, queued_until = :lease{progress[0]} "
+                             f"REMOVE dead_lettered_at{progress[1]}",
             ExpressionAttributeValues=_to_item({":n": attempts, ":e": error, ":lease": _decimal(lease_until),
                                                 ":rh": row_hashes}))
 
@@ -333,7 +335,8 @@ class DynamoStore:
         # A filtered query still reads the whole partition; fine for a periodic sweep.
         # A hold's lease is its queued_until, so "no live lease" covers "not held by a live import".
         live = {"FilterExpression": "dirty = :yes AND (attribute_not_exists(queued_until) OR queued_until < :now) "
-                                    "AND (attribute_not_exists(claimed_at) OR claimed_at < :claimed)",
+                                    "AND (attribute_not_exists(claimed_at) OR claimed_at < :claimed) "
+                                    "AND attribute_not_exists(dead_lettered_at)",
                 "ExpressionAttributeValues": _to_item({":yes": True, ":now": _decimal(now),
                                                        ":claimed": _decimal(now - CLAIM_GRACE_SECONDS)})}
         return [_entity(i) for prefix in ("ORDER#", "CONTACT#")
@@ -363,6 +366,17 @@ class DynamoStore:
                 return None
             raise
         return int(_entity(item).get("event_time") or 0)
+
+    def mark_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> bool:
+        try:  # conditional: only an entity that owes a delivery (and never a new item)
+            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                 UpdateExpression="SET dead_lettered_at = :now", ConditionExpression="dirty = :yes",
+                                 ExpressionAttributeValues=_to_item({":now": self._now(), ":yes": True}))
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
 
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         for crm_id, content_hash in content_hashes.items():
@@ -602,7 +616,7 @@ class DynamoStore:
         # conditional write (an import makes one per entity).
         now = self._now()
         state = {k: v for k, v in hold.state.items()
-                 if k not in ("kind", "crm_id", "owner", "queued_until", *LEGACY_ATTRIBUTES)}
+                 if k not in ("kind", "crm_id", "owner", "queued_until", "dead_lettered_at", *LEGACY_ATTRIBUTES)}
         if error is not None:
             state.update(last_error=error, failed_at=now)
             state.pop("content_hash", None)

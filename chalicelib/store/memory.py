@@ -188,6 +188,7 @@ class MemoryStore:
             _set(item, dirty=False, content_hash=content_hash, row_hashes=row_hashes, uploading_id=uploading_id or "",
                  sent_at=self._now(), attempts=0, last_order=last_order or "", facts=facts)
             item.pop("last_error", None)
+            item.pop("dead_lettered_at", None)
             if row_hashes is None:
                 item.pop("row_hashes", None)
             return True
@@ -199,6 +200,7 @@ class MemoryStore:
                 return False
             _set(item, dirty=False, last_error=error, failed_at=self._now())
             item.pop("content_hash", None)
+            item.pop("dead_lettered_at", None)
             return True
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
@@ -206,6 +208,7 @@ class MemoryStore:
         with self._lock:
             item = self._entities.setdefault(integration_id, {}).setdefault((kind.lower(), crm_id), {})
             _set(item, attempts=attempts, last_error=error, queued_until=_decimal(lease_until), row_hashes=row_hashes)
+            item.pop("dead_lettered_at", None)
             if row_hashes is not None:
                 item.pop("content_hash", None)
 
@@ -230,7 +233,8 @@ class MemoryStore:
             return [self._view(kind, crm_id, item) for (kind, crm_id), item in self._ordered(integration_id)
                     if item.get("dirty") is True
                     and ("queued_until" not in item or item["queued_until"] < _decimal(now))
-                    and ("claimed_at" not in item or item["claimed_at"] < _decimal(now - CLAIM_GRACE_SECONDS))]
+                    and ("claimed_at" not in item or item["claimed_at"] < _decimal(now - CLAIM_GRACE_SECONDS))
+                    and "dead_lettered_at" not in item]
 
     def existing_entities(self, integration_id: str, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
         with self._lock:
@@ -253,6 +257,14 @@ class MemoryStore:
             item.pop("content_hash", None)
             item.pop("owner", None)
             return int(item.get("event_time", 0))
+
+    def mark_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> bool:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            if item is None or item.get("dirty") is not True:
+                return False
+            _set(item, dead_lettered_at=self._now())
+            return True
 
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         with self._lock:
@@ -419,7 +431,7 @@ class MemoryStore:
                 return False  # a newer event came meanwhile, or a worker claimed the entity
             # The whole state as held, like DynamoStore's conditional put.
             state = {k: v for k, v in hold.state.items()
-                     if k not in ("kind", "crm_id", "owner", "queued_until", *LEGACY_ATTRIBUTES)}
+                     if k not in ("kind", "crm_id", "owner", "queued_until", "dead_lettered_at", *LEGACY_ATTRIBUTES)}
             now = self._now()
             if error is not None:
                 state.update(last_error=error, failed_at=now)
