@@ -37,7 +37,7 @@ def environment() -> Iterator[dict]:
     from chalicelib.infra import ensure_resources
     from chalicelib.settings import get_settings
     get_settings.cache_clear()
-    ensure_resources()
+    ensure_resources(emulator=True)
     seeded = {"amocrm": seed_demo(amocrm), "bitrix24": seed_bitrix(bitrix)}
     try:
         yield {"env": env, "metrika": metrika, "amocrm": amocrm, "bitrix24": bitrix, "seeded": seeded}

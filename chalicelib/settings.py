@@ -20,6 +20,9 @@ class Settings:
     config_table: str
     state_table: str
     events_queue: str
+    # Metrika's quota items (in-flight leases, day counters): one table for every stage, because the
+    # limits are per token (infra/shared.yaml).
+    quota_table: str
     metrika_api_url: str
     max_webhook_bytes: int
     admin_token: str | None
@@ -45,6 +48,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         config_table=env.get("CONFIG_TABLE", f"{prefix}-config"),
         state_table=env.get("STATE_TABLE", f"{prefix}-state"),
         events_queue=env.get("EVENTS_QUEUE", f"{prefix}-events"),
+        quota_table=env.get("QUOTA_TABLE", f"{APP_NAME}-quota"),
         metrika_api_url=env.get("METRIKA_API_URL", DEFAULT_METRIKA_API_URL).rstrip("/"),
         # The largest CRM body is an amoCRM mass action (250 leads with their custom fields: 0.4 MB with
         # 2 filled fields a lead, 1.1 MB with 10). 2 MiB is the body of chalicelib.crm.form.MAX_KEYS

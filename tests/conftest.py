@@ -118,7 +118,7 @@ def service_env(moto_url, metrika_sandbox):
     from chalicelib.infra import ensure_resources
     from chalicelib.settings import get_settings
     get_settings.cache_clear()
-    ensure_resources()
+    ensure_resources(emulator=True)
     yield env
     for key, value in saved.items():
         if value is None:

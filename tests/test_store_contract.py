@@ -78,9 +78,9 @@ def serial_moto_url(service_env):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/moto-api/", process=process)
-        from chalicelib.infra import ensure_tables
+        from chalicelib.infra import Clients, ensure_resources
         from chalicelib.settings import get_settings
-        ensure_tables(get_settings(), boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{port}"))
+        ensure_resources(get_settings(), emulator=True, clients=Clients.create(f"http://127.0.0.1:{port}"))
         yield f"http://127.0.0.1:{port}"
     finally:
         stop([process])
