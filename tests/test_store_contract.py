@@ -471,9 +471,45 @@ def test_uploads(store, iid, clock):
     store.confirm_upload(iid, "u2", "FAILED", None)
     assert store.uploads(iid) == [
         {"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "PASSED", "sent_at": int(NOW + 1),
-         "elements_count": 7, "confirmed_at": int(NOW + 60)},
+         "elements_count": 7, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400},
         {"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
-         "elements_count": 0, "confirmed_at": int(NOW + 60)}]
+         "elements_count": 0, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400}]
+
+
+def stored_expiry(store, kind: str, *key: str) -> int | None:
+    """`expires_at` as written for an item the protocol does not return: read raw from DynamoDB (the
+    attribute its TTL acts on), or the copy MemoryStore keeps. kind "carried": (integration id,
+    uploading id), first part; "day": (quota key, day)."""
+    if isinstance(store, MemoryStore):
+        return store.expiry(kind, *key)
+    pk, sk = ((f"INTEGRATION#{key[0]}", f"CARRIED#{key[1]}#0") if kind == "carried"
+              else (f"QUOTA#{key[0]}", f"DAY#{key[1]}"))
+    for table in filter(None, (getattr(store, "_quota", None), store._state)):  # quota items may move tables
+        item = boto3.client("dynamodb").get_item(TableName=table, Key={"pk": {"S": pk}, "sk": {"S": sk}},
+                                                 ConsistentRead=True).get("Item")
+        if item:
+            return int(item["expires_at"]["N"]) if "expires_at" in item else None
+    return None
+
+
+def test_upload_records_expire_30_days_after_their_final_status(store, iid, clock):
+    store.record_upload(iid, "u1", kind="orders", rows=2, entities=[("order", "5"), ("contact", "9")])
+    store.record_upload(iid, "u2", kind="orders", rows=1)  # nothing carried: no list to expire
+    # Still SENT: the record never expires (it is confirmed or given up within days); the list it carries
+    # expires only after the upload could no longer be confirmed, should a crash leave it behind.
+    assert "expires_at" not in store.uploads(iid)[0]
+    assert stored_expiry(store, "carried", iid, "u1") == int(NOW) + 32 * 86400
+    assert stored_expiry(store, "carried", iid, "u2") is None
+    for status, at in (("FAILED", NOW + 7200), ("UNCONFIRMED", NOW + 2 * 86400)):
+        clock.t = at
+        store.confirm_upload(iid, "u1" if status == "FAILED" else "u2", status, None, resent=1 if status == "FAILED" else None)
+    by_id = {u["uploading_id"]: u for u in store.uploads(iid)}
+    assert by_id["u1"]["expires_at"] == int(NOW + 7200) + 30 * 86400
+    assert by_id["u2"]["expires_at"] == int(NOW + 2 * 86400) + 30 * 86400
+    assert store.upload_entities(iid, "u1") == [] and stored_expiry(store, "carried", iid, "u1") is None
+    clock.t = NOW + 10 * 86400  # confirmed again (a re-run after a crash): the 30 days count from then
+    store.confirm_upload(iid, "u1", "FAILED", 2)
+    assert {u["uploading_id"]: u for u in store.uploads(iid)}["u1"]["expires_at"] == int(NOW + 10 * 86400) + 30 * 86400
 
 
 def test_products(store, iid):
@@ -521,6 +557,21 @@ def test_count_request_stops_at_the_budget(store):
     assert [store.count_request(key, "2025-06-15", 3) for _ in range(5)] == [1, 2, 3, None, None]
     assert store.requests_on(key, "2025-06-15") == 3
     assert store.count_request(key, "2025-06-16", 3) == 1  # a new day, a new budget
+
+
+def test_day_counters_expire_3_days_after_their_utc_day(store):
+    key = "token-" + uuid.uuid4().hex
+    assert store.count_request(key, "2024-02-29", 5) == 1  # a leap day; 2024-03-01T00:00Z = 1709251200
+    assert stored_expiry(store, "day", key, "2024-02-29") == 1709251200 + 3 * 86400
+    assert store.count_request(key, "2100-12-31", 5) == 1  # the year 2100: 2101-01-01T00:00Z = 4133980800
+    assert stored_expiry(store, "day", key, "2100-12-31") == 4133980800 + 3 * 86400
+    assert store.count_request(key, "2024-02-29", 1) is None  # refused: nothing written, expiry unchanged
+    assert stored_expiry(store, "day", key, "2024-02-29") == 1709251200 + 3 * 86400
+    assert store.requests_on(key, "2024-02-29") == 1
+    for bad in ("2024-02-30", "29.02.2024", "2024-02-29T00:00", ""):
+        with pytest.raises(ValueError):
+            store.count_request(key, bad, 5)
+        assert store.requests_on(key, bad) == 0  # nothing counted without an expiry
 
 
 def test_leases_are_exclusive_and_expire(store):
@@ -823,9 +874,9 @@ def test_an_upload_keeps_its_entities_until_confirmed(store, iid, clock):
     assert store.upload_entities(iid, "u1") == []
     assert store.uploads(iid) == [
         {"uploading_id": "u1", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
-         "elements_count": 2, "confirmed_at": int(NOW + 60), "resent": 2},
+         "elements_count": 2, "confirmed_at": int(NOW + 60), "resent": 2, "expires_at": int(NOW + 60) + 30 * 86400},
         {"uploading_id": "u2", "kind": "orders", "rows": 1, "status": "UNCONFIRMED", "sent_at": int(NOW),
-         "elements_count": 0, "confirmed_at": int(NOW + 60)}]
+         "elements_count": 0, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400}]
 
 
 def test_any_number_of_carried_entities_fits(store, iid, monkeypatch):
