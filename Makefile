@@ -26,7 +26,8 @@ check: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m bench.run_all
 
-# Create tables and queues in AWS for a stage: make infra STAGE=prod
+# The stacks of infra/*.yaml in AWS for a stage, through change sets (idempotent; see README "Deploy"):
+# make infra STAGE=prod [ALARM_EMAIL=ops@example.com] [LOG_RETENTION_DAYS=30]
 infra: $(VENV)/.installed
 	$(PY) -m chalicelib.infra --stage $(or $(STAGE),dev)
 

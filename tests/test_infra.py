@@ -4,9 +4,10 @@ and against what `chalice deploy` names where the emulator cannot tell (alarms, 
 
 moto does not emulate: IMPORT change sets (it tries to create the resources), rollback and failed
 resource events, Outputs of a stack made by a change set, parameter constraints (AllowedValues,
-MinValue), the change list of a parameter-only update, AWS::CloudWatch::Alarm and AWS::SNS::Subscription
-(skipped with a warning), and a table's TimeToLiveSpecification / PointInTimeRecoverySpecification
-(ignored). Those parts are checked as pure functions or on the templates themselves.
+MinValue), the change list of a parameter-only update, a log group's new retention on update, "no
+changes" after a parameter update (it keeps comparing with the parameters the stack was created with),
+AWS::CloudWatch::Alarm and AWS::SNS::Subscription (skipped with a warning), and a table's
+TimeToLiveSpecification / PointInTimeRecoverySpecification (ignored). Those parts are checked as pure functions or on the templates themselves.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_every_function_chalice_deploys_has_its_log_group_and_the_alarms_watch_t
     params = stage_params(stage)
     groups = {infra.resolve(r["Properties"]["LogGroupName"], params): infra.resolve(r["Properties"]["RetentionInDays"], params)
               for r in STAGE["Resources"].values() if r["Type"] == "AWS::Logs::LogGroup"}
-    assert groups == {f"/aws/lambda/{name}": "30" for name in functions.values()}
+    assert groups == {f"/aws/lambda/{name}": {"Ref": "LogRetentionDays"} for name in functions.values()}
     alarms = {logical_id: r["Properties"] for logical_id, r in STAGE["Resources"].items() if r["Type"] == "AWS::CloudWatch::Alarm"}
     worker = alarms["WorkerErrorsAlarm"]["Dimensions"]
     assert [(d["Name"], infra.resolve(d["Value"], params)) for d in worker] == [("FunctionName", functions["on_events_message"])]
@@ -79,8 +80,17 @@ def test_every_function_chalice_deploys_has_its_log_group_and_the_alarms_watch_t
 
 
 def test_the_alarms_are_those_of_the_issue_and_each_notifies_the_topic():
-    alarms = {r["Properties"]["MetricName"]: r["Properties"] for r in STAGE["Resources"].values()
+    alarms = {r["Properties"].get("MetricName", logical_id): r["Properties"] for logical_id, r in STAGE["Resources"].items()
               if r["Type"] == "AWS::CloudWatch::Alarm"}
+    schedules = alarms.pop("ScheduleErrorsAlarm")  # one more than the issue asks: the two schedules' errors
+    watched = {m["Id"]: m["MetricStat"]["Metric"] for m in schedules["Metrics"] if "MetricStat" in m}
+    params = stage_params("prod")
+    assert {k: (m["MetricName"], infra.resolve(m["Dimensions"][0]["Value"], params)) for k, m in watched.items()} == {
+        "reconcile": ("Errors", chalice_functions("prod")["reconcile_all"]),
+        "confirm": ("Errors", chalice_functions("prod")["confirm_uploads"])}
+    assert [m["Expression"] for m in schedules["Metrics"] if m.get("ReturnData")] == ["FILL(reconcile, 0) + FILL(confirm, 0)"]
+    assert (schedules["ComparisonOperator"], schedules["Threshold"]) == ("GreaterThanThreshold", 0)
+    assert schedules["AlarmActions"] == [{"Ref": "AlarmTopic"}]
     assert {(p["Namespace"], name, p["Statistic"], p["ComparisonOperator"], p["Threshold"]) for name, p in alarms.items()} == {
         ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "Maximum", "GreaterThanThreshold", 0),
         ("AWS/SQS", "ApproximateAgeOfOldestMessage", "Maximum", "GreaterThanThreshold", 1200),
@@ -205,6 +215,18 @@ def test_failure_reasons_are_the_last_operations_oldest_first():
     assert infra.failure_reasons(events, since="e9") == []
 
 
+def test_parameters_left_out_keep_the_stacks_values():
+    params = {"Stage": "prod", "AlarmEmail": None, "LogRetentionDays": None}
+    defaults = infra.parameter_defaults(STAGE)
+    assert defaults == {"LogRetentionDays": "30", "AlarmEmail": ""}
+    assert infra.fill_parameters(params, current={"Stage": "prod", "AlarmEmail": "ops@example.com", "LogRetentionDays": "90"},
+                                 defaults=defaults) == {"Stage": "prod", "AlarmEmail": "ops@example.com", "LogRetentionDays": "90"}
+    assert infra.fill_parameters(params, current={}, defaults=defaults) == {  # created: the template's defaults
+        "Stage": "prod", "AlarmEmail": "", "LogRetentionDays": "30"}
+    given = {"Stage": "prod", "AlarmEmail": "", "LogRetentionDays": "7"}  # given: they win, "" included
+    assert infra.fill_parameters(given, current={"AlarmEmail": "ops@example.com"}, defaults=defaults) == given
+
+
 def test_no_change_is_recognised_as_cloudformation_and_moto_say_it():
     assert infra.is_no_change("The submitted information didn't contain changes. Submit different information to create a change set.")
     assert infra.is_no_change("An error occurred (ValidationError) when calling the CreateChangeSet operation: No updates are to be performed.")
@@ -286,9 +308,17 @@ def test_make_infra_creates_both_stacks_then_finds_nothing_to_change(cfn_moto):
     cfn = boto3.client("cloudformation", endpoint_url=url)
     assert not [c for c in cfn.list_change_sets(StackName="metrika-crm-bridge-dev")["Summaries"]
                 if c["ExecutionStatus"] == "AVAILABLE"]  # nothing left waiting to be executed
-    # A new parameter value is a change: the alarm e-mail left out (the subscription goes).
-    changed, _ = deploy(url, "dev")
+    # The operator's choices are kept when left out (a plain `make infra` drops no subscription), changed
+    # when given: "" removes the e-mail.
+    kept, _ = deploy(url, "dev")
+    assert kept["stage"]["action"] == "unchanged"
+    changed, _ = deploy(url, "dev", alarm_email="", log_retention_days=90)
     assert changed["stage"]["action"] == "updated"
+    # (moto does not apply a log group's new retention; CloudFormation updates it in place.)
+    stack = boto3.client("cloudformation", endpoint_url=url).describe_stacks(StackName="metrika-crm-bridge-dev")["Stacks"][0]
+    assert {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}.keys() >= {"AlarmEmail", "LogRetentionDays"}
+    assert {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"] if p["ParameterKey"] in (
+        "AlarmEmail", "LogRetentionDays")} == {"AlarmEmail": "", "LogRetentionDays": "90"}
 
 
 @pytest.mark.stack  # a moto_server of its own

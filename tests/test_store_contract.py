@@ -492,6 +492,14 @@ def stored_expiry(store, kind: str, *key: str) -> int | None:
     return None
 
 
+def test_an_uploads_entity_list_outlives_every_chance_to_confirm_it():
+    from chalicelib.operations import GIVE_UP_AFTER
+    from chalicelib.store import CARRIED_TTL, UPLOAD_RECORD_TTL
+    # Confirmed (or given up) within GIVE_UP_AFTER of its sending, a FAILED upload still finds the
+    # entities to send again; a list a crash left behind goes with its record's 30 days.
+    assert CARRIED_TTL >= GIVE_UP_AFTER + UPLOAD_RECORD_TTL
+
+
 def test_upload_records_expire_30_days_after_their_final_status(store, iid, clock):
     store.record_upload(iid, "u1", kind="orders", rows=2, entities=[("order", "5"), ("contact", "9")])
     store.record_upload(iid, "u2", kind="orders", rows=1)  # nothing carried: no list to expire
