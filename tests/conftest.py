@@ -220,3 +220,22 @@ def bitrix24_config(**overrides) -> dict:
                              "member_id": "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37"}}
     config.update(overrides)
     return config
+
+
+# --- the deploy artifacts' package build, started with the session (tests/test_deploy_artifacts.py) ---
+
+def pytest_configure(config):
+    """`chalice package` mostly waits on pip: started here, in the controlling process only (not in each
+    xdist worker), it overlaps the suite instead of holding a worker up."""
+    from tests import test_deploy_artifacts as artifacts
+    if not hasattr(config, "workerinput") and artifacts.runs_these_tests(config):
+        config.stash[_ARTIFACTS_BUILD] = artifacts.start_build()
+
+
+def pytest_unconfigure(config):
+    from tests import test_deploy_artifacts as artifacts
+    if _ARTIFACTS_BUILD in config.stash:
+        artifacts.stop_build(config.stash[_ARTIFACTS_BUILD])
+
+
+_ARTIFACTS_BUILD = pytest.StashKey()
