@@ -42,7 +42,9 @@ CLAIM_GRACE_SECONDS = 900
 
 
 # Items that expire carry `expires_at` (epoch seconds), the TTL attribute of the tables (infra/*.yaml).
-# DynamoDB deletes an item some time after it (usually within days), so no reader relies on it being gone.
+# DynamoDB deletes an expired item "typically within two days" and reads return it until then
+# ("UpdateTimeToLive", https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_UpdateTimeToLive.html),
+# so no reader relies on it being gone.
 DAY = 86400
 UPLOAD_RECORD_TTL = 30 * DAY  # an upload's record: 30 days after its final status (PASSED, FAILED, UNCONFIRMED)
 # The entities an upload carried are deleted when it is confirmed; this only reaps lists a crash left
