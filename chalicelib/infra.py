@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, TextIO
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from .settings import APP_NAME, Settings, load_settings
 
@@ -323,7 +324,9 @@ class StackDeployer:
             self._clients.cloudformation.create_change_set(
                 StackName=stack, ChangeSetName=name, ChangeSetType=change_type, **template,
                 Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
-                Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+                # An import only adopts (tagging adopted resources could fail it); the UPDATE right after
+                # tags the stack and, through it, what it holds.
+                Tags=[] if change_type == "IMPORT" else [{"Key": k, "Value": v} for k, v in tags.items()])
         except ClientError as exc:
             # CloudFormation creates a FAILED change set (below); moto refuses at once, as UpdateStack does.
             if is_no_change(str(exc)):
@@ -345,7 +348,9 @@ class StackDeployer:
         started = self._latest_event_id(stack)
         try:
             self._clients.cloudformation.execute_change_set(StackName=stack, ChangeSetName=name)
-        except ClientError as exc:  # CloudFormation reports failures in the stack; moto answers with them
+        except (ClientError, BotoCoreError, ResponseParserError) as exc:  # CloudFormation reports failures
+            # in the stack events; moto answers the call with them (an IMPORT, which it does not emulate,
+            # even in DynamoDB's JSON, which botocore cannot parse as CloudFormation's XML)
             raise DeployFailed(f"{stack}: executing {change_type} failed: {exc}") from exc
         final = self._wait_stack(stack, after=started)
         if final not in DONE:

@@ -2,7 +2,8 @@
 sets — on a moto_server of this module's own (moto's CloudFormation takes ~2 s to load, paid once here),
 and against what `chalice deploy` names where the emulator cannot tell (alarms, log group names).
 
-moto does not emulate: IMPORT change sets (it tries to create the resources), rollback and failed
+moto does not emulate: IMPORT change sets (it tries to create the resources: the test checks what it
+received, and the plan is checked as a pure function), rollback and failed
 resource events, Outputs of a stack made by a change set, parameter constraints (AllowedValues,
 MinValue), the change list of a parameter-only update, a log group's new retention on update, "no
 changes" after a parameter update (it keeps comparing with the parameters the stack was created with),
@@ -307,7 +308,7 @@ def test_make_infra_creates_both_stacks_then_finds_nothing_to_change(cfn_moto):
     assert printed == "metrika-crm-bridge-shared: no changes\nmetrika-crm-bridge-dev: no changes\n"
     cfn = boto3.client("cloudformation", endpoint_url=url)
     assert not [c for c in cfn.list_change_sets(StackName="metrika-crm-bridge-dev")["Summaries"]
-                if c["ExecutionStatus"] == "AVAILABLE"]  # nothing left waiting to be executed
+                if c["StackName"] == "metrika-crm-bridge-dev" and c["ExecutionStatus"] == "AVAILABLE"]  # none left
     # The operator's choices are kept when left out (a plain `make infra` drops no subscription), changed
     # when given: "" removes the e-mail.
     kept, _ = deploy(url, "dev")
@@ -419,3 +420,27 @@ def test_the_command_reports_and_exits_non_zero_when_a_stack_fails(cfn_moto, mon
     error = capsys.readouterr().err
     assert error.startswith("make infra failed: metrika-crm-bridge-prod: executing CREATE failed")
     assert "Can only include alphanumeric characters" in error
+
+
+@pytest.mark.stack  # a moto_server of its own
+def test_a_stage_made_before_the_templates_is_imported_first(cfn_moto):
+    """moto cannot import (it tries to create the table and fails): what it received is checked."""
+    clients = infra.Clients.create(cfn_moto["url"])
+    legacy = load_settings({"STAGE": "adopt"})
+    infra.create_directly(clients, STAGE, infra.stage_parameters(legacy, visibility_timeout_seconds=360))
+    out = io.StringIO()
+    with pytest.raises(infra.DeployFailed, match="metrika-crm-bridge-adopt: executing IMPORT failed"):
+        infra.StackDeployer(clients, out=out).deploy(
+            "metrika-crm-bridge-adopt", infra.STAGE_TEMPLATE.read_text(),
+            infra.stage_parameters(legacy, visibility_timeout_seconds=1800), tags={"app": "metrika-crm-bridge"})
+    assert out.getvalue().startswith("metrika-crm-bridge-adopt: adopting resources that already exist: ConfigTable "
+                                     f"({legacy.config_table}), DeadLetterQueue (")
+    cfn = clients.cloudformation
+    [summary] = [s for s in cfn.list_change_sets(StackName="metrika-crm-bridge-adopt")["Summaries"]
+                 if s["StackName"] == "metrika-crm-bridge-adopt"]  # (moto lists every stack's)
+    assert summary["ChangeSetName"].startswith("make-infra-import-")
+    change_set = cfn.describe_change_set(StackName="metrika-crm-bridge-adopt", ChangeSetName=summary["ChangeSetName"])
+    assert sorted(c["ResourceChange"]["LogicalResourceId"] for c in change_set["Changes"]) == [
+        "ConfigTable", "DeadLetterQueue", "EventsQueue", "StateTable"]
+    sent = {p["ParameterKey"]: p["ParameterValue"] for p in change_set["Parameters"]}
+    assert sent["VisibilityTimeout"] == "1800" and sent["LogRetentionDays"] == "30" and sent["AlarmEmail"] == ""
