@@ -26,9 +26,10 @@ check: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m bench.run_all
 
-# Create tables and queues in AWS for a stage: make infra STAGE=prod
+# The stacks of infra/*.yaml in AWS for a stage, through change sets (idempotent; see README "Deploy"):
+# make infra STAGE=prod [ALARM_EMAIL=ops@example.com] [LOG_RETENTION_DAYS=30]
 infra: $(VENV)/.installed
-	$(PY) -m chalicelib.infra --stage $(or $(STAGE),dev)
+	$(PY) -m tools.infra --stage $(or $(STAGE),dev)
 
 # Deploy the functions of a stage, then API Gateway's own answers in the app's JSON shape (each
 # `chalice deploy` resets them, so the two go together): make deploy STAGE=prod

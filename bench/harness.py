@@ -34,10 +34,10 @@ def environment() -> Iterator[dict]:
            "ADMIN_TOKEN": ADMIN_TOKEN, "METRIKA_API_URL": metrika.url, "WORKER_BATCHING_WINDOW": "0",
            "ALLOW_LOOPBACK_CRM": "1"}  # the CRM sandboxes listen on loopback
     os.environ.update(env)
-    from chalicelib.infra import ensure_resources
+    from tools.infra import ensure_resources
     from chalicelib.settings import get_settings
     get_settings.cache_clear()
-    ensure_resources()
+    ensure_resources(emulator=True)
     seeded = {"amocrm": seed_demo(amocrm), "bitrix24": seed_bitrix(bitrix)}
     try:
         yield {"env": env, "metrika": metrika, "amocrm": amocrm, "bitrix24": bitrix, "seeded": seeded}

@@ -20,6 +20,8 @@ class Settings:
     config_table: str
     state_table: str
     events_queue: str
+    # Metrika's quota items (in-flight leases, day counters): one table for every stage, because the
+    # limits are per token (infra/shared.yaml).
     quota_table: str
     metrika_api_url: str
     max_webhook_bytes: int

@@ -85,8 +85,10 @@ def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None 
 
 
 def emulator_env(moto_url: str) -> dict[str, str]:
-    """boto3's own endpoint variables: the app has no emulator-specific code."""
-    return {**EMULATOR_ENV, "AWS_ENDPOINT_URL_DYNAMODB": moto_url, "AWS_ENDPOINT_URL_SQS": moto_url}
+    """boto3's own endpoint variables: the app has no emulator-specific code. CloudFormation and Logs
+    for `tools.infra`, which creates the tables and queues through the stacks' templates."""
+    return {**EMULATOR_ENV, **{f"AWS_ENDPOINT_URL_{service}": moto_url
+                               for service in ("DYNAMODB", "SQS", "CLOUDFORMATION", "CLOUDWATCH_LOGS")}}
 
 
 def start_moto(port: int) -> subprocess.Popen:
@@ -140,7 +142,7 @@ def main() -> None:
         processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.bitrix24", "--port", bitrix_url.rsplit(":", 1)[1],
                                            "--code", BITRIX24_DEMO_CODE], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
         wait_http(bitrix_url + "/_sandbox/state", process=processes[-1])
-        subprocess.run([sys.executable, "-m", "chalicelib.infra", "--stage", "dev"], cwd=ROOT, env=env, check=True,
+        subprocess.run([sys.executable, "-m", "tools.infra", "--stage", "dev", "--emulator"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
         api_url = f"http://127.0.0.1:{args.port}"
         # Their output goes through `redact_secrets`: chalice local's access log prints webhook URLs.

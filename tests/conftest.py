@@ -132,15 +132,15 @@ def worker(service_env):
 
 @pytest.fixture(scope="session")
 def service_env(moto_url, metrika_sandbox):
-    """Environment for the app under test; tables and queues created once through chalicelib.infra."""
+    """Environment for the app under test; tables and queues created once through tools.infra."""
     env = {**emulator_env(moto_url), "STAGE": "dev", "ADMIN_TOKEN": ADMIN_TOKEN,
            "METRIKA_API_URL": metrika_sandbox.url, "ADMIN_TOKEN_PARAMETER": "", "ALLOW_LOOPBACK_CRM": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from chalicelib.infra import ensure_resources
+    from tools.infra import ensure_resources
     from chalicelib.settings import get_settings
     get_settings.cache_clear()
-    ensure_resources()
+    ensure_resources(emulator=True)
     yield env
     for key, value in saved.items():
         if value is None:
@@ -242,3 +242,22 @@ def bitrix24_config(**overrides) -> dict:
                              "member_id": "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37"}}
     config.update(overrides)
     return config
+
+
+# --- the deploy artifacts' package build, started with the session (tests/test_deploy_artifacts.py) ---
+
+def pytest_configure(config):
+    """`chalice package` mostly waits on pip: started here, in the controlling process only (not in each
+    xdist worker), it overlaps the suite instead of holding a worker up."""
+    from tests import test_deploy_artifacts as artifacts
+    if not hasattr(config, "workerinput") and artifacts.runs_these_tests(config):
+        config.stash[_ARTIFACTS_BUILD] = artifacts.start_build()
+
+
+def pytest_unconfigure(config):
+    from tests import test_deploy_artifacts as artifacts
+    if _ARTIFACTS_BUILD in config.stash:
+        artifacts.stop_build(config.stash[_ARTIFACTS_BUILD])
+
+
+_ARTIFACTS_BUILD = pytest.StashKey()

@@ -90,14 +90,14 @@ def test_the_default_metric_goes_to_stdout_as_one_line(capsys):
 def test_dev_and_prod_on_one_token_share_three_slots_and_one_budget(service_env):
     """Two stages' stores on the emulator: their own tables, the one quota table. Governors on both
     hold at most 3 requests in flight together and spend one daily budget."""
-    from chalicelib.infra import ensure_tables
+    from tools.infra import Clients, ensure_resources
     from chalicelib.settings import load_settings
     from chalicelib.store.dynamodb import DynamoStore
     clock, token, client = Clock(), "y0_" + uuid.uuid4().hex, boto3.client("dynamodb")
     governors, lines = {}, []
     for stage in ("dev", "prod"):
         settings = load_settings({"STAGE": stage})
-        ensure_tables(settings, client)
+        ensure_resources(settings, emulator=True, clients=Clients.create())
         store = DynamoStore(client, settings.config_table, settings.state_table, quota_table=settings.quota_table,
                             clock=clock)
         governors[stage] = QuotaGovernor(store, token, daily_budget=5, max_wait=1, stage=stage, clock=clock,

@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
-from chalicelib.store import CLAIM_GRACE_SECONDS, Hold, day_expiry
+from chalicelib.store import CLAIM_GRACE_SECONDS, Hold, day_counter_expiry
 from chalicelib.store.dynamodb import DynamoStore
 from chalicelib.store.memory import MemoryStore
 
@@ -79,9 +79,9 @@ def serial_moto_url(service_env):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/moto-api/", process=process)
-        from chalicelib.infra import ensure_tables
+        from tools.infra import Clients, ensure_resources
         from chalicelib.settings import get_settings
-        ensure_tables(get_settings(), boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{port}"))
+        ensure_resources(get_settings(), emulator=True, clients=Clients.create(f"http://127.0.0.1:{port}"))
         yield f"http://127.0.0.1:{port}"
     finally:
         stop([process])
@@ -522,9 +522,53 @@ def test_uploads(store, iid, clock):
     store.confirm_upload(iid, "u2", "FAILED", None)
     assert store.uploads(iid) == [
         {"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "PASSED", "sent_at": int(NOW + 1),
-         "elements_count": 7, "confirmed_at": int(NOW + 60)},
+         "elements_count": 7, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400},
         {"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
-         "elements_count": 0, "confirmed_at": int(NOW + 60)}]
+         "elements_count": 0, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400}]
+
+
+def stored_expiry(store, kind: str, *key: str) -> int | None:
+    """`expires_at` as written for an item the protocol does not return: read raw from DynamoDB (the
+    attribute its TTL acts on), or the copy MemoryStore keeps. kind "carried": (integration id,
+    uploading id), first part; "day": (quota key, day)."""
+    if isinstance(store, MemoryStore):
+        return store.expiry(kind, *key)
+    pk, sk = ((f"INTEGRATION#{key[0]}", f"CARRIED#{key[1]}#0") if kind == "carried"
+              else (f"QUOTA#{key[0]}", f"DAY#{key[1]}"))
+    for table in filter(None, (getattr(store, "_quota", None), store._state)):  # quota items may move tables
+        item = boto3.client("dynamodb").get_item(TableName=table, Key={"pk": {"S": pk}, "sk": {"S": sk}},
+                                                 ConsistentRead=True).get("Item")
+        if item:
+            return int(item["expires_at"]["N"]) if "expires_at" in item else None
+    return None
+
+
+def test_an_uploads_entity_list_outlives_every_chance_to_confirm_it():
+    from chalicelib.operations import GIVE_UP_AFTER
+    from chalicelib.store import CARRIED_TTL, UPLOAD_RECORD_TTL
+    # Confirmed (or given up) within GIVE_UP_AFTER of its sending, a FAILED upload still finds the
+    # entities to send again; a list a crash left behind goes with its record's 30 days.
+    assert CARRIED_TTL >= GIVE_UP_AFTER + UPLOAD_RECORD_TTL
+
+
+def test_upload_records_expire_30_days_after_their_final_status(store, iid, clock):
+    store.record_upload(iid, "u1", kind="orders", rows=2, entities=[("order", "5"), ("contact", "9")])
+    store.record_upload(iid, "u2", kind="orders", rows=1)  # nothing carried: no list to expire
+    # Still SENT: the record never expires (it is confirmed or given up within days); the list it carries
+    # expires only after the upload could no longer be confirmed, should a crash leave it behind.
+    assert "expires_at" not in store.uploads(iid)[0]
+    assert stored_expiry(store, "carried", iid, "u1") == int(NOW) + 32 * 86400
+    assert stored_expiry(store, "carried", iid, "u2") is None
+    for status, at in (("FAILED", NOW + 7200), ("UNCONFIRMED", NOW + 2 * 86400)):
+        clock.t = at
+        store.confirm_upload(iid, "u1" if status == "FAILED" else "u2", status, None, resent=1 if status == "FAILED" else None)
+    by_id = {u["uploading_id"]: u for u in store.uploads(iid)}
+    assert by_id["u1"]["expires_at"] == int(NOW + 7200) + 30 * 86400
+    assert by_id["u2"]["expires_at"] == int(NOW + 2 * 86400) + 30 * 86400
+    assert store.upload_entities(iid, "u1") == [] and stored_expiry(store, "carried", iid, "u1") is None
+    clock.t = NOW + 10 * 86400  # confirmed again (a re-run after a crash): the 30 days count from then
+    store.confirm_upload(iid, "u1", "FAILED", 2)
+    assert {u["uploading_id"]: u for u in store.uploads(iid)}["u1"]["expires_at"] == int(NOW + 10 * 86400) + 30 * 86400
 
 
 def test_products(store, iid):
@@ -574,6 +618,21 @@ def test_count_request_stops_at_the_budget(store):
     assert store.count_request(key, "2025-06-16", 3) == 1  # a new day, a new budget
 
 
+def test_day_counters_expire_3_days_after_their_utc_day(store):
+    key = "token-" + uuid.uuid4().hex
+    assert store.count_request(key, "2024-02-29", 5) == 1  # a leap day; 2024-03-01T00:00Z = 1709251200
+    assert stored_expiry(store, "day", key, "2024-02-29") == 1709251200 + 3 * 86400
+    assert store.count_request(key, "2100-12-31", 5) == 1  # the year 2100: 2101-01-01T00:00Z = 4133980800
+    assert stored_expiry(store, "day", key, "2100-12-31") == 4133980800 + 3 * 86400
+    assert store.count_request(key, "2024-02-29", 1) is None  # refused: nothing written, expiry unchanged
+    assert stored_expiry(store, "day", key, "2024-02-29") == 1709251200 + 3 * 86400
+    assert store.requests_on(key, "2024-02-29") == 1
+    for bad in ("2024-02-30", "29.02.2024", "2024-02-29T00:00", ""):
+        with pytest.raises(ValueError):
+            store.count_request(key, bad, 5)
+        assert store.requests_on(key, bad) == 0  # nothing counted without an expiry
+
+
 def test_leases_are_exclusive_and_expire(store):
     scope = "lease-" + uuid.uuid4().hex
     assert store.acquire_lease(scope, 2, "a", NOW, 60) == 0
@@ -602,12 +661,12 @@ def test_concurrent_callers_share_limits(racing_store):
 
 
 def test_day_expiry_is_three_days_after_the_day_ends():
-    assert day_expiry("2025-06-15") == 1_750_291_200  # 2025-06-19T00:00:00Z
-    assert day_expiry("2024-02-29") - day_expiry("2024-02-28") == 86400
-    assert day_expiry("2100-12-31") == 4_134_240_000  # 2101-01-04T00:00:00Z
+    assert day_counter_expiry("2025-06-15") == 1_750_291_200  # 2025-06-19T00:00:00Z
+    assert day_counter_expiry("2024-02-29") - day_counter_expiry("2024-02-28") == 86400
+    assert day_counter_expiry("2100-12-31") == 4_134_240_000  # 2101-01-04T00:00:00Z
     for bad in ("2025-02-30", "2025-6-15x", "", "9" * 2000):
         with pytest.raises(ValueError):
-            day_expiry(bad)
+            day_counter_expiry(bad)
 
 
 def test_day_counts_live_in_the_quota_table_with_their_expiry(request, clock):
@@ -628,13 +687,13 @@ def test_day_counts_live_in_the_quota_table_with_their_expiry(request, clock):
 def test_stages_share_metrika_limits_through_the_quota_table(request, clock, serial_moto_url):
     """dev and prod on one token: each its own config and state tables, one quota table. Callers of
     both stages at once get 3 leases in all, and one daily count."""
-    from chalicelib.infra import ensure_tables
+    from tools.infra import Clients, ensure_resources
     from chalicelib.settings import load_settings
     client = boto3.client("dynamodb", endpoint_url=serial_moto_url)
     stores = []
     for stage in ("dev", "prod"):
         settings = load_settings({"STAGE": stage})
-        ensure_tables(settings, client)
+        ensure_resources(settings, emulator=True, clients=Clients.create(serial_moto_url))
         stores.append(DynamoStore(client, settings.config_table, settings.state_table,
                                   quota_table=settings.quota_table, clock=clock))
     dev, prod = stores
@@ -921,9 +980,9 @@ def test_an_upload_keeps_its_entities_until_confirmed(store, iid, clock):
     assert store.upload_entities(iid, "u1") == []
     assert store.uploads(iid) == [
         {"uploading_id": "u1", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
-         "elements_count": 2, "confirmed_at": int(NOW + 60), "resent": 2},
+         "elements_count": 2, "confirmed_at": int(NOW + 60), "resent": 2, "expires_at": int(NOW + 60) + 30 * 86400},
         {"uploading_id": "u2", "kind": "orders", "rows": 1, "status": "UNCONFIRMED", "sent_at": int(NOW),
-         "elements_count": 0, "confirmed_at": int(NOW + 60)}]
+         "elements_count": 0, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400}]
 
 
 def test_any_number_of_carried_entities_fits(store, iid, monkeypatch):

@@ -29,7 +29,6 @@ order as sent), `facts`, `owner` (set while a history import holds the entity), 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -41,6 +40,27 @@ LEGACY_ATTRIBUTES = ("queued", "received_at")
 # A worker that claimed an entity this recently is taken to be delivering it: the stuck sweep leaves
 # it alone (SQS redelivers the message of a worker that died; the sweep covers messages that are gone).
 CLAIM_GRACE_SECONDS = 900
+
+
+# Items that expire carry `expires_at` (epoch seconds), the TTL attribute of the tables (infra/*.yaml).
+# DynamoDB deletes an expired item "typically within two days" and reads return it until then
+# ("UpdateTimeToLive", https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_UpdateTimeToLive.html),
+# so no reader relies on it being gone.
+DAY = 86400
+UPLOAD_RECORD_TTL = 30 * DAY  # an upload's record: 30 days after its final status (PASSED, FAILED, UNCONFIRMED)
+# The entities an upload carried are deleted when it is confirmed; this only reaps lists a crash left
+# behind. It must outlast the longest an upload stays SENT (operations.GIVE_UP_AFTER, 2 days) and its
+# record's 30 days, so a list is never gone while its upload can still be confirmed FAILED and re-sent.
+CARRIED_TTL = 32 * DAY
+DAY_COUNTER_TTL = 3 * DAY  # a Metrika day counter: 3 days after its UTC day ends
+
+
+def day_counter_expiry(day: str) -> int:
+    """`expires_at` of a day counter for `day` ("YYYY-MM-DD", a UTC day): DAY_COUNTER_TTL after the day
+    ends. ValueError for anything else (a counter without expiry would be kept forever)."""
+    from datetime import datetime, timezone
+    start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    return int(start.timestamp()) + DAY + DAY_COUNTER_TTL
 
 
 def plain(value: Any) -> Any:
@@ -61,17 +81,6 @@ def stored_time(seconds: float) -> Decimal:
     """A time as both stores keep it: 0.1 ms is precise enough for leases and spacing, and keeps
     numbers short."""
     return Decimal(str(round(seconds, 4)))
-
-
-# A day's Metrika request count is kept this long after the day ends (00:00 UTC), then expires (the
-# quota table's TTL, `expires_at`): long enough to read yesterday's figure, short enough to stay small.
-DAY_COUNT_KEPT_SECONDS = 3 * 86400
-
-
-def day_expiry(day: str) -> int:
-    """`expires_at` (Unix seconds) of the count of `day` ("YYYY-MM-DD", UTC): 3 days after the day ends."""
-    start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-    return int(start.timestamp()) + 86400 + DAY_COUNT_KEPT_SECONDS
 
 
 def entity_keys(entities: Any) -> list[str]:
@@ -246,12 +255,14 @@ class UploadStore(Protocol):
     def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
                       entities: list[tuple[str, str]] = ()) -> None:
         """A new upload: status "SENT", sent_at=now, and the entities ((kind, crm_id)) whose rows it
-        carried, kept apart from the upload's record (`upload_entities`) until it is confirmed. Any
-        number of entities fits (DynamoDB splits them over several items below 400 KB each)."""
+        carried, kept apart from the upload's record (`upload_entities`) until it is confirmed (and
+        expiring CARRIED_TTL after now, should a crash leave them). Any number of entities fits
+        (DynamoDB splits them over several items below 400 KB each)."""
 
     def uploads(self, integration_id: str) -> list[dict]:
         """[{"uploading_id", "kind", "rows", "status", "sent_at", ("elements_count", "confirmed_at",
-        "resent")}], ordered by uploading_id; without the entities (reading every upload stays cheap)."""
+        "resent", "expires_at")}], ordered by uploading_id; without the entities (reading every upload
+        stays cheap)."""
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         """The (kind, crm_id) of every entity the upload carried, sorted, each once; [] when none were
@@ -260,7 +271,8 @@ class UploadStore(Protocol):
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
         """The upload's final status: status, elements_count (0 for None), confirmed_at=now, `resent`
-        (entities queued again) when given; its entity list is dropped."""
+        (entities queued again) when given, expires_at=now + UPLOAD_RECORD_TTL; its entity list is
+        dropped."""
 
 
 class ProductStore(Protocol):
@@ -287,9 +299,8 @@ class QuotaStore(Protocol):
 
     def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
         """Count one request against `budget` for `day`: the count including this one, or None (and
-        nothing counted) when the budget is spent. Atomic: concurrent callers never exceed it. A stored
-        count carries `expires_at` = `day_expiry(day)`: DynamoDB's TTL removes it (MemoryStore keeps it
-        for the process's life)."""
+        nothing counted) when the budget is spent. Atomic: concurrent callers never exceed it. The
+        counter expires at `day_counter_expiry(day)` (DynamoDB's TTL in the shared quota table)."""
 
     def requests_on(self, quota_key: str, day: str) -> int:
         """Requests counted for `day` (0 when none)."""

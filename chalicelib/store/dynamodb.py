@@ -36,7 +36,8 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTime
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
 
-from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold, day_expiry, entity_keys, entity_pairs
+from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, UPLOAD_RECORD_TTL, Hold,
+               day_counter_expiry, entity_keys, entity_pairs)
 from . import plain as _plain
 from . import stored_time as _decimal
 
@@ -403,7 +404,7 @@ class DynamoStore:
         for part, start in enumerate(range(0, len(keys), CARRIED_PER_ITEM)):
             self._db.put_item(TableName=self._state, Item=_to_item({
                 "pk": _pk(integration_id), "sk": f"CARRIED#{uploading_id}#{part}",
-                "entities": keys[start:start + CARRIED_PER_ITEM]}))
+                "entities": keys[start:start + CARRIED_PER_ITEM], "expires_at": self._now() + CARRIED_TTL}))
         self._db.put_item(TableName=self._state, Item=_to_item({
             "pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}", "kind": kind, "rows": rows,
             "status": "SENT", "sent_at": self._now()}))
@@ -420,11 +421,14 @@ class DynamoStore:
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
         resent_update = ", resent = :r" if resent is not None else ""
+        now = self._now()
         self._db.update_item(TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}"}),
-                             UpdateExpression=f"SET #s = :s, elements_count = :n, confirmed_at = :now{resent_update}",
+                             UpdateExpression=f"SET #s = :s, elements_count = :n, confirmed_at = :now, "
+                                              f"expires_at = :exp{resent_update}",
                              ExpressionAttributeNames={"#s": "status"},
                              ExpressionAttributeValues=_to_item({":s": status, ":n": elements_count or 0,
-                                                                 ":now": self._now(), ":r": resent}))
+                                                                 ":now": now, ":r": resent,
+                                                                 ":exp": now + UPLOAD_RECORD_TTL}))
         # After the status: until then a re-run still finds what the upload carried.
         for item in self._query(self._state, _pk(integration_id), projection="pk, sk",
                                 begins_with=f"CARRIED#{uploading_id}#"):
@@ -509,9 +513,9 @@ class DynamoStore:
         try:
             answer = self._db.update_item(
                 TableName=self._quota, Key=_to_item({"pk": f"QUOTA#{quota_key}", "sk": f"DAY#{day}"}),
-                UpdateExpression="ADD n :one SET expires_at = :expires",
+                UpdateExpression="ADD n :one SET expires_at = :exp",
                 ConditionExpression="attribute_not_exists(n) OR n < :budget",
-                ExpressionAttributeValues=_to_item({":one": 1, ":budget": budget, ":expires": day_expiry(day)}),
+                ExpressionAttributeValues=_to_item({":one": 1, ":budget": budget, ":exp": day_counter_expiry(day)}),
                 ReturnValues="UPDATED_NEW")
         except ClientError as exc:
             if _conditional_failed(exc):

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from chalicelib.crm import EntityRef
 
-from . import BACKFILL_OWNER, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, Hold, entity_keys, entity_pairs
+from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, UPLOAD_RECORD_TTL, Hold,
+               day_counter_expiry, entity_keys, entity_pairs)
 from . import plain as _plain
 from . import stored_time as _decimal
 
@@ -76,6 +77,15 @@ class MemoryStore:
         self._crm_accounts: dict[str, dict] = {}  # account scope → facts
         self._inbox: dict[str, dict[str, tuple[Decimal, list[EntityRef]]]] = {}  # id → batch id → (recorded at, refs)
         self._customers: dict[str, dict[str, dict]] = {}  # id → uniq_id → {"sources", "sent", "version"}
+        # The `expires_at` DynamoDB's TTL acts on, for items the protocol does not return (the entities an
+        # upload carried, day counters): kept, never acted on; `expiry` reads it for the contract tests.
+        self._expiry: dict[tuple[str, ...], int] = {}
+
+    def expiry(self, kind: str, *key: str) -> int | None:
+        """The `expires_at` DynamoStore would have written: ("carried", integration id, uploading id) or
+        ("day", quota key, day). For the contract tests."""
+        with self._lock:
+            return self._expiry.get((kind, *key))
 
     # --- IntegrationStore ----------------------------------------------------------------------------
 
@@ -93,6 +103,8 @@ class MemoryStore:
     def delete_integration(self, integration_id: str) -> bool:
         with self._lock:
             existed = integration_id in self._integrations
+            for key in [k for k in self._expiry if k[0] == "carried" and k[1] == integration_id]:
+                del self._expiry[key]
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
                           self._cursors, self._entities, self._products, self._uploads, self._carried,
                           self._inbox, self._customers):
@@ -288,6 +300,7 @@ class MemoryStore:
             _set(item, kind=kind, rows=rows, status="SENT", sent_at=self._now())
             if entities:
                 self._carried.setdefault(integration_id, {})[uploading_id] = entity_keys(entities)
+                self._expiry[("carried", integration_id, uploading_id)] = self._now() + CARRIED_TTL
             self._uploads.setdefault(integration_id, {})[uploading_id] = item
 
     def uploads(self, integration_id: str) -> list[dict]:
@@ -303,8 +316,11 @@ class MemoryStore:
                        resent: int | None = None) -> None:
         with self._lock:
             item = self._uploads.setdefault(integration_id, {}).setdefault(uploading_id, {})
-            _set(item, status=status, elements_count=elements_count or 0, confirmed_at=self._now(), resent=resent)
+            now = self._now()
+            _set(item, status=status, elements_count=elements_count or 0, confirmed_at=now, resent=resent,
+                 expires_at=now + UPLOAD_RECORD_TTL)
             self._carried.get(integration_id, {}).pop(uploading_id, None)
+            self._expiry.pop(("carried", integration_id, uploading_id), None)
 
     # --- ProductStore --------------------------------------------------------------------------------
 
@@ -355,11 +371,13 @@ class MemoryStore:
             return float(self._next_at[scope]) - interval
 
     def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
+        expires_at = day_counter_expiry(day)  # before counting: a day it cannot read counts nothing
         with self._lock:
             count = self._requests.get((quota_key, day))
             if count is not None and not count < budget:
                 return None
             self._requests[(quota_key, day)] = (count or Decimal(0)) + 1
+            self._expiry[("day", quota_key, day)] = expires_at
             return int(self._requests[(quota_key, day)])
 
     def requests_on(self, quota_key: str, day: str) -> int:
