@@ -31,11 +31,16 @@ bench: $(VENV)/.installed
 infra: $(VENV)/.installed
 	$(PY) -m tools.infra --stage $(or $(STAGE),dev)
 
-# Deploy the functions of a stage, then API Gateway's own answers in the app's JSON shape (each
-# `chalice deploy` resets them, so the two go together): make deploy STAGE=prod
+# Everything a stage needs, in order, each step idempotent (README "Deploy"): the stacks, the admin token
+# (made once, never shown), the functions, API Gateway's own answers in the app's JSON shape (each
+# `chalice deploy` resets them, so the two go together), then the URLs to give the CRMs.
+# make deploy STAGE=prod [ALARM_EMAIL=ops@example.com]
 deploy: $(VENV)/.installed
+	$(PY) -m tools.infra --stage $(or $(STAGE),dev)
+	$(PY) -m tools.deploy token --stage $(or $(STAGE),dev)
 	$(VENV)/bin/chalice deploy --stage $(or $(STAGE),dev)
 	$(PY) -m tools.gateway_responses --stage $(or $(STAGE),dev)
+	$(PY) -m tools.deploy urls --stage $(or $(STAGE),dev)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
