@@ -24,7 +24,7 @@ MAX_JSON_DEPTH = 32  # admin bodies are a few levels deep; deeper is an attack, 
 
 _STORE = None
 _QUEUE = None
-_ADMIN_TOKENS = None  # chalicelib.admin.AdminTokenCache: re-reads the SSM parameter on its own schedule
+_ADMIN_TOKENS = None  # (settings, chalicelib.admin.AdminTokenCache): re-reads the SSM parameter on its own schedule
 _SOURCES = {}  # crm name → CrmSource, filled on first use (tests may fill it first)
 
 
@@ -68,10 +68,11 @@ def get_sources():
 
 def get_admin_tokens():
     global _ADMIN_TOKENS
-    if _ADMIN_TOKENS is None:
+    settings = get_settings()
+    if _ADMIN_TOKENS is None or _ADMIN_TOKENS[0] is not settings:  # made again when the settings are reloaded
         from chalicelib.admin import admin_tokens
-        _ADMIN_TOKENS = admin_tokens(get_settings())
-    return _ADMIN_TOKENS
+        _ADMIN_TOKENS = (settings, admin_tokens(settings))
+    return _ADMIN_TOKENS[1]
 
 
 def get_ingest():
