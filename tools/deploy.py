@@ -45,13 +45,30 @@ def ensure_admin_token(ssm: Any, parameter: str) -> bool:
         return False
 
 
-def api_url(deployed: Any) -> str:
-    """The REST API's URL in `.chalice/deployed/<stage>.json`, ending in "/"; ValueError when none."""
+def rest_api_resource(deployed: Any, wanted: str) -> str:
+    """The `wanted` field (`rest_api_id`, `rest_api_url`) of the REST API in a parsed
+    `.chalice/deployed/<stage>.json`; ValueError when the file names none (not deployed, or no routes)."""
     for resource in deployed.get("resources", []) if isinstance(deployed, dict) else []:
-        if isinstance(resource, dict) and resource.get("resource_type") == "rest_api" and resource.get("rest_api_url"):
-            url = str(resource["rest_api_url"])
-            return url if url.endswith("/") else url + "/"
-    raise ValueError("no rest_api resource with a URL in the deployed file: run `chalice deploy` first")
+        if isinstance(resource, dict) and resource.get("resource_type") == "rest_api" and resource.get(wanted):
+            return str(resource[wanted])
+    raise ValueError(f"no rest_api resource with a {wanted} in the deployed file: run `chalice deploy` first")
+
+
+def read_deployed(project_dir: Path, stage: str, wanted: str) -> str:
+    """`rest_api_resource` of the stage's deployed file; ValueError with a message for a person."""
+    deployed_file = project_dir / ".chalice" / "deployed" / f"{stage}.json"
+    try:
+        return rest_api_resource(json.loads(deployed_file.read_text()), wanted)
+    except FileNotFoundError:
+        raise ValueError(f"{deployed_file} does not exist: run `chalice deploy --stage {stage}` first") from None
+    except ValueError as exc:  # not JSON, or no REST API in it
+        raise ValueError(f"{deployed_file}: {exc}") from None
+
+
+def api_url(deployed: Any) -> str:
+    """The REST API's URL in a parsed deployed file, ending in "/"; ValueError when none."""
+    url = rest_api_resource(deployed, "rest_api_url")
+    return url if url.endswith("/") else url + "/"
 
 
 def webhook_urls(base: str) -> dict[str, str]:
@@ -81,15 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"admin token {'created in' if created else 'kept:'} SSM parameter {parameter}; read it with\n"
               f"  {read_back_command(parameter)}")
         return 0
-    deployed_file = args.project_dir / ".chalice" / "deployed" / f"{args.stage}.json"
     try:
-        base = api_url(json.loads(deployed_file.read_text()))
-    except FileNotFoundError:
-        print(f"{deployed_file} does not exist: run `chalice deploy --stage {args.stage}` first", file=sys.stderr)
+        url = read_deployed(args.project_dir, args.stage, "rest_api_url")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
         return 1
-    except ValueError as exc:  # not JSON, or no REST API in it
-        print(f"{deployed_file}: {exc}", file=sys.stderr)
-        return 1
+    base = url if url.endswith("/") else url + "/"
     for name, url in webhook_urls(base).items():
         print(f"{name:18} {url}")
     print(f"{'admin token':18} $({read_back_command(parameter)})")

@@ -77,10 +77,8 @@ def desired() -> dict[str, dict[str, Any]]:
 def rest_api_id(deployed: dict) -> str:
     """The REST API's id in `.chalice/deployed/<stage>.json` (its `rest_api` resource); ValueError when
     the file names none (not deployed, or deployed without routes)."""
-    for resource in deployed.get("resources", []) if isinstance(deployed, dict) else []:
-        if isinstance(resource, dict) and resource.get("resource_type") == "rest_api" and resource.get("rest_api_id"):
-            return str(resource["rest_api_id"])
-    raise ValueError("no rest_api resource in the deployed file: run `chalice deploy --stage <stage>` first")
+    from tools.deploy import rest_api_resource
+    return rest_api_resource(deployed, "rest_api_id")
 
 
 def apply(client: Any, api_id: str, *, stage: str = API_GATEWAY_STAGE) -> dict:
@@ -111,14 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default="dev", help="the Chalice stage deployed (dev, prod)")
     parser.add_argument("--project-dir", type=Path, default=ROOT)
     args = parser.parse_args(argv)
-    deployed_file = args.project_dir / ".chalice" / "deployed" / f"{args.stage}.json"
+    from tools.deploy import read_deployed
     try:
-        api_id = rest_api_id(json.loads(deployed_file.read_text()))
-    except FileNotFoundError:
-        print(f"{deployed_file} does not exist: run `chalice deploy --stage {args.stage}` first", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # not JSON, or no REST API in it
-        print(f"{deployed_file}: {exc}", file=sys.stderr)
+        api_id = read_deployed(args.project_dir, args.stage, "rest_api_id")
+    except ValueError as exc:  # no file, not JSON, or no REST API in it
+        print(exc, file=sys.stderr)
         return 1
     import boto3
     result = apply(boto3.client("apigateway"), api_id)
