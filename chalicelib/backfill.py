@@ -53,6 +53,11 @@ MAX_DELAY = MAX_DELAY_SECONDS
 # step itself, so a held entity is still held when the retry comes. A crashed import's entities go
 # back to the live path when it runs out.
 HOLD_SECONDS = MAX_DELAY + STEP_SECONDS + 600
+# A running import saves its job at every step and every retry. Longer than the longest quiet spell a
+# live import has — a retry's delay (MAX_DELAY), then its message redelivered after a crashed worker
+# (the queue's 1800 s visibility), then the step (the worker's 300 s) — with room: a "running" job
+# quiet for longer has no message left (dead-lettered, or lost), and starting it again resumes it.
+STALLED_SECONDS = 3600
 COUNTS = ("read", "contacts_sent", "orders_sent", "skipped", "failed", "older_than_21_days")
 
 
@@ -95,7 +100,9 @@ class Backfill:
 
     def start(self, integration_id: str, body: Any) -> dict:
         """Start an import from `since`, or resume the stopped or failed one with the same `since`
-        (`"restart": true` starts over). A running import is returned as it is."""
+        (`"restart": true` starts over). A running import is returned as it is, unless it has not moved
+        for STALLED_SECONDS (its step message went to the dead-letter queue): then it is resumed, under
+        a new run id, so a later redrive of the old message does nothing."""
         if body is not None and not isinstance(body, dict):
             raise invalid('body must be a JSON object: {"since": "YYYY-MM-DD"}')
         body = body or {}
@@ -108,10 +115,12 @@ class Backfill:
         current = self._store.get_backfill(integration_id)
         since = parse_since(body.get("since", (current or {}).get("since_ts")), integration["timezone"])
         now = int(self._clock())
-        if current and current["state"] == "running" and current["since_ts"] == since and not body.get("restart"):
+        stalled = bool(current) and now - int(current.get("updated_at") or 0) >= STALLED_SECONDS
+        if current and current["state"] == "running" and current["since_ts"] == since and not body.get("restart") \
+                and not stalled:
             return {"backfill": public_job(current), "started": False}
-        if current and current["state"] in ("stopped", "failed") and current["since_ts"] == since \
-                and not body.get("restart"):
+        if current and (current["state"] in ("stopped", "failed") or current["state"] == "running" and stalled) \
+                and current["since_ts"] == since and not body.get("restart"):
             job = {**current, "state": "running", "error": None, "attempts": 0, "resumed_at": now}
         else:
             job = {"since_ts": since, "since": datetime.fromtimestamp(since, timezone.utc).isoformat(),
@@ -137,7 +146,11 @@ class Backfill:
 
     def status(self, integration_id: str) -> dict:
         self._integration(integration_id)
-        return {"backfill": public_job(self._store.get_backfill(integration_id))}
+        job = public_job(self._store.get_backfill(integration_id))
+        if job and job["state"] == "running" and int(self._clock()) - int(job.get("updated_at") or 0) >= STALLED_SECONDS:
+            job["stalled"] = ("no step for over an hour (its message went to the dead-letter queue?): "
+                              "POST …/backfill again resumes it")
+        return {"backfill": job}
 
     def _integration(self, integration_id: str) -> dict:
         integration = self._store.get_integration(integration_id)

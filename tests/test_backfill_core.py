@@ -3,6 +3,7 @@ loopback HTTP, no DynamoDB or SQS. The full-size runs with stop and resume over 
 test_backfill.py (and bench/backfill.py)."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -93,3 +94,27 @@ def test_an_import_running_across_the_upgrade_resumes_with_its_old_progress(setu
     core.drain()
     job = core.backfill.status(shop)["backfill"]
     assert job["state"] == "done" and job["counts"]["orders_sent"] == DEALS
+
+
+def test_an_import_whose_step_was_dead_lettered_is_shown_stalled_and_resumed_by_starting_it_again(setup, amocrm,
+                                                                                                  metrika_sandbox):
+    """The step's message is lost (dead-lettered): the job says "running" with nothing queued. Starting
+    again before STALLED_SECONDS changes nothing; after it, the import resumes under a new run id and a
+    redrive of the old message is void (nothing sent twice)."""
+    from chalicelib.backfill import STALLED_SECONDS
+    core, shop, people = setup
+    core.backfill.start(shop, {"since": int(time.time()) - 86400})
+    (lost,) = core.queue.receive()  # the step's message, gone to the dead-letter queue
+    assert "stalled" not in core.backfill.status(shop)["backfill"]
+    core.clock.advance(STALLED_SECONDS - 5)
+    assert core.backfill.start(shop, {})["started"] is False and len(core.queue) == 0
+    core.clock.advance(10)
+    job = core.backfill.status(shop)["backfill"]
+    assert job["state"] == "running" and "dead-letter" in job["stalled"]
+    assert core.backfill.start(shop, {})["started"] is True
+    core.queue.send([json.loads(lost)])  # the operator redrives the old message too
+    core.drain()
+    job = core.backfill.status(shop)["backfill"]
+    assert job["state"] == "done" and "stalled" not in job
+    assert all(n == 1 for n in metrika_sandbox.counter(core.counter_id).times_uploaded.values())
+    assert job["counts"]["orders_sent"] == DEALS
