@@ -489,6 +489,7 @@ def api(monkeypatch, stalled_url):
     store = MemoryStore()
     monkeypatch.setattr(app, "_STORE", store)
     monkeypatch.setattr(app, "_QUEUE", MemoryQueue())
+    monkeypatch.setattr(app, "_ADMIN_TOKENS", None)  # an earlier test's cache holds another token
     with Client(app.app, stage_name="dev") as client:
         yield client, store
     get_settings.cache_clear()

@@ -45,6 +45,9 @@ except BaseException:
 (out / "rc").write_text(str(rc))
 """
 CFN_LINT = "import sys; from cfnlint.runner import main; sys.exit(main())"
+# The functions' logical ids in the SAM template, and their names in .chalice/config.json.
+FUNCTIONS = {"APIHandler": "api_handler", "Admin": "admin", "OnEventsMessage": "on_events_message",
+             "ReconcileAll": "reconcile_all", "ConfirmUploads": "confirm_uploads"}
 DEPLOYMENT_ZIP = re.compile(r"^[0-9a-f]{32}-python3\.\d+(-arm64)?\.zip$")
 
 # Slow (a package build): left to `make test`, out of `make check`'s edit-test loop.
@@ -115,7 +118,13 @@ def test_chalice_packages_every_stage_with_the_configured_functions(packaged):
     for stage in STAGES:
         template = json.loads((packaged / stage / "sam.json").read_text())
         functions = {k for k, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"}
-        assert functions == {"APIHandler", "Admin", "OnEventsMessage", "ReconcileAll", "ConfirmUploads"}, stage
+        assert functions == set(FUNCTIONS), stage
+        # A role per function, holding that function's policy file (tools/policies.py), the authorizer's too.
+        roles = {name: template["Resources"][name]["Properties"]["Role"]["Fn::GetAtt"][0] for name in functions}
+        assert len(set(roles.values())) == len(functions), roles
+        for name, function in FUNCTIONS.items():
+            (policy,) = template["Resources"][roles[name]]["Properties"]["Policies"]
+            assert policy["PolicyDocument"] == json.loads((ROOT / ".chalice" / f"policy-{stage}-{function}.json").read_text())
         assert (packaged / stage / "deployment.zip").stat().st_size > 0
         env = template["Resources"]["APIHandler"]["Properties"]["Environment"]["Variables"]
         assert env["STAGE"] == stage
