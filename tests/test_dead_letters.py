@@ -239,6 +239,32 @@ def test_replaying_one_named_dead_lettered_entity_queues_it(core, metrika_sandbo
     assert "dead_lettered_at" not in core.store.get_entity(shop, CONTACT, "11")
 
 
+def test_a_last_receive_postponed_for_lack_of_time_is_not_left_flagged(core, metrika_sandbox):
+    """The seam between the deadline and the dead-letter flag: a message on its last receive is flagged
+    before any work, then its group is not started for lack of time and goes back to the queue as a new
+    message. The batch succeeds, so nothing reaches the dead-letter queue: the flag must go with the
+    re-send, or the status page lists a deal that is on its way and `replay {}` drops its live lease and
+    queues it twice. A flag written by an earlier, really dead-lettered message stays."""
+    from chalicelib import deadline
+    from chalicelib.worker import GROUP_SECONDS, RESERVE_SECONDS
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5"), (ORDER, "6"): deal_rows("6", contact="12")}
+    dead_lettered(core, shop, "6")  # its message is in the dead-letter queue
+    recorded(core, shop, "5")
+    with deadline.invocation(GROUP_SECONDS - 1 + RESERVE_SECONDS, reserve=RESERVE_SECONDS, clock=core.clock):
+        report = core.worker.handle([Received(body(shop, "5"), LAST), Received(body(shop, "6"), 2)])
+    assert (report.dead_lettered, report.postponed, report.uploaded) == (1, 2, 0)
+    assert [m for m, _ in core.queue.sent[-2:]] == [message(shop, ORDER, "5"), message(shop, ORDER, "6")]
+    assert "dead_lettered_at" not in core.store.get_entity(shop, ORDER, "5")
+    assert "dead_lettered_at" in core.store.get_entity(shop, ORDER, "6")
+    shown = integration_status(core.store, shop, requests_today=None)["dead_lettered"]
+    assert [e["crm_id"] for e in shown["entities"]] == ["6"]
+    core.drain()  # the re-sent messages, with time: both delivered, no flag left
+    for crm_id in ("5", "6"):
+        state = core.store.get_entity(shop, ORDER, crm_id)
+        assert state["dirty"] is False and "dead_lettered_at" not in state
+
+
 # --- the redrive route's body, and Chalice's own answers ---------------------------------------------
 
 @pytest.mark.parametrize(("given", "limit"), [(None, REDRIVE_LIMIT), ({}, REDRIVE_LIMIT), ({"limit": 1}, 1),

@@ -240,8 +240,13 @@ class EntityStore(Protocol):
         """The worker is on the last receive of a message for this entity: should it fail again, SQS moves
         the message to the dead-letter queue. Sets `dead_lettered_at` = now, only on a dirty entity (a
         clean one owes nothing); True when set. The flag goes with whatever settles the entity or puts a
-        new message on its way: `mark_clean`, `mark_failed`, `note_attempt` and `release_backfilled`
-        remove it. Nothing is created for an entity without state."""
+        new message on its way: `mark_clean`, `mark_failed`, `note_attempt`, `release_backfilled` and
+        `clear_dead_lettered` remove it. Nothing is created for an entity without state."""
+
+    def clear_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> None:
+        """The message flagged on its last receive was not worked on but queued again as a new message
+        (the invocation was short of time), so it will not reach the dead-letter queue: `dead_lettered_at`
+        removed. Nothing else changes; nothing is created for an entity without state."""
 
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         """Contacts that went up with a deal: remember their content hash (a contact without state gets
