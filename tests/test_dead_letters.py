@@ -220,6 +220,35 @@ def test_the_sweep_leaves_dead_letters_to_the_operator_and_replay_brings_them_ba
     assert integration_status(core.store, shop, requests_today=None)["dead_lettered"] == {"count": 0, "entities": []}
 
 
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_the_sweep_does_not_requeue_an_entity_whose_message_sqs_still_hides(core, stage):
+    """The seam between the queue's visibility (6 x the worker's 300 s = 1800 s) and the sweep's claim
+    grace: a worker that claimed an entity and then died leaves its message invisible for the whole
+    visibility timeout, after which SQS hands it out again. A sweep in between that takes the claim for
+    stale queues a second message for it: an entity that kills the Lambda then goes round on two, three
+    messages at once, each failing a whole batch of other integrations' deals five times, instead of
+    reaching its own fifth receive (and its dead-letter flag) once."""
+    import json as json_
+    from pathlib import Path
+    from tools.infra import visibility_timeout
+    config = json_.loads((Path(__file__).resolve().parent.parent / ".chalice" / "config.json").read_text())
+    visibility = visibility_timeout(config, stage)
+    shop = core.integration()
+    recorded(core, shop, "5")
+
+    def dying(integration):
+        raise Unavailable("store", "the Lambda ran out of memory")
+
+    core.source.fail = dying
+    with pytest.raises(Unavailable):
+        core.worker.handle([Received(body(shop, "5"), 1)])  # claimed, then the invocation died
+    assert core.source.calls  # it was claimed and read
+    core.clock.advance(visibility - 1)  # SQS still hides the message: it comes back by itself
+    assert core.ingest.reconcile(shop, core.source)["swept"] == 0 and len(core.queue) == 0
+    core.clock.advance(visibility)  # long after the redelivery was due: the message is gone, sweep it
+    assert core.ingest.reconcile(shop, core.source)["swept"] == 1
+
+
 def test_replaying_one_named_dead_lettered_entity_queues_it(core, metrika_sandbox):
     shop = core.integration()
     core.source.rows = {(CONTACT, "11"): EntityRows(contacts=[{"uniq_id": "11", "name": "Иван"}])}

@@ -39,7 +39,12 @@ BACKFILL_OWNER = "backfill"  # `owner` of an entity a history import holds
 LEGACY_ATTRIBUTES = ("queued", "received_at")
 # A worker that claimed an entity this recently is taken to be delivering it: the stuck sweep leaves
 # it alone (SQS redelivers the message of a worker that died; the sweep covers messages that are gone).
-CLAIM_GRACE_SECONDS = 900
+# SQS hides a received message for the events queue's visibility timeout (6 x the worker's 300 s =
+# 1800 s, infra/stage.yaml) before handing it out again, so the grace covers that and one more worker
+# run (tests/test_deploy_config.py holds it to the configured timeouts): shorter, the sweep would queue
+# a second message for an entity whose first is merely hidden, and one that kills the worker would go
+# round on several messages at once.
+CLAIM_GRACE_SECONDS = 2100
 
 
 # Items that expire carry `expires_at` (epoch seconds), the TTL attribute of the tables (infra/*.yaml).
