@@ -22,8 +22,9 @@ Gateway Lambda authorizers", https://docs.aws.amazon.com/apigateway/latest/devel
 So: a new token works at once (unless it was tried, and refused, before it was written: then after
 ≤ 60 s); an old token is refused from the end of the overlap + ≤ 60 s; a revoked one after ≤ 120 s.
 
-SSM unreachable or refusing: the last tokens read stay in use for `STALE_LIMIT_SECONDS` after the last
-good read (the previous token still ends with its overlap, the clock decides that); after that, and on
+The parameter deleted (SSM answers ParameterNotFound): no token is valid, from the next read on (≤ 60 s),
+as after a revocation. SSM unreachable or refusing: the last tokens read stay in use for
+`STALE_LIMIT_SECONDS` after the last good read (the previous token still ends with its overlap, the clock decides that); after that, and on
 a cold start with SSM down, every token is refused (the authorizer's Deny: 403, never a 500).
 """
 from __future__ import annotations
@@ -109,13 +110,19 @@ def bearer_token(authorization: str | None) -> str | None:
 def read_tokens(ssm: Any, name: str, *, overlap_seconds: float, now: float) -> AdminTokens:
     """The SSM adapter: the parameter's current version, and the version before it while the overlap
     lasts (read by its number, so a rotation between the two reads cannot pair the wrong values).
-    The current version unreadable is `Unavailable("ssm", <error code>)`. The previous one is a grace:
+    The current version unreadable is `Unavailable("ssm", <error code>)`, except a parameter that does not
+    exist (deleted): that is no token at all, so nobody is admin until it is written again (the stale
+    tokens are for SSM being down, not for an answer). The previous one is a grace:
     unreadable (no such version, throttled, refused) it is left out and logged, the current token works.
     No message ever holds a value."""
     from botocore.exceptions import BotoCoreError, ClientError
     try:
         parameter = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]
     except (ClientError, BotoCoreError) as exc:
+        if _error_code(exc) == "ParameterNotFound":  # an answer, not an outage: there is no token now
+            from .logs import log_event
+            log_event("admin_token_missing", parameter=name)
+            return AdminTokens()
         raise Unavailable("ssm", _error_code(exc)) from None
     version = int(parameter["Version"])
     previous_until = parameter["LastModifiedDate"].timestamp() + overlap_seconds

@@ -22,8 +22,8 @@ INBOX = "inbox"  # message kind of a large webhook body's batch of refs (its `cr
 MAX_SQS_BATCH = 10  # SendMessageBatch takes at most 10 entries
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
 # Receives of one message before SQS moves it to the dead-letter queue (the events queue's redrive
-# policy, `maxReceiveCount`). The one place this number lives: the infrastructure reads it from here,
-# and the worker flags a message's entities on this receive (`chalicelib.worker`).
+# policy, `maxReceiveCount` in infra/stage.yaml, which tests/test_infra.py holds equal to this), and the
+# receive on which the worker flags a message's entities (`chalicelib.worker`).
 MAX_RECEIVE_COUNT = 5
 _UNAVAILABLE_CODES = frozenset({"ServiceUnavailable", "InternalError", "ThrottlingException", "RequestThrottled",
                                 "KmsThrottled", "AWS.SimpleQueueService.ServiceUnavailable"})

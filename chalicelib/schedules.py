@@ -7,8 +7,11 @@ the 504 its admin-route form answers) is not done; the run stops there and logs 
 
 Rotation: the integrations are sorted, and each run starts where the previous one stopped (a position
 kept per job in a cursor item), so when runs cannot reach every integration the next run starts with
-those left, and the alphabetical tail is never starved. Integrations added or deleted between runs
-shift the positions by as many: at worst one run visits a few twice or later, none waits for ever.
+those left, and the alphabetical tail is never starved. An integration cut short comes first in the next
+run, unless it already came first in this one: having had a whole run and not finished, it goes behind
+the others, so one integration too big for an invocation cannot hold every run (the others get at least
+every other run). Integrations added or deleted between runs shift the positions by as many: at worst
+one run visits a few twice or later, none waits for ever.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def each_integration(store: Any, job: str, work: Callable[[str], dict], *, faile
     stopped, while the invocation's time allows; the results by integration id.
 
     Per integration: `Unavailable` (our store or queue) fails the run; the deadline stops it there
-    (that integration comes first next time); an `ApiError` is its result `{"error": …}` when
+    (that integration comes first next time, or last when it was this run's first); an `ApiError` is its result `{"error": …}` when
     `answer_errors`, else logged like anything else it raises (`failed_event`, with the traceback)."""
     ids = store.list_integration_ids()
     start = (store.get_cursor(SCOPE, job) or 0) % len(ids) if ids else 0
@@ -68,6 +71,9 @@ def each_integration(store: Any, job: str, work: Callable[[str], dict], *, faile
             raise
         except Exception as exc:  # noqa: BLE001 — one broken integration must not stop the others
             if timed_out(exc):
+                if done == 0:  # it had the whole run and still did not finish: behind the others next
+                    done = 1
+                    log_event("schedule_integration_timed_out", job=job, integration_id=integration_id)
                 break
             if answer_errors and isinstance(exc, ApiError):
                 results[integration_id] = {"error": exc.message}

@@ -111,8 +111,8 @@ class Worker:
                 groups.setdefault(integration_id, {})[(kind, crm_id)] = None
                 if received.last_receive:
                     last[(integration_id, kind, crm_id)] = None
-        if last:
-            self._flag_dead_letters(list(last), report)
+        # Entities flagged in this batch: a message of theirs queued again unworked takes its flag along.
+        flagged = self._flag_dead_letters(list(last), report) if last else set()
         if inbox:  # large webhook bodies become entity messages (for a later batch)
             expansion = expand_inbox(self._store, self._queue, inbox, clock=self._clock)
             report.expanded += expansion["expanded"]
@@ -122,9 +122,9 @@ class Worker:
         for index, (integration_id, keys) in enumerate(work):
             if not deadline.has(GROUP_SECONDS):
                 self._postpone([message(i, kind, crm_id) for i, rest in work[index:] for kind, crm_id in rest],
-                               "integration groups", len(work) - index, report)
+                               "integration groups", len(work) - index, report, flagged=flagged)
                 break
-            self._isolated(integration_id, list(keys), report)
+            self._isolated(integration_id, list(keys), report, flagged=flagged)
         for index, step in enumerate(steps):
             if not deadline.has(STEP_START_SECONDS):
                 self._postpone([message(str(s["integration_id"]), BACKFILL, str(s["crm_id"])) for s in steps[index:]],
@@ -133,38 +133,49 @@ class Worker:
             self._step(step, report)
         return report
 
-    def _postpone(self, messages: list[dict], what: str, units: int, report: Report) -> None:
+    def _postpone(self, messages: list[dict], what: str, units: int, report: Report, *,
+                  flagged: set[tuple[str, str, str]] = frozenset()) -> None:
         """Queue again, as they came, messages whose work was not started for lack of time. Their
         entities' queue leases were taken when they were first queued and still hold, so nothing else
-        queues them meanwhile; a failure to queue is `Unavailable` and fails the batch (SQS redelivers)."""
+        queues them meanwhile; a failure to queue is `Unavailable` and fails the batch (SQS redelivers).
+        An entity this batch flagged on its message's last receive (`flagged`) loses the flag once the
+        new message is sent: the batch succeeds, so that message never reaches the dead-letter queue."""
         self._queue.send(messages)
         report.postponed += len(messages)
+        for m in messages:
+            key = (m["integration_id"], m["kind"], m["crm_id"])
+            if key in flagged:
+                self._store.clear_dead_lettered(*key)
         log_event("work_postponed", what=what, units=units, messages=len(messages),
                   seconds_left=round(deadline.remaining() or 0.0, 1))
 
-    def _flag_dead_letters(self, keys: list[tuple[str, str, str]], report: Report) -> None:
+    def _flag_dead_letters(self, keys: list[tuple[str, str, str]], report: Report) -> set[tuple[str, str, str]]:
         """Flag each entity of a message on its last receive, before any work on the batch: should the
         Lambda die on it once more (timeout, memory), the flag is already written. One write each, on
         this rare receive only. `Unavailable` fails the batch (SQS moves the message to the dead-letter
         queue unflagged; the entity stays dirty, and once its queue lease has run out the
         reconciliation sweep queues it); anything else one entity raises (a key the store refuses) is
-        logged and skips only it."""
+        logged and skips only it. Returns the keys flagged."""
+        flagged = set()
         for integration_id, kind, crm_id in keys:
             try:
-                flagged = self._store.mark_dead_lettered(integration_id, kind, crm_id)
+                flagged_now = self._store.mark_dead_lettered(integration_id, kind, crm_id)
             except Unavailable:
                 raise
             except Exception as exc:  # noqa: BLE001 — one odd key must not fail the batch
                 log_event("dead_letter_flag_failed", integration_id=integration_id, kind=str(kind)[:40],
                           crm_id=crm_id[:80], error=type(exc).__name__)
                 continue
-            if flagged:
+            if flagged_now:
+                flagged.add((integration_id, kind, crm_id))
                 report.dead_lettered += 1
                 log_event("dead_letter_flagged", integration_id=integration_id, kind=kind, crm_id=crm_id)
+        return flagged
 
     # --- one integration's entities -----------------------------------------------------------------
 
-    def _isolated(self, integration_id: str, keys: list[tuple[str, str]], report: Report) -> None:
+    def _isolated(self, integration_id: str, keys: list[tuple[str, str]], report: Report, *,
+                  flagged: set[tuple[str, str, str]] = frozenset()) -> None:
         """Deliver one integration's entities; whatever that raises stays here. A group that crashes is
         tried again one entity at a time, so one poison entity (a record the translation chokes on)
         holds up only itself; each entity that still crashes is retried with backoff, then parked."""
@@ -183,9 +194,9 @@ class Worker:
         for index, key in enumerate(keys):
             if not deadline.has(GROUP_SECONDS):  # one by one takes longer: the rest waits for another invocation
                 self._postpone([message(integration_id, *k) for k in keys[index:]], "entities of a crashed group",
-                               len(keys) - index, report)
+                               len(keys) - index, report, flagged=flagged)
                 return
-            self._isolated(integration_id, [key], report)
+            self._isolated(integration_id, [key], report, flagged=flagged)
 
     def _deliver(self, integration_id: str, keys: list[tuple[str, str]], report: Report) -> None:
         integration = self._store.get_integration(integration_id)

@@ -169,6 +169,27 @@ def test_ssm_down_later_keeps_the_last_tokens_for_the_stale_limit(ssm, name):
     assert cache.is_admin(bearer(token))  # SSM back: the next attempt reads again
 
 
+def test_a_deleted_parameter_is_no_token_not_an_outage(ssm, name, captured_logs):
+    """SSM answering "no such parameter" is an answer, not SSM down: the warm container's last read is
+    not kept for the stale limit (10 minutes), so deleting the parameter refuses every token within the
+    read's TTL, as a revocation does. Written again, the new token works at its first request."""
+    token = "t-" + uuid.uuid4().hex
+    put(ssm, name, token)
+    clock = Clock()
+    warm = tokens(ssm, name, clock)
+    assert warm.is_admin(bearer(token))
+    ssm.delete_parameter(Name=name)
+    clock.t += PARAMETER_TTL_SECONDS
+    assert not warm.is_admin(bearer(token))
+    assert not tokens(ssm, name, clock).is_admin(bearer(token))  # a cold container: refused too
+    logged = [json.loads(r.getMessage()) for r in captured_logs.records if "admin_token_missing" in r.getMessage()]
+    assert logged and logged[0]["parameter"] == name and token not in captured_logs.text
+    again = "again-" + uuid.uuid4().hex
+    put(ssm, name, again)  # version 1 of a new parameter
+    clock.t += MISS_REREAD_SECONDS
+    assert warm.is_admin(bearer(again)) and not warm.is_admin(bearer(token))
+
+
 def test_a_rotation_during_the_two_reads_never_pairs_wrong_versions(ssm, name):
     """The previous token is read by version number: a put between the two reads cannot make the
     token before last valid."""

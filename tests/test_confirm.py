@@ -13,6 +13,7 @@ from chalicelib.crm import ORDER, EntityRef
 from chalicelib.errors import ApiError, Transient, Unavailable
 from chalicelib.operations import (GIVE_UP_AFTER, UNCONFIRMED_AFTER, confirm_or_answer, confirm_uploads,
                                    integration_status, listing_time, next_offset)
+from chalicelib.store import CLAIM_GRACE_SECONDS
 from tests.core import Core, deal_rows
 
 MOSCOW = ZoneInfo("Europe/Moscow")
@@ -138,7 +139,7 @@ def test_a_crash_before_the_requeue_loses_no_resend(core, metrika_sandbox):
                         now=core.clock())
     assert {u["uploading_id"]: u["status"] for u in core.store.uploads(shop)}[uploads["orders"]] == "SENT"
     # marked and owed, with no live lease: the stuck sweep finds them (once the worker's claim is old) …
-    core.clock.advance(1000)
+    core.clock.advance(CLAIM_GRACE_SECONDS + 1)
     assert {e["crm_id"] for e in core.store.stuck_entities(shop, now=core.clock())} == {"5", "6"}
     # … and so does the next confirmation, which finishes the job
     assert confirm(core, shop)["resent"] == 2

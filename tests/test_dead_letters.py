@@ -220,6 +220,35 @@ def test_the_sweep_leaves_dead_letters_to_the_operator_and_replay_brings_them_ba
     assert integration_status(core.store, shop, requests_today=None)["dead_lettered"] == {"count": 0, "entities": []}
 
 
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_the_sweep_does_not_requeue_an_entity_whose_message_sqs_still_hides(core, stage):
+    """The seam between the queue's visibility (6 x the worker's 300 s = 1800 s) and the sweep's claim
+    grace: a worker that claimed an entity and then died leaves its message invisible for the whole
+    visibility timeout, after which SQS hands it out again. A sweep in between that takes the claim for
+    stale queues a second message for it: an entity that kills the Lambda then goes round on two, three
+    messages at once, each failing a whole batch of other integrations' deals five times, instead of
+    reaching its own fifth receive (and its dead-letter flag) once."""
+    import json as json_
+    from pathlib import Path
+    from tools.infra import visibility_timeout
+    config = json_.loads((Path(__file__).resolve().parent.parent / ".chalice" / "config.json").read_text())
+    visibility = visibility_timeout(config, stage)
+    shop = core.integration()
+    recorded(core, shop, "5")
+
+    def dying(integration):
+        raise Unavailable("store", "the Lambda ran out of memory")
+
+    core.source.fail = dying
+    with pytest.raises(Unavailable):
+        core.worker.handle([Received(body(shop, "5"), 1)])  # claimed, then the invocation died
+    assert core.source.calls  # it was claimed and read
+    core.clock.advance(visibility - 1)  # SQS still hides the message: it comes back by itself
+    assert core.ingest.reconcile(shop, core.source)["swept"] == 0 and len(core.queue) == 0
+    core.clock.advance(visibility)  # long after the redelivery was due: the message is gone, sweep it
+    assert core.ingest.reconcile(shop, core.source)["swept"] == 1
+
+
 def test_replaying_one_named_dead_lettered_entity_queues_it(core, metrika_sandbox):
     shop = core.integration()
     core.source.rows = {(CONTACT, "11"): EntityRows(contacts=[{"uniq_id": "11", "name": "Иван"}])}
@@ -237,6 +266,32 @@ def test_replaying_one_named_dead_lettered_entity_queues_it(core, metrika_sandbo
     core.drain()
     assert "11" in metrika_sandbox.counter(core.counter_id).contacts
     assert "dead_lettered_at" not in core.store.get_entity(shop, CONTACT, "11")
+
+
+def test_a_last_receive_postponed_for_lack_of_time_is_not_left_flagged(core, metrika_sandbox):
+    """The seam between the deadline and the dead-letter flag: a message on its last receive is flagged
+    before any work, then its group is not started for lack of time and goes back to the queue as a new
+    message. The batch succeeds, so nothing reaches the dead-letter queue: the flag must go with the
+    re-send, or the status page lists a deal that is on its way and `replay {}` drops its live lease and
+    queues it twice. A flag written by an earlier, really dead-lettered message stays."""
+    from chalicelib import deadline
+    from chalicelib.worker import GROUP_SECONDS, RESERVE_SECONDS
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5"), (ORDER, "6"): deal_rows("6", contact="12")}
+    dead_lettered(core, shop, "6")  # its message is in the dead-letter queue
+    recorded(core, shop, "5")
+    with deadline.invocation(GROUP_SECONDS - 1 + RESERVE_SECONDS, reserve=RESERVE_SECONDS, clock=core.clock):
+        report = core.worker.handle([Received(body(shop, "5"), LAST), Received(body(shop, "6"), 2)])
+    assert (report.dead_lettered, report.postponed, report.uploaded) == (1, 2, 0)
+    assert [m for m, _ in core.queue.sent[-2:]] == [message(shop, ORDER, "5"), message(shop, ORDER, "6")]
+    assert "dead_lettered_at" not in core.store.get_entity(shop, ORDER, "5")
+    assert "dead_lettered_at" in core.store.get_entity(shop, ORDER, "6")
+    shown = integration_status(core.store, shop, requests_today=None)["dead_lettered"]
+    assert [e["crm_id"] for e in shown["entities"]] == ["6"]
+    core.drain()  # the re-sent messages, with time: both delivered, no flag left
+    for crm_id in ("5", "6"):
+        state = core.store.get_entity(shop, ORDER, crm_id)
+        assert state["dirty"] is False and "dead_lettered_at" not in state
 
 
 # --- the redrive route's body, and Chalice's own answers ---------------------------------------------

@@ -434,6 +434,29 @@ def test_an_integration_cut_short_comes_first_in_the_next_run(timeout):
     assert nxt == ["b", "c", "a"]
 
 
+def test_an_integration_that_times_out_with_a_whole_run_does_not_starve_the_others():
+    """An integration too big for one invocation (its reconciliation always runs out of time) came first
+    in every run and held the cursor there: the others were never visited again. Having had a whole run
+    to itself, it goes to the back of the rotation; the others get every other run at least."""
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    for name in ("a", "b", "c"):
+        store.put_integration(name, {"crm": "amocrm"})
+    visits: list[str] = []
+
+    def work(integration_id):
+        visits.append(integration_id)
+        if integration_id == "a":  # uses what the invocation has, and is cut short
+            clock.advance(max(0.0, deadline.usable() or 0.0))
+            raise OutOfTime("amoCRM did not answer within the time left", source="amocrm")
+        clock.advance(30)
+        return {}
+    for _ in range(4):
+        run_schedule(store, clock, work=work)
+    assert visits.count("b") >= 2 and visits.count("c") >= 2, visits
+    assert visits.count("a") >= 2  # and the big one keeps its turn
+
+
 def test_a_schedule_keeps_going_past_other_failures_and_fails_only_on_our_store():
     clock = Clock()
     store = MemoryStore(clock=clock)

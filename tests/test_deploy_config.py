@@ -74,3 +74,14 @@ def test_each_function_has_its_size_and_its_units_of_work_fit_its_time(stage):
     # visible again, and a held entity is still held when a step's retry comes.
     assert infra.visibility_timeout(json.loads((ROOT / ".chalice" / "config.json").read_text()), stage) >= 6 * worker_timeout
     assert backfill.HOLD_SECONDS >= backfill.MAX_DELAY + worker_timeout
+
+
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_the_sweeps_claim_grace_outlasts_a_crashed_workers_hidden_message(stage):
+    """A worker that died after claiming leaves its message hidden for the queue's visibility timeout;
+    SQS then hands it out again and the next worker claims it anew. Until then the stuck sweep must take
+    the claim for live (chalicelib/store CLAIM_GRACE_SECONDS), or it queues a duplicate."""
+    from chalicelib.store import CLAIM_GRACE_SECONDS
+    chalice_config = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    worker = CLIFactory(str(ROOT)).create_config_obj(chalice_stage_name=stage).scope(stage, "on_events_message")
+    assert CLAIM_GRACE_SECONDS >= infra.visibility_timeout(chalice_config, stage) + worker.lambda_timeout

@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 50, sorted(names)  # every method of every concern
+    assert len(names) == 51, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -400,6 +400,21 @@ def test_mark_dead_lettered_flags_only_an_entity_that_owes_a_delivery(store, iid
                             uploading_id="u")
     assert store.mark_dead_lettered(iid, "order", "6") is False  # delivered: nothing owed, nothing flagged
     assert "dead_lettered_at" not in entity(store, iid, "6")
+
+
+def test_clear_dead_lettered_removes_only_the_flag_and_creates_nothing(store, iid, clock):
+    assert mark(store, iid, "5", 1_700_000_000)
+    store.claim(iid, "order", "5")
+    assert store.mark_dead_lettered(iid, "order", "5")
+    before = entity(store, iid, "5")
+    store.clear_dead_lettered(iid, "order", "5")
+    after = entity(store, iid, "5")
+    assert "dead_lettered_at" not in after
+    assert after == {k: v for k, v in before.items() if k != "dead_lettered_at"}  # dirty, lease, claim kept
+    store.clear_dead_lettered(iid, "order", "5")  # twice: nothing to remove, no error
+    store.clear_dead_lettered(iid, "order", "absent")
+    assert entity(store, iid, "absent") is None  # nothing created
+    assert entity(store, iid, "5") == after
 
 
 def test_the_dead_letter_flag_goes_when_the_entity_is_settled_or_queued_again(store, iid):

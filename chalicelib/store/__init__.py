@@ -39,7 +39,12 @@ BACKFILL_OWNER = "backfill"  # `owner` of an entity a history import holds
 LEGACY_ATTRIBUTES = ("queued", "received_at")
 # A worker that claimed an entity this recently is taken to be delivering it: the stuck sweep leaves
 # it alone (SQS redelivers the message of a worker that died; the sweep covers messages that are gone).
-CLAIM_GRACE_SECONDS = 900
+# SQS hides a received message for the events queue's visibility timeout (6 x the worker's 300 s =
+# 1800 s, infra/stage.yaml) before handing it out again, so the grace covers that and one more worker
+# run (tests/test_deploy_config.py holds it to the configured timeouts): shorter, the sweep would queue
+# a second message for an entity whose first is merely hidden, and one that kills the worker would go
+# round on several messages at once.
+CLAIM_GRACE_SECONDS = 2100
 
 
 # Items that expire carry `expires_at` (epoch seconds), the TTL attribute of the tables (infra/*.yaml).
@@ -240,8 +245,13 @@ class EntityStore(Protocol):
         """The worker is on the last receive of a message for this entity: should it fail again, SQS moves
         the message to the dead-letter queue. Sets `dead_lettered_at` = now, only on a dirty entity (a
         clean one owes nothing); True when set. The flag goes with whatever settles the entity or puts a
-        new message on its way: `mark_clean`, `mark_failed`, `note_attempt` and `release_backfilled`
-        remove it. Nothing is created for an entity without state."""
+        new message on its way: `mark_clean`, `mark_failed`, `note_attempt`, `release_backfilled` and
+        `clear_dead_lettered` remove it. Nothing is created for an entity without state."""
+
+    def clear_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> None:
+        """The message flagged on its last receive was not worked on but queued again as a new message
+        (the invocation was short of time), so it will not reach the dead-letter queue: `dead_lettered_at`
+        removed. Nothing else changes; nothing is created for an entity without state."""
 
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         """Contacts that went up with a deal: remember their content hash (a contact without state gets

@@ -379,6 +379,15 @@ class DynamoStore:
             raise
         return True
 
+    def clear_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> None:
+        try:  # conditional: an absent flag (or entity) is left as it is, and no item is created
+            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                 UpdateExpression="REMOVE dead_lettered_at",
+                                 ConditionExpression="attribute_exists(dead_lettered_at)")
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         for crm_id, content_hash in content_hashes.items():
             try:

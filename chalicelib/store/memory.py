@@ -278,6 +278,12 @@ class MemoryStore:
             _set(item, dead_lettered_at=self._now())
             return True
 
+    def clear_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> None:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            if item is not None:
+                item.pop("dead_lettered_at", None)
+
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         with self._lock:
             entities = self._entities.setdefault(integration_id, {})
