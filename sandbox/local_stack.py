@@ -25,8 +25,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 # Credentials the emulator accepts; never real ones (the emulator ignores them).
 # `chalice local` with a listen backlog for bursts: http.server's default of 5 pending connections resets
-# concurrent clients (API Gateway has no such limit, so local load tests would measure the wrong thing).
+# concurrent clients (API Gateway has no such limit, so local load tests would measure the wrong thing);
+# and TCP_NODELAY, or each answer on a keep-alive connection waits 40 ms for the client's delayed ACK of
+# its headers (the sandboxes' server does the same, sandbox/httpserver.py).
 CHALICE_LOCAL = ("import chalice.local; chalice.local.ThreadedHTTPServer.request_queue_size = 256; "
+                 "chalice.local.ChaliceRequestHandler.disable_nagle_algorithm = True; "
                  "from chalice.cli import main; main()")
 AMOCRM_DEMO_TOKEN = "demo-token"
 BITRIX24_DEMO_CODE = "democode"
