@@ -229,7 +229,9 @@ def test_webhooks_during_the_import_are_not_sent_twice_and_newest_wins(app_clien
 def test_metrika_failures_are_retried_without_double_uploads(app_client, amo_integration, amocrm, worker,
                                                             metrika_sandbox, monkeypatch):
     import chalicelib.backfill as backfill
+    import chalicelib.metrika.client as metrika_client
     monkeypatch.setattr(backfill, "MAX_DELAY", 1)
+    monkeypatch.setattr(metrika_client, "QUICK_RETRY_PAUSE", 0)  # its length is test_metrika_client's
     deals, contacts = 100, 40  # two steps of deals and one of contacts: enough retries to land between them
     people = seed_amocrm(amocrm, deals=deals, contacts=contacts)
     metrika_sandbox.set_faults(error_503=0.4, seed=3)
