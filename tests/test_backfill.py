@@ -18,20 +18,20 @@ AMO_SECRET = "backfill-amocrm-secret-0123456789"
 B24_APP_TOKEN = "bf8w3e7r2t6y1u5i9o4p0a3s8d2f7g1h"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 # Small steps (see `small_steps`) and the smallest accounts that still give two or more steps per phase
-# (amoCRM three of deals, two of contacts; Bitrix24 three of deals, the last one short) so that stops,
+# (amoCRM three of deals, two of contacts; Bitrix24 two of deals, the last one short) so that stops,
 # retries and webhooks land between them; `bench/backfill.py` runs the full 5,000 / 3,000 at the
 # production step sizes. Each entity costs several DynamoDB writes on moto_server: the volume is what
 # these tests spend their time on, and not what they check.
-AMO_PAGE, STEP_ROWS, BITRIX_STEP_DEALS = 25, 50, 50
+AMO_PAGE, STEP_ROWS, BITRIX_STEP_DEALS = 25, 50, 100
 DEALS, CONTACTS = int(os.environ.get("BACKFILL_DEALS", "120")), int(os.environ.get("BACKFILL_CONTACTS", "60"))
 
 
 @pytest.fixture(autouse=True)
 def small_steps(monkeypatch):
     """Steps of 50 entities (the default is 1,000) read as two amoCRM pages of 25 (the API's maximum is
-    250; any `limit` up to it is a valid request), and Bitrix24 steps of one list page, 50 deals (800):
-    more steps, and a step of more than one page, so stops, retries and webhooks land between steps
-    even in small imports."""
+    250; any `limit` up to it is a valid request), and Bitrix24 steps of 100 deals, two list pages in
+    one batch (800, 16 pages): more steps, each of more than one page, so stops, retries and webhooks
+    land between steps even in small imports."""
     import chalicelib.backfill as backfill
     import chalicelib.crm.amocrm.api as amocrm_api
     import chalicelib.crm.bitrix24.source as bitrix24_source
