@@ -29,10 +29,10 @@ B24_DEALS = int(os.environ.get("BACKFILL_B24_DEALS", "120"))
 
 @pytest.fixture(autouse=True)
 def small_steps(monkeypatch):
-    """Steps of 20 entities (the default is 1,000) read as two amoCRM pages of 10 (the API's maximum is
-    250; any `limit` up to it is a valid request), and Bitrix24 steps of 100 deals, two list pages in
-    one batch (800, 16 pages): more steps, each of more than one page, so stops, retries and webhooks
-    land between steps even in small imports."""
+    """Steps of 20 entities (the default is 1,000) read as two amoCRM pages of 10 (any `limit` up to 250
+    is a valid request: "Сделки", "Список сделок", https://www.amocrm.ru/developers/content/crm_platform/leads-api),
+    and Bitrix24 steps of 100 deals, two list pages in one batch (800, 16 pages): more steps, each of
+    more than one page, so stops, retries and webhooks land between steps even in small imports."""
     import chalicelib.backfill as backfill
     import chalicelib.crm.amocrm.api as amocrm_api
     import chalicelib.crm.bitrix24.source as bitrix24_source
