@@ -28,8 +28,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 # Credentials the emulator accepts; never real ones (the emulator ignores them).
 # `chalice local` with a listen backlog for bursts: http.server's default of 5 pending connections resets
-# concurrent clients (API Gateway has no such limit, so local load tests would measure the wrong thing).
+# concurrent clients (API Gateway has no such limit, so local load tests would measure the wrong thing);
+# and TCP_NODELAY, or each answer on a keep-alive connection waits 40 ms for the client's delayed ACK of
+# its headers (the sandboxes' server does the same, sandbox/httpserver.py).
 CHALICE_LOCAL = ("import chalice.local; chalice.local.ThreadedHTTPServer.request_queue_size = 256; "
+                 "chalice.local.ChaliceRequestHandler.disable_nagle_algorithm = True; "
                  "from chalice.cli import main; main()")
 AMOCRM_DEMO_TOKEN = "demo-token"
 BITRIX24_DEMO_CODE = "democode"
@@ -98,15 +101,24 @@ def start_moto(port: int) -> subprocess.Popen:
     return process
 
 
-def stop(processes: list[subprocess.Popen]) -> None:
+def stop(processes: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    """SIGTERM each process, again every half second, and SIGKILL what is left after `timeout`. Again,
+    because a signal can land where Python drops the exception its handler raises: moto_server's
+    `sys.exit` in the middle of starting a request thread becomes a logged RuntimeError and the server
+    serves on (seen when Ctrl-C hits a busy stack: moto_server then held the launcher 10 s)."""
     for process in reversed(processes):
         if process.poll() is None:
             process.terminate()
+    deadline = time.monotonic() + timeout
     for process in reversed(processes):
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                process.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+        if process.poll() is None:
             process.kill()
+            process.wait()
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ def html_page():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -355,11 +355,14 @@ def test_metrika_refused_token_is_misconfigured(metrika_sandbox, token, status):
     assert http_error("upload", info.value).status == 422
 
 
-def test_metrika_429_honours_retry_after(metrika, metrika_sandbox):
+def test_metrika_429_honours_retry_after(metrika_sandbox):
+    pauses = []  # recorded, not slept
+    metrika = MetrikaClient(METRIKA_TOKEN, metrika_sandbox.url, timeout=(1.0, 2.0), sleep=pauses.append)
     metrika_sandbox.set_faults(error_429=1.0)
     with pytest.raises(Transient) as info:
         metrika.upload_orders(7, [ORDER_ROW])
     assert info.value.status == 429 and info.value.retry_after == 1.0 and not info.value.daily_quota
+    assert pauses == [1.0]  # the one quick retry waited the Retry-After
     assert http_error("upload", info.value).error == "metrika_unavailable"
 
 
@@ -384,9 +387,10 @@ def test_metrika_daily_quota_reset_is_next_utc_midnight_without_http():
 
 
 def test_metrika_html_200_is_transient(html_page):
+    pauses = []  # the quick retry's pause, recorded, not slept
     with pytest.raises(Transient) as info:
-        MetrikaClient("t", html_page).upload_orders(7, [ORDER_ROW])
-    assert info.value.status == 200 and "not JSON" in info.value.message
+        MetrikaClient("t", html_page, sleep=pauses.append).upload_orders(7, [ORDER_ROW])
+    assert info.value.status == 200 and "not JSON" in info.value.message and len(pauses) == 1
     with pytest.raises(Transient):
         cdp.decipher_response(200, {}, b"<html>maintenance</html>")
     assert cdp.decipher_response(200, {}, b"") == {}

@@ -17,19 +17,27 @@ AMO_COUNTER, B24_COUNTER = 8181, 8282
 AMO_SECRET = "backfill-amocrm-secret-0123456789"
 B24_APP_TOKEN = "bf8w3e7r2t6y1u5i9o4p0a3s8d2f7g1h"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-# The smallest size that still gives two or more steps per phase (steps of 250, Bitrix24 deals 200) so
-# that stops, retries and webhooks land between them; `bench/backfill.py` runs the full 5,000 / 3,000.
-BITRIX_STEP_DEALS = 200
-DEALS, CONTACTS = int(os.environ.get("BACKFILL_DEALS", "500")), int(os.environ.get("BACKFILL_CONTACTS", "300"))
+# Small steps (see `small_steps`) and the smallest accounts that still give two or more steps per phase
+# (amoCRM three of deals, two of contacts; Bitrix24, whose list pages are 50, two of deals, the last
+# one short) so that stops, retries and webhooks land between them; `bench/backfill.py` runs the full
+# 5,000 / 3,000 at the production step sizes. Each entity costs several DynamoDB writes on moto_server:
+# the volume is what these tests spend their time on, and not what they check.
+AMO_PAGE, STEP_ROWS, BITRIX_STEP_DEALS = 10, 20, 100
+DEALS, CONTACTS = int(os.environ.get("BACKFILL_DEALS", "50")), int(os.environ.get("BACKFILL_CONTACTS", "30"))
+B24_DEALS = int(os.environ.get("BACKFILL_B24_DEALS", "120"))
 
 
 @pytest.fixture(autouse=True)
 def small_steps(monkeypatch):
-    """Steps of 250 entities (the default is 1,000), and Bitrix24 steps of 200 deals (800): more steps,
-    so stops, retries and webhooks land between them even in the smaller imports."""
+    """Steps of 20 entities (the default is 1,000) read as two amoCRM pages of 10 (any `limit` up to 250
+    is a valid request: "Сделки", "Список сделок", https://www.amocrm.ru/developers/content/crm_platform/leads-api),
+    and Bitrix24 steps of 100 deals, two list pages in one batch (800, 16 pages): more steps, each of
+    more than one page, so stops, retries and webhooks land between steps even in small imports."""
     import chalicelib.backfill as backfill
+    import chalicelib.crm.amocrm.api as amocrm_api
     import chalicelib.crm.bitrix24.source as bitrix24_source
-    monkeypatch.setattr(backfill, "STEP_ROWS", 250)
+    monkeypatch.setattr(backfill, "STEP_ROWS", STEP_ROWS)
+    monkeypatch.setattr(amocrm_api, "PAGE_LIMIT", AMO_PAGE)
     monkeypatch.setattr(bitrix24_source, "BACKFILL_DEALS", BITRIX_STEP_DEALS)
 
 
@@ -147,6 +155,8 @@ def test_amocrm_backfill_survives_stop_and_resume(app_client, amo_integration, a
     counter = metrika_sandbox.counter(AMO_COUNTER)
     assert_each_once(counter, people, [lead_id for lead_id in amocrm.leads])
     assert final["counts"]["orders_sent"] == DEALS and final["counts"]["failed"] == 0
+    # The premise of the sizes above: several steps per phase, each of whole pages.
+    assert final["steps"] == math.ceil(CONTACTS / STEP_ROWS) + math.ceil(DEALS / STEP_ROWS) >= 4, final
     assert final["counts"]["contacts_sent"] == CONTACTS + DEALS // 10  # plus one synthesised per contactless deal
     assert final["counts"]["older_than_21_days"] == DEALS // 10
     assert amocrm.rate_violations == 0 and amocrm.max_per_second() <= 7
@@ -167,9 +177,9 @@ def test_amocrm_backfill_survives_stop_and_resume(app_client, amo_integration, a
 
 
 def test_bitrix24_backfill_within_the_bucket(app_client, b24_integration, bitrix, worker, metrika_sandbox):
-    people = seed_bitrix(bitrix)
+    people = seed_bitrix(bitrix, deals=B24_DEALS)
     assert start(app_client, b24_integration).status_code == 200
-    run_until(worker, app_client, b24_integration, lambda j: j["counts"]["orders_sent"] >= DEALS // 3)
+    run_until(worker, app_client, b24_integration, lambda j: j["counts"]["orders_sent"] >= B24_DEALS // 3)
     app_client.http.post(f"/integrations/{b24_integration}/backfill/stop", headers=admin_headers())
     worker.drain()
     assert job(app_client, b24_integration)["state"] == "stopped"
@@ -178,11 +188,14 @@ def test_bitrix24_backfill_within_the_bucket(app_client, b24_integration, bitrix
     final = job(app_client, b24_integration)
     counter = metrika_sandbox.counter(B24_COUNTER)
     assert_each_once(counter, people, list(bitrix.deals))
-    assert final["counts"]["orders_sent"] == DEALS and final["counts"]["failed"] == 0
-    assert final["totals"] == {"contacts": CONTACTS, "orders": DEALS}
+    assert final["counts"]["orders_sent"] == B24_DEALS and final["counts"]["failed"] == 0
+    assert final["totals"] == {"contacts": CONTACTS, "orders": B24_DEALS}
+    # Contacts in one step, deals in full steps and a short last one.
+    assert final["steps"] == 1 + B24_DEALS // BITRIX_STEP_DEALS + 1 >= 3, final
     assert bitrix.limit_hits == 0
     # List pages, and relations in batches of 50 calls: about three requests per step of deals.
-    assert final["crm_requests"] <= 4 + 3 * math.ceil(DEALS / BITRIX_STEP_DEALS) + math.ceil(CONTACTS / 2500) + 4, final
+    assert final["crm_requests"] <= 4 + 3 * math.ceil(B24_DEALS / BITRIX_STEP_DEALS) + math.ceil(CONTACTS / 2500) + 4, \
+        final
     assert set(counter.products) == {str(500 + n) for n in range(20)}
     assert counter.products["517"] == "Товар 17"
     deal = bitrix.deals[next(iter(bitrix.deals))]
@@ -193,9 +206,9 @@ def test_bitrix24_backfill_within_the_bucket(app_client, b24_integration, bitrix
 
 def test_webhooks_during_the_import_are_not_sent_twice_and_newest_wins(app_client, amo_integration, amocrm, worker,
                                                                         metrika_sandbox):
-    seed_amocrm(amocrm, deals=600, contacts=100)
+    seed_amocrm(amocrm, deals=50, contacts=10)
     leads = list(amocrm.leads.values())
-    unchanged, changed = leads[10], leads[550]
+    unchanged, changed = leads[5], leads[45]  # in the first step of deals, and in the last (the third)
     assert start(app_client, amo_integration).status_code == 200
     # Webhooks arrive before the import reaches the deals: one for a deal that did not change, one for a
     # deal that did. The live path delivers both; the import must skip them.
@@ -219,8 +232,10 @@ def test_webhooks_during_the_import_are_not_sent_twice_and_newest_wins(app_clien
 def test_metrika_failures_are_retried_without_double_uploads(app_client, amo_integration, amocrm, worker,
                                                             metrika_sandbox, monkeypatch):
     import chalicelib.backfill as backfill
+    import chalicelib.metrika.client as metrika_client
     monkeypatch.setattr(backfill, "MAX_DELAY", 1)
-    deals, contacts = 300, 60  # two steps of deals and one of contacts: enough retries to land between them
+    monkeypatch.setattr(metrika_client, "QUICK_RETRY_PAUSE", 0)  # its length is test_metrika_client's
+    deals, contacts = 40, 20  # two steps of deals and one of contacts: enough retries to land between them
     people = seed_amocrm(amocrm, deals=deals, contacts=contacts)
     metrika_sandbox.set_faults(error_503=0.4, seed=3)
     assert start(app_client, amo_integration).status_code == 200
@@ -238,15 +253,16 @@ def test_the_import_leaves_the_live_path_its_reserve_of_metrika_requests(app_cli
                                                                           metrika_sandbox, monkeypatch):
     import chalicelib.backfill as backfill
     monkeypatch.setattr(backfill, "MAX_DELAY", 1)
-    seed_amocrm(amocrm, deals=50, contacts=20)
+    seed_amocrm(amocrm, deals=20, contacts=10)
     # Fewer requests left today than the import keeps for the live path.
     monkeypatch.setenv("METRIKA_DAILY_BUDGET", str(backfill.BUDGET_RESERVE - 1))
     try:
         assert start(app_client, amo_integration).status_code == 200
-        for _ in range(3):
+        for round_ in range(2):  # the step runs, waits on the queue (1 s), runs and waits again
+            if round_:
+                time.sleep(1.1)
             get_settings.cache_clear()  # the test client's requests load the stage's config (5,000)
-            worker.run_once()
-            time.sleep(1.1)  # the step waits on the queue
+            assert worker.run_once() == 1
         waiting = job(app_client, amo_integration)
         assert waiting["state"] == "running" and waiting["counts"]["read"] == 0, waiting
         assert "waiting for Metrika quota" in waiting["error"] and "kept for live deliveries" in waiting["error"]
@@ -258,7 +274,7 @@ def test_the_import_leaves_the_live_path_its_reserve_of_metrika_requests(app_cli
         monkeypatch.delenv("METRIKA_DAILY_BUDGET")
         get_settings.cache_clear()
     final = job(app_client, amo_integration)
-    assert final["counts"]["orders_sent"] == 50 and final["error"] is None
+    assert final["counts"]["orders_sent"] == 20 and final["error"] is None
     assert_each_once(metrika_sandbox.counter(AMO_COUNTER), [], list(amocrm.leads))
 
 

@@ -118,3 +118,36 @@ def test_an_import_whose_step_was_dead_lettered_is_shown_stalled_and_resumed_by_
     assert job["state"] == "done" and "stalled" not in job
     assert all(n == 1 for n in metrika_sandbox.counter(core.counter_id).times_uploaded.values())
     assert job["counts"]["orders_sent"] == DEALS
+
+
+def test_a_stop_during_a_step_keeps_none_of_its_progress_and_the_resumed_run_sends_nothing_twice(setup, amocrm,
+                                                                                                metrika_sandbox):
+    """Ctrl-C on `python -m tools.backfill` stops the job while a step runs: that step finishes its
+    uploads but saves no progress (its job is stopped) and queues no next step; starting again re-reads
+    its entities from the saved cursor and skips each one that went."""
+    core, shop, people = setup
+    source = core.sources["amocrm"]
+    read_page = source.backfill_page
+
+    def read_then_stop(*args, **kwargs):
+        page = read_page(*args, **kwargs)
+        core.backfill.stop(shop)  # the stop request arrives while the step runs
+        return page
+
+    source.backfill_page = read_then_stop
+    since = int(time.time()) - 86400
+    core.backfill.start(shop, {"since": since})
+    core.worker.handle(core.queue.receive())
+    stopped = core.backfill.status(shop)["backfill"]
+    assert stopped["state"] == "stopped" and stopped["phase"] == "contacts", stopped
+    assert stopped["steps"] == 0 and stopped["cursor"] is None and stopped["counts"]["read"] == 0, stopped
+    assert len(core.queue) == 0  # no next step: the chain ends here
+    counter = metrika_sandbox.counter(core.counter_id)
+    assert set(counter.times_uploaded) == {f"contacts:{c}" for c in people}  # the step's uploads went
+    source.backfill_page = read_page
+    assert core.backfill.start(shop, {"since": since})["started"] is True
+    core.drain()
+    job = core.backfill.status(shop)["backfill"]
+    assert job["state"] == "done" and set(counter.orders) == {str(i) for i in amocrm.leads}
+    assert {k: n for k, n in counter.times_uploaded.items() if n != 1} == {}
+    assert job["counts"]["skipped"] == CONTACTS and job["counts"]["contacts_sent"] == DEALS // 10, job

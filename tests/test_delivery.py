@@ -81,7 +81,15 @@ def test_metrika_and_crm_faults_lose_and_double_nothing(app_client, setup, amocr
     for _, body in amocrm.outbox:
         post(app_client, setup, body)
     amocrm.outbox.clear()
-    worker = make_worker(batch_size=10, row_limit=5)  # many small requests, so the faults bite
+    from app import get_store
+    pauses = []
+
+    def metrika_for(integration):  # quick-retry pauses recorded, not slept (their length: test_metrika_client.py)
+        governor = QuotaGovernor(get_store(), integration["metrika_token"], daily_budget=get_settings().metrika_daily_budget)
+        return MetrikaClient(integration["metrika_token"], get_settings().metrika_api_url, governor=governor,
+                             sleep=pauses.append)
+
+    worker = make_worker(batch_size=10, row_limit=5, metrika_for=metrika_for)  # many small requests: the faults bite
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         worker.drain(idle_rounds=2)
@@ -91,7 +99,6 @@ def test_metrika_and_crm_faults_lose_and_double_nothing(app_client, setup, amocr
     metrika_sandbox.set_faults()
     amocrm.set_faults()
     stored = metrika_sandbox.counter(COUNTER).orders
-    from app import get_store
     missing = [get_store().get_entity(setup, ORDER, str(lead["id"])) for lead in leads if str(lead["id"]) not in stored]
     assert missing == [], json.dumps(missing, indent=1, default=str)[:3000]
     assert set(stored) == {str(lead["id"]) for lead in leads}  # none lost, none extra
@@ -99,6 +106,7 @@ def test_metrika_and_crm_faults_lose_and_double_nothing(app_client, setup, amocr
         assert (stored[str(lead["id"])]["order_status"], stored[str(lead["id"])]["revenue"]) == \
             expected_order(amocrm, lead["id"])
     assert any(r["status"] in (429, 503) for r in metrika_sandbox.requests)  # the faults did happen
+    assert pauses  # and some were retried at once by the client
 
 
 # --- quotas and economy -----------------------------------------------------------------------------

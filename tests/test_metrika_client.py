@@ -65,13 +65,18 @@ def test_token_without_access_is_misconfigured_403(metrika_sandbox):
 
 
 @pytest.mark.parametrize("fault, status", [({"error_503": 1.0}, 503), ({"error_429": 1.0}, 429)])
-def test_backend_errors_and_throttling_are_retryable(client, metrika_sandbox, fault, status):
+def test_backend_errors_and_throttling_are_retryable(metrika_sandbox, fault, status):
+    pauses = []  # recorded, not slept
+    client = MetrikaClient(METRIKA_TOKEN, metrika_sandbox.url, timeout=(1.0, 1.0), sleep=pauses.append)
     metrika_sandbox.set_faults(**fault)
     with pytest.raises(Transient) as info:
         client.upload_orders(7, [ORDER])
     assert info.value.status == status and info.value.retryable
+    assert len(metrika_sandbox.requests) == 2 and len(pauses) == 1  # one quick retry, after a pause
     if status == 429:
-        assert info.value.retry_after == 1.0
+        assert info.value.retry_after == 1.0 and pauses == [1.0]  # the pause is the Retry-After
+    else:
+        assert 0 < pauses[0] <= 0.5
 
 
 def test_daily_quota_waits_until_midnight_utc(client, metrika_sandbox):
@@ -86,8 +91,9 @@ def test_daily_quota_waits_until_midnight_utc(client, metrika_sandbox):
         metrika_sandbox.daily_limit = 5000
 
 
-def test_timeouts_are_retryable(client, metrika_sandbox):
-    metrika_sandbox.set_faults(slow=1.0, slow_seconds=1.5)
+def test_timeouts_are_retryable(metrika_sandbox):
+    client = MetrikaClient(METRIKA_TOKEN, metrika_sandbox.url, timeout=(1.0, 0.2))
+    metrika_sandbox.set_faults(slow=1.0, slow_seconds=0.5)
     with pytest.raises(Transient) as info:
         client.upload_orders(7, [ORDER])
     assert info.value.status is None and "in time" in info.value.message
