@@ -1,0 +1,155 @@
+"""Issue 14's operator surface under hostile input and faults: each defect a sweep over HTTP, the
+commands and the local stack found, pinned by a test. Fast: AWS is faked on loopback (an HTTP server
+answering as AWS would, or not answering at all); moto_server only where the route itself is tested."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import boto3
+import pytest
+
+from sandbox.local_stack import EMULATOR_ENV
+
+
+class FakeAws:
+    """An HTTP server on loopback answering every AWS call with `answer(target, body)` →
+    (status, headers, body). `calls` records (X-Amz-Target or path, request body)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+        self.answer = lambda target, body: (403, {"x-amzn-ErrorType": "AccessDeniedException"},
+                                            b'{"__type": "AccessDeniedException", "message": "not authorized"}')
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                target = self.headers.get("X-Amz-Target") or self.path
+                fake.calls.append((target, body))
+                status, headers, payload = fake.answer(target, body)
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/x-amz-json-1.1", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def client(self, service: str):
+        from botocore.config import Config
+        return boto3.client(service, endpoint_url=self.url, region_name=EMULATOR_ENV["AWS_DEFAULT_REGION"],
+                            aws_access_key_id="local", aws_secret_access_key="local",
+                            config=Config(retries={"total_max_attempts": 1}))
+
+
+@pytest.fixture(scope="module")
+def fake_aws():
+    fake = FakeAws()
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+@pytest.fixture
+def aws(fake_aws):
+    fake_aws.calls.clear()
+    return fake_aws
+
+
+# --- the commands without a usable AWS account ---------------------------------------------------------
+
+DEPLOYED = {"resources": [{"resource_type": "rest_api", "rest_api_id": "abc123",
+                           "rest_api_url": "https://abc123.execute-api.eu-central-1.amazonaws.com/api/"}]}
+
+
+@pytest.fixture
+def operator_env(monkeypatch, tmp_path):
+    """An operator's shell with no AWS configuration at all (no region, no credentials, no config files),
+    and a fresh default boto3 session (the session caches credentials and region once read)."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    project = tmp_path / "project"
+    (project / ".chalice" / "deployed").mkdir(parents=True)
+    from tools.deploy import ROOT
+    (project / ".chalice" / "config.json").write_text((ROOT / ".chalice" / "config.json").read_text())
+    (project / ".chalice" / "deployed" / "dev.json").write_text(json.dumps(DEPLOYED))
+    return project
+
+
+def _run_dead_letters(argv, project):
+    from tools.dead_letters import main
+    return main(argv)
+
+
+def _run_deploy(argv, project):
+    from tools.deploy import main
+    return main(argv + ["--project-dir", str(project)])
+
+
+def _run_gateway_responses(argv, project):
+    from tools.gateway_responses import main
+    return main(argv + ["--project-dir", str(project)])
+
+
+COMMANDS = {
+    "dead_letters count": (_run_dead_letters, ["count", "--stage", "dev"]),
+    "dead_letters redrive": (_run_dead_letters, ["redrive", "--stage", "dev"]),
+    "deploy token": (_run_deploy, ["token", "--stage", "dev"]),
+    "gateway_responses": (_run_gateway_responses, ["--stage", "dev"]),
+}
+FAULTS = {
+    "no region": ({}, "region"),
+    "no credentials": ({"AWS_DEFAULT_REGION": "eu-central-1"}, "credentials"),
+    "refused": ({"AWS_DEFAULT_REGION": "eu-central-1", "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"},
+                "AccessDenied"),
+}
+
+
+@pytest.mark.parametrize(("command", "fault"), [
+    *((command, fault) for command in COMMANDS for fault in ("no region", "refused")),
+    ("deploy token", "no credentials"), ("gateway_responses", "no credentials")])  # dead_letters': the SQS adapter's
+def test_a_command_without_a_usable_aws_account_says_why_and_exits_non_zero(command, fault, operator_env, aws,
+                                                                            monkeypatch, capsys):
+    """No region configured, no credentials, or AWS refusing the call (AccessDenied from a loopback fake):
+    one line naming the cause, exit 1, and no traceback (an exception out of `main`)."""
+    env, cause = FAULTS[fault]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if fault == "refused":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", aws.url)
+    run, argv = COMMANDS[command]
+    assert run(argv, operator_env) == 1
+    err = capsys.readouterr().err
+    assert cause in err and "Traceback" not in err
+    assert fault != "refused" or aws.calls  # it did ask AWS
+
+
+def test_dead_letters_refuses_a_stage_not_configured_before_asking_aws(operator_env, aws, monkeypatch, capsys):
+    from tools.dead_letters import main
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws.url)
+    assert main(["count", "--stage", "staging"]) == 2
+    assert "'staging' is not in .chalice/config.json" in capsys.readouterr().err and not aws.calls
+
+
+def test_deploy_in_a_directory_without_a_chalice_project_says_so(tmp_path, capsys):
+    from tools.deploy import main
+    assert main(["urls", "--stage", "dev", "--project-dir", str(tmp_path)]) == 2
+    assert ".chalice/config.json" in capsys.readouterr().err
