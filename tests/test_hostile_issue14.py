@@ -153,3 +153,59 @@ def test_deploy_in_a_directory_without_a_chalice_project_says_so(tmp_path, capsy
     from tools.deploy import main
     assert main(["urls", "--stage", "dev", "--project-dir", str(tmp_path)]) == 2
     assert ".chalice/config.json" in capsys.readouterr().err
+
+
+# --- the authorizer when SSM answers nonsense ----------------------------------------------------------
+
+TOKEN_NAME = "/metrika-crm-bridge/dev/admin-token"
+GOOD_TOKEN = "the-admin-token-0123456789abcdef"
+
+
+def ssm_answer(**fields) -> bytes:
+    import time
+    parameter = {"Name": TOKEN_NAME, "Type": "SecureString", "Value": GOOD_TOKEN, "Version": 1,
+                 "LastModifiedDate": time.time(), **fields}
+    return json.dumps({"Parameter": {k: v for k, v in parameter.items() if v is not ...}}).encode()
+
+
+MALFORMED_SSM = {
+    "not JSON (a proxy's page)": b"<html><body>502 Bad Gateway</body></html>",
+    "no Parameter": b"{}",
+    "Parameter not an object": b'{"Parameter": "x"}',
+    "no Value": ssm_answer(Value=...),
+    "Value null": ssm_answer(Value=None),
+    "Value not text": ssm_answer(Value=42),
+    "no Version": ssm_answer(Version=...),
+    "Version not a number": ssm_answer(Version="x"),
+    "Version a boolean": ssm_answer(Version=True),
+    "date unreadable": ssm_answer(LastModifiedDate="yesterday"),
+    "date out of range": ssm_answer(LastModifiedDate=1e300),
+}
+
+
+def authorizer_on(aws):
+    from chalicelib.admin import AdminTokenCache, read_tokens
+    client = aws.client("ssm")
+    return AdminTokenCache(lambda now: read_tokens(client, TOKEN_NAME, overlap_seconds=900, now=now))
+
+
+@pytest.mark.parametrize("answer", MALFORMED_SSM)
+def test_a_malformed_ssm_answer_refuses_every_token_instead_of_crashing(answer, aws, captured_logs):
+    """A 200 from SSM's endpoint that is not a parameter: the token cannot be checked, so the authorizer
+    refuses (API Gateway's 403) as when SSM is down; an exception out of it is API Gateway's 500."""
+    aws.answer = lambda target, body: (200, {}, MALFORMED_SSM[answer])
+    assert authorizer_on(aws).is_admin(f"Bearer {GOOD_TOKEN}") is False
+    assert aws.calls and aws.calls[0][0] == "AmazonSSM.GetParameter"
+    logged = [json.loads(r.getMessage()) for r in captured_logs.records if "admin_token_unreadable" in r.getMessage()]
+    assert logged and "malformed answer" in logged[0]["error"] and GOOD_TOKEN not in captured_logs.text
+
+
+def test_a_malformed_previous_version_leaves_the_current_token_working(aws, captured_logs):
+    def answer(target, body):
+        previous = json.loads(body)["Name"].endswith(":1")
+        return 200, {}, b"<html>oops</html>" if previous else ssm_answer(Version=2)
+    aws.answer = answer
+    assert authorizer_on(aws).is_admin(f"Bearer {GOOD_TOKEN}") is True
+    assert [json.loads(body)["Name"] for _, body in aws.calls] == [TOKEN_NAME, f"{TOKEN_NAME}:1"]
+    logged = [json.loads(r.getMessage()) for r in captured_logs.records if "previous_unreadable" in r.getMessage()]
+    assert logged and logged[0]["version"] == 1 and "malformed answer" in logged[0]["error"]
