@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
+from . import deadline
 from .errors import Unavailable
 
 BACKFILL = "backfill"  # message kind of a history-import step (its `crm_id` is the run id)
@@ -133,6 +134,24 @@ REDRIVE_SECONDS = 20.0
 # A message received from the dead-letter queue stays hidden this long: enough for its send and delete,
 # and short enough that one whose send failed is back in the dead-letter queue within a minute.
 REDRIVE_VISIBILITY_SECONDS = 60
+# The SQS client of a redrive (`redrive_client`): each call connects within 1 s and reads within 4 s (a
+# receive long-polls 1 s), twice at most (botocore's standard retry mode; its first backoff is at most
+# 1 s). So one call, SQS hanging or not, ends within REDRIVE_CALL_SECONDS, and a round starts only while
+# the invocation's deadline leaves that much: a hung SQS is the route's 503, inside API Gateway's 29 s,
+# not a Lambda timeout (botocore's defaults are 60 s to connect, 60 s to read, and retries on top).
+REDRIVE_CONNECT_SECONDS = 1.0
+REDRIVE_READ_SECONDS = 4.0
+REDRIVE_ATTEMPTS = 2
+REDRIVE_CALL_SECONDS = REDRIVE_ATTEMPTS * (REDRIVE_CONNECT_SECONDS + REDRIVE_READ_SECONDS) + 1.0
+
+
+def redrive_client() -> Any:
+    """An SQS client for `DeadLetterQueue` whose every call ends within REDRIVE_CALL_SECONDS."""
+    import boto3
+    from botocore.config import Config
+    return boto3.client("sqs", config=Config(
+        connect_timeout=REDRIVE_CONNECT_SECONDS, read_timeout=REDRIVE_READ_SECONDS,
+        retries={"mode": "standard", "total_max_attempts": REDRIVE_ATTEMPTS}))
 
 
 class DeadLetterQueue:
@@ -164,13 +183,14 @@ class DeadLetterQueue:
         {"moved", "remaining" (messages left, counting those in flight), "failed" (sends SQS refused:
         they reappear in the dead-letter queue after REDRIVE_VISIBILITY_SECONDS)}. It moves at most as
         many as the queue counted when it started, so messages that fail again while it runs wait for
-        the next call instead of going round in one."""
+        the next call instead of going round in one. Under an invocation's deadline (`chalicelib.deadline`:
+        an API route's) a round starts only while one call of REDRIVE_CALL_SECONDS still fits."""
         end = self._clock() + seconds
         dead, events = self._url_of()
         budget = min(max(0, int(limit)), self.count()["messages"])
         moved = failed = 0
         with _sqs_errors():
-            while moved < budget and self._clock() < end:
+            while moved < budget and self._clock() < end and deadline.has(REDRIVE_CALL_SECONDS):
                 got = self._sqs.receive_message(
                     QueueUrl=dead, MaxNumberOfMessages=min(MAX_SQS_BATCH, budget - moved),
                     WaitTimeSeconds=wait_seconds, VisibilityTimeout=REDRIVE_VISIBILITY_SECONDS).get("Messages", [])

@@ -209,3 +209,112 @@ def test_a_malformed_previous_version_leaves_the_current_token_working(aws, capt
     assert [json.loads(body)["Name"] for _, body in aws.calls] == [TOKEN_NAME, f"{TOKEN_NAME}:1"]
     logged = [json.loads(r.getMessage()) for r in captured_logs.records if "previous_unreadable" in r.getMessage()]
     assert logged and logged[0]["version"] == 1 and "malformed answer" in logged[0]["error"]
+
+
+# --- a redrive never outlives its request ----------------------------------------------------------------
+
+class SlowSqs:
+    """SQS in memory whose every call takes `seconds` on `clock` (a settable clock, no sleeping); records
+    the time each receive starts."""
+
+    def __init__(self, clock, messages: int, seconds: float = 1.0) -> None:
+        self.clock, self.seconds = clock, seconds
+        self.dead = [{"Body": json.dumps({"n": n}), "ReceiptHandle": str(n)} for n in range(messages)]
+        self.sent: list[str] = []
+        self.receives_at: list[float] = []
+
+    def _call(self) -> None:
+        self.clock.t += self.seconds
+
+    def get_queue_url(self, QueueName):
+        self._call()
+        return {"QueueUrl": QueueName}
+
+    def get_queue_attributes(self, QueueUrl, AttributeNames):
+        self._call()
+        return {"Attributes": {"ApproximateNumberOfMessages": str(len(self.dead)),
+                               "ApproximateNumberOfMessagesNotVisible": "0"}}
+
+    def receive_message(self, QueueUrl, MaxNumberOfMessages, **kwargs):
+        self.receives_at.append(self.clock.t)
+        self._call()
+        return {"Messages": self.dead[:MaxNumberOfMessages]}
+
+    def send_message_batch(self, QueueUrl, Entries):
+        self._call()
+        self.sent += [entry["MessageBody"] for entry in Entries]
+        return {"Successful": [{"Id": entry["Id"]} for entry in Entries]}
+
+    def delete_message_batch(self, QueueUrl, Entries):
+        self._call()
+        handles = {entry["ReceiptHandle"] for entry in Entries}
+        self.dead = [m for m in self.dead if m["ReceiptHandle"] not in handles]
+        return {"Successful": [{"Id": entry["Id"]} for entry in Entries]}
+
+
+class Clock:
+    t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_redrive_starts_no_round_that_could_outlive_its_request():
+    """An admin route's deadline is API Gateway's 29 s (`chalicelib.deadline`); each SQS call may take up
+    to REDRIVE_CALL_SECONDS when SQS hangs, so a round starts only while that much is left. SQS answering
+    slowly (1 s a call) stops the redrive early, with what remains said, rather than past the deadline."""
+    from chalicelib import deadline
+    from chalicelib.queue import REDRIVE_CALL_SECONDS, DeadLetterQueue
+    clock = Clock()
+    sqs = SlowSqs(clock, messages=300)
+    with deadline.invocation(26.0, clock=clock) as invocation:
+        result = DeadLetterQueue(sqs, "dlq", "events", clock=clock).redrive()
+    assert all(invocation.calls_end - started >= REDRIVE_CALL_SECONDS for started in sqs.receives_at)
+    assert invocation.calls_end - (clock.t - sqs.seconds) < REDRIVE_CALL_SECONDS + 3 * sqs.seconds  # it went on as long as it could
+    assert result == {"moved": len(sqs.sent), "remaining": 300 - len(sqs.sent), "failed": 0} and 0 < len(sqs.sent) < 300
+    assert clock.t <= invocation.end
+    unbounded = SlowSqs(Clock(), messages=30)  # no deadline (the command line): all of it
+    assert DeadLetterQueue(unbounded, "dlq", "events", clock=unbounded.clock).redrive()["moved"] == 30
+
+
+def test_the_redrive_client_bounds_each_call_to_fit_an_admin_request(monkeypatch):
+    from chalicelib import deadline
+    monkeypatch.setenv("AWS_DEFAULT_REGION", EMULATOR_ENV["AWS_DEFAULT_REGION"])
+    from chalicelib.queue import REDRIVE_CALL_SECONDS, redrive_client
+    config = redrive_client().meta.config
+    assert config.retries["total_max_attempts"] * (config.connect_timeout + config.read_timeout) + 1 <= REDRIVE_CALL_SECONDS
+    assert config.read_timeout > 1  # a receive long-polls 1 s
+    # A redrive starting with the whole budget can still finish a hung call and answer.
+    budget = deadline.api_seconds(lambda_remaining=None, received_at=None, now=0) - deadline.API_RESERVE
+    assert 2 * REDRIVE_CALL_SECONDS <= budget
+
+
+@pytest.fixture
+def hung_sqs(monkeypatch):
+    """An SQS endpoint that accepts connections and never answers, and redrive timeouts made short
+    (the real ones are checked above) so the test waits a fraction of a second."""
+    from chalicelib import queue
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setattr(queue, "REDRIVE_CONNECT_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr(queue, "REDRIVE_READ_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr(queue, "REDRIVE_ATTEMPTS", 1, raising=False)
+    yield
+    listener.close()
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/dead-letters"), ("POST", "/dead-letters/redrive")])
+def test_sqs_hanging_is_a_503_within_the_request(method, path, app_client, hung_sqs):
+    import time
+    from tests.conftest import admin_headers
+    answers = []
+    started = time.monotonic()
+    worker = threading.Thread(target=lambda: answers.append(app_client.http.request(
+        method, path, headers=admin_headers(), body=b"{}" if method == "POST" else b"")), daemon=True)
+    worker.start()
+    worker.join(timeout=10)  # botocore's own defaults would hang here for minutes
+    assert answers, "the route did not answer within 10 s"
+    assert answers[0].status_code == 503 and answers[0].json_body["error"] == "unavailable"
+    assert "ReadTimeout" in answers[0].json_body["message"] and time.monotonic() - started < 5

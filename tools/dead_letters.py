@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from chalicelib.errors import Unavailable
-from chalicelib.queue import REDRIVE_LIMIT, DeadLetterQueue
+from chalicelib.queue import REDRIVE_LIMIT, DeadLetterQueue, redrive_client
 from chalicelib.settings import load_settings
 
 CHALICE_CONFIG = Path(__file__).resolve().parent.parent / ".chalice" / "config.json"
@@ -51,11 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dead letters: stage {args.stage!r} is not in .chalice/config.json (stages: {', '.join(stages)})",
               file=sys.stderr)
         return 2
-    import boto3
     from botocore.exceptions import BotoCoreError, ClientError
     settings = load_settings({**os.environ, "STAGE": args.stage})
-    try:  # no region fails here already, before any call
-        dead = DeadLetterQueue(boto3.client("sqs"), settings.dead_letter_queue, settings.events_queue)
+    try:  # no region fails here already, before any call; a hung SQS fails a call within seconds
+        dead = DeadLetterQueue(redrive_client(), settings.dead_letter_queue, settings.events_queue)
         result = dead.count() if args.command == "count" else redrive_all(dead, args.limit)
     except (Unavailable, ClientError, BotoCoreError) as exc:  # ClientError: refused (access denied, bad keys)
         print(f"dead letters: {exc} ({settings.dead_letter_queue}); check the AWS credentials, region and stage",
