@@ -22,6 +22,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 from typing import IO
+from urllib.parse import unquote_plus
 
 import requests
 
@@ -38,15 +39,26 @@ EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", 
 
 
 # A query parameter whose name says it holds a secret (amoCRM's `?secret=`, a token, a key, a password,
-# a signature, URL-encoded or not): its value never reaches the terminal. `chalice local` writes each
-# request's URL to its access log, and the webhook URLs carry the integration's secret.
-_SECRET_QUERY = re.compile(r"([?&;][^=&;\s\"'#]*(?:secret|token|passw|key|signature)[^=&;\s\"'#]*=)[^&;\s\"'#]*",
-                           re.IGNORECASE)
+# a signature, Bitrix24's `auth`), its name URL-encoded or not: its value never reaches the terminal.
+# `chalice local` writes each request's URL to its access log, and the webhook URLs carry the
+# integration's secret. A value runs to the next `&` or whitespace: a webhook secret may hold any
+# printable character but those (`;`, `#` and quotes included, chalicelib.integrations), and the app
+# splits the query on `&` alone, so stopping anywhere earlier would print the rest of the secret.
+_PARAMETER = re.compile(r"[?&;]([^=&;?#\s\"']*)=")
+_VALUE_END = re.compile(r"[&\s]|$")
+_SECRET_NAME = re.compile(r"secret|token|passw|key|signature|auth", re.IGNORECASE)
 
 
 def redact_secrets(text: str) -> str:
     """`text` with the values of secret-looking query parameters replaced by `[redacted]`."""
-    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+    out, position = [], 0
+    for parameter in _PARAMETER.finditer(text):
+        if parameter.start() < position or not _SECRET_NAME.search(unquote_plus(parameter.group(1))):
+            continue  # inside a value already redacted, or not a secret's name
+        end = _VALUE_END.search(text, parameter.end()).start()
+        out += [text[position:parameter.end()], "[redacted]"]
+        position = end
+    return "".join(out) + text[position:]
 
 
 def echo_redacted(source: IO[str], sink: IO[str]) -> None:

@@ -318,3 +318,25 @@ def test_sqs_hanging_is_a_503_within_the_request(method, path, app_client, hung_
     assert answers, "the route did not answer within 10 s"
     assert answers[0].status_code == 503 and answers[0].json_body["error"] == "unavailable"
     assert "ReadTimeout" in answers[0].json_body["message"] and time.monotonic() - started < 5
+
+
+# --- the local stack prints no secret ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line", [
+    '"POST /webhooks/amocrm/shop?secret=ab"SECRETPART HTTP/1.1" 403 -',  # a quote inside the secret
+    "\"POST /webhooks/amocrm/shop?secret=ab'SECRETPART HTTP/1.1\" 403 -",
+    '"POST /webhooks/amocrm/shop?secret=ab;SECRETPART HTTP/1.1" 403 -',  # the app does not split on ";"
+    '"POST /webhooks/amocrm/shop?secret=ab#SECRETPART HTTP/1.1" 403 -',
+    '"POST /webhooks/amocrm/shop?s%65cret=SECRETPART HTTP/1.1" 403 -',  # the app decodes the name
+    '"POST /webhooks/amocrm/shop?%73ecret=SECRETPART&x=1 HTTP/1.1" 403 -',
+    '"POST /webhooks/bitrix24/portal?x=1;secret=SECRETPART HTTP/1.1" 403 -',
+    '"GET /rest/user.current?auth=SECRETPART HTTP/1.1" 200 -',  # Bitrix24's access token parameter
+    "code 400, message Bad request syntax ('POST /w?secret=SECRETPART\\x01 HTTP/1.1')",
+])
+def test_no_part_of_a_secret_in_a_query_reaches_the_terminal(line):
+    """The webhook secret is any printable ASCII without spaces (chalicelib.integrations); amoCRM sends
+    the URL as the operator pasted it."""
+    from sandbox.local_stack import redact_secrets
+    shown = redact_secrets(line)
+    assert "SECRETPART" not in shown and "[redacted]" in shown
+    assert shown.endswith(line[line.index(" HTTP/1.1"):])  # the rest of the line is kept
