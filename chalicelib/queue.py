@@ -219,15 +219,18 @@ class DeadLetterQueue:
 @contextmanager
 def _sqs_errors() -> Iterator[None]:
     """SQS wire errors as `Unavailable("queue", …)`, here and only here: the service failing or
-    throttling us, the queue missing (not created for this stage), the connection failing (refused,
-    timeouts, DNS). Anything else (a bug, bad input) propagates as it is."""
+    throttling us (its error codes, or any 5xx: one whose body is not SQS's JSON, such as a load
+    balancer's page, has botocore's code "500", "502", …), the queue missing (not created for this
+    stage), the connection failing (refused, timeouts, DNS). Anything else (a bug, bad input)
+    propagates as it is."""
     from botocore.exceptions import BotoCoreError, ClientError
     try:
         yield
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
-        if code in _UNAVAILABLE_CODES or code.endswith("NonExistentQueue"):
-            raise Unavailable("queue", code) from exc
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _UNAVAILABLE_CODES or code.endswith("NonExistentQueue") or status >= 500:
+            raise Unavailable("queue", code or str(status)) from exc
         raise
     except BotoCoreError as exc:
         raise Unavailable("queue", type(exc).__name__) from exc

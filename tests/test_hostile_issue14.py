@@ -340,3 +340,34 @@ def test_no_part_of_a_secret_in_a_query_reaches_the_terminal(line):
     shown = redact_secrets(line)
     assert "SECRETPART" not in shown and "[redacted]" in shown
     assert shown.endswith(line[line.index(" HTTP/1.1"):])  # the rest of the line is kept
+
+
+# --- our own queue and store answering a bare 5xx --------------------------------------------------------
+
+def _dead_letter_count(aws):
+    from chalicelib.queue import DeadLetterQueue
+    return DeadLetterQueue(aws.client("sqs"), "q-dlq", "q").count()
+
+
+def _event_send(aws):
+    from chalicelib.queue import EventQueue, message
+    return EventQueue(aws.client("sqs"), "q").send([message("shop", "order", "1")])
+
+
+def _store_read(aws):
+    from chalicelib.store.dynamodb import DynamoStore
+    return DynamoStore(aws.client("dynamodb"), "config", "state", quota_table="quota").get_integration("shop")
+
+
+@pytest.mark.parametrize("status", [500, 503])
+@pytest.mark.parametrize("call", [_dead_letter_count, _event_send, _store_read], ids=lambda call: call.__name__)
+def test_a_bare_5xx_from_our_queue_or_store_is_unavailable(call, status, aws):
+    """A 5xx whose body is not the service's JSON (a load balancer's or an overloaded emulator's HTML page:
+    botocore names its code "500") is the service failing, like its own InternalError: `Unavailable`, the
+    route's 503 and the worker's retried batch, not an unexpected error (the drill got a 500 here from
+    moto_server under load during two concurrent redrives)."""
+    from chalicelib.errors import Unavailable
+    aws.answer = lambda target, body: (status, {"Content-Type": "text/html"}, b"<html><h1>Server Error</h1></html>")
+    with pytest.raises(Unavailable) as raised:
+        call(aws)
+    assert str(status) in str(raised.value)
