@@ -134,24 +134,24 @@ REDRIVE_SECONDS = 20.0
 # A message received from the dead-letter queue stays hidden this long: enough for its send and delete,
 # and short enough that one whose send failed is back in the dead-letter queue within a minute.
 REDRIVE_VISIBILITY_SECONDS = 60
-# The SQS client of a redrive (`redrive_client`): each call connects within 1 s and reads within 4 s (a
-# receive long-polls 1 s), twice at most (botocore's standard retry mode; its first backoff is at most
-# 1 s). So one call, SQS hanging or not, ends within REDRIVE_CALL_SECONDS, and a round starts only while
-# the invocation's deadline leaves that much: a hung SQS is the route's 503, inside API Gateway's 29 s,
-# not a Lambda timeout (botocore's defaults are 60 s to connect, 60 s to read, and retries on top).
+# The SQS client of a redrive (`redrive_client`): each call connects within 1 s and reads within 5 s (a
+# receive long-polls 1 s; moto_server on a loaded machine was seen to stall past 4 s), one attempt: a
+# failed call is the route's 503 and the operator's retry, so no retry's backoff (or a throttled answer's
+# x-amz-retry-after) can stretch it. One call thus ends within REDRIVE_CALL_SECONDS, SQS hanging or not
+# (botocore's defaults: 60 s to connect, 60 s to read, five attempts; "Retries",
+# https://docs.aws.amazon.com/boto3/latest/guide/retries.html), and a round starts only while the
+# invocation's deadline leaves that much: a hung SQS is the route's 503, inside API Gateway's 29 s.
 REDRIVE_CONNECT_SECONDS = 1.0
-REDRIVE_READ_SECONDS = 4.0
-REDRIVE_ATTEMPTS = 2
-REDRIVE_CALL_SECONDS = REDRIVE_ATTEMPTS * (REDRIVE_CONNECT_SECONDS + REDRIVE_READ_SECONDS) + 1.0
+REDRIVE_READ_SECONDS = 5.0
+REDRIVE_CALL_SECONDS = REDRIVE_CONNECT_SECONDS + REDRIVE_READ_SECONDS
 
 
 def redrive_client() -> Any:
     """An SQS client for `DeadLetterQueue` whose every call ends within REDRIVE_CALL_SECONDS."""
     import boto3
     from botocore.config import Config
-    return boto3.client("sqs", config=Config(
-        connect_timeout=REDRIVE_CONNECT_SECONDS, read_timeout=REDRIVE_READ_SECONDS,
-        retries={"mode": "standard", "total_max_attempts": REDRIVE_ATTEMPTS}))
+    return boto3.client("sqs", config=Config(connect_timeout=REDRIVE_CONNECT_SECONDS, read_timeout=REDRIVE_READ_SECONDS,
+                                             retries={"total_max_attempts": 1}))
 
 
 class DeadLetterQueue:
