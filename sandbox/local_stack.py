@@ -10,6 +10,7 @@ fixes the admin token (otherwise one is generated and printed).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -30,7 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Credentials the emulator accepts; never real ones (the emulator ignores them).
 # `chalice local` with a listen backlog for bursts: http.server's default of 5 pending connections resets
 # concurrent clients (API Gateway has no such limit, so local load tests would measure the wrong thing).
+# Its own refusals (no token, the authorizer's Deny, no such route) answer as API Gateway does in AWS
+# once `tools.gateway_responses` ran: `use_gateway_responses`.
 CHALICE_LOCAL = ("import chalice.local; chalice.local.ThreadedHTTPServer.request_queue_size = 256; "
+                 "import sandbox.local_stack; sandbox.local_stack.use_gateway_responses(); "
                  "from chalice.cli import main; main()")
 AMOCRM_DEMO_TOKEN = "demo-token"
 BITRIX24_DEMO_CODE = "democode"
@@ -74,6 +78,46 @@ def start_echoed(command: list[str], **kwargs) -> subprocess.Popen:
                                errors="replace", **kwargs)
     threading.Thread(target=echo_redacted, args=(process.stdout, sys.stdout), daemon=True).start()
     return process
+
+
+def gateway_answer(error: Exception) -> tuple[int, dict[str, str], bytes] | None:
+    """(status, headers, body) API Gateway gives in AWS, with the Gateway Responses `tools.gateway_responses`
+    sets, for a request `chalice local` refuses itself (its own bodies are `{"message"}` and `{"Message"}`):
+    no bearer token (401 UNAUTHORIZED), the authorizer's Deny (403 ACCESS_DENIED), no such route or method
+    (API Gateway's 403 "Missing Authentication Token" or, with a bearer header, its
+    IncompleteSignatureException: MISSING_AUTHENTICATION_TOKEN, our 404), an authorizer that failed (500).
+    None for anything else."""
+    from chalice.local import ForbiddenError, InvalidAuthorizerError, NotAuthorizedError
+    from tools.gateway_responses import RESPONSES
+    if isinstance(error, NotAuthorizedError):
+        response_type = "UNAUTHORIZED"
+    elif isinstance(error, ForbiddenError):
+        denied = (error.headers or {}).get("x-amzn-ErrorType") == "AccessDeniedException"
+        response_type = "ACCESS_DENIED" if denied else "MISSING_AUTHENTICATION_TOKEN"
+    elif isinstance(error, InvalidAuthorizerError):
+        response_type = "AUTHORIZER_FAILURE"
+    else:
+        return None
+    status, name, message, parameters = RESPONSES[response_type]
+    headers = {"Content-Type": "application/json",
+               **{key.removeprefix("gatewayresponse.header."): value.strip("'") for key, value in parameters.items()}}
+    body = {"error": name, "message": json.loads(message),
+            "request_id": str((error.headers or {}).get("x-amzn-RequestId", ""))}
+    return int(status), headers, json.dumps(body).encode()
+
+
+def use_gateway_responses() -> None:
+    """Make `chalice local`'s own refusals `gateway_answer`'s, so the local stack answers as AWS does."""
+    import chalice.local
+    chalice_answer = chalice.local.ChaliceRequestHandler._send_error_response
+
+    def send_error_response(handler, error):
+        answer = gateway_answer(error)
+        if answer is None:
+            return chalice_answer(handler, error)
+        return handler._send_http_response(*answer)
+
+    chalice.local.ChaliceRequestHandler._send_error_response = send_error_response
 
 
 def free_port() -> int:

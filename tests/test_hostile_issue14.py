@@ -371,3 +371,46 @@ def test_a_bare_5xx_from_our_queue_or_store_is_unavailable(call, status, aws):
     with pytest.raises(Unavailable) as raised:
         call(aws)
     assert str(status) in str(raised.value)
+
+
+# --- the local stack refuses as API Gateway does ------------------------------------------------------------
+
+@pytest.fixture
+def chalice_local(monkeypatch):
+    """The app under `chalice local`'s own HTTP server, in this process, with the local stack's patch."""
+    import chalice.local
+    from chalice.cli.factory import CLIFactory
+
+    import app as app_module
+    from sandbox.local_stack import use_gateway_responses
+    from tools.deploy import ROOT
+    handler = chalice.local.ChaliceRequestHandler
+    monkeypatch.setattr(handler, "_send_error_response", handler._send_error_response)  # restored after the test
+    use_gateway_responses()
+    config = CLIFactory(str(ROOT)).create_config_obj(chalice_stage_name="dev")
+    # Not create_local_server: it re-classes the app object for good (thread-local requests), which the
+    # other tests of this process share. One request at a time needs no such thing.
+    server = chalice.local.LocalDevServer(app_module.app, config, "127.0.0.1", 0)
+    threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server.server_address[1]}"
+    server.shutdown()
+    server.server.server_close()
+
+
+@pytest.mark.parametrize(("path", "authorization", "status", "error"), [
+    ("/dead-letters", None, 401, "unauthorized"),  # no bearer token: API Gateway answers, no authorizer runs
+    ("/dead-letters", "Bearer not-the-admin-token", 403, "forbidden"),  # the authorizer's Deny
+    ("/no-such-route", None, 404, "not_found"),  # API Gateway's 403 "Missing Authentication Token"
+    ("/no-such-route", "Bearer not-the-admin-token", 404, "not_found"),  # its IncompleteSignatureException
+])
+def test_the_local_stack_refuses_in_the_shape_api_gateway_is_given(path, authorization, status, error, chalice_local):
+    """`chalice local` answered these with its own `{"message"}` / `{"Message"}`; deployed, API Gateway
+    answers them with the Gateway Responses of tools/gateway_responses.py. Locally now the same."""
+    import requests
+    answer = requests.get(chalice_local + path, headers={"Authorization": authorization} if authorization else {},
+                          timeout=10)
+    body = answer.json()
+    assert (answer.status_code, body["error"]) == (status, error) and body["message"] and "request_id" in body
+    assert set(body) == {"error", "message", "request_id"}
+    assert status != 401 or answer.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.get(chalice_local + "/health", timeout=10).json() == {"status": "ok"}  # the app's own answers pass
