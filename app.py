@@ -86,10 +86,9 @@ def get_backfill():
 
 
 def get_dead_letters():
-    import boto3
-    from chalicelib.queue import DeadLetterQueue
+    from chalicelib.queue import DeadLetterQueue, redrive_client
     settings = get_settings()
-    return DeadLetterQueue(boto3.client("sqs"), settings.dead_letter_queue, settings.events_queue)
+    return DeadLetterQueue(redrive_client(), settings.dead_letter_queue, settings.events_queue)
 
 
 def get_worker():

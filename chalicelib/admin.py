@@ -23,9 +23,9 @@ So: a new token works at once (unless it was tried, and refused, before it was w
 ≤ 60 s); an old token is refused from the end of the overlap + ≤ 60 s; a revoked one after ≤ 120 s.
 
 The parameter deleted (SSM answers ParameterNotFound): no token is valid, from the next read on (≤ 60 s),
-as after a revocation. SSM unreachable or refusing: the last tokens read stay in use for
-`STALE_LIMIT_SECONDS` after the last good read (the previous token still ends with its overlap, the clock decides that); after that, and on
-a cold start with SSM down, every token is refused (the authorizer's Deny: 403, never a 500).
+as after a revocation. SSM unreachable, refusing or answering nonsense: the last tokens read stay in use for
+`STALE_LIMIT_SECONDS` after the last good read (the previous token still ends with its overlap, the clock
+decides that); after that, and on a cold start with SSM down, every token is refused (the authorizer's Deny: 403, never a 500).
 """
 from __future__ import annotations
 
@@ -110,30 +110,53 @@ def bearer_token(authorization: str | None) -> str | None:
 def read_tokens(ssm: Any, name: str, *, overlap_seconds: float, now: float) -> AdminTokens:
     """The SSM adapter: the parameter's current version, and the version before it while the overlap
     lasts (read by its number, so a rotation between the two reads cannot pair the wrong values).
-    The current version unreadable is `Unavailable("ssm", <error code>)`, except a parameter that does not
-    exist (deleted): that is no token at all, so nobody is admin until it is written again (the stale
-    tokens are for SSM being down, not for an answer). The previous one is a grace:
-    unreadable (no such version, throttled, refused) it is left out and logged, the current token works.
-    No message ever holds a value."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    The current version unreadable is `Unavailable("ssm", <why>)`, except a parameter that does not exist
+    (deleted): that is no token at all, so nobody is admin until it is written again (the stale tokens are
+    for SSM being down, not for an answer). The previous one is a grace: unreadable (no such version,
+    throttled, refused, a malformed answer) it is left out and logged, the current token works. No
+    message ever holds a value."""
     try:
-        parameter = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]
-    except (ClientError, BotoCoreError) as exc:
-        if _error_code(exc) == "ParameterNotFound":  # an answer, not an outage: there is no token now
+        value, version, modified_at = _read_version(ssm, name)
+    except _Unreadable as exc:
+        if exc.reason == "ParameterNotFound":  # an answer, not an outage: there is no token now
             from .logs import log_event
             log_event("admin_token_missing", parameter=name)
             return AdminTokens()
-        raise Unavailable("ssm", _error_code(exc)) from None
-    version = int(parameter["Version"])
-    previous_until = parameter["LastModifiedDate"].timestamp() + overlap_seconds
+        raise Unavailable("ssm", exc.reason) from None
+    previous_until = modified_at + overlap_seconds
     previous = None
     if version > 1 and now < previous_until:
         try:
-            previous = ssm.get_parameter(Name=f"{name}:{version - 1}", WithDecryption=True)["Parameter"]["Value"]
-        except (ClientError, BotoCoreError) as exc:
+            previous = _read_version(ssm, f"{name}:{version - 1}")[0]
+        except _Unreadable as exc:
             from .logs import log_event
-            log_event("admin_token_previous_unreadable", version=version - 1, error=_error_code(exc))
-    return AdminTokens.of(parameter["Value"], previous, previous_until)
+            log_event("admin_token_previous_unreadable", version=version - 1, error=exc.reason)
+    return AdminTokens.of(value, previous, previous_until)
+
+
+class _Unreadable(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _read_version(ssm: Any, name: str) -> tuple[str, int, float]:
+    """One GetParameter: (value, version, LastModifiedDate in Unix s), or `_Unreadable` naming why: the
+    error code, or "malformed answer" when the SDK could not parse SSM's answer or a field is missing or
+    of another type (a proxy's error page, a truncated body). Such a token cannot be checked: the
+    authorizer refuses (403) as for SSM down, instead of crashing (API Gateway's 500)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    try:
+        parameter = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]
+        value, version, modified_at = parameter["Value"], parameter["Version"], parameter["LastModifiedDate"].timestamp()
+    except (ClientError, BotoCoreError) as exc:
+        raise _Unreadable(_error_code(exc)) from None
+    except Exception as exc:  # noqa: BLE001 — the answer's fault, not ours: botocore's parsers raise ValueError,
+        # RuntimeError (a date out of range) or ResponseParserError; a missing field is a KeyError here
+        raise _Unreadable(f"malformed answer ({type(exc).__name__})") from None
+    if not isinstance(value, str) or type(version) is not int or not math.isfinite(modified_at):
+        raise _Unreadable("malformed answer")
+    return value, version, modified_at
 
 
 def _error_code(exc: Exception) -> str:

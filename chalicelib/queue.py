@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
+from . import deadline
 from .errors import Unavailable
 
 BACKFILL = "backfill"  # message kind of a history-import step (its `crm_id` is the run id)
@@ -133,6 +134,24 @@ REDRIVE_SECONDS = 20.0
 # A message received from the dead-letter queue stays hidden this long: enough for its send and delete,
 # and short enough that one whose send failed is back in the dead-letter queue within a minute.
 REDRIVE_VISIBILITY_SECONDS = 60
+# The SQS client of a redrive (`redrive_client`): each call connects within 1 s and reads within 5 s (a
+# receive long-polls 1 s; moto_server on a loaded machine was seen to stall past 4 s), one attempt: a
+# failed call is the route's 503 and the operator's retry, so no retry's backoff (or a throttled answer's
+# x-amz-retry-after) can stretch it. One call thus ends within REDRIVE_CALL_SECONDS, SQS hanging or not
+# (botocore's defaults: 60 s to connect, 60 s to read, five attempts; "Retries",
+# https://docs.aws.amazon.com/boto3/latest/guide/retries.html), and a round starts only while the
+# invocation's deadline leaves that much: a hung SQS is the route's 503, inside API Gateway's 29 s.
+REDRIVE_CONNECT_SECONDS = 1.0
+REDRIVE_READ_SECONDS = 5.0
+REDRIVE_CALL_SECONDS = REDRIVE_CONNECT_SECONDS + REDRIVE_READ_SECONDS
+
+
+def redrive_client() -> Any:
+    """An SQS client for `DeadLetterQueue` whose every call ends within REDRIVE_CALL_SECONDS."""
+    import boto3
+    from botocore.config import Config
+    return boto3.client("sqs", config=Config(connect_timeout=REDRIVE_CONNECT_SECONDS, read_timeout=REDRIVE_READ_SECONDS,
+                                             retries={"total_max_attempts": 1}))
 
 
 class DeadLetterQueue:
@@ -164,13 +183,14 @@ class DeadLetterQueue:
         {"moved", "remaining" (messages left, counting those in flight), "failed" (sends SQS refused:
         they reappear in the dead-letter queue after REDRIVE_VISIBILITY_SECONDS)}. It moves at most as
         many as the queue counted when it started, so messages that fail again while it runs wait for
-        the next call instead of going round in one."""
+        the next call instead of going round in one. Under an invocation's deadline (`chalicelib.deadline`:
+        an API route's) a round starts only while one call of REDRIVE_CALL_SECONDS still fits."""
         end = self._clock() + seconds
         dead, events = self._url_of()
         budget = min(max(0, int(limit)), self.count()["messages"])
         moved = failed = 0
         with _sqs_errors():
-            while moved < budget and self._clock() < end:
+            while moved < budget and self._clock() < end and deadline.has(REDRIVE_CALL_SECONDS):
                 got = self._sqs.receive_message(
                     QueueUrl=dead, MaxNumberOfMessages=min(MAX_SQS_BATCH, budget - moved),
                     WaitTimeSeconds=wait_seconds, VisibilityTimeout=REDRIVE_VISIBILITY_SECONDS).get("Messages", [])
@@ -199,15 +219,18 @@ class DeadLetterQueue:
 @contextmanager
 def _sqs_errors() -> Iterator[None]:
     """SQS wire errors as `Unavailable("queue", …)`, here and only here: the service failing or
-    throttling us, the queue missing (not created for this stage), the connection failing (refused,
-    timeouts, DNS). Anything else (a bug, bad input) propagates as it is."""
+    throttling us (its error codes, or any 5xx: one whose body is not SQS's JSON, such as a load
+    balancer's page, has botocore's code "500", "502", …), the queue missing (not created for this
+    stage), the connection failing (refused, timeouts, DNS). Anything else (a bug, bad input)
+    propagates as it is."""
     from botocore.exceptions import BotoCoreError, ClientError
     try:
         yield
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
-        if code in _UNAVAILABLE_CODES or code.endswith("NonExistentQueue"):
-            raise Unavailable("queue", code) from exc
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _UNAVAILABLE_CODES or code.endswith("NonExistentQueue") or status >= 500:
+            raise Unavailable("queue", code or str(status)) from exc
         raise
     except BotoCoreError as exc:
         raise Unavailable("queue", type(exc).__name__) from exc

@@ -10,6 +10,7 @@ fixes the admin token (otherwise one is generated and printed).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -22,6 +23,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 from typing import IO
+from urllib.parse import unquote_plus
 
 import requests
 
@@ -30,9 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # `chalice local` with a listen backlog for bursts: http.server's default of 5 pending connections resets
 # concurrent clients (API Gateway has no such limit, so local load tests would measure the wrong thing);
 # and TCP_NODELAY, or each answer on a keep-alive connection waits 40 ms for the client's delayed ACK of
-# its headers (the sandboxes' server does the same, sandbox/httpserver.py).
+# its headers (the sandboxes' server does the same, sandbox/httpserver.py). Its own refusals (no token,
+# the authorizer's Deny, no such route) answer as API Gateway does in AWS once `tools.gateway_responses`
+# ran: `use_gateway_responses`.
 CHALICE_LOCAL = ("import chalice.local; chalice.local.ThreadedHTTPServer.request_queue_size = 256; "
                  "chalice.local.ChaliceRequestHandler.disable_nagle_algorithm = True; "
+                 "import sandbox.local_stack; sandbox.local_stack.use_gateway_responses(); "
                  "from chalice.cli import main; main()")
 AMOCRM_DEMO_TOKEN = "demo-token"
 BITRIX24_DEMO_CODE = "democode"
@@ -41,15 +46,26 @@ EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", 
 
 
 # A query parameter whose name says it holds a secret (amoCRM's `?secret=`, a token, a key, a password,
-# a signature, URL-encoded or not): its value never reaches the terminal. `chalice local` writes each
-# request's URL to its access log, and the webhook URLs carry the integration's secret.
-_SECRET_QUERY = re.compile(r"([?&;][^=&;\s\"'#]*(?:secret|token|passw|key|signature)[^=&;\s\"'#]*=)[^&;\s\"'#]*",
-                           re.IGNORECASE)
+# a signature, Bitrix24's `auth`), its name URL-encoded or not: its value never reaches the terminal.
+# `chalice local` writes each request's URL to its access log, and the webhook URLs carry the
+# integration's secret. A value runs to the next `&` or whitespace: a webhook secret may hold any
+# printable character but those (`;`, `#` and quotes included, chalicelib.integrations), and the app
+# splits the query on `&` alone, so stopping anywhere earlier would print the rest of the secret.
+_PARAMETER = re.compile(r"[?&;]([^=&;?#\s\"']*)=")
+_VALUE_END = re.compile(r"[&\s]|$")
+_SECRET_NAME = re.compile(r"secret|token|passw|key|signature|auth", re.IGNORECASE)
 
 
 def redact_secrets(text: str) -> str:
     """`text` with the values of secret-looking query parameters replaced by `[redacted]`."""
-    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+    out, position = [], 0
+    for parameter in _PARAMETER.finditer(text):
+        if parameter.start() < position or not _SECRET_NAME.search(unquote_plus(parameter.group(1))):
+            continue  # inside a value already redacted, or not a secret's name
+        end = _VALUE_END.search(text, parameter.end()).start()
+        out += [text[position:parameter.end()], "[redacted]"]
+        position = end
+    return "".join(out) + text[position:]
 
 
 def echo_redacted(source: IO[str], sink: IO[str]) -> None:
@@ -65,6 +81,46 @@ def start_echoed(command: list[str], **kwargs) -> subprocess.Popen:
                                errors="replace", **kwargs)
     threading.Thread(target=echo_redacted, args=(process.stdout, sys.stdout), daemon=True).start()
     return process
+
+
+def gateway_answer(error: Exception) -> tuple[int, dict[str, str], bytes] | None:
+    """(status, headers, body) API Gateway gives in AWS, with the Gateway Responses `tools.gateway_responses`
+    sets, for a request `chalice local` refuses itself (its own bodies are `{"message"}` and `{"Message"}`):
+    no bearer token (401 UNAUTHORIZED), the authorizer's Deny (403 ACCESS_DENIED), no such route or method
+    (API Gateway's 403 "Missing Authentication Token" or, with a bearer header, its
+    IncompleteSignatureException: MISSING_AUTHENTICATION_TOKEN, our 404), an authorizer that failed (500).
+    None for anything else."""
+    from chalice.local import ForbiddenError, InvalidAuthorizerError, NotAuthorizedError
+    from tools.gateway_responses import RESPONSES
+    if isinstance(error, NotAuthorizedError):
+        response_type = "UNAUTHORIZED"
+    elif isinstance(error, ForbiddenError):
+        denied = (error.headers or {}).get("x-amzn-ErrorType") == "AccessDeniedException"
+        response_type = "ACCESS_DENIED" if denied else "MISSING_AUTHENTICATION_TOKEN"
+    elif isinstance(error, InvalidAuthorizerError):
+        response_type = "AUTHORIZER_FAILURE"
+    else:
+        return None
+    status, name, message, parameters = RESPONSES[response_type]
+    headers = {"Content-Type": "application/json",
+               **{key.removeprefix("gatewayresponse.header."): value.strip("'") for key, value in parameters.items()}}
+    body = {"error": name, "message": json.loads(message),
+            "request_id": str((error.headers or {}).get("x-amzn-RequestId", ""))}
+    return int(status), headers, json.dumps(body).encode()
+
+
+def use_gateway_responses() -> None:
+    """Make `chalice local`'s own refusals `gateway_answer`'s, so the local stack answers as AWS does."""
+    import chalice.local
+    chalice_answer = chalice.local.ChaliceRequestHandler._send_error_response
+
+    def send_error_response(handler, error):
+        answer = gateway_answer(error)
+        if answer is None:
+            return chalice_answer(handler, error)
+        return handler._send_http_response(*answer)
+
+    chalice.local.ChaliceRequestHandler._send_error_response = send_error_response
 
 
 def free_port() -> int:

@@ -5,8 +5,9 @@ queue is empty, without API Gateway's 29 s limit).
     python -m tools.dead_letters count [--stage prod]
     python -m tools.dead_letters redrive [--stage prod] [--limit N]
 
-Prints one JSON object on stdout (redrive: progress on stderr); exit 1 when SQS cannot be reached or
-refused some messages (they reappear in the dead-letter queue within a minute: run it again).
+Prints one JSON object on stdout (redrive: progress on stderr); exit 1 when SQS cannot be reached, no
+region or credentials are configured, or SQS refused the call or some messages (they reappear in the
+dead-letter queue within a minute: run it again); exit 2 for a stage not in `.chalice/config.json`.
 AWS's own asynchronous redrive does the same: `aws sqs start-message-move-task --source-arn <DLQ ARN>`.
 """
 from __future__ import annotations
@@ -15,10 +16,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from chalicelib.errors import Unavailable
-from chalicelib.queue import REDRIVE_LIMIT, DeadLetterQueue
+from chalicelib.queue import REDRIVE_LIMIT, DeadLetterQueue, redrive_client
 from chalicelib.settings import load_settings
+
+CHALICE_CONFIG = Path(__file__).resolve().parent.parent / ".chalice" / "config.json"
 
 
 def redrive_all(dead: DeadLetterQueue, limit: int | None = None) -> dict:
@@ -42,13 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
-    import boto3
+    stages = json.loads(CHALICE_CONFIG.read_text()).get("stages", {})
+    if args.stage not in stages:  # a typo would otherwise ask AWS for a queue no deployment has
+        print(f"dead letters: stage {args.stage!r} is not in .chalice/config.json (stages: {', '.join(stages)})",
+              file=sys.stderr)
+        return 2
+    from botocore.exceptions import BotoCoreError, ClientError
     settings = load_settings({**os.environ, "STAGE": args.stage})
-    dead = DeadLetterQueue(boto3.client("sqs"), settings.dead_letter_queue, settings.events_queue)
-    try:
+    try:  # no region fails here already, before any call; a hung SQS fails a call within seconds
+        dead = DeadLetterQueue(redrive_client(), settings.dead_letter_queue, settings.events_queue)
         result = dead.count() if args.command == "count" else redrive_all(dead, args.limit)
-    except Unavailable as exc:
-        print(f"{exc} ({settings.dead_letter_queue}); check the AWS credentials, region and stage", file=sys.stderr)
+    except (Unavailable, ClientError, BotoCoreError) as exc:  # ClientError: refused (access denied, bad keys)
+        print(f"dead letters: {exc} ({settings.dead_letter_queue}); check the AWS credentials, region and stage",
+              file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 1 if result.get("failed") else 0

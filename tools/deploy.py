@@ -87,14 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default=os.environ.get("STAGE", "dev"))
     parser.add_argument("--project-dir", type=Path, default=ROOT)
     args = parser.parse_args(argv)
+    config_file = args.project_dir / ".chalice" / "config.json"
     try:
-        parameter = token_parameter(json.loads((args.project_dir / ".chalice" / "config.json").read_text()), args.stage)
+        parameter = token_parameter(json.loads(config_file.read_text()), args.stage)
+    except FileNotFoundError:
+        print(f"{config_file} does not exist: run this in the project's directory (or give --project-dir)",
+              file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
     if args.command == "token":
         import boto3
-        created = ensure_admin_token(boto3.client("ssm"), parameter)
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:  # no region fails when the client is made, no credentials or a refusal on the call
+            created = ensure_admin_token(boto3.client("ssm"), parameter)
+        except (ClientError, BotoCoreError) as exc:
+            print(f"make deploy: the admin token in SSM parameter {parameter} could not be checked or created: {exc}; "
+                  "check the AWS credentials and region", file=sys.stderr)
+            return 1
         print(f"admin token {'created in' if created else 'kept:'} SSM parameter {parameter}; read it with\n"
               f"  {read_back_command(parameter)}")
         return 0

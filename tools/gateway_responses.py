@@ -116,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     import boto3
-    result = apply(boto3.client("apigateway"), api_id)
+    from botocore.exceptions import BotoCoreError, ClientError
+    try:  # no region fails when the client is made, no credentials or a refusal on the first call
+        result = apply(boto3.client("apigateway"), api_id)
+    except (ClientError, BotoCoreError) as exc:
+        print(f"gateway responses of REST API {api_id} not set: {exc}; check the AWS credentials and region "
+              f"(the API is the one `chalice deploy --stage {args.stage}` made)", file=sys.stderr)
+        return 1
     print(json.dumps({"rest_api_id": api_id, **result}))
     return 0
 

@@ -81,7 +81,10 @@ class _Guarded:
                 raise Unavailable("store", f"{operation}: {type(exc).__name__}") from exc
             except ClientError as exc:
                 code = _code(exc)
-                if code in _UNAVAILABLE_CODES:
+                # Any 5xx is DynamoDB failing: one whose body is not DynamoDB's JSON (a load balancer's
+                # page) has botocore's code "500", "502", …, not one of the names above.
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+                if code in _UNAVAILABLE_CODES or status >= 500:
                     raise Unavailable("store", f"{operation}: {code}") from exc
                 raise  # ConditionalCheckFailed (handled by the caller), or a bug / bad input
 
