@@ -354,12 +354,8 @@ def count_dead_letters():
 @answers
 def redrive_dead_letters():
     from chalicelib.operations import redrive_limit
-    from chalicelib.queue import REDRIVE_SECONDS
     limit = redrive_limit(json_body())  # a bad body is a 400 before any queue is touched
-    # No round starts past the request's own time (a request that reached us late has less than 20 s).
-    left = deadline.usable()
-    return get_dead_letters().redrive(limit=limit, seconds=REDRIVE_SECONDS if left is None else
-                                      max(0.0, min(REDRIVE_SECONDS, left - 2)))
+    return get_dead_letters().redrive(limit=limit)  # no round starts past the request's deadline
 
 
 @app.route("/webhooks/amocrm/{integration_id}", methods=["POST"], content_types=[FORM])
