@@ -278,11 +278,9 @@ class UploadStore(Protocol):
 class ProductStore(Protocol):
     """Metrika's product list as this service last pushed it."""
 
-    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
-        """Which of these product ids the list has."""
-
     def products(self, integration_id: str) -> dict[str, str]:
-        """product id → display name ("" when none)."""
+        """product id → display name ("" when none): the whole list in one read (a delivery checks the
+        products its orders name against it, so the cost of the check does not grow with them)."""
 
     def put_products(self, integration_id: str, names: dict[str, str]) -> None:
         """Add or rename products."""

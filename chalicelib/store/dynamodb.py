@@ -436,9 +436,6 @@ class DynamoStore:
 
     # --- ProductStore --------------------------------------------------------------------------------
 
-    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
-        return {i["sk"].partition("#")[2] for i in self._batch_get(integration_id, [f"PRODUCT#{p}" for p in product_ids], "sk")}
-
     def products(self, integration_id: str) -> dict[str, str]:
         return {i["sk"].partition("#")[2]: i.get("humanized", "")
                 for i in map(_from_item, self._query(self._state, _pk(integration_id), begins_with="PRODUCT#"))

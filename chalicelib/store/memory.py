@@ -324,11 +324,6 @@ class MemoryStore:
 
     # --- ProductStore --------------------------------------------------------------------------------
 
-    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
-        with self._lock:
-            products = self._products.get(integration_id, {})
-            return {p for p in product_ids if p in products}
-
     def products(self, integration_id: str) -> dict[str, str]:
         with self._lock:
             products = self._products.get(integration_id, {})
