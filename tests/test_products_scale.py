@@ -202,3 +202,32 @@ def test_on_dynamodb_the_check_is_one_query_however_many_products_are_named(requ
     assert operations.count("Query") == 1 and operations.count("BatchWriteItem") == 1
     assert "BatchGetItem" not in operations and "GetItem" not in operations
     assert len(store.products(shop)) == 260 and len(metrika_sandbox.counter(7171).products) == 260
+
+
+# --- naming products the rows did not name ------------------------------------------------------------
+
+def test_bitrix24_names_every_product_asked_for_in_one_batch_request(bitrix):
+    """A list call answers one page of 50: before, a batch naming 120 unnamed products got 50 names and
+    the rest showed as bare ids. Now 50 ids a sub-call, one `batch` request for up to 2,500."""
+    from chalicelib.crm.bitrix24.source import Bitrix24Source
+    bitrix.reset()
+    bitrix.products.update({str(i): {"ID": str(i), "NAME": f"Товар {i}", "PRICE": "1.00"} for i in range(1, 131)})
+    source = Bitrix24Source(lambda scope, interval, now: now, attempts=2, backoff=0.01)
+    integration = {"crm": "bitrix24", "connection": {"webhook_url": bitrix.webhook_url}}
+    asked = {str(i): {} for i in range(1, 121)} | {"row-7": {}, "999999": {}}  # a free-text row, an unknown id
+    names = source.product_names(integration, asked)
+    assert names == {str(i): f"Товар {i}" for i in range(1, 121)}
+    assert [c["method"] for c in bitrix.calls] == ["batch"]
+    assert source.product_names(integration, {"row-1": {}}) == {} and len(bitrix.calls) == 1  # nothing to ask
+
+
+def test_bitrix24_product_naming_that_fails_raises_for_the_sink_to_log(bitrix):
+    from chalicelib.crm.bitrix24.source import Bitrix24Source
+    from chalicelib.errors import BridgeError
+    bitrix.reset()
+    bitrix.products.update({str(i): {"ID": str(i), "NAME": f"Товар {i}"} for i in range(1, 61)})
+    bitrix.fail_method("crm.product.list", "", "ACCESS_DENIED", "Access denied")
+    source = Bitrix24Source(lambda scope, interval, now: now, attempts=2, backoff=0.01)
+    with pytest.raises(BridgeError):
+        source.product_names({"crm": "bitrix24", "connection": {"webhook_url": bitrix.webhook_url}},
+                             {str(i): {} for i in range(1, 61)})
