@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 49, sorted(names)  # every method of every concern
+    assert len(names) == 50, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -476,6 +476,43 @@ def test_list_existing_and_content_hashes(store, iid):
     ids = [str(i) for i in range(150)] + ["b", "2"]
     assert store.content_hashes(iid, "order", ids) == {"2": "h2", "10": "h10"}
     assert store.content_hashes(iid, "contact", ["c1", "2", "nope"]) == {"c1": "hc1"}
+
+
+def test_delivered_versions_name_only_entities_metrika_holds_as_recorded(store, iid):
+    """Reconciliation skips what these name (issue 15): so only clean entities with a content hash that
+    no history import holds. Dirty, parked, replayed, held, absent or of another kind: left out."""
+    def delivered(crm_id, at=1_700_000_000, content_hash=None):
+        assert mark(store, iid, crm_id, at)
+        store.claim(iid, "order", crm_id)
+        assert store.mark_clean(iid, "order", crm_id, event_time=at, content_hash=content_hash or f"h{crm_id}",
+                                row_hashes={}, uploading_id="u")
+
+    for crm_id in ("clean", "dirty-again", "replayed", "held", "resent", "no-hash"):
+        delivered(crm_id)
+    delivered("later", at=1_700_000_500)
+    assert mark(store, iid, "dirty-again", 1_700_000_100)
+    assert mark(store, iid, "dirty", 1_700_000_000)
+    assert mark(store, iid, "parked-now", 1_700_000_000)
+    store.claim(iid, "order", "parked-now")
+    assert store.mark_failed(iid, "order", "parked-now", event_time=1_700_000_000, error={"kind": "permanent"})
+    store.forget_content(iid, "order", "replayed")
+    assert store.mark_resend(iid, "order", "resent") == 1_700_000_000
+    assert store.take_for_backfill(iid, "order", "held", 1_700_000_900, "other", now=NOW, lease_seconds=LEASE)
+    store.claim(iid, "order", "no-hash")
+    assert store.mark_clean(iid, "order", "no-hash", event_time=1_700_000_000, content_hash="", row_hashes={},
+                            uploading_id=None)
+    assert mark(store, iid, "clean", 1_700_000_000, kind="contact")  # a contact of the same id: another entity
+    many = [str(i) for i in range(120)] + ["clean", "later", "dirty-again", "dirty", "parked-now", "replayed",
+                                           "resent", "held", "no-hash", "clean"]
+    got = store.delivered_versions(iid, "order", many)
+    assert got == {"clean": {"event_time": 1_700_000_000, "content_hash": "hclean"},
+                   "later": {"event_time": 1_700_000_500, "content_hash": "hlater"}}
+    assert all(isinstance(v["event_time"], int) for v in got.values())
+    got["clean"]["content_hash"] = "changed by the caller"
+    assert store.delivered_versions(iid, "order", ["clean"])["clean"]["content_hash"] == "hclean"
+    assert store.delivered_versions(iid, "contact", ["clean"]) == {}
+    assert store.delivered_versions(iid, "order", []) == {}
+    assert store.delivered_versions(f"{iid}-other", "order", ["clean"]) == {}
 
 
 def test_note_contacts_sent_only_where_nothing_is_pending_or_held(store, iid):
