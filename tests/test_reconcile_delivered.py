@@ -209,3 +209,75 @@ def test_split_by_time_against_the_state():
     assert sorted((r.crm_id, r.event_time) for r in listed.record) == [
         ("future", T), ("newer", T + 1), ("no-hash", T), ("twice", T + 2), ("unknown", T)]
     assert split_listed([], state, now=1_790_000_000, future_skew=SKEW).record == []
+
+
+# --- with the real amoCRM source: the webhook's time is the listing's time -----------------------------
+
+def test_amocrm_deals_delivered_by_their_webhooks_are_left_alone_and_a_same_second_edit_goes(
+        metrika_sandbox, amocrm):
+    """amoCRM's webhooks carry the lead's `updated_at`, the very time its listing gives: every delivered
+    lead is an equal time, so this is the comparison's everyday case, on the source's own CRM read."""
+    import time
+
+    from chalicelib.crm.amocrm.source import AmoCrmSource
+    from tests.core import Clock
+    amocrm.reset()
+    amocrm.add_pipeline(7001, "Продажи", [(1001, "Первичный контакт")], is_main=True)
+    element = amocrm.add_catalog_element(4521, "Чайник", 2490)["id"]
+    people = [amocrm.create_contact(f"Клиент {n}", phones=[f"+7 916 {n:07d}"], notify=False)["id"] for n in range(5)]
+    leads = [amocrm.create_lead(f"Сделка {n}", 7001, 1001, price=1000 + n, contacts=[people[n % 5]],
+                                products=[(element, 1)], client_id=str(1714000000000000000 + n))["id"] for n in range(10)]
+    core = Core(metrika_sandbox.url, clock=Clock(time.time()), sources={})
+    core.sources["amocrm"] = source = AmoCrmSource(core.store.reserve_slot, backoff=0.01)
+    shop = core.integration(connection={"base_url": amocrm.url, "access_token": amocrm.token, "webhook_secret": "s" * 20})
+    core.store.put_status_mapping(shop, [{"crm_status": "7001:1001", "metrika_status_id": "new", "type": "IN_PROGRESS"}], 0)
+    metrika_sandbox.counter(core.counter_id).order_statuses["new"] = {"id": "new", "type": "IN_PROGRESS"}
+    for _, body in amocrm.outbox:
+        core.ingest.amocrm(shop, body, {"secret": "s" * 20})
+    amocrm.outbox.clear()
+    core.drain()
+    assert len(metrika_sandbox.counter(core.counter_id).orders) == 10
+    uploads = data_requests(metrika_sandbox)
+
+    result = core.ingest.reconcile(shop, source, since=0)
+    assert (result["found"], result["delivered"], result["queued"]) == (10, 10, 0)
+    # An edit within the second of the last change (no webhook): the listing shows the same time.
+    with amocrm._lock:
+        amocrm.leads[leads[3]]["price"] = 99999
+    result = core.ingest.reconcile(shop, source, since=0)
+    assert (result["delivered"], result["queued"]) == (9, 1)
+    core.drain()
+    assert metrika_sandbox.counter(core.counter_id).orders[str(leads[3])]["revenue"] == 99999
+    assert data_requests(metrika_sandbox) == uploads + 1  # that one order, nothing else
+
+
+def test_bitrix24_deals_delivered_by_their_events_are_left_alone(metrika_sandbox, bitrix):
+    """Bitrix24's events carry `ts` (when sent), its listing `DATE_MODIFY` (when changed): the recorded
+    time is the same second or later, so a delivered deal is compared or simply older."""
+    import time
+
+    from chalicelib.crm.bitrix24.source import Bitrix24Source
+    from sandbox.bitrix24 import seed_demo
+    from tests.core import Clock
+    bitrix.reset()
+    portal = seed_demo(bitrix)
+    core = Core(metrika_sandbox.url, clock=Clock(time.time()), sources={})
+    core.sources["bitrix24"] = source = Bitrix24Source(lambda scope, interval, now: now, attempts=2, backoff=0.01)
+    token = "b24-reconcile-" + "t" * 20
+    shop = core.integration(crm="bitrix24", connection={"webhook_url": bitrix.webhook_url, "application_token": token})
+    mapping = source.default_mapping(core.store.get_integration(shop))
+    core.store.put_status_mapping(shop, mapping, 0)
+    metrika_sandbox.counter(core.counter_id).order_statuses.update(
+        {e["metrika_status_id"]: {"id": e["metrika_status_id"], "type": e["type"]} for e in mapping})
+    bitrix.update_deal(portal["deal_id"], OPPORTUNITY="16990.00")
+    for event, entity_id in bitrix.outbox:
+        core.ingest.bitrix24(shop, bitrix.event_body(event, entity_id, token))
+    bitrix.outbox.clear()
+    core.drain()
+    assert metrika_sandbox.counter(core.counter_id).orders[portal["deal_id"]]["revenue"] == 16990
+    result = core.ingest.reconcile(shop, source, since=0)
+    assert (result["found"], result["delivered"], result["queued"]) == (1, 1, 0)
+    bitrix.update_deal(portal["deal_id"], OPPORTUNITY="17990.00", notify=False)  # its event lost
+    assert core.ingest.reconcile(shop, source, since=0)["queued"] == 1
+    core.drain()
+    assert metrika_sandbox.counter(core.counter_id).orders[portal["deal_id"]]["revenue"] == 17990
