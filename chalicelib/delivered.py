@@ -2,17 +2,17 @@
 
 Reconciliation lists the deals the CRM changed since its last run and records them as webhooks are
 recorded, so a lost webhook costs minutes, not a deal. Most of what it lists, though, the webhooks have
-already delivered; recorded again, each cost a conditional write, a queue message, a claim, a CRM read
-and a closing write, to send nothing (100 delivered deals: 100 messages, 203 writes, 0 uploads, every
+already delivered; recorded again, each cost a conditional write, a queue message, a claim and a
+closing write, to send nothing (100 delivered deals: 100 messages, 300 entity writes, 0 uploads, every
 run). This module picks out the listed entities that need none of it.
 
 What the listing gives: each deal's id and its modification time, in whole seconds (amoCRM `updated_at`,
-"Сделки", https://www.amocrm.ru/developers/content/crm_platform/leads-api; Bitrix24 `DATE_MODIFY`,
-"crm.deal.list", https://apidocs.bitrix24.com/api-reference/crm/deals/crm-deal-list.html). What the state
-gives (`StateStore.delivered_versions`): for an entity delivered and clean, the event time recorded
-(`event_time`) and a hash of the rows delivered (`content_hash`). The worker read the CRM *after* the
-event at `event_time` was recorded, so whatever changed after that read carries a time, by the CRM's
-own clock, of at least `event_time`:
+"API сделок", https://www.amocrm.ru/developers/content/crm_platform/leads-api; Bitrix24 `DATE_MODIFY`,
+"Get a List of Deals crm.deal.list", https://apidocs.bitrix24.com/api-reference/crm/deals/crm-deal-list.html).
+What the state gives (`StateStore.delivered_versions`): for an entity delivered and clean, the event
+time recorded (`event_time`) and a hash of the rows delivered (`content_hash`). The worker read the CRM
+*after* the event at `event_time` was recorded, so whatever changed after that read carries a time, by
+the CRM's own clock, of at least `event_time`:
 
 * listed time > recorded time: a change after the delivery (its webhook lost): recorded, as before;
 * listed time < recorded time: the delivery read the CRM later than this change: skipped;
@@ -21,8 +21,7 @@ own clock, of at least `event_time`:
   rows hashed as the delivery hashed them: skipped only when the hash is the one delivered.
 
 A recorded time more than `future_skew` seconds ahead of our clock is not trusted (the caller passes
-`chalicelib.ingest.FUTURE_SKEW_SECONDS`).
-Any doubt — no state, dirty, parked, held by a history import, the CRM read failing or cut short by the
+`chalicelib.ingest.FUTURE_SKEW_SECONDS`). Any doubt — no state, dirty, parked, held by a history import, the CRM read failing or cut short by the
 invocation's deadline, a row that no longer validates, a deal now gone — records the entity as before:
 the worker then does what it always did. Nothing here writes.
 """
