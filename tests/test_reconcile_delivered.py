@@ -183,12 +183,15 @@ def test_comparisons_start_only_with_time_left_and_the_rest_go_as_before(core, m
     assert (result["delivered"], result["queued"]) == (0, 3) and core.source.calls == []
 
 
-def test_a_long_listing_is_compared_in_chunks_of_one_crm_read(core, metrika_sandbox):
-    deals = COMPARE_CHUNK + 10
-    shop = delivered(core, deals)
+def test_a_long_listing_is_compared_in_chunks_of_one_crm_read(core, metrika_sandbox, monkeypatch):
+    import chalicelib.delivered
+    assert COMPARE_CHUNK == 250  # one amoCRM page
+    monkeypatch.setattr(chalicelib.delivered, "COMPARE_CHUNK", 4)
+    shop = delivered(core, 10)
+    core.source.rows[(ORDER, "7")] = deal_rows("7", contact="1007", revenue=1)  # changed: in the second chunk
     result = core.ingest.reconcile(shop, core.source)
-    assert (result["delivered"], result["queued"]) == (deals, 0)
-    assert [len(call) for call in core.source.calls] == [COMPARE_CHUNK, 10]
+    assert (result["delivered"], result["queued"]) == (9, 1)
+    assert [len(call) for call in core.source.calls] == [4, 4, 2]
 
 
 # --- the pure split ------------------------------------------------------------------------------------
