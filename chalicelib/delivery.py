@@ -50,6 +50,14 @@ MATCHING_WINDOW_DAYS = 21
 LOW_BUDGET = 250
 BATCH_HARDER_SECONDS = 300
 _ROW_LOCATION = re.compile(r"^(contacts|orders)\[(\d+)\]")
+# The order an entity's state keeps (`Accepted.last_order`, re-sent as CANCELLED should the deal be
+# deleted) carries its products only while they take at most this many bytes of JSON (~70 products with
+# amoCRM's or Bitrix24's numeric ids). The state item is rewritten by every webhook, claim and delivery,
+# and DynamoDB bills each write by the item's whole size in 1 KB units, an update by the larger of the
+# item before and after ("DynamoDB read and write operations",
+# https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/read-write-operations.html), and refuses
+# items over 400 KB: products kept whole made the item grow with the deal (6 KB at 500 products).
+KEPT_PRODUCTS_BYTES = 1024
 # In a retry's `row_hashes` (`_Ready.progress`): a customer whose row this resend (`Pending.resend`) has
 # not got into Metrika yet, so the next attempt still sends it whatever the customer's record says.
 RESEND_PENDING = "resend"
@@ -175,6 +183,17 @@ def copy_unknown(state: Mapping[str, Any]) -> bool:
     if not state.get("sent_at") or state.get("content_hash"):
         return False
     return state.get("row_hashes") == {} or not (state.get("row_hashes") or state.get("last_order"))
+
+
+def kept_order(order: dict) -> str:
+    """The order as the entity's state keeps it (JSON): as sent, without its products when they take
+    more than KEPT_PRODUCTS_BYTES. Such an order, deleted in the CRM, is re-sent as CANCELLED without
+    products (merge mode SAVE: Metrika's record of it then lists none; "Data upload modes",
+    https://yandex.com/dev/metrika/en/data-import/modes)."""
+    products = order.get("products")
+    if products and len(json.dumps(products, ensure_ascii=False).encode()) > KEPT_PRODUCTS_BYTES:
+        order = {k: v for k, v in order.items() if k != "products"}
+    return json.dumps(order, sort_keys=True, ensure_ascii=False)
 
 
 def newest_order(rows: list[dict]) -> dict:
@@ -429,7 +448,7 @@ class Sink:
                                                  entity.orders_sent)
 
     def _accepted(self, integration: dict, entity: _Ready) -> Accepted:
-        last_order = json.dumps(entity.orders[0], sort_keys=True, ensure_ascii=False) if entity.orders else None
+        last_order = kept_order(entity.orders[0]) if entity.orders else None
         facts = delivery_facts(entity.contacts, entity.orders, integration["timezone"])
         if entity.notes is not None:  # replaces the last delivery's notes, so a corrected value clears them
             facts = {**(facts or {}), **entity.notes}
@@ -519,9 +538,12 @@ class Sink:
         ("createProducts", https://yandex.ru/dev/metrika/ru/management/openapi/schema/createProducts),
         named from the rows' hints or, failing those, by the CRM. The list is always sent whole (the
         docs do not say whether a save replaces or adds). Best effort: orders never wait for it, and a
-        failure leaves the products unknown, to be tried with the next order that names them."""
-        known = self._store.known_products(integration_id, list(wanted))
-        unknown = [p for p in wanted if p not in known]
+        failure leaves the products unknown, to be tried with the next order that names them.
+
+        One read of the integration's list (`products`: one query, whatever the number of products the
+        batch names), then set lookups; the same read is the integration's part of the list sent."""
+        own = self._store.products(integration_id)
+        unknown = [p for p in wanted if p not in own]
         if not unknown:
             return 0
         names = {p: (wanted[p] or {}).get("name") for p in unknown}
@@ -529,7 +551,7 @@ class Sink:
         try:
             if missing and self._name_products is not None:
                 names.update(self._name_products(integration, missing))
-            listed = {**counter_products(self._store, integration_id, integration["counter_id"]),
+            listed = {**counter_products(self._store, integration_id, integration["counter_id"], own=own),
                       **{p: (n or p)[:4096] for p, n in names.items()}}
             self._metrika.save_products(integration["counter_id"],
                                         [{"name": p, "humanized": n} for p, n in sorted(listed.items())])

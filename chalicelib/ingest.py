@@ -313,7 +313,9 @@ class Ingest:
     def reconcile(self, integration_id: str, source: CrmSource, *, since: int | None = None) -> dict:
         """Feed entities changed since the stored cursor through the same path as webhooks, so a lost
         webhook costs minutes, not a deal (Bitrix24 never retries; amoCRM hooks can be disabled); and
-        sweep entities whose message was lost (dirty, lease gone or run out) back onto the queue."""
+        sweep entities whose message was lost (dirty, lease gone or run out) back onto the queue.
+        Listed entities Metrika already holds as the CRM has them are left alone
+        (`chalicelib.delivered`: no write, no message); `delivered` counts them."""
         integration = self._store.get_integration(integration_id)
         if integration is None:
             raise not_found(f"integration {integration_id!r}")
@@ -327,10 +329,14 @@ class Ingest:
         if stale:  # queued again, not expanded here: expanding is the worker's, with its time budget
             self._queue.send([message(integration_id, INBOX, batch_id) for batch_id in stale])
             log_event("inbox_swept", integration_id=integration_id, batches=len(stale))
-        refs = source.changed_since(integration, start)
-        result = self.record(integration_id, refs, origin="reconcile")
+        listed = source.changed_since(integration, start)
+        from .delivered import undelivered  # loads the translation (marshmallow): kept off the webhook path
+        refs, delivered = undelivered(self._store, source, integration_id, integration, listed, now=now,
+                                      future_skew=FUTURE_SKEW_SECONDS)
+        result = self.record(integration_id, refs, origin="reconcile") if refs else {"queued": 0}
         self._store.put_cursor(integration_id, "reconcile", now)
-        return {"since": start, "found": len(refs), "queued": result["queued"], "swept": swept}
+        return {"since": start, "found": len(listed), "queued": result["queued"], "swept": swept,
+                "delivered": delivered}
 
 
 def expand_inbox(store: Any, queue: Queue, batches: list[tuple[str, str]], *,

@@ -69,14 +69,16 @@ def assigned_id_prefix(store: Any, integration_id: str, counter_id: int, sent: A
     return {"id_prefix": integration_id + SEPARATOR} if others else {}
 
 
-def counter_products(store: Any, integration_id: str, counter_id: int) -> dict[str, str]:
+def counter_products(store: Any, integration_id: str, counter_id: int, *,
+                     own: dict[str, str] | None = None) -> dict[str, str]:
     """The product list as the counter should hold it: every integration's products on this counter
     (product id → display name), this integration's names winning where two name one id. Sent whole
     by every product sync ("Creating a product list",
     https://yandex.com/dev/metrika/en/management/openapi/schema/createProducts, does not say whether a
-    save replaces or adds), so one integration's sync must not drop the other's products."""
+    save replaces or adds), so one integration's sync must not drop the other's products. `own`: this
+    integration's list as the caller just read it (`store.products`), so it is not read twice."""
     listed: dict[str, str] = {}
     for other in store.integrations_on_counter(counter_id):
         if other != integration_id:
             listed.update(store.products(other))
-    return {**listed, **store.products(integration_id)}
+    return {**listed, **(own if own is not None else store.products(integration_id))}

@@ -127,7 +127,8 @@ def test_scheduled_reconciliation_covers_every_integration(service_env, integrat
     with Client(app.app) as client:
         result = client.lambda_.invoke("reconcile_all", client.events.generate_cw_event(
             source="aws.events", detail_type="Scheduled Event", detail={}, resources=[], region="eu-central-1")).payload
-    assert result == {integration: {"since": result[integration]["since"], "found": 1, "queued": 1, "swept": 0}}
+    assert result == {integration: {"since": result[integration]["since"], "found": 1, "queued": 1, "swept": 0,
+                                    "delivered": 0}}
     assert [m["integration_id"] for m in queue.bodies()] == [integration]
 
 

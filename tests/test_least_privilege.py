@@ -436,8 +436,10 @@ def every_path(stack: Stack, amocrm, bitrix, metrika_sandbox, amo: str, b24: str
     # The catalogue by route (the delivery above met the deal's product first and sent it itself).
     api("POST", f"/integrations/{amo}/products/sync")
     # Reconcile, confirm and status by route (what the first two queue, the worker's and the schedules'
-    # paths below cover).
-    assert api("POST", f"/integrations/{amo}/reconcile", {"since": int(time.time())})["found"] == 0
+    # paths below cover). The three deals the webhooks delivered are listed, read in bulk, compared with
+    # the CRM, and left alone.
+    reconciled = api("POST", f"/integrations/{amo}/reconcile", {"since": 0})
+    assert (reconciled["found"], reconciled["delivered"], reconciled["queued"]) == (3, 3, 0)
     assert api("POST", f"/integrations/{amo}/confirm", {})["passed"] >= 4
     api("GET", f"/integrations/{amo}/status")
     # Replay of one deal queues it again. Short of time, the worker queues it back as it came; on the
@@ -461,9 +463,13 @@ def every_path(stack: Stack, amocrm, bitrix, metrika_sandbox, amo: str, b24: str
         {"integration_id": amo, "kind": "order", "crm_id": lead_id}, sort_keys=True))
     assert api("GET", "/dead-letters")["messages"] == 1
     assert api("POST", "/dead-letters/redrive", {})["moved"] == 1
-    # The schedules. Reconciliation finds a deal changed with no event and queues it.
+    # The schedules. Reconciliation finds a deal changed with no event and queues it; the amoCRM deals
+    # (a first run: its cursor dropped, so the listing reaches back to them) are compared and left alone.
     bitrix.update_deal(portal["deal_id"], OPPORTUNITY="16990.00", notify=False)
-    assert stack.schedule("reconcile_all")[b24]["queued"] == 1
+    boto3.client("dynamodb").delete_item(TableName=get_settings().config_table, Key={  # the test's own call
+        "pk": {"S": f"INTEGRATION#{amo}"}, "sk": {"S": "CURSOR#reconcile"}})
+    reconciled = stack.schedule("reconcile_all")
+    assert reconciled[b24]["queued"] == 1 and (reconciled[amo]["delivered"], reconciled[amo]["queued"]) == (3, 0)
     # Confirmation sends a FAILED upload again; a run with time for one integration only keeps its place
     # in the rotation for the next run (a cursor item).
     metrika_sandbox.fail_uploading(counter.uploadings[-1]["uploading_id"])

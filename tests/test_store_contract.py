@@ -493,6 +493,43 @@ def test_list_existing_and_content_hashes(store, iid):
     assert store.content_hashes(iid, "contact", ["c1", "2", "nope"]) == {"c1": "hc1"}
 
 
+def test_delivered_versions_name_only_entities_metrika_holds_as_recorded(store, iid):
+    """Reconciliation skips what these name (issue 15): so only clean entities with a content hash that
+    no history import holds. Dirty, parked, replayed, held, absent or of another kind: left out."""
+    def delivered(crm_id, at=1_700_000_000, content_hash=None):
+        assert mark(store, iid, crm_id, at)
+        store.claim(iid, "order", crm_id)
+        assert store.mark_clean(iid, "order", crm_id, event_time=at, content_hash=content_hash or f"h{crm_id}",
+                                row_hashes={}, uploading_id="u")
+
+    for crm_id in ("clean", "dirty-again", "replayed", "held", "resent", "no-hash"):
+        delivered(crm_id)
+    delivered("later", at=1_700_000_500)
+    assert mark(store, iid, "dirty-again", 1_700_000_100)
+    assert mark(store, iid, "dirty", 1_700_000_000)
+    assert mark(store, iid, "parked-now", 1_700_000_000)
+    store.claim(iid, "order", "parked-now")
+    assert store.mark_failed(iid, "order", "parked-now", event_time=1_700_000_000, error={"kind": "permanent"})
+    store.forget_content(iid, "order", "replayed")
+    assert store.mark_resend(iid, "order", "resent") == 1_700_000_000
+    assert store.take_for_backfill(iid, "order", "held", 1_700_000_900, "other", now=NOW, lease_seconds=LEASE)
+    store.claim(iid, "order", "no-hash")
+    assert store.mark_clean(iid, "order", "no-hash", event_time=1_700_000_000, content_hash="", row_hashes={},
+                            uploading_id=None)
+    assert mark(store, iid, "clean", 1_700_000_000, kind="contact")  # a contact of the same id: another entity
+    many = [str(i) for i in range(120)] + ["clean", "later", "dirty-again", "dirty", "parked-now", "replayed",
+                                           "resent", "held", "no-hash", "clean"]
+    got = store.delivered_versions(iid, "order", many)
+    assert got == {"clean": {"event_time": 1_700_000_000, "content_hash": "hclean"},
+                   "later": {"event_time": 1_700_000_500, "content_hash": "hlater"}}
+    assert all(isinstance(v["event_time"], int) for v in got.values())
+    got["clean"]["content_hash"] = "changed by the caller"
+    assert store.delivered_versions(iid, "order", ["clean"])["clean"]["content_hash"] == "hclean"
+    assert store.delivered_versions(iid, "contact", ["clean"]) == {}
+    assert store.delivered_versions(iid, "order", []) == {}
+    assert store.delivered_versions(f"{iid}-other", "order", ["clean"]) == {}
+
+
 def test_note_contacts_sent_only_where_nothing_is_pending_or_held(store, iid):
     assert mark(store, iid, "pending", 1_700_000_000, kind="contact")
     assert mark(store, iid, "clean", 1_700_000_000, kind="contact")
@@ -587,14 +624,16 @@ def test_upload_records_expire_30_days_after_their_final_status(store, iid, cloc
 
 
 def test_products(store, iid):
-    assert store.products(iid) == {} and store.known_products(iid, ["p1"]) == set()
+    assert store.products(iid) == {}
     names = {f"p{i:02d}": f"Product {i}" for i in range(30)}  # more than one batch write of 25
     store.put_products(iid, names)
-    store.put_products(iid, {"p00": "Renamed"})
-    assert store.products(iid) == {**names, "p00": "Renamed"}
+    store.put_products(iid, {"p00": "Renamed", "p01": ""})
+    assert store.products(iid) == {**names, "p00": "Renamed", "p01": ""}
     assert list(store.products(iid)) == sorted(names)
-    wanted = [f"p{i:02d}" for i in range(25, 35)] + [f"x{i}" for i in range(100)]  # more than one batch read
-    assert store.known_products(iid, wanted) == {f"p{i}" for i in range(25, 30)}
+    listed = store.products(iid)
+    listed["p02"] = "changed by the caller"
+    assert store.products(iid)["p02"] == "Product 2"  # the caller's copy
+    assert store.products(f"{iid}-other") == {}
 
 
 # --- CrmAccountStore ---------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "api_handler": {
         CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"),
         STATE: ("dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
-                "dynamodb:BatchWriteItem"),
+                "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
         DEAD_LETTERS: ("sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:DeleteMessage"),
@@ -80,10 +80,11 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
-    # Every integration in rotation (cursor items in the config table): sweep, CRM changes, re-queue.
+    # Every integration in rotation (cursor items in the config table): sweep, CRM changes (the state of
+    # those listed read in bulk, the amoCRM account's cached facts for a comparison's CRM read), re-queue.
     "reconcile_all": {
         CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Scan"),
-        STATE: ("dynamodb:UpdateItem", "dynamodb:Query"),
+        STATE: ("dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:BatchGetItem"),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
     # Every integration in rotation: Metrika's upload listing, FAILED uploads sent again.

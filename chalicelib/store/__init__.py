@@ -230,6 +230,11 @@ class EntityStore(Protocol):
     def content_hashes(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, str]:
         """crm_id → last sent content hash, for those of `crm_ids` that have one."""
 
+    def delivered_versions(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, dict]:
+        """crm_id → {"event_time", "content_hash"} for those of `crm_ids` whose state says Metrika holds
+        them as last recorded: not dirty, a content hash kept, not held by a history import. Others
+        (absent, dirty, parked, replayed, held) are left out. One bulk read (strongly consistent)."""
+
     def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
         """Metrika reported an upload that carried this entity as failed: forget what was sent and owe a
         delivery, in one atomic write. content_hash removed; row_hashes set to {} (Metrika holds none of
@@ -288,11 +293,9 @@ class UploadStore(Protocol):
 class ProductStore(Protocol):
     """Metrika's product list as this service last pushed it."""
 
-    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
-        """Which of these product ids the list has."""
-
     def products(self, integration_id: str) -> dict[str, str]:
-        """product id → display name ("" when none)."""
+        """product id → display name ("" when none): the whole list in one read (a delivery checks the
+        products its orders name against it, so the cost of the check does not grow with them)."""
 
     def put_products(self, integration_id: str, names: dict[str, str]) -> None:
         """Add or rename products."""

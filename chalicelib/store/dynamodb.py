@@ -355,6 +355,13 @@ class DynamoStore:
                 for i in self._batch_get(integration_id, [_entity_sk(kind, c) for c in crm_ids], "sk, content_hash")
                 if i.get("content_hash")}
 
+    def delivered_versions(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, dict]:
+        # One BatchGetItem per 100 ids, only the attributes the answer needs (`owner` is a reserved word).
+        items = self._batch_get(integration_id, [_entity_sk(kind, c) for c in crm_ids],
+                                "sk, event_time, dirty, content_hash, #o", names={"#o": "owner"})
+        return {i["sk"].partition("#")[2]: {"event_time": int(i.get("event_time") or 0), "content_hash": i["content_hash"]}
+                for i in items if not i.get("dirty") and i.get("content_hash") and not i.get("owner")}
+
     def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
         try:  # conditional: an update would otherwise create an item for an entity that has none
             item = self._db.update_item(
@@ -447,9 +454,6 @@ class DynamoStore:
             self._db.delete_item(TableName=self._state, Key={"pk": item["pk"], "sk": item["sk"]})
 
     # --- ProductStore --------------------------------------------------------------------------------
-
-    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
-        return {i["sk"].partition("#")[2] for i in self._batch_get(integration_id, [f"PRODUCT#{p}" for p in product_ids], "sk")}
 
     def products(self, integration_id: str) -> dict[str, str]:
         return {i["sk"].partition("#")[2]: i.get("humanized", "")
@@ -729,13 +733,15 @@ class DynamoStore:
             raise
         return True
 
-    def _batch_get(self, integration_id: str, sort_keys: list[str], projection: str | None) -> list[dict]:
+    def _batch_get(self, integration_id: str, sort_keys: list[str], projection: str | None,
+                   names: dict[str, str] | None = None) -> list[dict]:
         items: list[dict] = []
         unique = list(dict.fromkeys(sort_keys))
         for start in range(0, len(unique), 100):  # BatchGetItem takes at most 100 keys
             keys = [_to_item({"pk": _pk(integration_id), "sk": sk}) for sk in unique[start:start + 100]]
             request: dict | None = {self._state: {"Keys": keys, "ConsistentRead": True,
-                                                  **({"ProjectionExpression": projection} if projection else {})}}
+                                                  **({"ProjectionExpression": projection} if projection else {}),
+                                                  **({"ExpressionAttributeNames": names} if names else {})}}
             for attempt in range(BATCH_ROUNDS):
                 if attempt:
                     _backoff(attempt)

@@ -259,6 +259,17 @@ class MemoryStore:
             return {crm_id: item["content_hash"] for crm_id in crm_ids
                     if (item := entities.get((kind.lower(), crm_id))) is not None and item.get("content_hash")}
 
+    def delivered_versions(self, integration_id: str, kind: str, crm_ids: list[str]) -> dict[str, dict]:
+        with self._lock:
+            entities = self._entities.get(integration_id, {})
+            found = {}
+            for crm_id in crm_ids:
+                item = entities.get((kind.lower(), crm_id))
+                if item is not None and not item.get("dirty") and item.get("content_hash") and not item.get("owner"):
+                    found[crm_id] = {"event_time": _plain(item.get("event_time", _decimal(0))),
+                                     "content_hash": item["content_hash"]}
+            return found
+
     def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
         with self._lock:
             item = self._item(integration_id, kind, crm_id)
@@ -329,11 +340,6 @@ class MemoryStore:
             self._expiry.pop(("carried", integration_id, uploading_id), None)
 
     # --- ProductStore --------------------------------------------------------------------------------
-
-    def known_products(self, integration_id: str, product_ids: list[str]) -> set[str]:
-        with self._lock:
-            products = self._products.get(integration_id, {})
-            return {p for p in product_ids if p in products}
 
     def products(self, integration_id: str) -> dict[str, str]:
         with self._lock:

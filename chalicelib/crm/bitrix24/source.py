@@ -71,12 +71,22 @@ class Bitrix24Source:
         return rows
 
     def product_names(self, integration: dict, products: dict[str, dict]) -> dict[str, str]:
-        """Catalogue names by id (`crm.product.list`); product rows usually carry them already."""
-        ids = [p for p in products if p.isdigit()]
-        if not ids:
-            return {}
-        found = self.client_for(integration).call("crm.product.list", {"filter": {"ID": ids}, "select": ["ID", "NAME"]})
-        return {normalize_product_id(p["ID"]): p.get("NAME") or str(p["ID"]) for p in found.get("result") or []}
+        """Catalogue names by id (`crm.product.list`); product rows usually carry them already. A list
+        call answers one page of LIST_PAGE items, so the ids go LIST_PAGE to a sub-call, up to BATCH_LIMIT
+        sub-calls to a `batch` request (before: one call, and the names past the first 50 were lost)."""
+        ids = sorted({p for p in products if p.isascii() and p.isdigit()}, key=int)
+        chunks = [ids[start:start + LIST_PAGE] for start in range(0, len(ids), LIST_PAGE)]
+        client = self.client_for(integration) if chunks else None
+        names: dict[str, str] = {}
+        for start in range(0, len(chunks), BATCH_LIMIT):
+            commands = {f"p{n}": ("crm.product.list", {"filter": {"ID": chunk}, "select": ["ID", "NAME"]})
+                        for n, chunk in enumerate(chunks[start:start + BATCH_LIMIT])}
+            results, errors = client.batch(commands)
+            _raise_first(errors, "the names of products")
+            for found in results.values():
+                names.update({normalize_product_id(p["ID"]): p.get("NAME") or str(p["ID"])
+                              for p in (found if isinstance(found, list) else [])})
+        return names
 
     def catalog(self, integration: dict) -> dict[str, str]:
         """Every catalogue product (`crm.product.list`, all pages)."""
