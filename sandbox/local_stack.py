@@ -187,6 +187,10 @@ def main() -> None:
     started = time.monotonic()
     processes: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ctrl-C stops the stack even when started from a parent that ignores SIGINT (a shell's background
+    # job, a test runner's worker): Python leaves an inherited "ignore" in place, and the launcher would
+    # then only notice its children stopping and exit 1.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         moto_port = free_port()
         processes.append(start_moto(moto_port))
