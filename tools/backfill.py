@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -34,6 +35,9 @@ def main() -> int:
     parser.add_argument("--api", default=os.environ.get("BRIDGE_API", "http://127.0.0.1:8000"))
     parser.add_argument("--token", default=os.environ.get("ADMIN_TOKEN"), help="admin token (or ADMIN_TOKEN)")
     args = parser.parse_args()
+    # Ctrl-C stops the import even when started from a parent that ignores SIGINT (a shell's background
+    # job, a test runner's worker): Python would leave the inherited "ignore" in place.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not args.token:
         parser.error("--token or ADMIN_TOKEN is required")
     url = f"{args.api.rstrip('/')}/integrations/{args.integration_id}/backfill"
