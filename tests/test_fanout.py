@@ -523,3 +523,22 @@ def test_the_worker_scales_past_three_invocations_with_a_client_pool_for_its_thr
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")  # a client is made; nothing is called
     client = app.get_store()._db._client
     assert client.meta.config.max_pool_connections == app.DYNAMODB_CONNECTIONS >= WORKER_THREADS * WRITERS
+
+
+def test_each_metric_line_is_one_write_so_threads_cannot_split_it(monkeypatch):
+    """The governor's EMF lines come from the worker's threads now: each must reach stdout in one write
+    (`print` writes the line and its newline apart, and another thread's line could land between)."""
+    import sys
+    from chalicelib import metrics
+    writes = []
+
+    class Recording:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(sys, "stdout", Recording())
+    line = metrics.budget_used_line(stage="prod", used=1, budget=5000, quota_key="k", timestamp_ms=1)
+    metrics.write_line(line)
+    assert writes == [line + "\n"]
