@@ -22,9 +22,10 @@ from chalicelib.settings import APP_NAME, get_settings
 # https://docs.aws.amazon.com/lambda/latest/dg/API_ScalingConfig.html). Each runs up to 8 integrations
 # side by side (chalicelib/worker.py, WORKER_THREADS), so 10 work on up to 80 integrations at once.
 # Why not more: a Metrika token's requests past its 3 slots wait, polling its lease items (failed
-# conditional writes, billed like writes); the governor lets 3 threads per process poll a token, so 10
-# workers keep a saturated token to at most 30 pollers. Why not fewer: with one token per integration,
-# throughput grows with workers until the CRMs' own limits (amoCRM 7/s, Bitrix24 2/s per account).
+# conditional writes, billed like writes); the governor lets at most 3 threads per process hold or wait
+# for a token's leases, so 10 workers keep a saturated token to at most 30 pollers. Why not fewer: with
+# a token per client, throughput grows with workers until the CRMs' own limits per account (amoCRM 7/s,
+# Bitrix24 2/s), which the shared limiter holds whatever the number of workers.
 WORKER_CONCURRENCY = 10
 DYNAMODB_CONNECTIONS = 64
 
@@ -392,7 +393,7 @@ def bitrix24_webhook(integration_id):
                     batch_size=int(os.environ.get("WORKER_BATCH_SIZE", "100")),
                     maximum_batching_window_in_seconds=int(os.environ.get("WORKER_BATCHING_WINDOW", "5")),
                     # Metrika's 3 requests in flight per token are the governor's leases, the CRMs' rates the
-                    # shared limiter's: this caps cost, not correctness (chalicelib/worker.py, WORKER_CONCURRENCY).
+                    # shared limiter's: this caps cost, not correctness (WORKER_CONCURRENCY, above).
                     maximum_concurrency=WORKER_CONCURRENCY)
 def on_events_message(event):
     from chalicelib.queue import received  # each body with its receive count (the last one flags)
