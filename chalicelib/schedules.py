@@ -90,6 +90,8 @@ class Jobs:
 
     def run(self, kind: str, integration_id: str, run: str) -> dict:
         from .ingest import Ingest  # the worker imports this module; the ingest path only for a job
+        if kind not in (RECONCILE, CONFIRM):
+            raise ValueError(f"no scheduled job of kind {kind!r}")
         integration = self._store.get_integration(integration_id)
         if integration is None:
             return {"skipped": "integration deleted"}
@@ -98,8 +100,6 @@ class Jobs:
             last = self._store.get_cursor(integration_id, kind)
             if last is not None and last >= scheduled:  # a run after this one was scheduled covered it
                 return {"skipped": f"{kind} ran at {last}, after run {scheduled} was scheduled"}
-        if kind not in (RECONCILE, CONFIRM):
-            raise ValueError(f"no scheduled job of kind {kind!r}")
         ingest = Ingest(self._store, self._queue, max_body_bytes=0, clock=self._clock)
         if kind == RECONCILE:
             source = self._sources.get(integration["crm"])
@@ -107,10 +107,11 @@ class Jobs:
                 return {"skipped": f"{integration['crm']} is not available in this build"}
             return ingest.reconcile(integration_id, source)  # its window's cursor is the `reconcile` cursor
         from .operations import confirm_uploads
+        started = int(self._clock())  # what the listing covers: runs scheduled later still read it
         result = confirm_uploads(self._store, self._metrika_for(integration), integration_id, integration,
                                  requeue=ingest.requeue)
         if result.get("pages"):  # Metrika was read: a duplicate of this run need not read it again
-            self._store.put_cursor(integration_id, CONFIRM, int(self._clock()))
+            self._store.put_cursor(integration_id, CONFIRM, started)
         return result
 
 
