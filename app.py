@@ -18,6 +18,17 @@ from chalicelib.errors import ApiError, OutOfTime, Unavailable, invalid, timed_o
 from chalicelib.ids import is_integration_id
 from chalicelib.settings import APP_NAME, get_settings
 
+# Worker invocations at once (the SQS event source's maximum concurrency, 2-1000: "ScalingConfig",
+# https://docs.aws.amazon.com/lambda/latest/dg/API_ScalingConfig.html). Each runs up to 8 integrations
+# side by side (chalicelib/worker.py, WORKER_THREADS), so 10 work on up to 80 integrations at once.
+# Why not more: a Metrika token's requests past its 3 slots wait, polling its lease items (failed
+# conditional writes, billed like writes); the governor lets at most 3 threads per process hold or wait
+# for a token's leases, so 10 workers keep a saturated token to at most 30 pollers. Why not fewer: with
+# a token per client, throughput grows with workers until the CRMs' own limits per account (amoCRM 7/s,
+# Bitrix24 2/s), which the shared limiter holds whatever the number of workers.
+WORKER_CONCURRENCY = 10
+DYNAMODB_CONNECTIONS = 64
+
 app = Chalice(app_name=APP_NAME)
 FORM = "application/x-www-form-urlencoded"
 MAX_JSON_DEPTH = 32  # admin bodies are a few levels deep; deeper is an attack, not a config
@@ -32,10 +43,13 @@ def get_store():
     global _STORE
     if _STORE is None:
         import boto3
+        from botocore.config import Config
         from chalicelib.store.dynamodb import DynamoStore
         settings = get_settings()
-        _STORE = DynamoStore(boto3.client("dynamodb"), settings.config_table, settings.state_table,
-                             quota_table=settings.quota_table)
+        # The worker's 8 integrations at once may each write 8 items at once (chalicelib/parallel.py):
+        # botocore's pool of 10 would open and drop a connection per call past ten.
+        client = boto3.client("dynamodb", config=Config(max_pool_connections=DYNAMODB_CONNECTIONS))
+        _STORE = DynamoStore(client, settings.config_table, settings.state_table, quota_table=settings.quota_table)
     return _STORE
 
 
@@ -377,8 +391,9 @@ def bitrix24_webhook(integration_id):
 @app.on_sqs_message(queue=get_settings().events_queue,
                     batch_size=int(os.environ.get("WORKER_BATCH_SIZE", "100")),
                     maximum_batching_window_in_seconds=int(os.environ.get("WORKER_BATCHING_WINDOW", "5")),
-                    # At most 3 workers at once: Metrika allows 3 requests in flight per token.
-                    maximum_concurrency=3)
+                    # Metrika's 3 requests in flight per token are the governor's leases, the CRMs' rates the
+                    # shared limiter's: this caps cost, not correctness (WORKER_CONCURRENCY, above).
+                    maximum_concurrency=WORKER_CONCURRENCY)
 def on_events_message(event):
     from chalicelib.queue import received  # each body with its receive count (the last one flags)
     from chalicelib.worker import RESERVE_SECONDS
@@ -388,22 +403,20 @@ def on_events_message(event):
 
 @app.schedule(Rate(int(os.environ.get("RECONCILE_MINUTES", "10")), unit=Rate.MINUTES))
 def reconcile_all(event):
-    from chalicelib.schedules import RESERVE_SECONDS, each_integration
-    with lambda_deadline(event.context, RESERVE_SECONDS):
-        return each_integration(get_store(), "reconcile_all", lambda integration_id: _reconcile(integration_id, None),
-                                failed_event="reconcile_failed")
+    # One message per integration; the worker reconciles each (chalicelib/schedules.py).
+    return _fan_out("reconcile_all", event)
 
 
 @app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
 def confirm_uploads(event):
-    # An ApiError is the integration's result: Metrika unreachable or refusing, or the integration deleted
-    # meanwhile.
-    from chalicelib.schedules import RESERVE_SECONDS, each_integration
-    with lambda_deadline(event.context, RESERVE_SECONDS):
-        return each_integration(get_store(), "confirm_uploads", _confirm, failed_event="confirm_failed",
-                                answer_errors=True)
+    return _fan_out("confirm_uploads", event)
 
 # End of event handlers.
+
+
+def _fan_out(job, event):
+    from chalicelib.schedules import fan_out, run_id
+    return fan_out(get_store(), get_queue(), job, run=run_id(getattr(event, "time", None), now=time.time()))
 
 
 def _confirm(integration_id):

@@ -31,4 +31,7 @@ def budget_used_line(*, stage: str, used: int, budget: int, quota_key: str, time
 
 
 def write_line(line: str) -> None:
-    print(line, file=sys.stdout, flush=True)
+    # One write of the whole line: `print` writes the line and its newline apart, and the worker's
+    # threads (chalicelib/worker.py) could put another line between them, which CloudWatch cannot parse.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -2,7 +2,8 @@
 
 Messages are `{"integration_id", "kind", "crm_id"}` JSON: an entity to deliver (`kind` order/contact)
 or a job for one integration (`kind` backfill, its `crm_id` the run id; `kind` inbox, its `crm_id` a
-batch of a large webhook body to expand into entity messages, see `chalicelib.ingest`).
+batch of a large webhook body to expand into entity messages, see `chalicelib.ingest`; `kind` reconcile
+or confirm, its `crm_id` the run id of the schedule that queued it, see `chalicelib.schedules`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from .errors import Unavailable
 
 BACKFILL = "backfill"  # message kind of a history-import step (its `crm_id` is the run id)
 INBOX = "inbox"  # message kind of a large webhook body's batch of refs (its `crm_id` is the batch id)
+RECONCILE = "reconcile"  # a scheduled reconciliation of one integration (its `crm_id` is the run id)
+CONFIRM = "confirm"  # a scheduled confirmation of one integration's uploads (its `crm_id` is the run id)
 MAX_SQS_BATCH = 10  # SendMessageBatch takes at most 10 entries
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
 # Receives of one message before SQS moves it to the dead-letter queue (the events queue's redrive

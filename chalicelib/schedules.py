@@ -1,90 +1,127 @@
-"""The scheduled jobs' walk over every integration (reconciliation, upload confirmation): one integration
-at a time, each isolated, inside the invocation's time, resuming where the last run stopped.
+"""The scheduled jobs (reconciliation, upload confirmation), fanned out: the schedule only lists the
+integrations and queues one job message per integration; the worker runs each integration's job on its
+own, isolated like a delivery group and under the worker's deadline rules.
 
-Time (`chalicelib.deadline`): an integration is started only while the invocation leaves START_SECONDS
-for outbound calls, and every call is clipped to the deadline. An integration cut short (`OutOfTime`, or
-the 504 its admin-route form answers) is not done; the run stops there and logs what it left.
+Why: walked in one function, the jobs cost 23-146 ms per integration at loopback speed, so a 10-minute
+run reached a few hundred integrations at most and, at real network latency, 1,000 needed minutes. A
+fan-out costs the schedule one scan of the config table (0.3 s for 1,000 integrations on moto) and one
+SendMessageBatch per ten integrations, and a slow or failing integration delays only itself.
 
-Rotation: the integrations are sorted, and each run starts where the previous one stopped (a position
-kept per job in a cursor item), so when runs cannot reach every integration the next run starts with
-those left, and the alphabetical tail is never starved. An integration cut short comes first in the next
-run, unless it already came first in this one: having had a whole run and not finished, it goes behind
-the others, so one integration too big for an invocation cannot hold every run (the others get at least
-every other run). Integrations added or deleted between runs shift the positions by as many: at worst
-one run visits a few twice or later, none waits for ever.
+A job message is `{"integration_id", "kind": "reconcile" | "confirm", "crm_id": <run id>}`, the run id
+being the schedule's own time in Unix seconds (EventBridge's `time`, which a retried invocation carries
+again), so the messages of a run sent twice (a Lambda retry after SQS failed half-way, a redelivery)
+are harmless: a job is skipped when its integration was reconciled, or had its uploads checked against
+Metrika, after the run was scheduled (the per-integration cursors `reconcile` and `confirm`; the latter
+is written only when Metrika was read, so a duplicate of a run with nothing to confirm costs one query),
+and the worker runs one of each kind per integration and batch. Under a backlog that also keeps the jobs from
+piling up: an integration runs each job at most once per schedule period or per queue delay, whichever
+is longer, and reconciliation's window always starts where the last run ended, so nothing is skipped.
+
+Nothing remains of the walk's rotation cursor (`CURSOR#reconcile_all` / `CURSOR#confirm_uploads` under
+scope `*`): every run queues every integration, so no tail can be starved. Items left by earlier
+versions are read by nothing.
 """
 from __future__ import annotations
 
+import time
 import traceback
+from datetime import datetime, timezone
 from typing import Any, Callable
 
-from . import deadline
-from .errors import ApiError, OutOfTime, Unavailable
+from .errors import BridgeError
 from .logs import log_event
+from .queue import CONFIRM, RECONCILE, Queue, message
 
-# Owner of the jobs' cursor items in the config store. Not an integration id (`chalicelib.ids` allows
-# letters, digits, _ and -), so no integration's listing, reads or deletion ever touches them.
-SCOPE = "*"
-# Seconds of the invocation kept after the last outbound call: the writes that record an integration's
-# outcome (a reconciliation's cursor; a confirmation's upload statuses, up to a few hundred writes 8 at
-# a time) and the rotation's cursor.
-RESERVE_SECONDS = 10
-# Seconds of outbound calls an integration needs to be started: reconciliation lists the deals changed
-# since the last run (one to a few CRM pages, each answered within seconds) and records them (one write
-# each); confirmation waits for a Metrika slot (at most the governor's 30 s) and reads one or two pages
-# of `last_uploadings` (seconds each). About 40 s at worst; 60 s leaves room.
-START_SECONDS = 60
+# The schedules' message kinds, by the Chalice handler that queues them.
+JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM}
+# Seconds of outbound calls a job needs to be started in the worker (its `deadline.has`): reconciliation
+# lists the deals changed since the last run (one to a few CRM pages, each answered within seconds) and
+# records them (one write each); confirmation waits for a Metrika slot (at most the governor's 30 s) and
+# reads one or two pages of `last_uploadings` (seconds each). About 40 s at worst; 60 s leaves room.
+JOB_SECONDS = 60
+# A run id is Unix seconds; anything else (hand-made, absurd) is not compared with the cursors and runs.
+_MAX_RUN_ID = 2**40
 
 
-def rotation(ids: list[str], start: int) -> list[str]:
-    """`ids` beginning at position `start` (modulo their number), then wrapping round."""
-    if not ids:
-        return []
-    start %= len(ids)
-    return ids[start:] + ids[:start]
-
-
-def timed_out(exc: BaseException) -> bool:
-    """Whether an integration's work stopped because the invocation ran out of time."""
-    return isinstance(exc, OutOfTime) or (isinstance(exc, ApiError) and exc.status == 504)
-
-
-def each_integration(store: Any, job: str, work: Callable[[str], dict], *, failed_event: str,
-                     answer_errors: bool = False) -> dict[str, dict]:
-    """`work(integration_id)` for every integration, in rotation from where the last run of `job`
-    stopped, while the invocation's time allows; the results by integration id.
-
-    Per integration: `Unavailable` (our store or queue) fails the run; the deadline stops it there
-    (that integration comes first next time, or last when it was this run's first); an `ApiError` is its result `{"error": …}` when
-    `answer_errors`, else logged like anything else it raises (`failed_event`, with the traceback)."""
-    ids = store.list_integration_ids()
-    start = (store.get_cursor(SCOPE, job) or 0) % len(ids) if ids else 0
-    order = rotation(ids, start)
-    results: dict[str, dict] = {}
-    done = 0
-    for integration_id in order:
-        if not deadline.has(START_SECONDS):
-            break
+def run_id(scheduled: Any, *, now: float) -> str:
+    """The run id for a schedule's event time (`CloudWatchEvent.time`, ISO 8601 UTC such as
+    "2026-09-21T10:00:00Z": "Amazon EventBridge events", field `time`,
+    https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-events-structure.html). An event without
+    a readable time (an invocation by hand) runs as of `now`."""
+    if isinstance(scheduled, str) and len(scheduled) <= 40:
         try:
-            results[integration_id] = work(integration_id)
-        except Unavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 — one broken integration must not stop the others
-            if timed_out(exc):
-                if done == 0:  # it had the whole run and still did not finish: behind the others next
-                    done = 1
-                    log_event("schedule_integration_timed_out", job=job, integration_id=integration_id)
-                break
-            if answer_errors and isinstance(exc, ApiError):
-                results[integration_id] = {"error": exc.message}
-            else:
-                log_event(failed_event, integration_id=integration_id, error=type(exc).__name__,
-                          traceback=traceback.format_exc(limit=8))
-        done += 1
-    left = order[done:]
-    if left:
-        log_event("schedule_incomplete", job=job, done=done, left=len(left), next=left[0], left_ids=left[:20],
-                  seconds_left=round(deadline.remaining() or 0.0, 1))
-    if ids and done % len(ids):
-        store.put_cursor(SCOPE, job, (start + done) % len(ids))
-    return results
+            parsed = datetime.fromisoformat(scheduled.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            return str(int((parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()))
+    return str(int(now))
+
+
+def scheduled_at(run: str) -> int | None:
+    """The Unix seconds a run id names, or None when it names none (then the job simply runs)."""
+    if isinstance(run, str) and run.isascii() and run.isdigit() and len(run) <= 13 and int(run) < _MAX_RUN_ID:
+        return int(run)
+    return None
+
+
+def fan_out(store: Any, queue: Queue, job: str, *, run: str) -> dict:
+    """Queue one `JOBS[job]` message per integration (in batches of ten: `Queue.send`). No CRM, no
+    Metrika, no per-integration read. `Unavailable` (the scan or SQS failing) fails the invocation, and
+    Lambda's retry sends the same run again: the messages already sent become duplicates, which the
+    worker skips."""
+    started = time.monotonic()
+    ids = store.list_integration_ids()
+    queue.send([message(integration_id, JOBS[job], run) for integration_id in ids])
+    result = {"job": job, "run": run, "queued": len(ids), "seconds": round(time.monotonic() - started, 3)}
+    log_event("schedule_fanned_out", **result)
+    return result
+
+
+class Jobs:
+    """An integration's scheduled job, as the worker runs it. `run` returns the job's result (or why it
+    was skipped) and raises what the job raised: the worker isolates it (`Unavailable` fails the batch;
+    anything else is logged and waits for the next run)."""
+
+    def __init__(self, store: Any, queue: Queue, metrika_for: Callable[[dict], Any], sources: dict, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store, self._queue, self._metrika_for = store, queue, metrika_for
+        self._sources, self._clock = sources, clock
+
+    def run(self, kind: str, integration_id: str, run: str) -> dict:
+        from .ingest import Ingest  # the worker imports this module; the ingest path only for a job
+        if kind not in (RECONCILE, CONFIRM):
+            raise ValueError(f"no scheduled job of kind {kind!r}")
+        integration = self._store.get_integration(integration_id)
+        if integration is None:
+            return {"skipped": "integration deleted"}
+        scheduled = scheduled_at(run)
+        if scheduled is not None:
+            last = self._store.get_cursor(integration_id, kind)
+            if last is not None and last >= scheduled:  # a run after this one was scheduled covered it
+                return {"skipped": f"{kind} ran at {last}, after run {scheduled} was scheduled"}
+        ingest = Ingest(self._store, self._queue, max_body_bytes=0, clock=self._clock)
+        if kind == RECONCILE:
+            source = self._sources.get(integration["crm"])
+            if source is None:
+                return {"skipped": f"{integration['crm']} is not available in this build"}
+            return ingest.reconcile(integration_id, source)  # its window's cursor is the `reconcile` cursor
+        from .operations import confirm_uploads
+        started = int(self._clock())  # what the listing covers: runs scheduled later still read it
+        result = confirm_uploads(self._store, self._metrika_for(integration), integration_id, integration,
+                                 requeue=ingest.requeue)
+        if result.get("pages"):  # Metrika was read: a duplicate of this run need not read it again
+            self._store.put_cursor(integration_id, CONFIRM, started)
+        return result
+
+
+def job_failed(kind: str, integration_id: str, exc: Exception) -> None:
+    """Log a job's failure in the form the schedules logged it (`reconcile_failed`, `confirm_failed`):
+    the CRM or Metrika refusing or unreachable, or a bug. The job runs again with the next schedule."""
+    event = f"{kind}_failed"
+    if isinstance(exc, BridgeError):
+        log_event(event, integration_id=integration_id, error=type(exc).__name__, message=exc.message[:300])
+    else:
+        log_event(event, integration_id=integration_id, error=type(exc).__name__,
+                  traceback=traceback.format_exc(limit=8))
+

@@ -13,6 +13,14 @@ step — starts only while enough of the invocation is left for it (GROUP_SECOND
 still hold) and the batch succeeds, so a slow batch never times out into SQS's redelivery and, after
 five receives, the dead-letter queue.
 
+Concurrency: the integrations of a batch run side by side, WORKER_THREADS at a time, each isolated as
+above; each task runs in a copy of the caller's context (`contextvars.copy_context`), so the invocation's
+deadline holds in every thread, and keeps its own `Report`, summed when all are done. Metrika's "3 requests
+in flight per token" is the quota governor's (DynamoDB leases shared by every worker), and each CRM
+account's rate is the shared limiter's (`reserve_slot`), so neither depends on how many groups or workers
+run at once. The schedules' jobs (`reconcile`, `confirm` messages: `chalicelib.schedules`) run in the same
+tasks, one of each kind per integration and batch, isolated the same way.
+
 A batch can still fail as a whole (the store unreachable, the Lambda timing out or running out of
 memory), and after MAX_RECEIVE_COUNT receives SQS moves its messages to the dead-letter queue. On that
 last receive, before any work, the worker flags each entity the message names (`dead_lettered_at`),
@@ -21,11 +29,14 @@ settles the entity or queues it again clears the flag.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import random
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
@@ -34,10 +45,11 @@ from .backfill import START_SECONDS as STEP_START_SECONDS
 from .crm import CONTACT, ORDER, CrmSource, EntityRef, EntityRows, crm_contact_id, is_crm_contact
 from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, copy_unknown, previous_customers,
                        row_hash, row_key)
-from .errors import BridgeError, Transient, Unavailable
+from .errors import BridgeError, OutOfTime, Transient, Unavailable
 from .logs import log_event
 from .ingest import expand_inbox
-from .queue import BACKFILL, INBOX, MAX_DELAY_SECONDS, Queue, Received, message
+from .queue import BACKFILL, CONFIRM, INBOX, MAX_DELAY_SECONDS, RECONCILE, Queue, Received, message
+from .schedules import JOB_SECONDS, Jobs, job_failed, scheduled_at
 
 DELETED_DEAL_STATUS = "CANCELLED"
 # Seconds of the invocation kept after the last outbound call (`deadline.invocation`'s reserve): the
@@ -53,6 +65,12 @@ RESERVE_SECONDS = 10
 GROUP_SECONDS = 60
 # A retry message's lease lasts its delay plus this margin (see ingest.QUEUE_LEASE_SECONDS).
 RETRY_LEASE_MARGIN = 900
+# Integrations of one batch worked on at once. A group spends most of its time waiting on the CRM and
+# Metrika, so threads overlap those waits; each group may itself write WRITERS items at a time
+# (`chalicelib.parallel`), which the DynamoDB client's connection pool is sized for (`app.get_store`).
+# Eight fill a batch's usual spread (100 messages over a few dozen integrations) in a few rounds while
+# a Metrika token's 3 slots and a CRM account's rate stay with the governor and the limiter.
+WORKER_THREADS = 8
 
 
 @dataclass
@@ -70,24 +88,35 @@ class Report:
     expanded: int = 0  # entities of large webhook bodies recorded (ingest.expand_inbox)
     postponed: int = 0  # messages queued again, not started: too little of the invocation was left
     dead_lettered: int = 0  # entities flagged on their message's last receive, before it was worked on
+    jobs: int = 0  # scheduled jobs (reconcile, confirm) run for an integration
+    jobs_skipped: int = 0  # jobs a later run had already done (duplicates), or of a deleted integration
+    failed_jobs: int = 0  # jobs that raised (the CRM or Metrika refusing, a bug): the next run tries again
+
+    def add(self, other: "Report") -> None:
+        """Count `other` in (each integration's task keeps its own report; the batch sums them)."""
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
 class Worker:
     def __init__(self, store: Any, queue: Queue, metrika_for: Callable[[dict], Any], sources: dict[str, CrmSource],
                  *, row_limit: int = 1000, retry_limit: int = 12, retry_base: float = 1.0,
                  batch_harder_seconds: int = BATCH_HARDER_SECONDS, clock: Callable[[], float] = time.time,
-                 backfill_for: Callable[[], Any] | None = None) -> None:
+                 backfill_for: Callable[[], Any] | None = None, threads: int = WORKER_THREADS) -> None:
         self._store, self._queue, self._metrika_for = store, queue, metrika_for
         self._sources, self._row_limit, self._retry_limit = sources, row_limit, retry_limit
         self._retry_base, self._batch_harder_seconds, self._clock = retry_base, batch_harder_seconds, clock
-        self._backfill_for = backfill_for
+        self._backfill_for, self._threads = backfill_for, max(1, int(threads))
+        self._jobs = Jobs(store, queue, metrika_for, sources, clock=clock)
 
     def handle(self, messages: Iterable[str | Received]) -> Report:
         """One SQS batch (message bodies, or `Received` with their receive counts): entities on their
         message's last receive flagged first, large webhook bodies expanded into entity messages
-        (`ingest.expand_inbox`), entity deliveries per integration, then history-import steps."""
+        (`ingest.expand_inbox`), each integration's deliveries and scheduled jobs (side by side, up to
+        `threads` integrations at once), then history-import steps."""
         report = Report()
         groups: dict[str, dict[tuple[str, str], None]] = {}
+        jobs: dict[str, dict[str, str]] = {}  # integration → job kind → run id (the latest of the batch)
         steps: list[dict] = []
         inbox: list[tuple[str, str]] = []
         last: dict[tuple[str, str, str], None] = {}
@@ -107,6 +136,10 @@ class Worker:
             elif kind == INBOX:
                 # The batch stays in the inbox until expanded: the reconciliation sweep queues it again.
                 inbox.append((integration_id, crm_id))
+            elif kind in (RECONCILE, CONFIRM):
+                # A job names no entity: nothing to flag on a last receive; the next run does it anyway.
+                runs = jobs.setdefault(integration_id, {})
+                runs[kind] = max(runs.get(kind, crm_id), crm_id, key=lambda run: scheduled_at(run) or 0)
             else:
                 groups.setdefault(integration_id, {})[(kind, crm_id)] = None
                 if received.last_receive:
@@ -118,13 +151,9 @@ class Worker:
             report.expanded += expansion["expanded"]
             report.failed_groups += expansion["failed"]
             report.postponed += expansion["postponed"]
-        work = list(groups.items())
-        for index, (integration_id, keys) in enumerate(work):
-            if not deadline.has(GROUP_SECONDS):
-                self._postpone([message(i, kind, crm_id) for i, rest in work[index:] for kind, crm_id in rest],
-                               "integration groups", len(work) - index, report, flagged=flagged)
-                break
-            self._isolated(integration_id, list(keys), report, flagged=flagged)
+        self._each_integration([(integration_id, list(groups.get(integration_id, ())), jobs.get(integration_id, {}))
+                                for integration_id in dict.fromkeys([*groups, *jobs])], report,
+                                flagged=flagged)
         for index, step in enumerate(steps):
             if not deadline.has(STEP_START_SECONDS):
                 self._postpone([message(str(s["integration_id"]), BACKFILL, str(s["crm_id"])) for s in steps[index:]],
@@ -132,6 +161,83 @@ class Worker:
                 break
             self._step(step, report)
         return report
+
+    def _each_integration(self, work: list[tuple[str, list[tuple[str, str]], dict[str, str]]], report: Report, *,
+                         flagged: set[tuple[str, str, str]] = frozenset()) -> None:
+        """Each integration's task (`_integration`), up to `threads` at once, each in a copy of this
+        context (the invocation's deadline). Then their reports are summed and the messages they did
+        not start are queued again in one go. `Unavailable` in any task stops tasks from starting and,
+        once the running ones are done, fails the batch (SQS redelivers all of it; what was delivered
+        is skipped as clean); nothing else leaves a task."""
+        if self._threads == 1 or len(work) <= 1:
+            outcomes = [self._integration(*unit, flagged=flagged) for unit in work]
+        else:
+            stop = threading.Event()
+
+            def task(unit: tuple) -> tuple[Report, list[dict], int] | None:
+                if stop.is_set():
+                    return None
+                try:
+                    return self._integration(*unit, flagged=flagged)
+                except BaseException:
+                    stop.set()
+                    raise
+            with ThreadPoolExecutor(min(self._threads, len(work)), thread_name_prefix="integration") as pool:
+                futures = [pool.submit(contextvars.copy_context().run, task, unit) for unit in work]
+            errors = [future.exception() for future in futures if future.exception() is not None]
+            if errors:
+                raise next((e for e in errors if isinstance(e, Unavailable)), errors[0])
+            outcomes = [future.result() for future in futures]
+        later: list[dict] = []
+        units = 0
+        for own, postponed, postponed_units in filter(None, outcomes):
+            report.add(own)
+            later += postponed
+            units += postponed_units
+        if later:
+            self._postpone(later, "integration groups and jobs", units, report, flagged=flagged)
+
+    def _integration(self, integration_id: str, keys: list[tuple[str, str]],
+                     jobs: dict[str, str], *, flagged: set[tuple[str, str, str]] = frozenset()
+                     ) -> tuple[Report, list[dict], int]:
+        """One integration's part of the batch, with its own report: its entities' delivery, then its
+        scheduled jobs, each started only with its time left (else returned, to be queued again as it
+        came). Returns (report, messages not started, units of work not started)."""
+        report, later, units = Report(), [], 0
+        if keys:
+            if deadline.has(GROUP_SECONDS):
+                self._isolated(integration_id, keys, report, flagged=flagged)
+            else:
+                later += [message(integration_id, kind, crm_id) for kind, crm_id in keys]
+                units += 1
+        for kind, run in jobs.items():
+            if deadline.has(JOB_SECONDS) and self._job(kind, integration_id, run, report):
+                continue
+            later.append(message(integration_id, kind, run))
+            units += 1
+        return report, later, units
+
+    def _job(self, kind: str, integration_id: str, run: str, report: Report) -> bool:
+        """A scheduled job, isolated: `Unavailable` fails the batch; a job the deadline cut short
+        returns False (queued again as it came: both jobs may run twice); anything else is logged and
+        left to the next run."""
+        try:
+            result = self._jobs.run(kind, integration_id, run)
+        except Unavailable:
+            raise
+        except OutOfTime:
+            return False
+        except Exception as exc:  # noqa: BLE001 — one integration's job must not fail the batch
+            report.failed_jobs += 1
+            job_failed(kind, integration_id, exc)
+            return True
+        if "skipped" in result:
+            report.jobs_skipped += 1
+        else:
+            report.jobs += 1
+            if kind == RECONCILE and (result.get("found") or result.get("swept")):
+                log_event("reconciled", integration_id=integration_id, run=run, **result)
+        return True
 
     def _postpone(self, messages: list[dict], what: str, units: int, report: Report, *,
                   flagged: set[tuple[str, str, str]] = frozenset()) -> None:

@@ -66,7 +66,7 @@ def deal_rows(deal_id: str, *, status: str = "PAID", revenue: int = 15990, conta
 
 class Core:
     def __init__(self, metrika_url: str, *, counter_id: int = 7070, retry_limit: int = 12,
-                 sources: dict | None = None, clock: Clock | None = None) -> None:
+                 sources: dict | None = None, clock: Clock | None = None, threads: int | None = None) -> None:
         self.clock = clock or Clock()
         self.store = MemoryStore(clock=self.clock)
         self.queue = MemoryQueue(clock=self.clock)
@@ -76,8 +76,11 @@ class Core:
         self.counter_id = counter_id
         self.ingest = Ingest(self.store, self.queue, max_body_bytes=256 * 1024, clock=self.clock)
         self.backfill = Backfill(self.store, self.queue, self.metrika_for, self.sources, clock=self.clock)
+        # `threads`: integrations of a batch at once (the worker's default unless given; 1 for a test whose
+        # fake clock needs the groups one after another).
         self.worker = Worker(self.store, self.queue, self.metrika_for, self.sources, retry_limit=retry_limit,
-                             clock=self.clock, backfill_for=lambda: self.backfill)
+                             clock=self.clock, backfill_for=lambda: self.backfill,
+                             **({"threads": threads} if threads is not None else {}))
 
     def metrika_for(self, integration: dict) -> MetrikaClient:
         governor = QuotaGovernor(self.store, integration["metrika_token"], clock=self.clock, sleep=self.clock.advance)

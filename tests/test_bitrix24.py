@@ -120,16 +120,24 @@ def test_lost_webhook_is_recovered_by_reconciliation(app_client, integration, bi
 
 
 def test_scheduled_reconciliation_covers_every_integration(service_env, integration, bitrix, portal, queue, monkeypatch):
+    """The schedule queues a job per integration; the worker runs them: the deleted one's is dropped,
+    this one's finds the seeded deal (never announced) and queues it."""
     import app
     from chalice.test import Client
     # Other tests' integrations point at sandboxes that are gone: list this one and a deleted one.
     monkeypatch.setattr(app.get_store(), "list_integration_ids", lambda: ["deleted-meanwhile", integration])
     with Client(app.app) as client:
-        result = client.lambda_.invoke("reconcile_all", client.events.generate_cw_event(
-            source="aws.events", detail_type="Scheduled Event", detail={}, resources=[], region="eu-central-1")).payload
-    assert result == {integration: {"since": result[integration]["since"], "found": 1, "queued": 1, "swept": 0,
-                                    "delivered": 0}}
-    assert [m["integration_id"] for m in queue.bodies()] == [integration]
+        event = client.events.generate_cw_event(source="aws.events", detail_type="Scheduled Event", detail={},
+                                                resources=[], region="eu-central-1")
+        event["time"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert client.lambda_.invoke("reconcile_all", event).payload["queued"] == 2
+    jobs = queue.bodies()
+    assert sorted((m["integration_id"], m["kind"]) for m in jobs) == [("deleted-meanwhile", "reconcile"),
+                                                                      (integration, "reconcile")]
+    report = app.get_worker().handle(json.dumps(m) for m in jobs)
+    assert (report.jobs, report.jobs_skipped, report.failed_jobs) == (1, 1, 0)
+    assert [(m["integration_id"], m["kind"], m["crm_id"]) for m in queue.bodies()] == [
+        (integration, "order", str(portal["deal_id"]))]
 
 
 def test_deleted_deal_becomes_cancelled(app_client, integration, bitrix, portal, worker, metrika_sandbox):

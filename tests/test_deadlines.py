@@ -17,12 +17,11 @@ from chalicelib.backfill import START_SECONDS, UPLOAD_SECONDS
 from chalicelib.crm import CONTACT, ORDER, BackfillPage, EntityRef, EntityRows, slot_waiter
 from chalicelib.crm.amocrm.api import AmoCrmClient
 from chalicelib.crm.bitrix24.api import Bitrix24Client
-from chalicelib.errors import ApiError, OutOfTime, Transient, Unavailable, http_error
+from chalicelib.errors import OutOfTime, Transient, http_error
 from chalicelib.ingest import INBOX_SECONDS
 from chalicelib.metrika.client import MetrikaClient
 from chalicelib.metrika.governor import QuotaGovernor, quota_key
 from chalicelib.queue import BACKFILL, INBOX, message
-from chalicelib.schedules import SCOPE, each_integration, rotation
 from chalicelib.store.memory import MemoryStore
 from chalicelib.worker import GROUP_SECONDS, RESERVE_SECONDS
 from sandbox.httpserver import Reply, SandboxServer
@@ -237,8 +236,9 @@ def test_the_crm_rate_limit_wait_is_not_started_past_the_deadline():
 def test_a_worker_short_of_time_requeues_the_groups_it_did_not_start(metrika_sandbox):
     """Three integrations in one batch; each CRM read takes 30 s (fake clock). With 90 s for calls the
     first two start (90, then 60 s left), the third does not (30 < GROUP_SECONDS): its message goes back
-    as it came, its queue lease untouched, no attempt counted, and the batch succeeds."""
-    core = Core(metrika_sandbox.url)
+    as it came, its queue lease untouched, no attempt counted, and the batch succeeds. One group at a
+    time (threads=1), as the fake clock's 30 s per read assumes; side by side: test_fanout.py."""
+    core = Core(metrika_sandbox.url, threads=1)
     ids = [core.integration(name) for name in ("alpha", "bravo", "charlie")]
     for number, integration_id in enumerate(ids, 1):
         core.source.rows[(ORDER, str(number))] = deal_rows(str(number), contact=f"1{number}")
@@ -379,107 +379,6 @@ def test_a_first_page_read_cut_short_retries_the_step_without_an_attempt(metrika
     assert core.queue.sent[-1] == (message(shop, BACKFILL, f"{job['run_id']}:0"), 1)
 
 
-# --- the schedules: rotation, stop when out of time --------------------------------------------------------
-
-def test_rotation():
-    assert rotation([], 3) == []
-    assert rotation(["a", "b", "c"], 0) == ["a", "b", "c"]
-    assert rotation(["a", "b", "c"], 4) == ["b", "c", "a"]  # past the end: modulo (integrations were deleted)
-
-
-def run_schedule(store, clock, *, seconds=130, work=None):
-    done = []
-
-    def visit(integration_id):
-        done.append(integration_id)
-        clock.advance(30)
-        return {"ok": integration_id}
-    with deadline.invocation(seconds, reserve=RESERVE_SECONDS, clock=clock):
-        results = each_integration(store, "reconcile_all", work or visit, failed_event="reconcile_failed")
-    return done, results
-
-
-def test_a_schedule_out_of_time_resumes_where_it_stopped_so_the_tail_is_never_starved(captured_logs):
-    clock = Clock()
-    store = MemoryStore(clock=clock)
-    for name in ("a", "b", "c", "d", "e"):
-        store.put_integration(name, {"crm": "amocrm"})
-    first, results = run_schedule(store, clock)  # 120 s for calls, 30 s each, one started with >= 60 s
-    assert first == ["a", "b", "c"] and results == {i: {"ok": i} for i in first}
-    assert store.get_cursor(SCOPE, "reconcile_all") == 3
-    second, _ = run_schedule(store, clock)
-    third, _ = run_schedule(store, clock)
-    assert second == ["d", "e", "a"] and third == ["b", "c", "d"]
-    assert "*" not in store.list_integration_ids()  # the cursor is no integration
-    logged = [json.loads(r.getMessage()) for r in captured_logs.records if "schedule_incomplete" in r.getMessage()]
-    assert logged[0] == {"event": "schedule_incomplete", "job": "reconcile_all", "done": 3, "left": 2, "next": "d",
-                         "left_ids": ["d", "e"], "seconds_left": 40.0}
-
-
-@pytest.mark.parametrize("timeout", [OutOfTime("Metrika did not answer", source="metrika"),
-                                     ApiError(504, "timeout", "could not list changed deals: amoCRM did not answer")])
-def test_an_integration_cut_short_comes_first_in_the_next_run(timeout):
-    clock = Clock()
-    store = MemoryStore(clock=clock)
-    for name in ("a", "b", "c"):
-        store.put_integration(name, {"crm": "amocrm"})
-
-    def work(integration_id):
-        if integration_id == "b":
-            raise timeout
-        return {}
-    done, results = run_schedule(store, clock, work=work)
-    assert list(results) == ["a"] and store.get_cursor(SCOPE, "reconcile_all") == 1
-    nxt, _ = run_schedule(store, clock)
-    assert nxt == ["b", "c", "a"]
-
-
-def test_an_integration_that_times_out_with_a_whole_run_does_not_starve_the_others():
-    """An integration too big for one invocation (its reconciliation always runs out of time) came first
-    in every run and held the cursor there: the others were never visited again. Having had a whole run
-    to itself, it goes to the back of the rotation; the others get every other run at least."""
-    clock = Clock()
-    store = MemoryStore(clock=clock)
-    for name in ("a", "b", "c"):
-        store.put_integration(name, {"crm": "amocrm"})
-    visits: list[str] = []
-
-    def work(integration_id):
-        visits.append(integration_id)
-        if integration_id == "a":  # uses what the invocation has, and is cut short
-            clock.advance(max(0.0, deadline.usable() or 0.0))
-            raise OutOfTime("amoCRM did not answer within the time left", source="amocrm")
-        clock.advance(30)
-        return {}
-    for _ in range(4):
-        run_schedule(store, clock, work=work)
-    assert visits.count("b") >= 2 and visits.count("c") >= 2, visits
-    assert visits.count("a") >= 2  # and the big one keeps its turn
-
-
-def test_a_schedule_keeps_going_past_other_failures_and_fails_only_on_our_store():
-    clock = Clock()
-    store = MemoryStore(clock=clock)
-    for name in ("a", "b", "c"):
-        store.put_integration(name, {"crm": "amocrm"})
-
-    def work(integration_id):
-        if integration_id == "a":
-            raise ApiError(502, "metrika_unavailable", "Metrika answered 503")
-        if integration_id == "b":
-            raise KeyError("a bug")
-        return {"ok": True}
-    with deadline.invocation(300, reserve=RESERVE_SECONDS, clock=clock):
-        assert each_integration(store, "confirm_uploads", work, failed_event="confirm_failed", answer_errors=True) == {
-            "a": {"error": "Metrika answered 503"}, "c": {"ok": True}}
-        assert store.get_cursor(SCOPE, "confirm_uploads") is None  # all done: the rotation stays
-
-        def down(integration_id):
-            raise Unavailable("store")
-        with pytest.raises(Unavailable):
-            each_integration(store, "confirm_uploads", down, failed_event="confirm_failed")
-
-
 # --- app.py: the deadline per invocation, and the API's 504 ------------------------------------------------
 
 class FakeLambdaContext:
@@ -490,7 +389,7 @@ class FakeLambdaContext:
         return self.remaining_ms
 
 
-def test_the_worker_and_schedules_take_their_deadline_from_the_lambda_context():
+def test_the_worker_takes_its_deadline_from_the_lambda_context():
     import app
     with app.lambda_deadline(FakeLambdaContext(299_500), RESERVE_SECONDS):
         assert deadline.remaining() == pytest.approx(299.5, abs=0.1)

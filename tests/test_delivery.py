@@ -216,9 +216,10 @@ def test_amocrm_lead_changed_while_its_webhook_was_lost(app_client, setup, amocr
     assert metrika_sandbox.counter(COUNTER).orders[str(lead["id"])]["order_status"] == "won"
 
 
-def test_confirm_job_marks_uploads_passed_or_failed(app_client, setup, amocrm, metrika_sandbox):
+def test_confirm_job_marks_uploads_passed_or_failed(app_client, setup, amocrm, metrika_sandbox, queue):
     import app
     from chalice.test import Client
+    from app import get_metrika, get_queue, get_store
     amocrm.create_lead("Заказ", 7001, 142, price=900)
     for _, body in amocrm.outbox:
         post(app_client, setup, body)
@@ -228,10 +229,14 @@ def test_confirm_job_marks_uploads_passed_or_failed(app_client, setup, amocrm, m
     with Client(app.app) as client:
         from unittest import mock
         with mock.patch.object(app.get_store(), "list_integration_ids", lambda: [setup]):
-            result = client.lambda_.invoke("confirm_uploads", client.events.generate_cw_event(
-                source="aws.events", detail_type="Scheduled Event", detail={}, resources=[], region="eu-central-1")).payload
-    assert result == {setup: {"checked": 2, "passed": 1, "failed": 1, "resent": 1, "unconfirmed": 0, "pages": 1,
-                              "unconfirmed_over_6h": 0, "oldest_unconfirmed": None}}
+            event = client.events.generate_cw_event(source="aws.events", detail_type="Scheduled Event", detail={},
+                                                    resources=[], region="eu-central-1")
+            event["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            assert client.lambda_.invoke("confirm_uploads", event).payload["queued"] == 1
+    jobs = queue.bodies()  # the schedule queued the job; the worker runs it (and only it, here)
+    assert [(m["integration_id"], m["kind"]) for m in jobs] == [(setup, "confirm")]
+    worker = Worker(get_store(), get_queue(), get_metrika, {"amocrm": AmoCrmSource(get_store().reserve_slot)})
+    assert worker.handle(json.dumps(m) for m in jobs).jobs == 1
     status = app_client.http.get(f"/integrations/{setup}/status", headers=admin_headers()).json_body
     assert status["uploads"] == {"SENT": 0, "PASSED": 1, "FAILED": 1, "UNCONFIRMED": 0}
     assert status["resent_after_failed_uploads"] == 1 and status["backlog"] == 1

@@ -66,10 +66,10 @@ def test_each_function_has_its_size_and_its_units_of_work_fit_its_time(stage):
     assert sizes["api_handler"][0] < deadline.GATEWAY_TIMEOUT
     worker_timeout = sizes["on_events_message"][0]
     # Every unit of work fits an invocation at least twice over, with its reserve for the last writes.
-    longest_start = max(worker.GROUP_SECONDS, backfill.START_SECONDS, ingest.INBOX_SECONDS)
+    # (The schedules' jobs run in the worker since issue 15; the schedules themselves only queue them.)
+    longest_start = max(worker.GROUP_SECONDS, backfill.START_SECONDS, ingest.INBOX_SECONDS, schedules.JOB_SECONDS)
     assert worker.RESERVE_SECONDS + 2 * longest_start <= worker_timeout
     assert worker.RESERVE_SECONDS + backfill.STEP_SECONDS + backfill.UPLOAD_SECONDS <= worker_timeout
-    assert schedules.RESERVE_SECONDS + 2 * schedules.START_SECONDS <= sizes["reconcile_all"][0]
     # No step outlives its message: the invocation ends (clipped calls, reserve) before the message is
     # visible again, and a held entity is still held when a step's retry comes.
     assert infra.visibility_timeout(json.loads((ROOT / ".chalice" / "config.json").read_text()), stage) >= 6 * worker_timeout

@@ -93,16 +93,19 @@ def test_policies_name_the_stages_own_resources_and_logs_only_their_own_log_grou
 def test_each_resource_is_reachable_only_by_the_functions_that_use_it():
     """What issue 14 found, as the description answers it: the authorizer touches no table or queue,
     nothing else reads the admin token, the dead-letter queue is the redrive route's alone, and only the
-    integration deletion and the confirmation of uploads delete items."""
+    integration deletion and the confirmation of uploads (a worker job since issue 15) delete items. The
+    schedules only list integrations and queue their jobs."""
     def holders(role):
         return {function for function, access in ACCESS.items() if role in access}
     assert set(ACCESS["admin"]) == {ADMIN_TOKEN} and holders(ADMIN_TOKEN) == {"admin"}
     assert holders(DEAD_LETTERS) == {"api_handler"}
-    assert holders(QUOTA) == {"api_handler", "on_events_message", "confirm_uploads"}  # they call Metrika
+    assert holders(QUOTA) == {"api_handler", "on_events_message"}  # they call Metrika
     assert holders(EVENTS) == set(FUNCTIONS) - {"admin"}
     deleting = {function for function, access in ACCESS.items() for role in (CONFIG, STATE)
                 if "dynamodb:DeleteItem" in access.get(role, ())}
-    assert deleting == {"api_handler", "confirm_uploads"}
+    assert deleting == {"api_handler", "on_events_message"}
+    for schedule in ("reconcile_all", "confirm_uploads"):
+        assert ACCESS[schedule] == {CONFIG: ("dynamodb:Scan",), EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage")}
 
 
 # --- operations as IAM sees them --------------------------------------------------------------------
@@ -311,29 +314,13 @@ class Stack:
         return self.worker(sqs_event(messages, self.events_arn),
                            LambdaContext("on_events_message", memory_size=512, max_runtime_ms=int(seconds * 1000)))
 
-    def schedule(self, name: str, *, one_integration: bool = False) -> dict:
-        """A schedule's results by integration. `one_integration`: the first integration takes all the
-        invocation's time (its clock jumps to the end of it), so the run stops after one."""
-        import app
-        from chalicelib import deadline
+    def schedule(self, name: str) -> dict:
+        """A schedule's answer (the jobs it queued), fired now: EventBridge's `time` is the run id."""
         event = self.client.events.generate_cw_event(source="aws.events", detail_type="Scheduled Event", detail={},
                                                      resources=[], region="eu-central-1")
-        with self.monkeypatch.context() as patched:
-            if one_integration:
-                now = [time.monotonic()]
-                work_name = {"reconcile_all": "_reconcile", "confirm_uploads": "_confirm"}[name]
-                work = getattr(app, work_name)
-
-                def taking_all_the_time(*args):
-                    try:
-                        return work(*args)
-                    finally:
-                        now[0] = deadline.current().end
-                patched.setattr(app, work_name, taking_all_the_time)
-                patched.setattr(app, "lambda_deadline", lambda context, reserve: deadline.invocation(
-                    context.get_remaining_time_in_millis() / 1000, reserve=reserve, clock=lambda: now[0]))
-            with self.recorder.acting_as(name):
-                return self.client.lambda_.invoke(name, event).payload
+        event["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self.recorder.acting_as(name):
+            return self.client.lambda_.invoke(name, event).payload
 
     def empty_dead_letters(self) -> None:
         while got := self.sqs.receive_message(QueueUrl=self.dead_url, MaxNumberOfMessages=10).get("Messages", []):
@@ -463,24 +450,41 @@ def every_path(stack: Stack, amocrm, bitrix, metrika_sandbox, amo: str, b24: str
         {"integration_id": amo, "kind": "order", "crm_id": lead_id}, sort_keys=True))
     assert api("GET", "/dead-letters")["messages"] == 1
     assert api("POST", "/dead-letters/redrive", {})["moved"] == 1
-    # The schedules. Reconciliation finds a deal changed with no event and queues it; the amoCRM deals
-    # (a first run: its cursor dropped, so the listing reaches back to them) are compared and left alone.
+    # The schedules queue a job per integration, which the worker runs. Reconciliation finds a deal
+    # changed with no event and queues it; the same drain works on it (held: its stage is not mapped).
+    # The amoCRM deals (a first run: its cursor dropped, so the listing reaches back to them) are
+    # compared with what was delivered and left alone.
     bitrix.update_deal(portal["deal_id"], OPPORTUNITY="16990.00", notify=False)
     boto3.client("dynamodb").delete_item(TableName=get_settings().config_table, Key={  # the test's own call
         "pk": {"S": f"INTEGRATION#{amo}"}, "sk": {"S": "CURSOR#reconcile"}})
-    reconciled = stack.schedule("reconcile_all")
-    assert reconciled[b24]["queued"] == 1 and (reconciled[amo]["delivered"], reconciled[amo]["queued"]) == (3, 0)
-    # Confirmation sends a FAILED upload again; a run with time for one integration only keeps its place
-    # in the rotation for the next run (a cursor item).
-    metrika_sandbox.fail_uploading(counter.uploadings[-1]["uploading_id"])
-    assert stack.schedule("confirm_uploads")[amo]["resent"] == 1
-    assert len(stack.schedule("confirm_uploads", one_integration=True)) == 1
+    assert store_as_the_test().get_entity(b24, "order", str(portal["deal_id"])) is None
+    assert stack.schedule("reconcile_all")["queued"] == 2
+    assert stack.drain() >= 3  # the two jobs and the deal (and what else the window held)
+    found = store_as_the_test().get_entity(b24, "order", str(portal["deal_id"]))
+    assert found["last_error"]["code"] == "unmapped_stage" and not found["dirty"]
+    # Confirmation sends a FAILED upload again (its carried entities' list deleted), and records that it
+    # read Metrika (the `confirm` cursor: a duplicate of the run reads nothing).
+    failed = counter.uploadings[-1]["uploading_id"]
+    metrika_sandbox.fail_uploading(failed)
+    assert stack.schedule("confirm_uploads")["queued"] == 2
+    assert stack.drain() >= 3
+    uploads = {u["uploading_id"]: u for u in store_as_the_test().uploads(amo)}
+    assert (uploads[failed]["status"], uploads[failed]["resent"]) == ("FAILED", 1)
     # Deleting an integration deletes its items in both tables (the smaller one: a call per item).
     api("DELETE", f"/integrations/{b24}")
     db = boto3.client("dynamodb")  # the test's own calls: outside every function, recorded nowhere
     for sort_key in ("CONFIG", "STATUS_MAPPING", "ATTRIBUTES"):  # no other test's schedule walks it
         db.delete_item(TableName=get_settings().config_table, Key={"pk": {"S": f"INTEGRATION#{amo}"},
                                                                    "sk": {"S": sort_key}})
+
+
+def store_as_the_test():
+    """The stage's tables through a client of the test's own (recorded under no function)."""
+    from chalicelib.settings import get_settings
+    from chalicelib.store.dynamodb import DynamoStore
+    settings = get_settings()
+    return DynamoStore(boto3.client("dynamodb"), settings.config_table, settings.state_table,
+                       quota_table=settings.quota_table)
 
 
 def amo_config(amocrm) -> dict:

@@ -72,26 +72,23 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "admin": {
         ADMIN_TOKEN: ("ssm:GetParameter",),
     },
-    # The worker: deliveries, retries, inbox expansion, history-import steps, dead-letter flags.
+    # The worker: deliveries, retries, inbox expansion, history-import steps, dead-letter flags, and each
+    # integration's scheduled jobs (reconciliation: sweep, CRM changes, re-queue; confirmation: Metrika's
+    # upload listing, FAILED uploads sent again, their CARRIED# items deleted; the jobs' cursors).
     "on_events_message": {
         CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Scan"),
-        STATE: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query",
-                "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
+        STATE: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
+                "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
-    # Every integration in rotation (cursor items in the config table): sweep, CRM changes (the state of
-    # those listed read in bulk, the amoCRM account's cached facts for a comparison's CRM read), re-queue.
+    # The schedules list the integrations (a scan of their config items) and queue a job for each.
     "reconcile_all": {
-        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Scan"),
-        STATE: ("dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Query", "dynamodb:BatchGetItem"),
+        CONFIG: ("dynamodb:Scan",),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
-    # Every integration in rotation: Metrika's upload listing, FAILED uploads sent again.
     "confirm_uploads": {
-        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Scan"),
-        STATE: ("dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"),
-        QUOTA: ("dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
+        CONFIG: ("dynamodb:Scan",),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
 }

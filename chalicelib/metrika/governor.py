@@ -6,8 +6,11 @@ Both refusals are the taxonomy's `Transient` (source "metrika"), as Metrika's ow
 free slot within `max_wait` (retry in a few seconds), and today's budget spent (`daily_quota`, retry
 at 00:00 UTC; waiting for it is not a failed attempt).
 
-The SQS event source's `maximum_concurrency=3` already caps the workers; the lease also covers the
-admin routes and scheduled jobs that call Metrika, and every stage on one token: the store keeps the
+The leases are what holds the limit: the worker runs many invocations (app.py's WORKER_CONCURRENCY), each
+several integrations at once, and the admin routes call Metrika too. Within one process a token's
+requests first pass a local gate of as many places as the token has slots, so threads of one invocation
+wait on it for free instead of polling the lease items (a failed conditional write is billed like a
+write). The leases cover every stage on one token: the store keeps the
 leases and day counts by token hash in one table all stages share (`store/dynamodb.py`). Each stage
 applies its own `daily_budget` to the shared count, so a dev stage with a lower budget stops while prod,
 on the same token, still has the rest of the day's 5,000.
@@ -18,6 +21,7 @@ metric for the stage (`chalicelib/metrics.py`), which the budget alarm watches.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -31,6 +35,16 @@ from .cdp import SOURCE, seconds_until_quota_reset
 
 def quota_key(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]
+
+
+_GATES: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def local_gate(key: str, parallel: int) -> threading.BoundedSemaphore:
+    """This process's gate for a token (by quota key): `parallel` places, shared by every governor."""
+    with _GATES_LOCK:
+        return _GATES.setdefault((key, parallel), threading.BoundedSemaphore(parallel))
 
 
 class QuotaGovernor:
@@ -62,16 +76,31 @@ class QuotaGovernor:
         left = deadline.usable()
         wait = self._max_wait if left is None else min(self._max_wait, left - deadline.MIN_CALL_SECONDS)
         give_up = self._clock() + wait
-        slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
-        while slot is None:
-            if self._clock() >= give_up:
-                if wait < self._max_wait:
-                    raise OutOfTime(f"no Metrika request slot came free in the {max(wait, 0.0):.1f} s this invocation "
-                                    f"had left ({self._parallel} in flight for this token)", source=SOURCE, retry_after=5)
-                raise Transient(f"{self._parallel} Metrika requests already in flight for this token; try later",
-                                source=SOURCE, retry_after=5)
-            self._sleep(0.2)
+        gate = local_gate(self._key, self._parallel)
+        if not gate.acquire(timeout=max(wait, 0.0)):  # this process's own requests fill every slot
+            raise self._no_slot(wait)
+        try:
             slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
+            while slot is None:
+                if self._clock() >= give_up:
+                    raise self._no_slot(wait)
+                self._sleep(0.2)
+                slot = self._store.acquire_lease(self._key, self._parallel, owner, self._clock(), self._lease_seconds)
+            with self._leased(slot, owner):
+                yield
+        finally:
+            gate.release()
+
+    def _no_slot(self, wait: float) -> Transient:
+        if wait < self._max_wait:
+            return OutOfTime(f"no Metrika request slot came free in the {max(wait, 0.0):.1f} s this invocation "
+                             f"had left ({self._parallel} in flight for this token)", source=SOURCE, retry_after=5)
+        return Transient(f"{self._parallel} Metrika requests already in flight for this token; try later",
+                         source=SOURCE, retry_after=5)
+
+    @contextmanager
+    def _leased(self, slot: int, owner: str) -> Iterator[None]:
+        """Count the request against today's budget while holding `slot`; the slot freed after."""
         try:
             used = self._store.count_request(self._key, self._day(), self.daily_budget)
             self._emit(metrics.budget_used_line(stage=self._stage, used=self.daily_budget if used is None else used,
