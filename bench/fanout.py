@@ -127,7 +127,7 @@ def main() -> None:
             started = time.perf_counter()
             answer = fan_out(store, queue, "reconcile_all", run=run)
             fanned = time.perf_counter() - started
-            rows.append([f"fan-out in the schedule: scan / whole", f"{scanned:.2f} s / {fanned:.2f} s",
+            rows.append(["fan-out in the schedule: scan / whole", f"{scanned:.2f} s / {fanned:.2f} s",
                          f"{fanned / len(ids) * 1000:.2f} ms", f"{answer['queued']} messages, {len(listed)} listed"])
             handled, seconds = drain(threads)
             rows.append([f"the jobs in the worker, {threads} at a time", f"{seconds:.2f} s",

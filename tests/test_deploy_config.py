@@ -49,7 +49,7 @@ def _camel(snake: str) -> str:
     return "".join(part.title() for part in snake.split("_"))
 
 
-SIZES = {"api_handler": (28, 1024), "admin": (10, 256), "reconcile_all": (300, 512), "confirm_uploads": (300, 512)}
+SIZES = {"api_handler": (28, 1024), "admin": (10, 256), "reconcile_all": (60, 256), "confirm_uploads": (60, 256)}
 WORKER_MEMORY = {"dev": 512, "prod": 1024}
 
 
