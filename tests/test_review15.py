@@ -1,9 +1,13 @@
 """Review of issue 15 (fan-out, threads, the governor's gate): defects found, each shown by a test."""
 from __future__ import annotations
 
+import pytest
+
 from chalicelib.crm import ORDER, EntityRef
 from chalicelib.metrika.governor import quota_key
+from chalicelib.schedules import fan_out, run_id
 from tests.core import METRIKA_TOKEN, Core, deal_rows
+from tests.test_fanout import job_core
 
 
 def _one_deal(core: Core) -> None:
@@ -42,3 +46,27 @@ def test_a_deal_is_never_parked_only_because_the_token_was_busy(metrika_sandbox)
     state = core.store.get_entity("shop", ORDER, "1")
     assert state["dirty"] and not state.get("failed"), state.get("last_error")
     assert len(core.queue) == 1  # still on its way, not parked
+
+
+@pytest.mark.parametrize("sample_time", [
+    "1970-01-01T00:00:00Z",  # the Lambda console's sample "Scheduled Event" (a run by hand)
+    "2015-11-11T21:29:54Z",  # chalice.test's generate_cw_event default
+])
+def test_a_schedule_run_by_hand_with_a_sample_events_old_time_still_runs_the_jobs(metrika_sandbox, sample_time):
+    """A run id older than any retry of a real schedule can be (Lambda keeps an async event 6 h at
+    most) names no run that could have been covered: it must not be compared with the cursors, or every
+    integration reconciled once is skipped and the run silently does nothing."""
+    core, source = job_core(metrika_sandbox.url, ["alpha"])
+    core.store.put_cursor("alpha", "reconcile", int(core.clock.now) - 600)  # reconciled 10 minutes ago
+    fan_out(core.store, core.queue, "reconcile_all", run=run_id(sample_time, now=core.clock.now))
+    report = core.worker.handle(core.queue.receive())
+    assert (report.jobs, report.jobs_skipped) == (1, 0) and source.listed == {"alpha": 1}
+
+
+def test_a_run_id_is_the_event_time_back_to_the_oldest_retry_and_now_before_that():
+    from chalicelib.schedules import MAX_EVENT_AGE
+    now = 1_790_000_000.0
+    assert run_id("2026-09-21T10:00:00Z", now=now) == "1789984800"  # 4 h ago: a retry of a real run
+    assert run_id("2026-09-21T10:00:00Z", now=1789984800 + MAX_EVENT_AGE) == "1789984800"
+    assert run_id("2026-09-21T10:00:00Z", now=1789984800 + MAX_EVENT_AGE + 1) == str(1789984800 + MAX_EVENT_AGE + 1)
+    assert run_id("1970-01-01T00:00:00Z", now=now) == "1790000000"
