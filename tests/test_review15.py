@@ -70,3 +70,26 @@ def test_a_run_id_is_the_event_time_back_to_the_oldest_retry_and_now_before_that
     assert run_id("2026-09-21T10:00:00Z", now=1789984800 + MAX_EVENT_AGE) == "1789984800"
     assert run_id("2026-09-21T10:00:00Z", now=1789984800 + MAX_EVENT_AGE + 1) == str(1789984800 + MAX_EVENT_AGE + 1)
     assert run_id("1970-01-01T00:00:00Z", now=now) == "1790000000"
+
+
+def test_a_job_too_big_for_a_whole_invocation_is_not_run_again_and_again(metrika_sandbox, captured_logs):
+    """A reconciliation whose listing outlasts a fresh invocation (a window of days after an outage, at
+    Bitrix24's 2 requests a second) is cut short every time. Queued again at once, it would loop from
+    batch to batch with no end (its cursor never moves), holding a thread and the CRM account's rate
+    that the account's deliveries share, and every schedule would add one more copy. Having had a whole
+    invocation, it waits for the next schedule instead (as the walk put it behind the others)."""
+    from chalicelib import deadline
+    from chalicelib.errors import OutOfTime
+    from chalicelib.queue import RECONCILE
+    from chalicelib.worker import RESERVE_SECONDS
+    core, source = job_core(metrika_sandbox.url, ["alpha"])
+    source.fail["alpha"] = OutOfTime("Bitrix24 did not answer within the 1.0 s left", source="bitrix24")
+    fan_out(core.store, core.queue, "reconcile_all", run=str(int(core.clock.now)))
+    for _ in range(3):
+        with deadline.invocation(300, reserve=RESERVE_SECONDS, clock=core.clock):
+            report = core.worker.handle(core.queue.receive())
+        if not len(core.queue):
+            break
+    assert source.listed == {"alpha": 1}, "the job went round again"
+    assert report.postponed == 0 and len(core.queue) == 0
+    assert any('"job_timed_out"' in r.getMessage() for r in captured_logs.records)
