@@ -93,3 +93,28 @@ def test_a_job_too_big_for_a_whole_invocation_is_not_run_again_and_again(metrika
     assert source.listed == {"alpha": 1}, "the job went round again"
     assert report.postponed == 0 and len(core.queue) == 0
     assert any('"job_timed_out"' in r.getMessage() for r in captured_logs.records)
+
+
+def test_two_integrations_on_one_counter_side_by_side_keep_each_others_new_products(metrika_sandbox):
+    """Each product sync sends the counter's whole list (read from the store, then its own new ones),
+    and records its products only after Metrika took the list. Two integrations of one counter in one
+    batch now run at once: each reads the union before the other has recorded its product, so the list
+    sent last lacks the other's, and the store says both are known: never sent again."""
+    import threading
+    core = Core(metrika_sandbox.url, threads=2)
+    for number, name in enumerate(("alpha", "bravo"), 1):
+        core.integration(name, label=name)
+        core.source.rows[(ORDER, str(number))] = deal_rows(str(number), contact=f"c{number}",
+                                                           products={f"sku-{name}": 1})
+        core.ingest.record(name, [EntityRef(ORDER, str(number), int(core.clock.now), "add")], origin="amocrm")
+    both, put = threading.Barrier(2, timeout=3), core.store.put_products
+
+    def recorded_once_both_have_sent(integration_id, products):
+        try:
+            both.wait()  # both lists are with Metrika before either records its products
+        except threading.BrokenBarrierError:
+            pass  # serialised: the other sync had not started (what a fix does)
+        return put(integration_id, products)
+    core.store.put_products = recorded_once_both_have_sent
+    core.worker.handle(core.queue.receive())
+    assert set(metrika_sandbox.counter(core.counter_id).products) >= {"sku-alpha", "sku-bravo"}
