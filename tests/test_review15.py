@@ -118,3 +118,14 @@ def test_two_integrations_on_one_counter_side_by_side_keep_each_others_new_produ
     core.store.put_products = recorded_once_both_have_sent
     core.worker.handle(core.queue.receive())
     assert set(metrika_sandbox.counter(core.counter_id).products) >= {"sku-alpha", "sku-bravo"}
+
+
+def test_a_busy_token_is_not_polled_again_within_seconds_by_the_same_deal(metrika_sandbox):
+    """No attempt counted means no growing backoff: the retry waits at least as long as the wait for a
+    slot did, or a saturated token's waiting deals come back every 5 s to poll its lease items."""
+    core = Core(metrika_sandbox.url, threads=1)
+    _one_deal(core)
+    _other_workers_hold_every_slot(core)
+    core.worker.handle(core.queue.receive())
+    (retry, delay), = core.queue.sent[-1:]
+    assert retry == {"integration_id": "shop", "kind": ORDER, "crm_id": "1"} and delay >= 30

@@ -97,8 +97,10 @@ class QuotaGovernor:
             return OutOfTime(f"no Metrika request slot came free in the {max(wait, 0.0):.1f} s this invocation "
                              f"had left ({self._parallel} in flight for this token)", source=SOURCE, retry_after=5)
         # Our own workers' requests fill the slots (up to 80 threads share a token's 3): not an attempt.
+        # As no attempt is counted the worker's backoff does not grow, so the retry waits as long as this
+        # wait did: a saturated token is not polled by the same entities every few seconds.
         return Busy(f"{self._parallel} Metrika requests already in flight for this token; try later",
-                    source=SOURCE, retry_after=5)
+                    source=SOURCE, retry_after=max(5.0, self._max_wait))
 
     @contextmanager
     def _leased(self, slot: int, owner: str) -> Iterator[None]:
