@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Union
@@ -304,6 +305,16 @@ class _Ready:
         return {**customers, **self.accepted}
 
 
+_COUNTER_LOCKS: dict[Any, threading.Lock] = {}
+_COUNTER_LOCKS_LOCK = threading.Lock()
+
+
+def counter_lock(counter_id: Any) -> threading.Lock:
+    """This process's lock for a counter's product list (`Sink.sync_products`)."""
+    with _COUNTER_LOCKS_LOCK:
+        return _COUNTER_LOCKS.setdefault(counter_id, threading.Lock())
+
+
 class Sink:
     """Delivers entities of one integration to its Metrika counter.
 
@@ -551,13 +562,22 @@ class Sink:
         try:
             if missing and self._name_products is not None:
                 names.update(self._name_products(integration, missing))
-            listed = {**counter_products(self._store, integration_id, integration["counter_id"], own=own),
-                      **{p: (n or p)[:4096] for p, n in names.items()}}
-            self._metrika.save_products(integration["counter_id"],
-                                        [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
         except BridgeError as exc:
             log_event("product_sync_failed", integration_id=integration_id, products=len(unknown), error=exc.message[:300])
             return 0
-        self._store.put_products(integration_id, {p: listed[p] for p in unknown})
+        # Read the counter's list, send it, record ours: one sync per counter at a time in this process, or
+        # two integrations of the counter worked on side by side (chalicelib/worker.py) each send a list
+        # without the other's new products, and the one sent last drops them for good.
+        with counter_lock(integration["counter_id"]):
+            try:
+                listed = {**counter_products(self._store, integration_id, integration["counter_id"], own=own),
+                          **{p: (n or p)[:4096] for p, n in names.items()}}
+                self._metrika.save_products(integration["counter_id"],
+                                            [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
+            except BridgeError as exc:
+                log_event("product_sync_failed", integration_id=integration_id, products=len(unknown),
+                          error=exc.message[:300])
+                return 0
+            self._store.put_products(integration_id, {p: listed[p] for p in unknown})
         log_event("product_sync", integration_id=integration_id, added=len(unknown), listed=len(listed))
         return len(unknown)

@@ -41,20 +41,29 @@ JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM}
 JOB_SECONDS = 60
 # A run id is Unix seconds; anything else (hand-made, absurd) is not compared with the cursors and runs.
 _MAX_RUN_ID = 2**40
+# The oldest event time a real run can carry: Lambda retries an asynchronous invocation (a schedule's)
+# for at most 6 hours ("MaximumEventAgeInSeconds", 60-21600: https://docs.aws.amazon.com/lambda/latest/api/API_FunctionEventInvokeConfig.html),
+# plus a margin for clock skew. An older time is a sample event run by hand (the Lambda console's
+# scheduled-event template says 1970-01-01T00:00:00Z): compared with the cursors it would skip every
+# integration that ever ran the job, so such a run runs as of now.
+MAX_EVENT_AGE = 6 * 3600 + 300
 
 
 def run_id(scheduled: Any, *, now: float) -> str:
     """The run id for a schedule's event time (`CloudWatchEvent.time`, ISO 8601 UTC such as
     "2026-09-21T10:00:00Z": "Amazon EventBridge events", field `time`,
     https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-events-structure.html). An event without
-    a readable time (an invocation by hand) runs as of `now`."""
+    a readable time, or one older than any retry of a real run (MAX_EVENT_AGE: a sample event run by
+    hand), runs as of `now`."""
     if isinstance(scheduled, str) and len(scheduled) <= 40:
         try:
             parsed = datetime.fromisoformat(scheduled.replace("Z", "+00:00"))
         except ValueError:
             parsed = None
         if parsed is not None:
-            return str(int((parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()))
+            seconds = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp())
+            if seconds >= now - MAX_EVENT_AGE:
+                return str(seconds)
     return str(int(now))
 
 

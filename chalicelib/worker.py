@@ -71,6 +71,9 @@ RETRY_LEASE_MARGIN = 900
 # Eight fill a batch's usual spread (100 messages over a few dozen integrations) in a few rounds while
 # a Metrika token's 3 slots and a CRM account's rate stay with the governor and the limiter.
 WORKER_THREADS = 8
+# A scheduled job cut short after starting with at least this many seconds of calls had all an invocation
+# gives (300 s less the reserve and what a batch's first groups take): another try would fare no better.
+JOB_HAD_ALL = 4 * JOB_SECONDS
 
 
 @dataclass
@@ -219,14 +222,22 @@ class Worker:
 
     def _job(self, kind: str, integration_id: str, run: str, report: Report) -> bool:
         """A scheduled job, isolated: `Unavailable` fails the batch; a job the deadline cut short
-        returns False (queued again as it came: both jobs may run twice); anything else is logged and
-        left to the next run."""
+        returns False (queued again as it came: both jobs may run twice) — unless it had most of an
+        invocation (JOB_HAD_ALL seconds) and still did not finish: queued again at once it would loop
+        from batch to batch for ever (its cursor never moves), so it waits for the next schedule,
+        logged (`job_timed_out`); anything else is logged and left to the next run."""
+        started_with = deadline.usable()
         try:
             result = self._jobs.run(kind, integration_id, run)
         except Unavailable:
             raise
         except OutOfTime:
-            return False
+            if started_with is None or started_with < JOB_HAD_ALL:
+                return False
+            report.failed_jobs += 1
+            log_event("job_timed_out", kind=kind, integration_id=integration_id, run=run,
+                      seconds=round(started_with, 1))
+            return True
         except Exception as exc:  # noqa: BLE001 — one integration's job must not fail the batch
             report.failed_jobs += 1
             job_failed(kind, integration_id, exc)
