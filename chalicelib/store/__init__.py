@@ -313,7 +313,8 @@ class UploadStore(Protocol):
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         """The (kind, crm_id) of every entity the upload carried, sorted, each once; [] when none were
-        recorded or the upload is confirmed."""
+        recorded or the upload is confirmed (a process that died while confirming, after the upload stopped
+        being pending, may leave its list until it expires: nothing reads it for an upload not pending)."""
 
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
