@@ -294,7 +294,8 @@ class UploadStore(Protocol):
         (`upload_entities`) until it is confirmed (and expiring CARRIED_TTL after now, should a crash
         leave them). The entities are written first: a pending upload always has its whole list. Any
         number of entities fits (DynamoDB splits them over several items below 400 KB each). Recording
-        the same id again replaces the pending record."""
+        the same id again while it is pending replaces the pending record (Metrika gives every upload a
+        new id: recording a confirmed upload's id again is not expected, and the stores may differ)."""
 
     def uploads(self, integration_id: str) -> list[dict]:
         """Every upload on record, pending and final: [{"uploading_id", "kind", "rows", "status", "sent_at",

@@ -8,7 +8,7 @@ method atomic, which is what DynamoDB's conditional writes give the other implem
 """
 from __future__ import annotations
 
-import heapq
+import bisect
 import math
 import threading
 import time
@@ -74,6 +74,9 @@ class MemoryStore:
         # never walks the history.
         self._pending: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes
         self._uploads: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes of a final upload
+        # id → (sent_at, uploading id) of each final upload, sorted: DynamoStore's time-ordered sort key, so
+        # reading the last few costs as little here as there
+        self._upload_order: dict[str, list[tuple[Decimal, str]]] = {}
         self._carried: dict[str, dict[str, list[str]]] = {}  # id → uploading id → "kind:crm_id" entity keys
         self._next_at: dict[str, Decimal] = {}  # rate scope → next free time
         self._requests: dict[tuple[str, str], Decimal] = {}  # (quota key, day) → count
@@ -110,7 +113,7 @@ class MemoryStore:
             for key in [k for k in self._expiry if k[0] == "carried" and k[1] == integration_id]:
                 del self._expiry[key]
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
-                          self._cursors, self._entities, self._products, self._pending, self._uploads, self._carried,
+                          self._cursors, self._entities, self._products, self._pending, self._uploads, self._upload_order, self._carried,
                           self._inbox, self._customers):
                 table.pop(integration_id, None)
             return existed
@@ -339,9 +342,9 @@ class MemoryStore:
     def recent_uploads(self, integration_id: str, *, limit: int) -> list[dict]:
         check_recent_limit(limit)
         with self._lock:
-            final = self._uploads.get(integration_id, {})
-            newest = heapq.nlargest(limit, final.items(), key=lambda pair: (pair[1]["sent_at"], pair[0]))
-            return [{"uploading_id": uploading_id, **_plain(item)} for uploading_id, item in newest]
+            final, order = self._uploads.get(integration_id, {}), self._upload_order.get(integration_id, [])
+            return [{"uploading_id": uploading_id, **_plain(final[uploading_id])}
+                    for _, uploading_id in reversed(order[len(order) - limit:] if limit else [])]
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         with self._lock:
@@ -356,7 +359,12 @@ class MemoryStore:
             now = self._now()
             _set(item, status=status, elements_count=elements_count or 0, confirmed_at=now, resent=resent,
                  expires_at=now + UPLOAD_RECORD_TTL)
-            self._uploads.setdefault(integration_id, {})[uploading_id] = item
+            final = self._uploads.setdefault(integration_id, {})
+            order = self._upload_order.setdefault(integration_id, [])
+            if uploading_id in final:  # recorded again after it was confirmed: one record, the newer
+                order.remove((final[uploading_id]["sent_at"], uploading_id))
+            final[uploading_id] = item
+            bisect.insort(order, (item["sent_at"], uploading_id))
             self._carried.get(integration_id, {}).pop(uploading_id, None)
             self._expiry.pop(("carried", integration_id, uploading_id), None)
 
