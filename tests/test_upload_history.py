@@ -317,3 +317,20 @@ def test_confirmation_that_dies_after_sending_again_resends_and_settles_on_the_n
         assert {"5", "6"} <= set(sent), crash_at
         assert [(u["status"], u["resent"]) for u in store.uploads("shop")] == [("FAILED", 2)]
         assert store.pending_uploads("shop") == []
+
+
+def test_the_status_summary_counts_every_pending_upload_and_lists_the_last_50():
+    from chalicelib.operations import UNCONFIRMED_AFTER, upload_summary
+    pending = [{"uploading_id": f"p{n:02d}", "kind": "orders", "rows": 1, "status": "SENT",
+                "sent_at": int(NOW) - UNCONFIRMED_AFTER - 100 + n * 10, "expires_at": 0} for n in range(60)]
+    recent = [{"uploading_id": f"f{n:02d}", "kind": "orders", "rows": 1, "status": status, "resent": resent,
+               "sent_at": int(NOW) - 86400 - n, "confirmed_at": int(NOW) - 60, "elements_count": 1, "expires_at": 0}
+              for n, (status, resent) in enumerate([("FAILED", 3), ("UNCONFIRMED", None)] + [("PASSED", None)] * 48)]
+    summary = upload_summary(pending, recent, NOW)
+    assert summary["uploads"] == {"SENT": 60, "PASSED": 48, "FAILED": 1, "UNCONFIRMED": 1}
+    assert summary["uploads_window"] == UPLOADS_SHOWN == 50
+    assert [u["uploading_id"] for u in summary["recent_uploads"]] == [f"p{n:02d}" for n in range(59, 9, -1)]
+    assert "expires_at" not in summary["recent_uploads"][0]
+    assert summary["resent_after_failed_uploads"] == 3
+    # pending for over 6 h: the first ten (sent 100 s before the 6 h mark, 10 s apart), and the one given up
+    assert summary["unconfirmed_over_6h"] == 10 + 1 and summary["oldest_unconfirmed"] == int(NOW) - 86400 - 1
