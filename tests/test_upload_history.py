@@ -7,8 +7,8 @@ from __future__ import annotations
 import uuid
 
 import boto3
-import pytest
 
+from chalicelib.crm import EntityRef
 from chalicelib.operations import UPLOADS_SHOWN, confirm_uploads, integration_status
 from chalicelib.store import PENDING_UPLOAD_TTL, UPLOAD_RECORD_TTL
 from chalicelib.store import dynamodb
@@ -193,8 +193,7 @@ def test_older_records_are_still_confirmed_and_shown(request):
         def last_uploadings(self, counter_id, *, limit, datetime_offset=None):
             return [{"uploading_id": "old-sent", "api_validation_status": "FAILED", "elements_count": 0}]
     for crm_id in ("5", "6"):
-        store.mark_dirty(iid, __import__("chalicelib.crm", fromlist=["EntityRef"]).EntityRef("order", crm_id, 1, "add"),
-                         now=NOW, lease_seconds=1, future_skew=600)
+        store.mark_dirty(iid, EntityRef("order", crm_id, 1, "add"), now=NOW, lease_seconds=1, future_skew=600)
     result = confirm_uploads(store, Failed(), iid, {"counter_id": 1}, now=NOW,
                              requeue=lambda i, refs: sent_again.extend(refs) or {"queued": len(refs)})
     assert result["failed"] == 1 and result["resent"] == 2 and sorted(r.crm_id for r in sent_again) == ["5", "6"]
@@ -285,7 +284,6 @@ def test_confirmation_that_dies_after_sending_again_resends_and_settles_on_the_n
     """Through `confirm_uploads` on the memory store: dying at each store write of a FAILED upload's
     confirmation (the entities' marks, the final status) leaves it pending with its list; the next run
     sends again what was not yet sent, and the upload ends FAILED once."""
-    from chalicelib.crm import EntityRef
     for crash_at in range(1, 5):
         clock = Clock()
         store = MemoryStore(clock=clock)
