@@ -483,7 +483,10 @@ class DynamoStore:
         check_recent_limit(limit)
         if limit == 0:
             return []  # DynamoDB refuses a Limit of 0
-        # One page, newest first: `limit` small records are far below a query page's 1 MB.
+        # One page, newest first: `limit` small records are far below a query page's 1 MB. ScanIndexForward
+        # false reads the partition's items in reverse sort-key order, strings in UTF-8 byte order ("Query",
+        # https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_Query.html), so the 12-digit
+        # sent_at in the key makes it newest first, and Limit stops the read after `limit` items.
         page = self._db.query(TableName=self._state, KeyConditionExpression="pk = :pk AND begins_with(sk, :prefix)",
                               ExpressionAttributeValues=_to_item({":pk": _pk(integration_id), ":prefix": UPLOAD_LOG}),
                               ScanIndexForward=False, Limit=limit)
