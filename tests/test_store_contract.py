@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 51, sorted(names)  # every method of every concern
+    assert len(names) == 53, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -565,18 +565,62 @@ def test_returned_state_is_a_copy(store, iid):
 # --- UploadStore, ProductStore -----------------------------------------------------------------------
 
 def test_uploads(store, iid, clock):
-    assert store.uploads(iid) == []
+    assert store.uploads(iid) == [] and store.pending_uploads(iid) == [] and store.recent_uploads(iid, limit=50) == []
     store.record_upload(iid, "u2", kind="contacts", rows=3)
     clock.t = NOW + 1
     store.record_upload(iid, "u1", kind="orders", rows=7)
+    pending = [{"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "SENT", "sent_at": int(NOW),
+                "expires_at": int(NOW) + 14 * 86400},
+               {"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "SENT", "sent_at": int(NOW + 1),
+                "expires_at": int(NOW + 1) + 14 * 86400}]
+    assert store.pending_uploads(iid) == pending  # oldest sent first
+    assert store.uploads(iid) == pending[::-1] and store.recent_uploads(iid, limit=50) == []
     clock.t = NOW + 60
     store.confirm_upload(iid, "u1", "PASSED", 7)
     store.confirm_upload(iid, "u2", "FAILED", None)
-    assert store.uploads(iid) == [
-        {"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "PASSED", "sent_at": int(NOW + 1),
-         "elements_count": 7, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400},
-        {"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
-         "elements_count": 0, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400}]
+    final = [{"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "PASSED", "sent_at": int(NOW + 1),
+              "elements_count": 7, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400},
+             {"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
+              "elements_count": 0, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400}]
+    assert store.uploads(iid) == final and store.pending_uploads(iid) == []
+    assert store.recent_uploads(iid, limit=50) == final  # newest sent first
+    assert store.recent_uploads(iid, limit=1) == final[:1] and store.recent_uploads(iid, limit=0) == []
+    assert_plain(store.recent_uploads(iid, limit=5))
+
+
+def test_recent_uploads_are_the_last_sent_and_the_limit_is_checked(store, iid, clock):
+    for n in range(12):
+        clock.t = NOW + (n // 2)  # two uploads in each second: the uploading id orders them
+        store.record_upload(iid, f"u{n:02d}", kind="orders", rows=1)
+    clock.t = NOW + 100
+    for n in range(12):
+        store.confirm_upload(iid, f"u{n:02d}", "PASSED", 1)
+    assert [u["uploading_id"] for u in store.recent_uploads(iid, limit=5)] == ["u11", "u10", "u09", "u08", "u07"]
+    returned = store.recent_uploads(iid, limit=3)
+    returned[0]["status"] = "changed by the caller"
+    assert store.recent_uploads(iid, limit=1)[0]["status"] == "PASSED"
+    for bad in (-1, 1001, 2.5, "5", True, None, 10 ** 2000):
+        with pytest.raises(ValueError, match="limit"):
+            store.recent_uploads(iid, limit=bad)
+
+
+def test_confirming_an_upload_not_pending_changes_nothing(store, iid, clock):
+    store.confirm_upload(iid, "never-recorded", "PASSED", 1)
+    assert store.uploads(iid) == [] and store.recent_uploads(iid, limit=5) == []
+    store.record_upload(iid, "u1", kind="orders", rows=1, entities=[("order", "5")])
+    clock.t = NOW + 60
+    store.confirm_upload(iid, "u1", "FAILED", 0, resent=1)
+    clock.t = NOW + 120  # a second confirmation (another run that read it pending) keeps the first
+    store.confirm_upload(iid, "u1", "PASSED", 1)
+    assert [(u["status"], u["confirmed_at"], u["resent"]) for u in store.uploads(iid)] == [("FAILED", int(NOW + 60), 1)]
+    assert len(store.recent_uploads(iid, limit=5)) == 1
+
+
+def test_recording_an_id_again_replaces_the_pending_upload(store, iid, clock):
+    store.record_upload(iid, "u1", kind="orders", rows=1)
+    clock.t = NOW + 5
+    store.record_upload(iid, "u1", kind="orders", rows=2)
+    assert [(u["rows"], u["sent_at"]) for u in store.pending_uploads(iid)] == [(2, int(NOW + 5))]
 
 
 def stored_expiry(store, kind: str, *key: str) -> int | None:
@@ -603,12 +647,12 @@ def test_an_uploads_entity_list_outlives_every_chance_to_confirm_it():
     assert CARRIED_TTL >= GIVE_UP_AFTER + UPLOAD_RECORD_TTL
 
 
-def test_upload_records_expire_30_days_after_their_final_status(store, iid, clock):
+def test_every_upload_record_expires(store, iid, clock):
     store.record_upload(iid, "u1", kind="orders", rows=2, entities=[("order", "5"), ("contact", "9")])
     store.record_upload(iid, "u2", kind="orders", rows=1)  # nothing carried: no list to expire
-    # Still SENT: the record never expires (it is confirmed or given up within days); the list it carries
-    # expires only after the upload could no longer be confirmed, should a crash leave it behind.
-    assert "expires_at" not in store.uploads(iid)[0]
+    # Still SENT: the record expires after 14 days, should confirmation never run again; the list it
+    # carries expires only after the upload could no longer be confirmed, should a crash leave it behind.
+    assert [u["expires_at"] for u in store.pending_uploads(iid)] == [int(NOW) + 14 * 86400] * 2
     assert stored_expiry(store, "carried", iid, "u1") == int(NOW) + 32 * 86400
     assert stored_expiry(store, "carried", iid, "u2") is None
     for status, at in (("FAILED", NOW + 7200), ("UNCONFIRMED", NOW + 2 * 86400)):
@@ -618,9 +662,14 @@ def test_upload_records_expire_30_days_after_their_final_status(store, iid, cloc
     assert by_id["u1"]["expires_at"] == int(NOW + 7200) + 30 * 86400
     assert by_id["u2"]["expires_at"] == int(NOW + 2 * 86400) + 30 * 86400
     assert store.upload_entities(iid, "u1") == [] and stored_expiry(store, "carried", iid, "u1") is None
-    clock.t = NOW + 10 * 86400  # confirmed again (a re-run after a crash): the 30 days count from then
-    store.confirm_upload(iid, "u1", "FAILED", 2)
-    assert {u["uploading_id"]: u for u in store.uploads(iid)}["u1"]["expires_at"] == int(NOW + 10 * 86400) + 30 * 86400
+
+
+def test_a_pending_upload_expires_before_its_entity_list_and_after_confirmation_gives_up():
+    from chalicelib.operations import GIVE_UP_AFTER, UNCONFIRMED_AFTER
+    from chalicelib.store import CARRIED_TTL, PENDING_UPLOAD_TTL
+    # Reported (6 h) and given up (2 days) long before it expires; DynamoDB may delete it up to two days
+    # late and reads return it until then, so its list must outlast that too.
+    assert UNCONFIRMED_AFTER < GIVE_UP_AFTER < PENDING_UPLOAD_TTL and PENDING_UPLOAD_TTL + 2 * 86400 < CARRIED_TTL
 
 
 def test_products(store, iid):
@@ -1027,7 +1076,7 @@ def test_an_upload_keeps_its_entities_until_confirmed(store, iid, clock):
     store.record_upload(iid, "u2", kind="orders", rows=1)  # none recorded (an older caller)
     assert store.upload_entities(iid, "u1") == [("contact", "9"), ("order", "10"), ("order", "5")]
     assert store.upload_entities(iid, "u2") == [] and store.upload_entities(iid, "nope") == []
-    assert "entities" not in store.uploads(iid)[0]  # reading every upload stays cheap
+    assert "entities" not in store.uploads(iid)[0] and "entities" not in store.pending_uploads(iid)[0]
     clock.t = NOW + 60
     store.confirm_upload(iid, "u1", "FAILED", 2, resent=2)
     store.confirm_upload(iid, "u2", "UNCONFIRMED", None)

@@ -74,7 +74,8 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     # The worker: deliveries, retries, inbox expansion, history-import steps, dead-letter flags, and each
     # integration's scheduled jobs (reconciliation: sweep, CRM changes, re-queue; confirmation: Metrika's
-    # upload listing, FAILED uploads sent again, their CARRIED# items deleted; the jobs' cursors).
+    # upload listing, FAILED uploads sent again, a settled upload's pending record replaced by its
+    # final one and its CARRIED# items deleted; the jobs' cursors).
     "on_events_message": {
         CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Scan"),
         STATE: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",

@@ -57,6 +57,13 @@ UPLOAD_RECORD_TTL = 30 * DAY  # an upload's record: 30 days after its final stat
 # behind. It must outlast the longest an upload stays SENT (operations.GIVE_UP_AFTER, 2 days) and its
 # record's 30 days, so a list is never gone while its upload can still be confirmed FAILED and re-sent.
 CARRIED_TTL = 32 * DAY
+# An upload still waiting for its final status (SENT) expires too, so a record nobody confirms is not kept
+# for ever: confirmation settles every upload within operations.GIVE_UP_AFTER (2 days; past 6 h the status
+# page reports it), so a SENT record this old means confirmation has not run (the schedule was off, the
+# Metrika token revoked, Metrika down). Two weeks leaves an operator that long to notice on the status
+# page (`unconfirmed_over_6h`) and bring confirmation back, which then still finds the upload and settles
+# it; CARRIED_TTL outlasts it (and DynamoDB's up-to-two-day lag in deleting it) so its entities are there.
+PENDING_UPLOAD_TTL = 14 * DAY
 DAY_COUNTER_TTL = 3 * DAY  # a Metrika day counter: 3 days after its UTC day ends
 
 
@@ -66,6 +73,15 @@ def day_counter_expiry(day: str) -> int:
     from datetime import datetime, timezone
     start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
     return int(start.timestamp()) + DAY + DAY_COUNTER_TTL
+
+
+RECENT_UPLOADS_MAX = 1000  # `recent_uploads`' largest `limit`: one DynamoDB query page of small records
+
+
+def check_recent_limit(limit: Any) -> None:
+    """`recent_uploads`' `limit`: a whole number from 0 to RECENT_UPLOADS_MAX, or ValueError."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= RECENT_UPLOADS_MAX:
+        raise ValueError(f"limit must be a whole number from 0 to {RECENT_UPLOADS_MAX}, not {limit!r}"[:120])
 
 
 def plain(value: Any) -> Any:
@@ -265,29 +281,49 @@ class EntityStore(Protocol):
 
 
 class UploadStore(Protocol):
-    """Uploads Metrika accepted, until their final validation status is read."""
+    """Uploads Metrika accepted: each waits (SENT, "pending") until confirmation reads its final status,
+    then stays on record UPLOAD_RECORD_TTL for the status page. Confirmation reads only the pending
+    uploads (`pending_uploads`) and the status page only those and the last few final ones
+    (`recent_uploads`): neither reads the history, so their cost does not grow with it. Every record
+    expires (pending ones after PENDING_UPLOAD_TTL)."""
 
     def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
                       entities: list[tuple[str, str]] = ()) -> None:
-        """A new upload: status "SENT", sent_at=now, and the entities ((kind, crm_id)) whose rows it
-        carried, kept apart from the upload's record (`upload_entities`) until it is confirmed (and
-        expiring CARRIED_TTL after now, should a crash leave them). Any number of entities fits
-        (DynamoDB splits them over several items below 400 KB each)."""
+        """A new pending upload: status "SENT", sent_at=now, expires_at=now + PENDING_UPLOAD_TTL, and the
+        entities ((kind, crm_id)) whose rows it carried, kept apart from the upload's record
+        (`upload_entities`) until it is confirmed (and expiring CARRIED_TTL after now, should a crash
+        leave them). The entities are written first: a pending upload always has its whole list. Any
+        number of entities fits (DynamoDB splits them over several items below 400 KB each). Recording
+        the same id again while it is pending replaces the pending record (Metrika gives every upload a
+        new id: recording a confirmed upload's id again is not expected, and the stores may differ)."""
 
     def uploads(self, integration_id: str) -> list[dict]:
-        """[{"uploading_id", "kind", "rows", "status", "sent_at", ("elements_count", "confirmed_at",
-        "resent", "expires_at")}], ordered by uploading_id; without the entities (reading every upload
-        stays cheap)."""
+        """Every upload on record, pending and final: [{"uploading_id", "kind", "rows", "status", "sent_at",
+        ("elements_count", "confirmed_at", "resent", "expires_at")}], ordered by uploading_id; without the
+        entities. Reads the whole history: for tools and tests. Confirmation and the status page use
+        `pending_uploads` and `recent_uploads`."""
+
+    def pending_uploads(self, integration_id: str) -> list[dict]:
+        """The uploads still SENT (as `uploads` lists them), oldest sent first (then by uploading_id). Its
+        cost depends on how many are pending, not on how many were confirmed. Uploads recorded by older
+        code (one record per upload, whatever its status) are found too."""
+
+    def recent_uploads(self, integration_id: str, *, limit: int) -> list[dict]:
+        """The `limit` final (confirmed) uploads sent last, newest first (by sent_at, then uploading_id):
+        one read of at most `limit` records, however long the history. ValueError unless 0 <= limit <= 1000."""
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         """The (kind, crm_id) of every entity the upload carried, sorted, each once; [] when none were
-        recorded or the upload is confirmed."""
+        recorded or the upload is confirmed (a process that died while confirming, after the upload stopped
+        being pending, may leave its list until it expires: nothing reads it for an upload not pending)."""
 
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
-        """The upload's final status: status, elements_count (0 for None), confirmed_at=now, `resent`
-        (entities queued again) when given, expires_at=now + UPLOAD_RECORD_TTL; its entity list is
-        dropped."""
+        """The pending upload's final status: status, elements_count (0 for None), confirmed_at=now,
+        `resent` (entities queued again) when given, expires_at=now + UPLOAD_RECORD_TTL; it is no longer
+        pending and its entity list is dropped, in that order (a crash in between leaves it pending with
+        its list, and confirming it again gives one record). An upload that is not pending (unknown, or
+        confirmed already) is left as it is."""
 
 
 class ProductStore(Protocol):

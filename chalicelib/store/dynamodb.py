@@ -6,8 +6,12 @@ Three tables (names from settings): config and state per stage, quota shared by 
   `BACKFILL` (the history import job) or `CURSOR#<name>`.
 * state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
   state (see `chalicelib.store`); `PRODUCT#<product id>`: products in Metrika's product list;
-  `UPLOAD#<id>`: uploads to confirm, and `CARRIED#<id>#<part>` the entities each carried (apart, so
-  reading every upload stays cheap; in parts, so any number fits under 400 KB); `CUSTOMER#<uniq_id>`: a
+  `PENDING_UPLOAD#<id>`: an upload waiting for its final status (confirmation reads only these), then
+  `UPLOAD_LOG#<sent_at, 12 digits>#<id>`: the final record, time-ordered so the status page reads the last
+  few with one query; `CARRIED#<id>#<part>` the entities each carried (apart, so reading uploads stays
+  cheap; in parts, so any number fits under 400 KB). Older code kept every upload as `UPLOAD#<id>`
+  whatever its status: `pending_uploads` moves those still SENT to `PENDING_UPLOAD#` (see
+  `_migrate_uploads`), final ones expire by their TTL. `CUSTOMER#<uniq_id>`: a
   customer's sources, one attribute each (`src:<source id>`), with `sent` and `version`. The CRM rate
   limiter lives in its own partitions: `RATE#<scope>`/`NEXT`.
   `INBOX#<batch id>` (state table): a large webhook body's refs until the worker has expanded them.
@@ -36,8 +40,8 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTime
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
 
-from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, UPLOAD_RECORD_TTL, Hold,
-               day_counter_expiry, entity_keys, entity_pairs)
+from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, PENDING_UPLOAD_TTL,
+               UPLOAD_RECORD_TTL, Hold, check_recent_limit, day_counter_expiry, entity_keys, entity_pairs)
 from . import plain as _plain
 from . import stored_time as _decimal
 
@@ -50,6 +54,18 @@ ATTRIBUTES = "ATTRIBUTES"
 BACKFILL = "BACKFILL"
 INBOX = "INBOX"
 CUSTOMER = "CUSTOMER#"
+PENDING_UPLOAD = "PENDING_UPLOAD#"
+UPLOAD_LOG = "UPLOAD_LOG#"
+LEGACY_UPLOAD = "UPLOAD#"  # older code's record of every upload (no begins_with overlap with the two above)
+UPLOADS_MOVED = "UPLOADS_MOVED"  # when `_migrate_uploads` first moved an integration's older records
+# Older code may still record uploads as `UPLOAD#` for a while after a deploy: a Lambda invocation that
+# started before it runs its old code to the end, at most the worker's 300 s (.chalice/config.json). For
+# an hour after the first move the older records are looked at again on every read of pending uploads;
+# later never.
+LEGACY_UPLOAD_GRACE = 3600
+# Final records of older code copied into the new time-ordered form when moving, newest first, so the status
+# page's last few do not start empty; the rest expire by their TTL (30 days after confirmation).
+LEGACY_FINAL_COPIED = 100
 SOURCE = "src:"  # a customer item's source attributes
 
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
@@ -132,6 +148,24 @@ def _from_item(item: dict | None) -> dict | None:
     return _plain({k: _DES.deserialize(v) for k, v in item.items()})
 
 
+def _uploading_id(sk: str) -> str:
+    """The uploading id in an upload's sort key, whichever form: `UPLOAD#<id>`, `PENDING_UPLOAD#<id>`,
+    `UPLOAD_LOG#<sent_at>#<id>` (ids may hold `#`: only the form's own separators are cut)."""
+    if sk.startswith(UPLOAD_LOG):
+        return sk[len(UPLOAD_LOG):].partition("#")[2]
+    return sk.partition("#")[2]
+
+
+def _log_sk(sent_at: int, uploading_id: str) -> str:
+    # 12 digits: sent_at is Unix seconds (year 2100 is 10 digits), so string order is time order.
+    return f"{UPLOAD_LOG}{int(sent_at):012d}#{uploading_id}"
+
+
+def _upload(item: dict) -> dict:
+    """An upload's record as the protocol hands it out."""
+    return {"uploading_id": _uploading_id(item["sk"]), **{k: v for k, v in item.items() if k not in ("pk", "sk")}}
+
+
 def _entity(item: dict) -> dict:
     data = _from_item(item)
     assert data is not None
@@ -152,6 +186,7 @@ class DynamoStore:
         self._quota = quota_table
         self._clock = clock
         self._integrations: dict[str, tuple[float, dict]] = {}  # id → (read at, config), see get_integration
+        self._uploads_moved: set[str] = set()  # integrations with no older upload records left (`_migrate_uploads`)
 
     # --- IntegrationStore ----------------------------------------------------------------------------
 
@@ -178,6 +213,7 @@ class DynamoStore:
             for keys in self._keys_under(table, pk):
                 self._db.delete_item(TableName=table, Key=keys)
         self._integrations.pop(integration_id, None)
+        self._uploads_moved.discard(integration_id)
         return existed
 
     def list_integration_ids(self) -> list[str]:
@@ -417,21 +453,44 @@ class DynamoStore:
 
     def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
                       entities: list[tuple[str, str]] = ()) -> None:
-        # The entities first: an upload on record always has its entity list (a crash in between leaves
-        # only an orphan list, deleted with the integration).
+        # The entities first: a pending upload always has its entity list (a crash in between leaves only
+        # an orphan list, which expires).
+        now = self._now()
         keys = entity_keys(entities)
         for part, start in enumerate(range(0, len(keys), CARRIED_PER_ITEM)):
             self._db.put_item(TableName=self._state, Item=_to_item({
                 "pk": _pk(integration_id), "sk": f"CARRIED#{uploading_id}#{part}",
-                "entities": keys[start:start + CARRIED_PER_ITEM], "expires_at": self._now() + CARRIED_TTL}))
+                "entities": keys[start:start + CARRIED_PER_ITEM], "expires_at": now + CARRIED_TTL}))
         self._db.put_item(TableName=self._state, Item=_to_item({
-            "pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}", "kind": kind, "rows": rows,
-            "status": "SENT", "sent_at": self._now()}))
+            "pk": _pk(integration_id), "sk": f"{PENDING_UPLOAD}{uploading_id}", "kind": kind, "rows": rows,
+            "status": "SENT", "sent_at": now, "expires_at": now + PENDING_UPLOAD_TTL}))
 
     def uploads(self, integration_id: str) -> list[dict]:
-        items = self._query(self._state, _pk(integration_id), begins_with="UPLOAD#")
-        return [{"uploading_id": i["sk"].partition("#")[2], **{k: v for k, v in i.items() if k not in ("pk", "sk")}}
-                for i in map(_from_item, items) if i is not None]
+        found: dict[str, dict] = {}
+        for prefix in (LEGACY_UPLOAD, UPLOAD_LOG, PENDING_UPLOAD):  # a later form wins over an earlier one
+            for item in map(_from_item, self._query(self._state, _pk(integration_id), begins_with=prefix)):
+                if item is not None:
+                    found[_uploading_id(item["sk"])] = _upload(item)
+        return [found[uploading_id] for uploading_id in sorted(found)]
+
+    def pending_uploads(self, integration_id: str) -> list[dict]:
+        self._migrate_uploads(integration_id)
+        items = self._query(self._state, _pk(integration_id), begins_with=PENDING_UPLOAD)
+        return sorted((_upload(i) for i in map(_from_item, items) if i is not None),
+                      key=lambda u: (u["sent_at"], u["uploading_id"]))
+
+    def recent_uploads(self, integration_id: str, *, limit: int) -> list[dict]:
+        check_recent_limit(limit)
+        if limit == 0:
+            return []  # DynamoDB refuses a Limit of 0
+        # One page, newest first: `limit` small records are far below a query page's 1 MB. ScanIndexForward
+        # false reads the partition's items in reverse sort-key order, strings in UTF-8 byte order ("Query",
+        # https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_Query.html), so the 12-digit
+        # sent_at in the key makes it newest first, and Limit stops the read after `limit` items.
+        page = self._db.query(TableName=self._state, KeyConditionExpression="pk = :pk AND begins_with(sk, :prefix)",
+                              ExpressionAttributeValues=_to_item({":pk": _pk(integration_id), ":prefix": UPLOAD_LOG}),
+                              ScanIndexForward=False, Limit=limit)
+        return [_upload(i) for i in map(_from_item, page.get("Items", [])) if i is not None]
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         items = self._query(self._state, _pk(integration_id), begins_with=f"CARRIED#{uploading_id}#")
@@ -439,19 +498,64 @@ class DynamoStore:
 
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
-        resent_update = ", resent = :r" if resent is not None else ""
+        pk = _pk(integration_id)
+        pending = self._get(self._state, pk, f"{PENDING_UPLOAD}{uploading_id}")
+        if pending is None:
+            return  # not pending: unknown, or confirmed already
         now = self._now()
-        self._db.update_item(TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}"}),
-                             UpdateExpression=f"SET #s = :s, elements_count = :n, confirmed_at = :now, "
-                                              f"expires_at = :exp{resent_update}",
-                             ExpressionAttributeNames={"#s": "status"},
-                             ExpressionAttributeValues=_to_item({":s": status, ":n": elements_count or 0,
-                                                                 ":now": now, ":r": resent,
-                                                                 ":exp": now + UPLOAD_RECORD_TTL}))
-        # After the status: until then a re-run still finds what the upload carried.
-        for item in self._query(self._state, _pk(integration_id), projection="pk, sk",
-                                begins_with=f"CARRIED#{uploading_id}#"):
+        # Three steps, each safe to stop after: (1) the final record, keyed by the pending one's sent_at, so
+        # confirming again writes the same item; (2) no longer pending; (3) its entities dropped (an
+        # orphan list expires). Until (2) the upload is pending with its whole list, so the next run
+        # confirms it again. UpdateItem, not PutItem: the API handler's confirm route may write it, and
+        # its role has no PutItem on the state table.
+        record = {"kind": pending.get("kind"), "rows": pending.get("rows"), "sent_at": pending["sent_at"],
+                  "status": status, "elements_count": elements_count or 0, "confirmed_at": now,
+                  "expires_at": now + UPLOAD_RECORD_TTL, "resent": resent}
+        self._upsert(pk, _log_sk(pending["sent_at"], uploading_id), record)
+        self._db.delete_item(TableName=self._state, Key=_to_item({"pk": pk, "sk": f"{PENDING_UPLOAD}{uploading_id}"}))
+        for item in self._query(self._state, pk, projection="pk, sk", begins_with=f"CARRIED#{uploading_id}#"):
             self._db.delete_item(TableName=self._state, Key={"pk": item["pk"], "sk": item["sk"]})
+
+    def _upsert(self, pk: str, sk: str, values: dict) -> None:
+        """Write these attributes (None ones left out) into the item, created if absent."""
+        values = {k: v for k, v in values.items() if v is not None}
+        names = {f"#a{i}": name for i, name in enumerate(values)}
+        self._db.update_item(TableName=self._state, Key=_to_item({"pk": pk, "sk": sk}),
+                             UpdateExpression="SET " + ", ".join(f"#a{i} = :a{i}" for i in range(len(values))),
+                             ExpressionAttributeNames=names,
+                             ExpressionAttributeValues=_to_item({f":a{i}": v for i, v in enumerate(values.values())}))
+
+    def _migrate_uploads(self, integration_id: str) -> None:
+        """Move the uploads older code recorded as `UPLOAD#<id>`: each still SENT becomes pending (then its
+        old record is deleted), and the newest LEGACY_FINAL_COPIED final ones are copied into the
+        time-ordered form for the status page (their old records expire by their TTL). Every step can be
+        repeated: a crash between them leaves an old record that the next read moves again (the pending
+        record is written before the old one goes, so an upload is never lost between them). The marker
+        `UPLOADS_MOVED` is written last; older records are looked for until LEGACY_UPLOAD_GRACE after it,
+        then never (remembered by this store object, so a warm Lambda saves even the marker's read)."""
+        if integration_id in self._uploads_moved:
+            return
+        pk = _pk(integration_id)
+        now = self._now()
+        marker = self._get(self._state, pk, UPLOADS_MOVED)
+        if marker is not None and marker["moved_at"] + LEGACY_UPLOAD_GRACE < now:
+            self._uploads_moved.add(integration_id)
+            return
+        legacy = [i for i in map(_from_item, self._query(self._state, pk, begins_with=LEGACY_UPLOAD)) if i is not None]
+        if marker is None:  # the first move only: a re-read within the grace finds the same final ones
+            final = sorted((i for i in legacy if i.get("status") != "SENT"),
+                           key=lambda i: (i.get("sent_at", 0), i["sk"]), reverse=True)
+            for item in final[:LEGACY_FINAL_COPIED]:
+                self._upsert(pk, _log_sk(item.get("sent_at", 0), _uploading_id(item["sk"])),
+                             {k: v for k, v in item.items() if k not in ("pk", "sk")})
+        for item in legacy:
+            if item.get("status") == "SENT":
+                self._upsert(pk, f"{PENDING_UPLOAD}{_uploading_id(item['sk'])}",
+                             {**{k: v for k, v in item.items() if k not in ("pk", "sk")},
+                              "expires_at": now + PENDING_UPLOAD_TTL})
+                self._db.delete_item(TableName=self._state, Key=_to_item({"pk": pk, "sk": item["sk"]}))
+        if marker is None:
+            self._upsert(pk, UPLOADS_MOVED, {"moved_at": now})
 
     # --- ProductStore --------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ method atomic, which is what DynamoDB's conditional writes give the other implem
 """
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -16,8 +17,8 @@ from typing import Any, Callable
 
 from chalicelib.crm import EntityRef
 
-from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, UPLOAD_RECORD_TTL, Hold,
-               day_counter_expiry, entity_keys, entity_pairs)
+from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, PENDING_UPLOAD_TTL,
+               UPLOAD_RECORD_TTL, Hold, check_recent_limit, day_counter_expiry, entity_keys, entity_pairs)
 from . import plain as _plain
 from . import stored_time as _decimal
 
@@ -69,7 +70,13 @@ class MemoryStore:
         self._cursors: dict[str, dict[str, Any]] = {}  # id → name → value
         self._entities: dict[str, dict[tuple[str, str], dict]] = {}  # id → (kind, crm_id) → attributes
         self._products: dict[str, dict[str, Any]] = {}  # id → product id → name
-        self._uploads: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes
+        # Pending (SENT) uploads and final ones apart, as DynamoStore keeps them: reading the pending ones
+        # never walks the history.
+        self._pending: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes
+        self._uploads: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes of a final upload
+        # id → (sent_at, uploading id) of each final upload, sorted: DynamoStore's time-ordered sort key, so
+        # reading the last few costs as little here as there
+        self._upload_order: dict[str, list[tuple[Decimal, str]]] = {}
         self._carried: dict[str, dict[str, list[str]]] = {}  # id → uploading id → "kind:crm_id" entity keys
         self._next_at: dict[str, Decimal] = {}  # rate scope → next free time
         self._requests: dict[tuple[str, str], Decimal] = {}  # (quota key, day) → count
@@ -106,7 +113,7 @@ class MemoryStore:
             for key in [k for k in self._expiry if k[0] == "carried" and k[1] == integration_id]:
                 del self._expiry[key]
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
-                          self._cursors, self._entities, self._products, self._uploads, self._carried,
+                          self._cursors, self._entities, self._products, self._pending, self._uploads, self._upload_order, self._carried,
                           self._inbox, self._customers):
                 table.pop(integration_id, None)
             return existed
@@ -313,17 +320,31 @@ class MemoryStore:
     def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
                       entities: list[tuple[str, str]] = ()) -> None:
         with self._lock:
+            now = self._now()
             item: dict = {}
-            _set(item, kind=kind, rows=rows, status="SENT", sent_at=self._now())
+            _set(item, kind=kind, rows=rows, status="SENT", sent_at=now, expires_at=now + PENDING_UPLOAD_TTL)
             if entities:
                 self._carried.setdefault(integration_id, {})[uploading_id] = entity_keys(entities)
-                self._expiry[("carried", integration_id, uploading_id)] = self._now() + CARRIED_TTL
-            self._uploads.setdefault(integration_id, {})[uploading_id] = item
+                self._expiry[("carried", integration_id, uploading_id)] = now + CARRIED_TTL
+            self._pending.setdefault(integration_id, {})[uploading_id] = item
 
     def uploads(self, integration_id: str) -> list[dict]:
         with self._lock:
-            uploads = self._uploads.get(integration_id, {})
+            uploads = {**self._uploads.get(integration_id, {}), **self._pending.get(integration_id, {})}
             return [{"uploading_id": uploading_id, **_plain(uploads[uploading_id])} for uploading_id in sorted(uploads)]
+
+    def pending_uploads(self, integration_id: str) -> list[dict]:
+        with self._lock:
+            pending = self._pending.get(integration_id, {})
+            return sorted(({"uploading_id": uploading_id, **_plain(item)} for uploading_id, item in pending.items()),
+                          key=lambda u: (u["sent_at"], u["uploading_id"]))
+
+    def recent_uploads(self, integration_id: str, *, limit: int) -> list[dict]:
+        check_recent_limit(limit)
+        with self._lock:
+            final, order = self._uploads.get(integration_id, {}), self._upload_order.get(integration_id, [])
+            return [{"uploading_id": uploading_id, **_plain(final[uploading_id])}
+                    for _, uploading_id in reversed(order[len(order) - limit:] if limit else [])]
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         with self._lock:
@@ -332,10 +353,18 @@ class MemoryStore:
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
         with self._lock:
-            item = self._uploads.setdefault(integration_id, {}).setdefault(uploading_id, {})
+            item = self._pending.get(integration_id, {}).pop(uploading_id, None)
+            if item is None:
+                return  # not pending: unknown, or confirmed already
             now = self._now()
             _set(item, status=status, elements_count=elements_count or 0, confirmed_at=now, resent=resent,
                  expires_at=now + UPLOAD_RECORD_TTL)
+            final = self._uploads.setdefault(integration_id, {})
+            order = self._upload_order.setdefault(integration_id, [])
+            if uploading_id in final:  # recorded again after it was confirmed: one record, the newer
+                order.remove((final[uploading_id]["sent_at"], uploading_id))
+            final[uploading_id] = item
+            bisect.insort(order, (item["sent_at"], uploading_id))
             self._carried.get(integration_id, {}).pop(uploading_id, None)
             self._expiry.pop(("carried", integration_id, uploading_id), None)
 
