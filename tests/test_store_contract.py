@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 51, sorted(names)  # every method of every concern
+    assert len(names) == 53, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -225,7 +225,7 @@ def test_first_mark_takes_the_lease_and_records_the_event(store, iid):
     assert mark(store, iid, "5", 1_700_000_000, action="add") is True
     state = entity(store, iid, "5")
     assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                     "last_action": "add", "queued_until": NOW + LEASE}
+                     "last_action": "add", "queued_until": NOW + LEASE, "seq": 1}
     assert isinstance(state["event_time"], int)
     assert mark(store, iid, "5", 1_700_000_001, action="status", now=NOW + 10) is False  # lease live
     assert mark(store, iid, "5", 1_700_000_002, now=NOW + LEASE) is False  # live through its last second
@@ -302,7 +302,7 @@ def test_claim_removes_the_lease_and_returns_the_state(store, iid):
     assert mark(store, iid, "5", 1_700_000_000, action="status")
     claimed = store.claim(iid, "order", "5")
     assert claimed == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                       "last_action": "status", "claimed_at": int(NOW)}
+                       "last_action": "status", "claimed_at": int(NOW), "seq": 1}
     assert entity(store, iid, "5") == claimed
     assert mark(store, iid, "5", 1_700_000_001) is True  # a new event queues a new message
     assert store.claim(iid, "order", "absent") is None and entity(store, iid, "absent") is None
@@ -322,7 +322,7 @@ def test_mark_clean_records_what_was_sent(store, iid, clock):
     assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False,
                      "last_action": "update", "content_hash": "h1", "row_hashes": {"order:5": "r1", "contact:9": "r2"},
                      "uploading_id": "up-1", "sent_at": int(NOW + 50), "attempts": 0, "last_order": '{"id": "5"}',
-                     "facts": {"late": False, "revenue": 12.5}, "claimed_at": int(NOW)}
+                     "facts": {"late": False, "revenue": 12.5}, "claimed_at": int(NOW), "seq": 1}
     # None → "" for the upload and the order; facts not given are kept; row hashes None are forgotten
     assert mark(store, iid, "5", 1_700_000_001) and store.claim(iid, "order", "5")
     assert store.mark_clean(iid, "order", "5", event_time=1_700_000_001, content_hash="h2", row_hashes=None,
@@ -781,7 +781,7 @@ def test_take_and_release_for_backfill(store, iid, clock, absent):
     assert isinstance(hold, Hold)
     assert (hold.integration_id, hold.kind, hold.crm_id, hold.event_time) == (iid, "order", "5", 1_700_000_000)
     assert hold.state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                          "queued_until": NOW + LEASE, "last_action": "backfill", "owner": hold.owner}
+                          "queued_until": NOW + LEASE, "last_action": "backfill", "owner": hold.owner, "seq": 1}
     assert_plain(hold.state) and isinstance(hold.event_time, int)
     assert entity(store, iid, "5") == hold.state
     clock.t = NOW + 30
@@ -790,7 +790,7 @@ def test_take_and_release_for_backfill(store, iid, clock, absent):
     assert entity(store, iid, "5") == {
         "kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False, "last_action": "backfill",
         "content_hash": "h1", "row_hashes": {"order:5": "r"}, "uploading_id": "u1", "sent_at": int(NOW + 30),
-        "attempts": 0, "last_order": '{"id": "5"}', "facts": {"late": True}}
+        "attempts": 0, "last_order": '{"id": "5"}', "facts": {"late": True}, "seq": 2}
     assert store.release_backfilled(hold, content_hash="h1", uploading_id="u1", last_order=None, facts=None) is False
     assert mark(store, iid, "5", 1_700_000_001) is True  # no lease left behind
 
