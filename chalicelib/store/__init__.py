@@ -397,9 +397,10 @@ class ImportStore(Protocol):
         (content_hash, row_hashes (None removes them), uploading_id, sent_at=now, attempts=0,
         last_order, facts when given; last_error removed) or, with `error`, parked (last_error,
         failed_at=now, content_hash removed); dead_lettered_at removed either way. Only if no newer
-        event came and nobody claimed the entity since the hold (event time and owner unchanged): one
-        atomic check-and-write, which counts one more `seq` (a delivery that read the held state cannot
-        close it). False otherwise: the entity stays dirty, and the caller must queue a
+        event came and nobody claimed the entity since the hold (event time and owner unchanged) and
+        nothing was recorded since (`seq` as held: an event in the hold's own second is no longer absorbed,
+        the live path delivers it): one atomic check-and-write, which counts one more `seq` (a delivery
+        that read the held state cannot close it). False otherwise: the entity stays dirty, and the caller must queue a
         message for it."""
 
 

@@ -684,10 +684,16 @@ class DynamoStore:
         # Refused: a newer event came meanwhile (or a worker claimed it). The entity stays dirty and held
         # until the caller's message is claimed, so a crash before queueing leaves it to the stuck sweep
         # once the hold's lease expires, or to the next run of the import.
+        # `seq` as held: nothing recorded since, not even in the hold's own second (a webhook then stays
+        # the live path's to deliver), and the put's seq is then one no delivery can have read.
+        held_seq = int(hold.state.get("seq") or 0)
         try:
-            self._db.put_item(TableName=self._state, Item=item, ConditionExpression="event_time = :seen AND #o = :owner",
+            self._db.put_item(TableName=self._state, Item=item,
+                              ConditionExpression="event_time = :seen AND #o = :owner AND "
+                                                  + ("seq = :seq" if held_seq else "attribute_not_exists(seq)"),
                               ExpressionAttributeNames={"#o": "owner"},
-                              ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner}))
+                              ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner,
+                                                                  ":seq": held_seq or None}))
         except ClientError as exc:
             if _conditional_failed(exc):
                 return False

@@ -478,6 +478,8 @@ class MemoryStore:
             item = self._item(hold.integration_id, hold.kind, hold.crm_id)
             if item is None or item.get("event_time") != _model(hold.event_time) or item.get("owner") != hold.owner:
                 return False  # a newer event came meanwhile, or a worker claimed the entity
+            if item.get("seq", 0) != int(hold.state.get("seq") or 0):
+                return False  # recorded since the hold, even in its second: the live path delivers it
             # The whole state as held, like DynamoStore's conditional put.
             state = {k: v for k, v in hold.state.items()
                      if k not in ("kind", "crm_id", "owner", "queued_until", "dead_lettered_at", *LEGACY_ATTRIBUTES)}
