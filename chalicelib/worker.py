@@ -66,6 +66,8 @@ GROUP_SECONDS = 60
 # A retry message's lease lasts its delay plus this margin: like a first message's (ingest.QUEUE_LEASE_SECONDS),
 # long enough for the message's hidden time after a receive, as no claim marks the receive.
 RETRY_LEASE_MARGIN = QUEUE_LEASE_SECONDS
+# Marks a state the worker claimed (`_read_states`) rather than read: it closes by the lease, not `seq`.
+CLAIMED = "_claimed"
 # Integrations of one batch worked on at once. A group spends most of its time waiting on the CRM and
 # Metrika, so threads overlap those waits; each group may itself write WRITERS items at a time
 # (`chalicelib.parallel`), which the DynamoDB client's connection pool is sized for (`app.get_store`).
@@ -334,13 +336,18 @@ class Worker:
         with the `seq` read), so an event meanwhile queues nothing and the delivery queues it again
         when it cannot close (`_requeue_superseded`). The lease (QUEUE_LEASE_SECONDS) outlasts the
         message's hidden time after a receive, so the stuck sweep leaves a message a worker died on to
-        SQS. A message SQS hands out again is claimed (`claimed_at`, one write) so the sweep leaves it
-        alone for its next hidden time too."""
+        SQS. Claimed instead (one write; closed as claimed, by the lease, `CLAIMED`): an entity whose
+        message SQS hands out again (`claimed_at`: the sweep leaves it alone for its next hidden time
+        too), and a dirty one without `seq`, recorded by the code before it (during a deploy, a webhook
+        of that code counts no `seq`, but takes the lease a claim dropped)."""
         states = self._store.delivery_states(integration_id, [k for k in keys if k not in redelivered])
-        for kind, crm_id in (k for k in keys if k in redelivered):
-            state = self._store.claim(integration_id, kind, crm_id)
-            if state is not None:
-                states[(kind, crm_id)] = state
+        for key in keys:
+            if key in redelivered or (key in states and states[key].get("dirty") and not states[key].get("seq")):
+                state = self._store.claim(integration_id, *key)
+                if state is None:
+                    states.pop(key, None)
+                else:
+                    states[key] = {**state, CLAIMED: True}
         return {key: states[key] for key in keys if key in states and states[key].get("dirty")}
 
     def _deliver_read(self, integration_id: str, integration: dict, claimed: dict[tuple[str, str], dict],
@@ -424,13 +431,13 @@ class Worker:
                 report: Report) -> None:
         if not self._store.mark_clean(integration_id, *key, event_time=state["event_time"], content_hash=content_hash,
                                       row_hashes=row_hashes, uploading_id=uploading_id, last_order=last_order,
-                                      facts=facts, version=int(state.get("seq") or 0)):
+                                      facts=facts, version=closing_version(state)):
             self._supersede(key, state, report)
 
     def _park(self, integration_id: str, key: tuple[str, str], state: dict, error: dict, report: Report) -> None:
         report.parked += 1
         if not self._store.mark_failed(integration_id, *key, event_time=state["event_time"], error=error,
-                                       version=int(state.get("seq") or 0)):
+                                       version=closing_version(state)):
             self._supersede(key, state, report)
         log_event("entity_parked", integration_id=integration_id, kind=key[0], crm_id=key[1],
                   reason=str(error.get("message"))[:300])
@@ -529,6 +536,12 @@ class Worker:
                 log_event("backfill_requeue_failed", integration_id=item["integration_id"],
                           traceback=traceback.format_exc(limit=8))
         report.backfill_steps += 1
+
+
+def closing_version(state: dict) -> int | None:
+    """`mark_clean`'s `version` for a state as the worker took it: the `seq` read (0: none), or None for a
+    claimed one (closed if no lease was taken since the claim)."""
+    return None if state.get(CLAIMED) else int(state.get("seq") or 0)
 
 
 def sent_hashes(state: dict) -> dict[str, str]:

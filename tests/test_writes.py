@@ -171,6 +171,32 @@ def test_a_redelivered_message_is_claimed_and_delivered(core, metrika_sandbox):
     assert state["dirty"] is False and state["claimed_at"] == int(core.clock.now)
 
 
+def test_an_entity_recorded_by_older_code_is_claimed_and_closed_by_its_lease(core, metrika_sandbox):
+    """A dirty item without `seq` was recorded by the code before this one (queued before a deploy, or
+    by a webhook Lambda still on it, whose same-second events count no `seq`): it is claimed, and a
+    change meanwhile (which takes the lease the claim dropped, and queues) keeps it dirty."""
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5", status="PAID")}
+    core.ingest.record(shop, [EntityRef(ORDER, "5", T, "add")], origin="amocrm")
+    core.store._entities[shop][(ORDER, "5")].pop("seq")  # as the older mark_dirty left it
+    calls = calls_of(core.store, "claim")
+
+    def change_meanwhile(integration):
+        if len(core.source.calls) == 1:
+            core.source.rows = {(ORDER, "5"): deal_rows("5", status="CANCELLED")}
+            item = core.store._entities[shop][(ORDER, "5")]
+            assert core.ingest.record(shop, [EntityRef(ORDER, "5", T, "status")], origin="amocrm")["queued"] == 1
+            item.pop("seq")  # the older code's write counted none
+
+    core.source.fail = change_meanwhile
+    report = core.worker.handle(core.queue.receive())
+    assert calls == {"claim": 1} and report.superseded == 1
+    assert len(sent_for(core, "5")) == 2  # the first webhook's and the second's: none from the worker
+    core.drain()
+    assert metrika_sandbox.counter(core.counter_id).orders["5"]["order_status"] == "CANCELLED"
+    assert core.store.get_entity(shop, ORDER, "5")["dirty"] is False
+
+
 def test_a_parked_entity_recorded_meanwhile_is_queued_again(core):
     shop = core.integration()
     core.source.rows = {(ORDER, "5"): EntityRows(error={"kind": "permanent", "message": "bad deal"})}
@@ -187,9 +213,7 @@ def test_a_parked_entity_recorded_meanwhile_is_queued_again(core):
     assert state["dirty"] is False and "last_error" not in state and state["content_hash"]
 
 
-def test_a_bogus_future_time_overwritten_mid_delivery_keeps_the_entity_dirty(core):
-    """A stored time from the year 2100 gives way to a real one (mark_dirty): a change of event time
-    alone already fails the close."""
+def test_a_close_needs_both_the_event_time_and_the_seq_it_read(core):
     shop = core.integration()
     core.source.rows = {(ORDER, "5"): deal_rows("5")}
     core.ingest.record(shop, [EntityRef(ORDER, "5", T, "add")], origin="amocrm")
