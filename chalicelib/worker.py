@@ -1,4 +1,4 @@
-"""Queue batch → group by integration (isolated) → claim → CRM snapshot → delivery sink → state.
+"""Queue batch → group by integration (isolated) → read (claim if redelivered) → CRM → delivery sink → state.
 
 Chalice's `on_sqs_message` has no partial batch response, so a raised exception fails every message
 of the batch — up to 100, of every integration. The worker therefore isolates each integration's
