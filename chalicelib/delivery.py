@@ -102,6 +102,10 @@ class Accepted:
     contacts: list[dict]
     contacts_sent: int = 0
     orders_sent: int = 0
+    # The customers (`uniq_id`) whose complete row this delivery sent for the entity: only their contacts
+    # are worth noting as sent. Of a customer whose row Metrika already held, the delivery that sent that
+    # row (or the contact's own) noted it, and its record says Metrika holds it either way.
+    customers_sent: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,7 @@ class _Ready:
     noted: list[dict] = field(default_factory=list)  # for `Accepted.contacts`
     plans: dict[str, CustomerPlan] = field(default_factory=dict)  # its customers' plans, by uniq_id
     resend: bool = False  # `Pending.resend`
+    customers_sent: set[str] = field(default_factory=set)  # customers whose row this delivery sent
 
     def unsent(self, kind: str) -> list[dict]:
         rows = self.contacts if kind == CONTACT else self.orders
@@ -464,7 +469,8 @@ class Sink:
         if entity.notes is not None:  # replaces the last delivery's notes, so a corrected value clears them
             facts = {**(facts or {}), **entity.notes}
         return Accepted(entity.content_hash, entity.kept_hashes(), entity.uploading_id, last_order,
-                        facts, entity.noted, entity.contacts_sent, entity.orders_sent)
+                        facts, entity.noted, entity.contacts_sent, entity.orders_sent,
+                        frozenset(entity.customers_sent))
 
     def _upload(self, integration_id: str, integration: dict, ready: dict[EntityKey, _Ready], result: Delivery,
                 csv_kinds: set[str]) -> None:
@@ -512,6 +518,7 @@ class Sink:
                         entity.uploading_id = uploading_id
                         if kind == CONTACT:
                             entity.contacts_sent += 1
+                            entity.customers_sent.add(row["uniq_id"])
                         else:
                             entity.orders_sent += 1
                 if kind == CONTACT:  # accepted: now their sources may be recorded

@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 53, sorted(names)  # every method of every concern
+    assert len(names) == 55, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -225,7 +225,7 @@ def test_first_mark_takes_the_lease_and_records_the_event(store, iid):
     assert mark(store, iid, "5", 1_700_000_000, action="add") is True
     state = entity(store, iid, "5")
     assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                     "last_action": "add", "queued_until": NOW + LEASE}
+                     "last_action": "add", "queued_until": NOW + LEASE, "seq": 1}
     assert isinstance(state["event_time"], int)
     assert mark(store, iid, "5", 1_700_000_001, action="status", now=NOW + 10) is False  # lease live
     assert mark(store, iid, "5", 1_700_000_002, now=NOW + LEASE) is False  # live through its last second
@@ -302,10 +302,122 @@ def test_claim_removes_the_lease_and_returns_the_state(store, iid):
     assert mark(store, iid, "5", 1_700_000_000, action="status")
     claimed = store.claim(iid, "order", "5")
     assert claimed == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                       "last_action": "status", "claimed_at": int(NOW)}
+                       "last_action": "status", "claimed_at": int(NOW), "seq": 1}
     assert entity(store, iid, "5") == claimed
     assert mark(store, iid, "5", 1_700_000_001) is True  # a new event queues a new message
     assert store.claim(iid, "order", "absent") is None and entity(store, iid, "absent") is None
+
+
+# --- EntityStore: the read before a delivery, and closing what was read -------------------------------
+
+def test_delivery_states_reads_many_without_writing(store, iid):
+    assert store.delivery_states(iid, [("order", "5")]) == {}
+    assert mark(store, iid, "5", 1_700_000_000) and mark(store, iid, "6", 1_700_000_000, kind="contact")
+    states = store.delivery_states(iid, [("order", "5"), ("contact", "6"), ("order", "absent"), ("order", "5")])
+    assert set(states) == {("order", "5"), ("contact", "6")}
+    assert states[("order", "5")] == entity(store, iid, "5") and states[("contact", "6")]["kind"] == "contact"
+    assert states[("order", "5")]["seq"] == 1 and states[("order", "5")]["queued_until"] == NOW + LEASE
+    assert_plain(states[("order", "5")])
+    states[("order", "5")]["dirty"] = False  # the caller's copy
+    assert entity(store, iid, "5")["dirty"] is True and "claimed_at" not in entity(store, iid, "5")
+    many = [("order", str(i)) for i in range(150)]  # more than one BatchGetItem holds
+    for _, crm_id in many[:120]:
+        mark(store, iid, crm_id, 1_700_000_000)
+    assert len(store.delivery_states(iid, many)) == 120
+
+
+def test_seq_counts_every_write_that_owes_a_delivery(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    assert mark(store, iid, "5", 1_700_000_000) is False and entity(store, iid, "5")["seq"] == 2  # same second
+    assert mark(store, iid, "5", 1_699_999_999) is False and entity(store, iid, "5")["seq"] == 2  # stale: nothing
+    assert store.mark_resend(iid, "order", "5") == 1_700_000_000 and entity(store, iid, "5")["seq"] == 3
+    store.note_attempt(iid, "order", "5", attempts=1, error={"m": "503"}, lease_until=NOW + 30)
+    store.mark_dead_lettered(iid, "order", "5")
+    store.clear_dead_lettered(iid, "order", "5")
+    assert entity(store, iid, "5")["seq"] == 3  # the worker's own writes owe nothing new
+
+
+def test_close_with_the_version_read_ends_the_lease_and_a_hold(store, iid, clock):
+    assert mark(store, iid, "5", 1_700_000_000)
+    seen = store.delivery_states(iid, [("order", "5")])[("order", "5")]
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={"order:5": "r"},
+                            uploading_id="u", version=seen["seq"]) is True
+    state = entity(store, iid, "5")
+    assert state["dirty"] is False and "queued_until" not in state and "owner" not in state
+    assert mark(store, iid, "5", 1_700_000_001) is True  # the next event queues at once
+    # an import's hold the delivery read is the delivery's to end
+    hold = store.take_for_backfill(iid, "order", "7", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    seen = store.delivery_states(iid, [("order", "7")])[("order", "7")]
+    assert store.mark_failed(iid, "order", "7", event_time=1_700_000_000, error={"m": "bad"}, version=seen["seq"])
+    state = entity(store, iid, "7")
+    assert state["last_error"] == {"m": "bad"} and "owner" not in state and "queued_until" not in state
+    assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None) is False
+
+
+@pytest.mark.parametrize("meanwhile", ["same-second event", "newer event", "resend", "import hold", "release"])
+def test_close_with_the_version_read_fails_after_anything_owing_a_delivery(store, iid, meanwhile):
+    crm_id = "5"
+    if meanwhile == "import hold":
+        store.take_for_backfill(iid, "order", crm_id, 1_700_000_000, "h", absent=True, now=NOW - LEASE - 1,
+                                lease_seconds=LEASE)  # a crashed import's hold: its lease ran out
+        assert mark(store, iid, crm_id, 1_700_000_000) is True  # a webhook takes the lease over
+    elif meanwhile == "release":  # a stray message's delivery reads an entity an import holds
+        hold = store.take_for_backfill(iid, "order", crm_id, 1_700_000_000, "h", absent=True, now=NOW,
+                                       lease_seconds=LEASE)
+    else:
+        assert mark(store, iid, crm_id, 1_700_000_000)
+    seen = store.delivery_states(iid, [("order", crm_id)])[("order", crm_id)]
+    if meanwhile == "same-second event":
+        assert mark(store, iid, crm_id, 1_700_000_000) is False  # the live lease: nothing queued
+    elif meanwhile == "newer event":
+        assert mark(store, iid, crm_id, 1_700_000_005) is False
+    elif meanwhile == "resend":
+        store.mark_resend(iid, "order", crm_id)
+    elif meanwhile == "import hold":
+        assert store.take_for_backfill(iid, "order", crm_id, 1_700_000_000, "h", now=NOW, lease_seconds=LEASE)
+    else:
+        assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None)
+    before = entity(store, iid, crm_id)
+    for close in (lambda: store.mark_clean(iid, "order", crm_id, event_time=seen["event_time"], content_hash="x",
+                                           row_hashes={}, uploading_id="u2", version=seen["seq"]),
+                  lambda: store.mark_failed(iid, "order", crm_id, event_time=seen["event_time"], error={"m": "x"},
+                                            version=seen["seq"])):
+        assert close() is False
+        assert entity(store, iid, crm_id) == before  # nothing written
+
+
+def test_an_event_in_the_hold_s_own_second_is_not_absorbed_by_the_release(store, iid):
+    """Recorded during an import's hold with the very time the import read: the release refuses (the
+    caller queues the entity), so the live path delivers the change the import's read may have missed."""
+    hold = store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert mark(store, iid, "5", 1_700_000_000) is False  # the hold's lease is live: nothing queued
+    assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None) is False
+    assert entity(store, iid, "5")["dirty"] is True
+
+
+def test_close_of_a_legacy_item_without_seq(store, iid):
+    """Items recorded before `seq` existed: version 0 stands for none, and any event since adds one."""
+    assert mark(store, iid, "5", 1_700_000_000)
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id=None, version=0) is False  # it has seq 1: recorded after the read
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id=None, version=1) is True
+
+
+def test_renew_queue_lease_only_when_the_lease_is_still_the_one_read(store, iid):
+    assert store.renew_queue_lease(iid, "order", "absent", seen=None, until=NOW + 10) is False
+    assert entity(store, iid, "absent") is None  # nothing created
+    assert mark(store, iid, "5", 1_700_000_000)
+    read = store.delivery_states(iid, [("order", "5")])[("order", "5")]["queued_until"]
+    assert store.renew_queue_lease(iid, "order", "5", seen=read + 1, until=NOW + 10) is False
+    assert store.renew_queue_lease(iid, "order", "5", seen=read, until=NOW + 900.5) is True
+    assert entity(store, iid, "5")["queued_until"] == NOW + 900.5
+    assert store.renew_queue_lease(iid, "order", "5", seen=read, until=NOW + 10) is False  # another's now
+    store.claim(iid, "order", "5")  # no lease: `seen` None
+    assert store.renew_queue_lease(iid, "order", "5", seen=None, until=NOW + 20) is True
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id=None, version=1) is True
+    assert store.renew_queue_lease(iid, "order", "5", seen=None, until=NOW + 30) is False  # clean: owes nothing
 
 
 # --- EntityStore: outcomes ---------------------------------------------------------------------------
@@ -322,7 +434,7 @@ def test_mark_clean_records_what_was_sent(store, iid, clock):
     assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False,
                      "last_action": "update", "content_hash": "h1", "row_hashes": {"order:5": "r1", "contact:9": "r2"},
                      "uploading_id": "up-1", "sent_at": int(NOW + 50), "attempts": 0, "last_order": '{"id": "5"}',
-                     "facts": {"late": False, "revenue": 12.5}, "claimed_at": int(NOW)}
+                     "facts": {"late": False, "revenue": 12.5}, "claimed_at": int(NOW), "seq": 1}
     # None → "" for the upload and the order; facts not given are kept; row hashes None are forgotten
     assert mark(store, iid, "5", 1_700_000_001) and store.claim(iid, "order", "5")
     assert store.mark_clean(iid, "order", "5", event_time=1_700_000_001, content_hash="h2", row_hashes=None,
@@ -830,7 +942,7 @@ def test_take_and_release_for_backfill(store, iid, clock, absent):
     assert isinstance(hold, Hold)
     assert (hold.integration_id, hold.kind, hold.crm_id, hold.event_time) == (iid, "order", "5", 1_700_000_000)
     assert hold.state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                          "queued_until": NOW + LEASE, "last_action": "backfill", "owner": hold.owner}
+                          "queued_until": NOW + LEASE, "last_action": "backfill", "owner": hold.owner, "seq": 1}
     assert_plain(hold.state) and isinstance(hold.event_time, int)
     assert entity(store, iid, "5") == hold.state
     clock.t = NOW + 30
@@ -839,7 +951,7 @@ def test_take_and_release_for_backfill(store, iid, clock, absent):
     assert entity(store, iid, "5") == {
         "kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False, "last_action": "backfill",
         "content_hash": "h1", "row_hashes": {"order:5": "r"}, "uploading_id": "u1", "sent_at": int(NOW + 30),
-        "attempts": 0, "last_order": '{"id": "5"}', "facts": {"late": True}}
+        "attempts": 0, "last_order": '{"id": "5"}', "facts": {"late": True}, "seq": 2}
     assert store.release_backfilled(hold, content_hash="h1", uploading_id="u1", last_order=None, facts=None) is False
     assert mark(store, iid, "5", 1_700_000_001) is True  # no lease left behind
 

@@ -23,8 +23,10 @@ Entity state (one per CRM entity, under its integration) holds: `kind` ("order"/
 present while a message for the entity is believed to be on its way; a lease that has passed means the
 message was lost), `last_action`, `attempts`, `last_error`, `failed_at`, `content_hash`, `row_hashes`
 (row id → hash of the rows Metrika accepted), `uploading_id`, `sent_at`, `last_order` (JSON of the
-order as sent), `facts`, `owner` (set while a history import holds the entity), and `dead_lettered_at`
-(set while the entity's message is believed to be in the dead-letter queue).
+order as sent), `facts`, `owner` (set while a history import holds the entity), `dead_lettered_at`
+(set while the entity's message is believed to be in the dead-letter queue), and `seq` (a count of the
+writes that owe a delivery: each event recorded, resend and history-import hold or release adds one, so a
+delivery that read the state closes it only if nothing was recorded since, even in the same second).
 """
 from __future__ import annotations
 
@@ -184,7 +186,8 @@ class EntityStore(Protocol):
         (a bogus future time, overwritten so the entity is not frozen). Equal times pass. A stale event
         writes nothing and returns False.
 
-        When recorded: no lease → take it (until `now + lease_seconds`), True. A live lease (not before
+        When recorded, `seq` counts one more (even at an equal time: see `mark_clean`'s `version`), and:
+        no lease → take it (until `now + lease_seconds`), True. A live lease (not before
         `now`) → False: the pending message covers this change too, so a burst costs one message. An
         expired lease (its message was lost) → taken over, True. Of concurrent callers, exactly one
         gets True for one missing or expired lease."""
@@ -197,22 +200,42 @@ class EntityStore(Protocol):
         """The worker takes the entity for delivery: drops the queue lease (from now on a new event
         queues a new message) and a history import's hold, and stamps `claimed_at` (the stuck sweep
         leaves a fresh claim alone). Returns the state (as `get_entity`), or None when the entity has no
-        state (e.g. its integration was deleted)."""
+        state (e.g. its integration was deleted). One write: the worker claims only for a message SQS
+        handed out again (a worker died on it); a first receive reads (`delivery_states`)."""
+
+    def delivery_states(self, integration_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        """The state of each of `keys` that has one (as `get_entity`), keyed as asked: the worker's read
+        before a delivery, in place of a claim. One bulk read (strongly consistent), no write: the queue
+        lease stays while the delivery runs (an event meanwhile records its time and counts `seq`, and
+        queues nothing), and the delivery closes the entity with the `seq` it read (`mark_clean`'s
+        `version`) or, if that fails, renews the lease it saw and queues (`renew_queue_lease`)."""
+
+    def renew_queue_lease(self, integration_id: str, kind: str, crm_id: str, *, seen: float | None,
+                          until: float) -> bool:
+        """A delivery could not close the entity (recorded since its read): take the queue lease until
+        `until`, only if the entity is dirty and its lease is still the one the delivery read (`seen`,
+        None: none). True: no one else took a lease since, so no other message is on its way and the
+        caller must send one (if it dies first, the lease runs out and the stuck sweep queues it; SQS
+        also hands the caller's own message out again). False: whoever took the lease queued."""
 
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
                    row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
-                   facts: dict | None = None) -> bool:
+                   facts: dict | None = None, version: int | None = None) -> bool:
         """Delivered the state seen at `event_time`: dirty=False, content_hash, row_hashes (None removes
         them: unknown), uploading_id ("" for None), sent_at=now, attempts=0, last_order ("" for None), facts (when
-        given); last_error and dead_lettered_at removed. Only if the entity is as the claim saw it: the
-        stored event time is still `event_time` and no lease was taken since (an event recorded
-        meanwhile, even one with the same time, takes a lease and queues its own message). False
-        otherwise; it stays dirty."""
+        given); last_error and dead_lettered_at removed. Only if the entity is as the delivery saw it: the
+        stored event time is still `event_time` and, with `version` (the `seq` of the state as read,
+        0 when it had none), `seq` is still that (nothing recorded since, even in the same second): then
+        the queue lease and a history import's hold are removed too, in the same write. Without
+        `version` (the entity was claimed): no lease was taken since (an event recorded meanwhile, even
+        one with the same time, takes a lease and queues its own message). False otherwise; it stays
+        dirty."""
 
-    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict,
+                    version: int | None = None) -> bool:
         """Park the entity (a permanent error that needs a person): dirty=False, last_error=error,
         failed_at=now, content_hash and dead_lettered_at removed (rows may have gone up before the
-        refusal). Same condition and answer as `mark_clean`."""
+        refusal). Same condition, answer and `version` as `mark_clean`."""
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
                      lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
@@ -253,7 +276,7 @@ class EntityStore(Protocol):
 
     def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
         """Metrika reported an upload that carried this entity as failed: forget what was sent and owe a
-        delivery, in one atomic write. content_hash removed; row_hashes set to {} (Metrika holds none of
+        delivery, in one atomic write. `seq` counts one more; content_hash removed; row_hashes set to {} (Metrika holds none of
         its rows; an absent map would fall back to `last_order`); dirty=True; a history import's hold
         (`owner`) dropped; and, unless a live lease exists, a lease that has already run out
         (queued_until=0). So a delivery that read the old state cannot close the entity (`mark_clean`,
@@ -398,7 +421,8 @@ class ImportStore(Protocol):
         was recorded since. Taking sets event_time, dirty, the
         import's owner mark and a queue lease until `now + lease_seconds`; while it is live, webhooks
         record newer events without queueing (see `release_backfilled`), and once it expired (a
-        crashed import) a webhook takes the lease over and queues. None when not taken.
+        crashed import) a webhook takes the lease over and queues. Taking counts one more `seq`. None
+        when not taken.
 
         `absent`: the caller just found no state, so a cheaper create-if-absent is tried first."""
 
@@ -409,8 +433,10 @@ class ImportStore(Protocol):
         (content_hash, row_hashes (None removes them), uploading_id, sent_at=now, attempts=0,
         last_order, facts when given; last_error removed) or, with `error`, parked (last_error,
         failed_at=now, content_hash removed); dead_lettered_at removed either way. Only if no newer
-        event came and nobody claimed the entity since the hold (event time and owner unchanged): one
-        atomic check-and-write. False otherwise: the entity stays dirty, and the caller must queue a
+        event came and nobody claimed the entity since the hold (event time and owner unchanged) and
+        nothing was recorded since (`seq` as held: an event in the hold's own second is no longer absorbed,
+        the live path delivers it): one atomic check-and-write, which counts one more `seq` (a delivery
+        that read the held state cannot close it). False otherwise: the entity stays dirty, and the caller must queue a
         message for it."""
 
 

@@ -187,6 +187,7 @@ class DynamoStore:
         self._clock = clock
         self._integrations: dict[str, tuple[float, dict]] = {}  # id → (read at, config), see get_integration
         self._uploads_moved: set[str] = set()  # integrations with no older upload records left (`_migrate_uploads`)
+        self._rate_next: dict[str, float] = {}  # scope → the next slot after this process's last (reserve_slot)
 
     # --- IntegrationStore ----------------------------------------------------------------------------
 
@@ -275,10 +276,11 @@ class DynamoStore:
         try:
             old = self._db.update_item(
                 TableName=self._state, Key=key,
+                # `seq` counts what owes a delivery: a delivery that read another count cannot close it.
                 UpdateExpression="SET event_time = :t, dirty = :yes, last_action = :a, "
-                                 "queued_until = if_not_exists(queued_until, :lease)",
+                                 "queued_until = if_not_exists(queued_until, :lease) ADD seq :one",
                 ConditionExpression="attribute_not_exists(event_time) OR event_time <= :t OR event_time > :future",
-                ExpressionAttributeValues=_to_item({":t": ref.event_time, ":yes": True, ":a": ref.action,
+                ExpressionAttributeValues=_to_item({":t": ref.event_time, ":yes": True, ":a": ref.action, ":one": 1,
                                                     ":lease": lease, ":future": _decimal(now + future_skew)}),
                 ReturnValues="ALL_OLD",
             ).get("Attributes", {})
@@ -324,9 +326,37 @@ class DynamoStore:
             raise
         return _entity(item["Attributes"])
 
+    def delivery_states(self, integration_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        # One BatchGetItem per 100 keys (strongly consistent): the worker's read before a delivery.
+        wanted = {_entity_sk(kind, crm_id): (kind, crm_id) for kind, crm_id in keys}
+        found = {}
+        for item in self._batch_get(integration_id, list(wanted), None):
+            key = wanted.get(item["sk"])
+            if key is not None:
+                found[key] = {"kind": key[0].lower(), "crm_id": key[1],
+                              **{k: v for k, v in item.items() if k not in ("pk", "sk")}}
+        return found
+
+    def renew_queue_lease(self, integration_id: str, kind: str, crm_id: str, *, seen: float | None,
+                          until: float) -> bool:
+        values: dict[str, Any] = {":until": _decimal(until), ":yes": True}
+        if seen is None:
+            condition = "dirty = :yes AND attribute_not_exists(queued_until)"
+        else:
+            condition, values[":seen"] = "dirty = :yes AND queued_until = :seen", _decimal(seen)
+        try:
+            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                 UpdateExpression="SET queued_until = :until", ConditionExpression=condition,
+                                 ExpressionAttributeValues=_to_item(values))
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
                    row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
-                   facts: dict | None = None) -> bool:
+                   facts: dict | None = None, version: int | None = None) -> bool:
         facts_update = ", facts = :f" if facts is not None else ""
         # None: which rows Metrika holds is unknown, so no stale hashes may survive to skip rows later.
         hashes_update, removed = (", row_hashes = :rh", "") if row_hashes is not None else ("", ", row_hashes")
@@ -334,13 +364,14 @@ class DynamoStore:
                             "SET dirty = :no, content_hash = :h, uploading_id = :u, sent_at = :now, attempts = :zero, "
                             f"last_order = :o{hashes_update}{facts_update} REMOVE last_error, dead_lettered_at{removed}",
                             {":h": content_hash, ":rh": row_hashes, ":u": uploading_id or "", ":zero": 0,
-                             ":o": last_order or "", ":f": facts})
+                             ":o": last_order or "", ":f": facts}, version)
 
-    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict,
+                    version: int | None = None) -> bool:
         # Rows may have gone up before the refusal: the old content hash no longer says what Metrika holds.
         return self._finish(integration_id, kind, crm_id, event_time,
                             "SET dirty = :no, last_error = :e, failed_at = :now REMOVE content_hash, dead_lettered_at",
-                            {":e": error})
+                            {":e": error}, version)
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
                      lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
@@ -404,9 +435,9 @@ class DynamoStore:
                 TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
                 # queued_until 0: a lease that has run out, which the caller's mark_dirty takes over
                 UpdateExpression="SET dirty = :yes, row_hashes = :none, queued_until = if_not_exists(queued_until, :out) "
-                                 "REMOVE content_hash, #o",
+                                 "REMOVE content_hash, #o ADD seq :one",
                 ConditionExpression="attribute_exists(pk)", ExpressionAttributeNames={"#o": "owner"},
-                ExpressionAttributeValues=_to_item({":yes": True, ":none": {}, ":out": _decimal(0)}),
+                ExpressionAttributeValues=_to_item({":yes": True, ":none": {}, ":out": _decimal(0), ":one": 1}),
                 ReturnValues="ALL_NEW")["Attributes"]
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -615,11 +646,20 @@ class DynamoStore:
 
     def reserve_slot(self, scope: str, interval: float, now: float) -> float:
         key = _to_item({"pk": f"RATE#{scope}", "sk": "NEXT"})
+        # A refused conditional write is billed as a write: when this process's own last slot for the
+        # scope still lies ahead (the next request of one CRM read, a few ms later), the scope is busy,
+        # so the busy path goes first and the usual case costs one write, not two.
+        if self._rate_next.get(scope, 0.0) > now:
+            slot = self._reserve_busy(key, interval, now)
+            if slot is not None:
+                self._rate_next[scope] = slot + interval
+                return slot
         try:  # idle: the slot is now
             self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = :next",
                                  ConditionExpression="attribute_not_exists(next_at) OR next_at <= :now",
                                  ExpressionAttributeValues=_to_item({":next": _decimal(now + interval),
                                                                      ":now": _decimal(now)}))
+            self._rate_next[scope] = now + interval
             return now
         except ClientError as exc:
             if not _conditional_failed(exc):
@@ -627,6 +667,23 @@ class DynamoStore:
         busy = self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
                                     ExpressionAttributeValues=_to_item({":i": _decimal(interval)}),
                                     ReturnValues="UPDATED_NEW")
+        slot = float(busy["Attributes"]["next_at"]["N"]) - interval
+        self._rate_next[scope] = slot + interval
+        return slot
+
+    def _reserve_busy(self, key: dict, interval: float, now: float) -> float | None:
+        """The slot after the scope's next one, if the scope is busy (its next slot after `now`); None
+        when it is idle (the idle path then decides)."""
+        try:
+            busy = self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
+                                        ConditionExpression="next_at > :now",
+                                        ExpressionAttributeValues=_to_item({":i": _decimal(interval),
+                                                                            ":now": _decimal(now)}),
+                                        ReturnValues="UPDATED_NEW")
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
         return float(busy["Attributes"]["next_at"]["N"]) - interval
 
     def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
@@ -707,7 +764,7 @@ class DynamoStore:
         lease = _decimal(now + lease_seconds)
         if absent:
             item = _to_item({**key, "event_time": event_time, "dirty": True, "queued_until": lease,
-                             "last_action": "backfill", "owner": BACKFILL_OWNER})
+                             "last_action": "backfill", "owner": BACKFILL_OWNER, "seq": 1})
             try:
                 self._db.put_item(TableName=self._state, Item=item, ConditionExpression="attribute_not_exists(pk)")
                 return self._hold(integration_id, item)
@@ -718,13 +775,14 @@ class DynamoStore:
             item = self._db.update_item(
                 TableName=self._state, Key=_to_item(key),
                 UpdateExpression="SET event_time = :t, dirty = :yes, queued_until = :lease, last_action = :a, "
-                                 "#o = :owner",
+                                 "#o = :owner ADD seq :one",
                 ConditionExpression="attribute_not_exists(event_time) OR (#o = :owner AND event_time <= :t) OR "
                                     "(dirty = :no AND event_time < :t AND (attribute_not_exists(content_hash) "
                                     "OR content_hash <> :h))",
                 ExpressionAttributeNames={"#o": "owner"},
                 ExpressionAttributeValues=_to_item({":t": event_time, ":yes": True, ":no": False, ":a": "backfill",
-                                                    ":owner": BACKFILL_OWNER, ":h": content_hash, ":lease": lease}),
+                                                    ":owner": BACKFILL_OWNER, ":h": content_hash, ":lease": lease,
+                                                    ":one": 1}),
                 ReturnValues="ALL_NEW")["Attributes"]
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -752,14 +810,21 @@ class DynamoStore:
             if facts is not None:
                 state["facts"] = facts
         state["dirty"] = False
+        state["seq"] = int(hold.state.get("seq") or 0) + 1  # a delivery that read the held state cannot close it
         item = _to_item({"pk": _pk(hold.integration_id), "sk": _entity_sk(hold.kind, hold.crm_id), **state})
         # Refused: a newer event came meanwhile (or a worker claimed it). The entity stays dirty and held
         # until the caller's message is claimed, so a crash before queueing leaves it to the stuck sweep
         # once the hold's lease expires, or to the next run of the import.
+        # `seq` as held: nothing recorded since, not even in the hold's own second (a webhook then stays
+        # the live path's to deliver), and the put's seq is then one no delivery can have read.
+        held_seq = int(hold.state.get("seq") or 0)
         try:
-            self._db.put_item(TableName=self._state, Item=item, ConditionExpression="event_time = :seen AND #o = :owner",
+            self._db.put_item(TableName=self._state, Item=item,
+                              ConditionExpression="event_time = :seen AND #o = :owner AND "
+                                                  + ("seq = :seq" if held_seq else "attribute_not_exists(seq)"),
                               ExpressionAttributeNames={"#o": "owner"},
-                              ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner}))
+                              ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner,
+                                                                  ":seq": held_seq or None}))
         except ClientError as exc:
             if _conditional_failed(exc):
                 return False
@@ -822,13 +887,24 @@ class DynamoStore:
                     event_time=state["event_time"], owner=state["owner"], state=state)
 
     def _finish(self, integration_id: str, kind: str, crm_id: str, event_time: int, update: str,
-                values: dict) -> bool:
+                values: dict, version: int | None) -> bool:
+        names: dict[str, str] = {}
+        if version is None:
+            # A lease taken since the claim means an event was recorded meanwhile, perhaps with the
+            # same time: its own message is on the way, so this delivery must not close the entity.
+            condition = "event_time = :seen AND attribute_not_exists(queued_until)"
+        else:
+            # Read, not claimed: nothing that owes a delivery was written since the read (`seq`, which
+            # every event, resend and import hold counts, even at the same event time). The lease and
+            # a hold are this delivery's to end: the next event takes a new lease and queues.
+            condition = "event_time = :seen AND " + ("seq = :seq" if version else "attribute_not_exists(seq)")
+            values = {**values, ":seq": version or None}
+            update = update.replace(" REMOVE ", " REMOVE queued_until, #o, ", 1)
+            names["#o"] = "owner"
         try:
             self._db.update_item(
                 TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                # A lease taken since the claim means an event was recorded meanwhile, perhaps with the
-                # same time: its own message is on the way, so this delivery must not close the entity.
-                UpdateExpression=update, ConditionExpression="event_time = :seen AND attribute_not_exists(queued_until)",
+                UpdateExpression=update, ConditionExpression=condition, **({"ExpressionAttributeNames": names} if names else {}),
                 # _to_item drops None values: a placeholder the update does not use must not be sent
                 ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False, ":now": self._now()}))
         except ClientError as exc:

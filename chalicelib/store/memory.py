@@ -170,7 +170,7 @@ class MemoryStore:
                     return False  # stale: a newer event is already recorded
             item = entities.setdefault(key, {})
             held = item.get("queued_until")
-            _set(item, event_time=seen, dirty=True, last_action=ref.action)
+            _set(item, event_time=seen, dirty=True, last_action=ref.action, seq=item.get("seq", 0) + 1)
             if held is not None and held >= _decimal(now):
                 return False  # the pending message covers this change
             item["queued_until"] = _decimal(now + lease_seconds)  # no lease, or an expired one taken over
@@ -197,11 +197,29 @@ class MemoryStore:
             _set(item, claimed_at=self._now())
             return self._view(kind, crm_id, item)
 
+    def delivery_states(self, integration_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        with self._lock:
+            found = {}
+            for kind, crm_id in dict.fromkeys(keys):
+                item = self._item(integration_id, kind, crm_id)
+                if item is not None:
+                    found[(kind, crm_id)] = self._view(kind, crm_id, item)
+            return found
+
+    def renew_queue_lease(self, integration_id: str, kind: str, crm_id: str, *, seen: float | None,
+                          until: float) -> bool:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            if item is None or item.get("dirty") is not True or _plain(item.get("queued_until")) != seen:
+                return False
+            item["queued_until"] = _decimal(until)
+            return True
+
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
                    row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
-                   facts: dict | None = None) -> bool:
+                   facts: dict | None = None, version: int | None = None) -> bool:
         with self._lock:
-            item = self._current(integration_id, kind, crm_id, event_time)
+            item = self._current(integration_id, kind, crm_id, event_time, version)
             if item is None:
                 return False
             _set(item, dirty=False, content_hash=content_hash, row_hashes=row_hashes, uploading_id=uploading_id or "",
@@ -212,9 +230,10 @@ class MemoryStore:
                 item.pop("row_hashes", None)
             return True
 
-    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict,
+                    version: int | None = None) -> bool:
         with self._lock:
-            item = self._current(integration_id, kind, crm_id, event_time)
+            item = self._current(integration_id, kind, crm_id, event_time, version)
             if item is None:
                 return False
             _set(item, dirty=False, last_error=error, failed_at=self._now())
@@ -282,7 +301,7 @@ class MemoryStore:
             item = self._item(integration_id, kind, crm_id)
             if item is None:
                 return None
-            _set(item, dirty=True, row_hashes={})
+            _set(item, dirty=True, row_hashes={}, seq=item.get("seq", 0) + 1)
             item.setdefault("queued_until", _decimal(0))  # run out: the caller's mark_dirty takes it over
             item.pop("content_hash", None)
             item.pop("owner", None)
@@ -476,7 +495,7 @@ class MemoryStore:
                 return None  # the live path has it, or this content was already sent
             item = entities.setdefault(key, {})
             _set(item, event_time=seen, dirty=True, queued_until=_decimal(now + lease_seconds),
-                 last_action="backfill", owner=BACKFILL_OWNER)
+                 last_action="backfill", owner=BACKFILL_OWNER, seq=item.get("seq", 0) + 1)
             state = self._view(kind, crm_id, item)
             return Hold(integration_id=integration_id, kind=state["kind"], crm_id=crm_id,
                         event_time=state["event_time"], owner=state["owner"], state=state)
@@ -488,6 +507,8 @@ class MemoryStore:
             item = self._item(hold.integration_id, hold.kind, hold.crm_id)
             if item is None or item.get("event_time") != _model(hold.event_time) or item.get("owner") != hold.owner:
                 return False  # a newer event came meanwhile, or a worker claimed the entity
+            if item.get("seq", 0) != int(hold.state.get("seq") or 0):
+                return False  # recorded since the hold, even in its second: the live path delivers it
             # The whole state as held, like DynamoStore's conditional put.
             state = {k: v for k, v in hold.state.items()
                      if k not in ("kind", "crm_id", "owner", "queued_until", "dead_lettered_at", *LEGACY_ATTRIBUTES)}
@@ -503,6 +524,7 @@ class MemoryStore:
                 if facts is not None:
                     state["facts"] = facts
             state["dirty"] = False
+            state["seq"] = int(hold.state.get("seq") or 0) + 1  # a delivery that read the held state cannot close it
             replaced: dict = {}
             _set(replaced, **state)
             self._entities[hold.integration_id][(hold.kind.lower(), hold.crm_id)] = replaced
@@ -540,11 +562,21 @@ class MemoryStore:
         """The stored attributes themselves (callers hold the lock; never hand them out)."""
         return self._entities.get(integration_id, {}).get((kind.lower(), crm_id))
 
-    def _current(self, integration_id: str, kind: str, crm_id: str, event_time: int) -> dict | None:
-        """The entity if it is as the claim saw it: the same event time and no event recorded since."""
+    def _current(self, integration_id: str, kind: str, crm_id: str, event_time: int,
+                 version: int | None) -> dict | None:
+        """The entity if it is as the delivery saw it: the same event time and no event recorded since.
+        `version` (the `seq` read): nothing that owes a delivery was written since; the lease and a
+        history import's hold are the delivery's to end, so they go. None (claimed): no lease taken
+        since the claim."""
         item = self._item(integration_id, kind, crm_id)
-        if item is None or item.get("event_time") != _model(event_time) or "queued_until" in item:
-            return None  # newer, or recorded since the claim (the lease says so, even at the same time)
+        if item is None or item.get("event_time") != _model(event_time):
+            return None  # newer
+        if version is None:
+            return None if "queued_until" in item else item  # recorded since the claim (even at the same time)
+        if item.get("seq", 0) != version:
+            return None  # recorded (or resent, or taken by an import) since the read, even at the same time
+        item.pop("queued_until", None)
+        item.pop("owner", None)
         return item
 
     def _ordered(self, integration_id: str) -> list[tuple[tuple[str, str], dict]]:
