@@ -80,7 +80,6 @@ def test_a_job_too_big_for_a_whole_invocation_is_not_run_again_and_again(metrika
     invocation, it waits for the next schedule instead (as the walk put it behind the others)."""
     from chalicelib import deadline
     from chalicelib.errors import OutOfTime
-    from chalicelib.queue import RECONCILE
     from chalicelib.worker import RESERVE_SECONDS
     core, source = job_core(metrika_sandbox.url, ["alpha"])
     source.fail["alpha"] = OutOfTime("Bitrix24 did not answer within the 1.0 s left", source="bitrix24")
