@@ -24,7 +24,7 @@ the sources' per-account pacing (`MIN_INTERVAL`: amoCRM 7/s, Bitrix24 2/s) is se
 still called (and counted) on every CRM request. Each real account has its own limit: BENCHMARKS.md's
 projection applies it on paper. Deals/s here is the in-process ceiling at loopback latency.
 
-    python -m bench.scale                              (1,000 × 10, a moto slice of 20; a few minutes)
+    python -m bench.scale                              (1,000 × 10, a moto slice of 100 × 2; ~6 minutes)
     python -m bench.scale --quick                      (50 × 2, slice of 5: a smoke run, ~15 s)
     python -m bench.scale --integrations 200 --deals 5 --batch-size 10 --moto-slice 0
 """
@@ -60,8 +60,9 @@ class CountedStore:
     """The store, each public method call counted by name (thread-safe). `method()` names the outermost
     counted call running on this thread, so DynamoDB operations can be put down to it."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, seconds: float = 0.0) -> None:
         self._inner, self.calls, self._lock, self._local = inner, Counter(), threading.Lock(), threading.local()
+        self._seconds = seconds  # each call answered after this long: DynamoDB's round trip, modelled
 
     def method(self) -> str | None:
         return getattr(self._local, "method", None)
@@ -78,6 +79,8 @@ class CountedStore:
             if outer is None:
                 self._local.method = name
             try:
+                if self._seconds and outer is None:
+                    time.sleep(self._seconds)
                 return attribute(*args, **kwargs)
             finally:
                 if outer is None:
@@ -89,14 +92,16 @@ class CountedQueue:
     """The queue, its sends counted: messages, and SQS requests as `EventQueue.send` makes them (ten
     messages a SendMessageBatch)."""
 
-    def __init__(self, inner: Any) -> None:
-        self._inner, self._lock = inner, threading.Lock()
+    def __init__(self, inner: Any, seconds: float = 0.0) -> None:
+        self._inner, self._lock, self._seconds = inner, threading.Lock(), seconds
         self.messages = self.requests = 0
 
     def send(self, messages: list[dict], delay_seconds: int = 0) -> None:
         with self._lock:
             self.messages += len(messages)
             self.requests += math.ceil(len(messages) / 10)
+        if self._seconds:
+            time.sleep(self._seconds * math.ceil(len(messages) / 10))
         return self._inner.send(messages, delay_seconds)
 
     def __len__(self) -> int:
@@ -143,6 +148,8 @@ class DynamoCalls:
         self.by_method: dict[str, Counter] = {}
         self.read_units = self.write_units = 0.0
         self.items_written: Counter = Counter()
+        self.units_by_method: dict[str, list[float]] = {}  # method → [read units, write units]
+        self._pending = threading.local()  # the request's parameters, from before the call to after it
 
     def attach(self, client: Any) -> None:
         client.meta.events.register("before-call.dynamodb", self._before)
@@ -154,8 +161,15 @@ class DynamoCalls:
             self.by_method.clear()
             self.read_units = self.write_units = 0.0
             self.items_written.clear()
+            self.units_by_method.clear()
+
+    def _units(self, read: float, write: float) -> None:
+        units = self.units_by_method.setdefault(self.store.method() or "(another thread)", [0.0, 0.0])
+        units[0] += read
+        units[1] += write
 
     def _before(self, model: Any, params: dict, **_: Any) -> None:
+        self._pending.params = params
         name, units, items = model.name, 0.0, 0
         if name in ("PutItem", "UpdateItem", "DeleteItem"):
             items, units = 1, _kb(params.get("Item") or params.get("Key"), 1024)
@@ -172,27 +186,42 @@ class DynamoCalls:
             self.by_method.setdefault(self.store.method() or "(another thread)", Counter())[name] += 1
             self.write_units += units
             self.items_written[name] += items
+            self._units(0.0, units)
 
-    def _after(self, model: Any, parsed: dict, **kwargs: Any) -> None:
-        name, params = model.name, kwargs.get("context", {}).get("params", {}) or {}
+    def _after(self, model: Any, parsed: dict, **_: Any) -> None:
+        name, params = model.name, getattr(self._pending, "params", None) or {}
         consistent = 1.0 if params.get("ConsistentRead") else 0.5
         units = 0.0
         if name == "GetItem":
             units = consistent * _kb(parsed.get("Item"), 4096)
         elif name in ("Query", "Scan"):
             units = consistent * _kb(parsed.get("Items"), 4096)
-        elif name == "BatchGetItem":
-            units = sum(0.5 * _kb(item, 4096) for rows in parsed.get("Responses", {}).values() for item in rows)
+        elif name == "BatchGetItem":  # each key a read, found or not (at least one unit, or half)
+            for table, request in params.get("RequestItems", {}).items():
+                each = 1.0 if request.get("ConsistentRead") else 0.5
+                found = parsed.get("Responses", {}).get(table, [])
+                units += each * (sum(_kb(item, 4096) for item in found) + len(request.get("Keys", [])) - len(found))
         elif name == "TransactGetItems":
             units = sum(2 * _kb(r.get("Item"), 4096) for r in parsed.get("Responses", []))
         with self._lock:
             self.read_units += units
+            self._units(units, 0.0)
 
 
 def _kb(value: Any, unit: int) -> int:
     """Request units an item (or items) of this size costs: at least one."""
     size = len(json.dumps(value, default=str)) if value else 0
     return max(1, math.ceil(size / unit))
+
+
+@dataclass
+class Latency:
+    """Modelled round trips (seconds): each DynamoDB call and SQS SendMessageBatch, each CRM request,
+    each Metrika request."""
+
+    aws: float = 0.0
+    crm: float = 0.0
+    metrika: float = 0.0
 
 
 @dataclass
@@ -253,6 +282,9 @@ _TENANT = threading.local()  # the account (amoCRM token) or portal (Bitrix24 co
 _REST = re.compile(r"/rest/(?P<user>[^/]+)/(?P<code>[^/]+)/(?P<method>[\w.]+?)(\.json)?/?$")
 
 
+_CRM_SECONDS = [0.0]  # each CRM API request answered after this long (`--crm-ms`)
+
+
 class TenantDict(dict):
     """A sandbox's entities of every account: read by id, any; listed, only the calling account's."""
 
@@ -298,6 +330,8 @@ def _accounts_sandboxes() -> tuple[type, type]:
                 if account is not None:
                     request.headers["authorization"] = f"Bearer {self.token}"
                 _TENANT.name = account
+                if _CRM_SECONDS[0]:
+                    time.sleep(_CRM_SECONDS[0])
                 try:
                     return inner(request)
                 finally:
@@ -321,6 +355,8 @@ def _accounts_sandboxes() -> tuple[type, type]:
             if portal is not None:
                 request.match = _REST.match(request.path.replace(f"/{request.match['code']}/", f"/{self.code}/", 1))
             _TENANT.name = portal
+            if _CRM_SECONDS[0]:
+                time.sleep(_CRM_SECONDS[0])
             try:
                 return super()._rest(request)
             finally:
@@ -404,7 +440,8 @@ def seed(raw_store: Any, boxes: Sandboxes, integrations: int, deals: int, *, per
 
 def run(boxes: Sandboxes, integrations: int, deals: int, *, raw_store: Any = None, batch_size: int = 100,
         threads: int | None = None, per_token: int = 1, prefix: str = "scale",
-        on_store: Callable[[CountedStore], Any] | None = None, patience: float = 30.0) -> Result:
+        on_store: Callable[[CountedStore], Any] | None = None, patience: float = 30.0,
+        latency: Latency | None = None) -> Result:
     """The phases over `integrations` × `deals`. `raw_store`: the store to use (the in-memory one unless
     given); `on_store(counted)` may return an object with `clear()` and a snapshot `figures()` of DynamoDB
     calls (moto), taken per phase."""
@@ -413,15 +450,21 @@ def run(boxes: Sandboxes, integrations: int, deals: int, *, raw_store: Any = Non
     os.environ.setdefault("ALLOW_LOOPBACK_CRM", "1")  # the CRM sandboxes listen on loopback
     paced = amo_source.MIN_INTERVAL, b24_source.MIN_INTERVAL
     amo_source.MIN_INTERVAL = b24_source.MIN_INTERVAL = 0.0  # one sandbox for all accounts: see the docstring
+    latency = latency or Latency()
+    _CRM_SECONDS[0] = latency.crm
+    boxes.metrika.set_faults(slow=1.0 if latency.metrika else 0.0, slow_seconds=latency.metrika)
     try:
         return _run(boxes, integrations, deals, raw_store=raw_store, batch_size=batch_size, threads=threads,
-                    per_token=per_token, prefix=prefix, on_store=on_store, patience=patience)
+                    per_token=per_token, prefix=prefix, on_store=on_store, patience=patience, aws=latency.aws)
     finally:
         amo_source.MIN_INTERVAL, b24_source.MIN_INTERVAL = paced
+        _CRM_SECONDS[0] = 0.0
+        boxes.metrika.set_faults()
 
 
 def _run(boxes: Sandboxes, integrations: int, deals: int, *, raw_store: Any, batch_size: int, threads: int | None,
-         per_token: int, prefix: str, on_store: Callable[[CountedStore], Any] | None, patience: float) -> Result:
+         per_token: int, prefix: str, on_store: Callable[[CountedStore], Any] | None, patience: float,
+         aws: float) -> Result:
     from chalicelib.crm.amocrm.source import AmoCrmSource
     from chalicelib.crm.bitrix24.source import Bitrix24Source
     from chalicelib.ingest import Ingest
@@ -433,7 +476,7 @@ def _run(boxes: Sandboxes, integrations: int, deals: int, *, raw_store: Any, bat
     from chalicelib.worker import WORKER_THREADS, Worker
     raw_store = raw_store if raw_store is not None else MemoryStore()
     ids, webhooks, counters = seed(raw_store, boxes, integrations, deals, per_token=per_token, prefix=prefix)
-    store, queue = CountedStore(raw_store), CountedQueue(MemoryQueue())
+    store, queue = CountedStore(raw_store, aws), CountedQueue(MemoryQueue(), aws)
     dynamo = on_store(store) if on_store else None
     sources = {"amocrm": AmoCrmSource(store.reserve_slot, accounts=store),
                "bitrix24": Bitrix24Source(store.reserve_slot)}
@@ -533,7 +576,8 @@ class MotoCounts:
         calls = self._calls
         return {"operations": Counter(calls.operations), "by_method": {m: dict(c) for m, c in calls.by_method.items()},
                 "read_units": calls.read_units, "write_units": calls.write_units,
-                "items_written": Counter(calls.items_written)}
+                "items_written": Counter(calls.items_written),
+                "units_by_method": {m: list(u) for m, u in calls.units_by_method.items()}}
 
 
 @contextlib.contextmanager
@@ -603,6 +647,9 @@ def report(result: Result, *, batch_size: int, threads: int, slice_result: Resul
                                                  f"{_per(sum(worker.store.values()), deals)}"],
         ["SQS messages a deal (sent)", _per(webhooks.messages + worker.messages, deals)],
         ["log bytes a deal: webhook / worker", f"{_per(webhooks.log_bytes, deals)} / {_per(worker.log_bytes, deals)}"],
+        ["worker seconds a deal (batches one after another: Lambda GB-s a deal at 1,024 MB)",
+         f"{worker.seconds / deals:.4f} s"],
+        ["ingest seconds a webhook (the API handler's work, no HTTP)", f"{webhooks.seconds / deals:.4f} s"],
         ["entity state item (JSON): mean / max", f"{result.state_item_bytes[0]} B / {result.state_item_bytes[1]} B"],
         ["messages still queued at the end", result.pending],
         ["messages the reconciliation queued", result.queued_by_reconcile],
@@ -617,6 +664,47 @@ def report(result: Result, *, batch_size: int, threads: int, slice_result: Resul
                                                             "messages", "CRM requests", "Metrika requests"], sched)
     if slice_result is not None:
         report_moto(slice_result)
+        report_projection(result, slice_result)
+
+
+def report_projection(result: Result, sliced: Result) -> None:
+    """DynamoDB a deal at the big run's shape: its store calls a deal × the operations and request units
+    each call made on moto (the slice)."""
+    deals = result.integrations * result.deals
+    calls = result.phases["webhooks"].store + result.phases["worker"].store
+    slice_calls = sliced.phases["webhooks"].store + sliced.phases["worker"].store
+    ops: dict[str, Counter] = {}
+    units: dict[str, list[float]] = {}
+    for name in ("webhooks", "worker"):
+        dynamo = sliced.phases[name].dynamo
+        for method, counted in dynamo.get("by_method", {}).items():
+            ops.setdefault(method, Counter()).update(counted)
+        for method, (read, write) in dynamo.get("units_by_method", {}).items():
+            total = units.setdefault(method, [0.0, 0.0])
+            total[0] += read
+            total[1] += write
+    rows, totals = [], Counter()
+    for method, n in calls.most_common():
+        measured = slice_calls.get(method, 0)
+        per_call = {op: c / measured for op, c in ops.get(method, {}).items()} if measured else {}
+        read, write = (u / measured for u in units.get(method, [0.0, 0.0])) if measured else (0.0, 0.0)
+        for op, c in per_call.items():
+            totals[op] += c * n / deals
+        totals["read units"] += read * n / deals
+        totals["write units"] += write * n / deals
+        rows.append([method, _per(n, deals), ", ".join(f"{op} {c:.2f}" for op, c in sorted(per_call.items())) or
+                     ("not on moto's slice" if not measured else "none (served from the process's copy)"),
+                     f"{read * n / deals:.2f}", f"{write * n / deals:.2f}"])
+    writes = sum(c for op, c in totals.items() if op in WRITES)
+    reads = sum(c for op, c in totals.items() if op not in WRITES and "units" not in op)
+    rows.append(["**total a deal**", _per(sum(calls.values()), deals),
+                 f"{writes:.2f} writes, {reads:.2f} reads: " + ", ".join(
+                     f"{op} {c:.2f}" for op, c in sorted(totals.items()) if "units" not in op),
+                 f"{totals['read units']:.2f}", f"{totals['write units']:.2f}"])
+    table(f"DynamoDB a deal at the {result.integrations} × {result.deals} run's shape (its store calls a deal × "
+          "the operations and units a call made on moto)",
+          ["store method", "calls a deal", "DynamoDB operations a call (moto)", "read units a deal (est.)",
+           "write units a deal (est.)"], rows)
 
 
 def report_moto(result: Result) -> None:
@@ -655,20 +743,30 @@ def main() -> None:
                         help="messages a worker batch (app.py: WORKER_BATCH_SIZE, 100)")
     parser.add_argument("--threads", type=int, default=None, help="integrations at once (worker.WORKER_THREADS)")
     parser.add_argument("--integrations-per-token", type=int, default=1)
-    parser.add_argument("--moto-slice", type=int, default=20, help="integrations of the DynamoDB-on-moto run (0: none)")
+    parser.add_argument("--moto-slice", type=int, default=100,
+                        help="integrations of the DynamoDB-on-moto run (0: none); as many as a batch holds, so "
+                             "that each deal is alone in its integration's group, as in the big run")
+    parser.add_argument("--moto-deals", type=int, default=2, help="deals an integration in the moto run")
     parser.add_argument("--quick", action="store_true", help="50 × 2 and a moto slice of 4: a smoke run")
+    parser.add_argument("--aws-ms", type=float, default=0.0, help="each store call and SQS send takes this long")
+    parser.add_argument("--crm-ms", type=float, default=0.0, help="each CRM request takes this long")
+    parser.add_argument("--metrika-ms", type=float, default=0.0, help="each Metrika request takes this long")
     args = parser.parse_args()
     if args.quick:
-        args.integrations, args.deals, args.moto_slice = 50, 2, 4
+        args.integrations, args.deals, args.moto_slice, args.moto_deals = 50, 2, 4, 2
     from chalicelib.worker import WORKER_THREADS
     threads = args.threads or WORKER_THREADS
     with sandboxes() as boxes:
+        latency = Latency(args.aws_ms / 1000, args.crm_ms / 1000, args.metrika_ms / 1000)
         result = run(boxes, args.integrations, args.deals, batch_size=args.batch_size, threads=threads,
-                     per_token=args.integrations_per_token)
+                     per_token=args.integrations_per_token, latency=latency)
+        if any(vars(latency).values()):
+            print(f"\nModelled latency: AWS calls {args.aws_ms:g} ms, CRM requests {args.crm_ms:g} ms, "
+                  f"Metrika requests {args.metrika_ms:g} ms (the moto slice runs without)")
         sliced = None
         if args.moto_slice:
             with moto_store() as (store, on_store):
-                sliced = run(boxes, args.moto_slice, args.deals, raw_store=store, batch_size=args.batch_size,
+                sliced = run(boxes, args.moto_slice, args.moto_deals, raw_store=store, batch_size=args.batch_size,
                              threads=threads, per_token=args.integrations_per_token, prefix="moto", on_store=on_store)
         report(result, batch_size=args.batch_size, threads=threads, slice_result=sliced)
 
