@@ -549,6 +549,13 @@ def _run(boxes: Sandboxes, integrations: int, deals: int, *, raw_store: Any, bat
         fan_out(store, queue, "confirm_uploads", run=str(int(time.time()) + 1))
     with phase("confirm jobs (worker)") as figures:
         drain(figures)
+    # The steady state of an idle integration: each schedule once more, nothing changed, nothing pending.
+    with phase("reconcile again, nothing changed (fan-out + jobs)") as figures:
+        fan_out(store, queue, "reconcile_all", run=str(int(time.time()) + 2))
+        drain(figures)
+    with phase("confirm again, nothing pending (fan-out + jobs)") as figures:
+        fan_out(store, queue, "confirm_uploads", run=str(int(time.time()) + 3))
+        drain(figures)
 
     once = seen = more = 0
     for integration_id in ids:
@@ -660,6 +667,7 @@ def report(result: Result, *, batch_size: int, threads: int, slice_result: Resul
     sched = [[name, f"{f.seconds:.3f} s", _per(f.seconds * 1000, n) + " ms", _per(sum(f.store.values()), n),
               _per(f.messages, n), _per(f.crm_total(), n), _per(f.metrika_total(), n)]
              for name, f in phases.items() if "reconcile" in name or "confirm" in name]
+    # (the last two rows: an idle integration's cost each time the schedule fires)
     table(f"Schedules: per integration ({n} integrations)", ["phase", "time", "per integration", "store calls",
                                                             "messages", "CRM requests", "Metrika requests"], sched)
     if slice_result is not None:

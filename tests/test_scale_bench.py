@@ -50,6 +50,10 @@ def test_every_deal_reaches_metrika_exactly_once_and_the_counts_add_up(boxes, ba
     assert phases["reconcile jobs (worker)"].crm_total() >= integrations
     assert phases["reconcile jobs (worker)"].metrika_total() == 0
     assert phases["confirm jobs (worker)"].metrika_total() == integrations
+    # Idle, the schedules cost no Metrika request and queue nothing but their jobs.
+    for idle in ("reconcile again, nothing changed (fan-out + jobs)", "confirm again, nothing pending (fan-out + jobs)"):
+        assert phases[idle].metrika_total() == 0 and phases[idle].messages == integrations
+    assert phases["confirm again, nothing pending (fan-out + jobs)"].crm_total() == 0
 
 
 def test_the_sandboxes_keep_accounts_apart(boxes):
