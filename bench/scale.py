@@ -152,7 +152,8 @@ class DynamoCalls:
         self._pending = threading.local()  # the request's parameters, from before the call to after it
 
     def attach(self, client: Any) -> None:
-        client.meta.events.register("before-call.dynamodb", self._before)
+        # the API's parameters (`before-call` has them serialized already); after the call, its answer
+        client.meta.events.register("before-parameter-build.dynamodb", self._before)
         client.meta.events.register("after-call.dynamodb", self._after)
 
     def clear(self) -> None:
