@@ -24,8 +24,12 @@ the sources' per-account pacing (`MIN_INTERVAL`: amoCRM 7/s, Bitrix24 2/s) is se
 still called (and counted) on every CRM request. Each real account has its own limit: BENCHMARKS.md's
 projection applies it on paper. Deals/s here is the in-process ceiling at loopback latency.
 
-    python -m bench.scale                              (1,000 × 10, a moto slice of 100 × 2; ~6 minutes)
-    python -m bench.scale --quick                      (50 × 2, slice of 5: a smoke run, ~15 s)
+    python -m bench.scale                              (1,000 × 10 and a moto slice of 100 × 2: ~10 minutes on
+                                                        the shared 2-core box, ~5 of them the moto slice)
+    python -m bench.scale --moto-slice 0               (the in-memory run alone)
+    python -m bench.scale --quick                      (50 × 2, slice of 4 × 2: a smoke run, ~15 s)
+    python -m bench.scale --integrations 200 --deals 1 --aws-ms 8 --crm-ms 250 --metrika-ms 400 --moto-slice 0
+                                                       (modelled latency: the worker's seconds a deal)
     python -m bench.scale --integrations 200 --deals 5 --batch-size 10 --moto-slice 0
 """
 from __future__ import annotations
