@@ -442,7 +442,8 @@ def disable_amocrm():
     from chalicelib.amocrm_install import disable
     settings = get_settings()
     if not settings.amocrm_client_id:
-        raise invalid("amoCRM installs are not configured in this stage")
+        from chalicelib.amocrm_install import not_configured
+        raise not_configured("set AMOCRM_CLIENT_ID")
     return disable(get_store(), app.current_request.query_params or {}, client_id=settings.amocrm_client_id,
                    client_secret=get_amocrm_secret()(), now=time.time())
 

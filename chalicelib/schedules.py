@@ -101,7 +101,7 @@ class Jobs:
             source = self._sources.get(integration["crm"])
             if not hasattr(source, "keep_alive") or (integration.get("connection") or {}).get("auth") != "oauth":
                 return {"skipped": "not an installed (OAuth) integration"}
-            if integration.get("disabled"):
+            if isinstance(integration.get("disabled"), dict):
                 return {"skipped": "disabled"}
             return {"refreshed": source.keep_alive(integration)}
         scheduled = scheduled_at(run)

@@ -56,7 +56,8 @@ EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", 
 # splits the query on `&` alone, so stopping anywhere earlier would print the rest of the secret.
 _PARAMETER = re.compile(r"[?&;]([^=&;?#\s\"']*)=")
 _VALUE_END = re.compile(r"[&\s]|$")
-_SECRET_NAME = re.compile(r"secret|token|passw|key|signature|auth", re.IGNORECASE)
+# `code`: an amoCRM install's authorization code (with our client secret it is worth a token pair).
+_SECRET_NAME = re.compile(r"secret|token|passw|key|signature|auth|^code$", re.IGNORECASE)
 
 
 def redact_secrets(text: str) -> str:

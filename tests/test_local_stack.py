@@ -181,6 +181,7 @@ def test_history_import_cli_with_progress_bar_stops_on_ctrl_c_and_resumes(stack)
     ("/w?auth%5Bapplication_token%5D=zz&x=1", "/w?auth%5Bapplication_token%5D=[redacted]&x=1"),
     ("/w?api_key=k;password=p%20q", "/w?api_key=[redacted]"),  # the app reads "k;password=p q" as the key
     ("/webhooks/bitrix24/portal?member_id=7f3c", "/webhooks/bitrix24/portal?member_id=7f3c"),
+    ("/oauth/amocrm?code=def502&state=1.a.b&referer=x", "/oauth/amocrm?code=[redacted]&state=1.a.b&referer=x"),
     ("secret=not-a-query-parameter", "secret=not-a-query-parameter"), ("", "")])
 def test_secret_query_values_are_redacted_in_what_the_stack_prints(printed, shown):
     from sandbox.local_stack import redact_secrets
