@@ -66,6 +66,10 @@ def get_queue():
 def get_metrika(integration):
     from chalicelib.metrika.client import MetrikaClient
     from chalicelib.metrika.governor import QuotaGovernor
+    if "metrika_token" not in integration:  # installed from the CRM, no counter connected yet
+        from chalicelib.errors import ApiError
+        raise ApiError(409, "metrika_not_connected", "this integration has no Metrika counter yet: PUT it with "
+                                                     "counter_id and metrika_token first")
     token = integration["metrika_token"]
     governor = QuotaGovernor(get_store(), token, daily_budget=get_settings().metrika_daily_budget,
                              stage=get_settings().stage)

@@ -97,6 +97,10 @@ class Jobs:
         integration = self._store.get_integration(integration_id)
         if integration is None:
             return {"skipped": "integration deleted"}
+        from .amocrm_install import unusable
+        stopped = unusable(integration, integration_id)
+        if stopped and kind != REFRESH:  # disabled, or no Metrika counter yet: nothing to reconcile or confirm
+            return {"skipped": stopped}
         if kind == REFRESH:  # no cursor: keep_alive itself refreshes only a token idle long enough
             source = self._sources.get(integration["crm"])
             if not hasattr(source, "keep_alive") or (integration.get("connection") or {}).get("auth") != "oauth":

@@ -130,6 +130,10 @@ def test_install_then_webhook_then_delivery_with_a_refresh_on_401(app_client, in
     config = app_client.http.get(f"/integrations/{iid}", headers=admin_headers()).json_body
     assert config["connection"]["auth"] == "oauth" and config["connection"]["webhook_secret"] == "********"
     assert tokens["access_token"] not in json.dumps(config) and tokens["refresh_token"] not in json.dumps(config)
+    before = app_client.http.get(f"/integrations/{iid}/status", headers=admin_headers()).json_body
+    assert "counter_id" in before["deliveries_stopped"] and before["oauth"]["version"] == 1
+    refused = app_client.http.post(f"/integrations/{iid}/confirm", headers=admin_headers(), body="{}")
+    assert refused.status_code == 409 and refused.json_body["error"] == "metrika_not_connected"
     connect_metrika(app_client, iid, metrika_sandbox)
     status = app_client.http.get(f"/integrations/{iid}/status", headers=admin_headers()).json_body
     assert status["oauth"]["version"] == 1 and "deliveries_stopped" not in status
@@ -362,6 +366,8 @@ def test_the_refresh_job_skips_what_is_not_an_installed_integration():
             Source.calls += 1
             return True
     jobs = Jobs(store, None, lambda c: None, {"amocrm": Source()})
+    for kind in ("reconcile", "confirm"):  # the gone one's jobs stop too (its token is revoked)
+        assert "disabled in amocrm" in jobs.run(kind, "gone", "1")["skipped"]
     assert "skipped" in jobs.run("refresh", "long-lived", "1")
     assert "skipped" in jobs.run("refresh", "gone", "1")
     assert "skipped" in jobs.run("refresh", "absent", "1")
