@@ -274,10 +274,14 @@ def get_integration(integration_id):
 @app.route("/integrations/{integration_id}", methods=["DELETE"], authorizer=admin)
 @answers
 def delete_integration(integration_id):
+    from chalicelib.amocrm_install import remove_webhook
     from chalicelib.errors import not_found
+    keeper = get_amocrm_keeper()  # an installed amoCRM integration's webhook goes first (best effort)
+    removed = remove_webhook(get_store(), integration_id, keeper=keeper, oauth=keeper and get_amocrm_oauth(),
+                             public_url=get_settings().public_url)
     if not get_store().delete_integration(integration_id):
         raise not_found(f"integration {integration_id!r}")
-    return {"deleted": integration_id}
+    return {"deleted": integration_id, **removed}
 
 
 @app.route("/integrations/{integration_id}/status-mapping", methods=["GET"], authorizer=admin)

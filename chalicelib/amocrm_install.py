@@ -170,7 +170,7 @@ def complete(store: Any, oauth: AmoOAuth, query: dict, *, secret: str, client_id
     store.put_tokens(integration_id, pair.fields())  # first: a config naming OAuth always finds tokens
     store.put_integration(integration_id, config)
     log_event("amocrm_installed", integration_id=integration_id, reinstall=stored is not None)
-    destination = f"{public_url}/webhooks/amocrm/{integration_id}?{urlencode({'secret': webhook_secret})}"
+    destination = webhook_destination(public_url, integration_id, webhook_secret)
     answer: dict[str, Any] = {"installed": integration_id, "account_id": str(account_id), "base_url": base_url,
                               "reinstall": stored is not None,
                               "webhook": f"{public_url}/webhooks/amocrm/{integration_id}?secret=…"}
@@ -209,6 +209,31 @@ def disable(store: Any, query: dict, *, client_id: str, client_secret: str, now:
         store.put_integration(integration_id, config)
         log_event("amocrm_disabled", integration_id=integration_id)
     return {"disabled": integration_id, "at": config["disabled"]["at"]}
+
+
+def webhook_destination(public_url: str, integration_id: str, webhook_secret: str) -> str:
+    return f"{public_url}/webhooks/amocrm/{integration_id}?{urlencode({'secret': webhook_secret})}"
+
+
+def remove_webhook(store: Any, integration_id: str, *, keeper: Any, oauth: AmoOAuth | None, public_url: str | None) -> dict:
+    """Before `DELETE /integrations/{id}` of an installed integration: unregister our webhook from the
+    account (`DELETE /api/v4/webhooks`), so amoCRM stops posting to a route that would refuse it. Best
+    effort: what happened is said in the answer, and the deletion goes on either way (the account's
+    administrator can remove the hook in amoCRM). Nothing for other integrations, or a disabled one
+    (its tokens are revoked)."""
+    config = store.get_integration(integration_id)
+    connection = (config or {}).get("connection") or {}
+    if config is None or connection.get("auth") != "oauth" or isinstance(config.get("disabled"), dict):
+        return {}
+    if keeper is None or oauth is None or not public_url:
+        return {"webhook_removed": False, "webhook_error": "amoCRM installs are not configured in this stage"}
+    destination = webhook_destination(public_url, integration_id, connection.get("webhook_secret", ""))
+    try:
+        token = keeper.access_token(integration_id_for(connection.get("account_id", "")), config)
+        oauth.unregister_webhook(connection["base_url"], token, destination)
+    except BridgeError as exc:
+        return {"webhook_removed": False, "webhook_error": exc.message}
+    return {"webhook_removed": True}
 
 
 def token_status(store: Any, integration_id: str, integration: dict) -> dict:

@@ -156,6 +156,10 @@ def test_install_then_webhook_then_delivery_with_a_refresh_on_401(app_client, in
     stored = app_client.http.get(f"/integrations/{iid}", headers=admin_headers()).json_body
     assert stored["counter_id"] == COUNTER and len(amo.webhooks) == 1
     assert "deliveries are on" in again["next"] and tokens_of(iid)["version"] == 3
+    # Deleted by the admin: our webhook leaves the account first.
+    deleted = app_client.http.delete(f"/integrations/{iid}", headers=admin_headers())
+    assert deleted.json_body == {"deleted": iid, "webhook_removed": True} and amo.webhooks == []
+    assert tokens_of(iid) is None
 
 
 def test_a_revoked_refresh_token_parks_deals_with_what_to_do(app_client, installs, amo, worker, queue,
