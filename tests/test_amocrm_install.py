@@ -574,3 +574,37 @@ def test_a_refresher_that_died_after_amocrm_answered_costs_a_reinstall(service_e
         keeper.access_token("died", integration)
     assert "install the integration again" in caught.value.message
     assert store.get_tokens("died")["failure"]["code"] == 401
+
+
+def test_the_sandbox_keeps_amocrms_lifetimes_by_its_own_clock(amo):
+    """Codes live 20 minutes and work once, access tokens 24 h, refresh tokens 3 months and work once."""
+    import requests
+    amo.register_integration(client_id="c", client_secret="s", redirect_uri="https://r.example/cb")
+    amo.clock_offset = 0.0
+
+    def code():
+        return parse_qs(urlsplit(amo.consent_redirect("c", "st")).query)["code"][0]
+
+    def token(**grant):
+        return requests.post(amo.url + "/oauth2/access_token", timeout=5, json={
+            "client_id": "c", "client_secret": "s", "redirect_uri": "https://r.example/cb", **grant})
+
+    def api(access):
+        return requests.get(amo.url + "/api/v4/account", headers={"Authorization": f"Bearer {access}"}, timeout=5)
+    late = code()
+    amo.advance(20 * 60 + 1)
+    assert token(grant_type="authorization_code", code=late).status_code == 400
+    first = code()
+    pair = token(grant_type="authorization_code", code=first).json()
+    assert pair["expires_in"] == 86400 and api(pair["access_token"]).status_code == 200
+    assert token(grant_type="authorization_code", code=first).status_code == 400  # once
+    assert token(grant_type="authorization_code", code=code(), client_secret="wrong").status_code == 401
+    amo.advance(86400 + 1)
+    assert api(pair["access_token"]).status_code == 401
+    renewed = token(grant_type="refresh_token", refresh_token=pair["refresh_token"])
+    assert renewed.status_code == 200 and api(renewed.json()["access_token"]).status_code == 200
+    again = token(grant_type="refresh_token", refresh_token=pair["refresh_token"])
+    assert again.status_code == 401 and again.json()["detail"] == "Token has been revoked"
+    amo.advance(90 * 86400 + 1)
+    assert token(grant_type="refresh_token", refresh_token=renewed.json()["refresh_token"]).status_code == 401
+    amo.clock_offset = 0.0
