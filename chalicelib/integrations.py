@@ -203,7 +203,11 @@ class AmoCrmConnection(_Connection):
         unknown = RAISE
 
     base_url = _string(MAX_URL, _http_url, _no_path, required=True)
-    access_token = _secret()
+    access_token = _string(MAX_SECRET, _fullmatch(r"[\x21-\x7e]+", "must be printable ASCII without spaces"),
+                           load_only=True)
+    # "oauth": installed from amoCRM (chalicelib/amocrm_install.py); its tokens live apart (TokenStore),
+    # never here. Absent or "long_lived": the long-lived token above.
+    auth = fields.String(validate=validate.OneOf(("long_lived", "oauth")))
     # Compared with the webhook's account[id], which is checked the same way (crm/form.py `crm_id`).
     account_id = _string(19, _fullmatch(r"[0-9]{1,19}", "must be the numeric account id"))
     # Sent by amoCRM in the webhook URL's query: long enough not to be guessed.
@@ -215,6 +219,14 @@ class AmoCrmConnection(_Connection):
                                                           allow_loopback=self.allow_loopback)
         if problem:
             raise ValidationError({"base_url": [problem]})
+        if data.get("auth") == "oauth":
+            if "access_token" in data:
+                raise ValidationError({"access_token": ["an installed (OAuth) integration keeps its tokens apart: "
+                                                        "leave access_token out, or set auth to long_lived"]})
+            if "account_id" not in data:
+                raise ValidationError({"account_id": ["required for an installed (OAuth) integration"]})
+        elif "access_token" not in data:
+            raise ValidationError({"access_token": ["Missing data for required field."]})
 
 
 class Bitrix24Connection(_Connection):
@@ -401,6 +413,7 @@ def save_integration(store: Any, integration_id: str, body: Any,
     sent_prefix, body = body.get("id_prefix"), {k: v for k, v in body.items() if k != "id_prefix"}
     # Read-only too, so that GET → edit → PUT works: kept while the time zone stays the counter's.
     sent_source, body = body.get("timezone_source"), {k: v for k, v in body.items() if k != "timezone_source"}
+    body = {k: v for k, v in body.items() if k != "disabled"}  # read-only: set by the CRM's disable hook
     if sent_source not in (None, "counter"):
         raise invalid("integration config is invalid",
                       {"timezone_source": ["read-only: \"counter\" when the time zone was read from the counter"]})
@@ -448,6 +461,8 @@ def save_integration(store: Any, integration_id: str, body: Any,
         config["timezone"], config["timezone_source"] = time_zone, "counter"
     elif read_from_counter:
         config["timezone_source"] = "counter"  # a GET sent back as it was
+    if stored is not None and stored.get("disabled"):  # only a reinstall from the CRM enables it again
+        config["disabled"] = stored["disabled"]
     config.update(assigned_id_prefix(store, integration_id, config["counter_id"], sent_prefix))
     store.put_integration(integration_id, config)
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])

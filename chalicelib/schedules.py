@@ -30,10 +30,12 @@ from typing import Any, Callable
 
 from .errors import BridgeError
 from .logs import log_event
-from .queue import CONFIRM, RECONCILE, Queue, message
+from .queue import CONFIRM, RECONCILE, REFRESH, Queue, message
 
 # The schedules' message kinds, by the Chalice handler that queues them.
-JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM}
+JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM,
+        # daily: installed (OAuth) integrations refresh a token idle for 30 days (`CrmSource.keep_alive`)
+        "refresh_tokens": REFRESH}
 # Seconds of outbound calls a job needs to be started in the worker (its `deadline.has`): reconciliation
 # lists the deals changed since the last run (one to a few CRM pages, each answered within seconds) and
 # records them (one write each); confirmation waits for a Metrika slot (at most the governor's 30 s) and
@@ -99,11 +101,22 @@ class Jobs:
 
     def run(self, kind: str, integration_id: str, run: str) -> dict:
         from .ingest import Ingest  # the worker imports this module; the ingest path only for a job
-        if kind not in (RECONCILE, CONFIRM):
+        if kind not in (RECONCILE, CONFIRM, REFRESH):
             raise ValueError(f"no scheduled job of kind {kind!r}")
         integration = self._store.get_integration(integration_id)
         if integration is None:
             return {"skipped": "integration deleted"}
+        from .amocrm_install import unusable
+        stopped = unusable(integration, integration_id)
+        if stopped and kind != REFRESH:  # disabled, or no Metrika counter yet: nothing to reconcile or confirm
+            return {"skipped": stopped}
+        if kind == REFRESH:  # no cursor: keep_alive itself refreshes only a token idle long enough
+            source = self._sources.get(integration["crm"])
+            if not hasattr(source, "keep_alive") or (integration.get("connection") or {}).get("auth") != "oauth":
+                return {"skipped": "not an installed (OAuth) integration"}
+            if isinstance(integration.get("disabled"), dict):
+                return {"skipped": "disabled"}
+            return {"refreshed": source.keep_alive(integration)}
         scheduled = scheduled_at(run)
         if scheduled is not None:
             last = self._store.get_cursor(integration_id, kind)

@@ -48,7 +48,7 @@ from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, co
 from .errors import BridgeError, OutOfTime, Transient, Unavailable
 from .logs import log_event
 from .ingest import QUEUE_LEASE_SECONDS, expand_inbox
-from .queue import BACKFILL, CONFIRM, INBOX, MAX_DELAY_SECONDS, RECONCILE, Queue, Received, message
+from .queue import BACKFILL, CONFIRM, INBOX, MAX_DELAY_SECONDS, RECONCILE, REFRESH, Queue, Received, message
 from .schedules import JOB_SECONDS, Jobs, job_failed, scheduled_at
 
 DELETED_DEAL_STATUS = "CANCELLED"
@@ -144,7 +144,7 @@ class Worker:
             elif kind == INBOX:
                 # The batch stays in the inbox until expanded: the reconciliation sweep queues it again.
                 inbox.append((integration_id, crm_id))
-            elif kind in (RECONCILE, CONFIRM):
+            elif kind in (RECONCILE, CONFIRM, REFRESH):
                 # A job names no entity: nothing to flag on a last receive; the next run does it anyway.
                 runs = jobs.setdefault(integration_id, {})
                 runs[kind] = max(runs.get(kind, crm_id), crm_id, key=lambda run: scheduled_at(run) or 0)
@@ -363,6 +363,12 @@ class Worker:
 
     def _deliver_read(self, integration_id: str, integration: dict, claimed: dict[tuple[str, str], dict],
                       report: Report) -> None:
+        from .amocrm_install import unusable
+        stopped = unusable(integration, integration_id)
+        if stopped:  # disabled in the CRM, or installed without a Metrika counter yet: a person must act
+            for key, state in claimed.items():
+                self._park(integration_id, key, state, {"kind": "misconfigured", "message": stopped}, report)
+            return
         source = self._sources.get(integration["crm"])
         if source is None:
             error = {"kind": "misconfigured", "message": f"enrichment from {integration['crm']} is not available in this build"}
