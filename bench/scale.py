@@ -202,9 +202,9 @@ class DynamoCalls:
         elif name in ("Query", "Scan"):
             units = consistent * _kb(parsed.get("Items"), 4096)
         elif name == "BatchGetItem":  # each key a read, found or not (at least one unit, or half)
-            for table, request in params.get("RequestItems", {}).items():
+            for table_name, request in params.get("RequestItems", {}).items():
                 each = 1.0 if request.get("ConsistentRead") else 0.5
-                found = parsed.get("Responses", {}).get(table, [])
+                found = parsed.get("Responses", {}).get(table_name, [])
                 units += each * (sum(_kb(item, 4096) for item in found) + len(request.get("Keys", [])) - len(found))
         elif name == "TransactGetItems":
             units = sum(2 * _kb(r.get("Item"), 4096) for r in parsed.get("Responses", []))
