@@ -76,8 +76,23 @@ def get_sources():
         from chalicelib.crm.amocrm.source import AmoCrmSource
         from chalicelib.crm.bitrix24.source import Bitrix24Source
         _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot, accounts=get_store())
-        _SOURCES["bitrix24"] = Bitrix24Source(get_store().reserve_slot)
+        from chalicelib.bitrix24_app import tokens_for
+        # An installed application's calls take their access token from the TOKENS item (single writer).
+        _SOURCES["bitrix24"] = Bitrix24Source(get_store().reserve_slot, tokens_for=lambda integration: tokens_for(
+            get_bitrix24_app().keeper())(integration))
     return _SOURCES
+
+
+def get_bitrix24_app():
+    from chalicelib.bitrix24_app import Bitrix24App
+    from chalicelib.crm.bitrix24.api import Bitrix24Client
+    from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
+    from chalicelib.secrets import bitrix24_client_secret
+    settings = get_settings()
+    oauth = Bitrix24OAuth(settings.bitrix24_oauth_url, settings.bitrix24_client_id,
+                          lambda: bitrix24_client_secret(settings))
+    return Bitrix24App(get_store(), get_queue(), oauth, allow_loopback=settings.allow_loopback_crm,
+                       client_for=lambda endpoint, auth: Bitrix24Client(endpoint, auth=auth))
 
 
 def get_admin_tokens():
@@ -344,9 +359,14 @@ def integration_status(integration_id):
     from chalicelib.integrations import get_integration as read
     from chalicelib.operations import integration_status as status, webhook_health
     integration = read(get_store(), integration_id)
-    return status(get_store(), integration_id, requests_today=get_metrika(integration).governor.used_today(),
-                  webhook_health=webhook_health(get_sources(), integration_id, integration),
-                  backfill=get_backfill().status(integration_id)["backfill"])
+    configured = "metrika_token" in integration  # an installed application waits for its counter
+    result = status(get_store(), integration_id,
+                    requests_today=get_metrika(integration).governor.used_today() if configured else 0,
+                    webhook_health=webhook_health(get_sources(), integration_id, integration),
+                    backfill=get_backfill().status(integration_id)["backfill"])
+    if integration.get("disabled"):  # uninstalled from the CRM: nothing is delivered until installed again
+        result["disabled"] = integration["disabled"]
+    return result
 
 
 @app.route("/integrations/{integration_id}/replay", methods=["POST"], authorizer=admin)
@@ -385,6 +405,25 @@ def bitrix24_webhook(integration_id):
     request = app.current_request
     return get_ingest().bitrix24(integration_id, request.raw_body, request.query_params or {})
 
+@app.route("/install/bitrix24", methods=["POST"], content_types=[FORM])
+@answers
+def install_bitrix24():
+    # Public: the install proves itself at our OAuth server before any write (chalicelib/bitrix24_app.py).
+    from chalicelib.bitrix24_app import handler_base
+    request = app.current_request
+    base = handler_base(request.headers, (request.context or {}).get("stage"), get_settings().public_url)
+    return get_bitrix24_app().install(request.raw_body, base)
+
+
+@app.route("/install/bitrix24/events", methods=["POST"], content_types=[FORM])
+@answers
+def bitrix24_app_event():
+    # ONAPPUNINSTALL / ONOFFLINEEVENT, verified by the portal's application_token.
+    request = app.current_request
+    if len(request.raw_body or b"") > 64 * 1024:
+        raise invalid("an application event is a few hundred bytes; this body is too large")
+    return get_bitrix24_app().event(request.raw_body)
+
 # End of routes. Start of event handlers.
 
 
@@ -410,6 +449,12 @@ def reconcile_all(event):
 @app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
 def confirm_uploads(event):
     return _fan_out("confirm_uploads", event)
+
+
+@app.schedule(Rate(int(os.environ.get("DRAIN_MINUTES", "5")), unit=Rate.MINUTES))
+def drain_offline_events(event):
+    # Bitrix24 applications' offline-event queues, drained by the worker (chalicelib/bitrix24_app.py).
+    return _fan_out("drain_offline_events", event)
 
 # End of event handlers.
 

@@ -78,7 +78,9 @@ def secrets_match(given: str | None, expected: str | None) -> bool:
 
 
 def _accepts(integration: dict, crm: str, secret_matches: Callable[[dict], bool]) -> bool:
-    return integration.get("crm") == crm and secret_matches(integration.get("connection") or {})
+    # A disabled integration (its Bitrix24 application uninstalled) takes no webhook: the same 403.
+    return (integration.get("crm") == crm and not integration.get("disabled")
+            and secret_matches(integration.get("connection") or {}))
 
 
 def _holds_own_secret(integration: dict, raw: bytes, query: dict[str, str]) -> bool:

@@ -30,10 +30,10 @@ from typing import Any, Callable
 
 from .errors import BridgeError
 from .logs import log_event
-from .queue import CONFIRM, RECONCILE, Queue, message
+from .queue import CONFIRM, DRAIN, RECONCILE, Queue, message
 
 # The schedules' message kinds, by the Chalice handler that queues them.
-JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM}
+JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM, "drain_offline_events": DRAIN}
 # Seconds of outbound calls a job needs to be started in the worker (its `deadline.has`): reconciliation
 # lists the deals changed since the last run (one to a few CRM pages, each answered within seconds) and
 # records them (one write each); confirmation waits for a Metrika slot (at most the governor's 30 s) and
@@ -90,11 +90,17 @@ class Jobs:
 
     def run(self, kind: str, integration_id: str, run: str) -> dict:
         from .ingest import Ingest  # the worker imports this module; the ingest path only for a job
-        if kind not in (RECONCILE, CONFIRM):
+        if kind not in (RECONCILE, CONFIRM, DRAIN):
             raise ValueError(f"no scheduled job of kind {kind!r}")
         integration = self._store.get_integration(integration_id)
         if integration is None:
             return {"skipped": "integration deleted"}
+        if kind == DRAIN:  # every drain runs (no cursor): it costs one call when the queue is empty
+            from .bitrix24_app import drain
+            return drain(self._store, self._queue, self._sources.get("bitrix24"), integration_id, integration,
+                         clock=self._clock)
+        if integration.get("disabled") or "metrika_token" not in integration:
+            return {"skipped": "integration disabled" if integration.get("disabled") else "no Metrika counter yet"}
         scheduled = scheduled_at(run)
         if scheduled is not None:
             last = self._store.get_cursor(integration_id, kind)

@@ -34,6 +34,20 @@ class Settings:
     # CRM URLs may point at loopback (http:// included): the local stack's and the tests' sandboxes.
     # Off unless ALLOW_LOOPBACK_CRM=1; never set in `.chalice/config.json` (tests/test_deploy_config.py).
     allow_loopback_crm: bool = False
+    # The Bitrix24 application (chalicelib/bitrix24_app.py). The OAuth server every refresh goes to (the
+    # client secret and refresh tokens go nowhere else): the vendor's documented default, or the sandbox.
+    bitrix24_oauth_url: str = "https://oauth.bitrix.info"
+    bitrix24_client_id: str = ""
+    # The client secret: BITRIX24_CLIENT_SECRET (the local stack, tests), else the SSM SecureString
+    # `/metrika-crm-bridge/<stage>/bitrix24-client-secret`, read on first use.
+    bitrix24_client_secret: str | None = None
+    # Our API's public address, for the event handlers the install binds (e.g.
+    # https://abc.execute-api.eu-central-1.amazonaws.com/api); absent: taken from the install request.
+    public_url: str | None = None
+
+    @property
+    def bitrix24_client_secret_parameter(self) -> str:
+        return f"/{APP_NAME}/{self.stage}/bitrix24-client-secret"
 
     @property
     def dead_letter_queue(self) -> str:
@@ -64,6 +78,10 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         upload_row_limit=int(env.get("UPLOAD_ROW_LIMIT", "1000")),
         metrika_daily_budget=int(env.get("METRIKA_DAILY_BUDGET", "5000")),
         allow_loopback_crm=env.get("ALLOW_LOOPBACK_CRM", "") == "1",
+        bitrix24_oauth_url=(env.get("BITRIX24_OAUTH_URL") or "https://oauth.bitrix.info").rstrip("/"),
+        bitrix24_client_id=env.get("BITRIX24_CLIENT_ID", ""),
+        bitrix24_client_secret=env.get("BITRIX24_CLIENT_SECRET") or None,
+        public_url=(env.get("PUBLIC_URL") or "").rstrip("/") or None,
     )
 
 

@@ -42,12 +42,24 @@ CONTACT_SELECT = ["*", "UF_*", "PHONE", "EMAIL"]
 
 
 class Bitrix24Source:
-    def __init__(self, reserve_slot: Callable[[str, float, float], float], **client_options: Any) -> None:
+    def __init__(self, reserve_slot: Callable[[str, float, float], float], *,
+                 tokens_for: Callable[[dict], Callable[[bool], str]] | None = None, **client_options: Any) -> None:
         self._reserve_slot = reserve_slot
+        # An installed application's access token per call (chalicelib/bitrix24_app.py `token_source`).
+        self._tokens_for = tokens_for
         self._client_options = client_options
 
     def client_for(self, integration: dict) -> Bitrix24Client:
-        url = integration["connection"]["webhook_url"]
+        connection = integration["connection"]
+        if connection.get("app") is True:
+            if self._tokens_for is None:
+                raise Permanent("this Bitrix24 integration is an installed application, and this process has no "
+                                "access to its OAuth tokens", source=SOURCE)
+            url = connection["client_endpoint"]
+            scope = "bitrix24:" + hashlib.sha256((urlsplit(url).hostname or "").encode()).hexdigest()[:16]
+            return Bitrix24Client(url, wait_for_slot=slot_waiter(self._reserve_slot, scope, MIN_INTERVAL),
+                                  auth=self._tokens_for(integration), **self._client_options)
+        url = connection["webhook_url"]
         # The bucket is per portal: every webhook and app on it shares the budget
         # (https://apidocs.bitrix24.ru/limits.html "Лимиты REST API").
         scope = "bitrix24:" + hashlib.sha256((urlsplit(url).hostname or "").encode()).hexdigest()[:16]
