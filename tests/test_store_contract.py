@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 51, sorted(names)  # every method of every concern
+    assert len(names) == 56, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -1204,3 +1204,95 @@ def test_customers_go_with_their_integration(store, iid):
     assert store.delete_integration(iid) is True
     assert store.customers(iid, ["11"]) == {}
     assert store.customers(iid + "-other", ["11"]) == {"11": {"sources": {"contact:11": {}}, "sent": "h", "version": 1}}
+
+
+# --- TokenStore --------------------------------------------------------------------------------------
+
+PAIR = {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW) + 86400}
+
+
+def test_tokens_round_trip_and_versions(store, iid, clock):
+    assert store.get_tokens(iid) is None
+    assert store.put_tokens(iid, dict(PAIR, endpoint="https://oauth.example/rest/")) == 1
+    got = store.get_tokens(iid)
+    assert got == dict(PAIR, endpoint="https://oauth.example/rest/", version=1, refreshed_at=int(NOW))
+    assert_plain(got)
+    got["access_token"] = "changed by the caller"
+    assert store.get_tokens(iid)["access_token"] == "access-1"
+    clock.t = NOW + 5
+    assert store.put_tokens(iid, {"access_token": "a2", "refresh_token": "r2", "expires_at": YEAR_2100}) == 2
+    assert store.get_tokens(iid) == {"access_token": "a2", "refresh_token": "r2", "expires_at": YEAR_2100,
+                                     "endpoint": "https://oauth.example/rest/", "version": 2,
+                                     "refreshed_at": int(NOW) + 5}
+
+
+def test_tokens_live_beside_the_config_and_go_with_the_integration(store, iid):
+    store.put_integration(iid, {"crm": "amocrm", "counter_id": 1})
+    store.put_tokens(iid, PAIR)
+    store.put_integration(iid, {"crm": "amocrm", "counter_id": 2})  # a config PUT leaves the tokens alone
+    assert store.get_tokens(iid)["access_token"] == "access-1"
+    assert "access_token" not in str(store.get_integration(iid))
+    assert store.list_integration_ids().count(iid) == 1
+    assert store.delete_integration(iid)
+    assert store.get_tokens(iid) is None
+
+
+def test_the_refresh_lease_goes_to_one_caller_at_the_version_read(store, iid):
+    assert not store.take_refresh_lease(iid, version=0, owner="a", now=NOW, until=NOW + 30)  # no item
+    store.put_tokens(iid, PAIR)
+    assert not store.take_refresh_lease(iid, version=2, owner="a", now=NOW, until=NOW + 30)  # not that version
+    assert store.take_refresh_lease(iid, version=1, owner="a", now=NOW, until=NOW + 30)
+    assert not store.take_refresh_lease(iid, version=1, owner="b", now=NOW + 30, until=NOW + 60)  # still live
+    assert store.get_tokens(iid)["lease_owner"] == "a"
+    assert store.take_refresh_lease(iid, version=1, owner="b", now=NOW + 30.5, until=NOW + 60.5)  # "a" died
+    assert store.get_tokens(iid)["lease_owner"] == "b"
+    assert store.get_tokens(iid)["refreshing_until"] == NOW + 60.5
+
+
+def test_of_concurrent_refreshers_one_takes_the_lease(racing_store, iid):
+    racing_store.put_tokens(iid, PAIR)
+    won = race(*[lambda o=o: racing_store.take_refresh_lease(iid, version=1, owner=o, now=NOW, until=NOW + 30)
+                 for o in "abcd"])
+    assert won.count(True) == 1
+
+
+def test_finish_refresh_stores_the_pair_at_the_version_read_only(store, iid, clock):
+    store.put_tokens(iid, PAIR)
+    store.take_refresh_lease(iid, version=1, owner="a", now=NOW, until=NOW + 30)
+    store.take_refresh_lease(iid, version=1, owner="b", now=NOW + 31, until=NOW + 61)  # took over from "a"
+    clock.t = NOW + 40
+    new = {"access_token": "a2", "refresh_token": "r2", "expires_at": int(NOW) + 90000}
+    # the slow "a" still stores its pair: the version is the one it read, and its pair is what the CRM honours
+    assert store.finish_refresh(iid, version=1, tokens=new)
+    assert store.get_tokens(iid) == dict(new, version=2, refreshed_at=int(NOW) + 40)
+    assert not store.finish_refresh(iid, version=1, tokens=dict(new, access_token="a3"))  # "b" comes too late
+    assert not store.release_refresh(iid, version=1, owner="b", failure={"code": 401, "message": "m", "at": 1})
+    assert store.get_tokens(iid)["access_token"] == "a2" and "failure" not in store.get_tokens(iid)
+
+
+def test_release_refresh_records_a_failure_and_an_install_clears_it(store, iid):
+    store.put_tokens(iid, PAIR)
+    store.take_refresh_lease(iid, version=1, owner="a", now=NOW, until=NOW + 30)
+    assert not store.release_refresh(iid, version=1, owner="x", failure=None)  # not the holder
+    failure = {"code": 401, "message": "reinstall the integration", "at": int(NOW)}
+    assert store.release_refresh(iid, version=1, owner="a", failure=failure)
+    got = store.get_tokens(iid)
+    assert got["failure"] == failure and "lease_owner" not in got and "refreshing_until" not in got
+    assert store.take_refresh_lease(iid, version=1, owner="c", now=NOW, until=NOW + 30)
+    assert store.release_refresh(iid, version=1, owner="c", failure=None)  # a transient failure: lease only
+    assert store.get_tokens(iid)["failure"] == failure
+    store.take_refresh_lease(iid, version=1, owner="d", now=NOW, until=NOW + 30)
+    assert store.put_tokens(iid, dict(PAIR, access_token="reinstalled")) == 2
+    got = store.get_tokens(iid)
+    assert {"failure", "lease_owner", "refreshing_until"}.isdisjoint(got) and got["access_token"] == "reinstalled"
+    assert not store.finish_refresh(iid, version=1, tokens=PAIR)  # the refresh under way lost to the install
+
+
+def test_token_values_the_store_refuses_change_nothing(store, iid):
+    store.put_tokens(iid, PAIR)
+    with pytest.raises((TypeError, ClientError)):
+        store.put_tokens(iid, {"access_token": "x", "expires_at": float("nan")})
+    assert store.get_tokens(iid) == dict(PAIR, version=1, refreshed_at=int(NOW))
+    big = 10 ** 37  # DynamoDB's numbers hold 38 digits: a 2,000-digit expiry is refused upstream (oauth)
+    assert store.put_tokens(iid, dict(PAIR, expires_at=big)) == 2
+    assert store.get_tokens(iid)["expires_at"] == big

@@ -411,7 +411,38 @@ class InboxStore(Protocol):
         first."""
 
 
+class TokenStore(Protocol):
+    """An installed integration's OAuth tokens (`chalicelib.oauth`), in an item of their own beside the
+    config (never inside it: a PUT of the config must not overwrite a refreshed token). The item:
+    `access_token`, `refresh_token`, `expires_at` (epoch s), any CRM-specific extras, `version` (int,
+    +1 on every stored pair), `refreshed_at` (store clock, when the pair was stored), while a refresh is
+    under way `refreshing_until` and `lease_owner`, and after a refused refresh `failure`
+    ({"code", "message", "at"}). `delete_integration` deletes it with the rest."""
+
+    def get_tokens(self, integration_id: str) -> dict | None:
+        """The tokens item (strongly consistent), or None."""
+
+    def put_tokens(self, integration_id: str, tokens: dict) -> int:
+        """An install's pair: set the given fields, version + 1 (1 for the first), refreshed_at = now;
+        lease and failure removed, so a refresh under way cannot store its older pair over it. Returns
+        the new version. Unconditional."""
+
+    def take_refresh_lease(self, integration_id: str, *, version: int, owner: str, now: float, until: float) -> bool:
+        """Elect the refresher: only if the item is at `version` and no lease is live (absent, or before
+        `now`), set `refreshing_until` = `until` and `lease_owner`. Of concurrent callers at most one
+        gets True."""
+
+    def finish_refresh(self, integration_id: str, *, version: int, tokens: dict) -> bool:
+        """Store a refreshed pair: only if the item is still at `version` (whoever holds the lease now:
+        the pair the CRM answered is the one it honours), set the fields, version + 1, refreshed_at =
+        now; lease and failure removed. False (nothing written) when the version moved on."""
+
+    def release_refresh(self, integration_id: str, *, version: int, owner: str, failure: dict | None) -> bool:
+        """End a refresh that stored nothing: only if the item is at `version` and `owner` holds the
+        lease, remove the lease and, with `failure`, record it. False (nothing written) otherwise."""
+
+
 class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, CrmAccountStore,
-                 InboxStore, CustomerStore, Protocol):
+                 InboxStore, CustomerStore, TokenStore, Protocol):
     """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement."""
 

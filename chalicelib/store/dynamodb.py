@@ -3,7 +3,7 @@
 Three tables (names from settings): config and state per stage, quota shared by every stage:
 
 * config — `pk = INTEGRATION#<id>`; `sk = CONFIG` (the integration), `STATUS_MAPPING`, `ATTRIBUTES`,
-  `BACKFILL` (the history import job) or `CURSOR#<name>`.
+  `BACKFILL` (the history import job), `TOKENS` (OAuth tokens, `chalicelib.oauth`) or `CURSOR#<name>`.
 * state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
   state (see `chalicelib.store`); `PRODUCT#<product id>`: products in Metrika's product list;
   `UPLOAD#<id>`: uploads to confirm, and `CARRIED#<id>#<part>` the entities each carried (apart, so
@@ -48,6 +48,7 @@ CONFIG = "CONFIG"
 STATUS_MAPPING = "STATUS_MAPPING"
 ATTRIBUTES = "ATTRIBUTES"
 BACKFILL = "BACKFILL"
+TOKENS = "TOKENS"  # an installed integration's OAuth tokens (TokenStore)
 INBOX = "INBOX"
 CUSTOMER = "CUSTOMER#"
 SOURCE = "src:"  # a customer item's source attributes
@@ -700,6 +701,64 @@ class DynamoStore:
                     break
             else:
                 raise Unavailable("store", "batch_write_item: items left unprocessed")
+
+    # --- TokenStore ----------------------------------------------------------------------------------
+
+    def get_tokens(self, integration_id: str) -> dict | None:
+        item = self._get(self._config, _pk(integration_id), TOKENS)
+        if item is None:
+            return None
+        item.pop("pk"), item.pop("sk")
+        return item
+
+    def put_tokens(self, integration_id: str, tokens: dict) -> int:
+        return self._store_pair(integration_id, tokens, None)  # type: ignore[return-value]
+
+    def take_refresh_lease(self, integration_id: str, *, version: int, owner: str, now: float, until: float) -> bool:
+        return self._update_tokens(
+            integration_id, "SET refreshing_until = :until, lease_owner = :owner",
+            "version = :v AND (attribute_not_exists(refreshing_until) OR refreshing_until < :now)",
+            {":v": version, ":now": _decimal(now), ":until": _decimal(until), ":owner": owner}) is not None
+
+    def finish_refresh(self, integration_id: str, *, version: int, tokens: dict) -> bool:
+        return self._store_pair(integration_id, tokens, version) is not None
+
+    def release_refresh(self, integration_id: str, *, version: int, owner: str, failure: dict | None) -> bool:
+        update = "REMOVE refreshing_until, lease_owner" + (" SET failure = :failure" if failure is not None else "")
+        return self._update_tokens(integration_id, update, "version = :v AND lease_owner = :owner",
+                                   {":v": version, ":owner": owner, ":failure": failure}) is not None
+
+    def _store_pair(self, integration_id: str, tokens: dict, expect_version: int | None) -> int | None:
+        """Set the pair's fields, version + 1 and refreshed_at; drop lease and failure. With
+        `expect_version`, only at that version (None when it moved on)."""
+        tokens = {k: v for k, v in tokens.items() if v is not None}
+        names = {f"#t{i}": name for i, name in enumerate(tokens)}
+        values = {f":t{i}": value for i, value in enumerate(tokens.values())}
+        sets = ", ".join(f"#t{i} = :t{i}" for i in range(len(tokens)))
+        update = (f"SET {sets + ', ' if sets else ''}version = if_not_exists(version, :zero) + :one, refreshed_at = :at "
+                  "REMOVE refreshing_until, lease_owner, failure")
+        answer = self._update_tokens(integration_id, update, "version = :v" if expect_version is not None else None,
+                                     {**values, ":zero": 0, ":one": 1, ":at": self._now(), ":v": expect_version},
+                                     names=names)
+        return None if answer is None else int(answer["Attributes"]["version"]["N"])
+
+    def _update_tokens(self, integration_id: str, update: str, condition: str | None, values: dict,
+                       names: dict | None = None) -> dict | None:
+        """One UpdateItem on the tokens item; None when its condition failed. Values that are None are
+        left out (a placeholder the expressions do not use must not be sent)."""
+        kwargs: dict[str, Any] = {"TableName": self._config, "Key": _to_item({"pk": _pk(integration_id), "sk": TOKENS}),
+                                  "UpdateExpression": update, "ExpressionAttributeValues": _to_item(values),
+                                  "ReturnValues": "UPDATED_NEW"}
+        if condition:
+            kwargs["ConditionExpression"] = condition
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
+        try:
+            return self._db.update_item(**kwargs)
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
 
     # --- helpers -------------------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ class MemoryStore:
         self._crm_accounts: dict[str, dict] = {}  # account scope → facts
         self._inbox: dict[str, dict[str, tuple[Decimal, list[EntityRef]]]] = {}  # id → batch id → (recorded at, refs)
         self._customers: dict[str, dict[str, dict]] = {}  # id → uniq_id → {"sources", "sent", "version"}
+        self._tokens: dict[str, dict] = {}  # id → the OAuth tokens item (TokenStore)
         # The `expires_at` DynamoDB's TTL acts on, for items the protocol does not return (the entities an
         # upload carried, day counters): kept, never acted on; `expiry` reads it for the contract tests.
         self._expiry: dict[tuple[str, ...], int] = {}
@@ -107,7 +108,7 @@ class MemoryStore:
                 del self._expiry[key]
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
                           self._cursors, self._entities, self._products, self._uploads, self._carried,
-                          self._inbox, self._customers):
+                          self._inbox, self._customers, self._tokens):
                 table.pop(integration_id, None)
             return existed
 
@@ -501,6 +502,56 @@ class MemoryStore:
         with self._lock:
             batches = self._inbox.get(integration_id, {})
             return [b for _, b in sorted((at, b) for b, (at, _) in batches.items() if at < _decimal(before))]
+
+    # --- TokenStore ----------------------------------------------------------------------------------
+
+    def get_tokens(self, integration_id: str) -> dict | None:
+        with self._lock:
+            item = self._tokens.get(integration_id)
+            return _plain(item) if item is not None else None
+
+    def put_tokens(self, integration_id: str, tokens: dict) -> int:
+        with self._lock:
+            item = self._tokens.setdefault(integration_id, {})
+            return self._store_pair(item, tokens)
+
+    def take_refresh_lease(self, integration_id: str, *, version: int, owner: str, now: float, until: float) -> bool:
+        with self._lock:
+            item = self._tokens.get(integration_id)
+            if item is None or item.get("version") != _model(version):
+                return False
+            if "refreshing_until" in item and item["refreshing_until"] >= _decimal(now):
+                return False
+            item["refreshing_until"] = _decimal(until)
+            item["lease_owner"] = owner
+            return True
+
+    def finish_refresh(self, integration_id: str, *, version: int, tokens: dict) -> bool:
+        with self._lock:
+            item = self._tokens.get(integration_id)
+            if item is None or item.get("version") != _model(version):
+                return False
+            self._store_pair(item, tokens)
+            return True
+
+    def release_refresh(self, integration_id: str, *, version: int, owner: str, failure: dict | None) -> bool:
+        with self._lock:
+            item = self._tokens.get(integration_id)
+            if item is None or item.get("version") != _model(version) or item.get("lease_owner") != owner:
+                return False
+            item.pop("refreshing_until", None)
+            item.pop("lease_owner", None)
+            _set(item, failure=failure)
+            return True
+
+    def _store_pair(self, item: dict, tokens: dict) -> int:
+        version = int(item.get("version", 0)) + 1
+        modelled = _model({k: v for k, v in tokens.items() if v is not None})  # before any change: a value DynamoDB refuses changes nothing
+        for name in ("refreshing_until", "lease_owner", "failure"):
+            item.pop(name, None)
+        item.update(modelled)
+        _set(item, version=version, refreshed_at=self._now())
+        return version
 
     # --- helpers -------------------------------------------------------------------------------------
 
