@@ -87,10 +87,10 @@ def get_bitrix24_app():
     from chalicelib.bitrix24_app import Bitrix24App
     from chalicelib.crm.bitrix24.api import Bitrix24Client
     from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
-    from chalicelib.secrets import bitrix24_client_secret
+    from chalicelib.bitrix24_app import client_secret
     settings = get_settings()
     oauth = Bitrix24OAuth(settings.bitrix24_oauth_url, settings.bitrix24_client_id,
-                          lambda: bitrix24_client_secret(settings))
+                          lambda: client_secret(settings))
     return Bitrix24App(get_store(), get_queue(), oauth, allow_loopback=settings.allow_loopback_crm,
                        client_for=lambda endpoint, auth: Bitrix24Client(endpoint, auth=auth))
 
@@ -449,12 +449,6 @@ def reconcile_all(event):
 @app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
 def confirm_uploads(event):
     return _fan_out("confirm_uploads", event)
-
-
-@app.schedule(Rate(int(os.environ.get("DRAIN_MINUTES", "5")), unit=Rate.MINUTES))
-def drain_offline_events(event):
-    # Bitrix24 applications' offline-event queues, drained by the worker (chalicelib/bitrix24_app.py).
-    return _fan_out("drain_offline_events", event)
 
 # End of event handlers.
 

@@ -181,7 +181,7 @@ class Bitrix24App:
         connection = (integration or {}).get("connection") or {}
         expected = connection.get("application_token") if connection.get("app") is True else None
         if not expected or not hmac.compare_digest(event.application_token.encode(), str(expected).encode()):
-            log_event("app_event_refused", crm="bitrix24", event=event.event[:40])
+            log_event("app_event_refused", crm="bitrix24", name=event.event[:40])
             raise ApiError(403, "forbidden", FORBIDDEN)
         now = int(self._clock())
         if event.event == "ONAPPUNINSTALL":
@@ -260,6 +260,35 @@ def drain(store: Any, queue: Any, source: Any, integration_id: str, integration:
         queue.send([message(integration_id, DRAIN, str(int(clock())))])  # more waiting: another job goes on
     log_event("offline_drained", integration_id=integration_id, recorded=recorded, skipped=skipped, pages=pages)
     return {"recorded": recorded, "skipped": skipped, "pages": pages}
+
+
+_SECRET: dict[str, tuple[float, str]] = {}  # parameter → (read at, value): one SSM read per container and 5 min
+SECRET_TTL_SECONDS = 300.0
+
+
+def client_secret(settings: Any, *, ssm: Any = None, clock: Callable[[], float] = time.monotonic) -> str:
+    """Our application's client secret: `BITRIX24_CLIENT_SECRET` (the local stack, tests), else the SSM
+    SecureString `/metrika-crm-bridge/<stage>/bitrix24-client-secret`, read when a refresh first needs it
+    and kept for SECRET_TTL_SECONDS (a rotation shows within 5 minutes). Never logged."""
+    if settings.bitrix24_client_secret:
+        return settings.bitrix24_client_secret
+    name = settings.bitrix24_client_secret_parameter
+    cached = _SECRET.get(name)
+    if cached is not None and clock() - cached[0] < SECRET_TTL_SECONDS:
+        return cached[1]
+    from .errors import Misconfigured, Unavailable
+    try:
+        if ssm is None:
+            import boto3
+            ssm = boto3.client("ssm")
+        value = ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
+    except Exception as exc:  # noqa: BLE001 — SSM's errors, whatever their class
+        if type(exc).__name__ == "ParameterNotFound" or "ParameterNotFound" in str(exc):
+            raise Misconfigured(f"the SSM parameter {name} (the Bitrix24 application's client secret) does not exist",
+                                source=SOURCE) from None
+        raise Unavailable("ssm", type(exc).__name__) from None
+    _SECRET[name] = (clock(), value)
+    return value
 
 
 def handler_base(headers: dict, stage: str | None, configured: str | None) -> str:

@@ -33,7 +33,7 @@ from .logs import log_event
 from .queue import CONFIRM, DRAIN, RECONCILE, Queue, message
 
 # The schedules' message kinds, by the Chalice handler that queues them.
-JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM, "drain_offline_events": DRAIN}
+JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM}
 # Seconds of outbound calls a job needs to be started in the worker (its `deadline.has`): reconciliation
 # lists the deals changed since the last run (one to a few CRM pages, each answered within seconds) and
 # records them (one write each); confirmation waits for a Metrika slot (at most the governor's 30 s) and
@@ -95,10 +95,15 @@ class Jobs:
         integration = self._store.get_integration(integration_id)
         if integration is None:
             return {"skipped": "integration deleted"}
-        if kind == DRAIN:  # every drain runs (no cursor): it costs one call when the queue is empty
+        if kind == DRAIN or (kind == RECONCILE and _is_application(integration)):
+            # A Bitrix24 application's offline-event queue: drained on a nudge (ONOFFLINEEVENT) and with
+            # every reconciliation (its schedule, RECONCILE_MINUTES), before it. Every drain runs (no
+            # cursor): an empty queue costs one call.
             from .bitrix24_app import drain
-            return drain(self._store, self._queue, self._sources.get("bitrix24"), integration_id, integration,
-                         clock=self._clock)
+            drained = drain(self._store, self._queue, self._sources.get("bitrix24"), integration_id, integration,
+                            clock=self._clock)
+            if kind == DRAIN:
+                return drained
         if integration.get("disabled") or "metrika_token" not in integration:
             return {"skipped": "integration disabled" if integration.get("disabled") else "no Metrika counter yet"}
         scheduled = scheduled_at(run)
@@ -119,6 +124,10 @@ class Jobs:
         if result.get("pages"):  # Metrika was read: a duplicate of this run need not read it again
             self._store.put_cursor(integration_id, CONFIRM, started)
         return result
+
+
+def _is_application(integration: dict) -> bool:
+    return integration.get("crm") == "bitrix24" and (integration.get("connection") or {}).get("app") is True
 
 
 def job_failed(kind: str, integration_id: str, exc: Exception) -> None:

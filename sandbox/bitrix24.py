@@ -354,41 +354,56 @@ class Bitrix24Sandbox(SandboxServer):
             self.oauth_calls.append({"grant_type": "refresh_token", "ok": True})
             return Reply(200, self._issue())
 
-    def install(self, handler: str, version: int = 1, application_token: str | None = None) -> dict:
-        """Install the application: a fresh token pair and `application_token`, then ONAPPINSTALL POSTed
-        to the app's install handler with them in `auth` (a server-side app without UI receives its
-        tokens this way). Earlier bindings are dropped, as Bitrix24 does when an app is updated."""
+    def install_body(self, version: int = 1, application_token: str | None = None, keep_bindings: bool = False,
+                     **auth_overrides: str) -> bytes:
+        """Install the application: a fresh token pair and `application_token`, and the ONAPPINSTALL form
+        that carries them in `auth` (a server-side app without UI receives its tokens this way). Earlier
+        bindings are dropped, as Bitrix24 does when an app is updated, unless `keep_bindings` (a repeated
+        install of one version). `auth_overrides` forge fields (tests of a forged install)."""
         with self._lock:
             pair = self._issue()
-            self.application_token = application_token or uuid.uuid4().hex
-            self.bindings = []
+            self.application_token = application_token or self.application_token or uuid.uuid4().hex
+            if not keep_bindings:
+                self.bindings = []
         body = {"event": "ONAPPINSTALL", "data[VERSION]": str(version), "data[ACTIVE]": "Y", "data[INSTALLED]": "Y",
                 "data[LANGUAGE_ID]": "ru", "ts": str(int(time.time())),
                 **{f"auth[{k}]": str(v) for k, v in pair.items()},
-                "auth[domain]": self.domain, "auth[application_token]": self.application_token}
-        response = requests.post(handler, data=body, timeout=10)
+                "auth[domain]": self.domain, "auth[application_token]": self.application_token,
+                **{f"auth[{k}]": v for k, v in auth_overrides.items()}}
+        return urlencode(body).encode()
+
+    def install(self, handler: str, version: int = 1, application_token: str | None = None) -> dict:
+        """`install_body` POSTed to the application's install handler (`make run`: the local stack)."""
+        response = requests.post(handler, data=self.install_body(version, application_token), timeout=10,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
         try:
             answer = response.json()
         except ValueError:
             answer = response.text[:300]
         return {"status": response.status_code, "answer": answer}
 
+    def app_event_body(self, event: str, application_token: str | None = None) -> bytes:
+        """ONAPPUNINSTALL / ONOFFLINEEVENT as the portal sends them; `application_token` forges another."""
+        token = self.application_token if application_token is None else application_token
+        return urlencode({"event": event, "data[CLEAN]": "0", "data[LANGUAGE_ID]": "ru", "ts": str(int(time.time())),
+                          "auth[domain]": self.domain, "auth[member_id]": self.member_id,
+                          "auth[application_token]": token or ""}).encode()
+
     def uninstall(self, handler: str | None = None) -> dict:
         """ONAPPUNINSTALL to the bound handler (or `handler`), with `application_token` its only proof;
-        the app's tokens and bindings are gone afterwards."""
+        the app's tokens, bindings and queue are gone afterwards."""
         with self._lock:
-            token, self.application_token = self.application_token, None
+            body = self.app_event_body("ONAPPUNINSTALL")
             targets = [b["handler"] for b in self.bindings if b["event"] == "ONAPPUNINSTALL"] or ([handler] if handler else [])
+            self.application_token = None
             self.bindings, self.offline = [], []
             self.access_tokens.clear()
             self.refresh_tokens.clear()
         statuses = []
         for url in targets:
-            body = {"event": "ONAPPUNINSTALL", "data[CLEAN]": "0", "data[LANGUAGE_ID]": "ru", "ts": str(int(time.time())),
-                    "auth[domain]": self.domain, "auth[member_id]": self.member_id,
-                    "auth[application_token]": token or ""}
             try:
-                statuses.append(requests.post(url, data=body, timeout=10).status_code)
+                statuses.append(requests.post(url, data=body, timeout=10,
+                                              headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code)
             except requests.RequestException:
                 statuses.append(0)
         return {"statuses": statuses}
@@ -407,6 +422,9 @@ class Bitrix24Sandbox(SandboxServer):
                 return _error(401, "expired_token", "The access token provided has expired.")
             method = request.match["method"]
             self.app_calls.append(method)
+            failure = self.failures.get((method, str(params.get("id") or params.get("ID") or "")))
+            if failure is not None and (method.startswith("event.") or method == "app.info"):
+                return _error(failure.status, failure.code, failure.description)
             try:
                 if method.startswith("event.") or method == "app.info":
                     return Reply(200, {"result": self._event_method(method, params)})
@@ -493,10 +511,8 @@ class Bitrix24Sandbox(SandboxServer):
         with self._lock:
             targets = [b["handler"] for b in self.bindings if b["event"] == "ONOFFLINEEVENT" and b["event_type"] == "online"]
             token = self.application_token or ""
+        body = self.app_event_body("ONOFFLINEEVENT", token)
         for url in targets:
-            body = urlencode({"event": "ONOFFLINEEVENT", "data[timestamp]": str(int(time.time())), "ts": str(int(time.time())),
-                              "auth[domain]": self.domain, "auth[client_endpoint]": f"{self.url}/rest/",
-                              "auth[member_id]": self.member_id, "auth[application_token]": token}).encode()
             try:
                 status = requests.post(url, data=body, timeout=5,
                                        headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code
