@@ -76,10 +76,11 @@ def get_sources():
         from chalicelib.crm.amocrm.source import AmoCrmSource
         from chalicelib.crm.bitrix24.source import Bitrix24Source
         _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot, accounts=get_store())
-        from chalicelib.bitrix24_app import tokens_for
+        from chalicelib.bitrix24_app import keep_alive_for, tokens_for
         # An installed application's calls take their access token from the TOKENS item (single writer).
-        _SOURCES["bitrix24"] = Bitrix24Source(get_store().reserve_slot, tokens_for=lambda integration: tokens_for(
-            get_bitrix24_app().keeper())(integration))
+        _SOURCES["bitrix24"] = Bitrix24Source(
+            get_store().reserve_slot, tokens_for=lambda integration: tokens_for(get_bitrix24_app().keeper())(integration),
+            keep_alive=lambda integration: keep_alive_for(get_bitrix24_app().keeper())(integration))
     return _SOURCES
 
 

@@ -97,6 +97,17 @@ def tokens_for(keeper: TokenKeeper) -> Callable[[dict], Callable[[bool], str]]:
     return for_integration
 
 
+IDLE_REFRESH_SECONDS = 30 * 86400  # a refresh token lives 180 days: refreshed after 30 idle ones
+
+
+def keep_alive_for(keeper: TokenKeeper) -> Callable[[dict], bool]:
+    """`Bitrix24Source`'s `keep_alive`: the scheduled refresh of an idle application's tokens."""
+    def keep_alive(integration: dict) -> bool:
+        member_id = str((integration.get("connection") or {}).get("member_id", ""))
+        return keeper.keep_alive(integration_id_for(member_id), integration, max_idle=IDLE_REFRESH_SECONDS)
+    return keep_alive
+
+
 def token_source(keeper: TokenKeeper, integration: dict, integration_id: str) -> Callable[[bool], str]:
     """The `auth` callable of a `Bitrix24Client`: the current access token; `True` after the portal
     answered 401 expired_token (one forced refresh, unless another worker already did one)."""
@@ -141,11 +152,11 @@ class Bitrix24App:
         integration_id = integration_id_for(grant.member_id)
         self._store.put_tokens(integration_id, pair_of(grant).fields())
         stored = self._store.get_integration(integration_id) or {}
-        if stored and (stored.get("crm") != "bitrix24" or (stored.get("connection") or {}).get("app") is not True):
+        if stored and (stored.get("crm") != "bitrix24" or (stored.get("connection") or {}).get("auth") != "oauth"):
             raise ApiError(409, "conflict", f"integration {integration_id} exists and is not this application's")
         config = {k: v for k, v in stored.items() if k != "disabled"}
         config.update(crm="bitrix24", connection={
-            "app": True, "member_id": grant.member_id, "client_endpoint": grant.client_endpoint,
+            "auth": "oauth", "member_id": grant.member_id, "client_endpoint": grant.client_endpoint,
             "domain": _host(grant.client_endpoint), "application_token": claim.application_token})
         self._store.put_integration(integration_id, config)
         handler = handler_base.rstrip("/") + EVENTS_PATH
@@ -179,7 +190,7 @@ class Bitrix24App:
         integration_id = integration_id_for(member_id) if member_id.isalnum() and len(member_id) <= 56 else None
         integration = self._store.get_integration(integration_id) if integration_id else None
         connection = (integration or {}).get("connection") or {}
-        expected = connection.get("application_token") if connection.get("app") is True else None
+        expected = connection.get("application_token") if connection.get("auth") == "oauth" else None
         if not expected or not hmac.compare_digest(event.application_token.encode(), str(expected).encode()):
             log_event("app_event_refused", crm="bitrix24", name=event.event[:40])
             raise ApiError(403, "forbidden", FORBIDDEN)
@@ -230,7 +241,7 @@ def drain(store: Any, queue: Any, source: Any, integration_id: str, integration:
     """One drain of the portal's offline-event queue (module docstring: record before clearing)."""
     from .ingest import Ingest
     from .queue import message
-    if integration.get("crm") != "bitrix24" or (integration.get("connection") or {}).get("app") is not True:
+    if integration.get("crm") != "bitrix24" or (integration.get("connection") or {}).get("auth") != "oauth":
         return {"skipped": "not a Bitrix24 application"}
     if integration.get("disabled"):
         return {"skipped": "disabled (uninstalled)"}

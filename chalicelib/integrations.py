@@ -233,7 +233,8 @@ class Bitrix24Connection(_Connection):
     # Set by the Bitrix24 application's install (chalicelib/bitrix24_app.py), never by hand: REST calls go
     # to the portal's `client_endpoint` (as the OAuth server named it) with an OAuth access token kept in
     # the integration's TOKENS item (chalicelib/oauth.py) instead of an incoming-webhook URL.
-    app = StrictBoolean()
+    # "oauth": installed as the Bitrix24 application; absent or "webhook": the incoming webhook above.
+    auth = fields.String(validate=validate.OneOf(("webhook", "oauth")))
     client_endpoint = _string(MAX_URL, _http_url)
     # Compared with the event's auth[member_id] / auth[domain] (crm/bitrix24/webhook.py).
     member_id = _string(MAX_ID, _fullmatch(r"[A-Za-z0-9_.-]+", "must be the portal's member id (Latin letters and digits)"))
@@ -243,7 +244,7 @@ class Bitrix24Connection(_Connection):
 
     @validates_schema(skip_on_field_errors=False)
     def _endpoint(self, data: dict, **kwargs: Any) -> None:
-        if data.get("app") is True:
+        if data.get("auth") == "oauth":
             if "webhook_url" in data:
                 raise ValidationError({"webhook_url": ["an application's integration calls its client_endpoint: "
                                                        "leave webhook_url out"]})
@@ -481,7 +482,7 @@ def installed_parts(body: dict, stored: dict | None) -> dict:
     point the stored access token at another host, or revive an integration the portal uninstalled.
     The connection must then be reinstalled from Bitrix24. Anything else in the body is the caller's."""
     stored_connection = (stored or {}).get("connection") or {}
-    if not stored or stored.get("crm") != "bitrix24" or stored_connection.get("app") is not True:
+    if not stored or stored.get("crm") != "bitrix24" or stored_connection.get("auth") != "oauth":
         if "disabled" in body:
             raise invalid("integration config is invalid", {"disabled": ["read-only: set when the Bitrix24 "
                                                                          "application is uninstalled"]})

@@ -127,7 +127,7 @@ class Jobs:
 
 
 def _is_application(integration: dict) -> bool:
-    return integration.get("crm") == "bitrix24" and (integration.get("connection") or {}).get("app") is True
+    return integration.get("crm") == "bitrix24" and (integration.get("connection") or {}).get("auth") == "oauth"
 
 
 def job_failed(kind: str, integration_id: str, exc: Exception) -> None:

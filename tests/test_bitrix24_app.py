@@ -118,7 +118,7 @@ def test_install_stores_tokens_apart_binds_offline_events_and_asks_for_the_count
     assert answer["integration_id"] == rig.integration_id == "b24-" + bitrix.member_id
     assert answer["needs"] == ["counter_id", "metrika_token"]
     config = rig.core.store.get_integration(rig.integration_id)
-    assert config["connection"] == {"app": True, "member_id": bitrix.member_id, "client_endpoint": f"{bitrix.url}/rest/",
+    assert config["connection"] == {"auth": "oauth", "member_id": bitrix.member_id, "client_endpoint": f"{bitrix.url}/rest/",
                                     "domain": "127.0.0.1", "application_token": bitrix.application_token}
     tokens = rig.core.store.get_tokens(rig.integration_id)
     assert tokens["access_token"] in bitrix.access_tokens and tokens["refresh_token"] in bitrix.refresh_tokens
@@ -400,3 +400,81 @@ def test_the_handler_address_comes_from_the_setting_or_the_host():
     for headers in ({}, {"host": "evil.com/x"}, {"host": "a@b"}):
         with pytest.raises(ApiError):
             handler_base(headers, "api", None)
+
+
+def test_the_scheduled_refresh_renews_only_an_idle_applications_tokens(rig, bitrix):
+    from chalicelib.bitrix24_app import keep_alive_for
+    rig.install()
+    rig.core.sources["bitrix24"] = Bitrix24Source(no_wait, keep_alive=keep_alive_for(rig.app.keeper()), attempts=1)
+    integration = rig.core.store.get_integration(rig.integration_id)
+    calls = len(bitrix.oauth_calls)
+    assert rig.core.sources["bitrix24"].keep_alive(integration) is False  # refreshed at install, moments ago
+    rig.core.clock.advance(31 * 86400)
+    old = rig.core.store.get_tokens(rig.integration_id)["refresh_token"]
+    assert rig.core.sources["bitrix24"].keep_alive(integration) is True
+    assert len(bitrix.oauth_calls) == calls + 1 and old not in bitrix.refresh_tokens
+    assert rig.core.sources["bitrix24"].keep_alive({"crm": "bitrix24", "connection": {"webhook_url": "x"}}) is False
+
+
+# --- the routes, on the local stack (DynamoDB and SQS on moto) -----------------------------------------
+
+@pytest.fixture
+def app_env(service_env, bitrix, monkeypatch):
+    from chalicelib.settings import get_settings
+    monkeypatch.setenv("BITRIX24_OAUTH_URL", bitrix.url)
+    monkeypatch.setenv("BITRIX24_CLIENT_ID", bitrix.client_id)
+    monkeypatch.setenv("BITRIX24_CLIENT_SECRET", bitrix.client_secret)
+    # The portal's 2 calls a second are the limiter's to keep (test_bitrix24.py): not this test's subject.
+    monkeypatch.setattr("chalicelib.crm.bitrix24.source.MIN_INTERVAL", 0.01)
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_routes_install_configure_deliver_uninstall(app_env, app_client, bitrix, portal, queue, worker, metrika_sandbox):
+    import boto3
+    from chalicelib.settings import get_settings
+    from tests.conftest import admin_headers
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Host": "127.0.0.1:9", "X-Forwarded-Proto": "http"}
+    iid = integration_id_for(bitrix.member_id)
+    try:
+        forged = app_client.http.post("/install/bitrix24", headers=form, body=bitrix.install_body(refresh_token="nope"))
+        assert forged.status_code == 403 and forged.json_body["error"] == "forbidden"
+        assert app_client.http.get(f"/integrations/{iid}", headers=admin_headers()).status_code == 404
+        installed = app_client.http.post("/install/bitrix24", headers=form, body=bitrix.install_body())
+        assert installed.status_code == 200, installed.json_body
+        assert installed.json_body["needs"] == ["counter_id", "metrika_token"]
+        assert {b["handler"] for b in bitrix.bindings if b["event_type"] == "online"} == {
+            "http://127.0.0.1:9/install/bitrix24/events"}
+        shown = app_client.http.get(f"/integrations/{iid}", headers=admin_headers()).json_body
+        assert shown["connection"]["application_token"] == "********" and "access_token" not in str(shown)
+        moved = {**shown, "connection": {**shown["connection"], "client_endpoint": "https://evil.bitrix24.ru/rest/"}}
+        refused = app_client.http.put(f"/integrations/{iid}", headers=admin_headers(), body=json.dumps(
+            {**moved, "counter_id": 7070, "metrika_token": "y0_b24app", "timezone": "Europe/Moscow"}))
+        assert refused.status_code == 400 and "connection" in refused.json_body["details"]
+        saved = app_client.http.put(f"/integrations/{iid}", headers=admin_headers(), body=json.dumps(
+            {**shown, "counter_id": 7070, "metrika_token": "y0_b24app", "timezone": "Europe/Moscow"}))
+        assert saved.status_code == 200, saved.json_body
+        assert app_client.http.post(f"/integrations/{iid}/status-mapping/defaults",
+                                    headers=admin_headers()).status_code == 200
+        deal = bitrix.create_deal("Заказ #8001", stage_id="C2:WON", category_id=2, opportunity="700.00",
+                                  contact_id=portal["contact_id"])
+        nudged = app_client.http.post("/install/bitrix24/events", headers=form,
+                                      body=bitrix.app_event_body("ONOFFLINEEVENT"))
+        assert nudged.status_code == 200 and nudged.json_body["queued"] == 1
+        worker.drain()
+        assert metrika_sandbox.counter(7070).orders[deal["ID"]]["revenue"] == 700
+        assert bitrix.offline == []
+        forged_uninstall = app_client.http.post("/install/bitrix24/events", headers=form,
+                                                body=bitrix.app_event_body("ONAPPUNINSTALL", "forged"))
+        assert forged_uninstall.status_code == 403
+        gone = app_client.http.post("/install/bitrix24/events", headers=form, body=bitrix.app_event_body("ONAPPUNINSTALL"))
+        assert gone.status_code == 200 and gone.json_body["disabled"] is True
+        status = app_client.http.get(f"/integrations/{iid}/status", headers=admin_headers()).json_body
+        assert status["disabled"]["reason"] == "uninstalled"
+    finally:
+        client = boto3.client("dynamodb")
+        for sort_key in ("CONFIG", "STATUS_MAPPING", "TOKENS"):
+            client.delete_item(TableName=get_settings().config_table,
+                               Key={"pk": {"S": f"INTEGRATION#{iid}"}, "sk": {"S": sort_key}})

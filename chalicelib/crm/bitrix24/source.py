@@ -43,15 +43,17 @@ CONTACT_SELECT = ["*", "UF_*", "PHONE", "EMAIL"]
 
 class Bitrix24Source:
     def __init__(self, reserve_slot: Callable[[str, float, float], float], *,
-                 tokens_for: Callable[[dict], Callable[[bool], str]] | None = None, **client_options: Any) -> None:
+                 tokens_for: Callable[[dict], Callable[[bool], str]] | None = None,
+                 keep_alive: Callable[[dict], bool] | None = None, **client_options: Any) -> None:
         self._reserve_slot = reserve_slot
-        # An installed application's access token per call (chalicelib/bitrix24_app.py `token_source`).
-        self._tokens_for = tokens_for
+        # An installed application's access token per call (chalicelib/bitrix24_app.py `token_source`),
+        # and the scheduled refresh of an idle one (`keep_alive`).
+        self._tokens_for, self._keep_alive = tokens_for, keep_alive
         self._client_options = client_options
 
     def client_for(self, integration: dict) -> Bitrix24Client:
         connection = integration["connection"]
-        if connection.get("app") is True:
+        if connection.get("auth") == "oauth":
             if self._tokens_for is None:
                 raise Permanent("this Bitrix24 integration is an installed application, and this process has no "
                                 "access to its OAuth tokens", source=SOURCE)
@@ -65,6 +67,13 @@ class Bitrix24Source:
         scope = "bitrix24:" + hashlib.sha256((urlsplit(url).hostname or "").encode()).hexdigest()[:16]
         wait_for_slot = slot_waiter(self._reserve_slot, scope, MIN_INTERVAL)
         return Bitrix24Client(url, wait_for_slot=wait_for_slot, **self._client_options)
+
+    def keep_alive(self, integration: dict) -> bool:
+        """The daily refresh job: an installed application's refresh token refreshed once it has been idle
+        for 30 days (it lives 180), so a portal without deals keeps its integration. False for others."""
+        if (integration.get("connection") or {}).get("auth") != "oauth" or self._keep_alive is None:
+            return False
+        return self._keep_alive(integration)
 
     def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef],
                  attributes: list[dict] = ()) -> dict[tuple[str, str], EntityRows]:
