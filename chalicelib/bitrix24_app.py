@@ -150,10 +150,11 @@ class Bitrix24App:
         if problem:
             raise ApiError(422, "crm_refused", f"the portal's client_endpoint {problem}")
         integration_id = integration_id_for(grant.member_id)
-        self._store.put_tokens(integration_id, pair_of(grant).fields())
         stored = self._store.get_integration(integration_id) or {}
         if stored and (stored.get("crm") != "bitrix24" or (stored.get("connection") or {}).get("auth") != "oauth"):
             raise ApiError(409, "conflict", f"integration {integration_id} exists and is not this application's")
+        # Tokens first: a crash before the config leaves tokens nobody uses until the next install.
+        self._store.put_tokens(integration_id, pair_of(grant).fields())
         config = {k: v for k, v in stored.items() if k != "disabled"}
         config.update(crm="bitrix24", connection={
             "auth": "oauth", "member_id": grant.member_id, "client_endpoint": grant.client_endpoint,
@@ -187,7 +188,8 @@ class Bitrix24App:
             raise ApiError(401 if "application_token" in str(exc) else 400,
                            "unauthenticated" if "application_token" in str(exc) else "invalid_request", str(exc)) from exc
         member_id = event.member_id or ""
-        integration_id = integration_id_for(member_id) if member_id.isalnum() and len(member_id) <= 56 else None
+        integration_id = (integration_id_for(member_id) if member_id.isascii() and member_id.isalnum()
+                          and len(member_id) <= 56 else None)
         integration = self._store.get_integration(integration_id) if integration_id else None
         connection = (integration or {}).get("connection") or {}
         expected = connection.get("application_token") if connection.get("auth") == "oauth" else None

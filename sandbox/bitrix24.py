@@ -24,6 +24,19 @@ Control: `POST /_sandbox/deals`, `PATCH|DELETE /_sandbox/deals/{id}`, `POST /_sa
 `PATCH /_sandbox/contacts/{id}`, `POST /_sandbox/leads`, `POST /_sandbox/handlers`, `GET /_sandbox/state`,
 `POST /_sandbox/failures` (`{"method", "entity_id", "code", "description"}`).
 
+Application mode (the Bitrix24 application, chalicelib/bitrix24_app.py): an OAuth server
+(`GET|POST /oauth/token/`, grant_type=refresh_token with the sandbox's client id and secret: a new pair,
+the old refresh token refused from then on; access tokens live an hour on the sandbox's app clock,
+`advance()` / `expire_access_tokens()` move it), REST at `POST /rest/{method}.json` with `auth=<access
+token>` (unknown → 401 invalid_token, expired → 401 expired_token), `event.bind` (online / offline),
+`event.get`, `event.unbind`, `event.offline.get` (`clear`, `process_id`, `limit`: records reserved for a
+process come back to it until cleared), `event.offline.clear` (`process_id` + `id` / `message_id`),
+`app.info`. A change to a deal or contact queues an offline record when bound (one waiting record per
+object and event) and nudges the ONOFFLINEEVENT handlers (once, never retried). `POST /_sandbox/app/install`
+(`{"handler": "<our API>/install/bitrix24"}`) POSTs ONAPPINSTALL with a fresh token pair and
+application_token; `POST /_sandbox/app/uninstall` POSTs ONAPPUNINSTALL to the bound handler;
+`GET /_sandbox/app` shows the bindings and the queue.
+
     python -m sandbox.bitrix24 --port 8003
 """
 from __future__ import annotations
@@ -43,6 +56,8 @@ import requests
 from .httpserver import Reply, Request, SandboxServer
 
 MSK = timezone(timedelta(hours=3))
+# The application's client credentials the sandbox's OAuth server accepts (the local stack passes them on).
+APP_CLIENT_ID, APP_CLIENT_SECRET = "app.sandbox0000000001", "sandbox-client-secret"
 LIST_PAGE = 50
 
 
@@ -65,7 +80,7 @@ class MethodError(Exception):
 class Bitrix24Sandbox(SandboxServer):
     def __init__(self, port: int = 0, *, user: str = "1", code: str = "sandboxcode", domain: str = "acme-shop.bitrix24.ru",
                  member_id: str = "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37", bucket_size: int = 50, drain_per_second: float = 2.0,
-                 client_id: str = "app.sandbox0000000001", client_secret: str = "sandbox-client-secret") -> None:
+                 client_id: str = APP_CLIENT_ID, client_secret: str = APP_CLIENT_SECRET) -> None:
         super().__init__(port=port)
         self.user, self.code, self.domain, self.member_id = user, code, domain, member_id
         self.client_id, self.client_secret = client_id, client_secret

@@ -214,6 +214,11 @@ def main() -> None:
         processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.bitrix24", "--port", bitrix_url.rsplit(":", 1)[1],
                                            "--code", BITRIX24_DEMO_CODE], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
         wait_http(bitrix_url + "/_sandbox/state", process=processes[-1])
+        # The Bitrix24 application (chalicelib/bitrix24_app.py): the sandbox is its OAuth server, with the
+        # sandbox's demo client credentials; the install binds its handlers at this API's address.
+        from sandbox.bitrix24 import APP_CLIENT_ID, APP_CLIENT_SECRET
+        env.update(BITRIX24_OAUTH_URL=bitrix_url, BITRIX24_CLIENT_ID=APP_CLIENT_ID, BITRIX24_CLIENT_SECRET=APP_CLIENT_SECRET)
+        env.setdefault("PUBLIC_URL", f"http://127.0.0.1:{args.port}")
         subprocess.run([sys.executable, "-m", "tools.infra", "--stage", "dev", "--emulator"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
         api_url = f"http://127.0.0.1:{args.port}"
@@ -230,6 +235,7 @@ metrika-crm-bridge is up in {time.monotonic() - started:.1f} s
   Metrika target  {env['METRIKA_API_URL']}{'  (sandbox: GET /_sandbox/state shows what it holds)' if not os.environ.get('METRIKA_API_URL') else ''}
   amoCRM sandbox  {amocrm_url}  (token {AMOCRM_DEMO_TOKEN}; a demo account, see README)
   Bitrix24 sandbox {bitrix_url}  (incoming webhook {bitrix_url}/rest/1/{BITRIX24_DEMO_CODE}/; a demo portal)
+  Bitrix24 app    curl -X POST {bitrix_url}/_sandbox/app/install -d '{{"handler": "{api_url}/install/bitrix24"}}'
   DynamoDB + SQS  http://127.0.0.1:{moto_port}  (moto_server)
   webhooks        {api_url}/webhooks/amocrm/<integration id>?secret=…, {api_url}/webhooks/bitrix24/<integration id>
 Ctrl-C stops everything.""", flush=True)
