@@ -290,6 +290,7 @@ def test_uninstall_stops_deliveries_and_a_forged_uninstall_changes_nothing(rig, 
     assert rig.app.event(bitrix.app_event_body("ONAPPUNINSTALL"))["disabled"] is True
     # Events still queued (a webhook, a stale message) are not delivered; the drain skips the integration.
     deal = rig.core.store.list_entities(rig.integration_id)[0]
+    rig.core.clock.advance(60)  # past the sandbox's TIMESTAMP_X, which the drain recorded (the portal's clock)
     rig.core.ingest.requeue(rig.integration_id, [EntityRef(deal["kind"], deal["crm_id"], int(rig.core.clock()), "update")])
     bitrix.create_deal("Заказ #5002", stage_id="C2:NEW", category_id=2, opportunity="100.00", notify=True)
     rig.drain_job()
@@ -349,6 +350,7 @@ def test_a_refresh_the_portal_refuses_parks_with_a_reinstall_message(rig, bitrix
     rig.drain_job()
     bitrix.refresh_tokens.clear()  # revoked
     bitrix.expire_access_tokens()
+    rig.core.clock.advance(60)  # past the sandbox's TIMESTAMP_X, which the drain recorded (the portal's clock)
     rig.core.ingest.requeue(rig.integration_id, [EntityRef("order", deal["ID"], int(rig.core.clock()), "update")])
     rig.core.drain()
     state = rig.core.store.get_entity(rig.integration_id, "order", deal["ID"])
