@@ -37,6 +37,7 @@ _STORE = None
 _QUEUE = None
 _ADMIN_TOKENS = None  # (settings, chalicelib.admin.AdminTokenCache): re-reads the SSM parameter on its own schedule
 _SOURCES = {}  # crm name → CrmSource, filled on first use (tests may fill it first)
+_AMOCRM_SECRET = None  # (settings, chalicelib.amocrm_install.ClientSecret): our amoCRM app's client secret
 
 
 def get_store():
@@ -75,7 +76,7 @@ def get_sources():
     if not _SOURCES:
         from chalicelib.crm.amocrm.source import AmoCrmSource
         from chalicelib.crm.bitrix24.source import Bitrix24Source
-        _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot, accounts=get_store())
+        _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot, accounts=get_store(), keeper=get_amocrm_keeper())
         from chalicelib.bitrix24_app import keep_alive_for, tokens_for
         # An installed application's calls take their access token from the TOKENS item (single writer).
         _SOURCES["bitrix24"] = Bitrix24Source(
@@ -94,6 +95,29 @@ def get_bitrix24_app():
                           lambda: client_secret(settings))
     return Bitrix24App(get_store(), get_queue(), oauth, allow_loopback=settings.allow_loopback_crm,
                        client_for=lambda endpoint, auth: Bitrix24Client(endpoint, auth=auth))
+
+
+def get_amocrm_secret():
+    global _AMOCRM_SECRET
+    if _AMOCRM_SECRET is None or _AMOCRM_SECRET[0] is not get_settings():
+        from chalicelib.amocrm_install import ClientSecret
+        _AMOCRM_SECRET = (get_settings(), ClientSecret(get_settings()))
+    return _AMOCRM_SECRET[1]
+
+
+def get_amocrm_oauth():
+    from chalicelib.amocrm_install import oauth_for
+    return oauth_for(get_settings(), get_amocrm_secret())
+
+
+def get_amocrm_keeper():
+    """Installed amoCRM integrations' tokens (chalicelib/oauth.py); None where installs are not configured."""
+    from chalicelib.crm.amocrm.oauth import DUE
+    from chalicelib.oauth import TokenKeeper
+    settings = get_settings()
+    if not settings.amocrm_client_id or not settings.public_url:
+        return None
+    return TokenKeeper(get_store(), get_amocrm_oauth(), due=DUE, integrations=get_store())
 
 
 def get_admin_tokens():
@@ -360,14 +384,13 @@ def integration_status(integration_id):
     from chalicelib.integrations import get_integration as read
     from chalicelib.operations import integration_status as status, webhook_health
     integration = read(get_store(), integration_id)
-    configured = "metrika_token" in integration  # an installed application waits for its counter
-    result = status(get_store(), integration_id,
-                    requests_today=get_metrika(integration).governor.used_today() if configured else 0,
-                    webhook_health=webhook_health(get_sources(), integration_id, integration),
-                    backfill=get_backfill().status(integration_id)["backfill"])
-    if integration.get("disabled"):  # uninstalled from the CRM: nothing is delivered until installed again
-        result["disabled"] = integration["disabled"]
-    return result
+    from chalicelib.amocrm_install import token_status
+    extra = token_status(get_store(), integration_id, integration)
+    if "metrika_token" not in integration:  # installed, no Metrika counter connected yet
+        return {"integration_id": integration_id, **extra}
+    return {**status(get_store(), integration_id, requests_today=get_metrika(integration).governor.used_today(),
+                     webhook_health=webhook_health(get_sources(), integration_id, integration),
+                     backfill=get_backfill().status(integration_id)["backfill"]), **extra}
 
 
 @app.route("/integrations/{integration_id}/replay", methods=["POST"], authorizer=admin)
@@ -425,6 +448,38 @@ def bitrix24_app_event():
         raise invalid("an application event is a few hundred bytes; this body is too large")
     return get_bitrix24_app().event(request.raw_body)
 
+
+# Installing into amoCRM (OAuth): public, everything they take is verified (chalicelib/amocrm_install.py).
+@app.route("/install/amocrm", methods=["GET"])
+@answers
+def install_amocrm():
+    from chalicelib.amocrm_install import start_url
+    return Response(status_code=302, body="", headers={"Location": start_url(get_settings(), get_amocrm_secret(),
+                                                                              now=time.time())})
+
+
+@app.route("/oauth/amocrm", methods=["GET"])
+@answers
+def oauth_amocrm():
+    from chalicelib.amocrm_install import complete
+    from chalicelib.operations import default_mapping
+    settings = get_settings()
+    oauth = get_amocrm_oauth()
+    return complete(get_store(), oauth, app.current_request.query_params or {}, secret=get_amocrm_secret()(),
+                    client_id=settings.amocrm_client_id, public_url=settings.public_url, now=time.time(),
+                    propose=lambda integration_id: default_mapping(get_store(), get_sources(), integration_id))
+
+
+@app.route("/oauth/amocrm/disable", methods=["GET"])
+@answers
+def disable_amocrm():
+    from chalicelib.amocrm_install import disable
+    settings = get_settings()
+    if not settings.amocrm_client_id:
+        raise invalid("amoCRM installs are not configured in this stage")
+    return disable(get_store(), app.current_request.query_params or {}, client_id=settings.amocrm_client_id,
+                   client_secret=get_amocrm_secret()(), now=time.time())
+
 # End of routes. Start of event handlers.
 
 
@@ -450,6 +505,13 @@ def reconcile_all(event):
 @app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
 def confirm_uploads(event):
     return _fan_out("confirm_uploads", event)
+
+
+
+@app.schedule(Rate(1, unit=Rate.DAYS))
+def refresh_tokens(event):
+    # Installed integrations whose tokens sat idle for 30 days refresh them (chalicelib/schedules.py).
+    return _fan_out("refresh_tokens", event)
 
 # End of event handlers.
 

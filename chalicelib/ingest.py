@@ -78,9 +78,7 @@ def secrets_match(given: str | None, expected: str | None) -> bool:
 
 
 def _accepts(integration: dict, crm: str, secret_matches: Callable[[dict], bool]) -> bool:
-    # A disabled integration (its Bitrix24 application uninstalled) takes no webhook: the same 403.
-    return (integration.get("crm") == crm and not integration.get("disabled")
-            and secret_matches(integration.get("connection") or {}))
+    return integration.get("crm") == crm and secret_matches(integration.get("connection") or {})
 
 
 def _holds_own_secret(integration: dict, raw: bytes, query: dict[str, str]) -> bool:
@@ -176,6 +174,9 @@ class Ingest:
         if integration is not None and not _accepts(integration, crm, secret_matches):
             integration = self._read(integration_id)
         if integration is not None and _accepts(integration, crm, secret_matches):
+            if integration.get("disabled"):  # uninstalled in the CRM: said only to a holder of the secret
+                raise ApiError(410, "integration_disabled", f"integration {integration_id!r} was disabled in {crm}; "
+                                                            "install it again to resume")
             return integration["connection"]
         self._check_route(integration_id, crm, integration, raw, query)
         raise ApiError(403, "forbidden", FORBIDDEN)

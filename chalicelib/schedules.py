@@ -30,10 +30,12 @@ from typing import Any, Callable
 
 from .errors import BridgeError
 from .logs import log_event
-from .queue import CONFIRM, DRAIN, RECONCILE, Queue, message
+from .queue import CONFIRM, DRAIN, RECONCILE, REFRESH, Queue, message
 
 # The schedules' message kinds, by the Chalice handler that queues them.
-JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM}
+JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM,
+        # daily: installed (OAuth) integrations refresh a token idle for 30 days (`CrmSource.keep_alive`)
+        "refresh_tokens": REFRESH}
 # Seconds of outbound calls a job needs to be started in the worker (its `deadline.has`): reconciliation
 # lists the deals changed since the last run (one to a few CRM pages, each answered within seconds) and
 # records them (one write each); confirmation waits for a Metrika slot (at most the governor's 30 s) and
@@ -90,11 +92,18 @@ class Jobs:
 
     def run(self, kind: str, integration_id: str, run: str) -> dict:
         from .ingest import Ingest  # the worker imports this module; the ingest path only for a job
-        if kind not in (RECONCILE, CONFIRM, DRAIN):
+        if kind not in (RECONCILE, CONFIRM, DRAIN, REFRESH):
             raise ValueError(f"no scheduled job of kind {kind!r}")
         integration = self._store.get_integration(integration_id)
         if integration is None:
             return {"skipped": "integration deleted"}
+        if kind == REFRESH:  # no cursor: keep_alive itself refreshes only a token idle long enough
+            source = self._sources.get(integration["crm"])
+            if not hasattr(source, "keep_alive") or (integration.get("connection") or {}).get("auth") != "oauth":
+                return {"skipped": "not an installed (OAuth) integration"}
+            if integration.get("disabled"):
+                return {"skipped": "disabled"}
+            return {"refreshed": source.keep_alive(integration)}
         if kind == DRAIN or (kind == RECONCILE and _is_application(integration)):
             # A Bitrix24 application's offline-event queue: drained on a nudge (ONOFFLINEEVENT) and with
             # every reconciliation (its schedule, RECONCILE_MINUTES), before it. Every drain runs (no

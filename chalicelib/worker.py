@@ -48,7 +48,7 @@ from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, co
 from .errors import BridgeError, OutOfTime, Transient, Unavailable
 from .logs import log_event
 from .ingest import expand_inbox
-from .queue import BACKFILL, CONFIRM, DRAIN, INBOX, MAX_DELAY_SECONDS, RECONCILE, Queue, Received, message
+from .queue import BACKFILL, CONFIRM, DRAIN, INBOX, MAX_DELAY_SECONDS, RECONCILE, REFRESH, Queue, Received, message
 from .schedules import JOB_SECONDS, Jobs, job_failed, scheduled_at
 
 DELETED_DEAL_STATUS = "CANCELLED"
@@ -136,7 +136,7 @@ class Worker:
             elif kind == INBOX:
                 # The batch stays in the inbox until expanded: the reconciliation sweep queues it again.
                 inbox.append((integration_id, crm_id))
-            elif kind in (RECONCILE, CONFIRM, DRAIN):
+            elif kind in (RECONCILE, CONFIRM, DRAIN, REFRESH):
                 # A job names no entity: nothing to flag on a last receive; the next run does it anyway.
                 runs = jobs.setdefault(integration_id, {})
                 runs[kind] = max(runs.get(kind, crm_id), crm_id, key=lambda run: scheduled_at(run) or 0)
@@ -309,18 +309,18 @@ class Worker:
         if integration is None:
             log_event("delivery_dropped", integration_id=integration_id, reason="integration deleted")
             return
-        if integration.get("disabled") or "metrika_token" not in integration:
-            # Uninstalled, or installed and not yet given a counter: nothing is sent. The entities stay
-            # dirty; once enabled (installed again, configured) reconciliation's sweep queues them.
-            log_event("delivery_dropped", integration_id=integration_id,
-                      reason="integration disabled" if integration.get("disabled") else "no Metrika counter yet")
-            return
         claimed: dict[tuple[str, str], dict] = {}
         for kind, crm_id in keys:
             state = self._store.claim(integration_id, kind, crm_id)
             if state is not None and state.get("dirty"):
                 claimed[(kind, crm_id)] = state
         if not claimed:
+            return
+        from .amocrm_install import unusable
+        stopped = unusable(integration, integration_id)
+        if stopped:  # disabled in the CRM, or installed without a Metrika counter yet: a person must act
+            for key, state in claimed.items():
+                self._park(integration_id, key, state, {"kind": "misconfigured", "message": stopped}, report)
             return
         source = self._sources.get(integration["crm"])
         if source is None:

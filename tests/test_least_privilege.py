@@ -26,7 +26,7 @@ import pytest
 from chalice.cli.factory import CLIFactory
 
 from tools import policies
-from tools.policies import (ACCESS, ADMIN_TOKEN, CONFIG, DEAD_LETTERS, EVENT_SOURCE, EVENTS, FUNCTIONS,
+from tools.policies import (ACCESS, ADMIN_TOKEN, AMOCRM_SECRET, CONFIG, DEAD_LETTERS, EVENT_SOURCE, EVENTS, FUNCTIONS,
                             LOG_ACTIONS, QUOTA, STATE, granted_pairs, iam_requests)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +80,10 @@ def test_policies_name_the_stages_own_resources_and_logs_only_their_own_log_grou
         assert {r for a, r in pairs if a.startswith("logs:")} == {
             f"arn:aws:logs:*:*:log-group:/aws/lambda/{policies.function_name(stage, function)}:*"}
         assert "sqs:ChangeMessageVisibility" not in text
-        if function != "admin":  # only the authorizer reads the admin token
-            assert "ssm:" not in text and settings.admin_token_parameter.lstrip("/") not in text
+        if function != "admin":  # only the authorizer reads the admin token; the amoCRM client secret apart
+            assert settings.admin_token_parameter.lstrip("/") not in text
+            assert {r for a, r in pairs if a.startswith("ssm:")} <= {
+                f"arn:aws:ssm:*:*:parameter/{settings.amocrm_client_secret_parameter.lstrip('/')}"}
     admin = json.loads((ROOT / ".chalice" / policies.policy_file(stage, "admin")).read_text())
     assert {a for a, _ in granted_pairs(admin)} == {"ssm:GetParameter", *LOG_ACTIONS}  # no table, no queue
     assert (f"arn:aws:ssm:*:*:parameter/{settings.admin_token_parameter.lstrip('/')}"
@@ -104,7 +106,9 @@ def test_each_resource_is_reachable_only_by_the_functions_that_use_it():
     deleting = {function for function, access in ACCESS.items() for role in (CONFIG, STATE)
                 if "dynamodb:DeleteItem" in access.get(role, ())}
     assert deleting == {"api_handler", "on_events_message"}
-    for schedule in ("reconcile_all", "confirm_uploads"):
+    # The amoCRM client secret: the install routes (code exchange) and the worker (token refresh) only.
+    assert holders(AMOCRM_SECRET) == {"api_handler", "on_events_message"}
+    for schedule in ("reconcile_all", "confirm_uploads", "refresh_tokens"):
         assert ACCESS[schedule] == {CONFIG: ("dynamodb:Scan",), EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage")}
 
 

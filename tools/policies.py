@@ -49,8 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHALICE_DIR = ROOT / ".chalice"
 
 # The resources a function may touch, by role in the app (resolved per stage by `resources`).
-CONFIG, STATE, QUOTA, EVENTS, DEAD_LETTERS, ADMIN_TOKEN = (
-    "config_table", "state_table", "quota_table", "events_queue", "dead_letter_queue", "admin_token")
+CONFIG, STATE, QUOTA, EVENTS, DEAD_LETTERS, ADMIN_TOKEN, AMOCRM_SECRET = (
+    "config_table", "state_table", "quota_table", "events_queue", "dead_letter_queue", "admin_token",
+    "amocrm_client_secret")
 
 _DYNAMO_READ = ("dynamodb:GetItem", "dynamodb:Query")
 
@@ -60,8 +61,12 @@ _DYNAMO_READ = ("dynamodb:GetItem", "dynamodb:Query")
 ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     # Routes: webhooks (record, large bodies into the inbox), admin routes (integrations, mappings,
     # catalogue, history import start, reconcile, confirm, status, replay, delete), dead-letter redrive.
+    # Installs from amoCRM (chalicelib/amocrm_install.py): the client secret (SSM), the tokens item
+    # (UpdateItem: a version written atomically, chalicelib/oauth.py).
     "api_handler": {
-        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"),
+        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
+                 "dynamodb:Scan"),
+        AMOCRM_SECRET: ("ssm:GetParameter",),
         STATE: ("dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
                 "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
@@ -75,8 +80,10 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     # The worker: deliveries, retries, inbox expansion, history-import steps, dead-letter flags, and each
     # integration's scheduled jobs (reconciliation: sweep, CRM changes, re-queue; confirmation: Metrika's
     # upload listing, FAILED uploads sent again, their CARRIED# items deleted; the jobs' cursors).
+    # Installed (OAuth) integrations refresh their tokens: the tokens item, and the client secret.
     "on_events_message": {
-        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Scan"),
+        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Scan"),
+        AMOCRM_SECRET: ("ssm:GetParameter",),
         STATE: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
                 "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
@@ -88,6 +95,10 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
     "confirm_uploads": {
+        CONFIG: ("dynamodb:Scan",),
+        EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
+    },
+    "refresh_tokens": {
         CONFIG: ("dynamodb:Scan",),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
@@ -106,7 +117,7 @@ EVENT_SOURCE: dict[str, dict[str, tuple[str, ...]]] = {
 LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
 FUNCTIONS = tuple(ACCESS)
 _SIDS = {CONFIG: "ConfigTable", STATE: "StateTable", QUOTA: "QuotaTable", EVENTS: "EventsQueue",
-         DEAD_LETTERS: "DeadLetterQueue", ADMIN_TOKEN: "AdminToken"}
+         DEAD_LETTERS: "DeadLetterQueue", ADMIN_TOKEN: "AdminToken", AMOCRM_SECRET: "AmoCrmClientSecret"}
 
 
 def function_name(stage: str, function: str) -> str:
@@ -150,7 +161,9 @@ def resources(settings: Settings) -> dict[str, str]:
     return {CONFIG: table_arn(settings.config_table), STATE: table_arn(settings.state_table),
             QUOTA: table_arn(settings.quota_table), EVENTS: queue_arn(settings.events_queue),
             DEAD_LETTERS: queue_arn(settings.dead_letter_queue),
-            ADMIN_TOKEN: parameter_arn(settings.admin_token_parameter)}
+            ADMIN_TOKEN: parameter_arn(settings.admin_token_parameter),
+            AMOCRM_SECRET: parameter_arn(settings.amocrm_client_secret_parameter
+                                         or f"/{APP_NAME}/{settings.stage}/amocrm-client-secret")}
 
 
 def policy(stage: str, function: str, settings: Settings | None = None) -> dict:
