@@ -481,3 +481,15 @@ def test_routes_install_configure_deliver_uninstall(app_env, app_client, bitrix,
         for sort_key in ("CONFIG", "STATUS_MAPPING", "TOKENS"):
             client.delete_item(TableName=get_settings().config_table,
                                Key={"pk": {"S": f"INTEGRATION#{iid}"}, "sk": {"S": sort_key}})
+
+
+def test_a_record_from_the_year_2100_does_not_freeze_the_deal(rig, bitrix, portal, metrika_sandbox):
+    rig.install()
+    rig.configure(metrika_sandbox)
+    deal = bitrix.create_deal("Заказ #9001", stage_id="C2:NEW", category_id=2, opportunity="100.00",
+                              contact_id=portal["contact_id"])
+    bitrix.offline[0]["TIMESTAMP_X"] = "2100-01-01T00:00:00+03:00"
+    rig.drain_job()
+    state = rig.core.store.get_entity(rig.integration_id, "order", deal["ID"])
+    assert state["event_time"] <= rig.core.clock() + 300  # capped, as the webhook path caps it
+    assert deal["ID"] in orders_sent(metrika_sandbox)
