@@ -24,10 +24,13 @@ OFFLINE events, ONOFFLINEEVENT and ONAPPUNINSTALL online to `/install/bitrix24/e
 and what is missing is bound (`event.get` first, so a repeated install binds nothing twice).
 
 Events (`POST /install/bitrix24/events`): ONAPPUNINSTALL (its `application_token` is its only proof)
-disables the integration: webhooks are refused, the worker delivers nothing, jobs skip it, the status
-shows it; installing again enables it. ONOFFLINEEVENT (same proof) queues a drain of the portal's queue.
+disables the integration (`disabled`, as the amoCRM install's disable hook does): webhooks are refused
+(410), the worker parks what is queued with a message saying to install again, the drain and the jobs
+skip it, `GET …/status` shows it; installing again enables it (then `replay`). ONOFFLINEEVENT (same
+proof) queues a drain of the portal's queue, at most one per NUDGE_SECONDS.
 
-Drain (a worker job, kind `drain`: on the 5-minute schedule and on a nudge). Record BEFORE clearing:
+Drain (a worker job, kind `drain`: on a nudge, and before every reconciliation of an application's
+integration, so on the reconciliation schedule, RECONCILE_MINUTES). Record BEFORE clearing:
 `event.offline.get` with `clear=0` and our own `process_id` (one per integration) reserves up to 50
 records for that process and answers every record it holds; they are recorded as the webhook path
 records events (`Ingest.record`: mark_dirty + queue), and only then removed with `event.offline.clear`

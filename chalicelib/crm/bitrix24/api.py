@@ -1,4 +1,5 @@
-"""Bitrix24 REST client (requests) through an incoming-webhook URL; ready for OAuth through `auth`.
+"""Bitrix24 REST client (requests) through an incoming-webhook URL, or an installed application's
+`client_endpoint` with its OAuth access token in `auth` (`Bitrix24Client(auth=…)`).
 
 Calls are POSTs with a JSON body to `{webhook_url}{method}.json`, never GETs, so data and the secret
 stay out of query strings and logs (https://apidocs.bitrix24.ru/local-integrations/local-webhooks.html
