@@ -100,7 +100,10 @@ def tokens_for(keeper: TokenKeeper) -> Callable[[dict], Callable[[bool], str]]:
     return for_integration
 
 
-IDLE_REFRESH_SECONDS = 30 * 86400  # a refresh token lives 180 days: refreshed after 30 idle ones
+# A refresh token lives 180 days per the current docs ("Full OAuth 2.0 Authorization Protocol"), 28 days
+# per older ones (dev.1c-bitrix.ru "Продление авторизации", "28 дней или до первого использования"):
+# refreshed after 20 idle days, inside both. A refresh costs one call per portal per 20 days.
+IDLE_REFRESH_SECONDS = 20 * 86400
 
 
 def keep_alive_for(keeper: TokenKeeper) -> Callable[[dict], bool]:

@@ -412,7 +412,9 @@ def test_the_scheduled_refresh_renews_only_an_idle_applications_tokens(rig, bitr
     integration = rig.core.store.get_integration(rig.integration_id)
     calls = len(bitrix.oauth_calls)
     assert rig.core.sources["bitrix24"].keep_alive(integration) is False  # refreshed at install, moments ago
-    rig.core.clock.advance(31 * 86400)
+    rig.core.clock.advance(19 * 86400)
+    assert rig.core.sources["bitrix24"].keep_alive(integration) is False and len(bitrix.oauth_calls) == calls
+    rig.core.clock.advance(2 * 86400)
     old = rig.core.store.get_tokens(rig.integration_id)["refresh_token"]
     assert rig.core.sources["bitrix24"].keep_alive(integration) is True
     assert len(bitrix.oauth_calls) == calls + 1 and old not in bitrix.refresh_tokens

@@ -6,8 +6,10 @@ Pure; no I/O.
   `event`, `data[VERSION]`, `data[ACTIVE]`, `data[INSTALLED]`, `data[LANGUAGE_ID]`, `ts`, and `auth[...]`
   with `domain`, `client_endpoint`, `server_endpoint`, `member_id`, `application_token`, `status`; for a
   server-side application without a UI also `access_token`, `refresh_token`, `expires`, `expires_in`,
-  `scope`, `user_id` (Bitrix24 "Local Server Application Without UI",
-  https://apidocs.bitrix24.com/local-integrations/serverside-local-app-with-no-ui.html). Everything in it
+  `scope`, `user_id`: an application that "uses API only" gets its tokens this way, POSTed to its
+  installation path ("Installation callback",
+  https://apidocs.bitrix24.com/settings/app-installation/local-apps/installation-callback.html; the
+  event's own page shows `auth` without them). Everything in it
   is the sender's claim: the install verifies the refresh token at our OAuth server before believing any
   of it (chalicelib/bitrix24_app.py).
 * `event.offline.get` answers `{"process_id", "events": [{"ID", "TIMESTAMP_X", "EVENT_NAME",
