@@ -66,6 +66,10 @@ def get_queue():
 def get_metrika(integration):
     from chalicelib.metrika.client import MetrikaClient
     from chalicelib.metrika.governor import QuotaGovernor
+    if "metrika_token" not in integration:  # installed from the CRM, no counter connected yet
+        from chalicelib.errors import ApiError
+        raise ApiError(409, "metrika_not_connected", "this integration has no Metrika counter yet: PUT it with "
+                                                     "counter_id and metrika_token first")
     token = integration["metrika_token"]
     governor = QuotaGovernor(get_store(), token, daily_budget=get_settings().metrika_daily_budget,
                              stage=get_settings().stage)
@@ -476,7 +480,8 @@ def disable_amocrm():
     from chalicelib.amocrm_install import disable
     settings = get_settings()
     if not settings.amocrm_client_id:
-        raise invalid("amoCRM installs are not configured in this stage")
+        from chalicelib.amocrm_install import not_configured
+        raise not_configured("set AMOCRM_CLIENT_ID")
     return disable(get_store(), app.current_request.query_params or {}, client_id=settings.amocrm_client_id,
                    client_secret=get_amocrm_secret()(), now=time.time())
 

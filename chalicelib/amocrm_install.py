@@ -80,21 +80,29 @@ class ClientSecret:
         from .errors import Unavailable
         name = self._settings.amocrm_client_secret_parameter
         if not name:
-            raise ApiError(503, "not_configured", "amoCRM installs are not configured in this stage (no client secret)")
+            raise not_configured("no client secret parameter (AMOCRM_CLIENT_SECRET_PARAMETER)")
         ssm = self._ssm
         if ssm is None:
             from .admin import _ssm_client
             ssm = self._ssm = _ssm_client()
         try:
             return ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
-        except Exception as exc:  # botocore's errors: the caller answers 503, the value is never in a message
-            raise Unavailable("ssm", f"GetParameter: {type(exc).__name__}") from exc
+        except Exception as exc:  # botocore's errors; the value is never in a message
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code == "ParameterNotFound":  # an answer, not an outage: the stage lacks the secret
+                raise not_configured(f"the SSM parameter {name} does not exist") from exc
+            raise Unavailable("ssm", f"GetParameter: {code or type(exc).__name__}") from exc
+
+
+def not_configured(what: str) -> ApiError:
+    """501: this stage cannot take amoCRM installs (a deployment setting is missing, README "Installing
+    from amoCRM"). Not a 503: retrying will not help until an operator sets it."""
+    return ApiError(501, "not_configured", f"amoCRM installs are not configured in this stage: {what}")
 
 
 def oauth_for(settings: Settings, secret: Callable[[], str]) -> AmoOAuth:
     if not settings.amocrm_client_id or not settings.public_url:
-        raise ApiError(503, "not_configured", "amoCRM installs are not configured in this stage: set AMOCRM_CLIENT_ID "
-                                              "and PUBLIC_URL")
+        raise not_configured("set AMOCRM_CLIENT_ID and PUBLIC_URL")
     return AmoOAuth(settings.amocrm_client_id, secret, redirect_uri(settings),
                     sandbox_hosts=settings.amocrm_sandbox_hosts)
 
@@ -106,7 +114,7 @@ def redirect_uri(settings: Settings) -> str:
 def start_url(settings: Settings, secret: Callable[[], str], *, now: float) -> str:
     """amoCRM's authorization page for our integration, with a fresh signed state."""
     if not settings.amocrm_client_id:
-        raise ApiError(503, "not_configured", "amoCRM installs are not configured in this stage: set AMOCRM_CLIENT_ID")
+        raise not_configured("set AMOCRM_CLIENT_ID")
     query = urlencode({"client_id": settings.amocrm_client_id, "state": sign_state(secret(), now=now),
                        "mode": "post_message"})
     return f"{settings.amocrm_auth_url or DEFAULT_AUTH_URL}?{query}"

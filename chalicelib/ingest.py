@@ -174,7 +174,7 @@ class Ingest:
         if integration is not None and not _accepts(integration, crm, secret_matches):
             integration = self._read(integration_id)
         if integration is not None and _accepts(integration, crm, secret_matches):
-            if integration.get("disabled"):  # uninstalled in the CRM: said only to a holder of the secret
+            if isinstance(integration.get("disabled"), dict):  # uninstalled in the CRM: said only to a holder of the secret
                 raise ApiError(410, "integration_disabled", f"integration {integration_id!r} was disabled in {crm}; "
                                                             "install it again to resume")
             return integration["connection"]

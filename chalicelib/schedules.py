@@ -97,11 +97,15 @@ class Jobs:
         integration = self._store.get_integration(integration_id)
         if integration is None:
             return {"skipped": "integration deleted"}
+        from .amocrm_install import unusable
+        stopped = unusable(integration, integration_id)
+        if stopped and kind != REFRESH:  # disabled, or no Metrika counter yet: nothing to reconcile or confirm
+            return {"skipped": stopped}
         if kind == REFRESH:  # no cursor: keep_alive itself refreshes only a token idle long enough
             source = self._sources.get(integration["crm"])
             if not hasattr(source, "keep_alive") or (integration.get("connection") or {}).get("auth") != "oauth":
                 return {"skipped": "not an installed (OAuth) integration"}
-            if integration.get("disabled"):
+            if isinstance(integration.get("disabled"), dict):
                 return {"skipped": "disabled"}
             return {"refreshed": source.keep_alive(integration)}
         if kind == DRAIN or (kind == RECONCILE and _is_application(integration)):

@@ -633,8 +633,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--token", default="demo-token")
+    parser.add_argument("--client-id", help="our integration's client id (installs: GET /oauth)")
+    parser.add_argument("--client-secret", help="our integration's client secret")
+    parser.add_argument("--redirect-uri", help="our integration's redirect URI")
+    parser.add_argument("--disable-url", help="our integration's disable hook")
     args = parser.parse_args()
     sandbox = AmoCrmSandbox(args.port, token=args.token)
+    if args.client_id and args.client_secret and args.redirect_uri:
+        sandbox.register_integration(client_id=args.client_id, client_secret=args.client_secret,
+                                     redirect_uri=args.redirect_uri, disable_url=args.disable_url)
     seeded = seed_demo(sandbox)
     print(f"amoCRM sandbox on http://127.0.0.1:{args.port} (token {args.token}; demo {seeded})", flush=True)
     sandbox.serve_forever()

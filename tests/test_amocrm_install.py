@@ -130,6 +130,10 @@ def test_install_then_webhook_then_delivery_with_a_refresh_on_401(app_client, in
     config = app_client.http.get(f"/integrations/{iid}", headers=admin_headers()).json_body
     assert config["connection"]["auth"] == "oauth" and config["connection"]["webhook_secret"] == "********"
     assert tokens["access_token"] not in json.dumps(config) and tokens["refresh_token"] not in json.dumps(config)
+    before = app_client.http.get(f"/integrations/{iid}/status", headers=admin_headers()).json_body
+    assert "counter_id" in before["deliveries_stopped"] and before["oauth"]["version"] == 1
+    refused = app_client.http.post(f"/integrations/{iid}/confirm", headers=admin_headers(), body="{}")
+    assert refused.status_code == 409 and refused.json_body["error"] == "metrika_not_connected"
     connect_metrika(app_client, iid, metrika_sandbox)
     status = app_client.http.get(f"/integrations/{iid}/status", headers=admin_headers()).json_body
     assert status["oauth"]["version"] == 1 and "deliveries_stopped" not in status
@@ -362,6 +366,8 @@ def test_the_refresh_job_skips_what_is_not_an_installed_integration():
             Source.calls += 1
             return True
     jobs = Jobs(store, None, lambda c: None, {"amocrm": Source()})
+    for kind in ("reconcile", "confirm"):  # the gone one's jobs stop too (its token is revoked)
+        assert "disabled in amocrm" in jobs.run(kind, "gone", "1")["skipped"]
     assert "skipped" in jobs.run("refresh", "long-lived", "1")
     assert "skipped" in jobs.run("refresh", "gone", "1")
     assert "skipped" in jobs.run("refresh", "absent", "1")
@@ -437,3 +443,77 @@ def test_secrets_go_only_to_an_amocrm_host_whatever_the_config_says():
         with pytest.raises(Misconfigured):
             oauth.refresh({"connection": {"base_url": base_url}}, "refresh")
     assert calls == []
+
+
+def test_a_stage_without_install_settings_answers_501_naming_what_is_missing(app_client, monkeypatch):
+    import app
+    from chalicelib.settings import get_settings
+    for name in ("AMOCRM_CLIENT_ID", "AMOCRM_CLIENT_SECRET", "PUBLIC_URL"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    monkeypatch.setattr(app, "_AMOCRM_SECRET", None)
+    try:
+        for path in ("/install/amocrm", "/oauth/amocrm?code=x&state=y&referer=a.amocrm.ru",
+                     "/oauth/amocrm/disable?account_id=1&client_uuid=x&signature=y"):
+            answer = app_client.http.get(path)
+            assert answer.status_code == 501 and answer.json_body["error"] == "not_configured", path
+            assert "AMOCRM_CLIENT_ID" in answer.json_body["message"]
+    finally:
+        get_settings.cache_clear()
+
+
+def test_the_client_secret_is_read_from_ssm_once_and_a_missing_parameter_is_not_an_outage():
+    from botocore.exceptions import ClientError
+    from chalicelib.amocrm_install import ClientSecret
+    from chalicelib.errors import ApiError, Unavailable
+    from chalicelib.settings import load_settings
+    settings = load_settings({"STAGE": "prod"})
+    assert settings.amocrm_client_secret_parameter == "/metrika-crm-bridge/prod/amocrm-client-secret"
+
+    class Ssm:
+        def __init__(self, answer):
+            self.answer, self.calls = answer, 0
+
+        def get_parameter(self, Name, WithDecryption):
+            self.calls += 1
+            assert (Name, WithDecryption) == (settings.amocrm_client_secret_parameter, True)
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return {"Parameter": {"Value": self.answer}}
+    now = [0.0]
+    ssm = Ssm("s3cret")
+    secret = ClientSecret(settings, ssm=ssm, clock=lambda: now[0])
+    assert secret() == secret() == "s3cret" and ssm.calls == 1
+    now[0] = 301.0
+    assert secret() == "s3cret" and ssm.calls == 2  # re-read after 5 minutes: a rotation shows
+    missing = ClientError({"Error": {"Code": "ParameterNotFound", "Message": "no"}}, "GetParameter")
+    with pytest.raises(ApiError) as caught:
+        ClientSecret(settings, ssm=Ssm(missing))()
+    assert caught.value.status == 501 and settings.amocrm_client_secret_parameter in caught.value.message
+    throttled = ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "GetParameter")
+    with pytest.raises(Unavailable):
+        ClientSecret(settings, ssm=Ssm(throttled))()
+    assert ClientSecret(load_settings({"AMOCRM_CLIENT_SECRET": "env"}), ssm=Ssm(missing))() == "env"
+
+
+def test_an_installed_connection_keeps_no_token_and_a_long_lived_one_needs_its_token():
+    from marshmallow import ValidationError
+    from chalicelib.integrations import AmoCrmConnection
+    oauth = {"base_url": "https://shop.amocrm.ru", "auth": "oauth", "account_id": "42", "webhook_secret": "s" * 32}
+    assert AmoCrmConnection().load(oauth)["auth"] == "oauth"
+    for broken, field in (({**oauth, "access_token": "t"}, "access_token"),
+                          ({k: v for k, v in oauth.items() if k != "account_id"}, "account_id"),
+                          ({**oauth, "auth": "true"}, "auth"), ({**oauth, "auth": True}, "auth"),
+                          ({**oauth, "auth": "long_lived"}, "access_token")):
+        with pytest.raises(ValidationError) as caught:
+            AmoCrmConnection().load(broken)
+        assert field in caught.value.messages, (broken, caught.value.messages)
+
+
+def test_unusable_says_why_deliveries_stop():
+    from chalicelib.amocrm_install import unusable
+    ready = {"crm": "amocrm", "counter_id": 1, "metrika_token": "y0"}
+    assert unusable(ready) is None
+    assert "PUT /integrations/amocrm-1" in unusable({"crm": "amocrm"}, "amocrm-1")
+    assert "disabled in amocrm" in unusable({**ready, "disabled": {"at": 1, "reason": "uninstalled"}})
+    assert unusable({**ready, "disabled": "yes"}) is None  # only the hook's own record counts

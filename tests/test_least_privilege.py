@@ -169,7 +169,7 @@ class Recorder:
     integrations are kept per function, so no function is spared a call because another made it first."""
 
     PARAMS = "least_privilege_params"
-    CONTAINER = ("_STORE", "_QUEUE", "_ADMIN_TOKENS", "_SOURCES")
+    CONTAINER = ("_STORE", "_QUEUE", "_ADMIN_TOKENS", "_SOURCES", "_AMOCRM_SECRET")
 
     def __init__(self) -> None:
         self.calls: dict[str, set[tuple[str, str]]] = defaultdict(set)
@@ -201,7 +201,7 @@ class Recorder:
             self._stack.append(function)
             outer = {name: getattr(app, name) for name in self.CONTAINER}
             own = self._containers.setdefault(function, {"_STORE": None, "_QUEUE": None, "_ADMIN_TOKENS": None,
-                                                         "_SOURCES": {}})
+                                                         "_SOURCES": {}, "_AMOCRM_SECRET": None})
             for name, value in own.items():
                 setattr(app, name, value)
         try:
@@ -217,6 +217,8 @@ class Recorder:
 AMO_SECRET = "least-privilege-amocrm-secret-0123"
 B24_TOKEN = "lp8w3e7r2t6y1u5i9o4p0a3s8d2f7g1h"
 AMO_COUNTER, B24_COUNTER = 9393, 9494
+AMO_CLIENT_ID, AMO_CLIENT_SECRET = "lp-amocrm-client-id", "least-privilege-amocrm-client-secret"
+AMO_PUBLIC = "http://127.0.0.1:9"  # the app's public URL as amoCRM knows it
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 # Two versions in the SSM parameter's history: the authorizer reads the current one and, within the
 # overlap after a rotation, the one before it (`name:<version>`).
@@ -224,7 +226,7 @@ OLD_TOKEN, NEW_TOKEN = "least-privilege-old-admin-token", "least-privilege-new-a
 
 
 @pytest.fixture
-def recorded(service_env, moto_url, monkeypatch):
+def recorded(service_env, moto_url, monkeypatch, request):
     """The app as deployed (the admin token in SSM, no ADMIN_TOKEN) with the recorder on boto3's default
     session, so every client made from here on reports to it; the authorizer's calls recorded as `admin`."""
     import app
@@ -236,6 +238,15 @@ def recorded(service_env, moto_url, monkeypatch):
     ssm = boto3.client("ssm")
     for token in (OLD_TOKEN, NEW_TOKEN):
         ssm.put_parameter(Name=parameter, Value=token, Type="SecureString", Overwrite=True)
+    # Installs from amoCRM: the client secret in SSM as deployed (no AMOCRM_CLIENT_SECRET override).
+    ssm.put_parameter(Name=policies.stage_settings("dev").amocrm_client_secret_parameter, Value=AMO_CLIENT_SECRET,
+                      Type="SecureString", Overwrite=True)
+    monkeypatch.delenv("AMOCRM_CLIENT_SECRET", raising=False)
+    monkeypatch.setenv("AMOCRM_CLIENT_ID", AMO_CLIENT_ID)
+    monkeypatch.setenv("PUBLIC_URL", AMO_PUBLIC)
+    amocrm = request.getfixturevalue("amocrm")
+    monkeypatch.setenv("AMOCRM_SANDBOX_HOSTS", amocrm.url.split("://", 1)[1])
+    monkeypatch.setenv("AMOCRM_AUTH_URL", amocrm.url + "/oauth")
     recorder = Recorder()
     session = boto3._get_default_session()
     recorder.register(session.events)
@@ -357,7 +368,9 @@ def test_each_function_calls_exactly_what_its_policy_grants(recorded, queue, met
     monkeypatch.setattr(chalicelib.ingest, "INLINE_ENTITIES", 1)
     # The schedules walk every integration, and other tests leave theirs behind: ours only (the scan runs).
     listed = DynamoStore.list_integration_ids
-    monkeypatch.setattr(DynamoStore, "list_integration_ids", lambda self: [i for i in listed(self) if i in (amo, b24)])
+    installed = f"amocrm-{amocrm.account_id}"
+    monkeypatch.setattr(DynamoStore, "list_integration_ids",
+                        lambda self: [i for i in listed(self) if i in (amo, b24, installed)])
     with Client(app.app, stage_name="dev") as client:
         stack = Stack(recorded, client, monkeypatch)
         stack.empty_dead_letters()
@@ -477,6 +490,18 @@ def every_path(stack: Stack, amocrm, bitrix, metrika_sandbox, amo: str, b24: str
     assert stack.drain() >= 3
     uploads = {u["uploading_id"]: u for u in store_as_the_test().uploads(amo)}
     assert (uploads[failed]["status"], uploads[failed]["resent"]) == ("FAILED", 1)
+    # Installing from amoCRM: the install routes read the client secret (SSM) and store the tokens (an
+    # UpdateItem); the daily schedule queues a refresh job per integration, and the worker refreshes the
+    # idle installed one (the lease and the new pair: UpdateItems; the client secret: SSM).
+    installed = install_from_amocrm(stack, amocrm)
+    db = boto3.client("dynamodb")  # the test's own write: tokens last refreshed 31 days ago
+    db.update_item(TableName=get_settings().config_table, Key={"pk": {"S": f"INTEGRATION#{installed}"},
+                                                               "sk": {"S": "TOKENS"}},
+                   UpdateExpression="SET refreshed_at = :t", ExpressionAttributeValues={":t": {"N": "1"}})
+    assert stack.schedule("refresh_tokens")["queued"] == 3
+    assert stack.drain() >= 3
+    assert amocrm.token_calls == ["authorization_code", "refresh_token"]
+    api("DELETE", f"/integrations/{installed}")
     # Deleting an integration deletes its items in both tables (the smaller one: a call per item).
     api("DELETE", f"/integrations/{b24}")
     db = boto3.client("dynamodb")  # the test's own calls: outside every function, recorded nowhere
@@ -539,3 +564,20 @@ def b24_config(bitrix) -> dict:
             "timezone": "Europe/Moscow",
             "connection": {"webhook_url": bitrix.webhook_url, "application_token": B24_TOKEN,
                            "member_id": bitrix.member_id, "domain": bitrix.domain}}
+
+
+def install_from_amocrm(stack: Stack, amocrm) -> str:
+    """`GET /install/amocrm`, the user's consent on the sandbox, and our redirect route: the installed id."""
+    from urllib.parse import parse_qs, urlsplit
+    amocrm.register_integration(client_id=AMO_CLIENT_ID, client_secret=AMO_CLIENT_SECRET,
+                                redirect_uri=AMO_PUBLIC + "/oauth/amocrm")
+    amocrm.token_calls.clear()
+    with stack.recorder.acting_as("api_handler"):
+        start = stack.client.http.get("/install/amocrm")
+    assert start.status_code == 302, start.body
+    location = {k.lower(): v for k, v in start.headers.items()}["location"]
+    redirect = amocrm.consent_redirect(AMO_CLIENT_ID, parse_qs(urlsplit(location).query)["state"][0])
+    with stack.recorder.acting_as("api_handler"):
+        done = stack.client.http.get(redirect[len(AMO_PUBLIC):])
+    assert done.status_code == 200 and done.json_body["webhook_registered"], done.body
+    return done.json_body["installed"]
