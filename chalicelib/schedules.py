@@ -117,8 +117,6 @@ class Jobs:
                             clock=self._clock)
             if kind == DRAIN:
                 return drained
-        if integration.get("disabled") or "metrika_token" not in integration:
-            return {"skipped": "integration disabled" if integration.get("disabled") else "no Metrika counter yet"}
         scheduled = scheduled_at(run)
         if scheduled is not None:
             last = self._store.get_cursor(integration_id, kind)
