@@ -250,7 +250,7 @@ metrika-crm-bridge is up in {time.monotonic() - started:.1f} s
   amoCRM sandbox  {amocrm_url}  (token {AMOCRM_DEMO_TOKEN}; a demo account, see README)
   amoCRM install  python -m tools.install amocrm --token {env['ADMIN_TOKEN']} --counter 4242
   Bitrix24 sandbox {bitrix_url}  (incoming webhook {bitrix_url}/rest/1/{BITRIX24_DEMO_CODE}/; a demo portal)
-  Bitrix24 app    curl -X POST {bitrix_url}/_sandbox/app/install -d '{{"handler": "{api_url}/install/bitrix24"}}'
+  install Bitrix24 app: python -m tools.install bitrix24 --portal {bitrix_url} --token {env['ADMIN_TOKEN']} --counter 4343
   DynamoDB + SQS  http://127.0.0.1:{moto_port}  (moto_server)
   webhooks        {api_url}/webhooks/amocrm/<integration id>?secret=…, {api_url}/webhooks/bitrix24/<integration id>
 Ctrl-C stops everything.""", flush=True)
