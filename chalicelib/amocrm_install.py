@@ -23,8 +23,10 @@ A new account's integration has no Metrika counter yet: deliveries park with a m
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
-import secrets
 import threading
 import time
 from typing import Any, Callable
@@ -35,7 +37,7 @@ from .crm.amocrm.oauth import DEFAULT_AUTH_URL, AmoOAuth, disable_signature_ok, 
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
 from .oauth import public_view
-from .settings import APP_NAME, Settings
+from .settings import Settings
 
 PREFIX = "amocrm-"
 SECRET_TTL_SECONDS = 300.0  # how long a container trusts its read of the client secret (a rotation shows after ≤ 5 min)
@@ -44,6 +46,15 @@ _CODE = re.compile(r"[\x21-\x7e]{1,4096}")
 
 def integration_id_for(account_id: str) -> str:
     return f"{PREFIX}{account_id}"
+
+
+def webhook_secret_for(client_secret: str, integration_id: str) -> str:
+    """A new integration's webhook secret: derived from our client secret, so two installs of one account
+    racing (a double click) register and store the same one — a random one each would leave amoCRM
+    posting with one secret and the config holding the other. Unguessable without the client secret;
+    a reinstall keeps the stored one."""
+    digest = hmac.new(client_secret.encode(), f"amocrm-webhook|{integration_id}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def unusable(integration: dict, integration_id: str = "") -> str | None:
@@ -151,7 +162,7 @@ def complete(store: Any, oauth: AmoOAuth, query: dict, *, secret: str, client_id
     if stored is not None and stored.get("crm") != "amocrm":
         raise ApiError(409, "conflict", f"integration {integration_id!r} exists and is not an amoCRM integration")
     connection = dict((stored or {}).get("connection") or {})
-    webhook_secret = connection.get("webhook_secret") or secrets.token_urlsafe(32)
+    webhook_secret = connection.get("webhook_secret") or webhook_secret_for(secret, integration_id)
     connection = {"base_url": base_url, "account_id": str(account_id), "auth": "oauth", "webhook_secret": webhook_secret}
     config = {k: v for k, v in (stored or {"client_id_field": "_YM_UID", "deleted_deal_status": "CANCELLED"}).items()
               if k != "disabled"}
@@ -213,6 +224,3 @@ def token_status(store: Any, integration_id: str, integration: dict) -> dict:
         extra["deliveries_stopped"] = problem
     return extra
 
-
-__all__ = ["APP_NAME", "ClientSecret", "complete", "disable", "integration_id_for", "oauth_for", "start_url",
-           "token_status", "unusable"]

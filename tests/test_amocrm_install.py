@@ -517,3 +517,56 @@ def test_unusable_says_why_deliveries_stop():
     assert "PUT /integrations/amocrm-1" in unusable({"crm": "amocrm"}, "amocrm-1")
     assert "disabled in amocrm" in unusable({**ready, "disabled": {"at": 1, "reason": "uninstalled"}})
     assert unusable({**ready, "disabled": "yes"}) is None  # only the hook's own record counts
+
+
+def test_two_first_installs_at_once_agree_on_the_webhook_secret(installs, amo):
+    """A double click: both installs see no integration yet; the webhook each registers and the config
+    each stores carry the same secret, whichever write lands last."""
+    import app
+    from chalicelib.amocrm_install import complete, webhook_secret_for
+
+    class Unseen:  # each install reads before the other wrote
+        def __init__(self, store):
+            self._store = store
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+        def get_integration(self, integration_id, **kwargs):
+            return None
+    oauth = AmoOAuth(CLIENT_ID, lambda: CLIENT_SECRET, PUBLIC + "/oauth/amocrm", sandbox_hosts=(amo.host,))
+    answers = []
+    for _ in range(2):
+        query = {k: v[0] for k, v in parse_qs(urlsplit(amo.consent_redirect(CLIENT_ID, sign_state(
+            CLIENT_SECRET, now=time.time()))).query).items()}
+        answers.append(complete(Unseen(app.get_store()), oauth, query, secret=CLIENT_SECRET, client_id=CLIENT_ID,
+                                public_url=PUBLIC, now=time.time()))
+    iid = installs["integration"]
+    assert [a["installed"] for a in answers] == [iid, iid] and len(amo.webhooks) == 1
+    stored = app.get_store().get_integration(iid)["connection"]["webhook_secret"]
+    assert parse_qs(urlsplit(amo.webhooks[0]["destination"]).query)["secret"] == [stored]
+    assert stored == webhook_secret_for(CLIENT_SECRET, iid) != webhook_secret_for(CLIENT_SECRET, iid + "0")
+    assert webhook_secret_for("another client secret", iid) != stored and len(stored) >= 32
+
+
+def test_a_refresher_that_died_after_amocrm_answered_costs_a_reinstall(service_env, installs, amo):
+    """The one loss no ordering avoids: amoCRM consumed the refresh token and answered, the process died
+    before storing the new pair. After its lease the next worker's refresh is refused, recorded, and says
+    to install again."""
+    oauth = AmoOAuth(CLIENT_ID, lambda: CLIENT_SECRET, PUBLIC + "/oauth/amocrm", sandbox_hosts=(amo.host,))
+    pair = oauth.exchange(amo.url, parse_qs(urlsplit(amo.consent_redirect(CLIENT_ID, "s")).query)["code"][0])
+    now = [time.time() + 86400]  # the access token is due
+    store = MemoryStore()
+    store.put_tokens("died", pair.fields())
+    integration = {"connection": {"base_url": amo.url}}
+    assert store.take_refresh_lease("died", version=1, owner="dead worker", now=now[0], until=now[0] + 30)
+    oauth.refresh(integration, pair.refresh_token)  # answered; the process dies here, nothing stored
+
+    def sleep(seconds):
+        now[0] += seconds
+    keeper = TokenKeeper(store, oauth, due=DUE, clock=lambda: now[0], sleep=sleep, wait_seconds=60)
+    from chalicelib.oauth import RefreshRefused
+    with pytest.raises(RefreshRefused) as caught:
+        keeper.access_token("died", integration)
+    assert "install the integration again" in caught.value.message
+    assert store.get_tokens("died")["failure"]["code"] == 401
