@@ -495,3 +495,14 @@ def test_a_record_from_the_year_2100_does_not_freeze_the_deal(rig, bitrix, porta
     state = rig.core.store.get_entity(rig.integration_id, "order", deal["ID"])
     assert state["event_time"] <= rig.core.clock() + 300  # capped, as the webhook path caps it
     assert deal["ID"] in orders_sent(metrika_sandbox)
+
+
+def test_the_status_page_lists_the_bound_events_and_names_what_is_missing(rig, bitrix):
+    rig.install()
+    source, integration = rig.core.sources["bitrix24"], rig.core.store.get_integration(rig.integration_id)
+    health = source.webhook_health(integration, rig.integration_id)
+    assert health == {"offline_events": sorted(OFFLINE_EVENTS), "missing": []}
+    bitrix.bindings = [b for b in bitrix.bindings if b["event"] != "ONCRMDEALUPDATE"]  # an update dropped one
+    health = source.webhook_health(integration, rig.integration_id)
+    assert health["missing"] == ["ONCRMDEALUPDATE"] and "install the application" in health["action"]
+    assert source.webhook_health({"crm": "bitrix24", "connection": {"webhook_url": "x"}}, "x") is None

@@ -68,6 +68,23 @@ class Bitrix24Source:
         wait_for_slot = slot_waiter(self._reserve_slot, scope, MIN_INTERVAL)
         return Bitrix24Client(url, wait_for_slot=wait_for_slot, **self._client_options)
 
+    def webhook_health(self, integration: dict, integration_id: str) -> dict | None:
+        """An installed application's bindings as the portal lists them (`event.get`): the offline events
+        bound, and any of ours missing (an update of the application that was not installed again drops
+        them: install it again). None for an incoming-webhook integration (its outgoing webhook is the
+        portal's setting, not listed through REST)."""
+        if (integration.get("connection") or {}).get("auth") != "oauth" or integration.get("disabled"):
+            return None  # an uninstalled application's tokens are dead: the portal is not asked
+        from .app_events import OFFLINE_EVENTS
+        bound = self.client_for(integration).call("event.get").get("result") or []
+        offline = sorted({str(b.get("event", "")).upper() for b in bound
+                          if isinstance(b, dict) and str(b.get("offline", "0")) in ("1", "true", "True")})
+        online = sorted({str(b.get("event", "")).upper() for b in bound
+                         if isinstance(b, dict) and str(b.get("offline", "0")) not in ("1", "true", "True")})
+        missing = sorted(set(OFFLINE_EVENTS) - set(offline)) + sorted({"ONOFFLINEEVENT", "ONAPPUNINSTALL"} - set(online))
+        return {"offline_events": offline, "missing": missing,
+                **({"action": "install the application on the portal again: it binds them"} if missing else {})}
+
     def keep_alive(self, integration: dict) -> bool:
         """The daily refresh job: an installed application's refresh token refreshed once it has been idle
         for 30 days (it lives 180), so a portal without deals keeps its integration. False for others."""
