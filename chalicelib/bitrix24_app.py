@@ -50,7 +50,7 @@ from .crm.bitrix24.api import SOURCE, Bitrix24Client
 from .crm.bitrix24.app_events import OFFLINE_EVENTS, integration_id_for, parse_install, parse_offline_page
 from .crm.bitrix24.oauth import REINSTALL, Bitrix24OAuth, Grant
 from .crm.bitrix24.webhook import parse_bitrix24_event
-from .errors import ApiError, BridgeError, Permanent, Transient, http_error, invalid
+from .errors import ApiError, BridgeError, Misconfigured, Permanent, Transient, http_error, invalid
 from .integrations import BITRIX24_DOMAINS, endpoint_problem
 from .logs import log_event
 from .oauth import TokenKeeper, TokenPair, due_by_margin
@@ -144,6 +144,9 @@ class Bitrix24App:
             grant = self._oauth.refresh(claim.refresh_token)  # the proof: only our app's tokens pass
         except Transient as exc:
             raise http_error("could not verify the install at the Bitrix24 OAuth server", exc) from exc
+        except Misconfigured as exc:  # our side: no client id, no client secret parameter, a redirecting server
+            raise ApiError(501, "not_configured", f"Bitrix24 application installs are not configured in this stage: "
+                                                  f"{exc.message}") from exc
         except BridgeError as exc:
             log_event("install_refused", crm="bitrix24", reason="refresh refused", member_id=claim.member_id[:64])
             raise ApiError(403, "forbidden", "install not verified: the Bitrix24 OAuth server refused its refresh "

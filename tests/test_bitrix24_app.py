@@ -506,3 +506,25 @@ def test_the_status_page_lists_the_bound_events_and_names_what_is_missing(rig, b
     health = source.webhook_health(integration, rig.integration_id)
     assert health["missing"] == ["ONCRMDEALUPDATE"] and "install the application" in health["action"]
     assert source.webhook_health({"crm": "bitrix24", "connection": {"webhook_url": "x"}}, "x") is None
+
+
+def test_a_stage_without_the_client_id_or_secret_answers_501_naming_it(bitrix, portal, metrika_sandbox):
+    from types import SimpleNamespace
+    from chalicelib.bitrix24_app import client_secret
+    rig = Rig(bitrix, metrika_sandbox)
+    rig.oauth._client_id = ""
+    with pytest.raises(ApiError) as refused:
+        rig.install()
+    assert refused.value.status == 501 and "BITRIX24_CLIENT_ID" in refused.value.message
+    assert rig.core.store.list_integration_ids() == [] and bitrix.oauth_calls == []
+
+    class NoParameter:
+        def get_parameter(self, **kwargs):
+            raise type("ParameterNotFound", (Exception,), {})()
+    settings = SimpleNamespace(bitrix24_client_secret=None, stage="dev",
+                               bitrix24_client_secret_parameter="/metrika-crm-bridge/dev/bitrix24-client-secret-x")
+    rig.oauth = Bitrix24OAuth(bitrix.url, bitrix.client_id, lambda: client_secret(settings, ssm=NoParameter()))
+    rig.app._oauth = rig.oauth
+    with pytest.raises(ApiError) as missing:
+        rig.install()
+    assert missing.value.status == 501 and "bitrix24-client-secret-x" in missing.value.message

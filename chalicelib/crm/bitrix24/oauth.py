@@ -101,8 +101,8 @@ class Bitrix24OAuth:
         """One refresh: the new pair, or the failure raised (module docstring). Never retried here: a
         refresh whose answer was lost may have spent the token already, and the caller decides."""
         if not self._client_id:
-            raise Misconfigured("BITRIX24_CLIENT_ID is not set: this deployment cannot refresh Bitrix24 tokens",
-                                source=SOURCE)
+            raise Misconfigured("BITRIX24_CLIENT_ID is not set (the application's client id, in the stage's "
+                                "environment): this deployment cannot refresh Bitrix24 tokens", source=SOURCE)
         params: dict[str, Any] = {"grant_type": "refresh_token", "client_id": self._client_id,
                                   "client_secret": self._client_secret(), "refresh_token": refresh_token}
         timeout = deadline.clip(self._timeout, source=SOURCE, what="the Bitrix24 OAuth server")
