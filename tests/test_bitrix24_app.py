@@ -528,3 +528,44 @@ def test_a_stage_without_the_client_id_or_secret_answers_501_naming_it(bitrix, p
     with pytest.raises(ApiError) as missing:
         rig.install()
     assert missing.value.status == 501 and "bitrix24-client-secret-x" in missing.value.message
+
+
+def test_two_drains_at_once_record_every_event_and_clear_the_queue(rig, bitrix, portal, metrika_sandbox):
+    """A nudge's drain and a reconciliation's drain of one portal side by side: they share our process id,
+    so both may read the same records; recording twice is harmless and nothing is left or lost."""
+    rig.install()
+    rig.configure(metrika_sandbox)
+    deals = {bitrix.create_deal(f"Заказ #{n}", stage_id="C2:NEW", category_id=2, opportunity="10.00",
+                                contact_id=portal["contact_id"])["ID"] for n in range(60)}  # more than a page
+    integration = rig.core.store.get_integration(rig.integration_id)
+    barrier, errors = threading.Barrier(2), []
+
+    def one():
+        barrier.wait()
+        try:
+            drain(rig.core.store, rig.core.queue, rig.core.sources["bitrix24"], rig.integration_id, integration,
+                  clock=rig.core.clock)
+        except Exception as exc:  # noqa: BLE001 — reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and bitrix.offline == []
+    recorded = {e["crm_id"] for e in rig.core.store.list_entities(rig.integration_id) if e["kind"] == "order"}
+    assert recorded >= deals
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"%%%not a form" * 3, 400), (b"event=ONAPPUNINSTALL&auth[member_id]=7f3c", 401),
+    (b"event=ONAPPUNINSTALL&auth[member_id]=" + b"9" * 2000 + b"&auth[application_token]=x", 400),
+    ("event=ONAPPUNINSTALL&auth[member_id]=７f3c&auth[application_token]=x".encode(), 403),
+    (b"event=ONOFFLINEEVENT&auth[member_id]=unknownportal&auth[application_token]=x", 403)])
+def test_hostile_app_events_change_nothing(rig, bitrix, body, status):
+    rig.install()
+    before = rig.core.store.get_integration(rig.integration_id)
+    with pytest.raises(ApiError) as refused:
+        rig.app.event(body)
+    assert refused.value.status == status
+    assert rig.core.store.get_integration(rig.integration_id) == before and len(rig.core.queue) == 0
