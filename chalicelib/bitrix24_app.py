@@ -3,7 +3,8 @@
 Why an application: Bitrix24's outgoing webhooks are never retried, so an event sent while we are down is
 gone until reconciliation finds the deal. An application binds the deal and contact events as *offline*
 events instead: the portal keeps them in a queue until we fetch them (`event.offline.get`), so nothing is
-lost while we are unreachable ("Offline events", https://apidocs.bitrix24.com/api-reference/events/offline-events.html).
+lost while we are unreachable ("Offline events",
+https://training.bitrix24.com/support/training/course/index.php?COURSE_ID=169&LESSON_ID=20066).
 
 Install (`POST /install/bitrix24`, ONAPPINSTALL with the tokens of a server-side application; formats in
 `crm/bitrix24/app_events.py`). Everything the form says is the sender's claim, so before any write:
@@ -36,8 +37,11 @@ records for that process and answers every record it holds; they are recorded as
 records events (`Ingest.record`: mark_dirty + queue), and only then removed with `event.offline.clear`
 (`process_id` + the records' `ID`s). A worker that dies between the two leaves the records reserved for
 our process id, and the next drain, asking with the same id, gets them again: recorded twice, which
-mark_dirty absorbs. With `clear=1` a crash after the answer would lose the page. (The docs' other way,
-`rest_offline_extended`, depends on the portal's plan: "Offline events", above.)
+mark_dirty absorbs. With `clear=1` a crash after the answer would lose the page. (That the portal
+honours a process_id we chose is not documented: "process_id … used if you need to re-select any
+unprocessed records from the current process", "Get a List of Offline Events with event.offline.get",
+https://apidocs.bitrix24.com/api-reference/events/event-offline-get.html. If it assigns its own, a crash
+in that window leaves the page reserved; reconciliation still finds changed deals within its period.)
 """
 from __future__ import annotations
 
