@@ -81,8 +81,24 @@ def get_sources():
         from chalicelib.crm.amocrm.source import AmoCrmSource
         from chalicelib.crm.bitrix24.source import Bitrix24Source
         _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot, accounts=get_store(), keeper=get_amocrm_keeper())
-        _SOURCES["bitrix24"] = Bitrix24Source(get_store().reserve_slot)
+        from chalicelib.bitrix24_app import keep_alive_for, tokens_for
+        # An installed application's calls take their access token from the TOKENS item (single writer).
+        _SOURCES["bitrix24"] = Bitrix24Source(
+            get_store().reserve_slot, tokens_for=lambda integration: tokens_for(get_bitrix24_app().keeper())(integration),
+            keep_alive=lambda integration: keep_alive_for(get_bitrix24_app().keeper())(integration))
     return _SOURCES
+
+
+def get_bitrix24_app():
+    from chalicelib.bitrix24_app import Bitrix24App
+    from chalicelib.crm.bitrix24.api import Bitrix24Client
+    from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
+    from chalicelib.bitrix24_app import client_secret
+    settings = get_settings()
+    oauth = Bitrix24OAuth(settings.bitrix24_oauth_url, settings.bitrix24_client_id,
+                          lambda: client_secret(settings))
+    return Bitrix24App(get_store(), get_queue(), oauth, allow_loopback=settings.allow_loopback_crm,
+                       client_for=lambda endpoint, auth: Bitrix24Client(endpoint, auth=auth))
 
 
 def get_amocrm_secret():
@@ -421,6 +437,24 @@ def bitrix24_webhook(integration_id):
     request = app.current_request
     return get_ingest().bitrix24(integration_id, request.raw_body, request.query_params or {})
 
+@app.route("/install/bitrix24", methods=["POST"], content_types=[FORM])
+@answers
+def install_bitrix24():
+    # Public: the install proves itself at our OAuth server before any write (chalicelib/bitrix24_app.py).
+    from chalicelib.bitrix24_app import handler_base
+    request = app.current_request
+    base = handler_base(request.headers, (request.context or {}).get("stage"), get_settings().public_url)
+    return get_bitrix24_app().install(request.raw_body, base)
+
+
+@app.route("/install/bitrix24/events", methods=["POST"], content_types=[FORM])
+@answers
+def bitrix24_app_event():
+    # ONAPPUNINSTALL / ONOFFLINEEVENT, verified by the portal's application_token.
+    request = app.current_request
+    if len(request.raw_body or b"") > 64 * 1024:
+        raise invalid("an application event is a few hundred bytes; this body is too large")
+    return get_bitrix24_app().event(request.raw_body)
 
 
 # Installing into amoCRM (OAuth): public, everything they take is verified (chalicelib/amocrm_install.py).

@@ -168,7 +168,10 @@ class TokenKeeper:
                     token = self._refresh(integration_id, integration, tokens, owner)
                     if token is not None:
                         return token
-                continue  # lost the election, or our pair was not stored: read what is
+                    continue  # our pair was not stored (a reinstall's or a slower refresher's was): read it
+                # Lost the election: wait as the others do. Never straight back: a store that keeps times
+                # rounded (0.1 ms) can see a live lease where the unrounded `leased` above did not, and
+                # the loop would spin for as long as the clock stands still (a test's clock: forever).
             if self._clock() + self._poll > give_up_at or not deadline.has(self._poll + deadline.MIN_CALL_SECONDS):
                 raise RefreshPending("another worker is refreshing this integration's OAuth token; retried later",
                                      source=self._refresher.source, retry_after=max(1.0, self._lease))

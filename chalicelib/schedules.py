@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .errors import BridgeError
 from .logs import log_event
-from .queue import CONFIRM, RECONCILE, REFRESH, Queue, message
+from .queue import CONFIRM, DRAIN, RECONCILE, REFRESH, Queue, message
 
 # The schedules' message kinds, by the Chalice handler that queues them.
 JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM,
@@ -101,7 +101,7 @@ class Jobs:
 
     def run(self, kind: str, integration_id: str, run: str) -> dict:
         from .ingest import Ingest  # the worker imports this module; the ingest path only for a job
-        if kind not in (RECONCILE, CONFIRM, REFRESH):
+        if kind not in (RECONCILE, CONFIRM, DRAIN, REFRESH):
             raise ValueError(f"no scheduled job of kind {kind!r}")
         integration = self._store.get_integration(integration_id)
         if integration is None:
@@ -117,6 +117,15 @@ class Jobs:
             if isinstance(integration.get("disabled"), dict):
                 return {"skipped": "disabled"}
             return {"refreshed": source.keep_alive(integration)}
+        if kind == DRAIN or (kind == RECONCILE and _is_application(integration)):
+            # A Bitrix24 application's offline-event queue: drained on a nudge (ONOFFLINEEVENT) and with
+            # every reconciliation (its schedule, RECONCILE_MINUTES), before it. Every drain runs (no
+            # cursor): an empty queue costs one call.
+            from .bitrix24_app import drain
+            drained = drain(self._store, self._queue, self._sources.get("bitrix24"), integration_id, integration,
+                            clock=self._clock)
+            if kind == DRAIN:
+                return drained
         scheduled = scheduled_at(run)
         if scheduled is not None:
             last = self._store.get_cursor(integration_id, kind)
@@ -135,6 +144,10 @@ class Jobs:
         if result.get("pages"):  # Metrika was read: a duplicate of this run need not read it again
             self._store.put_cursor(integration_id, CONFIRM, started)
         return result
+
+
+def _is_application(integration: dict) -> bool:
+    return integration.get("crm") == "bitrix24" and (integration.get("connection") or {}).get("auth") == "oauth"
 
 
 def job_failed(kind: str, integration_id: str, exc: Exception) -> None:

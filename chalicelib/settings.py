@@ -43,7 +43,21 @@ class Settings:
     amocrm_auth_url: str = "https://www.amocrm.ru/oauth"
     # Exact host:port names an install's `referer` may name over http: the amoCRM sandbox only.
     amocrm_sandbox_hosts: tuple[str, ...] = ()
+    # This API's base URL (e.g. https://abc.execute-api.eu-central-1.amazonaws.com/api): amoCRM's redirect
+    # URI and webhooks, and the handlers the Bitrix24 application binds (absent there: the install
+    # request's Host).
     public_url: str | None = None
+    # The Bitrix24 application (chalicelib/bitrix24_app.py). The OAuth server every refresh goes to (the
+    # client secret and refresh tokens go nowhere else): the vendor's documented default, or the sandbox.
+    bitrix24_oauth_url: str = "https://oauth.bitrix.info"
+    bitrix24_client_id: str = ""
+    # The client secret: BITRIX24_CLIENT_SECRET (the local stack, tests), else the SSM SecureString
+    # `/metrika-crm-bridge/<stage>/bitrix24-client-secret`, read on first use.
+    bitrix24_client_secret: str | None = None
+
+    @property
+    def bitrix24_client_secret_parameter(self) -> str:
+        return f"/{APP_NAME}/{self.stage}/bitrix24-client-secret"
 
     @property
     def dead_letter_queue(self) -> str:
@@ -80,6 +94,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
                                                f"/{APP_NAME}/{stage}/amocrm-client-secret") or None,
         amocrm_auth_url=env.get("AMOCRM_AUTH_URL", "https://www.amocrm.ru/oauth"),
         amocrm_sandbox_hosts=tuple(h.strip().lower() for h in env.get("AMOCRM_SANDBOX_HOSTS", "").split(",") if h.strip()),
+        bitrix24_oauth_url=(env.get("BITRIX24_OAUTH_URL") or "https://oauth.bitrix.info").rstrip("/"),
+        bitrix24_client_id=env.get("BITRIX24_CLIENT_ID", ""),
+        bitrix24_client_secret=env.get("BITRIX24_CLIENT_SECRET") or None,
         public_url=(env.get("PUBLIC_URL") or "").rstrip("/") or None,
     )
 

@@ -48,7 +48,7 @@ from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, co
 from .errors import BridgeError, OutOfTime, Transient, Unavailable
 from .logs import log_event
 from .ingest import QUEUE_LEASE_SECONDS, expand_inbox
-from .queue import BACKFILL, CONFIRM, INBOX, MAX_DELAY_SECONDS, RECONCILE, REFRESH, Queue, Received, message
+from .queue import BACKFILL, CONFIRM, DRAIN, INBOX, MAX_DELAY_SECONDS, RECONCILE, REFRESH, Queue, Received, message
 from .schedules import JOB_SECONDS, Jobs, job_failed, scheduled_at
 
 DELETED_DEAL_STATUS = "CANCELLED"
@@ -144,7 +144,7 @@ class Worker:
             elif kind == INBOX:
                 # The batch stays in the inbox until expanded: the reconciliation sweep queues it again.
                 inbox.append((integration_id, crm_id))
-            elif kind in (RECONCILE, CONFIRM, REFRESH):
+            elif kind in (RECONCILE, CONFIRM, DRAIN, REFRESH):
                 # A job names no entity: nothing to flag on a last receive; the next run does it anyway.
                 runs = jobs.setdefault(integration_id, {})
                 runs[kind] = max(runs.get(kind, crm_id), crm_id, key=lambda run: scheduled_at(run) or 0)

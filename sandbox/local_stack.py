@@ -229,6 +229,11 @@ def main() -> None:
         processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.bitrix24", "--port", bitrix_url.rsplit(":", 1)[1],
                                            "--code", BITRIX24_DEMO_CODE], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
         wait_http(bitrix_url + "/_sandbox/state", process=processes[-1])
+        # The Bitrix24 application (chalicelib/bitrix24_app.py): the sandbox is its OAuth server, with the
+        # sandbox's demo client credentials; the install binds its handlers at this API's address.
+        from sandbox.bitrix24 import APP_CLIENT_ID, APP_CLIENT_SECRET
+        env.update(BITRIX24_OAUTH_URL=bitrix_url, BITRIX24_CLIENT_ID=APP_CLIENT_ID, BITRIX24_CLIENT_SECRET=APP_CLIENT_SECRET)
+        env.setdefault("PUBLIC_URL", f"http://127.0.0.1:{args.port}")
         subprocess.run([sys.executable, "-m", "tools.infra", "--stage", "dev", "--emulator"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
         # Their output goes through `redact_secrets`: chalice local's access log prints webhook URLs.
@@ -245,6 +250,7 @@ metrika-crm-bridge is up in {time.monotonic() - started:.1f} s
   amoCRM sandbox  {amocrm_url}  (token {AMOCRM_DEMO_TOKEN}; a demo account, see README)
   amoCRM install  python -m tools.install amocrm --token {env['ADMIN_TOKEN']} --counter 4242
   Bitrix24 sandbox {bitrix_url}  (incoming webhook {bitrix_url}/rest/1/{BITRIX24_DEMO_CODE}/; a demo portal)
+  install Bitrix24 app: python -m tools.install bitrix24 --portal {bitrix_url} --token {env['ADMIN_TOKEN']} --counter 4343
   DynamoDB + SQS  http://127.0.0.1:{moto_port}  (moto_server)
   webhooks        {api_url}/webhooks/amocrm/<integration id>?secret=…, {api_url}/webhooks/bitrix24/<integration id>
 Ctrl-C stops everything.""", flush=True)

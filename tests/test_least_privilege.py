@@ -26,7 +26,7 @@ import pytest
 from chalice.cli.factory import CLIFactory
 
 from tools import policies
-from tools.policies import (ACCESS, ADMIN_TOKEN, AMOCRM_SECRET, CONFIG, DEAD_LETTERS, EVENT_SOURCE, EVENTS, FUNCTIONS,
+from tools.policies import (ACCESS, ADMIN_TOKEN, AMOCRM_SECRET, BITRIX24_SECRET, CONFIG, DEAD_LETTERS, EVENT_SOURCE, EVENTS, FUNCTIONS,
                             LOG_ACTIONS, QUOTA, STATE, granted_pairs, iam_requests)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,8 @@ def test_policies_name_the_stages_own_resources_and_logs_only_their_own_log_grou
         if function != "admin":  # only the authorizer reads the admin token; the amoCRM client secret apart
             assert settings.admin_token_parameter.lstrip("/") not in text
             assert {r for a, r in pairs if a.startswith("ssm:")} <= {
-                f"arn:aws:ssm:*:*:parameter/{settings.amocrm_client_secret_parameter.lstrip('/')}"}
+                f"arn:aws:ssm:*:*:parameter/{settings.amocrm_client_secret_parameter.lstrip('/')}",
+                f"arn:aws:ssm:*:*:parameter/{settings.bitrix24_client_secret_parameter.lstrip('/')}"}
     admin = json.loads((ROOT / ".chalice" / policies.policy_file(stage, "admin")).read_text())
     assert {a for a, _ in granted_pairs(admin)} == {"ssm:GetParameter", *LOG_ACTIONS}  # no table, no queue
     assert (f"arn:aws:ssm:*:*:parameter/{settings.admin_token_parameter.lstrip('/')}"
@@ -108,6 +109,7 @@ def test_each_resource_is_reachable_only_by_the_functions_that_use_it():
     assert deleting == {"api_handler", "on_events_message"}
     # The amoCRM client secret: the install routes (code exchange) and the worker (token refresh) only.
     assert holders(AMOCRM_SECRET) == {"api_handler", "on_events_message"}
+    assert holders(BITRIX24_SECRET) == {"api_handler", "on_events_message"}  # the app's install and refreshes
     for schedule in ("reconcile_all", "confirm_uploads", "refresh_tokens"):
         assert ACCESS[schedule] == {CONFIG: ("dynamodb:Scan",), EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage")}
 
@@ -374,6 +376,7 @@ def test_each_function_calls_exactly_what_its_policy_grants(recorded, queue, met
         stack.empty_dead_letters()
         try:
             every_path(stack, amocrm, bitrix, metrika_sandbox, amo, b24)
+            bitrix24_app_path(stack, bitrix, recorded_ssm=boto3.client("ssm"), monkeypatch=monkeypatch)
         finally:
             stack.empty_dead_letters()
             queue.bodies()
@@ -505,6 +508,39 @@ def every_path(stack: Stack, amocrm, bitrix, metrika_sandbox, amo: str, b24: str
     for sort_key in ("CONFIG", "STATUS_MAPPING", "ATTRIBUTES"):  # no other test's schedule walks it
         db.delete_item(TableName=get_settings().config_table, Key={"pk": {"S": f"INTEGRATION#{amo}"},
                                                                    "sk": {"S": sort_key}})
+
+
+def bitrix24_app_path(stack: Stack, bitrix, *, recorded_ssm, monkeypatch) -> None:
+    """The Bitrix24 application: its install (the client secret from SSM, the tokens item written), the
+    nudge, and the worker's drain with an expired access token (the refresh: the secret again, read in the
+    worker's own container, and the tokens item's conditional writes)."""
+    import chalicelib.bitrix24_app
+    from chalicelib.bitrix24_app import integration_id_for
+    from chalicelib.settings import get_settings
+    settings = get_settings()
+    monkeypatch.setenv("BITRIX24_OAUTH_URL", bitrix.url)
+    monkeypatch.setenv("BITRIX24_CLIENT_ID", bitrix.client_id)
+    monkeypatch.delenv("BITRIX24_CLIENT_SECRET", raising=False)
+    get_settings.cache_clear()
+    recorded_ssm.put_parameter(Name=get_settings().bitrix24_client_secret_parameter, Value=bitrix.client_secret,
+                               Type="SecureString", Overwrite=True)
+    monkeypatch.setattr(chalicelib.bitrix24_app, "_SECRET", {})  # each function reads it in its own container
+    form = {**FORM, "Host": "127.0.0.1:9", "X-Forwarded-Proto": "http"}
+    app_id = integration_id_for(bitrix.member_id)
+    installed = stack.api("POST", "/install/bitrix24", bitrix.install_body(), headers=form)
+    assert installed["integration_id"] == app_id and len(installed["bound"]) == 7
+    shown = stack.api("GET", f"/integrations/{app_id}")
+    stack.api("PUT", f"/integrations/{app_id}", {**shown, "counter_id": B24_COUNTER, "timezone": "Europe/Moscow",
+                                                  "metrika_token": "y0_least_privilege_b24app"})
+    bitrix.create_deal("Заказ LP", stage_id="NEW", opportunity="10.00")
+    bitrix.expire_access_tokens()
+    chalicelib.bitrix24_app._SECRET.clear()
+    assert stack.api("POST", "/install/bitrix24/events", bitrix.app_event_body("ONOFFLINEEVENT"), headers=form)["queued"] == 1
+    stack.drain()
+    assert bitrix.offline == [] and sum(c["ok"] for c in bitrix.oauth_calls) == 2  # the install's and the worker's
+    db = boto3.client("dynamodb")
+    for sort_key in ("CONFIG", "TOKENS", "CURSOR#drain_nudge"):
+        db.delete_item(TableName=settings.config_table, Key={"pk": {"S": f"INTEGRATION#{app_id}"}, "sk": {"S": sort_key}})
 
 
 def store_as_the_test():

@@ -112,6 +112,30 @@ def test_installing_into_the_amocrm_sandbox_takes_two_commands(stack):
     assert order is not None and order["revenue"] == 5150, "".join(stack["lines"][-30:])
 
 
+def test_installing_the_bitrix24_app_into_the_sandbox_takes_two_commands(stack):
+    """README: `python -m tools.install bitrix24 …` on the running stack (ONAPPINSTALL verified at the
+    sandbox's OAuth server, offline events bound), then a deal added in the sandbox is queued there as an
+    offline event, the ONOFFLINEEVENT nudge reaches our API, and the drain delivers it to the counter."""
+    import json
+    done = subprocess.run([sys.executable, "-m", "tools.install", "bitrix24", "--api", stack["api"], "--portal",
+                           stack["bitrix24"], "--token", stack["token"], "--counter", "4848"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["install"]["integration_id"].startswith("b24-") and len(answer["install"]["bound"]) == 7
+    assert answer["config"]["connection"]["auth"] == "oauth" and answer["config"]["counter_id"] == 4848
+    deal = requests.post(stack["bitrix24"] + "/_sandbox/deals", timeout=10, json={
+        "title": "Заказ из приложения", "stage_id": "WON", "opportunity": "4848.00"}).json()
+    deadline = time.monotonic() + 30
+    order = None
+    while time.monotonic() < deadline and order is None:
+        order = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()["counters"].get(
+            "4848", {}).get("orders", {}).get(deal["ID"])
+        time.sleep(0.2)
+    assert order is not None and order["revenue"] == 4848, "".join(stack["lines"][-30:])
+    assert requests.get(stack["bitrix24"] + "/_sandbox/app", timeout=10).json()["offline_queue"] == 0
+
+
 def test_a_won_bitrix24_deal_reaches_metrika(stack):
     headers = {"Authorization": f"Bearer {stack['token']}"}
     config = {"crm": "bitrix24", "counter_id": 4343, "metrika_token": "y0_demo",
