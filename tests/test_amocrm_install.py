@@ -608,3 +608,42 @@ def test_the_sandbox_keeps_amocrms_lifetimes_by_its_own_clock(amo):
     amo.advance(90 * 86400 + 1)
     assert token(grant_type="refresh_token", refresh_token=renewed.json()["refresh_token"]).status_code == 401
     amo.clock_offset = 0.0
+
+
+def test_a_webhook_call_answered_429_is_tried_once_more_after_its_retry_after():
+    """Registering or removing our webhook runs outside the worker's rate limiter, so deliveries of the
+    same moment may have spent the account's 7 requests a second: a 429 is tried once more (seen in CI:
+    a deletion right after deliveries was refused and the webhook left registered)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    seen: list[tuple[str, str]] = []
+    answers = {"DELETE": [429, 204], "POST": [429, 429]}
+
+    class Amo(BaseHTTPRequestHandler):
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.command, self.path))
+            status = answers[self.command].pop(0)
+            self.send_response(status)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+        do_DELETE = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Amo)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        oauth = AmoOAuth(CLIENT_ID, lambda: CLIENT_SECRET, PUBLIC + "/oauth/amocrm", sandbox_hosts=(host,))
+        oauth.unregister_webhook(f"http://{host}", "access", PUBLIC + "/webhooks/amocrm/x?secret=s")
+        assert seen == [("DELETE", "/api/v4/webhooks")] * 2
+        with pytest.raises(Transient):  # a second 429 is the caller's to report
+            oauth.register_webhook(f"http://{host}", "access", PUBLIC + "/webhooks/amocrm/x?secret=s")
+        assert seen[2:] == [("POST", "/api/v4/webhooks")] * 2
+    finally:
+        server.shutdown()
+        server.server_close()

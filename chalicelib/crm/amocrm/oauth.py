@@ -32,7 +32,7 @@ from ...integrations import AMOCRM_DOMAINS, endpoint_problem
 from ...oauth import TokenPair, due_by_margin
 from ...outbound import PrivateAddress
 from ...outbound import session as checked_session
-from .api import SOURCE
+from .api import SOURCE, _retry_after
 
 DEFAULT_AUTH_URL = "https://www.amocrm.ru/oauth"
 # amoCRM's access token lives 24 h: refreshed when less than an hour is left (one refresh a day per
@@ -178,15 +178,28 @@ class AmoOAuth:
         return result
 
     def register_webhook(self, base_url: str, access_token: str, destination: str) -> None:
-        answer = self._call("POST", base_url + "/api/v4/webhooks", token=access_token,
-                            json_body={"destination": destination, "settings": list(WEBHOOK_EVENTS), "sort": 10})
+        answer = self._paced_call("POST", base_url + "/api/v4/webhooks", token=access_token,
+                                  json_body={"destination": destination, "settings": list(WEBHOOK_EVENTS), "sort": 10})
         _raise_for(answer, "registering the webhook")
 
     def unregister_webhook(self, base_url: str, access_token: str, destination: str) -> None:
-        answer = self._call("DELETE", base_url + "/api/v4/webhooks", token=access_token,
-                            json_body={"destination": destination})
+        answer = self._paced_call("DELETE", base_url + "/api/v4/webhooks", token=access_token,
+                                  json_body={"destination": destination})
         if answer.status_code != 404:  # already gone: nothing to do
             _raise_for(answer, "removing the webhook")
+
+    def _paced_call(self, method: str, url: str, *, json_body: dict, token: str) -> requests.Response:
+        """A webhook call made once per install or deletion, outside the worker's shared rate limiter:
+        the account's 7 requests a second may be spent by deliveries running at the same moment, so a
+        429 is tried once more after its Retry-After (at most 2 s, and only with the time left)."""
+        answer = self._call(method, url, json_body=json_body, token=token)
+        if answer.status_code == 429:
+            asked = _retry_after(answer.headers)
+            wait = asked if asked is not None and 0.0 <= asked <= 2.0 else (2.0 if asked and asked > 2.0 else 1.0)
+            if deadline.has(wait + self._timeout[0] + 1.0):
+                time.sleep(wait)
+                answer = self._call(method, url, json_body=json_body, token=token)
+        return answer
 
     def _call(self, method: str, url: str, *, json_body: dict, token: str | None = None) -> requests.Response:
         timeout = deadline.clip(self._timeout, source=SOURCE, what="amoCRM")
