@@ -30,6 +30,28 @@ def fresh_links():
     app._CONSOLE_LINKS = None
 
 
+class FakeAmoCrm:
+    """The amoCRM source's reads the console makes, without a CRM (these integrations name none)."""
+
+    def __init__(self, disabled=False):
+        self.disabled = disabled
+
+    def webhook_health(self, integration, integration_id):
+        return {"registered": True, "disabled": self.disabled, "events": ["update_lead"]}
+
+    def default_mapping(self, integration):
+        return [{"crm_status": "7001:142", "metrika_status_id": "won", "humanized": "Успешно реализовано", "type": "PAID"}]
+
+
+@pytest.fixture
+def fake_crm(app_client):
+    import app
+    app._SOURCES.clear()
+    app._SOURCES.update(amocrm=FakeAmoCrm(disabled=True), bitrix24=FakeAmoCrm())
+    yield
+    app._SOURCES.clear()
+
+
 def make_integration(client, integration_id, **overrides):
     config = amocrm_config(timezone="Europe/Moscow", **overrides)
     answer = client.http.put(f"/integrations/{integration_id}", headers=admin_headers(), body=json.dumps(config))
@@ -110,7 +132,7 @@ def test_a_link_for_an_unknown_integration_is_a_404_and_a_bad_link_id_a_400(app_
 
 
 def test_a_link_reaches_only_its_own_integrations_console_routes(app_client, integration_id, metrika_sandbox,
-                                                                  fresh_links):
+                                                                  fresh_links, fake_crm):
     other = integration_id + "-b"
     make_integration(app_client, integration_id)
     make_integration(app_client, other, counter_id=4343)
@@ -123,7 +145,8 @@ def test_a_link_reaches_only_its_own_integrations_console_routes(app_client, int
         entries = [{"crm_status": "7001:142", "metrika_status_id": "won", "humanized": "Успешно", "type": "PAID"}]
         put = app_client.http.put(mine + "/status-mapping", headers=bearer(token), body=json.dumps({"entries": entries}))
         assert put.status_code == 200, put.json_body
-        for path in (mine + "/status", mine + "/delivery", mine + "/attributes", mine + "/backfill"):
+        for path in (mine + "/status", mine + "/delivery", mine + "/attributes", mine + "/backfill", mine + "/stages",
+                     mine + "/fields", mine + "/status-mapping/defaults"):
             answer = app_client.http.get(path, headers=bearer(token))
             assert answer.status_code == 200, (path, answer.json_body)
             text = answer.body.decode()
@@ -276,7 +299,7 @@ def test_the_link_base_follows_the_stage_path():
 
 # --- the integrations list, stages and delivery figures ------------------------------------------------------
 
-def test_the_integrations_list_pages_with_health(app_client, integration_id, monkeypatch):
+def test_the_integrations_list_pages_with_health(app_client, integration_id, monkeypatch, fake_crm):
     import app
     from chalicelib.store.dynamodb import DynamoStore
     ids = [integration_id + s for s in ("-a", "-b", "-c")]
@@ -289,6 +312,7 @@ def test_the_integrations_list_pages_with_health(app_client, integration_id, mon
         row = first["integrations"][0]
         assert row["crm"] == "amocrm" and row["counter_id"] == 5000 and "connection" not in row
         assert row["health"]["backlog"] == 0 and row["health"]["complete"] is True
+        assert row["health"]["webhook"] == {"registered": True, "disabled": True, "events": ["update_lead"]}
         used = app.get_metrika({"metrika_token": METRIKA_TOKEN}).governor.used_today()  # the token's day, shared
         assert row["health"]["metrika_requests_left_today"] == 5000 - used
         second = app_client.http.get(f"/integrations?limit=2&after={ids[1]}", headers=admin_headers()).json_body
