@@ -384,3 +384,46 @@ def test_the_health_summary_is_read_in_bounded_time(monkeypatch):
     console_api.health(store, "shop", requests_left=1, webhook=None)
     assert calls == [console_api.SUMMARY_ENTITIES]
     assert time.time() > 0
+
+
+# --- the CRMs' fields, for the attributes page ------------------------------------------------------------
+
+def test_amocrm_fields_are_listed_with_their_names_through_the_api(app_client, integration_id, amocrm, fresh_links):
+    import app
+    app._SOURCES.clear()  # the real sources
+    make_integration(app_client, integration_id, connection={
+        "base_url": amocrm.url, "access_token": amocrm.token, "webhook_secret": AMO_SECRET})
+    amocrm.reset()
+    token = token_of(make_link(app_client, integration_id))
+    answer = app_client.http.get(f"/integrations/{integration_id}/fields", headers=bearer(token))
+    assert answer.status_code == 200, answer.json_body
+    fields = {(f["entity"], f["id"]): f for f in answer.json_body["fields"]}
+    assert fields[("order", "752015")] == {"id": "752015", "name": "Способ оплаты", "code": None, "entity": "order",
+                                           "type": "select"}
+    assert fields[("contact", "735653")]["name"] == "Должность"
+    assert "Способ оплаты".encode() in answer.body  # UTF-8 text
+
+
+def test_bitrix24_fields_are_named_by_their_labels(bitrix):
+    from chalicelib.crm.bitrix24.source import Bitrix24Source
+    bitrix.reset()
+    source = Bitrix24Source(MemoryStore().reserve_slot)
+    integration = {"crm": "bitrix24", "counter_id": 1, "connection": {"webhook_url": bitrix.webhook_url,
+                                                                     "application_token": "t" * 32}}
+    fields = {(f["entity"], f["id"]): f["name"] for f in source.fields(integration)}
+    assert fields[("order", "UF_CRM_COST")] == "Себестоимость"  # a user field: its label, not its code
+    assert fields[("order", "TITLE")] == "Название" and fields[("contact", "POST")] == "Должность"
+
+
+def test_a_crm_that_refuses_the_field_listing_is_a_422_naming_it():
+    from chalicelib.errors import Misconfigured
+
+    class Refusing:
+        def fields(self, integration):
+            raise Misconfigured("401 Unauthorized: the token was revoked", source="amocrm", status=401)
+    store = MemoryStore()
+    store.put_integration("shop", {"crm": "amocrm"})
+    with pytest.raises(ApiError) as refused:
+        console_api.crm_fields(store, {"amocrm": Refusing()}, "shop")
+    assert refused.value.status == 422 and "could not read the CRM's fields" in refused.value.message
+    assert console_api.crm_fields(store, {"amocrm": object()}, "shop") == {"integration_id": "shop", "fields": []}

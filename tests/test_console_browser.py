@@ -274,8 +274,12 @@ def test_the_delivery_page_shows_shares_chart_parked_deals_and_uploads(
     amocrm.outbox.clear()
     worker.drain(idle_rounds=1)
     assert str(other["id"]) in metrika_sandbox.counter(COUNTER).orders
-    open_page(browser, f"{console}/console")
-    browser.execute_script("sessionStorage.setItem('mcb.token', arguments[0])", ADMIN_TOKEN)
+    open_page(browser, f"{console}/console")  # signed out: the sign-in form
+    wait_for(browser, "#token").send_keys(ADMIN_TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    wait_for(browser, "h1")
+    assert browser.execute_script("return sessionStorage.getItem('mcb.token')") == ADMIN_TOKEN
+    assert ADMIN_TOKEN not in browser.current_url
     browser.get(f"{console}/console#/i/{shop}/delivery")
     figures = wait_for(browser, "#figures")
     assert "Orders sent\n1" in figures.text and "with ClientID\n100%" in figures.text
@@ -288,6 +292,27 @@ def test_the_delivery_page_shows_shares_chart_parked_deals_and_uploads(
     assert "SENT" in browser.find_element(By.ID, "uploads").text
     parked.find_element(By.CSS_SELECTOR, "button").click()
     wait_text(browser, "#delivery-feedback", "queued again")
+
+
+def test_attributes_are_mapped_from_the_crms_field_names(browser, console, shop, metrika_sandbox):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    open_page(browser, link_for(console, shop), language="ru")
+    wait_for(browser, "tr[data-stage]")
+    browser.get(f"{console}/console#/i/{shop}/attributes")
+    wait_text(browser, "h1", "Атрибуты")
+    browser.find_element(By.XPATH, "//button[text()='Добавить атрибут']").click()
+    field = Select(browser.find_element(By.CSS_SELECTOR, "tbody tr select"))
+    assert "Способ оплаты (order, 752015)" in [o.text for o in field.options]  # names read from the CRM
+    field.select_by_value("752015")
+    cells = browser.find_element(By.CSS_SELECTOR, "tbody tr")
+    cells.find_elements(By.CSS_SELECTOR, "input")[0].send_keys("payment_method")
+    browser.find_element(By.CSS_SELECTOR, "button.primary").click()
+    wait_text(browser, "#attributes-feedback", "Сохранено атрибутов: 1")
+    assert "payment_method" in metrika_sandbox.counter(COUNTER).custom_attributes["ORDER"]
+    stored = api(console, "GET", f"/integrations/{shop}/attributes").json()["entries"]
+    assert [(e["crm_field"], e["entity"], e["name"], e["type"]) for e in stored] == [
+        ("752015", "order", "payment_method", "text")]
 
 
 def test_the_mapping_form_works_from_the_keyboard_alone(browser, console, shop, metrika_sandbox):
