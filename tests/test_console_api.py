@@ -166,6 +166,30 @@ def test_a_link_reaches_only_its_own_integrations_console_routes(app_client, int
         app_client.http.delete(f"/integrations/{other}", headers=admin_headers())
 
 
+def test_the_routes_refuse_a_link_even_when_its_policy_were_too_broad(app_client, integration_id, fresh_links,
+                                                                      monkeypatch):
+    """Defence in depth: with the authorizer's policy opened to every route (as a mis-enforced or
+    mis-cached policy would be), the routes' own check still keeps a link to its integration's console."""
+    import chalicelib.console_links
+    other = integration_id + "-b"
+    make_integration(app_client, integration_id)
+    make_integration(app_client, other, counter_id=4343)
+    try:
+        token = token_of(make_link(app_client, integration_id))
+        monkeypatch.setattr(chalicelib.console_links, "policy_routes", lambda iid: [("*", ["*"])])
+        monkeypatch.setattr("app.AuthRoute", lambda path, methods: "*")
+        assert app_client.http.get(f"/integrations/{integration_id}/attributes", headers=bearer(token)).status_code == 200
+        for method, path in [("GET", f"/integrations/{other}/attributes"), ("GET", f"/integrations/{integration_id}"),
+                             ("GET", "/integrations"), ("GET", "/dead-letters"),
+                             ("DELETE", f"/integrations/{integration_id}")]:
+            answer = app_client.http.request(method, path, headers=bearer(token), body=b"")
+            assert answer.status_code == 403 and answer.json_body["error"] == "forbidden", (method, path)
+            assert "console link" in answer.json_body["message"], answer.json_body  # the route's check, not the policy's
+        assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).status_code == 200
+    finally:
+        app_client.http.delete(f"/integrations/{other}", headers=admin_headers())
+
+
 def test_forged_link_tokens_open_nothing(app_client, integration_id, fresh_links):
     other = integration_id + "-b"
     make_integration(app_client, integration_id)

@@ -340,7 +340,27 @@ def test_the_mapping_form_works_from_the_keyboard_alone(browser, console, shop, 
     assert metrika_sandbox.counter(COUNTER).order_statuses["opened"]["humanized"] == "Открыта"
 
 
+# The contrast of each visible text element against the background it sits on (WCAG 2 relative luminance),
+# computed by the browser from the styles it applies.
+CONTRAST = """
+const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+const lum = ([r, g, b]) => [r, g, b].map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+  .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+const background = (el) => { for (; el; el = el.parentElement) { const c = rgb(getComputedStyle(el).backgroundColor);
+  if (c.length < 4 || c[3] > 0) return c.slice(0, 3); } return [255, 255, 255]; };
+const worst = [];
+for (const el of document.querySelectorAll('body *')) {
+  if (!el.offsetParent || ![...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
+  const [a, b] = [lum(rgb(getComputedStyle(el).color).slice(0, 3)), lum(background(el))];
+  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  if (ratio < 4.5) worst.push([el.tagName, el.className, el.textContent.slice(0, 30), ratio.toFixed(2)]);
+}
+return worst;
+"""
+
+
 def test_no_page_overflows_at_a_phone_or_a_laptop_width(browser, console, shop):
+    """Nothing wider than the window at 360 and 1280 px, and every text readable (contrast ≥ 4.5:1)."""
     open_page(browser, link_for(console, shop))
     wait_for(browser, 'tr[data-stage="7001:1001"]')
     try:
@@ -352,5 +372,6 @@ def test_no_page_overflows_at_a_phone_or_a_laptop_width(browser, console, shop):
                 inner, scroll = browser.execute_script(
                     "return [document.documentElement.clientWidth, document.documentElement.scrollWidth]")
                 assert scroll <= inner, (page, width, scroll, inner)
+            assert browser.execute_script(CONTRAST) == [], page  # every text at least 4.5:1
     finally:
         browser.set_window_size(1280, 900)

@@ -194,6 +194,7 @@ async function renderMapping(id) {
     saveButton.textContent = t("saving");
     try {
       const saved = await call("PUT", `/integrations/${enc(id)}/status-mapping`, { entries });
+      data.pushed_at = saved.pushed_at;
       showState(saved.pushed_at);
       feedback.replaceChildren(message("success", t("saved", { n: saved.counter_statuses, q: saved.requeued })));
       rows.forEach((row) => row.markSaved());
@@ -212,7 +213,6 @@ async function renderMapping(id) {
     } finally {
       saveButton.disabled = false;
       saveButton.textContent = t("save");
-      data.pushed_at = data.pushed_at || null;
     }
   });
   const table = h("table", { class: "stack" },
@@ -232,7 +232,7 @@ function mappingRow(stage, index) {
   const mapped = stage.mapped || {};
   const ids = { type: nextId("type"), metrika: nextId("mid"), label: nextId("label"), error: nextId("err") };
   const type = h("select", { id: ids.type, name: `type-${index}`, "data-stage": stage.crm_status },
-    h("option", { value: "" }, t("typeNone")), TYPES.map((value) => h("option", { value }, value)));
+    h("option", { value: "" }, t("typeNone")), TYPES.map((value) => h("option", { value }, `${t(`type_${value}`)} (${value})`)));
   type.value = mapped.type || "";
   const metrikaId = h("input", { id: ids.metrika, name: `metrika-${index}`, value: mapped.metrika_status_id || "",
     autocomplete: "off", spellcheck: "false", "data-stage": stage.crm_status });
