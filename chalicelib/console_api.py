@@ -6,6 +6,7 @@ Every answer here is safe for a console link: no token, secret or connection det
 names the CRM account's host, which the CRM shows its users anyway)."""
 from __future__ import annotations
 
+import contextvars
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -81,7 +82,10 @@ def page_of_integrations(store: Any, *, after: str | None, limit: Any, health: C
         if config is None:
             return None  # deleted meanwhile
         return {**summary_of(integration_id, config), "health": health(integration_id, config)}
-    rows = [r for r in each(row, page) if r is not None]
+    # Each row in a copy of this request's context, so the CRM and Metrika calls on the pool's threads
+    # keep the request's deadline (chalicelib.deadline is a contextvar; threads start without it).
+    contexts = [(contextvars.copy_context(), integration_id) for integration_id in page]
+    rows = [r for r in each(lambda pair: pair[0].run(row, pair[1]), contexts) if r is not None]
     return {"integrations": rows, "next": page[-1] if more and page else None}
 
 

@@ -451,3 +451,20 @@ def test_a_crm_that_refuses_the_field_listing_is_a_422_naming_it():
         console_api.crm_fields(store, {"amocrm": Refusing()}, "shop")
     assert refused.value.status == 422 and "could not read the CRM's fields" in refused.value.message
     assert console_api.crm_fields(store, {"amocrm": object()}, "shop") == {"integration_id": "shop", "fields": []}
+
+
+def test_the_integrations_page_keeps_the_requests_deadline_on_its_threads():
+    from chalicelib import deadline
+    store = MemoryStore()
+    for n in range(5):
+        store.put_integration(f"shop-{n}", {"crm": "amocrm", "counter_id": n})
+    seen = []
+
+    def health(integration_id, config):
+        seen.append(deadline.remaining())
+        return {}
+    with deadline.invocation(20.0):
+        page = console_api.page_of_integrations(store, after="shop-0", limit="3", health=health)
+    assert [r["integration_id"] for r in page["integrations"]] == ["shop-1", "shop-2", "shop-3"]
+    assert page["next"] == "shop-3" and len(seen) == 3
+    assert all(r is not None and 0 < r <= 20.0 for r in seen), seen
