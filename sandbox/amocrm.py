@@ -131,7 +131,7 @@ class AmoCrmSandbox(SandboxServer):
     def reset(self) -> None:
         with self._lock:
             self.pipelines: list[dict] = []
-            # The account's fields ("Пользовательские поля", GET /api/v4/{entity}/custom_fields): the ones
+            # The account's fields ("Поля и группы полей", GET /api/v4/{entity}/custom_fields): the ones
             # the sandbox fills, and one of each kind a marketer maps to a Metrika attribute.
             self.custom_fields: dict[str, list[dict]] = {
                 "leads": [{"id": 752013, "name": "_ym_uid", "code": "_YM_UID", "type": "tracking_data"},

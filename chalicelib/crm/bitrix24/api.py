@@ -222,8 +222,8 @@ class Bitrix24Client:
                 if str(s.get("ENTITY_ID", "")).startswith("DEAL_STAGE")]
 
     def entity_fields(self, method: str) -> dict:
-        """`crm.deal.fields` / `crm.contact.fields`: field code → description
-        (https://apidocs.bitrix24.com/api-reference/crm/deals/crm-deal-fields.html "Get Deal Fields")."""
+        """`crm.deal.fields` / `crm.contact.fields`: field code → description, user fields included
+        ("crm.deal.fields", https://training.bitrix24.com/rest_help/crm/deals/crm_deal_fields.php)."""
         answer = self.call(method).get("result")
         return answer if isinstance(answer, dict) else {}
 
