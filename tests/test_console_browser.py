@@ -200,9 +200,13 @@ def test_a_marketer_maps_a_new_pipelines_stage_and_the_held_deal_reaches_metrika
     assert "Метрика хранит это сопоставление" in browser.find_element(By.ID, "mapping-state").text
     statuses = metrika_sandbox.counter(COUNTER).order_statuses
     assert statuses["talks"] == {"id": "talks", "humanized": "Переговоры", "type": "IN_PROGRESS"}
-    # The held deal flows into Metrika with that status.
+    assert browser.switch_to.active_element.get_attribute("id") == "mapping-saved"  # the answer has the focus
+    # The held deal flows into Metrika with that status, and the page, refreshed, holds nothing back.
     worker.drain(idle_rounds=1)
     assert metrika_sandbox.counter(COUNTER).orders[lead_id]["order_status"] == "talks"
+    browser.find_element(By.ID, "refresh-mapping").click()
+    wait_text(browser, 'tr[data-stage="7001:1002"] td.num', "0")
+    assert browser.find_elements(By.CSS_SELECTOR, ".message.warning") == []  # no deal held any more
     # Reloaded, the page shows what Metrika holds.
     browser.refresh()
     stage = wait_for(browser, 'tr[data-stage="7001:1002"]')

@@ -158,7 +158,9 @@ async function renderIntegrations(after) {
 
 // --- status mapping ----------------------------------------------------------------------------------------------
 
-async function renderMapping(id) {
+// `notice`: a message to show above the form after a reload (the answer to a save), focused so a
+// keyboard or screen-reader user lands on it.
+async function renderMapping(id, notice = null) {
   const data = await call("GET", `/integrations/${enc(id)}/stages`);
   const form = h("form", { class: "mapping", novalidate: true });
   const state = h("div", { id: "mapping-state" });
@@ -196,8 +198,9 @@ async function renderMapping(id) {
       const saved = await call("PUT", `/integrations/${enc(id)}/status-mapping`, { entries });
       data.pushed_at = saved.pushed_at;
       showState(saved.pushed_at);
-      feedback.replaceChildren(message("success", t("saved", { n: saved.counter_statuses, q: saved.requeued })));
-      rows.forEach((row) => row.markSaved());
+      // Read the stages again: what is mapped now, and the deals still held.
+      await renderMapping(id, t("saved", { n: saved.counter_statuses, q: saved.requeued }));
+      return;
     } catch (error) {
       const keep = data.pushed_at ? t("refusedKeep", { time: formatTime(data.pushed_at) }) : t("refusedKeepNone");
       if (error instanceof ApiError && error.status === 400 && error.body.details) {
@@ -221,11 +224,19 @@ async function renderMapping(id) {
       (key) => h("th", { scope: "col" }, t(key))))),
     h("tbody", {}, rows.map((row) => row.node)));
   form.append(h("div", { class: "table-wrap" }, table), h("div", { class: "actions" }, propose, saveButton), feedback);
+  const refresh = h("button", { type: "button", id: "refresh-mapping", onclick: () => renderMapping(id) }, t("refresh"));
   show(h("h1", {}, t("mappingTitle"), h("span", { class: "subtitle" }, ` · ${id}`)),
     h("p", { class: "muted" }, t("mappingHelp")),
-    state,
+    state, refresh,
     data.held_total ? message("warning", t("heldTotal", { n: data.held_total })) : null,
     form);
+  if (notice) {
+    const saved = message("success", notice);
+    saved.id = "mapping-saved";
+    saved.tabIndex = -1;
+    feedback.replaceChildren(saved);
+    saved.focus();
+  }
 }
 
 function mappingRow(stage, index) {
@@ -283,7 +294,6 @@ function mappingRow(stage, index) {
     },
     hasError() { return node.classList.contains("has-error"); },
     focusError() { (node.querySelector("[aria-invalid]") || type).focus(); },
-    markSaved() {},
     fields: { type, metrika_status_id: metrikaId, humanized: label, crm_status: type },
   };
 }
