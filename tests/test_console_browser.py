@@ -260,6 +260,15 @@ def test_a_console_link_cannot_see_another_integration(browser, console, shop, i
         browser.get(f"{console}/console#/i/{other}/mapping")
         error = wait_for(browser, ".message.error")
         assert error.text == f"This console link does not give access to integration {other}."
+        # A revoked link opens nothing, and the page says why. (A fresh one: a link used before is
+        # refused once the authorizer's cache lets go, ConsoleLinks' own test.)
+        revoked = link_for(console, shop)
+        link_id = revoked.split("#link=")[1].split(".")[2]
+        assert api(console, "DELETE", f"/integrations/{shop}/console-links/{link_id}").status_code == 200
+        open_page(browser, revoked)
+        error = wait_for(browser, ".message.error")
+        assert error.text.startswith("This console link is not valid any more")
+        assert "link=" not in browser.current_url
     finally:
         api(console, "DELETE", f"/integrations/{other}")
 
@@ -278,14 +287,17 @@ def test_the_delivery_page_shows_shares_chart_parked_deals_and_uploads(
     amocrm.outbox.clear()
     worker.drain(idle_rounds=1)
     assert str(other["id"]) in metrika_sandbox.counter(COUNTER).orders
-    open_page(browser, f"{console}/console")  # signed out: the sign-in form
-    wait_for(browser, "#token").send_keys(ADMIN_TOKEN)
+    open_page(browser, f"{console}/console#/i/{shop}/delivery")  # signed out: the sign-in form first
+    wait_for(browser, "#token").send_keys("not-the-admin-token")
     browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    wait_for(browser, "h1")
+    refused = wait_for(browser, ".message.error")
+    assert refused.text == "This token was not accepted. Check it and sign in again."
+    assert browser.execute_script("return sessionStorage.getItem('mcb.token')") is None
+    browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    figures = wait_for(browser, "#figures")  # the page asked for, once signed in
     assert browser.execute_script("return sessionStorage.getItem('mcb.token')") == ADMIN_TOKEN
     assert ADMIN_TOKEN not in browser.current_url
-    browser.get(f"{console}/console#/i/{shop}/delivery")
-    figures = wait_for(browser, "#figures")
     assert "Orders sent\n1" in figures.text and "with ClientID\n100%" in figures.text
     chart = browser.find_element(By.CSS_SELECTOR, "svg.chart")
     assert len(chart.find_elements(By.CSS_SELECTOR, "circle")) == 4  # one day, four series

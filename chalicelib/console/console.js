@@ -31,7 +31,12 @@ const main = () => document.getElementById("main");
 let uid = 0;
 const nextId = (prefix) => `${prefix}-${++uid}`;
 
+// The route a page was rendered for: a page whose data arrives after the user moved on (a slow list,
+// then a click elsewhere) must not replace the page they moved to.
+let shownFor = null;
+
 function show(...nodes) {
+  if (shownFor !== null && location.hash !== shownFor) return;
   main().replaceChildren(...nodes);
 }
 
@@ -45,8 +50,11 @@ function errorText(error, integrationId) {
   if (error.status === 0) return t("errNetwork");
   if (error.status === 401) return t("errUnauthorized");
   if (error.status === 403) {
-    return linkIntegration() && integrationId && integrationId !== linkIntegration()
-      ? t("errForbiddenIntegration", { id: integrationId }) : t("errForbidden");
+    if (linkIntegration() && integrationId && integrationId !== linkIntegration()) {
+      return t("errForbiddenIntegration", { id: integrationId });
+    }
+    // The link's own integration refused: the authorizer no longer knows the link.
+    return linkIntegration() ? t("errLinkInvalid") : t("errForbidden");
   }
   if (error.status === 404 && integrationId) return t("errNotFound", { id: integrationId });
   // Metrika's or the CRM's refusal (422), a conflict (409), a service unavailable (502-504): the
@@ -91,8 +99,10 @@ function renderFrame() {
 }
 
 async function render() {
+  shownFor = null;
   renderFrame();
   if (!token()) return renderSignIn();
+  shownFor = location.hash;
   const current = route();
   show(h("p", { class: "muted", role: "status" }, t("loading")));
   const pages = { integrations: renderIntegrations, mapping: renderMapping, delivery: renderDelivery,
@@ -100,8 +110,16 @@ async function render() {
   try {
     await pages[current.page](current.id);
   } catch (error) {
+    // An admin token may call every route: a 403 means the token itself is wrong.
+    const refused = error instanceof ApiError && (error.status === 401 || (error.status === 403 && !linkIntegration()));
+    if (refused) {
+      // An admin token the API does not take: back to the sign-in form, saying so.
+      clearToken();
+      renderFrame();
+      renderSignIn(t("errTokenRefused"));
+      return;
+    }
     show(h("h1", {}, t("title")), message("error", errorText(error, current.id)));
-    if (error instanceof ApiError && error.status === 401) clearToken();
   }
   const heading = main().querySelector("h1");
   if (heading && document.activeElement === document.body) heading.setAttribute("tabindex", "-1");
@@ -109,16 +127,17 @@ async function render() {
 
 // --- sign-in -------------------------------------------------------------------------------------------------
 
-function renderSignIn() {
+function renderSignIn(problem = null) {
   const input = h("input", { id: "token", type: "password", autocomplete: "off", required: true, spellcheck: "false" });
   const form = h("form", { class: "card narrow", onsubmit: (event) => {
     event.preventDefault();
     if (!input.value.trim()) return;
     setToken(input.value.trim());
-    location.hash = "#/integrations";
+    if (!location.hash.startsWith("#/i/")) location.hash = "#/integrations";
     render();
   } },
   h("h1", {}, t("signInTitle")),
+  problem ? message("error", problem) : null,
   h("p", { class: "muted" }, t("signInHelp")),
   h("label", { for: "token" }, t("tokenLabel")), input,
   h("button", { type: "submit", class: "primary" }, t("signIn")));

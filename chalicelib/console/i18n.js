@@ -131,6 +131,8 @@ const STRINGS = {
     // errors
     errForbiddenIntegration: "This console link does not give access to integration {id}.",
     errForbidden: "You do not have access to this page.",
+    errLinkInvalid: "This console link is not valid any more: it was revoked, or its integration deleted. Ask for a new one.",
+    errTokenRefused: "This token was not accepted. Check it and sign in again.",
     errUnauthorized: "Your sign-in is not valid any more. Sign in again.",
     errNotFound: "Integration {id} does not exist.",
     errNetwork: "The service did not answer. Check the connection and try again.",
@@ -261,6 +263,8 @@ const STRINGS = {
     colCreated: "Создана",
     errForbiddenIntegration: "Эта ссылка не даёт доступа к интеграции {id}.",
     errForbidden: "У вас нет доступа к этой странице.",
+    errLinkInvalid: "Эта ссылка на консоль больше не действует: её отозвали или интеграцию удалили. Попросите новую.",
+    errTokenRefused: "Этот токен не принят. Проверьте его и войдите снова.",
     errUnauthorized: "Вход больше не действителен. Войдите снова.",
     errNotFound: "Интеграции {id} не существует.",
     errNetwork: "Сервис не ответил. Проверьте соединение и попробуйте ещё раз.",
