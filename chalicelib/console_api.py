@@ -90,10 +90,8 @@ def page_of_integrations(store: Any, *, after: str | None, limit: Any, health: C
 
 
 def _whole(value: Any, name: str, low: int, high: int) -> int:
-    try:
-        number = int(value) if isinstance(value, str) and value.isdigit() and len(value) < 6 else None
-    except ValueError:
-        number = None
+    # ASCII digits only (str.isdigit also takes "٣"), and short: never a 2,000-digit int() to parse.
+    number = int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 6 else None
     if number is None or not low <= number <= high:
         raise invalid(f"{name} must be a whole number from {low} to {high}", {name: str(value)[:40]})
     return number

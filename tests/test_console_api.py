@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
@@ -341,7 +340,7 @@ def test_the_integrations_list_pages_with_health(app_client, integration_id, mon
         assert row["health"]["metrika_requests_left_today"] == 5000 - used
         second = app_client.http.get(f"/integrations?limit=2&after={ids[1]}", headers=admin_headers()).json_body
         assert [i["integration_id"] for i in second["integrations"]] == ids[2:] and second["next"] is None
-        for bad in ("0", "101", "x", "1e3", "9" * 2000):
+        for bad in ("0", "101", "x", "1e3", "9" * 2000, "%D9%A3", "-1", "%201"):
             answer = app_client.http.get(f"/integrations?limit={bad}", headers=admin_headers())
             assert answer.status_code == 400 and "limit" in answer.json_body["details"], bad
         assert app_client.http.get("/integrations?after=a%20b", headers=admin_headers()).status_code == 400
@@ -407,7 +406,6 @@ def test_the_health_summary_is_read_in_bounded_time(monkeypatch):
     monkeypatch.setattr(store, "entity_summary", lambda iid, limit: calls.append(limit) or {"scanned": 0})
     console_api.health(store, "shop", requests_left=1, webhook=None)
     assert calls == [console_api.SUMMARY_ENTITIES]
-    assert time.time() > 0
 
 
 # --- the CRMs' fields, for the attributes page ------------------------------------------------------------
