@@ -133,8 +133,8 @@ function renderSignIn(problem = null) {
     event.preventDefault();
     if (!input.value.trim()) return;
     setToken(input.value.trim());
-    if (!location.hash.startsWith("#/i/")) location.hash = "#/integrations";
-    render();
+    if (location.hash.startsWith("#/i/") || location.hash === "#/integrations") render();
+    else location.hash = "#/integrations";  // the hashchange renders it
   } },
   h("h1", {}, t("signInTitle")),
   problem ? message("error", problem) : null,
