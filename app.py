@@ -38,6 +38,7 @@ _QUEUE = None
 _ADMIN_TOKENS = None  # (settings, chalicelib.admin.AdminTokenCache): re-reads the SSM parameter on its own schedule
 _CONSOLE_LINKS = None  # chalicelib.console_links.ConsoleLinks: link tokens' answers, cached briefly
 _SOURCES = {}  # crm name → CrmSource, filled on first use (tests may fill it first)
+_AMOCRM_SECRET = None  # (settings, chalicelib.amocrm_install.ClientSecret): our amoCRM app's client secret
 
 
 def get_store():
@@ -66,6 +67,10 @@ def get_queue():
 def get_metrika(integration):
     from chalicelib.metrika.client import MetrikaClient
     from chalicelib.metrika.governor import QuotaGovernor
+    if "metrika_token" not in integration:  # installed from the CRM, no counter connected yet
+        from chalicelib.errors import ApiError
+        raise ApiError(409, "metrika_not_connected", "this integration has no Metrika counter yet: PUT it with "
+                                                     "counter_id and metrika_token first")
     token = integration["metrika_token"]
     governor = QuotaGovernor(get_store(), token, daily_budget=get_settings().metrika_daily_budget,
                              stage=get_settings().stage)
@@ -76,9 +81,48 @@ def get_sources():
     if not _SOURCES:
         from chalicelib.crm.amocrm.source import AmoCrmSource
         from chalicelib.crm.bitrix24.source import Bitrix24Source
-        _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot, accounts=get_store())
-        _SOURCES["bitrix24"] = Bitrix24Source(get_store().reserve_slot)
+        _SOURCES["amocrm"] = AmoCrmSource(get_store().reserve_slot, accounts=get_store(), keeper=get_amocrm_keeper())
+        from chalicelib.bitrix24_app import keep_alive_for, tokens_for
+        # An installed application's calls take their access token from the TOKENS item (single writer).
+        _SOURCES["bitrix24"] = Bitrix24Source(
+            get_store().reserve_slot, tokens_for=lambda integration: tokens_for(get_bitrix24_app().keeper())(integration),
+            keep_alive=lambda integration: keep_alive_for(get_bitrix24_app().keeper())(integration))
     return _SOURCES
+
+
+def get_bitrix24_app():
+    from chalicelib.bitrix24_app import Bitrix24App
+    from chalicelib.crm.bitrix24.api import Bitrix24Client
+    from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
+    from chalicelib.bitrix24_app import client_secret
+    settings = get_settings()
+    oauth = Bitrix24OAuth(settings.bitrix24_oauth_url, settings.bitrix24_client_id,
+                          lambda: client_secret(settings))
+    return Bitrix24App(get_store(), get_queue(), oauth, allow_loopback=settings.allow_loopback_crm,
+                       client_for=lambda endpoint, auth: Bitrix24Client(endpoint, auth=auth))
+
+
+def get_amocrm_secret():
+    global _AMOCRM_SECRET
+    if _AMOCRM_SECRET is None or _AMOCRM_SECRET[0] is not get_settings():
+        from chalicelib.amocrm_install import ClientSecret
+        _AMOCRM_SECRET = (get_settings(), ClientSecret(get_settings()))
+    return _AMOCRM_SECRET[1]
+
+
+def get_amocrm_oauth():
+    from chalicelib.amocrm_install import oauth_for
+    return oauth_for(get_settings(), get_amocrm_secret())
+
+
+def get_amocrm_keeper():
+    """Installed amoCRM integrations' tokens (chalicelib/oauth.py); None where installs are not configured."""
+    from chalicelib.crm.amocrm.oauth import DUE
+    from chalicelib.oauth import TokenKeeper
+    settings = get_settings()
+    if not settings.amocrm_client_id or not settings.public_url:
+        return None
+    return TokenKeeper(get_store(), get_amocrm_oauth(), due=DUE, integrations=get_store())
 
 
 def get_admin_tokens():
@@ -286,10 +330,14 @@ def get_integration(integration_id):
 @app.route("/integrations/{integration_id}", methods=["DELETE"], authorizer=admin)
 @answers
 def delete_integration(integration_id):
+    from chalicelib.amocrm_install import remove_webhook
     from chalicelib.errors import not_found
+    keeper = get_amocrm_keeper()  # an installed amoCRM integration's webhook goes first (best effort)
+    removed = remove_webhook(get_store(), integration_id, keeper=keeper, oauth=keeper and get_amocrm_oauth(),
+                             public_url=get_settings().public_url)
     if not get_store().delete_integration(integration_id):
         raise not_found(f"integration {integration_id!r}")
-    return {"deleted": integration_id}
+    return {"deleted": integration_id, **removed}
 
 
 @app.route("/integrations/{integration_id}/status-mapping", methods=["GET"], authorizer=admin)
@@ -384,9 +432,13 @@ def integration_status(integration_id):
     from chalicelib.integrations import get_integration as read
     from chalicelib.operations import integration_status as status, webhook_health
     integration = read(get_store(), integration_id)
-    return status(get_store(), integration_id, requests_today=get_metrika(integration).governor.used_today(),
-                  webhook_health=webhook_health(get_sources(), integration_id, integration),
-                  backfill=get_backfill().status(integration_id)["backfill"])
+    from chalicelib.amocrm_install import token_status
+    extra = token_status(get_store(), integration_id, integration)
+    if "metrika_token" not in integration:  # installed, no Metrika counter connected yet
+        return {"integration_id": integration_id, **extra}
+    return {**status(get_store(), integration_id, requests_today=get_metrika(integration).governor.used_today(),
+                     webhook_health=webhook_health(get_sources(), integration_id, integration),
+                     backfill=get_backfill().status(integration_id)["backfill"]), **extra}
 
 
 @app.route("/integrations/{integration_id}/replay", methods=["POST"], authorizer=admin)
@@ -516,6 +568,58 @@ def bitrix24_webhook(integration_id):
     request = app.current_request
     return get_ingest().bitrix24(integration_id, request.raw_body, request.query_params or {})
 
+@app.route("/install/bitrix24", methods=["POST"], content_types=[FORM])
+@answers
+def install_bitrix24():
+    # Public: the install proves itself at our OAuth server before any write (chalicelib/bitrix24_app.py).
+    from chalicelib.bitrix24_app import handler_base
+    request = app.current_request
+    base = handler_base(request.headers, (request.context or {}).get("stage"), get_settings().public_url)
+    return get_bitrix24_app().install(request.raw_body, base)
+
+
+@app.route("/install/bitrix24/events", methods=["POST"], content_types=[FORM])
+@answers
+def bitrix24_app_event():
+    # ONAPPUNINSTALL / ONOFFLINEEVENT, verified by the portal's application_token.
+    request = app.current_request
+    if len(request.raw_body or b"") > 64 * 1024:
+        raise invalid("an application event is a few hundred bytes; this body is too large")
+    return get_bitrix24_app().event(request.raw_body)
+
+
+# Installing into amoCRM (OAuth): public, everything they take is verified (chalicelib/amocrm_install.py).
+@app.route("/install/amocrm", methods=["GET"])
+@answers
+def install_amocrm():
+    from chalicelib.amocrm_install import start_url
+    return Response(status_code=302, body="", headers={"Location": start_url(get_settings(), get_amocrm_secret(),
+                                                                              now=time.time())})
+
+
+@app.route("/oauth/amocrm", methods=["GET"])
+@answers
+def oauth_amocrm():
+    from chalicelib.amocrm_install import complete
+    from chalicelib.operations import default_mapping
+    settings = get_settings()
+    oauth = get_amocrm_oauth()
+    return complete(get_store(), oauth, app.current_request.query_params or {}, secret=get_amocrm_secret()(),
+                    client_id=settings.amocrm_client_id, public_url=settings.public_url, now=time.time(),
+                    propose=lambda integration_id: default_mapping(get_store(), get_sources(), integration_id))
+
+
+@app.route("/oauth/amocrm/disable", methods=["GET"])
+@answers
+def disable_amocrm():
+    from chalicelib.amocrm_install import disable
+    settings = get_settings()
+    if not settings.amocrm_client_id:
+        from chalicelib.amocrm_install import not_configured
+        raise not_configured("set AMOCRM_CLIENT_ID")
+    return disable(get_store(), app.current_request.query_params or {}, client_id=settings.amocrm_client_id,
+                   client_secret=get_amocrm_secret()(), now=time.time())
+
 # End of routes. Start of event handlers.
 
 
@@ -541,6 +645,13 @@ def reconcile_all(event):
 @app.schedule(Rate(int(os.environ.get("CONFIRM_MINUTES", "15")), unit=Rate.MINUTES))
 def confirm_uploads(event):
     return _fan_out("confirm_uploads", event)
+
+
+
+@app.schedule(Rate(1, unit=Rate.DAYS))
+def refresh_tokens(event):
+    # Installed integrations whose tokens sat idle for 30 days refresh them (chalicelib/schedules.py).
+    return _fan_out("refresh_tokens", event)
 
 # End of event handlers.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Union
@@ -101,6 +102,10 @@ class Accepted:
     contacts: list[dict]
     contacts_sent: int = 0
     orders_sent: int = 0
+    # The customers (`uniq_id`) whose complete row this delivery sent for the entity: only their contacts
+    # are worth noting as sent. Of a customer whose row Metrika already held, the delivery that sent that
+    # row (or the contact's own) noted it, and its record says Metrika holds it either way.
+    customers_sent: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,7 @@ class _Ready:
     noted: list[dict] = field(default_factory=list)  # for `Accepted.contacts`
     plans: dict[str, CustomerPlan] = field(default_factory=dict)  # its customers' plans, by uniq_id
     resend: bool = False  # `Pending.resend`
+    customers_sent: set[str] = field(default_factory=set)  # customers whose row this delivery sent
 
     def unsent(self, kind: str) -> list[dict]:
         rows = self.contacts if kind == CONTACT else self.orders
@@ -302,6 +308,16 @@ class _Ready:
         customers = {row_key(CONTACT, {"uniq_id": c}): "" for c in self.left}
         customers.update({row_key(CONTACT, {"uniq_id": c}): RESEND_PENDING if self.resend else "" for c in self.parts})
         return {**customers, **self.accepted}
+
+
+_COUNTER_LOCKS: dict[Any, threading.Lock] = {}
+_COUNTER_LOCKS_LOCK = threading.Lock()
+
+
+def counter_lock(counter_id: Any) -> threading.Lock:
+    """This process's lock for a counter's product list (`Sink.sync_products`)."""
+    with _COUNTER_LOCKS_LOCK:
+        return _COUNTER_LOCKS.setdefault(counter_id, threading.Lock())
 
 
 class Sink:
@@ -453,7 +469,8 @@ class Sink:
         if entity.notes is not None:  # replaces the last delivery's notes, so a corrected value clears them
             facts = {**(facts or {}), **entity.notes}
         return Accepted(entity.content_hash, entity.kept_hashes(), entity.uploading_id, last_order,
-                        facts, entity.noted, entity.contacts_sent, entity.orders_sent)
+                        facts, entity.noted, entity.contacts_sent, entity.orders_sent,
+                        frozenset(entity.customers_sent))
 
     def _upload(self, integration_id: str, integration: dict, ready: dict[EntityKey, _Ready], result: Delivery,
                 csv_kinds: set[str]) -> None:
@@ -501,6 +518,7 @@ class Sink:
                         entity.uploading_id = uploading_id
                         if kind == CONTACT:
                             entity.contacts_sent += 1
+                            entity.customers_sent.add(row["uniq_id"])
                         else:
                             entity.orders_sent += 1
                 if kind == CONTACT:  # accepted: now their sources may be recorded
@@ -551,13 +569,22 @@ class Sink:
         try:
             if missing and self._name_products is not None:
                 names.update(self._name_products(integration, missing))
-            listed = {**counter_products(self._store, integration_id, integration["counter_id"], own=own),
-                      **{p: (n or p)[:4096] for p, n in names.items()}}
-            self._metrika.save_products(integration["counter_id"],
-                                        [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
         except BridgeError as exc:
             log_event("product_sync_failed", integration_id=integration_id, products=len(unknown), error=exc.message[:300])
             return 0
-        self._store.put_products(integration_id, {p: listed[p] for p in unknown})
+        # Read the counter's list, send it, record ours: one sync per counter at a time in this process, or
+        # two integrations of the counter worked on side by side (chalicelib/worker.py) each send a list
+        # without the other's new products, and the one sent last drops them for good.
+        with counter_lock(integration["counter_id"]):
+            try:
+                listed = {**counter_products(self._store, integration_id, integration["counter_id"], own=own),
+                          **{p: (n or p)[:4096] for p, n in names.items()}}
+                self._metrika.save_products(integration["counter_id"],
+                                            [{"name": p, "humanized": n} for p, n in sorted(listed.items())])
+            except BridgeError as exc:
+                log_event("product_sync_failed", integration_id=integration_id, products=len(unknown),
+                          error=exc.message[:300])
+                return 0
+            self._store.put_products(integration_id, {p: listed[p] for p in unknown})
         log_event("product_sync", integration_id=integration_id, added=len(unknown), listed=len(listed))
         return len(unknown)

@@ -8,6 +8,7 @@ Every adapter maps its wire errors to these classes in one place (Metrika: `metr
   JSON). Carries `retry_after` (seconds, when the far side said) and `daily_quota` (wait for the
   quota's reset, not a failed attempt). Its kind `OutOfTime`: this invocation had no time left for the
   call, or cut it short (`chalicelib.deadline`) — not a failed attempt either; an admin route answers 504.
+  Its kind `Busy`: our own per-token slots were all taken for the whole wait — not a failed attempt.
 * `Permanent` — the far side refused this data (Metrika's 400 with `location`s naming the rows).
   Retrying the same data cannot help: the entity is parked with the reason.
 * `Misconfigured` — the integration cannot work until a person acts (token revoked, access denied,
@@ -72,6 +73,17 @@ class Transient(BridgeError):
 class OutOfTime(Transient):
     """The invocation's deadline (`chalicelib.deadline`) left no time for a call to `source`, or cut it
     short. The far side may be fine: retried later without counting an attempt."""
+
+    @property
+    def counts_attempt(self) -> bool:
+        return False
+
+
+class Busy(Transient):
+    """Our own limit on a far side's concurrency was full for the whole wait (the quota governor: every
+    one of a Metrika token's slots held by other requests of ours). Nothing about the entity or the far
+    side failed, and with many workers contention is routine: retried later without counting an attempt,
+    so no deal is parked for waiting its turn (a crashed holder's lease runs out, so the wait ends)."""
 
     @property
     def counts_attempt(self) -> bool:

@@ -26,12 +26,17 @@ from .crm import CrmSource, EntityRef, WebhookError
 from .errors import ApiError, BridgeError, Unavailable, http_error, invalid, not_found
 from .logs import log_event
 from .queue import INBOX, Queue, message
+from .store import CLAIM_GRACE_SECONDS
 
 RECONCILE_OVERLAP = 120  # seconds; the window overlaps the last run to absorb clock skew
 RECONCILE_FIRST_WINDOW = 24 * 3600  # a first run looks back one day
-# How long a queued message is trusted to reach a worker. Past it, the entity is queued again by the
-# next event or the sweep (a duplicate message costs one CRM read; the content hash stops a resend).
-QUEUE_LEASE_SECONDS = 900
+# How long a queued message is trusted to reach a worker and be worked on. Past it, the entity is queued
+# again by the next event or the sweep (a duplicate message costs one CRM read; the content hash stops a
+# resend). The worker reads an entity without a write (`StateStore.delivery_states`) and the lease stays
+# until the delivery closes it, so the lease is what keeps the sweep off a message a worker died on,
+# which SQS hides for the queue's visibility timeout before handing it out again: it lasts as long as the
+# claim grace (that visibility + one worker run; tests/test_deploy_config.py holds it to the timeouts).
+QUEUE_LEASE_SECONDS = CLAIM_GRACE_SECONDS
 # An event time more than this past our clock is not trusted (a time from the year 2100): it must not
 # make every real change after it look stale. Clocks a little ahead are normal and kept as they are.
 FUTURE_SKEW_SECONDS = 300
@@ -63,7 +68,7 @@ INBOX_BATCHES_PER_RUN = 2
 INBOX_SECONDS = 20
 # A batch still in the inbox this long after it was recorded lost its message (or its expansion keeps
 # failing): the reconciliation sweep queues it again.
-INBOX_GRACE_SECONDS = QUEUE_LEASE_SECONDS
+INBOX_GRACE_SECONDS = 900
 WEBHOOK_ORIGINS = ("amocrm", "bitrix24")
 # Recorded whole above INLINE_ENTITIES: webhooks (the CRM's deadline) and requeues from admin routes and
 # scheduled jobs (their Lambda's). Reconciliation, sweeps and inbox expansion record entity by entity.
@@ -174,6 +179,9 @@ class Ingest:
         if integration is not None and not _accepts(integration, crm, secret_matches):
             integration = self._read(integration_id)
         if integration is not None and _accepts(integration, crm, secret_matches):
+            if isinstance(integration.get("disabled"), dict):  # uninstalled in the CRM: said only to a holder of the secret
+                raise ApiError(410, "integration_disabled", f"integration {integration_id!r} was disabled in {crm}; "
+                                                            "install it again to resume")
             return integration["connection"]
         self._check_route(integration_id, crm, integration, raw, query)
         raise ApiError(403, "forbidden", FORBIDDEN)

@@ -203,7 +203,11 @@ class AmoCrmConnection(_Connection):
         unknown = RAISE
 
     base_url = _string(MAX_URL, _http_url, _no_path, required=True)
-    access_token = _secret()
+    access_token = _string(MAX_SECRET, _fullmatch(r"[\x21-\x7e]+", "must be printable ASCII without spaces"),
+                           load_only=True)
+    # "oauth": installed from amoCRM (chalicelib/amocrm_install.py); its tokens live apart (TokenStore),
+    # never here. Absent or "long_lived": the long-lived token above.
+    auth = fields.String(validate=validate.OneOf(("long_lived", "oauth")))
     # Compared with the webhook's account[id], which is checked the same way (crm/form.py `crm_id`).
     account_id = _string(19, _fullmatch(r"[0-9]{1,19}", "must be the numeric account id"))
     # Sent by amoCRM in the webhook URL's query: long enough not to be guessed.
@@ -215,6 +219,14 @@ class AmoCrmConnection(_Connection):
                                                           allow_loopback=self.allow_loopback)
         if problem:
             raise ValidationError({"base_url": [problem]})
+        if data.get("auth") == "oauth":
+            if "access_token" in data:
+                raise ValidationError({"access_token": ["an installed (OAuth) integration keeps its tokens apart: "
+                                                        "leave access_token out, or set auth to long_lived"]})
+            if "account_id" not in data:
+                raise ValidationError({"account_id": ["required for an installed (OAuth) integration"]})
+        elif "access_token" not in data:
+            raise ValidationError({"access_token": ["Missing data for required field."]})
 
 
 class Bitrix24Connection(_Connection):
@@ -228,8 +240,14 @@ class Bitrix24Connection(_Connection):
 
     webhook_url = _string(MAX_URL, _http_url, _fullmatch(r"https?://[^/]+/rest/[0-9]+/[^/]+/?",
                                                          "must look like https://<portal>/rest/<user id>/<code>/"),
-                          required=True, load_only=True)
+                          required=False, load_only=True)
     application_token = _secret()
+    # Set by the Bitrix24 application's install (chalicelib/bitrix24_app.py), never by hand: REST calls go
+    # to the portal's `client_endpoint` (as the OAuth server named it) with an OAuth access token kept in
+    # the integration's TOKENS item (chalicelib/oauth.py) instead of an incoming-webhook URL.
+    # "oauth": installed as the Bitrix24 application; absent or "webhook": the incoming webhook above.
+    auth = fields.String(validate=validate.OneOf(("webhook", "oauth")))
+    client_endpoint = _string(MAX_URL, _http_url)
     # Compared with the event's auth[member_id] / auth[domain] (crm/bitrix24/webhook.py).
     member_id = _string(MAX_ID, _fullmatch(r"[A-Za-z0-9_.-]+", "must be the portal's member id (Latin letters and digits)"))
     domain = _string(MAX_ID, _printable)
@@ -238,8 +256,20 @@ class Bitrix24Connection(_Connection):
 
     @validates_schema(skip_on_field_errors=False)
     def _endpoint(self, data: dict, **kwargs: Any) -> None:
-        if "webhook_url" not in data:
+        if data.get("auth") == "oauth":
+            if "webhook_url" in data:
+                raise ValidationError({"webhook_url": ["an application's integration calls its client_endpoint: "
+                                                       "leave webhook_url out"]})
+            for key in ("client_endpoint", "member_id"):
+                if key not in data:
+                    raise ValidationError({key: ["Missing data for required field."]})
+            problem = endpoint_problem(data["client_endpoint"], domains=BITRIX24_DOMAINS,
+                                       allow_loopback=self.allow_loopback)
+            if problem:
+                raise ValidationError({"client_endpoint": [problem]})
             return
+        if "webhook_url" not in data:
+            raise ValidationError({"webhook_url": ["Missing data for required field."]})
         problem = endpoint_problem(data["webhook_url"], domains=BITRIX24_DOMAINS,
                                    custom_domain=data.get("custom_domain") is True, allow_loopback=self.allow_loopback)
         if problem and problem.startswith(_NOT_LISTED):
@@ -401,9 +431,11 @@ def save_integration(store: Any, integration_id: str, body: Any,
     sent_prefix, body = body.get("id_prefix"), {k: v for k, v in body.items() if k != "id_prefix"}
     # Read-only too, so that GET → edit → PUT works: kept while the time zone stays the counter's.
     sent_source, body = body.get("timezone_source"), {k: v for k, v in body.items() if k != "timezone_source"}
+    body = {k: v for k, v in body.items() if k != "disabled"}  # read-only: set by the CRM's disable hook
     if sent_source not in (None, "counter"):
         raise invalid("integration config is invalid",
                       {"timezone_source": ["read-only: \"counter\" when the time zone was read from the counter"]})
+    body = installed_parts(body, store.get_integration(integration_id))
     if "connection" in body and not isinstance(body["connection"], dict):
         # Before carry-over touches it; the other fields are still checked, to name every problem at once.
         errors: dict = {}
@@ -448,10 +480,29 @@ def save_integration(store: Any, integration_id: str, body: Any,
         config["timezone"], config["timezone_source"] = time_zone, "counter"
     elif read_from_counter:
         config["timezone_source"] = "counter"  # a GET sent back as it was
+    if stored is not None and stored.get("disabled"):  # only a reinstall from the CRM enables it again
+        config["disabled"] = stored["disabled"]
     config.update(assigned_id_prefix(store, integration_id, config["counter_id"], sent_prefix))
     store.put_integration(integration_id, config)
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])
     return public_view(config)
+
+
+def installed_parts(body: dict, stored: dict | None) -> dict:
+    """An integration the Bitrix24 application installed keeps the install's connection (its portal and
+    client_endpoint, where its OAuth tokens go): a PUT may send it back as GET shows it, or leave it out,
+    but not change it. Otherwise an admin PUT could point the stored access token at another host; the
+    portal changes only by installing the application there. Anything else in the body is the caller's."""
+    stored_connection = (stored or {}).get("connection") or {}
+    if not stored or stored.get("crm") != "bitrix24" or stored_connection.get("auth") != "oauth":
+        return body
+    sent = body.get("connection")
+    shown = public_view(stored)["connection"]
+    if sent is not None and sent != shown and sent != stored_connection:
+        raise invalid("integration config is invalid", {"connection": [
+            "set by the Bitrix24 application's install: send it back as GET shows it or leave it out; to change "
+            "the portal, install the application there"]})
+    return {**body, "connection": dict(stored_connection)}
 
 
 def _check_shape(body: dict) -> None:

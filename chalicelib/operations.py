@@ -20,6 +20,10 @@ FAILED_SHOWN = 100
 DEAD_LETTERED_SHOWN = 20  # the status page's sample; the count covers them all
 INBOX_HORIZON = 366 * 86400  # every batch recorded before now + this: all of them, even with a skewed clock
 UPLOAD_STATUSES = ("SENT", "PASSED", "FAILED", "UNCONFIRMED")
+# The status page's window on upload history: the pending uploads (all of them) and the last this many
+# final ones. Reading them costs the same however long the integration has run (records expire: final
+# ones 30 days after confirmation, store.UPLOAD_RECORD_TTL; pending ones after store.PENDING_UPLOAD_TTL).
+UPLOADS_SHOWN = 50
 CONFIRM_PAGE = 1000  # last_uploadings' largest page
 # Pages read per confirmation at most: a run normally needs one; a missing upload costs more until it
 # is given up on (UNCONFIRMED), so a run never spends more than this of the daily budget.
@@ -39,7 +43,8 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
     failed = [e for e in entities if e.get("last_error") and not e.get("dirty")]
     dead = sorted((e for e in entities if e.get("dead_lettered_at")), key=lambda e: e["dead_lettered_at"])
     orders = [e.get("facts") or {} for e in entities if e["kind"] == "order" and (e.get("facts") or {}).get("order")]
-    uploads = store.uploads(integration_id)
+    pending = store.pending_uploads(integration_id)
+    recent = store.recent_uploads(integration_id, limit=UPLOADS_SHOWN)
 
     def share(flag: str) -> float | None:
         return round(sum(1 for f in orders if f.get(flag)) / len(orders), 3) if orders else None
@@ -65,11 +70,7 @@ def integration_status(store: Any, integration_id: str, *, requests_today: int |
         "share_with_phone": share("with_phone"),
         "share_with_email": share("with_email"),
         "orders_older_than_21_days": sum(1 for f in orders if f.get("late")),
-        "uploads": {status: sum(1 for u in uploads if u.get("status") == status) for status in UPLOAD_STATUSES},
-        # Confirmation (`confirm_uploads`): entities sent again because an upload of them failed, and
-        # uploads Metrika has not confirmed 6 h after they were sent.
-        "resent_after_failed_uploads": sum(u.get("resent") or 0 for u in uploads),
-        **_unconfirmed_over_6h(uploads, time.time() if now is None else now),
+        **upload_summary(pending, recent, time.time() if now is None else now),
         "webhook": webhook_health,
         "backfill": backfill,
         "products_listed": len(store.products(integration_id)),
@@ -155,7 +156,8 @@ def confirm_uploads(store: Any, metrika: Any, integration_id: str, integration: 
     lease, which the next event or the stuck sweep queues. A Metrika failure while reading the list
     raises (`BridgeError`) before anything is written."""
     now = time.time() if now is None else now
-    pending = {u["uploading_id"]: u for u in store.uploads(integration_id) if u.get("status") == "SENT"}
+    # Only the pending uploads: their number, not the integration's history, sets what this reads.
+    pending = {u["uploading_id"]: u for u in store.pending_uploads(integration_id) if u.get("status") == "SENT"}
     result = {"checked": len(pending), "passed": 0, "failed": 0, "resent": 0, "unconfirmed": 0, "pages": 0}
     found: dict[str, dict] = {}
     read_back_to: float | None = None
@@ -163,12 +165,14 @@ def confirm_uploads(store: Any, metrika: Any, integration_id: str, integration: 
         found, read_back_to, result["pages"] = _listed(metrika, integration["counter_id"], pending,
                                                        integration.get("timezone") or "UTC", page_size, max_pages)
     failed: dict[str, dict] = {}
+    settled: set[str] = set()
     for uploading_id, mine in pending.items():
         listed = found.get(uploading_id)
         if listed is not None:
             if listed.get("api_validation_status") == "PASSED" and _count(listed) == mine["rows"]:
                 store.confirm_upload(integration_id, uploading_id, "PASSED", _count(listed))
                 result["passed"] += 1
+                settled.add(uploading_id)
             else:
                 failed[uploading_id] = listed
             continue
@@ -177,11 +181,15 @@ def confirm_uploads(store: Any, metrika: Any, integration_id: str, integration: 
         if age > UNCONFIRMED_AFTER and (looked_past or age > GIVE_UP_AFTER):
             store.confirm_upload(integration_id, uploading_id, "UNCONFIRMED", None)
             result["unconfirmed"] += 1
+            settled.add(uploading_id)
     if failed:
         result["resent"] = _send_again(store, requeue, integration_id, failed)
         result["failed"] = len(failed)
+        settled |= set(failed)
     log_event("uploads_confirmed", integration_id=integration_id, **result)
-    return {**result, **_unconfirmed_over_6h(store.uploads(integration_id), now)}
+    # Still pending as read above (no second read of them), and the last final ones.
+    waiting = [u for uploading_id, u in pending.items() if uploading_id not in settled]
+    return {**result, **_unconfirmed_over_6h(waiting + store.recent_uploads(integration_id, limit=UPLOADS_SHOWN), now)}
 
 
 def _send_again(store: Any, requeue: Callable[[str, list[EntityRef]], dict], integration_id: str,
@@ -272,6 +280,26 @@ def next_offset(value: str) -> str | None:
         return (datetime.strptime(value, LISTING_FORMAT) + timedelta(seconds=1)).strftime(LISTING_FORMAT)
     except (ValueError, OverflowError):
         return None
+
+
+def upload_summary(pending: list[dict], recent: list[dict], now: float) -> dict:
+    """The status page's part on uploads, from every pending upload and the last UPLOADS_SHOWN final ones
+    (`recent`, newest first): `uploads` counts SENT over all pending and the final statuses over those
+    last ones; `recent_uploads` lists the last UPLOADS_SHOWN sent, pending or final, newest first;
+    `resent_after_failed_uploads` (entities sent again because an upload of them failed) and
+    `unconfirmed_over_6h` / `oldest_unconfirmed` (uploads Metrika has not confirmed 6 h after they were
+    sent: every pending one, or given up on among the last) count over the same."""
+    counts = {status: sum(1 for u in recent if u.get("status") == status) for status in UPLOAD_STATUSES}
+    counts["SENT"] = len(pending)
+    shown = sorted([*pending, *recent], key=lambda u: (u.get("sent_at") or 0, u["uploading_id"]), reverse=True)
+    return {
+        "uploads": counts,
+        "uploads_window": UPLOADS_SHOWN,
+        "recent_uploads": [{k: u[k] for k in ("uploading_id", "kind", "rows", "status", "sent_at", "confirmed_at",
+                                              "elements_count", "resent") if k in u} for u in shown[:UPLOADS_SHOWN]],
+        "resent_after_failed_uploads": sum(u.get("resent") or 0 for u in recent),
+        **_unconfirmed_over_6h([*pending, *recent], now),
+    }
 
 
 def _unconfirmed_over_6h(uploads: list[dict], now: float) -> dict:

@@ -23,6 +23,8 @@ BACKFILL = "backfill"  # message kind of a history-import step (its `crm_id` is 
 INBOX = "inbox"  # message kind of a large webhook body's batch of refs (its `crm_id` is the batch id)
 RECONCILE = "reconcile"  # a scheduled reconciliation of one integration (its `crm_id` is the run id)
 CONFIRM = "confirm"  # a scheduled confirmation of one integration's uploads (its `crm_id` is the run id)
+REFRESH = "refresh"  # a scheduled OAuth token refresh of one idle installed integration (`crm_id`: the run id)
+DRAIN = "drain"  # a drain of a Bitrix24 application's offline-event queue (its `crm_id` is when it was queued)
 MAX_SQS_BATCH = 10  # SendMessageBatch takes at most 10 entries
 MAX_DELAY_SECONDS = 900  # SQS's own limit for DelaySeconds
 # Receives of one message before SQS moves it to the dead-letter queue (the events queue's redrive

@@ -30,10 +30,12 @@ from typing import Any, Callable
 
 from .errors import BridgeError
 from .logs import log_event
-from .queue import CONFIRM, RECONCILE, Queue, message
+from .queue import CONFIRM, DRAIN, RECONCILE, REFRESH, Queue, message
 
 # The schedules' message kinds, by the Chalice handler that queues them.
-JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM}
+JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM,
+        # daily: installed (OAuth) integrations refresh a token idle for 30 days (`CrmSource.keep_alive`)
+        "refresh_tokens": REFRESH}
 # Seconds of outbound calls a job needs to be started in the worker (its `deadline.has`): reconciliation
 # lists the deals changed since the last run (one to a few CRM pages, each answered within seconds) and
 # records them (one write each); confirmation waits for a Metrika slot (at most the governor's 30 s) and
@@ -41,20 +43,29 @@ JOBS = {"reconcile_all": RECONCILE, "confirm_uploads": CONFIRM}
 JOB_SECONDS = 60
 # A run id is Unix seconds; anything else (hand-made, absurd) is not compared with the cursors and runs.
 _MAX_RUN_ID = 2**40
+# The oldest event time a real run can carry: Lambda retries an asynchronous invocation (a schedule's)
+# for at most 6 hours ("MaximumEventAgeInSeconds", 60-21600: https://docs.aws.amazon.com/lambda/latest/api/API_FunctionEventInvokeConfig.html),
+# plus a margin for clock skew. An older time is a sample event run by hand (the Lambda console's
+# scheduled-event template says 1970-01-01T00:00:00Z): compared with the cursors it would skip every
+# integration that ever ran the job, so such a run runs as of now.
+MAX_EVENT_AGE = 6 * 3600 + 300
 
 
 def run_id(scheduled: Any, *, now: float) -> str:
     """The run id for a schedule's event time (`CloudWatchEvent.time`, ISO 8601 UTC such as
     "2026-09-21T10:00:00Z": "Amazon EventBridge events", field `time`,
     https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-events-structure.html). An event without
-    a readable time (an invocation by hand) runs as of `now`."""
+    a readable time, or one older than any retry of a real run (MAX_EVENT_AGE: a sample event run by
+    hand), runs as of `now`."""
     if isinstance(scheduled, str) and len(scheduled) <= 40:
         try:
             parsed = datetime.fromisoformat(scheduled.replace("Z", "+00:00"))
         except ValueError:
             parsed = None
         if parsed is not None:
-            return str(int((parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()))
+            seconds = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp())
+            if seconds >= now - MAX_EVENT_AGE:
+                return str(seconds)
     return str(int(now))
 
 
@@ -90,11 +101,31 @@ class Jobs:
 
     def run(self, kind: str, integration_id: str, run: str) -> dict:
         from .ingest import Ingest  # the worker imports this module; the ingest path only for a job
-        if kind not in (RECONCILE, CONFIRM):
+        if kind not in (RECONCILE, CONFIRM, DRAIN, REFRESH):
             raise ValueError(f"no scheduled job of kind {kind!r}")
         integration = self._store.get_integration(integration_id)
         if integration is None:
             return {"skipped": "integration deleted"}
+        from .amocrm_install import unusable
+        stopped = unusable(integration, integration_id)
+        if stopped and kind != REFRESH:  # disabled, or no Metrika counter yet: nothing to reconcile or confirm
+            return {"skipped": stopped}
+        if kind == REFRESH:  # no cursor: keep_alive itself refreshes only a token idle long enough
+            source = self._sources.get(integration["crm"])
+            if not hasattr(source, "keep_alive") or (integration.get("connection") or {}).get("auth") != "oauth":
+                return {"skipped": "not an installed (OAuth) integration"}
+            if isinstance(integration.get("disabled"), dict):
+                return {"skipped": "disabled"}
+            return {"refreshed": source.keep_alive(integration)}
+        if kind == DRAIN or (kind == RECONCILE and _is_application(integration)):
+            # A Bitrix24 application's offline-event queue: drained on a nudge (ONOFFLINEEVENT) and with
+            # every reconciliation (its schedule, RECONCILE_MINUTES), before it. Every drain runs (no
+            # cursor): an empty queue costs one call.
+            from .bitrix24_app import drain
+            drained = drain(self._store, self._queue, self._sources.get("bitrix24"), integration_id, integration,
+                            clock=self._clock)
+            if kind == DRAIN:
+                return drained
         scheduled = scheduled_at(run)
         if scheduled is not None:
             last = self._store.get_cursor(integration_id, kind)
@@ -113,6 +144,10 @@ class Jobs:
         if result.get("pages"):  # Metrika was read: a duplicate of this run need not read it again
             self._store.put_cursor(integration_id, CONFIRM, started)
         return result
+
+
+def _is_application(integration: dict) -> bool:
+    return integration.get("crm") == "bitrix24" and (integration.get("connection") or {}).get("auth") == "oauth"
 
 
 def job_failed(kind: str, integration_id: str, exc: Exception) -> None:

@@ -34,6 +34,30 @@ class Settings:
     # CRM URLs may point at loopback (http:// included): the local stack's and the tests' sandboxes.
     # Off unless ALLOW_LOOPBACK_CRM=1; never set in `.chalice/config.json` (tests/test_deploy_config.py).
     allow_loopback_crm: bool = False
+    # amoCRM external integration (OAuth, chalicelib/amocrm_install.py). The client id in the stage's
+    # environment; the client secret in SSM (`amocrm_client_secret_parameter`), or AMOCRM_CLIENT_SECRET for
+    # the local stack and tests. `public_url`: this API's base URL (redirect URI and webhook destinations).
+    amocrm_client_id: str | None = None
+    amocrm_client_secret: str | None = None
+    amocrm_client_secret_parameter: str | None = None
+    amocrm_auth_url: str = "https://www.amocrm.ru/oauth"
+    # Exact host:port names an install's `referer` may name over http: the amoCRM sandbox only.
+    amocrm_sandbox_hosts: tuple[str, ...] = ()
+    # This API's base URL (e.g. https://abc.execute-api.eu-central-1.amazonaws.com/api): amoCRM's redirect
+    # URI and webhooks, and the handlers the Bitrix24 application binds (absent there: the install
+    # request's Host).
+    public_url: str | None = None
+    # The Bitrix24 application (chalicelib/bitrix24_app.py). The OAuth server every refresh goes to (the
+    # client secret and refresh tokens go nowhere else): the vendor's documented default, or the sandbox.
+    bitrix24_oauth_url: str = "https://oauth.bitrix.info"
+    bitrix24_client_id: str = ""
+    # The client secret: BITRIX24_CLIENT_SECRET (the local stack, tests), else the SSM SecureString
+    # `/metrika-crm-bridge/<stage>/bitrix24-client-secret`, read on first use.
+    bitrix24_client_secret: str | None = None
+
+    @property
+    def bitrix24_client_secret_parameter(self) -> str:
+        return f"/{APP_NAME}/{self.stage}/bitrix24-client-secret"
 
     @property
     def dead_letter_queue(self) -> str:
@@ -64,6 +88,16 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         upload_row_limit=int(env.get("UPLOAD_ROW_LIMIT", "1000")),
         metrika_daily_budget=int(env.get("METRIKA_DAILY_BUDGET", "5000")),
         allow_loopback_crm=env.get("ALLOW_LOOPBACK_CRM", "") == "1",
+        amocrm_client_id=env.get("AMOCRM_CLIENT_ID") or None,
+        amocrm_client_secret=env.get("AMOCRM_CLIENT_SECRET") or None,
+        amocrm_client_secret_parameter=env.get("AMOCRM_CLIENT_SECRET_PARAMETER",
+                                               f"/{APP_NAME}/{stage}/amocrm-client-secret") or None,
+        amocrm_auth_url=env.get("AMOCRM_AUTH_URL", "https://www.amocrm.ru/oauth"),
+        amocrm_sandbox_hosts=tuple(h.strip().lower() for h in env.get("AMOCRM_SANDBOX_HOSTS", "").split(",") if h.strip()),
+        bitrix24_oauth_url=(env.get("BITRIX24_OAUTH_URL") or "https://oauth.bitrix.info").rstrip("/"),
+        bitrix24_client_id=env.get("BITRIX24_CLIENT_ID", ""),
+        bitrix24_client_secret=env.get("BITRIX24_CLIENT_SECRET") or None,
+        public_url=(env.get("PUBLIC_URL") or "").rstrip("/") or None,
     )
 
 

@@ -1,4 +1,4 @@
-"""Queue batch → group by integration (isolated) → claim → CRM snapshot → delivery sink → state.
+"""Queue batch → group by integration (isolated) → read (claim if redelivered) → CRM → delivery sink → state.
 
 Chalice's `on_sqs_message` has no partial batch response, so a raised exception fails every message
 of the batch — up to 100, of every integration. The worker therefore isolates each integration's
@@ -47,8 +47,8 @@ from .delivery import (BATCH_HARDER_SECONDS, Accepted, Parked, Pending, Sink, co
                        row_hash, row_key)
 from .errors import BridgeError, OutOfTime, Transient, Unavailable
 from .logs import log_event
-from .ingest import expand_inbox
-from .queue import BACKFILL, CONFIRM, INBOX, MAX_DELAY_SECONDS, RECONCILE, Queue, Received, message
+from .ingest import QUEUE_LEASE_SECONDS, expand_inbox
+from .queue import BACKFILL, CONFIRM, DRAIN, INBOX, MAX_DELAY_SECONDS, RECONCILE, REFRESH, Queue, Received, message
 from .schedules import JOB_SECONDS, Jobs, job_failed, scheduled_at
 
 DELETED_DEAL_STATUS = "CANCELLED"
@@ -63,14 +63,20 @@ RESERVE_SECONDS = 10
 # seconds; ~5 s each) and the claim and state writes (~1 s for 100 entities) ≈ 50 s, rounded up. A
 # group started with less is cut short (retried without an attempt counted), which wastes its CRM read.
 GROUP_SECONDS = 60
-# A retry message's lease lasts its delay plus this margin (see ingest.QUEUE_LEASE_SECONDS).
-RETRY_LEASE_MARGIN = 900
+# A retry message's lease lasts its delay plus this margin: like a first message's (ingest.QUEUE_LEASE_SECONDS),
+# long enough for the message's hidden time after a receive, as no claim marks the receive.
+RETRY_LEASE_MARGIN = QUEUE_LEASE_SECONDS
+# Marks a state the worker claimed (`_read_states`) rather than read: it closes by the lease, not `seq`.
+CLAIMED = "_claimed"
 # Integrations of one batch worked on at once. A group spends most of its time waiting on the CRM and
 # Metrika, so threads overlap those waits; each group may itself write WRITERS items at a time
 # (`chalicelib.parallel`), which the DynamoDB client's connection pool is sized for (`app.get_store`).
 # Eight fill a batch's usual spread (100 messages over a few dozen integrations) in a few rounds while
 # a Metrika token's 3 slots and a CRM account's rate stay with the governor and the limiter.
 WORKER_THREADS = 8
+# A scheduled job cut short after starting with at least this many seconds of calls had all an invocation
+# gives (300 s less the reserve and what a batch's first groups take): another try would fare no better.
+JOB_HAD_ALL = 4 * JOB_SECONDS
 
 
 @dataclass
@@ -107,6 +113,7 @@ class Worker:
         self._sources, self._row_limit, self._retry_limit = sources, row_limit, retry_limit
         self._retry_base, self._batch_harder_seconds, self._clock = retry_base, batch_harder_seconds, clock
         self._backfill_for, self._threads = backfill_for, max(1, int(threads))
+        self._local = threading.local()  # per thread: entities a delivery could not close (`_supersede`)
         self._jobs = Jobs(store, queue, metrika_for, sources, clock=clock)
 
     def handle(self, messages: Iterable[str | Received]) -> Report:
@@ -120,6 +127,7 @@ class Worker:
         steps: list[dict] = []
         inbox: list[tuple[str, str]] = []
         last: dict[tuple[str, str, str], None] = {}
+        redelivered: set[tuple[str, str, str]] = set()  # entities whose message SQS handed out again
         for delivered in messages:
             received = delivered if isinstance(delivered, Received) else Received(delivered)
             try:
@@ -136,12 +144,14 @@ class Worker:
             elif kind == INBOX:
                 # The batch stays in the inbox until expanded: the reconciliation sweep queues it again.
                 inbox.append((integration_id, crm_id))
-            elif kind in (RECONCILE, CONFIRM):
+            elif kind in (RECONCILE, CONFIRM, DRAIN, REFRESH):
                 # A job names no entity: nothing to flag on a last receive; the next run does it anyway.
                 runs = jobs.setdefault(integration_id, {})
                 runs[kind] = max(runs.get(kind, crm_id), crm_id, key=lambda run: scheduled_at(run) or 0)
             else:
                 groups.setdefault(integration_id, {})[(kind, crm_id)] = None
+                if received.receive_count > 1:
+                    redelivered.add((integration_id, kind, crm_id))
                 if received.last_receive:
                     last[(integration_id, kind, crm_id)] = None
         # Entities flagged in this batch: a message of theirs queued again unworked takes its flag along.
@@ -153,7 +163,7 @@ class Worker:
             report.postponed += expansion["postponed"]
         self._each_integration([(integration_id, list(groups.get(integration_id, ())), jobs.get(integration_id, {}))
                                 for integration_id in dict.fromkeys([*groups, *jobs])], report,
-                                flagged=flagged)
+                                flagged=flagged, redelivered=redelivered)
         for index, step in enumerate(steps):
             if not deadline.has(STEP_START_SECONDS):
                 self._postpone([message(str(s["integration_id"]), BACKFILL, str(s["crm_id"])) for s in steps[index:]],
@@ -163,14 +173,15 @@ class Worker:
         return report
 
     def _each_integration(self, work: list[tuple[str, list[tuple[str, str]], dict[str, str]]], report: Report, *,
-                         flagged: set[tuple[str, str, str]] = frozenset()) -> None:
+                         flagged: set[tuple[str, str, str]] = frozenset(),
+                         redelivered: set[tuple[str, str, str]] = frozenset()) -> None:
         """Each integration's task (`_integration`), up to `threads` at once, each in a copy of this
         context (the invocation's deadline). Then their reports are summed and the messages they did
         not start are queued again in one go. `Unavailable` in any task stops tasks from starting and,
         once the running ones are done, fails the batch (SQS redelivers all of it; what was delivered
         is skipped as clean); nothing else leaves a task."""
         if self._threads == 1 or len(work) <= 1:
-            outcomes = [self._integration(*unit, flagged=flagged) for unit in work]
+            outcomes = [self._integration(*unit, flagged=flagged, redelivered=redelivered) for unit in work]
         else:
             stop = threading.Event()
 
@@ -178,7 +189,7 @@ class Worker:
                 if stop.is_set():
                     return None
                 try:
-                    return self._integration(*unit, flagged=flagged)
+                    return self._integration(*unit, flagged=flagged, redelivered=redelivered)
                 except BaseException:
                     stop.set()
                     raise
@@ -198,15 +209,16 @@ class Worker:
             self._postpone(later, "integration groups and jobs", units, report, flagged=flagged)
 
     def _integration(self, integration_id: str, keys: list[tuple[str, str]],
-                     jobs: dict[str, str], *, flagged: set[tuple[str, str, str]] = frozenset()
-                     ) -> tuple[Report, list[dict], int]:
+                     jobs: dict[str, str], *, flagged: set[tuple[str, str, str]] = frozenset(),
+                     redelivered: set[tuple[str, str, str]] = frozenset()) -> tuple[Report, list[dict], int]:
         """One integration's part of the batch, with its own report: its entities' delivery, then its
         scheduled jobs, each started only with its time left (else returned, to be queued again as it
         came). Returns (report, messages not started, units of work not started)."""
         report, later, units = Report(), [], 0
         if keys:
             if deadline.has(GROUP_SECONDS):
-                self._isolated(integration_id, keys, report, flagged=flagged)
+                self._isolated(integration_id, keys, report, flagged=flagged,
+                               redelivered={(k, c) for i, k, c in redelivered if i == integration_id})
             else:
                 later += [message(integration_id, kind, crm_id) for kind, crm_id in keys]
                 units += 1
@@ -219,14 +231,22 @@ class Worker:
 
     def _job(self, kind: str, integration_id: str, run: str, report: Report) -> bool:
         """A scheduled job, isolated: `Unavailable` fails the batch; a job the deadline cut short
-        returns False (queued again as it came: both jobs may run twice); anything else is logged and
-        left to the next run."""
+        returns False (queued again as it came: both jobs may run twice) — unless it had most of an
+        invocation (JOB_HAD_ALL seconds) and still did not finish: queued again at once it would loop
+        from batch to batch for ever (its cursor never moves), so it waits for the next schedule,
+        logged (`job_timed_out`); anything else is logged and left to the next run."""
+        started_with = deadline.usable()
         try:
             result = self._jobs.run(kind, integration_id, run)
         except Unavailable:
             raise
         except OutOfTime:
-            return False
+            if started_with is None or started_with < JOB_HAD_ALL:
+                return False
+            report.failed_jobs += 1
+            log_event("job_timed_out", kind=kind, integration_id=integration_id, run=run,
+                      seconds=round(started_with, 1))
+            return True
         except Exception as exc:  # noqa: BLE001 — one integration's job must not fail the batch
             report.failed_jobs += 1
             job_failed(kind, integration_id, exc)
@@ -281,12 +301,13 @@ class Worker:
     # --- one integration's entities -----------------------------------------------------------------
 
     def _isolated(self, integration_id: str, keys: list[tuple[str, str]], report: Report, *,
-                  flagged: set[tuple[str, str, str]] = frozenset()) -> None:
+                  flagged: set[tuple[str, str, str]] = frozenset(),
+                  redelivered: set[tuple[str, str]] = frozenset()) -> None:
         """Deliver one integration's entities; whatever that raises stays here. A group that crashes is
         tried again one entity at a time, so one poison entity (a record the translation chokes on)
         holds up only itself; each entity that still crashes is retried with backoff, then parked."""
         try:
-            self._deliver(integration_id, keys, report)
+            self._deliver(integration_id, keys, report, redelivered=redelivered)
             return
         except Unavailable:
             raise
@@ -302,19 +323,51 @@ class Worker:
                 self._postpone([message(integration_id, *k) for k in keys[index:]], "entities of a crashed group",
                                len(keys) - index, report, flagged=flagged)
                 return
-            self._isolated(integration_id, [key], report, flagged=flagged)
+            self._isolated(integration_id, [key], report, flagged=flagged, redelivered=redelivered)
 
-    def _deliver(self, integration_id: str, keys: list[tuple[str, str]], report: Report) -> None:
+    def _deliver(self, integration_id: str, keys: list[tuple[str, str]], report: Report, *,
+                 redelivered: set[tuple[str, str]] = frozenset()) -> None:
         integration = self._store.get_integration(integration_id)
         if integration is None:
             log_event("delivery_dropped", integration_id=integration_id, reason="integration deleted")
             return
-        claimed: dict[tuple[str, str], dict] = {}
-        for kind, crm_id in keys:
-            state = self._store.claim(integration_id, kind, crm_id)
-            if state is not None and state.get("dirty"):
-                claimed[(kind, crm_id)] = state
+        claimed = self._read_states(integration_id, keys, redelivered)
         if not claimed:
+            return
+        try:
+            self._deliver_read(integration_id, integration, claimed, report)
+        finally:
+            if self._superseded:
+                self._requeue_superseded(integration_id, report)
+
+    def _read_states(self, integration_id: str, keys: list[tuple[str, str]],
+                     redelivered: set[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        """The dirty entities of `keys`, as read for delivery. A first receive only reads them (one bulk
+        read, no write): each entity's queue lease stays until the delivery closes it (`mark_clean`
+        with the `seq` read), so an event meanwhile queues nothing and the delivery queues it again
+        when it cannot close (`_requeue_superseded`). The lease (QUEUE_LEASE_SECONDS) outlasts the
+        message's hidden time after a receive, so the stuck sweep leaves a message a worker died on to
+        SQS. Claimed instead (one write; closed as claimed, by the lease, `CLAIMED`): an entity whose
+        message SQS hands out again (`claimed_at`: the sweep leaves it alone for its next hidden time
+        too), and a dirty one without `seq`, recorded by the code before it (during a deploy, a webhook
+        of that code counts no `seq`, but takes the lease a claim dropped)."""
+        states = self._store.delivery_states(integration_id, [k for k in keys if k not in redelivered])
+        for key in keys:
+            if key in redelivered or (key in states and states[key].get("dirty") and not states[key].get("seq")):
+                state = self._store.claim(integration_id, *key)
+                if state is None:
+                    states.pop(key, None)
+                else:
+                    states[key] = {**state, CLAIMED: True}
+        return {key: states[key] for key in keys if key in states and states[key].get("dirty")}
+
+    def _deliver_read(self, integration_id: str, integration: dict, claimed: dict[tuple[str, str], dict],
+                      report: Report) -> None:
+        from .amocrm_install import unusable
+        stopped = unusable(integration, integration_id)
+        if stopped:  # disabled in the CRM, or installed without a Metrika counter yet: a person must act
+            for key, state in claimed.items():
+                self._park(integration_id, key, state, {"kind": "misconfigured", "message": stopped}, report)
             return
         source = self._sources.get(integration["crm"])
         if source is None:
@@ -372,9 +425,9 @@ class Worker:
                 self._finish(integration_id, key, state, outcome.content_hash, outcome.row_hashes,
                              outcome.uploading_id or state.get("uploading_id"),
                              outcome.last_order or state.get("last_order"), outcome.facts, report)
-                if key[0] == ORDER and sent:
+                if key[0] == ORDER and outcome.customers_sent:
                     customers.update({crm_contact_id(c["uniq_id"]): row_hash(CONTACT, c) for c in outcome.contacts
-                                      if is_crm_contact(c["uniq_id"])})
+                                      if is_crm_contact(c["uniq_id"]) and c["uniq_id"] in outcome.customers_sent})
             elif isinstance(outcome, Parked):
                 self._park(integration_id, key, state, outcome.error, report)
             else:
@@ -384,8 +437,9 @@ class Worker:
             first = next(iter(outcomes.values()))
             self._retry(integration_id, {k: claimed[k] for k in outcomes}, first.error, report, after=after,
                         count_attempt=count_attempt, row_hashes={k: o.row_hashes for k, o in outcomes.items()})
-        # The deals' customers went up too: a history import or an unchanged contact webhook need not
-        # send them again.
+        # The deals' customers whose rows went up now: a history import or an unchanged contact webhook
+        # need not send them again. A customer whose row Metrika already held is left as it is (noted
+        # when its row went up): the write would repeat what is stored, on every update of the deal.
         if customers:
             self._store.note_contacts_sent(integration_id, customers)
 
@@ -394,14 +448,41 @@ class Worker:
                 report: Report) -> None:
         if not self._store.mark_clean(integration_id, *key, event_time=state["event_time"], content_hash=content_hash,
                                       row_hashes=row_hashes, uploading_id=uploading_id, last_order=last_order,
-                                      facts=facts):
-            report.superseded += 1  # a newer event arrived and queued its own message
+                                      facts=facts, version=closing_version(state)):
+            self._supersede(key, state, report)
 
     def _park(self, integration_id: str, key: tuple[str, str], state: dict, error: dict, report: Report) -> None:
         report.parked += 1
-        self._store.mark_failed(integration_id, *key, event_time=state["event_time"], error=error)
+        if not self._store.mark_failed(integration_id, *key, event_time=state["event_time"], error=error,
+                                       version=closing_version(state)):
+            self._supersede(key, state, report)
         log_event("entity_parked", integration_id=integration_id, kind=key[0], crm_id=key[1],
                   reason=str(error.get("message"))[:300])
+
+    @property
+    def _superseded(self) -> dict[tuple[str, str], dict]:
+        """Entities this thread's delivery could not close, with the state it read (one integration's
+        group runs on one thread)."""
+        local = self._local.__dict__
+        return local.setdefault("superseded", {})
+
+    def _supersede(self, key: tuple[str, str], state: dict, report: Report) -> None:
+        report.superseded += 1  # something was recorded since the read: queued again below
+        self._superseded[key] = state
+
+    def _requeue_superseded(self, integration_id: str, report: Report) -> None:
+        """Entities recorded meanwhile (an event, a resend, an import's hold) while this delivery held
+        their lease: whoever recorded saw the lease and queued nothing, so the delivery queues them
+        again, with the lease renewed, unless someone took a new lease since (and so queued a message
+        of their own). Should this process die before the send, the renewed lease runs out and the stuck
+        sweep queues them, and SQS hands the message being worked on out again anyway."""
+        pending, self._local.superseded = self._superseded, {}
+        until = self._clock() + QUEUE_LEASE_SECONDS
+        again = [key for key, state in pending.items()
+                 if self._store.renew_queue_lease(integration_id, *key, seen=state.get("queued_until"), until=until)]
+        if again:
+            self._queue.send([message(integration_id, *key) for key in again])
+            log_event("requeued_superseded", integration_id=integration_id, entities=len(again))
 
     def _retry(self, integration_id: str, states: dict[tuple[str, str], dict], error: dict, report: Report, *,
                after: float | None = None, count_attempt: bool = True,
@@ -441,6 +522,8 @@ class Worker:
                     states[(kind, crm_id)] = state
             if states:
                 self._retry(integration_id, states, error, report)
+            if self._superseded:  # parked past the retry limit, but recorded since the read
+                self._requeue_superseded(integration_id, report)
         except Unavailable:
             raise
         except Exception:  # noqa: BLE001 — the same fault again: the entities stay dirty, the sweep finds them
@@ -470,6 +553,12 @@ class Worker:
                 log_event("backfill_requeue_failed", integration_id=item["integration_id"],
                           traceback=traceback.format_exc(limit=8))
         report.backfill_steps += 1
+
+
+def closing_version(state: dict) -> int | None:
+    """`mark_clean`'s `version` for a state as the worker took it: the `seq` read (0: none), or None for a
+    claimed one (closed if no lease was taken since the claim)."""
+    return None if state.get(CLAIMED) else int(state.get("seq") or 0)
 
 
 def sent_hashes(state: dict) -> dict[str, str]:

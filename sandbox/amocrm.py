@@ -21,12 +21,28 @@ registered destination, as amoCRM does: `POST /_sandbox/leads`, `PATCH|DELETE /_
 path contains `paths`; `maintenance`: every
 API call answered 200 with an HTML maintenance page instead of JSON, as amoCRM does during works).
 
+OAuth 2.0 as an external integration sees it ("Авторизация OAuth 2.0. Пример по шагам",
+https://www.amocrm.ru/developers/content/oauth/step-by-step): `POST /_sandbox/integration`
+(`client_id`, `client_secret`, `redirect_uri`, `disable_url`: our app as registered in amoMarket);
+`GET /oauth?client_id&state` stands for the user's consent: it redirects to the registered redirect URI
+with `code`, `state`, `referer` (this sandbox's host:port, as amoCRM sends the account's host) and
+`client_id`. `POST /oauth2/access_token` takes `authorization_code` (a code lives 20 minutes, once) and
+`refresh_token` (single use: the second use is 401 "Token has been revoked"); access tokens live 24 h,
+refresh tokens 3 months, by the sandbox's clock (`POST /_sandbox/clock {"advance": s}`). API calls take
+an OAuth access token like the long-lived one; an expired or revoked one is 401. `DELETE /api/v4/webhooks`
+(`{"destination"}`) unregisters. `POST /_sandbox/uninstall` revokes the integration's tokens and calls its
+disable hook (`GET disable_url?account_id&client_uuid&signature`, signature = HMAC-SHA256 of
+"client_uuid|account_id" keyed by the client secret).
+
     python -m sandbox.amocrm --port 8002 --token demo-token   (seeded with a demo account)
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import random
+import secrets
 import threading
 import time
 from collections import deque
@@ -83,6 +99,7 @@ class AmoCrmSandbox(SandboxServer):
             ("GET", api + r"/catalogs", self._catalogs),
             ("GET", api + r"/webhooks", self._list_webhooks),
             ("POST", api + r"/webhooks", self._add_webhook),
+            ("DELETE", api + r"/webhooks", self._delete_webhook),
         ]:
             self.route(method, pattern, self._guarded(handler))
         self.route("GET", r"/_sandbox/state", lambda r: Reply(200, self.state()))
@@ -96,6 +113,18 @@ class AmoCrmSandbox(SandboxServer):
                    lambda r: Reply(200, self.update_contact(int(r.match["id"]), **r.json())))
         self.route("POST", r"/_sandbox/faults", lambda r: (self.set_faults(**r.json()), Reply(200, {"success": True}))[1])
         self.route("PATCH", r"/_sandbox/account", lambda r: Reply(200, self.set_account(**r.json())))
+        self.route("POST", r"/_sandbox/integration", lambda r: Reply(200, self.register_integration(**r.json())))
+        self.route("POST", r"/_sandbox/clock", lambda r: Reply(200, {"now": self.advance((r.json() or {})["advance"])}))
+        self.route("POST", r"/_sandbox/uninstall", lambda r: Reply(200, self.uninstall()))
+        self.route("GET", r"/oauth", self._authorize)
+        self.route("POST", r"/oauth2/access_token", self._access_token)
+        self.integration: dict | None = None  # our app as registered: client_id, client_secret, redirect_uri, disable_url
+        self.clock_offset = 0.0
+        self.codes: dict[str, float] = {}  # authorization code → expires at
+        self.access_tokens: dict[str, float] = {}  # OAuth access token → expires at (revoked: removed)
+        self.refresh_tokens: dict[str, float] = {}  # live refresh token → expires at
+        self.token_calls: list[str] = []  # grant_type of every /oauth2/access_token call, refused ones too
+        self.disable_calls: list[int] = []  # status our disable hook answered
 
     def start(self) -> "AmoCrmSandbox":
         """Serve as every sandbox does, except that with `faults.maintenance` each API call is answered
@@ -365,11 +394,115 @@ class AmoCrmSandbox(SandboxServer):
             with self._lock:
                 self.deliveries.append({"event": event, "destination": hook["destination"], "status": status})
 
+    # --- OAuth 2.0 (external integration) ------------------------------------------------------------
+
+    CODE_SECONDS, ACCESS_SECONDS, REFRESH_SECONDS = 20 * 60, 24 * 3600, 90 * 24 * 3600
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset
+
+    def advance(self, seconds: float) -> float:
+        self.clock_offset += float(seconds)
+        return self.now()
+
+    def register_integration(self, *, client_id: str, client_secret: str, redirect_uri: str,
+                             disable_url: str | None = None) -> dict:
+        with self._lock:
+            self.integration = {"client_id": client_id, "client_secret": client_secret, "redirect_uri": redirect_uri,
+                                "disable_url": disable_url}
+            return {"client_id": client_id}
+
+    @property
+    def host(self) -> str:
+        return self.url.split("://", 1)[1]
+
+    def consent_redirect(self, client_id: str, state: str) -> str:
+        """Where amoCRM sends the user's browser once they allow access: our redirect URI with a new code."""
+        with self._lock:
+            if self.integration is None or client_id != self.integration["client_id"]:
+                raise KeyError("unknown client_id")
+            code = secrets.token_urlsafe(24)
+            self.codes[code] = self.now() + self.CODE_SECONDS
+            query = urlencode({"code": code, "state": state, "referer": self.host, "client_id": client_id,
+                               "from_widget": "0"})
+            return f"{self.integration['redirect_uri']}?{query}"
+
+    def _authorize(self, request: Request) -> Reply:
+        try:
+            location = self.consent_redirect(request.query.get("client_id", ""), request.query.get("state", ""))
+        except KeyError:
+            return _problem(400, "Bad Request", "unknown client_id")
+        return Reply(302, None, {"Location": location})
+
+    def _access_token(self, request: Request) -> Reply:
+        try:
+            body = request.json() or {}
+        except ValueError:
+            body = {}
+        grant = str(body.get("grant_type"))
+        with self._lock:
+            self.token_calls.append(grant)
+            app = self.integration
+            if app is None or body.get("client_id") != app["client_id"] or body.get("client_secret") != app["client_secret"]:
+                return _problem(401, "Unauthorized", "Client authentication failed")
+            if body.get("redirect_uri") != app["redirect_uri"]:
+                return _problem(400, "Bad Request", "redirect_uri does not match")
+            now = self.now()
+            if grant == "authorization_code":
+                expires = self.codes.pop(str(body.get("code")), None)  # single use
+                if expires is None or expires < now:
+                    return _problem(400, "Bad Request", "Authorization code has expired or was used")
+            elif grant == "refresh_token":
+                expires = self.refresh_tokens.pop(str(body.get("refresh_token")), None)  # single use
+                if expires is None or expires < now:
+                    return _problem(401, "Unauthorized", "Token has been revoked")
+            else:
+                return _problem(400, "Bad Request", "unsupported grant_type")
+            access, refresh = "oauth-" + secrets.token_urlsafe(24), secrets.token_urlsafe(32)
+            self.access_tokens[access] = now + self.ACCESS_SECONDS
+            self.refresh_tokens[refresh] = now + self.REFRESH_SECONDS
+        return Reply(200, {"token_type": "Bearer", "expires_in": self.ACCESS_SECONDS, "access_token": access,
+                           "refresh_token": refresh, "server_time": int(now)})
+
+    def _authorized(self, header: str | None) -> bool:
+        if header == f"Bearer {self.token}":
+            return True
+        token = (header or "").removeprefix("Bearer ")
+        with self._lock:
+            expires = self.access_tokens.get(token)
+            return expires is not None and expires >= self.now()
+
+    def uninstall(self) -> dict:
+        """The account's administrator disables the integration: its tokens die, and amoCRM calls the
+        integration's disable hook."""
+        with self._lock:
+            self.access_tokens.clear()
+            self.refresh_tokens.clear()
+            app = self.integration
+        status = 0
+        if app and app.get("disable_url"):
+            client_uuid, account = app["client_id"], str(self.account_id)
+            signature = hmac.new(app["client_secret"].encode(), f"{client_uuid}|{account}".encode(),
+                                 hashlib.sha256).hexdigest()
+            try:
+                status = requests.get(app["disable_url"], params={"account_id": account, "client_uuid": client_uuid,
+                                                                  "signature": signature}, timeout=5).status_code
+            except requests.RequestException:
+                status = 0
+            self.disable_calls.append(status)
+        return {"disable_hook": status}
+
+    def _delete_webhook(self, request: Request) -> Reply:
+        destination = (request.json() or {}).get("destination")
+        before = len(self.webhooks)
+        self.webhooks = [h for h in self.webhooks if h["destination"] != destination]
+        return Reply(204) if len(self.webhooks) < before else _problem(404, "Not Found", "no such webhook")
+
     # --- API -----------------------------------------------------------------------------------------
 
     def _guarded(self, handler):
         def wrapped(request: Request) -> Reply:
-            if request.headers.get("authorization") != f"Bearer {self.token}":
+            if not self._authorized(request.headers.get("authorization")):
                 return _problem(401, "Unauthorized", "Token has been revoked or is invalid")
             now = time.monotonic()
             with self._lock:
@@ -517,8 +650,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--token", default="demo-token")
+    parser.add_argument("--client-id", help="our integration's client id (installs: GET /oauth)")
+    parser.add_argument("--client-secret", help="our integration's client secret")
+    parser.add_argument("--redirect-uri", help="our integration's redirect URI")
+    parser.add_argument("--disable-url", help="our integration's disable hook")
     args = parser.parse_args()
     sandbox = AmoCrmSandbox(args.port, token=args.token)
+    if args.client_id and args.client_secret and args.redirect_uri:
+        sandbox.register_integration(client_id=args.client_id, client_secret=args.client_secret,
+                                     redirect_uri=args.redirect_uri, disable_url=args.disable_url)
     seeded = seed_demo(sandbox)
     print(f"amoCRM sandbox on http://127.0.0.1:{args.port} (token {args.token}; demo {seeded})", flush=True)
     sandbox.serve_forever()

@@ -24,6 +24,19 @@ Control: `POST /_sandbox/deals`, `PATCH|DELETE /_sandbox/deals/{id}`, `POST /_sa
 `PATCH /_sandbox/contacts/{id}`, `POST /_sandbox/leads`, `POST /_sandbox/handlers`, `GET /_sandbox/state`,
 `POST /_sandbox/failures` (`{"method", "entity_id", "code", "description"}`).
 
+Application mode (the Bitrix24 application, chalicelib/bitrix24_app.py): an OAuth server
+(`GET|POST /oauth/token/`, grant_type=refresh_token with the sandbox's client id and secret: a new pair,
+the old refresh token refused from then on; access tokens live an hour on the sandbox's app clock,
+`advance()` / `expire_access_tokens()` move it), REST at `POST /rest/{method}.json` with `auth=<access
+token>` (unknown → 401 invalid_token, expired → 401 expired_token), `event.bind` (online / offline),
+`event.get`, `event.unbind`, `event.offline.get` (`clear`, `process_id`, `limit`: records reserved for a
+process come back to it until cleared), `event.offline.clear` (`process_id` + `id` / `message_id`),
+`app.info`. A change to a deal or contact queues an offline record when bound (one waiting record per
+object and event) and nudges the ONOFFLINEEVENT handlers (once, never retried). `POST /_sandbox/app/install`
+(`{"handler": "<our API>/install/bitrix24"}`) POSTs ONAPPINSTALL with a fresh token pair and
+application_token; `POST /_sandbox/app/uninstall` POSTs ONAPPUNINSTALL to the bound handler;
+`GET /_sandbox/app` shows the bindings and the queue.
+
     python -m sandbox.bitrix24 --port 8003
 """
 from __future__ import annotations
@@ -33,6 +46,7 @@ import random
 import re
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -42,6 +56,8 @@ import requests
 from .httpserver import Reply, Request, SandboxServer
 
 MSK = timezone(timedelta(hours=3))
+# The application's client credentials the sandbox's OAuth server accepts (the local stack passes them on).
+APP_CLIENT_ID, APP_CLIENT_SECRET = "app.sandbox0000000001", "sandbox-client-secret"
 LIST_PAGE = 50
 
 
@@ -75,9 +91,11 @@ CONTACT_FIELDS = {"NAME": {"type": "string", "title": "Имя"}, "POST": {"type"
 
 class Bitrix24Sandbox(SandboxServer):
     def __init__(self, port: int = 0, *, user: str = "1", code: str = "sandboxcode", domain: str = "acme-shop.bitrix24.ru",
-                 member_id: str = "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37", bucket_size: int = 50, drain_per_second: float = 2.0) -> None:
+                 member_id: str = "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37", bucket_size: int = 50, drain_per_second: float = 2.0,
+                 client_id: str = APP_CLIENT_ID, client_secret: str = APP_CLIENT_SECRET) -> None:
         super().__init__(port=port)
         self.user, self.code, self.domain, self.member_id = user, code, domain, member_id
+        self.client_id, self.client_secret = client_id, client_secret
         self.bucket_size, self.drain_per_second = bucket_size, drain_per_second
         self._lock = threading.RLock()
         self.reset()
@@ -92,6 +110,14 @@ class Bitrix24Sandbox(SandboxServer):
         self.route("POST", r"/_sandbox/leads", lambda r: Reply(200, self.create_lead(**r.json())))
         self.route("POST", r"/_sandbox/handlers", lambda r: Reply(200, self.add_handler(**r.json())))
         self.route("POST", r"/_sandbox/failures", lambda r: (self.fail_method(**r.json()), Reply(200, {"success": True}))[1])
+        # Application mode (OAuth): the OAuth server, REST with `auth=<access token>`, install/uninstall.
+        self.route("GET", r"/oauth/token", self._oauth_token)
+        self.route("POST", r"/oauth/token", self._oauth_token)
+        self.route("POST", r"/rest/(?P<method>[\w.]+?)(\.json)?", self._app_rest)
+        self.route("POST", r"/_sandbox/app/install", lambda r: Reply(200, self.install(**r.json())))
+        self.route("POST", r"/_sandbox/app/uninstall", lambda r: Reply(200, self.uninstall(**r.json())))
+        self.route("POST", r"/_sandbox/app/expire", lambda r: Reply(200, self.expire_access_tokens()))
+        self.route("GET", r"/_sandbox/app", lambda r: Reply(200, self.app_state()))
 
     @property
     def webhook_url(self) -> str:
@@ -117,6 +143,7 @@ class Bitrix24Sandbox(SandboxServer):
             self.fault_503 = 0.0
             self.failures: dict[tuple[str, str], MethodError] = {}  # (method, entity id) → the error it answers
             self._rng = random.Random(1)
+            self.reset_app()
 
     def state(self) -> dict:
         with self._lock:
@@ -268,6 +295,9 @@ class Bitrix24Sandbox(SandboxServer):
         with self._lock:
             self.outbox.append((event, entity_id))
             handlers = [h for h in self.handlers if event in h["events"]]
+            queued = self._queue_offline(event, entity_id)
+        if queued:
+            self._nudge()
         for handler in handlers:  # sent once: Bitrix24 never retries
             body = self.event_body(event, entity_id, handler["application_token"], handler["id"])
             try:
@@ -277,6 +307,246 @@ class Bitrix24Sandbox(SandboxServer):
                 status = 0
             with self._lock:
                 self.deliveries.append({"event": event, "id": entity_id, "status": status})
+
+    # --- application mode (OAuth 2.0, event.bind, offline events) ------------------------------------------
+    # Bitrix24 "Full OAuth 2.0 Authorization Protocol", https://apidocs.bitrix24.com/settings/oauth/index.html;
+    # "Get a List of Offline Events with event.offline.get",
+    # https://apidocs.bitrix24.com/api-reference/events/event-offline-get.html; "event.offline.clear",
+    # https://dev.1c-bitrix.ru/rest_help/general/events_method/event_offline_clear.php; "Event After Successful
+    # Application Installation OnAppInstall", https://apidocs.bitrix24.com/api-reference/common/events/on-app-install.html.
+
+    ACCESS_SECONDS = 3600  # an access token lives one hour
+
+    def reset_app(self) -> None:
+        with self._lock:
+            self.app_clock = time.time  # tests replace it (or call `advance`) to expire tokens without sleeping
+            self._app_offset = 0.0
+            self.access_tokens: dict[str, float] = {}  # access token → expires at (app clock)
+            self.refresh_tokens: set[str] = set()  # live refresh tokens: each is refused after one use
+            self.application_token: str | None = None
+            self.bindings: list[dict] = []  # {"event", "handler", "event_type"}
+            self.offline: list[dict] = []  # the offline queue: ID, TIMESTAMP_X, EVENT_NAME, EVENT_DATA, MESSAGE_ID, PROCESS_ID
+            self._offline_id = 0
+            self.oauth_calls: list[dict] = []  # every /oauth/token/ request: grant_type, ok
+            self.app_calls: list[str] = []  # REST methods called with an access token
+            self.nudges: list[int] = []  # ONOFFLINEEVENT deliveries: HTTP status (0: unreachable)
+            self.oauth_fault: int | None = None  # answer /oauth/token/ with this status (a 5xx) while set
+
+    def now(self) -> float:
+        return self.app_clock() + self._app_offset
+
+    def advance(self, seconds: float) -> None:
+        """The app clock moves on (access tokens expire an hour after issue)."""
+        with self._lock:
+            self._app_offset += seconds
+
+    def expire_access_tokens(self) -> dict:
+        with self._lock:
+            for token in self.access_tokens:
+                self.access_tokens[token] = 0.0
+        return {"expired": len(self.access_tokens)}
+
+    def app_state(self) -> dict:
+        with self._lock:
+            return {"installed": self.application_token is not None, "bindings": list(self.bindings),
+                    "offline_queue": len(self.offline), "oauth_calls": len(self.oauth_calls), "nudges": list(self.nudges)}
+
+    def _issue(self) -> dict:
+        """A new token pair as the OAuth server answers it (fields per "Full OAuth 2.0 Authorization Protocol")."""
+        access, refresh = uuid.uuid4().hex + uuid.uuid4().hex[:8], uuid.uuid4().hex + uuid.uuid4().hex[:8]
+        now = self.now()
+        self.access_tokens[access] = now + self.ACCESS_SECONDS
+        self.refresh_tokens.add(refresh)
+        return {"access_token": access, "expires": int(now + self.ACCESS_SECONDS), "expires_in": self.ACCESS_SECONDS,
+                "scope": "crm", "domain": "oauth.bitrix.info", "server_endpoint": f"{self.url}/rest/",
+                "status": "L", "client_endpoint": f"{self.url}/rest/", "member_id": self.member_id, "user_id": 1,
+                "refresh_token": refresh}
+
+    def _oauth_token(self, request: Request) -> Reply:
+        params = dict(request.query)
+        if request.body:
+            params.update(dict(parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True)))
+        with self._lock:
+            if self.oauth_fault:
+                self.oauth_calls.append({"grant_type": params.get("grant_type"), "ok": False})
+                return _error(self.oauth_fault, "internal_error", "OAuth server unavailable (injected)")
+            ok = (params.get("client_id"), params.get("client_secret")) == (self.client_id, self.client_secret)
+            if not ok:
+                self.oauth_calls.append({"grant_type": params.get("grant_type"), "ok": False})
+                return Reply(401, {"error": "invalid_client", "error_description": "Invalid client credentials"})
+            if params.get("grant_type") != "refresh_token" or params.get("refresh_token") not in self.refresh_tokens:
+                self.oauth_calls.append({"grant_type": params.get("grant_type"), "ok": False})
+                return Reply(400, {"error": "invalid_grant", "error_description": "Invalid refresh token"})
+            self.refresh_tokens.discard(params["refresh_token"])  # single use: a second use is refused
+            self.oauth_calls.append({"grant_type": "refresh_token", "ok": True})
+            return Reply(200, self._issue())
+
+    def install_body(self, version: int = 1, application_token: str | None = None, keep_bindings: bool = False,
+                     **auth_overrides: str) -> bytes:
+        """Install the application: a fresh token pair and `application_token`, and the ONAPPINSTALL form
+        that carries them in `auth` (a server-side app without UI receives its tokens this way). Earlier
+        bindings are dropped, as Bitrix24 does when an app is updated, unless `keep_bindings` (a repeated
+        install of one version). `auth_overrides` forge fields (tests of a forged install)."""
+        with self._lock:
+            pair = self._issue()
+            self.application_token = application_token or self.application_token or uuid.uuid4().hex
+            if not keep_bindings:
+                self.bindings = []
+        body = {"event": "ONAPPINSTALL", "data[VERSION]": str(version), "data[ACTIVE]": "Y", "data[INSTALLED]": "Y",
+                "data[LANGUAGE_ID]": "ru", "ts": str(int(time.time())),
+                **{f"auth[{k}]": str(v) for k, v in pair.items()},
+                "auth[domain]": self.domain, "auth[application_token]": self.application_token,
+                **{f"auth[{k}]": v for k, v in auth_overrides.items()}}
+        return urlencode(body).encode()
+
+    def install(self, handler: str, version: int = 1, application_token: str | None = None) -> dict:
+        """`install_body` POSTed to the application's install handler (`make run`: the local stack)."""
+        response = requests.post(handler, data=self.install_body(version, application_token), timeout=10,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = response.text[:300]
+        return {"status": response.status_code, "answer": answer}
+
+    def app_event_body(self, event: str, application_token: str | None = None) -> bytes:
+        """ONAPPUNINSTALL / ONOFFLINEEVENT as the portal sends them; `application_token` forges another."""
+        token = self.application_token if application_token is None else application_token
+        return urlencode({"event": event, "data[CLEAN]": "0", "data[LANGUAGE_ID]": "ru", "ts": str(int(time.time())),
+                          "auth[domain]": self.domain, "auth[member_id]": self.member_id,
+                          "auth[application_token]": token or ""}).encode()
+
+    def uninstall(self, handler: str | None = None) -> dict:
+        """ONAPPUNINSTALL to the bound handler (or `handler`), with `application_token` its only proof;
+        the app's tokens, bindings and queue are gone afterwards."""
+        with self._lock:
+            body = self.app_event_body("ONAPPUNINSTALL")
+            targets = [b["handler"] for b in self.bindings if b["event"] == "ONAPPUNINSTALL"] or ([handler] if handler else [])
+            self.application_token = None
+            self.bindings, self.offline = [], []
+            self.access_tokens.clear()
+            self.refresh_tokens.clear()
+        statuses = []
+        for url in targets:
+            try:
+                statuses.append(requests.post(url, data=body, timeout=10,
+                                              headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code)
+            except requests.RequestException:
+                statuses.append(0)
+        return {"statuses": statuses}
+
+    def _app_rest(self, request: Request) -> Reply:
+        try:
+            params = request.json() or {}
+        except ValueError:
+            return _error(400, "INVALID_REQUEST", "malformed JSON")
+        token = params.pop("auth", None) or request.query.get("auth")
+        with self._lock:
+            expires = self.access_tokens.get(token) if isinstance(token, str) else None
+            if expires is None:
+                return _error(401, "invalid_token", "The access token provided is invalid.")
+            if expires <= self.now():
+                return _error(401, "expired_token", "The access token provided has expired.")
+            method = request.match["method"]
+            self.app_calls.append(method)
+            failure = self.failures.get((method, str(params.get("id") or params.get("ID") or "")))
+            if failure is not None and (method.startswith("event.") or method == "app.info"):
+                return _error(failure.status, failure.code, failure.description)
+            try:
+                if method.startswith("event.") or method == "app.info":
+                    return Reply(200, {"result": self._event_method(method, params)})
+                return Reply(200, self._method(method, params))
+            except MethodError as exc:
+                return _error(exc.status, exc.code, exc.description)
+
+    def _event_method(self, method: str, params: dict) -> Any:
+        if method == "app.info":
+            return {"ID": 7, "CODE": self.client_id, "VERSION": 1, "STATUS": "L", "INSTALLED": True,
+                    "member_id": self.member_id}
+        if method == "event.bind":
+            event, handler = str(params.get("event") or "").upper(), params.get("handler")
+            event_type = str(params.get("event_type") or "online").lower()
+            if not event or event_type not in ("online", "offline") or (event_type == "online" and not handler):
+                raise MethodError(400, "ERROR_ARGUMENT", "event and, for an online event, handler are required")
+            binding = {"event": event, "handler": handler if event_type == "online" else "", "event_type": event_type}
+            if binding in self.bindings:
+                raise MethodError(400, "ERROR_EVENT_HANDLER_ALREADY_EXISTS", "Handler already binded")
+            self.bindings.append(binding)
+            return True
+        if method == "event.get":
+            return [{"event": b["event"], "handler": b["handler"], "auth_type": "0", "offline": int(b["event_type"] == "offline")}
+                    for b in self.bindings]
+        if method == "event.unbind":
+            event, handler = str(params.get("event") or "").upper(), params.get("handler") or ""
+            event_type = str(params.get("event_type") or "online").lower()
+            before = len(self.bindings)
+            self.bindings = [b for b in self.bindings if not (b["event"] == event and b["event_type"] == event_type
+                                                              and (event_type == "offline" or b["handler"] == handler))]
+            return {"count": before - len(self.bindings)}
+        if method == "event.offline.get":
+            return self._offline_get(params)
+        if method == "event.offline.clear":
+            process_id = str(params.get("process_id") or "")
+            if not process_id:
+                raise MethodError(400, "ERROR_ARGUMENT", "process_id is required")
+            ids = {str(i) for i in (params.get("id") or [])}
+            messages = {str(m) for m in (params.get("message_id") or [])}
+            self.offline = [r for r in self.offline if not (r["PROCESS_ID"] == process_id and (
+                (not ids and not messages) or (r["ID"] in ids if ids else r["MESSAGE_ID"] in messages)))]
+            return True
+        raise MethodError(400, "ERROR_METHOD_NOT_FOUND", f"Method not found: {method}")
+
+    def _offline_get(self, params: dict) -> dict:
+        """Reserve up to `limit` unreserved records for `process_id` (a new one when absent) and answer every
+        record held by it; `clear` (default 1) deletes what is answered."""
+        limit = max(1, min(int(params.get("limit") or 50), 1000))
+        clear = str(params.get("clear", "1")) not in ("0", "false", "")
+        process_id = str(params.get("process_id") or uuid.uuid4().hex)
+        held = [r for r in self.offline if r["PROCESS_ID"] == process_id]
+        for record in self.offline:
+            if len(held) >= limit:
+                break
+            if not record["PROCESS_ID"]:
+                record["PROCESS_ID"] = process_id
+                held.append(record)
+        held = held[:limit]
+        if clear:
+            gone = {id(r) for r in held}
+            self.offline = [r for r in self.offline if id(r) not in gone]
+        return {"process_id": process_id,
+                "events": [{k: v for k, v in r.items() if k != "PROCESS_ID"} for r in held]}
+
+    def _queue_offline(self, event: str, entity_id: str) -> bool:
+        """Record an offline event when the app bound it. One record per object and event: a repeat updates
+        the waiting record's time (the queue keeps the latest state per object); a record already reserved
+        by a process is left alone and a new one is queued (the reserved one may be cleared any moment)."""
+        if not any(b["event"] == event and b["event_type"] == "offline" for b in self.bindings):
+            return False
+        stamp = datetime.fromtimestamp(self.now(), MSK).replace(microsecond=0).isoformat()
+        for record in self.offline:
+            if record["EVENT_NAME"] == event and record["EVENT_DATA"]["FIELDS"]["ID"] == entity_id and not record["PROCESS_ID"]:
+                record["TIMESTAMP_X"] = stamp
+                return True
+        self._offline_id += 1
+        self.offline.append({"ID": str(self._offline_id), "TIMESTAMP_X": stamp, "EVENT_NAME": event,
+                             "EVENT_DATA": {"FIELDS": {"ID": entity_id}}, "EVENT_ADDITIONAL": {"user_id": "1"},
+                             "MESSAGE_ID": uuid.uuid4().hex, "PROCESS_ID": ""})
+        return True
+
+    def _nudge(self) -> None:
+        """ONOFFLINEEVENT to the online handlers bound for it: only "the queue is not empty", sent once."""
+        with self._lock:
+            targets = [b["handler"] for b in self.bindings if b["event"] == "ONOFFLINEEVENT" and b["event_type"] == "online"]
+            token = self.application_token or ""
+        body = self.app_event_body("ONOFFLINEEVENT", token)
+        for url in targets:
+            try:
+                status = requests.post(url, data=body, timeout=5,
+                                       headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code
+            except requests.RequestException:
+                status = 0
+            with self._lock:
+                self.nudges.append(status)
 
     # --- REST ---------------------------------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ CHALICE_LOCAL = ("import chalice.local; chalice.local.ThreadedHTTPServer.request
                  "import sandbox.local_stack; sandbox.local_stack.use_gateway_responses(); "
                  "from chalice.cli import main; main()")
 AMOCRM_DEMO_TOKEN = "demo-token"
+# Our app as registered in the amoCRM sandbox (its "amoMarket"): installs work on the local stack with
+# `python -m tools.install` (chalicelib/amocrm_install.py). A fixed, public id; the secret is made per run.
+AMOCRM_DEMO_CLIENT_ID = "local-metrika-crm-bridge"
 BITRIX24_DEMO_CODE = "democode"
 EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_SESSION_TOKEN": "local",
                 "AWS_DEFAULT_REGION": "eu-central-1"}
@@ -53,7 +56,8 @@ EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", 
 # splits the query on `&` alone, so stopping anywhere earlier would print the rest of the secret.
 _PARAMETER = re.compile(r"[?&;]([^=&;?#\s\"']*)=")
 _VALUE_END = re.compile(r"[&\s]|$")
-_SECRET_NAME = re.compile(r"secret|token|passw|key|signature|auth", re.IGNORECASE)
+# `code`: an amoCRM install's authorization code (with our client secret it is worth a token pair).
+_SECRET_NAME = re.compile(r"secret|token|passw|key|signature|auth|^code$", re.IGNORECASE)
 
 
 def redact_secrets(text: str) -> str:
@@ -207,16 +211,31 @@ def main() -> None:
             env["METRIKA_API_URL"] = f"http://127.0.0.1:{metrika_port}"
             wait_http(env["METRIKA_API_URL"] + "/_sandbox/state", process=processes[-1])
         amocrm_url = f"http://127.0.0.1:{args.amocrm_port or free_port()}"
+        api_url = f"http://127.0.0.1:{args.port}"
+        # Installs into the amoCRM sandbox (OAuth): our client id and secret, our public URL (the
+        # redirect URI and webhook destinations), the sandbox as the one http host an install may name.
+        env.setdefault("AMOCRM_CLIENT_ID", AMOCRM_DEMO_CLIENT_ID)
+        env.setdefault("AMOCRM_CLIENT_SECRET", secrets.token_hex(24))
+        env.update(PUBLIC_URL=api_url, AMOCRM_SANDBOX_HOSTS=amocrm_url.split("://", 1)[1],
+                   AMOCRM_AUTH_URL=amocrm_url + "/oauth")
         processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.amocrm", "--port", amocrm_url.rsplit(":", 1)[1],
-                                           "--token", AMOCRM_DEMO_TOKEN], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
+                                           "--token", AMOCRM_DEMO_TOKEN, "--client-id", env["AMOCRM_CLIENT_ID"],
+                                           "--client-secret", env["AMOCRM_CLIENT_SECRET"],
+                                           "--redirect-uri", api_url + "/oauth/amocrm",
+                                           "--disable-url", api_url + "/oauth/amocrm/disable"],
+                                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
         wait_http(amocrm_url + "/_sandbox/state", process=processes[-1])
         bitrix_url = f"http://127.0.0.1:{args.bitrix24_port or free_port()}"
         processes.append(subprocess.Popen([sys.executable, "-m", "sandbox.bitrix24", "--port", bitrix_url.rsplit(":", 1)[1],
                                            "--code", BITRIX24_DEMO_CODE], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
         wait_http(bitrix_url + "/_sandbox/state", process=processes[-1])
+        # The Bitrix24 application (chalicelib/bitrix24_app.py): the sandbox is its OAuth server, with the
+        # sandbox's demo client credentials; the install binds its handlers at this API's address.
+        from sandbox.bitrix24 import APP_CLIENT_ID, APP_CLIENT_SECRET
+        env.update(BITRIX24_OAUTH_URL=bitrix_url, BITRIX24_CLIENT_ID=APP_CLIENT_ID, BITRIX24_CLIENT_SECRET=APP_CLIENT_SECRET)
+        env.setdefault("PUBLIC_URL", f"http://127.0.0.1:{args.port}")
         subprocess.run([sys.executable, "-m", "tools.infra", "--stage", "dev", "--emulator"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
-        api_url = f"http://127.0.0.1:{args.port}"
         # Their output goes through `redact_secrets`: chalice local's access log prints webhook URLs.
         processes.append(start_echoed([sys.executable, "-c", CHALICE_LOCAL, "local", "--no-autoreload",
                                        "--host", "127.0.0.1", "--port", str(args.port), "--stage", "dev"],
@@ -229,7 +248,9 @@ metrika-crm-bridge is up in {time.monotonic() - started:.1f} s
   admin token     {env['ADMIN_TOKEN']}
   Metrika target  {env['METRIKA_API_URL']}{'  (sandbox: GET /_sandbox/state shows what it holds)' if not os.environ.get('METRIKA_API_URL') else ''}
   amoCRM sandbox  {amocrm_url}  (token {AMOCRM_DEMO_TOKEN}; a demo account, see README)
+  amoCRM install  python -m tools.install amocrm --token {env['ADMIN_TOKEN']} --counter 4242
   Bitrix24 sandbox {bitrix_url}  (incoming webhook {bitrix_url}/rest/1/{BITRIX24_DEMO_CODE}/; a demo portal)
+  install Bitrix24 app: python -m tools.install bitrix24 --portal {bitrix_url} --token {env['ADMIN_TOKEN']} --counter 4343
   DynamoDB + SQS  http://127.0.0.1:{moto_port}  (moto_server)
   webhooks        {api_url}/webhooks/amocrm/<integration id>?secret=…, {api_url}/webhooks/bitrix24/<integration id>
 Ctrl-C stops everything.""", flush=True)

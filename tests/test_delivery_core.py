@@ -187,7 +187,7 @@ def test_store_unavailable_fails_the_batch_for_sqs_to_redeliver(core):
     def unavailable(*args, **kwargs):
         raise Unavailable("store", "drill")
 
-    core.store.claim = unavailable
+    core.store.delivery_states = unavailable  # the read before a delivery
     with pytest.raises(Unavailable):
         core.worker.handle(core.queue.receive())
 

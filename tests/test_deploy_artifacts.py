@@ -47,7 +47,7 @@ except BaseException:
 CFN_LINT = "import sys; from cfnlint.runner import main; sys.exit(main())"
 # The functions' logical ids in the SAM template, and their names in .chalice/config.json.
 FUNCTIONS = {"APIHandler": "api_handler", "Admin": "admin", "OnEventsMessage": "on_events_message",
-             "ReconcileAll": "reconcile_all", "ConfirmUploads": "confirm_uploads"}
+             "ReconcileAll": "reconcile_all", "ConfirmUploads": "confirm_uploads", "RefreshTokens": "refresh_tokens"}
 DEPLOYMENT_ZIP = re.compile(r"^[0-9a-f]{32}-python3\.\d+(-arm64)?\.zip$")
 
 # Slow (a package build): left to `make test`, out of `make check`'s edit-test loop.

@@ -36,7 +36,8 @@ def test_every_aws_operation_in_the_source_is_granted_to_some_function():
                for actions in access.values() for action in actions}
     used = set()
     # sandbox/worker.py: the local stand-in for Lambda's SQS event source (EVENT_SOURCE).
-    for source in ("chalicelib/store/dynamodb.py", "chalicelib/queue.py", "chalicelib/admin.py", "sandbox/worker.py"):
+    for source in ("chalicelib/store/dynamodb.py", "chalicelib/queue.py", "chalicelib/admin.py", "chalicelib/amocrm_install.py",
+                   "sandbox/worker.py"):
         text = (ROOT / source).read_text()
         used |= {f"dynamodb:{_camel(m)}" for m in re.findall(r"_db\.(\w+)\(", text)}
         used |= {f"sqs:{SQS_BATCH_ACTIONS.get(_camel(m), _camel(m))}" for m in re.findall(r"_sqs\.(\w+)\(", text)}
@@ -49,7 +50,8 @@ def _camel(snake: str) -> str:
     return "".join(part.title() for part in snake.split("_"))
 
 
-SIZES = {"api_handler": (28, 1024), "admin": (10, 256), "reconcile_all": (60, 256), "confirm_uploads": (60, 256)}
+SIZES = {"api_handler": (28, 1024), "admin": (10, 256), "reconcile_all": (60, 256), "confirm_uploads": (60, 256),
+         "refresh_tokens": (60, 256)}
 WORKER_MEMORY = {"dev": 512, "prod": 1024}
 
 

@@ -118,6 +118,7 @@ def scheduler_app(monkeypatch):
     monkeypatch.setattr(app, "_QUEUE", EventQueue(sqs, "metrika-crm-bridge-dev-events"))
     monkeypatch.setattr(app, "_SOURCES", Forbidden())
     monkeypatch.setattr(app, "get_metrika", lambda integration: pytest.fail("the schedule asked for Metrika"))
+    monkeypatch.setattr(app, "time", type("Clock", (), {"time": staticmethod(lambda: NOW)}))  # fire()'s day
     with Client(app.app, stage_name="dev") as client:
         yield client, store, sqs
 

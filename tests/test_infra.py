@@ -65,7 +65,8 @@ def stage_params(stage: str, **overrides) -> dict[str, str]:
 @pytest.mark.parametrize("stage", ["dev", "prod"])
 def test_every_function_chalice_deploys_has_its_log_group_and_the_alarms_watch_them(stage):
     functions = chalice_functions(stage)
-    assert set(functions) == {"api_handler", "admin", "on_events_message", "reconcile_all", "confirm_uploads"}
+    assert set(functions) == {"api_handler", "admin", "on_events_message", "reconcile_all", "confirm_uploads",
+                              "refresh_tokens"}
     assert functions["api_handler"] == f"metrika-crm-bridge-{stage}"  # Chalice's back-compat exception
     params = stage_params(stage)
     groups = {infra.resolve(r["Properties"]["LogGroupName"], params): infra.resolve(r["Properties"]["RetentionInDays"], params)
@@ -89,8 +90,10 @@ def test_the_alarms_are_those_of_the_issue_and_each_notifies_the_topic():
     params = stage_params("prod")
     assert {k: (m["MetricName"], infra.resolve(m["Dimensions"][0]["Value"], params)) for k, m in watched.items()} == {
         "reconcile": ("Errors", chalice_functions("prod")["reconcile_all"]),
-        "confirm": ("Errors", chalice_functions("prod")["confirm_uploads"])}
-    assert [m["Expression"] for m in schedules["Metrics"] if m.get("ReturnData")] == ["FILL(reconcile, 0) + FILL(confirm, 0)"]
+        "confirm": ("Errors", chalice_functions("prod")["confirm_uploads"]),
+        "refresh": ("Errors", chalice_functions("prod")["refresh_tokens"])}
+    assert [m["Expression"] for m in schedules["Metrics"] if m.get("ReturnData")] == [
+        "FILL(reconcile, 0) + FILL(confirm, 0) + FILL(refresh, 0)"]
     assert (schedules["ComparisonOperator"], schedules["Threshold"]) == ("GreaterThanThreshold", 0)
     assert schedules["AlarmActions"] == [{"Ref": "AlarmTopic"}]
     assert {(p["Namespace"], name, p["Statistic"], p["ComparisonOperator"], p["Threshold"]) for name, p in alarms.items()} == {
@@ -192,9 +195,11 @@ def test_named_resources_resolve_every_name_the_stage_owns():
         "DeadLetterQueue": ("AWS::SQS::Queue", "metrika-crm-bridge-prod-events-dlq"),
         "EventsQueue": ("AWS::SQS::Queue", "metrika-crm-bridge-prod-events"),
         **{k: ("AWS::Logs::LogGroup", f"/aws/lambda/{name}") for k, name in zip(
-            ["ApiHandlerLogGroup", "AdminLogGroup", "WorkerLogGroup", "ReconcileLogGroup", "ConfirmLogGroup"],
+            ["ApiHandlerLogGroup", "AdminLogGroup", "WorkerLogGroup", "ReconcileLogGroup", "ConfirmLogGroup",
+             "RefreshTokensLogGroup"],
             ["metrika-crm-bridge-prod", "metrika-crm-bridge-prod-admin", "metrika-crm-bridge-prod-on_events_message",
-             "metrika-crm-bridge-prod-reconcile_all", "metrika-crm-bridge-prod-confirm_uploads"])}}
+             "metrika-crm-bridge-prod-reconcile_all", "metrika-crm-bridge-prod-confirm_uploads",
+             "metrika-crm-bridge-prod-refresh_tokens"])}}
     assert infra.named_resources(SHARED, {"QuotaTableName": "q"}) == {"QuotaTable": ("AWS::DynamoDB::Table", "q")}
 
 

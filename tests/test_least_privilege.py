@@ -26,7 +26,7 @@ import pytest
 from chalice.cli.factory import CLIFactory
 
 from tools import policies
-from tools.policies import (ACCESS, ADMIN_TOKEN, CONFIG, DEAD_LETTERS, EVENT_SOURCE, EVENTS, FUNCTIONS,
+from tools.policies import (ACCESS, ADMIN_TOKEN, AMOCRM_SECRET, BITRIX24_SECRET, CONFIG, DEAD_LETTERS, EVENT_SOURCE, EVENTS, FUNCTIONS,
                             LOG_ACTIONS, QUOTA, STATE, granted_pairs, iam_requests)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +80,11 @@ def test_policies_name_the_stages_own_resources_and_logs_only_their_own_log_grou
         assert {r for a, r in pairs if a.startswith("logs:")} == {
             f"arn:aws:logs:*:*:log-group:/aws/lambda/{policies.function_name(stage, function)}:*"}
         assert "sqs:ChangeMessageVisibility" not in text
-        if function != "admin":  # only the authorizer reads the admin token
-            assert "ssm:" not in text and settings.admin_token_parameter.lstrip("/") not in text
+        if function != "admin":  # only the authorizer reads the admin token; the amoCRM client secret apart
+            assert settings.admin_token_parameter.lstrip("/") not in text
+            assert {r for a, r in pairs if a.startswith("ssm:")} <= {
+                f"arn:aws:ssm:*:*:parameter/{settings.amocrm_client_secret_parameter.lstrip('/')}",
+                f"arn:aws:ssm:*:*:parameter/{settings.bitrix24_client_secret_parameter.lstrip('/')}"}
     admin = json.loads((ROOT / ".chalice" / policies.policy_file(stage, "admin")).read_text())
     # No queue, and of the tables one read of the config table (a console link's token digest).
     assert {a for a, _ in granted_pairs(admin)} == {"ssm:GetParameter", "dynamodb:GetItem", *LOG_ACTIONS}
@@ -108,7 +111,10 @@ def test_each_resource_is_reachable_only_by_the_functions_that_use_it():
     deleting = {function for function, access in ACCESS.items() for role in (CONFIG, STATE)
                 if "dynamodb:DeleteItem" in access.get(role, ())}
     assert deleting == {"api_handler", "on_events_message"}
-    for schedule in ("reconcile_all", "confirm_uploads"):
+    # The amoCRM client secret: the install routes (code exchange) and the worker (token refresh) only.
+    assert holders(AMOCRM_SECRET) == {"api_handler", "on_events_message"}
+    assert holders(BITRIX24_SECRET) == {"api_handler", "on_events_message"}  # the app's install and refreshes
+    for schedule in ("reconcile_all", "confirm_uploads", "refresh_tokens"):
         assert ACCESS[schedule] == {CONFIG: ("dynamodb:Scan",), EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage")}
 
 
@@ -167,7 +173,7 @@ class Recorder:
     integrations are kept per function, so no function is spared a call because another made it first."""
 
     PARAMS = "least_privilege_params"
-    CONTAINER = ("_STORE", "_QUEUE", "_ADMIN_TOKENS", "_SOURCES", "_CONSOLE_LINKS")
+    CONTAINER = ("_STORE", "_QUEUE", "_ADMIN_TOKENS", "_SOURCES", "_AMOCRM_SECRET", "_CONSOLE_LINKS")
 
     def __init__(self) -> None:
         self.calls: dict[str, set[tuple[str, str]]] = defaultdict(set)
@@ -199,7 +205,8 @@ class Recorder:
             self._stack.append(function)
             outer = {name: getattr(app, name) for name in self.CONTAINER}
             own = self._containers.setdefault(function, {"_STORE": None, "_QUEUE": None, "_ADMIN_TOKENS": None,
-                                                         "_SOURCES": {}, "_CONSOLE_LINKS": None})
+                                                         "_SOURCES": {}, "_AMOCRM_SECRET": None,
+                                                         "_CONSOLE_LINKS": None})
             for name, value in own.items():
                 setattr(app, name, value)
         try:
@@ -215,6 +222,8 @@ class Recorder:
 AMO_SECRET = "least-privilege-amocrm-secret-0123"
 B24_TOKEN = "lp8w3e7r2t6y1u5i9o4p0a3s8d2f7g1h"
 AMO_COUNTER, B24_COUNTER = 9393, 9494
+AMO_CLIENT_ID, AMO_CLIENT_SECRET = "lp-amocrm-client-id", "least-privilege-amocrm-client-secret"
+AMO_PUBLIC = "http://127.0.0.1:9"  # the app's public URL as amoCRM knows it
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 # Two versions in the SSM parameter's history: the authorizer reads the current one and, within the
 # overlap after a rotation, the one before it (`name:<version>`).
@@ -222,7 +231,7 @@ OLD_TOKEN, NEW_TOKEN = "least-privilege-old-admin-token", "least-privilege-new-a
 
 
 @pytest.fixture
-def recorded(service_env, moto_url, monkeypatch):
+def recorded(service_env, moto_url, monkeypatch, request):
     """The app as deployed (the admin token in SSM, no ADMIN_TOKEN) with the recorder on boto3's default
     session, so every client made from here on reports to it; the authorizer's calls recorded as `admin`."""
     import app
@@ -234,6 +243,15 @@ def recorded(service_env, moto_url, monkeypatch):
     ssm = boto3.client("ssm")
     for token in (OLD_TOKEN, NEW_TOKEN):
         ssm.put_parameter(Name=parameter, Value=token, Type="SecureString", Overwrite=True)
+    # Installs from amoCRM: the client secret in SSM as deployed (no AMOCRM_CLIENT_SECRET override).
+    ssm.put_parameter(Name=policies.stage_settings("dev").amocrm_client_secret_parameter, Value=AMO_CLIENT_SECRET,
+                      Type="SecureString", Overwrite=True)
+    monkeypatch.delenv("AMOCRM_CLIENT_SECRET", raising=False)
+    monkeypatch.setenv("AMOCRM_CLIENT_ID", AMO_CLIENT_ID)
+    monkeypatch.setenv("PUBLIC_URL", AMO_PUBLIC)
+    amocrm = request.getfixturevalue("amocrm")
+    monkeypatch.setenv("AMOCRM_SANDBOX_HOSTS", amocrm.url.split("://", 1)[1])
+    monkeypatch.setenv("AMOCRM_AUTH_URL", amocrm.url + "/oauth")
     recorder = Recorder()
     session = boto3._get_default_session()
     recorder.register(session.events)
@@ -355,12 +373,15 @@ def test_each_function_calls_exactly_what_its_policy_grants(recorded, queue, met
     monkeypatch.setattr(chalicelib.ingest, "INLINE_ENTITIES", 1)
     # The schedules walk every integration, and other tests leave theirs behind: ours only (the scan runs).
     listed = DynamoStore.list_integration_ids
-    monkeypatch.setattr(DynamoStore, "list_integration_ids", lambda self: [i for i in listed(self) if i in (amo, b24)])
+    installed = f"amocrm-{amocrm.account_id}"
+    monkeypatch.setattr(DynamoStore, "list_integration_ids",
+                        lambda self: [i for i in listed(self) if i in (amo, b24, installed)])
     with Client(app.app, stage_name="dev") as client:
         stack = Stack(recorded, client, monkeypatch)
         stack.empty_dead_letters()
         try:
             every_path(stack, amocrm, bitrix, metrika_sandbox, amo, b24)
+            bitrix24_app_path(stack, bitrix, recorded_ssm=boto3.client("ssm"), monkeypatch=monkeypatch)
         finally:
             stack.empty_dead_letters()
             queue.bodies()
@@ -482,12 +503,57 @@ def every_path(stack: Stack, amocrm, bitrix, metrika_sandbox, amo: str, b24: str
     assert stack.drain() >= 3
     uploads = {u["uploading_id"]: u for u in store_as_the_test().uploads(amo)}
     assert (uploads[failed]["status"], uploads[failed]["resent"]) == ("FAILED", 1)
+    # Installing from amoCRM: the install routes read the client secret (SSM) and store the tokens (an
+    # UpdateItem); the daily schedule queues a refresh job per integration, and the worker refreshes the
+    # idle installed one (the lease and the new pair: UpdateItems; the client secret: SSM).
+    installed = install_from_amocrm(stack, amocrm)
+    db = boto3.client("dynamodb")  # the test's own write: tokens last refreshed 31 days ago
+    db.update_item(TableName=get_settings().config_table, Key={"pk": {"S": f"INTEGRATION#{installed}"},
+                                                               "sk": {"S": "TOKENS"}},
+                   UpdateExpression="SET refreshed_at = :t", ExpressionAttributeValues={":t": {"N": "1"}})
+    assert stack.schedule("refresh_tokens")["queued"] == 3
+    assert stack.drain() >= 3
+    assert amocrm.token_calls == ["authorization_code", "refresh_token"]
+    api("DELETE", f"/integrations/{installed}")
     # Deleting an integration deletes its items in both tables (the smaller one: a call per item).
     api("DELETE", f"/integrations/{b24}")
     db = boto3.client("dynamodb")  # the test's own calls: outside every function, recorded nowhere
     for sort_key in ("CONFIG", "STATUS_MAPPING", "ATTRIBUTES"):  # no other test's schedule walks it
         db.delete_item(TableName=get_settings().config_table, Key={"pk": {"S": f"INTEGRATION#{amo}"},
                                                                    "sk": {"S": sort_key}})
+
+
+def bitrix24_app_path(stack: Stack, bitrix, *, recorded_ssm, monkeypatch) -> None:
+    """The Bitrix24 application: its install (the client secret from SSM, the tokens item written), the
+    nudge, and the worker's drain with an expired access token (the refresh: the secret again, read in the
+    worker's own container, and the tokens item's conditional writes)."""
+    import chalicelib.bitrix24_app
+    from chalicelib.bitrix24_app import integration_id_for
+    from chalicelib.settings import get_settings
+    settings = get_settings()
+    monkeypatch.setenv("BITRIX24_OAUTH_URL", bitrix.url)
+    monkeypatch.setenv("BITRIX24_CLIENT_ID", bitrix.client_id)
+    monkeypatch.delenv("BITRIX24_CLIENT_SECRET", raising=False)
+    get_settings.cache_clear()
+    recorded_ssm.put_parameter(Name=get_settings().bitrix24_client_secret_parameter, Value=bitrix.client_secret,
+                               Type="SecureString", Overwrite=True)
+    monkeypatch.setattr(chalicelib.bitrix24_app, "_SECRET", {})  # each function reads it in its own container
+    form = {**FORM, "Host": "127.0.0.1:9", "X-Forwarded-Proto": "http"}
+    app_id = integration_id_for(bitrix.member_id)
+    installed = stack.api("POST", "/install/bitrix24", bitrix.install_body(), headers=form)
+    assert installed["integration_id"] == app_id and len(installed["bound"]) == 7
+    shown = stack.api("GET", f"/integrations/{app_id}")
+    stack.api("PUT", f"/integrations/{app_id}", {**shown, "counter_id": B24_COUNTER, "timezone": "Europe/Moscow",
+                                                  "metrika_token": "y0_least_privilege_b24app"})
+    bitrix.create_deal("Заказ LP", stage_id="NEW", opportunity="10.00")
+    bitrix.expire_access_tokens()
+    chalicelib.bitrix24_app._SECRET.clear()
+    assert stack.api("POST", "/install/bitrix24/events", bitrix.app_event_body("ONOFFLINEEVENT"), headers=form)["queued"] == 1
+    stack.drain()
+    assert bitrix.offline == [] and sum(c["ok"] for c in bitrix.oauth_calls) == 2  # the install's and the worker's
+    db = boto3.client("dynamodb")
+    for sort_key in ("CONFIG", "TOKENS", "CURSOR#drain_nudge"):
+        db.delete_item(TableName=settings.config_table, Key={"pk": {"S": f"INTEGRATION#{app_id}"}, "sk": {"S": sort_key}})
 
 
 def store_as_the_test():
@@ -511,3 +577,20 @@ def b24_config(bitrix) -> dict:
             "timezone": "Europe/Moscow",
             "connection": {"webhook_url": bitrix.webhook_url, "application_token": B24_TOKEN,
                            "member_id": bitrix.member_id, "domain": bitrix.domain}}
+
+
+def install_from_amocrm(stack: Stack, amocrm) -> str:
+    """`GET /install/amocrm`, the user's consent on the sandbox, and our redirect route: the installed id."""
+    from urllib.parse import parse_qs, urlsplit
+    amocrm.register_integration(client_id=AMO_CLIENT_ID, client_secret=AMO_CLIENT_SECRET,
+                                redirect_uri=AMO_PUBLIC + "/oauth/amocrm")
+    amocrm.token_calls.clear()
+    with stack.recorder.acting_as("api_handler"):
+        start = stack.client.http.get("/install/amocrm")
+    assert start.status_code == 302, start.body
+    location = {k.lower(): v for k, v in start.headers.items()}["location"]
+    redirect = amocrm.consent_redirect(AMO_CLIENT_ID, parse_qs(urlsplit(location).query)["state"][0])
+    with stack.recorder.acting_as("api_handler"):
+        done = stack.client.http.get(redirect[len(AMO_PUBLIC):])
+    assert done.status_code == 200 and done.json_body["webhook_registered"], done.body
+    return done.json_body["installed"]

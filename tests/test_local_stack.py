@@ -91,6 +91,51 @@ def test_a_won_deal_in_the_crm_reaches_metrika(stack):
     assert all(d["status"] == 200 for d in deliveries)
 
 
+def test_installing_into_the_amocrm_sandbox_takes_two_commands(stack):
+    """README: `python -m tools.install amocrm …` on the running stack (the OAuth flow over loopback), then
+    a deal changed in the sandbox reaches the connected counter through the webhook the install registered."""
+    import json
+    done = subprocess.run([sys.executable, "-m", "tools.install", "amocrm", "--api", stack["api"], "--token", stack["token"],
+                           "--counter", "4747"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["install"]["installed"] == "amocrm-32427762" and answer["install"]["webhook_registered"]
+    assert answer["config"]["connection"]["auth"] == "oauth" and answer["config"]["counter_id"] == 4747
+    lead_id = next(iter(requests.get(stack["amocrm"] + "/_sandbox/state", timeout=10).json()["leads"]))
+    requests.patch(f"{stack['amocrm']}/_sandbox/leads/{lead_id}", json={"price": 5150}, timeout=10)
+    deadline = time.monotonic() + 30
+    order = None
+    while time.monotonic() < deadline and (order or {}).get("revenue") != 5150:
+        order = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()["counters"].get(
+            "4747", {}).get("orders", {}).get(lead_id)
+        time.sleep(0.2)
+    assert order is not None and order["revenue"] == 5150, "".join(stack["lines"][-30:])
+
+
+def test_installing_the_bitrix24_app_into_the_sandbox_takes_two_commands(stack):
+    """README: `python -m tools.install bitrix24 …` on the running stack (ONAPPINSTALL verified at the
+    sandbox's OAuth server, offline events bound), then a deal added in the sandbox is queued there as an
+    offline event, the ONOFFLINEEVENT nudge reaches our API, and the drain delivers it to the counter."""
+    import json
+    done = subprocess.run([sys.executable, "-m", "tools.install", "bitrix24", "--api", stack["api"], "--portal",
+                           stack["bitrix24"], "--token", stack["token"], "--counter", "4848"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["install"]["integration_id"].startswith("b24-") and len(answer["install"]["bound"]) == 7
+    assert answer["config"]["connection"]["auth"] == "oauth" and answer["config"]["counter_id"] == 4848
+    deal = requests.post(stack["bitrix24"] + "/_sandbox/deals", timeout=10, json={
+        "title": "Заказ из приложения", "stage_id": "WON", "opportunity": "4848.00"}).json()
+    deadline = time.monotonic() + 30
+    order = None
+    while time.monotonic() < deadline and order is None:
+        order = requests.get(stack["metrika"] + "/_sandbox/state", timeout=10).json()["counters"].get(
+            "4848", {}).get("orders", {}).get(deal["ID"])
+        time.sleep(0.2)
+    assert order is not None and order["revenue"] == 4848, "".join(stack["lines"][-30:])
+    assert requests.get(stack["bitrix24"] + "/_sandbox/app", timeout=10).json()["offline_queue"] == 0
+
+
 def test_a_won_bitrix24_deal_reaches_metrika(stack):
     headers = {"Authorization": f"Bearer {stack['token']}"}
     config = {"crm": "bitrix24", "counter_id": 4343, "metrika_token": "y0_demo",
@@ -160,6 +205,7 @@ def test_history_import_cli_with_progress_bar_stops_on_ctrl_c_and_resumes(stack)
     ("/w?auth%5Bapplication_token%5D=zz&x=1", "/w?auth%5Bapplication_token%5D=[redacted]&x=1"),
     ("/w?api_key=k;password=p%20q", "/w?api_key=[redacted]"),  # the app reads "k;password=p q" as the key
     ("/webhooks/bitrix24/portal?member_id=7f3c", "/webhooks/bitrix24/portal?member_id=7f3c"),
+    ("/oauth/amocrm?code=def502&state=1.a.b&referer=x", "/oauth/amocrm?code=[redacted]&state=1.a.b&referer=x"),
     ("secret=not-a-query-parameter", "secret=not-a-query-parameter"), ("", "")])
 def test_secret_query_values_are_redacted_in_what_the_stack_prints(printed, shown):
     from sandbox.local_stack import redact_secrets

@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 56, sorted(names)  # every method of every concern
+    assert len(names) == 65, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -225,7 +225,7 @@ def test_first_mark_takes_the_lease_and_records_the_event(store, iid):
     assert mark(store, iid, "5", 1_700_000_000, action="add") is True
     state = entity(store, iid, "5")
     assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                     "last_action": "add", "queued_until": NOW + LEASE}
+                     "last_action": "add", "queued_until": NOW + LEASE, "seq": 1}
     assert isinstance(state["event_time"], int)
     assert mark(store, iid, "5", 1_700_000_001, action="status", now=NOW + 10) is False  # lease live
     assert mark(store, iid, "5", 1_700_000_002, now=NOW + LEASE) is False  # live through its last second
@@ -302,10 +302,122 @@ def test_claim_removes_the_lease_and_returns_the_state(store, iid):
     assert mark(store, iid, "5", 1_700_000_000, action="status")
     claimed = store.claim(iid, "order", "5")
     assert claimed == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                       "last_action": "status", "claimed_at": int(NOW)}
+                       "last_action": "status", "claimed_at": int(NOW), "seq": 1}
     assert entity(store, iid, "5") == claimed
     assert mark(store, iid, "5", 1_700_000_001) is True  # a new event queues a new message
     assert store.claim(iid, "order", "absent") is None and entity(store, iid, "absent") is None
+
+
+# --- EntityStore: the read before a delivery, and closing what was read -------------------------------
+
+def test_delivery_states_reads_many_without_writing(store, iid):
+    assert store.delivery_states(iid, [("order", "5")]) == {}
+    assert mark(store, iid, "5", 1_700_000_000) and mark(store, iid, "6", 1_700_000_000, kind="contact")
+    states = store.delivery_states(iid, [("order", "5"), ("contact", "6"), ("order", "absent"), ("order", "5")])
+    assert set(states) == {("order", "5"), ("contact", "6")}
+    assert states[("order", "5")] == entity(store, iid, "5") and states[("contact", "6")]["kind"] == "contact"
+    assert states[("order", "5")]["seq"] == 1 and states[("order", "5")]["queued_until"] == NOW + LEASE
+    assert_plain(states[("order", "5")])
+    states[("order", "5")]["dirty"] = False  # the caller's copy
+    assert entity(store, iid, "5")["dirty"] is True and "claimed_at" not in entity(store, iid, "5")
+    many = [("order", str(i)) for i in range(150)]  # more than one BatchGetItem holds
+    for _, crm_id in many[:120]:
+        mark(store, iid, crm_id, 1_700_000_000)
+    assert len(store.delivery_states(iid, many)) == 120
+
+
+def test_seq_counts_every_write_that_owes_a_delivery(store, iid):
+    assert mark(store, iid, "5", 1_700_000_000)
+    assert mark(store, iid, "5", 1_700_000_000) is False and entity(store, iid, "5")["seq"] == 2  # same second
+    assert mark(store, iid, "5", 1_699_999_999) is False and entity(store, iid, "5")["seq"] == 2  # stale: nothing
+    assert store.mark_resend(iid, "order", "5") == 1_700_000_000 and entity(store, iid, "5")["seq"] == 3
+    store.note_attempt(iid, "order", "5", attempts=1, error={"m": "503"}, lease_until=NOW + 30)
+    store.mark_dead_lettered(iid, "order", "5")
+    store.clear_dead_lettered(iid, "order", "5")
+    assert entity(store, iid, "5")["seq"] == 3  # the worker's own writes owe nothing new
+
+
+def test_close_with_the_version_read_ends_the_lease_and_a_hold(store, iid, clock):
+    assert mark(store, iid, "5", 1_700_000_000)
+    seen = store.delivery_states(iid, [("order", "5")])[("order", "5")]
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={"order:5": "r"},
+                            uploading_id="u", version=seen["seq"]) is True
+    state = entity(store, iid, "5")
+    assert state["dirty"] is False and "queued_until" not in state and "owner" not in state
+    assert mark(store, iid, "5", 1_700_000_001) is True  # the next event queues at once
+    # an import's hold the delivery read is the delivery's to end
+    hold = store.take_for_backfill(iid, "order", "7", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    seen = store.delivery_states(iid, [("order", "7")])[("order", "7")]
+    assert store.mark_failed(iid, "order", "7", event_time=1_700_000_000, error={"m": "bad"}, version=seen["seq"])
+    state = entity(store, iid, "7")
+    assert state["last_error"] == {"m": "bad"} and "owner" not in state and "queued_until" not in state
+    assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None) is False
+
+
+@pytest.mark.parametrize("meanwhile", ["same-second event", "newer event", "resend", "import hold", "release"])
+def test_close_with_the_version_read_fails_after_anything_owing_a_delivery(store, iid, meanwhile):
+    crm_id = "5"
+    if meanwhile == "import hold":
+        store.take_for_backfill(iid, "order", crm_id, 1_700_000_000, "h", absent=True, now=NOW - LEASE - 1,
+                                lease_seconds=LEASE)  # a crashed import's hold: its lease ran out
+        assert mark(store, iid, crm_id, 1_700_000_000) is True  # a webhook takes the lease over
+    elif meanwhile == "release":  # a stray message's delivery reads an entity an import holds
+        hold = store.take_for_backfill(iid, "order", crm_id, 1_700_000_000, "h", absent=True, now=NOW,
+                                       lease_seconds=LEASE)
+    else:
+        assert mark(store, iid, crm_id, 1_700_000_000)
+    seen = store.delivery_states(iid, [("order", crm_id)])[("order", crm_id)]
+    if meanwhile == "same-second event":
+        assert mark(store, iid, crm_id, 1_700_000_000) is False  # the live lease: nothing queued
+    elif meanwhile == "newer event":
+        assert mark(store, iid, crm_id, 1_700_000_005) is False
+    elif meanwhile == "resend":
+        store.mark_resend(iid, "order", crm_id)
+    elif meanwhile == "import hold":
+        assert store.take_for_backfill(iid, "order", crm_id, 1_700_000_000, "h", now=NOW, lease_seconds=LEASE)
+    else:
+        assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None)
+    before = entity(store, iid, crm_id)
+    for close in (lambda: store.mark_clean(iid, "order", crm_id, event_time=seen["event_time"], content_hash="x",
+                                           row_hashes={}, uploading_id="u2", version=seen["seq"]),
+                  lambda: store.mark_failed(iid, "order", crm_id, event_time=seen["event_time"], error={"m": "x"},
+                                            version=seen["seq"])):
+        assert close() is False
+        assert entity(store, iid, crm_id) == before  # nothing written
+
+
+def test_an_event_in_the_hold_s_own_second_is_not_absorbed_by_the_release(store, iid):
+    """Recorded during an import's hold with the very time the import read: the release refuses (the
+    caller queues the entity), so the live path delivers the change the import's read may have missed."""
+    hold = store.take_for_backfill(iid, "order", "5", 1_700_000_000, "h", absent=True, now=NOW, lease_seconds=LEASE)
+    assert mark(store, iid, "5", 1_700_000_000) is False  # the hold's lease is live: nothing queued
+    assert store.release_backfilled(hold, content_hash="h", uploading_id="u", last_order=None, facts=None) is False
+    assert entity(store, iid, "5")["dirty"] is True
+
+
+def test_close_of_a_legacy_item_without_seq(store, iid):
+    """Items recorded before `seq` existed: version 0 stands for none, and any event since adds one."""
+    assert mark(store, iid, "5", 1_700_000_000)
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id=None, version=0) is False  # it has seq 1: recorded after the read
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id=None, version=1) is True
+
+
+def test_renew_queue_lease_only_when_the_lease_is_still_the_one_read(store, iid):
+    assert store.renew_queue_lease(iid, "order", "absent", seen=None, until=NOW + 10) is False
+    assert entity(store, iid, "absent") is None  # nothing created
+    assert mark(store, iid, "5", 1_700_000_000)
+    read = store.delivery_states(iid, [("order", "5")])[("order", "5")]["queued_until"]
+    assert store.renew_queue_lease(iid, "order", "5", seen=read + 1, until=NOW + 10) is False
+    assert store.renew_queue_lease(iid, "order", "5", seen=read, until=NOW + 900.5) is True
+    assert entity(store, iid, "5")["queued_until"] == NOW + 900.5
+    assert store.renew_queue_lease(iid, "order", "5", seen=read, until=NOW + 10) is False  # another's now
+    store.claim(iid, "order", "5")  # no lease: `seen` None
+    assert store.renew_queue_lease(iid, "order", "5", seen=None, until=NOW + 20) is True
+    assert store.mark_clean(iid, "order", "5", event_time=1_700_000_000, content_hash="h", row_hashes={},
+                            uploading_id=None, version=1) is True
+    assert store.renew_queue_lease(iid, "order", "5", seen=None, until=NOW + 30) is False  # clean: owes nothing
 
 
 # --- EntityStore: outcomes ---------------------------------------------------------------------------
@@ -322,7 +434,7 @@ def test_mark_clean_records_what_was_sent(store, iid, clock):
     assert state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False,
                      "last_action": "update", "content_hash": "h1", "row_hashes": {"order:5": "r1", "contact:9": "r2"},
                      "uploading_id": "up-1", "sent_at": int(NOW + 50), "attempts": 0, "last_order": '{"id": "5"}',
-                     "facts": {"late": False, "revenue": 12.5}, "claimed_at": int(NOW)}
+                     "facts": {"late": False, "revenue": 12.5}, "claimed_at": int(NOW), "seq": 1}
     # None → "" for the upload and the order; facts not given are kept; row hashes None are forgotten
     assert mark(store, iid, "5", 1_700_000_001) and store.claim(iid, "order", "5")
     assert store.mark_clean(iid, "order", "5", event_time=1_700_000_001, content_hash="h2", row_hashes=None,
@@ -565,18 +677,62 @@ def test_returned_state_is_a_copy(store, iid):
 # --- UploadStore, ProductStore -----------------------------------------------------------------------
 
 def test_uploads(store, iid, clock):
-    assert store.uploads(iid) == []
+    assert store.uploads(iid) == [] and store.pending_uploads(iid) == [] and store.recent_uploads(iid, limit=50) == []
     store.record_upload(iid, "u2", kind="contacts", rows=3)
     clock.t = NOW + 1
     store.record_upload(iid, "u1", kind="orders", rows=7)
+    pending = [{"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "SENT", "sent_at": int(NOW),
+                "expires_at": int(NOW) + 14 * 86400},
+               {"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "SENT", "sent_at": int(NOW + 1),
+                "expires_at": int(NOW + 1) + 14 * 86400}]
+    assert store.pending_uploads(iid) == pending  # oldest sent first
+    assert store.uploads(iid) == pending[::-1] and store.recent_uploads(iid, limit=50) == []
     clock.t = NOW + 60
     store.confirm_upload(iid, "u1", "PASSED", 7)
     store.confirm_upload(iid, "u2", "FAILED", None)
-    assert store.uploads(iid) == [
-        {"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "PASSED", "sent_at": int(NOW + 1),
-         "elements_count": 7, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400},
-        {"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
-         "elements_count": 0, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400}]
+    final = [{"uploading_id": "u1", "kind": "orders", "rows": 7, "status": "PASSED", "sent_at": int(NOW + 1),
+              "elements_count": 7, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400},
+             {"uploading_id": "u2", "kind": "contacts", "rows": 3, "status": "FAILED", "sent_at": int(NOW),
+              "elements_count": 0, "confirmed_at": int(NOW + 60), "expires_at": int(NOW + 60) + 30 * 86400}]
+    assert store.uploads(iid) == final and store.pending_uploads(iid) == []
+    assert store.recent_uploads(iid, limit=50) == final  # newest sent first
+    assert store.recent_uploads(iid, limit=1) == final[:1] and store.recent_uploads(iid, limit=0) == []
+    assert_plain(store.recent_uploads(iid, limit=5))
+
+
+def test_recent_uploads_are_the_last_sent_and_the_limit_is_checked(store, iid, clock):
+    for n in range(12):
+        clock.t = NOW + (n // 2)  # two uploads in each second: the uploading id orders them
+        store.record_upload(iid, f"u{n:02d}", kind="orders", rows=1)
+    clock.t = NOW + 100
+    for n in range(12):
+        store.confirm_upload(iid, f"u{n:02d}", "PASSED", 1)
+    assert [u["uploading_id"] for u in store.recent_uploads(iid, limit=5)] == ["u11", "u10", "u09", "u08", "u07"]
+    returned = store.recent_uploads(iid, limit=3)
+    returned[0]["status"] = "changed by the caller"
+    assert store.recent_uploads(iid, limit=1)[0]["status"] == "PASSED"
+    for bad in (-1, 1001, 2.5, "5", True, None, 10 ** 2000):
+        with pytest.raises(ValueError, match="limit"):
+            store.recent_uploads(iid, limit=bad)
+
+
+def test_confirming_an_upload_not_pending_changes_nothing(store, iid, clock):
+    store.confirm_upload(iid, "never-recorded", "PASSED", 1)
+    assert store.uploads(iid) == [] and store.recent_uploads(iid, limit=5) == []
+    store.record_upload(iid, "u1", kind="orders", rows=1, entities=[("order", "5")])
+    clock.t = NOW + 60
+    store.confirm_upload(iid, "u1", "FAILED", 0, resent=1)
+    clock.t = NOW + 120  # a second confirmation (another run that read it pending) keeps the first
+    store.confirm_upload(iid, "u1", "PASSED", 1)
+    assert [(u["status"], u["confirmed_at"], u["resent"]) for u in store.uploads(iid)] == [("FAILED", int(NOW + 60), 1)]
+    assert len(store.recent_uploads(iid, limit=5)) == 1
+
+
+def test_recording_an_id_again_replaces_the_pending_upload(store, iid, clock):
+    store.record_upload(iid, "u1", kind="orders", rows=1)
+    clock.t = NOW + 5
+    store.record_upload(iid, "u1", kind="orders", rows=2)
+    assert [(u["rows"], u["sent_at"]) for u in store.pending_uploads(iid)] == [(2, int(NOW + 5))]
 
 
 def stored_expiry(store, kind: str, *key: str) -> int | None:
@@ -603,12 +759,12 @@ def test_an_uploads_entity_list_outlives_every_chance_to_confirm_it():
     assert CARRIED_TTL >= GIVE_UP_AFTER + UPLOAD_RECORD_TTL
 
 
-def test_upload_records_expire_30_days_after_their_final_status(store, iid, clock):
+def test_every_upload_record_expires(store, iid, clock):
     store.record_upload(iid, "u1", kind="orders", rows=2, entities=[("order", "5"), ("contact", "9")])
     store.record_upload(iid, "u2", kind="orders", rows=1)  # nothing carried: no list to expire
-    # Still SENT: the record never expires (it is confirmed or given up within days); the list it carries
-    # expires only after the upload could no longer be confirmed, should a crash leave it behind.
-    assert "expires_at" not in store.uploads(iid)[0]
+    # Still SENT: the record expires after 14 days, should confirmation never run again; the list it
+    # carries expires only after the upload could no longer be confirmed, should a crash leave it behind.
+    assert [u["expires_at"] for u in store.pending_uploads(iid)] == [int(NOW) + 14 * 86400] * 2
     assert stored_expiry(store, "carried", iid, "u1") == int(NOW) + 32 * 86400
     assert stored_expiry(store, "carried", iid, "u2") is None
     for status, at in (("FAILED", NOW + 7200), ("UNCONFIRMED", NOW + 2 * 86400)):
@@ -618,9 +774,14 @@ def test_upload_records_expire_30_days_after_their_final_status(store, iid, cloc
     assert by_id["u1"]["expires_at"] == int(NOW + 7200) + 30 * 86400
     assert by_id["u2"]["expires_at"] == int(NOW + 2 * 86400) + 30 * 86400
     assert store.upload_entities(iid, "u1") == [] and stored_expiry(store, "carried", iid, "u1") is None
-    clock.t = NOW + 10 * 86400  # confirmed again (a re-run after a crash): the 30 days count from then
-    store.confirm_upload(iid, "u1", "FAILED", 2)
-    assert {u["uploading_id"]: u for u in store.uploads(iid)}["u1"]["expires_at"] == int(NOW + 10 * 86400) + 30 * 86400
+
+
+def test_a_pending_upload_expires_before_its_entity_list_and_after_confirmation_gives_up():
+    from chalicelib.operations import GIVE_UP_AFTER, UNCONFIRMED_AFTER
+    from chalicelib.store import CARRIED_TTL, PENDING_UPLOAD_TTL
+    # Reported (6 h) and given up (2 days) long before it expires; DynamoDB may delete it up to two days
+    # late and reads return it until then, so its list must outlast that too.
+    assert UNCONFIRMED_AFTER < GIVE_UP_AFTER < PENDING_UPLOAD_TTL and PENDING_UPLOAD_TTL + 2 * 86400 < CARRIED_TTL
 
 
 def test_products(store, iid):
@@ -781,7 +942,7 @@ def test_take_and_release_for_backfill(store, iid, clock, absent):
     assert isinstance(hold, Hold)
     assert (hold.integration_id, hold.kind, hold.crm_id, hold.event_time) == (iid, "order", "5", 1_700_000_000)
     assert hold.state == {"kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": True,
-                          "queued_until": NOW + LEASE, "last_action": "backfill", "owner": hold.owner}
+                          "queued_until": NOW + LEASE, "last_action": "backfill", "owner": hold.owner, "seq": 1}
     assert_plain(hold.state) and isinstance(hold.event_time, int)
     assert entity(store, iid, "5") == hold.state
     clock.t = NOW + 30
@@ -790,7 +951,7 @@ def test_take_and_release_for_backfill(store, iid, clock, absent):
     assert entity(store, iid, "5") == {
         "kind": "order", "crm_id": "5", "event_time": 1_700_000_000, "dirty": False, "last_action": "backfill",
         "content_hash": "h1", "row_hashes": {"order:5": "r"}, "uploading_id": "u1", "sent_at": int(NOW + 30),
-        "attempts": 0, "last_order": '{"id": "5"}', "facts": {"late": True}}
+        "attempts": 0, "last_order": '{"id": "5"}', "facts": {"late": True}, "seq": 2}
     assert store.release_backfilled(hold, content_hash="h1", uploading_id="u1", last_order=None, facts=None) is False
     assert mark(store, iid, "5", 1_700_000_001) is True  # no lease left behind
 
@@ -1027,7 +1188,7 @@ def test_an_upload_keeps_its_entities_until_confirmed(store, iid, clock):
     store.record_upload(iid, "u2", kind="orders", rows=1)  # none recorded (an older caller)
     assert store.upload_entities(iid, "u1") == [("contact", "9"), ("order", "10"), ("order", "5")]
     assert store.upload_entities(iid, "u2") == [] and store.upload_entities(iid, "nope") == []
-    assert "entities" not in store.uploads(iid)[0]  # reading every upload stays cheap
+    assert "entities" not in store.uploads(iid)[0] and "entities" not in store.pending_uploads(iid)[0]
     clock.t = NOW + 60
     store.confirm_upload(iid, "u1", "FAILED", 2, resent=2)
     store.confirm_upload(iid, "u2", "UNCONFIRMED", None)
@@ -1243,3 +1404,94 @@ def test_entity_summary_counts_what_it_read_and_stops_at_its_limit(store, iid):
     assert capped["scanned"] == 2 and capped["complete"] is False
     exact = store.entity_summary(iid, limit=4)
     assert exact["scanned"] == 4 and exact["complete"] is True
+
+# --- TokenStore --------------------------------------------------------------------------------------
+
+PAIR = {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW) + 86400}
+
+
+def test_tokens_round_trip_and_versions(store, iid, clock):
+    assert store.get_tokens(iid) is None
+    assert store.put_tokens(iid, dict(PAIR, endpoint="https://oauth.example/rest/")) == 1
+    got = store.get_tokens(iid)
+    assert got == dict(PAIR, endpoint="https://oauth.example/rest/", version=1, refreshed_at=int(NOW))
+    assert_plain(got)
+    got["access_token"] = "changed by the caller"
+    assert store.get_tokens(iid)["access_token"] == "access-1"
+    clock.t = NOW + 5
+    assert store.put_tokens(iid, {"access_token": "a2", "refresh_token": "r2", "expires_at": YEAR_2100}) == 2
+    assert store.get_tokens(iid) == {"access_token": "a2", "refresh_token": "r2", "expires_at": YEAR_2100,
+                                     "endpoint": "https://oauth.example/rest/", "version": 2,
+                                     "refreshed_at": int(NOW) + 5}
+
+
+def test_tokens_live_beside_the_config_and_go_with_the_integration(store, iid):
+    store.put_integration(iid, {"crm": "amocrm", "counter_id": 1})
+    store.put_tokens(iid, PAIR)
+    store.put_integration(iid, {"crm": "amocrm", "counter_id": 2})  # a config PUT leaves the tokens alone
+    assert store.get_tokens(iid)["access_token"] == "access-1"
+    assert "access_token" not in str(store.get_integration(iid))
+    assert store.list_integration_ids().count(iid) == 1
+    assert store.delete_integration(iid)
+    assert store.get_tokens(iid) is None
+
+
+def test_the_refresh_lease_goes_to_one_caller_at_the_version_read(store, iid):
+    assert not store.take_refresh_lease(iid, version=0, owner="a", now=NOW, until=NOW + 30)  # no item
+    store.put_tokens(iid, PAIR)
+    assert not store.take_refresh_lease(iid, version=2, owner="a", now=NOW, until=NOW + 30)  # not that version
+    assert store.take_refresh_lease(iid, version=1, owner="a", now=NOW, until=NOW + 30)
+    assert not store.take_refresh_lease(iid, version=1, owner="b", now=NOW + 30, until=NOW + 60)  # still live
+    assert store.get_tokens(iid)["lease_owner"] == "a"
+    assert store.take_refresh_lease(iid, version=1, owner="b", now=NOW + 30.5, until=NOW + 60.5)  # "a" died
+    assert store.get_tokens(iid)["lease_owner"] == "b"
+    assert store.get_tokens(iid)["refreshing_until"] == NOW + 60.5
+
+
+def test_of_concurrent_refreshers_one_takes_the_lease(racing_store, iid):
+    racing_store.put_tokens(iid, PAIR)
+    won = race(*[lambda o=o: racing_store.take_refresh_lease(iid, version=1, owner=o, now=NOW, until=NOW + 30)
+                 for o in "abcd"])
+    assert won.count(True) == 1
+
+
+def test_finish_refresh_stores_the_pair_at_the_version_read_only(store, iid, clock):
+    store.put_tokens(iid, PAIR)
+    store.take_refresh_lease(iid, version=1, owner="a", now=NOW, until=NOW + 30)
+    store.take_refresh_lease(iid, version=1, owner="b", now=NOW + 31, until=NOW + 61)  # took over from "a"
+    clock.t = NOW + 40
+    new = {"access_token": "a2", "refresh_token": "r2", "expires_at": int(NOW) + 90000}
+    # the slow "a" still stores its pair: the version is the one it read, and its pair is what the CRM honours
+    assert store.finish_refresh(iid, version=1, tokens=new)
+    assert store.get_tokens(iid) == dict(new, version=2, refreshed_at=int(NOW) + 40)
+    assert not store.finish_refresh(iid, version=1, tokens=dict(new, access_token="a3"))  # "b" comes too late
+    assert not store.release_refresh(iid, version=1, owner="b", failure={"code": 401, "message": "m", "at": 1})
+    assert store.get_tokens(iid)["access_token"] == "a2" and "failure" not in store.get_tokens(iid)
+
+
+def test_release_refresh_records_a_failure_and_an_install_clears_it(store, iid):
+    store.put_tokens(iid, PAIR)
+    store.take_refresh_lease(iid, version=1, owner="a", now=NOW, until=NOW + 30)
+    assert not store.release_refresh(iid, version=1, owner="x", failure=None)  # not the holder
+    failure = {"code": 401, "message": "reinstall the integration", "at": int(NOW)}
+    assert store.release_refresh(iid, version=1, owner="a", failure=failure)
+    got = store.get_tokens(iid)
+    assert got["failure"] == failure and "lease_owner" not in got and "refreshing_until" not in got
+    assert store.take_refresh_lease(iid, version=1, owner="c", now=NOW, until=NOW + 30)
+    assert store.release_refresh(iid, version=1, owner="c", failure=None)  # a transient failure: lease only
+    assert store.get_tokens(iid)["failure"] == failure
+    store.take_refresh_lease(iid, version=1, owner="d", now=NOW, until=NOW + 30)
+    assert store.put_tokens(iid, dict(PAIR, access_token="reinstalled")) == 2
+    got = store.get_tokens(iid)
+    assert {"failure", "lease_owner", "refreshing_until"}.isdisjoint(got) and got["access_token"] == "reinstalled"
+    assert not store.finish_refresh(iid, version=1, tokens=PAIR)  # the refresh under way lost to the install
+
+
+def test_token_values_the_store_refuses_change_nothing(store, iid):
+    store.put_tokens(iid, PAIR)
+    with pytest.raises((TypeError, ClientError)):
+        store.put_tokens(iid, {"access_token": "x", "expires_at": float("nan")})
+    assert store.get_tokens(iid) == dict(PAIR, version=1, refreshed_at=int(NOW))
+    big = 10 ** 37  # DynamoDB's numbers hold 38 digits: a 2,000-digit expiry is refused upstream (oauth)
+    assert store.put_tokens(iid, dict(PAIR, expires_at=big)) == 2
+    assert store.get_tokens(iid)["expires_at"] == big

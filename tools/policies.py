@@ -49,8 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHALICE_DIR = ROOT / ".chalice"
 
 # The resources a function may touch, by role in the app (resolved per stage by `resources`).
-CONFIG, STATE, QUOTA, EVENTS, DEAD_LETTERS, ADMIN_TOKEN = (
-    "config_table", "state_table", "quota_table", "events_queue", "dead_letter_queue", "admin_token")
+CONFIG, STATE, QUOTA, EVENTS, DEAD_LETTERS, ADMIN_TOKEN, AMOCRM_SECRET, BITRIX24_SECRET = (
+    "config_table", "state_table", "quota_table", "events_queue", "dead_letter_queue", "admin_token",
+    "amocrm_client_secret", "bitrix24_client_secret")
 
 _DYNAMO_READ = ("dynamodb:GetItem", "dynamodb:Query")
 
@@ -60,8 +61,14 @@ _DYNAMO_READ = ("dynamodb:GetItem", "dynamodb:Query")
 ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     # Routes: webhooks (record, large bodies into the inbox), admin routes (integrations, mappings,
     # catalogue, history import start, reconcile, confirm, status, replay, delete), dead-letter redrive.
+    # Installs from amoCRM (chalicelib/amocrm_install.py) and of the Bitrix24 application
+    # (chalicelib/bitrix24_app.py): each CRM's client secret (SSM), the tokens item
+    # (UpdateItem: a version written atomically, chalicelib/oauth.py).
     "api_handler": {
-        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:Scan"),
+        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
+                 "dynamodb:Scan"),
+        AMOCRM_SECRET: ("ssm:GetParameter",),
+        BITRIX24_SECRET: ("ssm:GetParameter",),
         STATE: ("dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
                 "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
@@ -76,9 +83,13 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     # The worker: deliveries, retries, inbox expansion, history-import steps, dead-letter flags, and each
     # integration's scheduled jobs (reconciliation: sweep, CRM changes, re-queue; confirmation: Metrika's
-    # upload listing, FAILED uploads sent again, their CARRIED# items deleted; the jobs' cursors).
+    # upload listing, FAILED uploads sent again, a settled upload's pending record replaced by its
+    # final one and its CARRIED# items deleted; the jobs' cursors).
+    # Installed (OAuth) integrations refresh their tokens: the tokens item, and each CRM's client secret.
     "on_events_message": {
-        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Scan"),
+        CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Scan"),
+        AMOCRM_SECRET: ("ssm:GetParameter",),
+        BITRIX24_SECRET: ("ssm:GetParameter",),
         STATE: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
                 "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
@@ -90,6 +101,10 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
     "confirm_uploads": {
+        CONFIG: ("dynamodb:Scan",),
+        EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
+    },
+    "refresh_tokens": {
         CONFIG: ("dynamodb:Scan",),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
     },
@@ -108,7 +123,8 @@ EVENT_SOURCE: dict[str, dict[str, tuple[str, ...]]] = {
 LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
 FUNCTIONS = tuple(ACCESS)
 _SIDS = {CONFIG: "ConfigTable", STATE: "StateTable", QUOTA: "QuotaTable", EVENTS: "EventsQueue",
-         DEAD_LETTERS: "DeadLetterQueue", ADMIN_TOKEN: "AdminToken"}
+         DEAD_LETTERS: "DeadLetterQueue", ADMIN_TOKEN: "AdminToken", AMOCRM_SECRET: "AmoCrmClientSecret",
+         BITRIX24_SECRET: "Bitrix24ClientSecret"}
 
 
 def function_name(stage: str, function: str) -> str:
@@ -152,7 +168,10 @@ def resources(settings: Settings) -> dict[str, str]:
     return {CONFIG: table_arn(settings.config_table), STATE: table_arn(settings.state_table),
             QUOTA: table_arn(settings.quota_table), EVENTS: queue_arn(settings.events_queue),
             DEAD_LETTERS: queue_arn(settings.dead_letter_queue),
-            ADMIN_TOKEN: parameter_arn(settings.admin_token_parameter)}
+            ADMIN_TOKEN: parameter_arn(settings.admin_token_parameter),
+            AMOCRM_SECRET: parameter_arn(settings.amocrm_client_secret_parameter
+                                         or f"/{APP_NAME}/{settings.stage}/amocrm-client-secret"),
+            BITRIX24_SECRET: parameter_arn(settings.bitrix24_client_secret_parameter)}
 
 
 def policy(stage: str, function: str, settings: Settings | None = None) -> dict:

@@ -3,8 +3,9 @@ every Lambda through DynamoDB (Metrika quotas: 3 parallel requests and 5,000 a d
 00:00 GMT — https://yandex.ru/dev/metrika/ru/intro/quotas "Квотирование").
 
 Both refusals are the taxonomy's `Transient` (source "metrika"), as Metrika's own 429s would be: no
-free slot within `max_wait` (retry in a few seconds), and today's budget spent (`daily_quota`, retry
-at 00:00 UTC; waiting for it is not a failed attempt).
+free slot within `max_wait` (`Busy`: retry in a few seconds; our own requests held the slots, so not a
+failed attempt), and today's budget spent (`daily_quota`, retry at 00:00 UTC; waiting for it is not a
+failed attempt either).
 
 The leases are what holds the limit: the worker runs many invocations (app.py's WORKER_CONCURRENCY), each
 several integrations at once, and the admin routes call Metrika too. Within one process a token's
@@ -29,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 from .. import deadline, metrics
-from ..errors import OutOfTime, Transient
+from ..errors import Busy, OutOfTime, Transient
 from .cdp import SOURCE, seconds_until_quota_reset
 
 
@@ -95,8 +96,11 @@ class QuotaGovernor:
         if wait < self._max_wait:
             return OutOfTime(f"no Metrika request slot came free in the {max(wait, 0.0):.1f} s this invocation "
                              f"had left ({self._parallel} in flight for this token)", source=SOURCE, retry_after=5)
-        return Transient(f"{self._parallel} Metrika requests already in flight for this token; try later",
-                         source=SOURCE, retry_after=5)
+        # Our own workers' requests fill the slots (up to 80 threads share a token's 3): not an attempt.
+        # As no attempt is counted the worker's backoff does not grow, so the retry waits as long as this
+        # wait did: a saturated token is not polled by the same entities every few seconds.
+        return Busy(f"{self._parallel} Metrika requests already in flight for this token; try later",
+                    source=SOURCE, retry_after=max(5.0, self._max_wait))
 
     @contextmanager
     def _leased(self, slot: int, owner: str) -> Iterator[None]:

@@ -23,8 +23,10 @@ Entity state (one per CRM entity, under its integration) holds: `kind` ("order"/
 present while a message for the entity is believed to be on its way; a lease that has passed means the
 message was lost), `last_action`, `attempts`, `last_error`, `failed_at`, `content_hash`, `row_hashes`
 (row id → hash of the rows Metrika accepted), `uploading_id`, `sent_at`, `last_order` (JSON of the
-order as sent), `facts`, `owner` (set while a history import holds the entity), and `dead_lettered_at`
-(set while the entity's message is believed to be in the dead-letter queue).
+order as sent), `facts`, `owner` (set while a history import holds the entity), `dead_lettered_at`
+(set while the entity's message is believed to be in the dead-letter queue), and `seq` (a count of the
+writes that owe a delivery: each event recorded, resend and history-import hold or release adds one, so a
+delivery that read the state closes it only if nothing was recorded since, even in the same second).
 """
 from __future__ import annotations
 
@@ -57,6 +59,13 @@ UPLOAD_RECORD_TTL = 30 * DAY  # an upload's record: 30 days after its final stat
 # behind. It must outlast the longest an upload stays SENT (operations.GIVE_UP_AFTER, 2 days) and its
 # record's 30 days, so a list is never gone while its upload can still be confirmed FAILED and re-sent.
 CARRIED_TTL = 32 * DAY
+# An upload still waiting for its final status (SENT) expires too, so a record nobody confirms is not kept
+# for ever: confirmation settles every upload within operations.GIVE_UP_AFTER (2 days; past 6 h the status
+# page reports it), so a SENT record this old means confirmation has not run (the schedule was off, the
+# Metrika token revoked, Metrika down). Two weeks leaves an operator that long to notice on the status
+# page (`unconfirmed_over_6h`) and bring confirmation back, which then still finds the upload and settles
+# it; CARRIED_TTL outlasts it (and DynamoDB's up-to-two-day lag in deleting it) so its entities are there.
+PENDING_UPLOAD_TTL = 14 * DAY
 DAY_COUNTER_TTL = 3 * DAY  # a Metrika day counter: 3 days after its UTC day ends
 
 
@@ -66,6 +75,15 @@ def day_counter_expiry(day: str) -> int:
     from datetime import datetime, timezone
     start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
     return int(start.timestamp()) + DAY + DAY_COUNTER_TTL
+
+
+RECENT_UPLOADS_MAX = 1000  # `recent_uploads`' largest `limit`: one DynamoDB query page of small records
+
+
+def check_recent_limit(limit: Any) -> None:
+    """`recent_uploads`' `limit`: a whole number from 0 to RECENT_UPLOADS_MAX, or ValueError."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= RECENT_UPLOADS_MAX:
+        raise ValueError(f"limit must be a whole number from 0 to {RECENT_UPLOADS_MAX}, not {limit!r}"[:120])
 
 
 def plain(value: Any) -> Any:
@@ -168,7 +186,8 @@ class EntityStore(Protocol):
         (a bogus future time, overwritten so the entity is not frozen). Equal times pass. A stale event
         writes nothing and returns False.
 
-        When recorded: no lease → take it (until `now + lease_seconds`), True. A live lease (not before
+        When recorded, `seq` counts one more (even at an equal time: see `mark_clean`'s `version`), and:
+        no lease → take it (until `now + lease_seconds`), True. A live lease (not before
         `now`) → False: the pending message covers this change too, so a burst costs one message. An
         expired lease (its message was lost) → taken over, True. Of concurrent callers, exactly one
         gets True for one missing or expired lease."""
@@ -181,22 +200,42 @@ class EntityStore(Protocol):
         """The worker takes the entity for delivery: drops the queue lease (from now on a new event
         queues a new message) and a history import's hold, and stamps `claimed_at` (the stuck sweep
         leaves a fresh claim alone). Returns the state (as `get_entity`), or None when the entity has no
-        state (e.g. its integration was deleted)."""
+        state (e.g. its integration was deleted). One write: the worker claims only for a message SQS
+        handed out again (a worker died on it); a first receive reads (`delivery_states`)."""
+
+    def delivery_states(self, integration_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        """The state of each of `keys` that has one (as `get_entity`), keyed as asked: the worker's read
+        before a delivery, in place of a claim. One bulk read (strongly consistent), no write: the queue
+        lease stays while the delivery runs (an event meanwhile records its time and counts `seq`, and
+        queues nothing), and the delivery closes the entity with the `seq` it read (`mark_clean`'s
+        `version`) or, if that fails, renews the lease it saw and queues (`renew_queue_lease`)."""
+
+    def renew_queue_lease(self, integration_id: str, kind: str, crm_id: str, *, seen: float | None,
+                          until: float) -> bool:
+        """A delivery could not close the entity (recorded since its read): take the queue lease until
+        `until`, only if the entity is dirty and its lease is still the one the delivery read (`seen`,
+        None: none). True: no one else took a lease since, so no other message is on its way and the
+        caller must send one (if it dies first, the lease runs out and the stuck sweep queues it; SQS
+        also hands the caller's own message out again). False: whoever took the lease queued."""
 
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
                    row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
-                   facts: dict | None = None) -> bool:
+                   facts: dict | None = None, version: int | None = None) -> bool:
         """Delivered the state seen at `event_time`: dirty=False, content_hash, row_hashes (None removes
         them: unknown), uploading_id ("" for None), sent_at=now, attempts=0, last_order ("" for None), facts (when
-        given); last_error and dead_lettered_at removed. Only if the entity is as the claim saw it: the
-        stored event time is still `event_time` and no lease was taken since (an event recorded
-        meanwhile, even one with the same time, takes a lease and queues its own message). False
-        otherwise; it stays dirty."""
+        given); last_error and dead_lettered_at removed. Only if the entity is as the delivery saw it: the
+        stored event time is still `event_time` and, with `version` (the `seq` of the state as read,
+        0 when it had none), `seq` is still that (nothing recorded since, even in the same second): then
+        the queue lease and a history import's hold are removed too, in the same write. Without
+        `version` (the entity was claimed): no lease was taken since (an event recorded meanwhile, even
+        one with the same time, takes a lease and queues its own message). False otherwise; it stays
+        dirty."""
 
-    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict,
+                    version: int | None = None) -> bool:
         """Park the entity (a permanent error that needs a person): dirty=False, last_error=error,
         failed_at=now, content_hash and dead_lettered_at removed (rows may have gone up before the
-        refusal). Same condition and answer as `mark_clean`."""
+        refusal). Same condition, answer and `version` as `mark_clean`."""
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
                      lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
@@ -237,7 +276,7 @@ class EntityStore(Protocol):
 
     def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
         """Metrika reported an upload that carried this entity as failed: forget what was sent and owe a
-        delivery, in one atomic write. content_hash removed; row_hashes set to {} (Metrika holds none of
+        delivery, in one atomic write. `seq` counts one more; content_hash removed; row_hashes set to {} (Metrika holds none of
         its rows; an absent map would fall back to `last_order`); dirty=True; a history import's hold
         (`owner`) dropped; and, unless a live lease exists, a lease that has already run out
         (queued_until=0). So a delivery that read the old state cannot close the entity (`mark_clean`,
@@ -265,29 +304,49 @@ class EntityStore(Protocol):
 
 
 class UploadStore(Protocol):
-    """Uploads Metrika accepted, until their final validation status is read."""
+    """Uploads Metrika accepted: each waits (SENT, "pending") until confirmation reads its final status,
+    then stays on record UPLOAD_RECORD_TTL for the status page. Confirmation reads only the pending
+    uploads (`pending_uploads`) and the status page only those and the last few final ones
+    (`recent_uploads`): neither reads the history, so their cost does not grow with it. Every record
+    expires (pending ones after PENDING_UPLOAD_TTL)."""
 
     def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
                       entities: list[tuple[str, str]] = ()) -> None:
-        """A new upload: status "SENT", sent_at=now, and the entities ((kind, crm_id)) whose rows it
-        carried, kept apart from the upload's record (`upload_entities`) until it is confirmed (and
-        expiring CARRIED_TTL after now, should a crash leave them). Any number of entities fits
-        (DynamoDB splits them over several items below 400 KB each)."""
+        """A new pending upload: status "SENT", sent_at=now, expires_at=now + PENDING_UPLOAD_TTL, and the
+        entities ((kind, crm_id)) whose rows it carried, kept apart from the upload's record
+        (`upload_entities`) until it is confirmed (and expiring CARRIED_TTL after now, should a crash
+        leave them). The entities are written first: a pending upload always has its whole list. Any
+        number of entities fits (DynamoDB splits them over several items below 400 KB each). Recording
+        the same id again while it is pending replaces the pending record (Metrika gives every upload a
+        new id: recording a confirmed upload's id again is not expected, and the stores may differ)."""
 
     def uploads(self, integration_id: str) -> list[dict]:
-        """[{"uploading_id", "kind", "rows", "status", "sent_at", ("elements_count", "confirmed_at",
-        "resent", "expires_at")}], ordered by uploading_id; without the entities (reading every upload
-        stays cheap)."""
+        """Every upload on record, pending and final: [{"uploading_id", "kind", "rows", "status", "sent_at",
+        ("elements_count", "confirmed_at", "resent", "expires_at")}], ordered by uploading_id; without the
+        entities. Reads the whole history: for tools and tests. Confirmation and the status page use
+        `pending_uploads` and `recent_uploads`."""
+
+    def pending_uploads(self, integration_id: str) -> list[dict]:
+        """The uploads still SENT (as `uploads` lists them), oldest sent first (then by uploading_id). Its
+        cost depends on how many are pending, not on how many were confirmed. Uploads recorded by older
+        code (one record per upload, whatever its status) are found too."""
+
+    def recent_uploads(self, integration_id: str, *, limit: int) -> list[dict]:
+        """The `limit` final (confirmed) uploads sent last, newest first (by sent_at, then uploading_id):
+        one read of at most `limit` records, however long the history. ValueError unless 0 <= limit <= 1000."""
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         """The (kind, crm_id) of every entity the upload carried, sorted, each once; [] when none were
-        recorded or the upload is confirmed."""
+        recorded or the upload is confirmed (a process that died while confirming, after the upload stopped
+        being pending, may leave its list until it expires: nothing reads it for an upload not pending)."""
 
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
-        """The upload's final status: status, elements_count (0 for None), confirmed_at=now, `resent`
-        (entities queued again) when given, expires_at=now + UPLOAD_RECORD_TTL; its entity list is
-        dropped."""
+        """The pending upload's final status: status, elements_count (0 for None), confirmed_at=now,
+        `resent` (entities queued again) when given, expires_at=now + UPLOAD_RECORD_TTL; it is no longer
+        pending and its entity list is dropped, in that order (a crash in between leaves it pending with
+        its list, and confirming it again gives one record). An upload that is not pending (unknown, or
+        confirmed already) is left as it is."""
 
 
 class ProductStore(Protocol):
@@ -362,7 +421,8 @@ class ImportStore(Protocol):
         was recorded since. Taking sets event_time, dirty, the
         import's owner mark and a queue lease until `now + lease_seconds`; while it is live, webhooks
         record newer events without queueing (see `release_backfilled`), and once it expired (a
-        crashed import) a webhook takes the lease over and queues. None when not taken.
+        crashed import) a webhook takes the lease over and queues. Taking counts one more `seq`. None
+        when not taken.
 
         `absent`: the caller just found no state, so a cheaper create-if-absent is tried first."""
 
@@ -373,8 +433,10 @@ class ImportStore(Protocol):
         (content_hash, row_hashes (None removes them), uploading_id, sent_at=now, attempts=0,
         last_order, facts when given; last_error removed) or, with `error`, parked (last_error,
         failed_at=now, content_hash removed); dead_lettered_at removed either way. Only if no newer
-        event came and nobody claimed the entity since the hold (event time and owner unchanged): one
-        atomic check-and-write. False otherwise: the entity stays dirty, and the caller must queue a
+        event came and nobody claimed the entity since the hold (event time and owner unchanged) and
+        nothing was recorded since (`seq` as held: an event in the hold's own second is no longer absorbed,
+        the live path delivers it): one atomic check-and-write, which counts one more `seq` (a delivery
+        that read the held state cannot close it). False otherwise: the entity stays dirty, and the caller must queue a
         message for it."""
 
 
@@ -443,7 +505,38 @@ class ConsoleStore(Protocol):
         attempts), "parked" (an error, not dirty), "dead_lettered", "last_sent_at" (or None)}."""
 
 
+class TokenStore(Protocol):
+    """An installed integration's OAuth tokens (`chalicelib.oauth`), in an item of their own beside the
+    config (never inside it: a PUT of the config must not overwrite a refreshed token). The item:
+    `access_token`, `refresh_token`, `expires_at` (epoch s), any CRM-specific extras, `version` (int,
+    +1 on every stored pair), `refreshed_at` (store clock, when the pair was stored), while a refresh is
+    under way `refreshing_until` and `lease_owner`, and after a refused refresh `failure`
+    ({"code", "message", "at"}). `delete_integration` deletes it with the rest."""
+
+    def get_tokens(self, integration_id: str) -> dict | None:
+        """The tokens item (strongly consistent), or None."""
+
+    def put_tokens(self, integration_id: str, tokens: dict) -> int:
+        """An install's pair: set the given fields, version + 1 (1 for the first), refreshed_at = now;
+        lease and failure removed, so a refresh under way cannot store its older pair over it. Returns
+        the new version. Unconditional."""
+
+    def take_refresh_lease(self, integration_id: str, *, version: int, owner: str, now: float, until: float) -> bool:
+        """Elect the refresher: only if the item is at `version` and no lease is live (absent, or before
+        `now`), set `refreshing_until` = `until` and `lease_owner`. Of concurrent callers at most one
+        gets True."""
+
+    def finish_refresh(self, integration_id: str, *, version: int, tokens: dict) -> bool:
+        """Store a refreshed pair: only if the item is still at `version` (whoever holds the lease now:
+        the pair the CRM answered is the one it honours), set the fields, version + 1, refreshed_at =
+        now; lease and failure removed. False (nothing written) when the version moved on."""
+
+    def release_refresh(self, integration_id: str, *, version: int, owner: str, failure: dict | None) -> bool:
+        """End a refresh that stored nothing: only if the item is at `version` and `owner` holds the
+        lease, remove the lease and, with `failure`, record it. False (nothing written) otherwise."""
+
+
 class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, CrmAccountStore,
-                 InboxStore, CustomerStore, ConsoleStore, Protocol):
+                 InboxStore, CustomerStore, TokenStore, ConsoleStore, Protocol):
     """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement."""
 

@@ -3,12 +3,16 @@
 Three tables (names from settings): config and state per stage, quota shared by every stage:
 
 * config — `pk = INTEGRATION#<id>`; `sk = CONFIG` (the integration), `STATUS_MAPPING`, `ATTRIBUTES`,
-  `BACKFILL` (the history import job), `CURSOR#<name>` or `CONSOLE_LINK#<link id>` (a console link's
-  token digest, label and time).
+  `BACKFILL` (the history import job), `TOKENS` (OAuth tokens, `chalicelib.oauth`), `CURSOR#<name>` or
+  `CONSOLE_LINK#<link id>` (a console link's token digest, label and time).
 * state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
   state (see `chalicelib.store`); `PRODUCT#<product id>`: products in Metrika's product list;
-  `UPLOAD#<id>`: uploads to confirm, and `CARRIED#<id>#<part>` the entities each carried (apart, so
-  reading every upload stays cheap; in parts, so any number fits under 400 KB); `CUSTOMER#<uniq_id>`: a
+  `PENDING_UPLOAD#<id>`: an upload waiting for its final status (confirmation reads only these), then
+  `UPLOAD_LOG#<sent_at, 12 digits>#<id>`: the final record, time-ordered so the status page reads the last
+  few with one query; `CARRIED#<id>#<part>` the entities each carried (apart, so reading uploads stays
+  cheap; in parts, so any number fits under 400 KB). Older code kept every upload as `UPLOAD#<id>`
+  whatever its status: `pending_uploads` moves those still SENT to `PENDING_UPLOAD#` (see
+  `_migrate_uploads`), final ones expire by their TTL. `CUSTOMER#<uniq_id>`: a
   customer's sources, one attribute each (`src:<source id>`), with `sent` and `version`. The CRM rate
   limiter lives in its own partitions: `RATE#<scope>`/`NEXT`.
   `INBOX#<batch id>` (state table): a large webhook body's refs until the worker has expanded them.
@@ -37,8 +41,8 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTime
 from chalicelib.crm import EntityRef
 from chalicelib.errors import Unavailable
 
-from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, UPLOAD_RECORD_TTL, Hold,
-               day_counter_expiry, entity_keys, entity_pairs)
+from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, PENDING_UPLOAD_TTL,
+               UPLOAD_RECORD_TTL, Hold, check_recent_limit, day_counter_expiry, entity_keys, entity_pairs)
 from . import plain as _plain
 from . import stored_time as _decimal
 from . import summary as _summary
@@ -50,8 +54,21 @@ CONFIG = "CONFIG"
 STATUS_MAPPING = "STATUS_MAPPING"
 ATTRIBUTES = "ATTRIBUTES"
 BACKFILL = "BACKFILL"
+TOKENS = "TOKENS"  # an installed integration's OAuth tokens (TokenStore)
 INBOX = "INBOX"
 CUSTOMER = "CUSTOMER#"
+PENDING_UPLOAD = "PENDING_UPLOAD#"
+UPLOAD_LOG = "UPLOAD_LOG#"
+LEGACY_UPLOAD = "UPLOAD#"  # older code's record of every upload (no begins_with overlap with the two above)
+UPLOADS_MOVED = "UPLOADS_MOVED"  # when `_migrate_uploads` first moved an integration's older records
+# Older code may still record uploads as `UPLOAD#` for a while after a deploy: a Lambda invocation that
+# started before it runs its old code to the end, at most the worker's 300 s (.chalice/config.json). For
+# an hour after the first move the older records are looked at again on every read of pending uploads;
+# later never.
+LEGACY_UPLOAD_GRACE = 3600
+# Final records of older code copied into the new time-ordered form when moving, newest first, so the status
+# page's last few do not start empty; the rest expire by their TTL (30 days after confirmation).
+LEGACY_FINAL_COPIED = 100
 SOURCE = "src:"  # a customer item's source attributes
 CONSOLE_LINK = "CONSOLE_LINK#"  # config table: a console link's token digest (chalicelib/console_links.py)
 
@@ -140,6 +157,23 @@ def _console_link(item: dict | None) -> dict:
     return {"link_id": item["sk"].removeprefix(CONSOLE_LINK),
             **{k: v for k, v in item.items() if k not in ("pk", "sk")}}
 
+def _uploading_id(sk: str) -> str:
+    """The uploading id in an upload's sort key, whichever form: `UPLOAD#<id>`, `PENDING_UPLOAD#<id>`,
+    `UPLOAD_LOG#<sent_at>#<id>` (ids may hold `#`: only the form's own separators are cut)."""
+    if sk.startswith(UPLOAD_LOG):
+        return sk[len(UPLOAD_LOG):].partition("#")[2]
+    return sk.partition("#")[2]
+
+
+def _log_sk(sent_at: int, uploading_id: str) -> str:
+    # 12 digits: sent_at is Unix seconds (year 2100 is 10 digits), so string order is time order.
+    return f"{UPLOAD_LOG}{int(sent_at):012d}#{uploading_id}"
+
+
+def _upload(item: dict) -> dict:
+    """An upload's record as the protocol hands it out."""
+    return {"uploading_id": _uploading_id(item["sk"]), **{k: v for k, v in item.items() if k not in ("pk", "sk")}}
+
 
 def _entity(item: dict) -> dict:
     data = _from_item(item)
@@ -161,6 +195,8 @@ class DynamoStore:
         self._quota = quota_table
         self._clock = clock
         self._integrations: dict[str, tuple[float, dict]] = {}  # id → (read at, config), see get_integration
+        self._uploads_moved: set[str] = set()  # integrations with no older upload records left (`_migrate_uploads`)
+        self._rate_next: dict[str, float] = {}  # scope → the next slot after this process's last (reserve_slot)
 
     # --- IntegrationStore ----------------------------------------------------------------------------
 
@@ -187,6 +223,7 @@ class DynamoStore:
             for keys in self._keys_under(table, pk):
                 self._db.delete_item(TableName=table, Key=keys)
         self._integrations.pop(integration_id, None)
+        self._uploads_moved.discard(integration_id)
         return existed
 
     def list_integration_ids(self) -> list[str]:
@@ -248,10 +285,11 @@ class DynamoStore:
         try:
             old = self._db.update_item(
                 TableName=self._state, Key=key,
+                # `seq` counts what owes a delivery: a delivery that read another count cannot close it.
                 UpdateExpression="SET event_time = :t, dirty = :yes, last_action = :a, "
-                                 "queued_until = if_not_exists(queued_until, :lease)",
+                                 "queued_until = if_not_exists(queued_until, :lease) ADD seq :one",
                 ConditionExpression="attribute_not_exists(event_time) OR event_time <= :t OR event_time > :future",
-                ExpressionAttributeValues=_to_item({":t": ref.event_time, ":yes": True, ":a": ref.action,
+                ExpressionAttributeValues=_to_item({":t": ref.event_time, ":yes": True, ":a": ref.action, ":one": 1,
                                                     ":lease": lease, ":future": _decimal(now + future_skew)}),
                 ReturnValues="ALL_OLD",
             ).get("Attributes", {})
@@ -297,9 +335,37 @@ class DynamoStore:
             raise
         return _entity(item["Attributes"])
 
+    def delivery_states(self, integration_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        # One BatchGetItem per 100 keys (strongly consistent): the worker's read before a delivery.
+        wanted = {_entity_sk(kind, crm_id): (kind, crm_id) for kind, crm_id in keys}
+        found = {}
+        for item in self._batch_get(integration_id, list(wanted), None):
+            key = wanted.get(item["sk"])
+            if key is not None:
+                found[key] = {"kind": key[0].lower(), "crm_id": key[1],
+                              **{k: v for k, v in item.items() if k not in ("pk", "sk")}}
+        return found
+
+    def renew_queue_lease(self, integration_id: str, kind: str, crm_id: str, *, seen: float | None,
+                          until: float) -> bool:
+        values: dict[str, Any] = {":until": _decimal(until), ":yes": True}
+        if seen is None:
+            condition = "dirty = :yes AND attribute_not_exists(queued_until)"
+        else:
+            condition, values[":seen"] = "dirty = :yes AND queued_until = :seen", _decimal(seen)
+        try:
+            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                 UpdateExpression="SET queued_until = :until", ConditionExpression=condition,
+                                 ExpressionAttributeValues=_to_item(values))
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
                    row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
-                   facts: dict | None = None) -> bool:
+                   facts: dict | None = None, version: int | None = None) -> bool:
         facts_update = ", facts = :f" if facts is not None else ""
         # None: which rows Metrika holds is unknown, so no stale hashes may survive to skip rows later.
         hashes_update, removed = (", row_hashes = :rh", "") if row_hashes is not None else ("", ", row_hashes")
@@ -307,13 +373,14 @@ class DynamoStore:
                             "SET dirty = :no, content_hash = :h, uploading_id = :u, sent_at = :now, attempts = :zero, "
                             f"last_order = :o{hashes_update}{facts_update} REMOVE last_error, dead_lettered_at{removed}",
                             {":h": content_hash, ":rh": row_hashes, ":u": uploading_id or "", ":zero": 0,
-                             ":o": last_order or "", ":f": facts})
+                             ":o": last_order or "", ":f": facts}, version)
 
-    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict,
+                    version: int | None = None) -> bool:
         # Rows may have gone up before the refusal: the old content hash no longer says what Metrika holds.
         return self._finish(integration_id, kind, crm_id, event_time,
                             "SET dirty = :no, last_error = :e, failed_at = :now REMOVE content_hash, dead_lettered_at",
-                            {":e": error})
+                            {":e": error}, version)
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
                      lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
@@ -377,9 +444,9 @@ class DynamoStore:
                 TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
                 # queued_until 0: a lease that has run out, which the caller's mark_dirty takes over
                 UpdateExpression="SET dirty = :yes, row_hashes = :none, queued_until = if_not_exists(queued_until, :out) "
-                                 "REMOVE content_hash, #o",
+                                 "REMOVE content_hash, #o ADD seq :one",
                 ConditionExpression="attribute_exists(pk)", ExpressionAttributeNames={"#o": "owner"},
-                ExpressionAttributeValues=_to_item({":yes": True, ":none": {}, ":out": _decimal(0)}),
+                ExpressionAttributeValues=_to_item({":yes": True, ":none": {}, ":out": _decimal(0), ":one": 1}),
                 ReturnValues="ALL_NEW")["Attributes"]
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -426,21 +493,44 @@ class DynamoStore:
 
     def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
                       entities: list[tuple[str, str]] = ()) -> None:
-        # The entities first: an upload on record always has its entity list (a crash in between leaves
-        # only an orphan list, deleted with the integration).
+        # The entities first: a pending upload always has its entity list (a crash in between leaves only
+        # an orphan list, which expires).
+        now = self._now()
         keys = entity_keys(entities)
         for part, start in enumerate(range(0, len(keys), CARRIED_PER_ITEM)):
             self._db.put_item(TableName=self._state, Item=_to_item({
                 "pk": _pk(integration_id), "sk": f"CARRIED#{uploading_id}#{part}",
-                "entities": keys[start:start + CARRIED_PER_ITEM], "expires_at": self._now() + CARRIED_TTL}))
+                "entities": keys[start:start + CARRIED_PER_ITEM], "expires_at": now + CARRIED_TTL}))
         self._db.put_item(TableName=self._state, Item=_to_item({
-            "pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}", "kind": kind, "rows": rows,
-            "status": "SENT", "sent_at": self._now()}))
+            "pk": _pk(integration_id), "sk": f"{PENDING_UPLOAD}{uploading_id}", "kind": kind, "rows": rows,
+            "status": "SENT", "sent_at": now, "expires_at": now + PENDING_UPLOAD_TTL}))
 
     def uploads(self, integration_id: str) -> list[dict]:
-        items = self._query(self._state, _pk(integration_id), begins_with="UPLOAD#")
-        return [{"uploading_id": i["sk"].partition("#")[2], **{k: v for k, v in i.items() if k not in ("pk", "sk")}}
-                for i in map(_from_item, items) if i is not None]
+        found: dict[str, dict] = {}
+        for prefix in (LEGACY_UPLOAD, UPLOAD_LOG, PENDING_UPLOAD):  # a later form wins over an earlier one
+            for item in map(_from_item, self._query(self._state, _pk(integration_id), begins_with=prefix)):
+                if item is not None:
+                    found[_uploading_id(item["sk"])] = _upload(item)
+        return [found[uploading_id] for uploading_id in sorted(found)]
+
+    def pending_uploads(self, integration_id: str) -> list[dict]:
+        self._migrate_uploads(integration_id)
+        items = self._query(self._state, _pk(integration_id), begins_with=PENDING_UPLOAD)
+        return sorted((_upload(i) for i in map(_from_item, items) if i is not None),
+                      key=lambda u: (u["sent_at"], u["uploading_id"]))
+
+    def recent_uploads(self, integration_id: str, *, limit: int) -> list[dict]:
+        check_recent_limit(limit)
+        if limit == 0:
+            return []  # DynamoDB refuses a Limit of 0
+        # One page, newest first: `limit` small records are far below a query page's 1 MB. ScanIndexForward
+        # false reads the partition's items in reverse sort-key order, strings in UTF-8 byte order ("Query",
+        # https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_Query.html), so the 12-digit
+        # sent_at in the key makes it newest first, and Limit stops the read after `limit` items.
+        page = self._db.query(TableName=self._state, KeyConditionExpression="pk = :pk AND begins_with(sk, :prefix)",
+                              ExpressionAttributeValues=_to_item({":pk": _pk(integration_id), ":prefix": UPLOAD_LOG}),
+                              ScanIndexForward=False, Limit=limit)
+        return [_upload(i) for i in map(_from_item, page.get("Items", [])) if i is not None]
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         items = self._query(self._state, _pk(integration_id), begins_with=f"CARRIED#{uploading_id}#")
@@ -448,19 +538,64 @@ class DynamoStore:
 
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
-        resent_update = ", resent = :r" if resent is not None else ""
+        pk = _pk(integration_id)
+        pending = self._get(self._state, pk, f"{PENDING_UPLOAD}{uploading_id}")
+        if pending is None:
+            return  # not pending: unknown, or confirmed already
         now = self._now()
-        self._db.update_item(TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"UPLOAD#{uploading_id}"}),
-                             UpdateExpression=f"SET #s = :s, elements_count = :n, confirmed_at = :now, "
-                                              f"expires_at = :exp{resent_update}",
-                             ExpressionAttributeNames={"#s": "status"},
-                             ExpressionAttributeValues=_to_item({":s": status, ":n": elements_count or 0,
-                                                                 ":now": now, ":r": resent,
-                                                                 ":exp": now + UPLOAD_RECORD_TTL}))
-        # After the status: until then a re-run still finds what the upload carried.
-        for item in self._query(self._state, _pk(integration_id), projection="pk, sk",
-                                begins_with=f"CARRIED#{uploading_id}#"):
+        # Three steps, each safe to stop after: (1) the final record, keyed by the pending one's sent_at, so
+        # confirming again writes the same item; (2) no longer pending; (3) its entities dropped (an
+        # orphan list expires). Until (2) the upload is pending with its whole list, so the next run
+        # confirms it again. UpdateItem, not PutItem: the API handler's confirm route may write it, and
+        # its role has no PutItem on the state table.
+        record = {"kind": pending.get("kind"), "rows": pending.get("rows"), "sent_at": pending["sent_at"],
+                  "status": status, "elements_count": elements_count or 0, "confirmed_at": now,
+                  "expires_at": now + UPLOAD_RECORD_TTL, "resent": resent}
+        self._upsert(pk, _log_sk(pending["sent_at"], uploading_id), record)
+        self._db.delete_item(TableName=self._state, Key=_to_item({"pk": pk, "sk": f"{PENDING_UPLOAD}{uploading_id}"}))
+        for item in self._query(self._state, pk, projection="pk, sk", begins_with=f"CARRIED#{uploading_id}#"):
             self._db.delete_item(TableName=self._state, Key={"pk": item["pk"], "sk": item["sk"]})
+
+    def _upsert(self, pk: str, sk: str, values: dict) -> None:
+        """Write these attributes (None ones left out) into the item, created if absent."""
+        values = {k: v for k, v in values.items() if v is not None}
+        names = {f"#a{i}": name for i, name in enumerate(values)}
+        self._db.update_item(TableName=self._state, Key=_to_item({"pk": pk, "sk": sk}),
+                             UpdateExpression="SET " + ", ".join(f"#a{i} = :a{i}" for i in range(len(values))),
+                             ExpressionAttributeNames=names,
+                             ExpressionAttributeValues=_to_item({f":a{i}": v for i, v in enumerate(values.values())}))
+
+    def _migrate_uploads(self, integration_id: str) -> None:
+        """Move the uploads older code recorded as `UPLOAD#<id>`: each still SENT becomes pending (then its
+        old record is deleted), and the newest LEGACY_FINAL_COPIED final ones are copied into the
+        time-ordered form for the status page (their old records expire by their TTL). Every step can be
+        repeated: a crash between them leaves an old record that the next read moves again (the pending
+        record is written before the old one goes, so an upload is never lost between them). The marker
+        `UPLOADS_MOVED` is written last; older records are looked for until LEGACY_UPLOAD_GRACE after it,
+        then never (remembered by this store object, so a warm Lambda saves even the marker's read)."""
+        if integration_id in self._uploads_moved:
+            return
+        pk = _pk(integration_id)
+        now = self._now()
+        marker = self._get(self._state, pk, UPLOADS_MOVED)
+        if marker is not None and marker["moved_at"] + LEGACY_UPLOAD_GRACE < now:
+            self._uploads_moved.add(integration_id)
+            return
+        legacy = [i for i in map(_from_item, self._query(self._state, pk, begins_with=LEGACY_UPLOAD)) if i is not None]
+        if marker is None:  # the first move only: a re-read within the grace finds the same final ones
+            final = sorted((i for i in legacy if i.get("status") != "SENT"),
+                           key=lambda i: (i.get("sent_at", 0), i["sk"]), reverse=True)
+            for item in final[:LEGACY_FINAL_COPIED]:
+                self._upsert(pk, _log_sk(item.get("sent_at", 0), _uploading_id(item["sk"])),
+                             {k: v for k, v in item.items() if k not in ("pk", "sk")})
+        for item in legacy:
+            if item.get("status") == "SENT":
+                self._upsert(pk, f"{PENDING_UPLOAD}{_uploading_id(item['sk'])}",
+                             {**{k: v for k, v in item.items() if k not in ("pk", "sk")},
+                              "expires_at": now + PENDING_UPLOAD_TTL})
+                self._db.delete_item(TableName=self._state, Key=_to_item({"pk": pk, "sk": item["sk"]}))
+        if marker is None:
+            self._upsert(pk, UPLOADS_MOVED, {"moved_at": now})
 
     # --- ProductStore --------------------------------------------------------------------------------
 
@@ -520,11 +655,20 @@ class DynamoStore:
 
     def reserve_slot(self, scope: str, interval: float, now: float) -> float:
         key = _to_item({"pk": f"RATE#{scope}", "sk": "NEXT"})
+        # A refused conditional write is billed as a write: when this process's own last slot for the
+        # scope still lies ahead (the next request of one CRM read, a few ms later), the scope is busy,
+        # so the busy path goes first and the usual case costs one write, not two.
+        if self._rate_next.get(scope, 0.0) > now:
+            slot = self._reserve_busy(key, interval, now)
+            if slot is not None:
+                self._rate_next[scope] = slot + interval
+                return slot
         try:  # idle: the slot is now
             self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = :next",
                                  ConditionExpression="attribute_not_exists(next_at) OR next_at <= :now",
                                  ExpressionAttributeValues=_to_item({":next": _decimal(now + interval),
                                                                      ":now": _decimal(now)}))
+            self._rate_next[scope] = now + interval
             return now
         except ClientError as exc:
             if not _conditional_failed(exc):
@@ -532,6 +676,23 @@ class DynamoStore:
         busy = self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
                                     ExpressionAttributeValues=_to_item({":i": _decimal(interval)}),
                                     ReturnValues="UPDATED_NEW")
+        slot = float(busy["Attributes"]["next_at"]["N"]) - interval
+        self._rate_next[scope] = slot + interval
+        return slot
+
+    def _reserve_busy(self, key: dict, interval: float, now: float) -> float | None:
+        """The slot after the scope's next one, if the scope is busy (its next slot after `now`); None
+        when it is idle (the idle path then decides)."""
+        try:
+            busy = self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
+                                        ConditionExpression="next_at > :now",
+                                        ExpressionAttributeValues=_to_item({":i": _decimal(interval),
+                                                                            ":now": _decimal(now)}),
+                                        ReturnValues="UPDATED_NEW")
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
         return float(busy["Attributes"]["next_at"]["N"]) - interval
 
     def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
@@ -612,7 +773,7 @@ class DynamoStore:
         lease = _decimal(now + lease_seconds)
         if absent:
             item = _to_item({**key, "event_time": event_time, "dirty": True, "queued_until": lease,
-                             "last_action": "backfill", "owner": BACKFILL_OWNER})
+                             "last_action": "backfill", "owner": BACKFILL_OWNER, "seq": 1})
             try:
                 self._db.put_item(TableName=self._state, Item=item, ConditionExpression="attribute_not_exists(pk)")
                 return self._hold(integration_id, item)
@@ -623,13 +784,14 @@ class DynamoStore:
             item = self._db.update_item(
                 TableName=self._state, Key=_to_item(key),
                 UpdateExpression="SET event_time = :t, dirty = :yes, queued_until = :lease, last_action = :a, "
-                                 "#o = :owner",
+                                 "#o = :owner ADD seq :one",
                 ConditionExpression="attribute_not_exists(event_time) OR (#o = :owner AND event_time <= :t) OR "
                                     "(dirty = :no AND event_time < :t AND (attribute_not_exists(content_hash) "
                                     "OR content_hash <> :h))",
                 ExpressionAttributeNames={"#o": "owner"},
                 ExpressionAttributeValues=_to_item({":t": event_time, ":yes": True, ":no": False, ":a": "backfill",
-                                                    ":owner": BACKFILL_OWNER, ":h": content_hash, ":lease": lease}),
+                                                    ":owner": BACKFILL_OWNER, ":h": content_hash, ":lease": lease,
+                                                    ":one": 1}),
                 ReturnValues="ALL_NEW")["Attributes"]
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -657,14 +819,21 @@ class DynamoStore:
             if facts is not None:
                 state["facts"] = facts
         state["dirty"] = False
+        state["seq"] = int(hold.state.get("seq") or 0) + 1  # a delivery that read the held state cannot close it
         item = _to_item({"pk": _pk(hold.integration_id), "sk": _entity_sk(hold.kind, hold.crm_id), **state})
         # Refused: a newer event came meanwhile (or a worker claimed it). The entity stays dirty and held
         # until the caller's message is claimed, so a crash before queueing leaves it to the stuck sweep
         # once the hold's lease expires, or to the next run of the import.
+        # `seq` as held: nothing recorded since, not even in the hold's own second (a webhook then stays
+        # the live path's to deliver), and the put's seq is then one no delivery can have read.
+        held_seq = int(hold.state.get("seq") or 0)
         try:
-            self._db.put_item(TableName=self._state, Item=item, ConditionExpression="event_time = :seen AND #o = :owner",
+            self._db.put_item(TableName=self._state, Item=item,
+                              ConditionExpression="event_time = :seen AND #o = :owner AND "
+                                                  + ("seq = :seq" if held_seq else "attribute_not_exists(seq)"),
                               ExpressionAttributeNames={"#o": "owner"},
-                              ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner}))
+                              ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner,
+                                                                  ":seq": held_seq or None}))
         except ClientError as exc:
             if _conditional_failed(exc):
                 return False
@@ -751,6 +920,64 @@ class DynamoStore:
                 kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         return _summary(items, complete=complete)
 
+    # --- TokenStore ----------------------------------------------------------------------------------
+
+    def get_tokens(self, integration_id: str) -> dict | None:
+        item = self._get(self._config, _pk(integration_id), TOKENS)
+        if item is None:
+            return None
+        item.pop("pk"), item.pop("sk")
+        return item
+
+    def put_tokens(self, integration_id: str, tokens: dict) -> int:
+        return self._store_pair(integration_id, tokens, None)  # type: ignore[return-value]
+
+    def take_refresh_lease(self, integration_id: str, *, version: int, owner: str, now: float, until: float) -> bool:
+        return self._update_tokens(
+            integration_id, "SET refreshing_until = :until, lease_owner = :owner",
+            "version = :v AND (attribute_not_exists(refreshing_until) OR refreshing_until < :now)",
+            {":v": version, ":now": _decimal(now), ":until": _decimal(until), ":owner": owner}) is not None
+
+    def finish_refresh(self, integration_id: str, *, version: int, tokens: dict) -> bool:
+        return self._store_pair(integration_id, tokens, version) is not None
+
+    def release_refresh(self, integration_id: str, *, version: int, owner: str, failure: dict | None) -> bool:
+        update = "REMOVE refreshing_until, lease_owner" + (" SET failure = :failure" if failure is not None else "")
+        return self._update_tokens(integration_id, update, "version = :v AND lease_owner = :owner",
+                                   {":v": version, ":owner": owner, ":failure": failure}) is not None
+
+    def _store_pair(self, integration_id: str, tokens: dict, expect_version: int | None) -> int | None:
+        """Set the pair's fields, version + 1 and refreshed_at; drop lease and failure. With
+        `expect_version`, only at that version (None when it moved on)."""
+        tokens = {k: v for k, v in tokens.items() if v is not None}
+        names = {f"#t{i}": name for i, name in enumerate(tokens)}
+        values = {f":t{i}": value for i, value in enumerate(tokens.values())}
+        sets = ", ".join(f"#t{i} = :t{i}" for i in range(len(tokens)))
+        update = (f"SET {sets + ', ' if sets else ''}version = if_not_exists(version, :zero) + :one, refreshed_at = :at "
+                  "REMOVE refreshing_until, lease_owner, failure")
+        answer = self._update_tokens(integration_id, update, "version = :v" if expect_version is not None else None,
+                                     {**values, ":zero": 0, ":one": 1, ":at": self._now(), ":v": expect_version},
+                                     names=names)
+        return None if answer is None else int(answer["Attributes"]["version"]["N"])
+
+    def _update_tokens(self, integration_id: str, update: str, condition: str | None, values: dict,
+                       names: dict | None = None) -> dict | None:
+        """One UpdateItem on the tokens item; None when its condition failed. Values that are None are
+        left out (a placeholder the expressions do not use must not be sent)."""
+        kwargs: dict[str, Any] = {"TableName": self._config, "Key": _to_item({"pk": _pk(integration_id), "sk": TOKENS}),
+                                  "UpdateExpression": update, "ExpressionAttributeValues": _to_item(values),
+                                  "ReturnValues": "UPDATED_NEW"}
+        if condition:
+            kwargs["ConditionExpression"] = condition
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
+        try:
+            return self._db.update_item(**kwargs)
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
+
     # --- helpers -------------------------------------------------------------------------------------
 
     def _now(self) -> int:
@@ -768,13 +995,24 @@ class DynamoStore:
                     event_time=state["event_time"], owner=state["owner"], state=state)
 
     def _finish(self, integration_id: str, kind: str, crm_id: str, event_time: int, update: str,
-                values: dict) -> bool:
+                values: dict, version: int | None) -> bool:
+        names: dict[str, str] = {}
+        if version is None:
+            # A lease taken since the claim means an event was recorded meanwhile, perhaps with the
+            # same time: its own message is on the way, so this delivery must not close the entity.
+            condition = "event_time = :seen AND attribute_not_exists(queued_until)"
+        else:
+            # Read, not claimed: nothing that owes a delivery was written since the read (`seq`, which
+            # every event, resend and import hold counts, even at the same event time). The lease and
+            # a hold are this delivery's to end: the next event takes a new lease and queues.
+            condition = "event_time = :seen AND " + ("seq = :seq" if version else "attribute_not_exists(seq)")
+            values = {**values, ":seq": version or None}
+            update = update.replace(" REMOVE ", " REMOVE queued_until, #o, ", 1)
+            names["#o"] = "owner"
         try:
             self._db.update_item(
                 TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                # A lease taken since the claim means an event was recorded meanwhile, perhaps with the
-                # same time: its own message is on the way, so this delivery must not close the entity.
-                UpdateExpression=update, ConditionExpression="event_time = :seen AND attribute_not_exists(queued_until)",
+                UpdateExpression=update, ConditionExpression=condition, **({"ExpressionAttributeNames": names} if names else {}),
                 # _to_item drops None values: a placeholder the update does not use must not be sent
                 ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False, ":now": self._now()}))
         except ClientError as exc:

@@ -8,6 +8,7 @@ method atomic, which is what DynamoDB's conditional writes give the other implem
 """
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -16,8 +17,8 @@ from typing import Any, Callable
 
 from chalicelib.crm import EntityRef
 
-from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, UPLOAD_RECORD_TTL, Hold,
-               day_counter_expiry, entity_keys, entity_pairs)
+from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUTES, PENDING_UPLOAD_TTL,
+               UPLOAD_RECORD_TTL, Hold, check_recent_limit, day_counter_expiry, entity_keys, entity_pairs)
 from . import plain as _plain
 from . import stored_time as _decimal
 from . import summary as _summary
@@ -70,7 +71,13 @@ class MemoryStore:
         self._cursors: dict[str, dict[str, Any]] = {}  # id → name → value
         self._entities: dict[str, dict[tuple[str, str], dict]] = {}  # id → (kind, crm_id) → attributes
         self._products: dict[str, dict[str, Any]] = {}  # id → product id → name
-        self._uploads: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes
+        # Pending (SENT) uploads and final ones apart, as DynamoStore keeps them: reading the pending ones
+        # never walks the history.
+        self._pending: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes
+        self._uploads: dict[str, dict[str, dict]] = {}  # id → uploading id → attributes of a final upload
+        # id → (sent_at, uploading id) of each final upload, sorted: DynamoStore's time-ordered sort key, so
+        # reading the last few costs as little here as there
+        self._upload_order: dict[str, list[tuple[Decimal, str]]] = {}
         self._carried: dict[str, dict[str, list[str]]] = {}  # id → uploading id → "kind:crm_id" entity keys
         self._next_at: dict[str, Decimal] = {}  # rate scope → next free time
         self._requests: dict[tuple[str, str], Decimal] = {}  # (quota key, day) → count
@@ -79,6 +86,7 @@ class MemoryStore:
         self._inbox: dict[str, dict[str, tuple[Decimal, list[EntityRef]]]] = {}  # id → batch id → (recorded at, refs)
         self._customers: dict[str, dict[str, dict]] = {}  # id → uniq_id → {"sources", "sent", "version"}
         self._console_links: dict[str, dict[str, dict]] = {}  # id → link id → {"hash", "label", "created_at"}
+        self._tokens: dict[str, dict] = {}  # id → the OAuth tokens item (TokenStore)
         # The `expires_at` DynamoDB's TTL acts on, for items the protocol does not return (the entities an
         # upload carried, day counters): kept, never acted on; `expiry` reads it for the contract tests.
         self._expiry: dict[tuple[str, ...], int] = {}
@@ -108,8 +116,8 @@ class MemoryStore:
             for key in [k for k in self._expiry if k[0] == "carried" and k[1] == integration_id]:
                 del self._expiry[key]
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
-                          self._cursors, self._entities, self._products, self._uploads, self._carried,
-                          self._inbox, self._customers, self._console_links):
+                          self._cursors, self._entities, self._products, self._pending, self._uploads, self._upload_order, self._carried,
+                          self._inbox, self._customers, self._tokens, self._console_links):
                 table.pop(integration_id, None)
             return existed
 
@@ -165,7 +173,7 @@ class MemoryStore:
                     return False  # stale: a newer event is already recorded
             item = entities.setdefault(key, {})
             held = item.get("queued_until")
-            _set(item, event_time=seen, dirty=True, last_action=ref.action)
+            _set(item, event_time=seen, dirty=True, last_action=ref.action, seq=item.get("seq", 0) + 1)
             if held is not None and held >= _decimal(now):
                 return False  # the pending message covers this change
             item["queued_until"] = _decimal(now + lease_seconds)  # no lease, or an expired one taken over
@@ -192,11 +200,29 @@ class MemoryStore:
             _set(item, claimed_at=self._now())
             return self._view(kind, crm_id, item)
 
+    def delivery_states(self, integration_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        with self._lock:
+            found = {}
+            for kind, crm_id in dict.fromkeys(keys):
+                item = self._item(integration_id, kind, crm_id)
+                if item is not None:
+                    found[(kind, crm_id)] = self._view(kind, crm_id, item)
+            return found
+
+    def renew_queue_lease(self, integration_id: str, kind: str, crm_id: str, *, seen: float | None,
+                          until: float) -> bool:
+        with self._lock:
+            item = self._item(integration_id, kind, crm_id)
+            if item is None or item.get("dirty") is not True or _plain(item.get("queued_until")) != seen:
+                return False
+            item["queued_until"] = _decimal(until)
+            return True
+
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
                    row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
-                   facts: dict | None = None) -> bool:
+                   facts: dict | None = None, version: int | None = None) -> bool:
         with self._lock:
-            item = self._current(integration_id, kind, crm_id, event_time)
+            item = self._current(integration_id, kind, crm_id, event_time, version)
             if item is None:
                 return False
             _set(item, dirty=False, content_hash=content_hash, row_hashes=row_hashes, uploading_id=uploading_id or "",
@@ -207,9 +233,10 @@ class MemoryStore:
                 item.pop("row_hashes", None)
             return True
 
-    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict) -> bool:
+    def mark_failed(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, error: dict,
+                    version: int | None = None) -> bool:
         with self._lock:
-            item = self._current(integration_id, kind, crm_id, event_time)
+            item = self._current(integration_id, kind, crm_id, event_time, version)
             if item is None:
                 return False
             _set(item, dirty=False, last_error=error, failed_at=self._now())
@@ -277,7 +304,7 @@ class MemoryStore:
             item = self._item(integration_id, kind, crm_id)
             if item is None:
                 return None
-            _set(item, dirty=True, row_hashes={})
+            _set(item, dirty=True, row_hashes={}, seq=item.get("seq", 0) + 1)
             item.setdefault("queued_until", _decimal(0))  # run out: the caller's mark_dirty takes it over
             item.pop("content_hash", None)
             item.pop("owner", None)
@@ -315,17 +342,31 @@ class MemoryStore:
     def record_upload(self, integration_id: str, uploading_id: str, *, kind: str, rows: int,
                       entities: list[tuple[str, str]] = ()) -> None:
         with self._lock:
+            now = self._now()
             item: dict = {}
-            _set(item, kind=kind, rows=rows, status="SENT", sent_at=self._now())
+            _set(item, kind=kind, rows=rows, status="SENT", sent_at=now, expires_at=now + PENDING_UPLOAD_TTL)
             if entities:
                 self._carried.setdefault(integration_id, {})[uploading_id] = entity_keys(entities)
-                self._expiry[("carried", integration_id, uploading_id)] = self._now() + CARRIED_TTL
-            self._uploads.setdefault(integration_id, {})[uploading_id] = item
+                self._expiry[("carried", integration_id, uploading_id)] = now + CARRIED_TTL
+            self._pending.setdefault(integration_id, {})[uploading_id] = item
 
     def uploads(self, integration_id: str) -> list[dict]:
         with self._lock:
-            uploads = self._uploads.get(integration_id, {})
+            uploads = {**self._uploads.get(integration_id, {}), **self._pending.get(integration_id, {})}
             return [{"uploading_id": uploading_id, **_plain(uploads[uploading_id])} for uploading_id in sorted(uploads)]
+
+    def pending_uploads(self, integration_id: str) -> list[dict]:
+        with self._lock:
+            pending = self._pending.get(integration_id, {})
+            return sorted(({"uploading_id": uploading_id, **_plain(item)} for uploading_id, item in pending.items()),
+                          key=lambda u: (u["sent_at"], u["uploading_id"]))
+
+    def recent_uploads(self, integration_id: str, *, limit: int) -> list[dict]:
+        check_recent_limit(limit)
+        with self._lock:
+            final, order = self._uploads.get(integration_id, {}), self._upload_order.get(integration_id, [])
+            return [{"uploading_id": uploading_id, **_plain(final[uploading_id])}
+                    for _, uploading_id in reversed(order[len(order) - limit:] if limit else [])]
 
     def upload_entities(self, integration_id: str, uploading_id: str) -> list[tuple[str, str]]:
         with self._lock:
@@ -334,10 +375,18 @@ class MemoryStore:
     def confirm_upload(self, integration_id: str, uploading_id: str, status: str, elements_count: int | None, *,
                        resent: int | None = None) -> None:
         with self._lock:
-            item = self._uploads.setdefault(integration_id, {}).setdefault(uploading_id, {})
+            item = self._pending.get(integration_id, {}).pop(uploading_id, None)
+            if item is None:
+                return  # not pending: unknown, or confirmed already
             now = self._now()
             _set(item, status=status, elements_count=elements_count or 0, confirmed_at=now, resent=resent,
                  expires_at=now + UPLOAD_RECORD_TTL)
+            final = self._uploads.setdefault(integration_id, {})
+            order = self._upload_order.setdefault(integration_id, [])
+            if uploading_id in final:  # recorded again after it was confirmed: one record, the newer
+                order.remove((final[uploading_id]["sent_at"], uploading_id))
+            final[uploading_id] = item
+            bisect.insort(order, (item["sent_at"], uploading_id))
             self._carried.get(integration_id, {}).pop(uploading_id, None)
             self._expiry.pop(("carried", integration_id, uploading_id), None)
 
@@ -449,7 +498,7 @@ class MemoryStore:
                 return None  # the live path has it, or this content was already sent
             item = entities.setdefault(key, {})
             _set(item, event_time=seen, dirty=True, queued_until=_decimal(now + lease_seconds),
-                 last_action="backfill", owner=BACKFILL_OWNER)
+                 last_action="backfill", owner=BACKFILL_OWNER, seq=item.get("seq", 0) + 1)
             state = self._view(kind, crm_id, item)
             return Hold(integration_id=integration_id, kind=state["kind"], crm_id=crm_id,
                         event_time=state["event_time"], owner=state["owner"], state=state)
@@ -461,6 +510,8 @@ class MemoryStore:
             item = self._item(hold.integration_id, hold.kind, hold.crm_id)
             if item is None or item.get("event_time") != _model(hold.event_time) or item.get("owner") != hold.owner:
                 return False  # a newer event came meanwhile, or a worker claimed the entity
+            if item.get("seq", 0) != int(hold.state.get("seq") or 0):
+                return False  # recorded since the hold, even in its second: the live path delivers it
             # The whole state as held, like DynamoStore's conditional put.
             state = {k: v for k, v in hold.state.items()
                      if k not in ("kind", "crm_id", "owner", "queued_until", "dead_lettered_at", *LEGACY_ATTRIBUTES)}
@@ -476,6 +527,7 @@ class MemoryStore:
                 if facts is not None:
                     state["facts"] = facts
             state["dirty"] = False
+            state["seq"] = int(hold.state.get("seq") or 0) + 1  # a delivery that read the held state cannot close it
             replaced: dict = {}
             _set(replaced, **state)
             self._entities[hold.integration_id][(hold.kind.lower(), hold.crm_id)] = replaced
@@ -529,6 +581,56 @@ class MemoryStore:
             ordered = self._ordered(integration_id)
             return _summary([_plain(item) for _, item in ordered[:limit]], complete=len(ordered) <= limit)
 
+    # --- TokenStore ----------------------------------------------------------------------------------
+
+    def get_tokens(self, integration_id: str) -> dict | None:
+        with self._lock:
+            item = self._tokens.get(integration_id)
+            return _plain(item) if item is not None else None
+
+    def put_tokens(self, integration_id: str, tokens: dict) -> int:
+        with self._lock:
+            item = self._tokens.setdefault(integration_id, {})
+            return self._store_pair(item, tokens)
+
+    def take_refresh_lease(self, integration_id: str, *, version: int, owner: str, now: float, until: float) -> bool:
+        with self._lock:
+            item = self._tokens.get(integration_id)
+            if item is None or item.get("version") != _model(version):
+                return False
+            if "refreshing_until" in item and item["refreshing_until"] >= _decimal(now):
+                return False
+            item["refreshing_until"] = _decimal(until)
+            item["lease_owner"] = owner
+            return True
+
+    def finish_refresh(self, integration_id: str, *, version: int, tokens: dict) -> bool:
+        with self._lock:
+            item = self._tokens.get(integration_id)
+            if item is None or item.get("version") != _model(version):
+                return False
+            self._store_pair(item, tokens)
+            return True
+
+    def release_refresh(self, integration_id: str, *, version: int, owner: str, failure: dict | None) -> bool:
+        with self._lock:
+            item = self._tokens.get(integration_id)
+            if item is None or item.get("version") != _model(version) or item.get("lease_owner") != owner:
+                return False
+            item.pop("refreshing_until", None)
+            item.pop("lease_owner", None)
+            _set(item, failure=failure)
+            return True
+
+    def _store_pair(self, item: dict, tokens: dict) -> int:
+        version = int(item.get("version", 0)) + 1
+        modelled = _model({k: v for k, v in tokens.items() if v is not None})  # before any change: a value DynamoDB refuses changes nothing
+        for name in ("refreshing_until", "lease_owner", "failure"):
+            item.pop(name, None)
+        item.update(modelled)
+        _set(item, version=version, refreshed_at=self._now())
+        return version
+
     # --- helpers -------------------------------------------------------------------------------------
 
     def _now(self) -> int:
@@ -538,11 +640,21 @@ class MemoryStore:
         """The stored attributes themselves (callers hold the lock; never hand them out)."""
         return self._entities.get(integration_id, {}).get((kind.lower(), crm_id))
 
-    def _current(self, integration_id: str, kind: str, crm_id: str, event_time: int) -> dict | None:
-        """The entity if it is as the claim saw it: the same event time and no event recorded since."""
+    def _current(self, integration_id: str, kind: str, crm_id: str, event_time: int,
+                 version: int | None) -> dict | None:
+        """The entity if it is as the delivery saw it: the same event time and no event recorded since.
+        `version` (the `seq` read): nothing that owes a delivery was written since; the lease and a
+        history import's hold are the delivery's to end, so they go. None (claimed): no lease taken
+        since the claim."""
         item = self._item(integration_id, kind, crm_id)
-        if item is None or item.get("event_time") != _model(event_time) or "queued_until" in item:
-            return None  # newer, or recorded since the claim (the lease says so, even at the same time)
+        if item is None or item.get("event_time") != _model(event_time):
+            return None  # newer
+        if version is None:
+            return None if "queued_until" in item else item  # recorded since the claim (even at the same time)
+        if item.get("seq", 0) != version:
+            return None  # recorded (or resent, or taken by an import) since the read, even at the same time
+        item.pop("queued_until", None)
+        item.pop("owner", None)
         return item
 
     def _ordered(self, integration_id: str) -> list[tuple[tuple[str, str], dict]]:

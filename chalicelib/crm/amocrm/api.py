@@ -71,9 +71,12 @@ def classify(status: int, headers: Mapping[str, str], body: bytes) -> Any:
 class AmoCrmClient:
     def __init__(self, base_url: str, token: str, *, wait_for_slot: Callable[[], None] = lambda: None,
                  session: requests.Session | None = None, timeout: tuple[float, float] = (3.05, 15.0),
-                 attempts: int = 4, backoff: float = 0.5) -> None:
+                 attempts: int = 4, backoff: float = 0.5, reauthorize: Callable[[str], str] | None = None) -> None:
         self._base = base_url.rstrip("/")
         self._token = token
+        # An installed (OAuth) integration: given the token amoCRM just refused (401), a new one (a
+        # forced refresh, `chalicelib.oauth.TokenKeeper`). Tried once per call; long-lived tokens have none.
+        self._reauthorize = reauthorize
         self._wait_for_slot = wait_for_slot
         self._session = session or checked_session()
         self._timeout, self._attempts, self._backoff = timeout, attempts, backoff
@@ -88,12 +91,15 @@ class AmoCrmClient:
         (`chalicelib.deadline`): a call there is no time for, or one it cut short, raises `OutOfTime`;
         a retry there is no time for raises the failure that called for it."""
         failure: BridgeError | None = None
-        for attempt in range(self._attempts):
-            if attempt:
+        reauthorize = self._reauthorize
+        retry_now = False  # after a forced refresh: the retry goes at once
+        for attempt in range(self._attempts + (reauthorize is not None)):
+            if attempt and not retry_now:
                 pause = self._backoff * 2 ** (attempt - 1)
                 if failure is not None and not deadline.allows(pause):
                     raise failure
                 time.sleep(pause)
+            retry_now = False
             self._wait_for_slot()
             timeout = deadline.clip(self._timeout, source=SOURCE, what="amoCRM")
             try:
@@ -111,6 +117,10 @@ class AmoCrmClient:
             answer = classify(response.status_code, response.headers, response.content)
             if not isinstance(answer, BridgeError):
                 return answer
+            if answer.status == 401 and reauthorize is not None:
+                self._token, reauthorize = reauthorize(self._token), None  # one forced refresh, one retry
+                failure, retry_now = answer, True
+                continue
             if not isinstance(answer, Transient):
                 raise answer
             failure = answer

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from ...errors import BridgeError
+from ...errors import BridgeError, Misconfigured
 from ...logs import log_event
 from ...metrika.schemas import normalize_product_id
 from ...normalize import DEFAULT_PHONE_REGION, is_phone_region
@@ -26,6 +26,7 @@ from .api import MIN_INTERVAL, AmoCrmClient
 from .translate import contact_entity, default_mapping, lead_rows, main_contact_id
 
 if TYPE_CHECKING:
+    from ...oauth import TokenKeeper
     from ...store import CrmAccountStore
 
 DEFAULT_CLIENT_ID_FIELD = "_YM_UID"
@@ -62,17 +63,46 @@ class AmoCrmSource:
     `/api/v4/account` said (a `CrmAccountStore`: the state store), so it is asked once, not per delivery."""
 
     def __init__(self, reserve_slot: Callable[[str, float, float], float], *, accounts: CrmAccountStore | None = None,
-                 clock: Callable[[], float] = time.time, **client_options: Any) -> None:
+                 clock: Callable[[], float] = time.time, keeper: TokenKeeper | None = None, **client_options: Any) -> None:
         self._reserve_slot = reserve_slot
+        self._keeper = keeper  # installed (OAuth) integrations' tokens: chalicelib.oauth
         self._accounts = accounts if accounts is not None else _ProcessAccounts()
         self._clock = clock
         self._client_options = client_options
 
     def client_for(self, integration: dict) -> AmoCrmClient:
         connection = integration["connection"]
+        if connection.get("auth") == "oauth":
+            return self._oauth_client(integration)
         scope = "amocrm:" + hashlib.sha256(f"{connection['base_url']}|{connection['access_token']}".encode()).hexdigest()[:16]
         wait_for_slot = slot_waiter(self._reserve_slot, scope, MIN_INTERVAL)
         return AmoCrmClient(connection["base_url"], connection["access_token"], wait_for_slot=wait_for_slot,
+                            **self._client_options)
+
+    def keep_alive(self, integration: dict) -> bool:
+        """The scheduled refresh of an installed integration: refresh when the tokens were last
+        refreshed more than 30 days ago (`oauth.MAX_IDLE_SECONDS`), so the 3-month refresh token of an
+        account without deals does not age out. True when it refreshed."""
+        from .oauth import MAX_IDLE_SECONDS
+        if self._keeper is None:
+            return False
+        tokens_id = f"amocrm-{integration['connection'].get('account_id')}"
+        return self._keeper.keep_alive(tokens_id, integration, max_idle=MAX_IDLE_SECONDS)
+
+    def _oauth_client(self, integration: dict) -> AmoCrmClient:
+        """An installed integration: the access token from the token keeper (refreshed when due), and
+        on a 401 one forced refresh and one retry (`AmoCrmClient`'s `reauthorize`). The tokens are the
+        account's (`amocrm-<account id>`, as the install stores them); the rate scope too, since the
+        token changes daily."""
+        if self._keeper is None:
+            raise Misconfigured("this deployment has no amoCRM OAuth client configured (AMOCRM_CLIENT_ID)", source="amocrm")
+        connection = integration["connection"]
+        tokens_id = f"amocrm-{connection.get('account_id')}"
+        keeper = self._keeper
+        scope = "amocrm:" + hashlib.sha256(f"{connection['base_url']}|oauth|{tokens_id}".encode()).hexdigest()[:16]
+        return AmoCrmClient(connection["base_url"], keeper.access_token(tokens_id, integration),
+                            wait_for_slot=slot_waiter(self._reserve_slot, scope, MIN_INTERVAL),
+                            reauthorize=lambda rejected: keeper.access_token(tokens_id, integration, rejected=rejected),
                             **self._client_options)
 
     def settings(self, client: AmoCrmClient, integration: dict) -> Settings:

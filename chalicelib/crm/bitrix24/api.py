@@ -1,4 +1,5 @@
-"""Bitrix24 REST client (requests) through an incoming-webhook URL; ready for OAuth through `auth`.
+"""Bitrix24 REST client (requests) through an incoming-webhook URL, or an installed application's
+`client_endpoint` with its OAuth access token in `auth` (`Bitrix24Client(auth=…)`).
 
 Calls are POSTs with a JSON body to `{webhook_url}{method}.json`, never GETs, so data and the secret
 stay out of query strings and logs (https://apidocs.bitrix24.ru/local-integrations/local-webhooks.html
@@ -50,7 +51,8 @@ _ACTION = {
     "NO_AUTH_FOUND": "the incoming webhook URL is wrong or the webhook was deleted: create an incoming webhook "
                      "with the crm scope and save its URL as the integration's connection.webhook_url",
     "INVALID_TOKEN": "the access token is invalid: authorise the integration again",
-    "EXPIRED_TOKEN": "the access token has expired: authorise the integration again",
+    "EXPIRED_TOKEN": "the access token has expired and a refresh did not bring a valid one: install the "
+                     "application on the portal again",
     "WRONG_AUTH_TYPE": "this method cannot be called through an incoming webhook",
     "INSUFFICIENT_SCOPE": "the webhook lacks the crm scope: tick crm in the incoming webhook's settings",
     "INVALID_CREDENTIALS": "the webhook's user lacks rights: give that user read access to CRM deals, contacts "
@@ -117,16 +119,33 @@ def judge(status: int, body: bytes, method: str = "", headers: Mapping[str, str]
     return classify(data.get("error"), data.get("error_description"), status, method)
 
 
+def expired_token(status: int, body: bytes) -> bool:
+    """Whether an answer is the portal's 401 `expired_token`: the one answer that calls for a refresh
+    ("Full OAuth 2.0 Authorization Protocol", https://apidocs.bitrix24.com/settings/oauth/index.html)."""
+    if status != 401:
+        return False
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and str(data.get("error", "")).lower() == "expired_token"
+
+
 class Bitrix24Client:
+    """`webhook_url`: an incoming webhook's URL, or an application's `client_endpoint` with `auth` (a
+    callable answering the current access token; `auth(True)` forces a refresh): each call then carries
+    `auth=<access token>` in its body, and a 401 `expired_token` is refreshed once and the call repeated."""
+
     def __init__(self, webhook_url: str, *, wait_for_slot: Callable[[], None] = lambda: None,
                  session: requests.Session | None = None, timeout: tuple[float, float] = (3.05, 20.0),
-                 attempts: int = 4, backoff: float = 1.0) -> None:
+                 attempts: int = 4, backoff: float = 1.0, auth: Callable[[bool], str] | None = None) -> None:
         self._base = webhook_url if webhook_url.endswith("/") else webhook_url + "/"
+        self._auth = auth
         self._wait_for_slot = wait_for_slot
         self._session = session or checked_session()
         self._timeout, self._attempts, self._backoff = timeout, attempts, backoff
 
-    def __repr__(self) -> str:  # the URL is a secret
+    def __repr__(self) -> str:  # the URL (or the token) is a secret
         return "Bitrix24Client(<webhook url>)"
 
     def _request(self, method: str, params: dict | None) -> dict | NotFound:
@@ -136,8 +155,12 @@ class Bitrix24Client:
         the invocation's deadline (`chalicelib.deadline`): a call there is no time for, or one it cut
         short, raises `OutOfTime`; a retry there is no time for raises the failure that called for it."""
         failure: BridgeError | None = None
-        for attempt in range(self._attempts):
-            if attempt:
+        refreshed, refreshed_at = False, -1
+        token = self._auth(False) if self._auth is not None else None
+        attempt = -1
+        while attempt + 1 < self._attempts:
+            attempt += 1
+            if attempt and not (refreshed and attempt == refreshed_at):
                 pause = self._backoff * 2 ** (attempt - 1)
                 if failure is not None and not deadline.allows(pause):
                     raise failure
@@ -145,7 +168,8 @@ class Bitrix24Client:
             self._wait_for_slot()
             timeout = deadline.clip(self._timeout, source=SOURCE, what="Bitrix24")
             try:
-                response = self._session.post(f"{self._base}{method}.json", json=params or {}, timeout=timeout,
+                body = {**(params or {}), "auth": token} if token is not None else params or {}
+                response = self._session.post(f"{self._base}{method}.json", json=body, timeout=timeout,
                                               allow_redirects=False)
             except PrivateAddress as exc:
                 raise Misconfigured(f"the Bitrix24 portal's host {exc.host} resolves to {exc.address}, not a public "
@@ -156,6 +180,12 @@ class Bitrix24Client:
                     raise deadline.cut_short(timeout, source=SOURCE, what="Bitrix24") from exc
                 what = "did not answer in time" if isinstance(exc, requests.Timeout) else "unreachable"
                 failure = Transient(f"Bitrix24 {what}: {type(exc).__name__}", source=SOURCE)
+                continue
+            if self._auth is not None and not refreshed and expired_token(response.status_code, response.content):
+                # One forced refresh, then the same call again at once (not counted as an attempt).
+                refreshed, token = True, self._auth(True)
+                attempt -= 1
+                refreshed_at = attempt + 1
                 continue
             answer = judge(response.status_code, response.content, method, response.headers)
             if isinstance(answer, Transient):

@@ -42,17 +42,55 @@ CONTACT_SELECT = ["*", "UF_*", "PHONE", "EMAIL"]
 
 
 class Bitrix24Source:
-    def __init__(self, reserve_slot: Callable[[str, float, float], float], **client_options: Any) -> None:
+    def __init__(self, reserve_slot: Callable[[str, float, float], float], *,
+                 tokens_for: Callable[[dict], Callable[[bool], str]] | None = None,
+                 keep_alive: Callable[[dict], bool] | None = None, **client_options: Any) -> None:
         self._reserve_slot = reserve_slot
+        # An installed application's access token per call (chalicelib/bitrix24_app.py `token_source`),
+        # and the scheduled refresh of an idle one (`keep_alive`).
+        self._tokens_for, self._keep_alive = tokens_for, keep_alive
         self._client_options = client_options
 
     def client_for(self, integration: dict) -> Bitrix24Client:
-        url = integration["connection"]["webhook_url"]
+        connection = integration["connection"]
+        if connection.get("auth") == "oauth":
+            if self._tokens_for is None:
+                raise Permanent("this Bitrix24 integration is an installed application, and this process has no "
+                                "access to its OAuth tokens", source=SOURCE)
+            url = connection["client_endpoint"]
+            scope = "bitrix24:" + hashlib.sha256((urlsplit(url).hostname or "").encode()).hexdigest()[:16]
+            return Bitrix24Client(url, wait_for_slot=slot_waiter(self._reserve_slot, scope, MIN_INTERVAL),
+                                  auth=self._tokens_for(integration), **self._client_options)
+        url = connection["webhook_url"]
         # The bucket is per portal: every webhook and app on it shares the budget
         # (https://apidocs.bitrix24.ru/limits.html "Лимиты REST API").
         scope = "bitrix24:" + hashlib.sha256((urlsplit(url).hostname or "").encode()).hexdigest()[:16]
         wait_for_slot = slot_waiter(self._reserve_slot, scope, MIN_INTERVAL)
         return Bitrix24Client(url, wait_for_slot=wait_for_slot, **self._client_options)
+
+    def webhook_health(self, integration: dict, integration_id: str) -> dict | None:
+        """An installed application's bindings as the portal lists them (`event.get`): the offline events
+        bound, and any of ours missing (an update of the application that was not installed again drops
+        them: install it again). None for an incoming-webhook integration (its outgoing webhook is the
+        portal's setting, not listed through REST)."""
+        if (integration.get("connection") or {}).get("auth") != "oauth" or integration.get("disabled"):
+            return None  # an uninstalled application's tokens are dead: the portal is not asked
+        from .app_events import OFFLINE_EVENTS
+        bound = self.client_for(integration).call("event.get").get("result") or []
+        offline = sorted({str(b.get("event", "")).upper() for b in bound
+                          if isinstance(b, dict) and str(b.get("offline", "0")) in ("1", "true", "True")})
+        online = sorted({str(b.get("event", "")).upper() for b in bound
+                         if isinstance(b, dict) and str(b.get("offline", "0")) not in ("1", "true", "True")})
+        missing = sorted(set(OFFLINE_EVENTS) - set(offline)) + sorted({"ONOFFLINEEVENT", "ONAPPUNINSTALL"} - set(online))
+        return {"offline_events": offline, "missing": missing,
+                **({"action": "install the application on the portal again: it binds them"} if missing else {})}
+
+    def keep_alive(self, integration: dict) -> bool:
+        """The daily refresh job: an installed application's refresh token refreshed once it has been idle
+        for 30 days (it lives 180), so a portal without deals keeps its integration. False for others."""
+        if (integration.get("connection") or {}).get("auth") != "oauth" or self._keep_alive is None:
+            return False
+        return self._keep_alive(integration)
 
     def snapshot(self, integration: dict, mapping: list[dict], refs: list[EntityRef],
                  attributes: list[dict] = ()) -> dict[tuple[str, str], EntityRows]:
