@@ -14,8 +14,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: $(VENV)/.installed
 	$(PY) -m sandbox.local_stack
 
-# Two processes (pytest-xdist): the suite waits on loopback HTTP more than it computes.
+# Two processes (pytest-xdist): the suite waits on loopback HTTP more than it computes. The console's
+# browser tests drive Debian's chromium through chromium-driver: installed first when missing (root, or sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 test: $(VENV)/.installed
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium chromium-driver; }
 	$(PY) -m pytest -q -n 2
 
 # The fast tier for the edit-test loop (under a minute): no moto_server, no local stack.

@@ -10,7 +10,7 @@ import time
 import traceback
 import uuid
 
-from chalice import AuthResponse, Chalice, Rate, Response
+from chalice import AuthResponse, AuthRoute, Chalice, Rate, Response
 
 from chalicelib import deadline
 from chalicelib.admin import AUTHORIZER_CACHE_SECONDS
@@ -36,6 +36,7 @@ MAX_JSON_DEPTH = 32  # admin bodies are a few levels deep; deeper is an attack, 
 _STORE = None
 _QUEUE = None
 _ADMIN_TOKENS = None  # (settings, chalicelib.admin.AdminTokenCache): re-reads the SSM parameter on its own schedule
+_CONSOLE_LINKS = None  # chalicelib.console_links.ConsoleLinks: link tokens' answers, cached briefly
 _SOURCES = {}  # crm name → CrmSource, filled on first use (tests may fill it first)
 _AMOCRM_SECRET = None  # (settings, chalicelib.amocrm_install.ClientSecret): our amoCRM app's client secret
 
@@ -133,6 +134,14 @@ def get_admin_tokens():
     return _ADMIN_TOKENS[1]
 
 
+def get_console_links():
+    global _CONSOLE_LINKS
+    if _CONSOLE_LINKS is None:
+        from chalicelib.console_links import ConsoleLinks
+        _CONSOLE_LINKS = ConsoleLinks(lambda integration_id, link_id: get_store().get_console_link(integration_id, link_id))
+    return _CONSOLE_LINKS
+
+
 def get_ingest():
     from chalicelib.ingest import Ingest
     return Ingest(get_store(), get_queue(), max_body_bytes=get_settings().max_webhook_bytes)
@@ -169,22 +178,45 @@ def answers(view):
                 # Checked for every route, before any lookup: DynamoDB refuses keys over 2 KB (a 500).
                 raise invalid("integration id must be 1-64 characters: Latin letters, digits, _ and -",
                               {"integration_id": str(kwargs["integration_id"])[:80]})
+            _console_access(kwargs.get("integration_id"))
             with deadline.invocation(api_seconds(), reserve=deadline.API_RESERVE):
-                return view(*args, **kwargs)
+                return json_answer(view(*args, **kwargs))
         except ApiError as error:
-            return Response(body=error.body(), status_code=error.status)
+            return json_answer(error.body(), error.status)
         except OutOfTime as exc:  # a call no route turned into its own answer
             error = timed_out(exc)
-            return Response(body=error.body(), status_code=error.status)
+            return json_answer(error.body(), error.status)
         except Unavailable as exc:
             _log_failure("unavailable", exc)
-            return Response(body={"error": "unavailable", "message": f"{exc}; please retry"}, status_code=503)
+            return json_answer({"error": "unavailable", "message": f"{exc}; please retry"}, 503)
         except Exception as exc:  # noqa: BLE001 — a bug: say so, with an id to find it in the log
             request_id = _log_failure("internal_error", exc)
-            return Response(body={"error": "internal_error", "request_id": request_id,
-                                  "message": f"an unexpected error occurred (request id {request_id})"},
-                            status_code=500)
+            return json_answer({"error": "internal_error", "request_id": request_id,
+                                "message": f"an unexpected error occurred (request id {request_id})"}, 500)
     return wrapped
+
+
+JSON_UTF8 = "application/json; charset=utf-8"
+
+
+def json_answer(body, status=200):
+    """Every JSON answer, written in one place: UTF-8 text (a Cyrillic stage name reads as itself, not
+    as `\\u041f…` escapes) with its charset named. A view's own `Response` passes unchanged."""
+    if isinstance(body, Response):
+        return body
+    return Response(body=json.dumps(body, ensure_ascii=False, separators=(",", ":")), status_code=status,
+                    headers={"Content-Type": JSON_UTF8})
+
+
+def _console_access(integration_id):
+    """A console link's request reaches only its own integration's console routes (the authorizer's
+    policy says so too: chalicelib/console_links.py)."""
+    from chalicelib.console_links import check_access
+    request = app.current_request
+    if request is None:
+        return
+    context = request.context or {}
+    check_access(context.get("authorizer"), request.method, context.get("resourcePath"), integration_id)
 
 
 def api_seconds():
@@ -260,7 +292,15 @@ def admin(auth_request):
     # A token that cannot be checked (SSM unreachable) is refused like a wrong one: API Gateway answers
     # 403, never a 500 (rotation, overlap and cache times: chalicelib/admin.py).
     if get_admin_tokens().is_admin(auth_request.token):
-        return AuthResponse(routes=["*"], principal_id="admin")
+        return AuthResponse(routes=["*"], principal_id="admin", context={"role": "admin"})
+    # A console link: its own integration's console routes only (chalicelib/console_links.py).
+    from chalicelib.admin import bearer_token
+    from chalicelib.console_links import policy_routes
+    integration_id = get_console_links().integration_for(bearer_token(auth_request.token))
+    if integration_id is not None:
+        return AuthResponse(routes=[AuthRoute(path, methods) for path, methods in policy_routes(integration_id)],
+                            principal_id=f"console:{integration_id}",
+                            context={"role": "console", "integration_id": integration_id})
     return AuthResponse(routes=[], principal_id="anonymous")
 
 
@@ -422,6 +462,97 @@ def redrive_dead_letters():
     from chalicelib.operations import redrive_limit
     limit = redrive_limit(json_body())  # a bad body is a 400 before any queue is touched
     return get_dead_letters().redrive(limit=limit)  # no round starts past the request's deadline
+
+
+# --- The web console (issue 17): its page, console links, and what its pages read. A console link's
+# token reaches only chalicelib.console_links.CONSOLE_ROUTES of its own integration. ---
+
+@app.route("/console")
+def console_page():
+    return _console_asset("index.html")
+
+
+@app.route("/console/{name}")
+def console_asset(name):
+    return _console_asset(name)
+
+
+@app.route("/integrations", methods=["GET"], authorizer=admin)
+@answers
+def list_integrations():
+    from chalicelib.console_api import health, page_of_integrations
+    from chalicelib.operations import webhook_health
+    query = app.current_request.query_params or {}
+    budget = get_settings().metrika_daily_budget
+
+    def integration_health(integration_id, config):
+        used = get_metrika(config).governor.used_today() if config.get("metrika_token") else None
+        return health(get_store(), integration_id, requests_left=None if used is None else max(budget - used, 0),
+                      webhook=webhook_health(get_sources(), integration_id, config))
+    return page_of_integrations(get_store(), after=query.get("after"), limit=query.get("limit"),
+                                health=integration_health)
+
+
+@app.route("/integrations/{integration_id}/summary", methods=["GET"], authorizer=admin)
+@answers
+def integration_summary(integration_id):
+    from chalicelib.console_api import integration_summary as summary
+    return summary(get_store(), integration_id)
+
+
+@app.route("/integrations/{integration_id}/stages", methods=["GET"], authorizer=admin)
+@answers
+def integration_stages(integration_id):
+    from chalicelib.console_api import stages
+    from chalicelib.operations import default_mapping
+    return stages(get_store(), default_mapping(get_store(), get_sources(), integration_id), integration_id)
+
+
+@app.route("/integrations/{integration_id}/fields", methods=["GET"], authorizer=admin)
+@answers
+def integration_fields(integration_id):
+    from chalicelib.console_api import crm_fields
+    return crm_fields(get_store(), get_sources(), integration_id)
+
+
+@app.route("/integrations/{integration_id}/delivery", methods=["GET"], authorizer=admin)
+@answers
+def integration_delivery(integration_id):
+    from chalicelib.console_api import delivery_series
+    from chalicelib.integrations import get_integration as read
+    read(get_store(), integration_id)
+    return delivery_series(get_store(), integration_id)
+
+
+@app.route("/integrations/{integration_id}/console-links", methods=["POST"], authorizer=admin)
+@answers
+def create_console_link(integration_id):
+    from chalicelib.console_api import base_url
+    from chalicelib.console_links import create
+    return create(get_store(), integration_id, json_body(),
+                  base_url(app.current_request, f"/integrations/{integration_id}/console-links"))
+
+
+@app.route("/integrations/{integration_id}/console-links", methods=["GET"], authorizer=admin)
+@answers
+def list_console_links(integration_id):
+    from chalicelib.console_links import listing
+    return listing(get_store(), integration_id)
+
+
+@app.route("/integrations/{integration_id}/console-links/{link_id}", methods=["DELETE"], authorizer=admin)
+@answers
+def revoke_console_link(integration_id, link_id):
+    from chalicelib.console_links import revoke
+    return revoke(get_store(), integration_id, link_id)
+
+
+def _console_asset(name):
+    from chalicelib.console_api import asset
+    status, headers, body = asset(name)
+    return Response(body=body, status_code=status, headers=headers)
+
+# --- End of the web console. ---
 
 
 @app.route("/webhooks/amocrm/{integration_id}", methods=["POST"], content_types=[FORM])

@@ -10,7 +10,7 @@ https://www.amocrm.ru/developers/content/crm_platform/account-info "Параме
 API (Bearer token): `GET /api/v4/account` (the account model: `country`, `currency`, `currency_symbol` …;
 `with=amojo_id,version`), `GET /api/v4/leads` (`filter[id][]`, `filter[updated_at][from]`, `with`, `page`,
 `limit` ≤ 250), `/api/v4/leads/{id}`, `/api/v4/contacts` (`filter[id][]`), `/api/v4/contacts/{id}`,
-`/api/v4/catalogs/{id}/elements` (`filter[id][]`), `/api/v4/leads/pipelines`, `GET/POST /api/v4/webhooks`.
+`/api/v4/catalogs/{id}/elements` (`filter[id][]`), `/api/v4/leads/pipelines`, `/api/v4/{leads|contacts}/custom_fields`, `GET/POST /api/v4/webhooks`.
 204 for nothing found, 401 problem+json for a bad token, 429 past 7 requests in any second.
 
 Changes through the control endpoints fire webhooks in amoCRM's v2 form format at every
@@ -90,6 +90,7 @@ class AmoCrmSandbox(SandboxServer):
         for method, pattern, handler in [
             ("GET", api + r"/account", self._account),
             ("GET", api + r"/leads/pipelines", self._pipelines),
+            ("GET", api + r"/(?P<entity>leads|contacts)/custom_fields", self._custom_fields),
             ("GET", api + r"/leads", self._leads),
             ("GET", api + r"/leads/(?P<id>\d+)", self._lead),
             ("GET", api + r"/contacts", self._contacts),
@@ -159,6 +160,15 @@ class AmoCrmSandbox(SandboxServer):
     def reset(self) -> None:
         with self._lock:
             self.pipelines: list[dict] = []
+            # The account's fields ("Поля и группы полей", GET /api/v4/{entity}/custom_fields): the ones
+            # the sandbox fills, and one of each kind a marketer maps to a Metrika attribute.
+            self.custom_fields: dict[str, list[dict]] = {
+                "leads": [{"id": 752013, "name": "_ym_uid", "code": "_YM_UID", "type": "tracking_data"},
+                          {"id": 752015, "name": "Способ оплаты", "code": None, "type": "select"},
+                          {"id": 752017, "name": "utm_source", "code": "UTM_SOURCE", "type": "tracking_data"}],
+                "contacts": [{"id": 735649, "name": "Телефон", "code": "PHONE", "type": "multitext"},
+                             {"id": 735651, "name": "Email", "code": "EMAIL", "type": "multitext"},
+                             {"id": 735653, "name": "Должность", "code": "POSITION", "type": "text"}]}
             self.leads: dict[int, dict] = {}
             self.contacts: dict[int, dict] = {}
             self.catalogs: dict[int, dict[int, dict]] = {}
@@ -531,6 +541,13 @@ class AmoCrmSandbox(SandboxServer):
         if "version" in with_:
             account["version"] = 11
         return Reply(200, account)
+
+    def _custom_fields(self, request: Request) -> Reply:
+        fields = self.custom_fields[request.match["entity"]]
+        return Reply(200, {"_total_items": len(fields), "_page": 1, "_links": {},
+                           "_embedded": {"custom_fields": [{**f, "sort": 500 + i, "is_api_only": False,
+                                                            "entity_type": request.match["entity"]}
+                                                           for i, f in enumerate(fields)]}})
 
     def _pipelines(self, request: Request) -> Reply:
         return Reply(200, {"_total_items": len(self.pipelines), "_embedded": {"pipelines": self.pipelines}})

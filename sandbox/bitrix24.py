@@ -77,6 +77,18 @@ class MethodError(Exception):
         self.status, self.code, self.description = status, code, description
 
 
+# `crm.deal.fields` / `crm.contact.fields` (a few of each): standard fields carry their name in `title`; a
+# user field's `title` is its code and its name is in `listLabel` / `formLabel`.
+DEAL_FIELDS = {"ID": {"type": "integer", "isReadOnly": True, "title": "ID"},
+               "TITLE": {"type": "string", "title": "Название"},
+               "SOURCE_ID": {"type": "crm_status", "title": "Источник"},
+               "UF_CRM_COST": {"type": "double", "title": "UF_CRM_COST", "listLabel": "Себестоимость",
+                               "formLabel": "Себестоимость"},
+               "UF_CRM_YM_CLIENT_ID": {"type": "string", "title": "UF_CRM_YM_CLIENT_ID", "listLabel": "ClientID Метрики"}}
+CONTACT_FIELDS = {"NAME": {"type": "string", "title": "Имя"}, "POST": {"type": "string", "title": "Должность"},
+                  "PHONE": {"type": "crm_multifield", "isMultiple": True, "title": "Телефон"}}
+
+
 class Bitrix24Sandbox(SandboxServer):
     def __init__(self, port: int = 0, *, user: str = "1", code: str = "sandboxcode", domain: str = "acme-shop.bitrix24.ru",
                  member_id: str = "7f3c2a9be1d04c5a8e6b0d2f4a1c9e37", bucket_size: int = 50, drain_per_second: float = 2.0,
@@ -571,7 +583,8 @@ class Bitrix24Sandbox(SandboxServer):
         handlers = {"crm.deal.get": lambda p: self._get(self.deals, p), "crm.contact.get": lambda p: self._get(self.contacts, p),
                     "crm.lead.get": lambda p: self._get(self.leads, p),
                     "crm.deal.productrows.get": lambda p: self._rows(p),
-                    "crm.category.list": lambda p: {"categories": [{"id": int(k), "name": v} for k, v in self.categories.items()]}}
+                    "crm.category.list": lambda p: {"categories": [{"id": int(k), "name": v} for k, v in self.categories.items()]},
+                    "crm.deal.fields": lambda p: dict(DEAL_FIELDS), "crm.contact.fields": lambda p: dict(CONTACT_FIELDS)}
         if method in handlers:
             return {"result": handlers[method](params)}
         if method == "crm.status.list":

@@ -87,6 +87,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.stack)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (`rep_setup`, `rep_call`), so a fixture's teardown can tell a
+    failed test: the browser tests save a screenshot then (tests/test_console_browser.py)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def moto_url():
     port = free_port()

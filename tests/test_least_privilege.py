@@ -86,7 +86,10 @@ def test_policies_name_the_stages_own_resources_and_logs_only_their_own_log_grou
                 f"arn:aws:ssm:*:*:parameter/{settings.amocrm_client_secret_parameter.lstrip('/')}",
                 f"arn:aws:ssm:*:*:parameter/{settings.bitrix24_client_secret_parameter.lstrip('/')}"}
     admin = json.loads((ROOT / ".chalice" / policies.policy_file(stage, "admin")).read_text())
-    assert {a for a, _ in granted_pairs(admin)} == {"ssm:GetParameter", *LOG_ACTIONS}  # no table, no queue
+    # No queue, and of the tables one read of the config table (a console link's token digest).
+    assert {a for a, _ in granted_pairs(admin)} == {"ssm:GetParameter", "dynamodb:GetItem", *LOG_ACTIONS}
+    assert {r for a, r in granted_pairs(admin) if a.startswith("dynamodb:")} == {
+        f"arn:aws:dynamodb:*:*:table/{settings.config_table}"}
     assert (f"arn:aws:ssm:*:*:parameter/{settings.admin_token_parameter.lstrip('/')}"
             in {r for _, r in granted_pairs(admin)})
     shared = f"arn:aws:dynamodb:*:*:table/{settings.quota_table}"
@@ -100,7 +103,8 @@ def test_each_resource_is_reachable_only_by_the_functions_that_use_it():
     schedules only list integrations and queue their jobs."""
     def holders(role):
         return {function for function, access in ACCESS.items() if role in access}
-    assert set(ACCESS["admin"]) == {ADMIN_TOKEN} and holders(ADMIN_TOKEN) == {"admin"}
+    assert ACCESS["admin"] == {ADMIN_TOKEN: ("ssm:GetParameter",), CONFIG: ("dynamodb:GetItem",)}
+    assert holders(ADMIN_TOKEN) == {"admin"}
     assert holders(DEAD_LETTERS) == {"api_handler"}
     assert holders(QUOTA) == {"api_handler", "on_events_message"}  # they call Metrika
     assert holders(EVENTS) == set(FUNCTIONS) - {"admin"}
@@ -169,7 +173,7 @@ class Recorder:
     integrations are kept per function, so no function is spared a call because another made it first."""
 
     PARAMS = "least_privilege_params"
-    CONTAINER = ("_STORE", "_QUEUE", "_ADMIN_TOKENS", "_SOURCES", "_AMOCRM_SECRET")
+    CONTAINER = ("_STORE", "_QUEUE", "_ADMIN_TOKENS", "_SOURCES", "_AMOCRM_SECRET", "_CONSOLE_LINKS")
 
     def __init__(self) -> None:
         self.calls: dict[str, set[tuple[str, str]]] = defaultdict(set)
@@ -201,7 +205,8 @@ class Recorder:
             self._stack.append(function)
             outer = {name: getattr(app, name) for name in self.CONTAINER}
             own = self._containers.setdefault(function, {"_STORE": None, "_QUEUE": None, "_ADMIN_TOKENS": None,
-                                                         "_SOURCES": {}, "_AMOCRM_SECRET": None})
+                                                         "_SOURCES": {}, "_AMOCRM_SECRET": None,
+                                                         "_CONSOLE_LINKS": None})
             for name, value in own.items():
                 setattr(app, name, value)
         try:
@@ -449,6 +454,14 @@ def every_path(stack: Stack, amocrm, bitrix, metrika_sandbox, amo: str, b24: str
     assert (reconciled["found"], reconciled["delivered"], reconciled["queued"]) == (3, 3, 0)
     assert api("POST", f"/integrations/{amo}/confirm", {})["passed"] >= 4
     api("GET", f"/integrations/{amo}/status")
+    # The web console: the integrations page, a console link made, listed, used (the authorizer reads its
+    # digest) and revoked.
+    assert [i["integration_id"] for i in api("GET", "/integrations")["integrations"]] == sorted([amo, b24])
+    link = api("POST", f"/integrations/{amo}/console-links", {"label": "lp"})
+    assert api("GET", f"/integrations/{amo}/console-links")["links"][0]["link_id"] == link["link_id"]
+    as_link = {"Authorization": f"Bearer {link['link'].split('#link=')[1]}"}
+    assert api("GET", f"/integrations/{amo}/stages", headers=as_link)["stages"]
+    assert api("DELETE", f"/integrations/{amo}/console-links/{link['link_id']}")["revoked"] == link["link_id"]
     # Replay of one deal queues it again. Short of time, the worker queues it back as it came; on the
     # message's last receive it flags the deal before any work, and Metrika refusing the upload sends it
     # back to the queue (a retry); the next batch delivers it.

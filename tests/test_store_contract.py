@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 60, sorted(names)  # every method of every concern
+    assert len(names) == 65, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -1366,6 +1366,44 @@ def test_customers_go_with_their_integration(store, iid):
     assert store.customers(iid, ["11"]) == {}
     assert store.customers(iid + "-other", ["11"]) == {"11": {"sources": {"contact:11": {}}, "sent": "h", "version": 1}}
 
+
+# --- ConsoleStore ------------------------------------------------------------------------------------
+
+def test_console_links_round_trip_revoke_and_go_with_their_integration(store, iid):
+    store.put_integration(iid, {"crm": "amocrm", "counter_id": 1})
+    assert store.get_console_link(iid, "0123456789abcdef") is None and store.console_links(iid) == []
+    link = {"hash": "ab" * 32, "label": "Маркетинг — Ольга", "created_at": YEAR_2100}
+    store.put_console_link(iid, "0123456789abcdef", link)
+    store.put_console_link(iid, "fedcba9876543210", {**link, "label": ""})
+    store.put_console_link(iid + "-other", "0123456789abcdef", {**link, "hash": "cd" * 32})
+    assert store.get_console_link(iid, "0123456789abcdef") == {"link_id": "0123456789abcdef", **link}
+    assert [x["link_id"] for x in store.console_links(iid)] == ["0123456789abcdef", "fedcba9876543210"]
+    assert_plain(store.console_links(iid))
+    assert store.delete_console_link(iid, "fedcba9876543210") is True
+    assert store.delete_console_link(iid, "fedcba9876543210") is False  # already revoked
+    assert store.get_console_link(iid, "fedcba9876543210") is None
+    assert store.get_console_link(iid + "-other", "0123456789abcdef")["hash"] == "cd" * 32  # not another's
+    store.delete_integration(iid)  # a deleted integration's links die with it: a new one of the same id
+    assert store.get_console_link(iid, "0123456789abcdef") is None  # does not inherit them
+    assert store.console_links(iid) == []
+
+
+def test_entity_summary_counts_what_it_read_and_stops_at_its_limit(store, iid):
+    assert store.entity_summary(iid, limit=10) == {"scanned": 0, "complete": True, "backlog": 0, "retrying": 0,
+                                                  "parked": 0, "dead_lettered": 0, "last_sent_at": None}
+    for n in range(3):
+        mark(store, iid, f"o{n}", NOW - 100)
+    store.note_attempt(iid, "order", "o1", attempts=2, error={"code": "x", "message": "later"}, lease_until=NOW + 60)
+    claimed = store.claim(iid, "order", "o2")
+    store.mark_failed(iid, "order", "o2", event_time=claimed["event_time"], error={"code": "unmapped_stage", "message": "m"})
+    mark(store, iid, "c1", NOW - 100, kind="contact")
+    full = store.entity_summary(iid, limit=100)
+    assert full["scanned"] == 4 and full["complete"] is True
+    assert (full["parked"], full["backlog"], full["retrying"], full["dead_lettered"]) == (1, 3, 1, 0)
+    capped = store.entity_summary(iid, limit=2)
+    assert capped["scanned"] == 2 and capped["complete"] is False
+    exact = store.entity_summary(iid, limit=4)
+    assert exact["scanned"] == 4 and exact["complete"] is True
 
 # --- TokenStore --------------------------------------------------------------------------------------
 

@@ -75,9 +75,11 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
         DEAD_LETTERS: ("sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:DeleteMessage"),
     },
-    # The authorizer reads the admin token (and, during a rotation's overlap, its previous version).
+    # The authorizer reads the admin token (and, during a rotation's overlap, its previous version), and a
+    # console link's token digest (one item of the config table, chalicelib/console_links.py).
     "admin": {
         ADMIN_TOKEN: ("ssm:GetParameter",),
+        CONFIG: ("dynamodb:GetItem",),
     },
     # The worker: deliveries, retries, inbox expansion, history-import steps, dead-letter flags, and each
     # integration's scheduled jobs (reconciliation: sweep, CRM changes, re-queue; confirmation: Metrika's

@@ -473,6 +473,38 @@ class InboxStore(Protocol):
         first."""
 
 
+def summary(items: list[dict], *, complete: bool) -> dict:
+    """`ConsoleStore.entity_summary` of entity items as read (both stores count alike)."""
+    return {"scanned": len(items), "complete": complete,
+            "backlog": sum(1 for e in items if e.get("dirty") is True),
+            "retrying": sum(1 for e in items if e.get("dirty") is True and e.get("attempts")),
+            "parked": sum(1 for e in items if e.get("last_error") and e.get("dirty") is not True),
+            "dead_lettered": sum(1 for e in items if e.get("dead_lettered_at")),
+            "last_sent_at": max((e.get("sent_at") or 0 for e in items), default=0) or None}
+
+
+class ConsoleStore(Protocol):
+    """The web console's own items: console links (config table, `CONSOLE_LINK#<link id>` under the
+    integration) and a bounded health summary of an integration's entities."""
+
+    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> None:
+        """Store a link: {"hash": sha-256 hex of its token, "label", "created_at"}."""
+
+    def get_console_link(self, integration_id: str, link_id: str) -> dict | None:
+        """The link as stored (with `link_id`), or None (never made, revoked, integration deleted)."""
+
+    def console_links(self, integration_id: str) -> list[dict]:
+        """Every link of the integration, as stored, each with its `link_id`."""
+
+    def delete_console_link(self, integration_id: str, link_id: str) -> bool:
+        """Revoke a link; False if there was none."""
+
+    def entity_summary(self, integration_id: str, *, limit: int) -> dict:
+        """Counts over at most `limit` of the integration's entities (bounded time for a list of
+        integrations): {"scanned", "complete" (all were read), "backlog" (dirty), "retrying" (dirty with
+        attempts), "parked" (an error, not dirty), "dead_lettered", "last_sent_at" (or None)}."""
+
+
 class TokenStore(Protocol):
     """An installed integration's OAuth tokens (`chalicelib.oauth`), in an item of their own beside the
     config (never inside it: a PUT of the config must not overwrite a refreshed token). The item:
@@ -505,6 +537,6 @@ class TokenStore(Protocol):
 
 
 class StateStore(IntegrationStore, EntityStore, UploadStore, ProductStore, QuotaStore, ImportStore, CrmAccountStore,
-                 InboxStore, CustomerStore, TokenStore, Protocol):
+                 InboxStore, CustomerStore, TokenStore, ConsoleStore, Protocol):
     """Everything the app keeps: what `DynamoStore` and `MemoryStore` implement."""
 

@@ -3,7 +3,8 @@
 Three tables (names from settings): config and state per stage, quota shared by every stage:
 
 * config — `pk = INTEGRATION#<id>`; `sk = CONFIG` (the integration), `STATUS_MAPPING`, `ATTRIBUTES`,
-  `BACKFILL` (the history import job), `TOKENS` (OAuth tokens, `chalicelib.oauth`) or `CURSOR#<name>`.
+  `BACKFILL` (the history import job), `TOKENS` (OAuth tokens, `chalicelib.oauth`), `CURSOR#<name>` or
+  `CONSOLE_LINK#<link id>` (a console link's token digest, label and time).
 * state  — `pk = INTEGRATION#<id>`; `sk = ORDER#<crm id>` or `CONTACT#<crm id>`: per-entity delivery
   state (see `chalicelib.store`); `PRODUCT#<product id>`: products in Metrika's product list;
   `PENDING_UPLOAD#<id>`: an upload waiting for its final status (confirmation reads only these), then
@@ -44,6 +45,7 @@ from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUT
                UPLOAD_RECORD_TTL, Hold, check_recent_limit, day_counter_expiry, entity_keys, entity_pairs)
 from . import plain as _plain
 from . import stored_time as _decimal
+from . import summary as _summary
 
 _SER = TypeSerializer()
 _DES = TypeDeserializer()
@@ -68,6 +70,7 @@ LEGACY_UPLOAD_GRACE = 3600
 # page's last few do not start empty; the rest expire by their TTL (30 days after confirmation).
 LEGACY_FINAL_COPIED = 100
 SOURCE = "src:"  # a customer item's source attributes
+CONSOLE_LINK = "CONSOLE_LINK#"  # config table: a console link's token digest (chalicelib/console_links.py)
 
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 _UNAVAILABLE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
@@ -148,6 +151,11 @@ def _from_item(item: dict | None) -> dict | None:
         return None
     return _plain({k: _DES.deserialize(v) for k, v in item.items()})
 
+
+def _console_link(item: dict | None) -> dict:
+    assert item is not None
+    return {"link_id": item["sk"].removeprefix(CONSOLE_LINK),
+            **{k: v for k, v in item.items() if k not in ("pk", "sk")}}
 
 def _uploading_id(sk: str) -> str:
     """The uploading id in an upload's sort key, whichever form: `UPLOAD#<id>`, `PENDING_UPLOAD#<id>`,
@@ -870,6 +878,47 @@ class DynamoStore:
                     break
             else:
                 raise Unavailable("store", "batch_write_item: items left unprocessed")
+
+    # --- ConsoleStore --------------------------------------------------------------------------------
+
+    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> None:
+        self._db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": CONSOLE_LINK + link_id, **link}))
+
+    def get_console_link(self, integration_id: str, link_id: str) -> dict | None:
+        # The authorizer's one read per link token (then cached): GetItem on the config table.
+        item = self._get(self._config, _pk(integration_id), CONSOLE_LINK + link_id)
+        return _console_link(item) if item else None
+
+    def console_links(self, integration_id: str) -> list[dict]:
+        return [_console_link(_from_item(i)) for i in self._query(self._config, _pk(integration_id),
+                                                                 begins_with=CONSOLE_LINK)]
+
+    def delete_console_link(self, integration_id: str, link_id: str) -> bool:
+        answer = self._db.delete_item(TableName=self._config, ReturnValues="ALL_OLD",
+                                      Key=_to_item({"pk": _pk(integration_id), "sk": CONSOLE_LINK + link_id}))
+        return "Attributes" in answer
+
+    def entity_summary(self, integration_id: str, *, limit: int) -> dict:
+        # At most `limit` items read (Query's Limit counts items read), only the attributes counted.
+        items: list[dict] = []
+        complete = True
+        for prefix in ("ORDER#", "CONTACT#"):
+            kwargs: dict[str, Any] = {
+                "TableName": self._state, "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+                "ExpressionAttributeValues": _to_item({":pk": _pk(integration_id), ":prefix": prefix}),
+                "ProjectionExpression": "dirty, attempts, last_error, dead_lettered_at, sent_at"}
+            while True:
+                if len(items) >= limit:
+                    page = self._db.query(**{**kwargs, "Limit": 1})
+                    complete = complete and not page.get("Items")
+                    break
+                page = self._db.query(**{**kwargs, "Limit": limit - len(items)})
+                items += [_from_item(i) for i in page.get("Items", [])]
+                if "LastEvaluatedKey" not in page:
+                    break
+                kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return _summary(items, complete=complete)
 
     # --- TokenStore ----------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from . import (BACKFILL_OWNER, CARRIED_TTL, CLAIM_GRACE_SECONDS, LEGACY_ATTRIBUT
                UPLOAD_RECORD_TTL, Hold, check_recent_limit, day_counter_expiry, entity_keys, entity_pairs)
 from . import plain as _plain
 from . import stored_time as _decimal
+from . import summary as _summary
 
 _KINDS = ("order", "contact")  # list_entities' order, as DynamoStore's sort keys give it
 
@@ -84,6 +85,7 @@ class MemoryStore:
         self._crm_accounts: dict[str, dict] = {}  # account scope → facts
         self._inbox: dict[str, dict[str, tuple[Decimal, list[EntityRef]]]] = {}  # id → batch id → (recorded at, refs)
         self._customers: dict[str, dict[str, dict]] = {}  # id → uniq_id → {"sources", "sent", "version"}
+        self._console_links: dict[str, dict[str, dict]] = {}  # id → link id → {"hash", "label", "created_at"}
         self._tokens: dict[str, dict] = {}  # id → the OAuth tokens item (TokenStore)
         # The `expires_at` DynamoDB's TTL acts on, for items the protocol does not return (the entities an
         # upload carried, day counters): kept, never acted on; `expiry` reads it for the contract tests.
@@ -115,7 +117,7 @@ class MemoryStore:
                 del self._expiry[key]
             for table in (self._integrations, self._status_mappings, self._attribute_mappings, self._backfills,
                           self._cursors, self._entities, self._products, self._pending, self._uploads, self._upload_order, self._carried,
-                          self._inbox, self._customers, self._tokens):
+                          self._inbox, self._customers, self._tokens, self._console_links):
                 table.pop(integration_id, None)
             return existed
 
@@ -553,6 +555,31 @@ class MemoryStore:
         with self._lock:
             batches = self._inbox.get(integration_id, {})
             return [b for _, b in sorted((at, b) for b, (at, _) in batches.items() if at < _decimal(before))]
+
+    # --- ConsoleStore --------------------------------------------------------------------------------
+
+    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> None:
+        with self._lock:
+            self._console_links.setdefault(integration_id, {})[link_id] = _model(link)
+
+    def get_console_link(self, integration_id: str, link_id: str) -> dict | None:
+        with self._lock:
+            link = self._console_links.get(integration_id, {}).get(link_id)
+            return {"link_id": link_id, **_plain(link)} if link is not None else None
+
+    def console_links(self, integration_id: str) -> list[dict]:
+        with self._lock:
+            return [{"link_id": link_id, **_plain(link)}
+                    for link_id, link in sorted(self._console_links.get(integration_id, {}).items())]
+
+    def delete_console_link(self, integration_id: str, link_id: str) -> bool:
+        with self._lock:
+            return self._console_links.get(integration_id, {}).pop(link_id, None) is not None
+
+    def entity_summary(self, integration_id: str, *, limit: int) -> dict:
+        with self._lock:
+            ordered = self._ordered(integration_id)
+            return _summary([_plain(item) for _, item in ordered[:limit]], complete=len(ordered) <= limit)
 
     # --- TokenStore ----------------------------------------------------------------------------------
 

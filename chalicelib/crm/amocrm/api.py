@@ -165,6 +165,11 @@ class AmoCrmClient:
     def pipelines(self) -> list[dict]:
         return self._list("/api/v4/leads/pipelines", "pipelines", [])
 
+    def custom_fields(self, entity: str) -> list[dict]:
+        """The account's fields of `leads` or `contacts`, every page (50 a page by default, followed by
+        `_links.next`: "Поля и группы полей", https://www.amocrm.ru/developers/content/crm_platform/custom-fields)."""
+        return list(self._pages(f"/api/v4/{entity}/custom_fields", "custom_fields", []))
+
     def webhooks(self) -> list[dict]:
         return self._list("/api/v4/webhooks", "webhooks", [])
 

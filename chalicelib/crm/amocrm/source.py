@@ -223,6 +223,15 @@ class AmoCrmSource:
         IN_PROGRESS)."""
         return default_mapping(self.client_for(integration).pipelines())
 
+    def fields(self, integration: dict) -> list[dict]:
+        """The fields a custom attribute can be read from, for the console: leads' (orders) and contacts',
+        by id, as `crm_field` takes them."""
+        client = self.client_for(integration)
+        return [{"id": str(f["id"]), "name": str(f.get("name") or f["id"]), "code": f.get("code"), "entity": entity,
+                 "type": f.get("type")}
+                for entity, path in (("order", "leads"), ("contact", "contacts"))
+                for f in client.custom_fields(path) if isinstance(f, dict) and "id" in f]
+
     def changed_since(self, integration: dict, since: int) -> list[EntityRef]:
         """Leads updated since `since` (Unix seconds), for reconciliation."""
         return [EntityRef(ORDER, str(lead["id"]), int(lead["updated_at"]), "reconcile")

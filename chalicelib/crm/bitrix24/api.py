@@ -251,6 +251,12 @@ class Bitrix24Client:
         return [s for s in self.all_items("crm.status.list", {"order": {"SORT": "ASC"}})
                 if str(s.get("ENTITY_ID", "")).startswith("DEAL_STAGE")]
 
+    def entity_fields(self, method: str) -> dict:
+        """`crm.deal.fields` / `crm.contact.fields`: field code → description, user fields included
+        ("crm.deal.fields", https://training.bitrix24.com/rest_help/crm/deals/crm_deal_fields.php)."""
+        answer = self.call(method).get("result")
+        return answer if isinstance(answer, dict) else {}
+
     def deal_categories(self) -> dict[str, str]:
         """Funnel names by id (`"0"` is the default funnel)."""
         answer = self.call("crm.category.list", {"entityTypeId": 2}).get("result") or {}

@@ -220,6 +220,19 @@ class Bitrix24Source:
         client = self.client_for(integration)
         return default_mapping(list(client.deal_stages()), client.deal_categories())
 
+    def fields(self, integration: dict) -> list[dict]:
+        """The fields a custom attribute can be read from, for the console: deals' (orders) and contacts',
+        by code. A user field's name is its label (its `title` is the code)."""
+        client = self.client_for(integration)
+        listed = []
+        for entity, method in (("order", "crm.deal.fields"), ("contact", "crm.contact.fields")):
+            for code, field in client.entity_fields(method).items():
+                field = field if isinstance(field, dict) else {}
+                name = field.get("listLabel") or field.get("formLabel") or field.get("title") or code
+                listed.append({"id": str(code), "name": str(name), "code": str(code), "entity": entity,
+                               "type": field.get("type")})
+        return listed
+
     def changed_since(self, integration: dict, since: int) -> list[EntityRef]:
         """Deals modified since `since` (Unix seconds), for reconciliation."""
         iso = datetime.fromtimestamp(since, timezone.utc).isoformat()
