@@ -1,0 +1,100 @@
+"""Issue 16 review: defects found in the one-click installs (amoCRM OAuth, the Bitrix24 application) and
+the token keeper, each pinned by a test. Pure or on the in-memory store; no servers, fake clocks."""
+from __future__ import annotations
+
+import json
+import traceback
+
+import pytest
+import requests
+
+from chalicelib import deadline
+from chalicelib.amocrm_install import complete
+from chalicelib.bitrix24_app import Bitrix24Refresher
+from chalicelib.crm.amocrm.oauth import AmoOAuth, account_base_url, sign_state, state_problem
+from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
+from chalicelib.errors import ApiError, BridgeError, Misconfigured
+from chalicelib.oauth import RefreshRefused, TokenKeeper, due_by_margin
+from chalicelib.store.memory import MemoryStore
+
+NOW = 1_750_000_000.0
+SECRET = "review16-client-secret-0123456789"
+
+
+class Clock:
+    def __init__(self, t: float = NOW) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class GrantSession:
+    """Bitrix24's OAuth server: answers a new pair for any refresh token, and records what it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def get(self, url, params=None, **kwargs):
+        self.seen.append(dict(params or {}))
+        response = requests.Response()
+        response.status_code = 200
+        n = len(self.seen)
+        response._content = json.dumps({
+            "access_token": f"access-{n + 1}", "refresh_token": f"refresh-{n + 1}", "expires_in": 3600,
+            "member_id": "abc123", "client_endpoint": "https://shop.bitrix24.ru/rest/"}).encode()
+        return response
+
+
+# --- 1. our own configuration problem recorded as "the CRM refused the refresh token" -----------------
+
+@pytest.mark.parametrize("problem", ["ssm parameter missing", "client id missing"])
+def test_a_problem_on_our_side_before_the_refresh_token_is_sent_is_not_recorded_as_a_refusal(problem):
+    """An operator's slip (the SSM client secret missing for a minute during a rotation, BITRIX24_CLIENT_ID
+    unset by a bad deploy) must not kill every portal whose token came due meanwhile: the refresh token was
+    never sent, so once the setting is back the same token refreshes, without a reinstall by each portal."""
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    iid = "b24-abc123"
+    store.put_tokens(iid, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW) - 1})
+    broken = {"on": True}
+
+    def secret() -> str:
+        if broken["on"] and problem == "ssm parameter missing":
+            raise Misconfigured("the SSM parameter /x/bitrix24-client-secret does not exist", source="bitrix24")
+        return SECRET
+    session = GrantSession()
+    oauth = Bitrix24OAuth("https://oauth.bitrix.info", "" if problem == "client id missing" else "app.1", secret,
+                          session=session, clock=clock)
+    keeper = TokenKeeper(store, Bitrix24Refresher(oauth), due=due_by_margin(0), clock=clock, sleep=lambda s: None)
+    integration = {"crm": "bitrix24", "connection": {"auth": "oauth", "member_id": "abc123"}}
+    with pytest.raises(Misconfigured) as caught:  # deliveries park with the operator's message meanwhile
+        keeper.access_token(iid, integration)
+    assert not isinstance(caught.value, RefreshRefused)
+    tokens = store.get_tokens(iid)
+    assert not tokens.get("failure") and "lease_owner" not in tokens
+    assert session.seen == []  # the refresh token never left
+    # the operator fixes the stage: the same refresh token refreshes
+    broken["on"] = False
+    if problem == "client id missing":
+        oauth._client_id = "app.1"
+    assert keeper.access_token(iid, integration) == "access-2"
+    assert [p["refresh_token"] for p in session.seen] == ["refresh-1"]
+
+
+def test_an_amocrm_config_naming_no_amocrm_host_is_not_recorded_as_a_refusal():
+    """Same for amoCRM: a config whose base_url fails our own check never sent the refresh token."""
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    iid = "amocrm-42"
+    store.put_tokens(iid, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW)})
+
+    class Session:
+        def request(self, *args, **kwargs):
+            raise AssertionError("nothing may be sent")
+    oauth = AmoOAuth("cid", lambda: SECRET, "https://bridge.example/oauth/amocrm", session=Session(), clock=clock)
+    keeper = TokenKeeper(store, oauth, due=due_by_margin(3600), clock=clock, sleep=lambda s: None)
+    with pytest.raises(Misconfigured):
+        keeper.access_token(iid, {"connection": {"base_url": "https://shop.amocrm.ru.evil.com"}})
+    assert not store.get_tokens(iid).get("failure")
+
