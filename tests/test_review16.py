@@ -98,3 +98,31 @@ def test_an_amocrm_config_naming_no_amocrm_host_is_not_recorded_as_a_refusal():
         keeper.access_token(iid, {"connection": {"base_url": "https://shop.amocrm.ru.evil.com"}})
     assert not store.get_tokens(iid).get("failure")
 
+
+# --- 2. a state whose expiry Python calls a digit but int() refuses: a 500 on a public route ---------
+
+@pytest.mark.parametrize("expires", ["\u00b2", "\u2460", "1\u00b3"])
+def test_a_state_with_a_superscript_digit_is_a_400_not_a_crash(expires):
+    state = f"{expires}.nonce.mac"
+    assert state_problem(SECRET, state, now=NOW)  # a reason, not a ValueError
+    with pytest.raises(ApiError) as caught:
+        complete(MemoryStore(), None, {"state": state, "code": "c", "referer": "shop.amocrm.ru"}, secret=SECRET,
+                 client_id="cid", public_url="https://bridge.example", now=NOW)
+    assert caught.value.status == 400 and "state" in caught.value.details
+
+
+# --- 3. a referer with a port: the client secret to an amoCRM host's any port, or a 5xx -----------------
+
+@pytest.mark.parametrize("referer", ["shop.amocrm.ru:8443", "shop.amocrm.ru:99999", "shop.amocrm.ru:0",
+                                     "shop.kommo.com:443"])
+def test_a_referer_with_a_port_is_refused_unless_it_is_the_sandbox(referer):
+    with pytest.raises(ValueError):
+        account_base_url(referer, sandbox_hosts=("127.0.0.1:8002",))
+    assert account_base_url("127.0.0.1:8002", sandbox_hosts=("127.0.0.1:8002",)) == "http://127.0.0.1:8002"
+    state = sign_state(SECRET, now=NOW)
+    with pytest.raises(ApiError) as caught:
+        complete(MemoryStore(), AmoOAuth("cid", lambda: SECRET, "https://bridge.example/oauth/amocrm"),
+                 {"state": state, "code": "c", "referer": referer}, secret=SECRET, client_id="cid",
+                 public_url="https://bridge.example", now=NOW)
+    assert caught.value.status == 400 and "referer" in caught.value.details
+

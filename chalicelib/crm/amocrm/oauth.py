@@ -61,6 +61,8 @@ def account_base_url(referer: Any, *, sandbox_hosts: tuple[str, ...] = ()) -> st
     host = referer.lower()
     if host in sandbox_hosts:
         return f"http://{host}"
+    if ":" in host:  # an account is its host alone: no port takes the client secret elsewhere on it
+        raise ValueError("referer must be the amoCRM account's host without a port, such as shop.amocrm.ru")
     problem = endpoint_problem(f"https://{host}", domains=AMOCRM_DOMAINS)
     if problem:
         raise ValueError(f"referer {problem}")
@@ -78,7 +80,7 @@ def state_problem(secret: str, state: Any, *, now: float) -> str | None:
     if not isinstance(state, str) or len(state) > 200 or state.count(".") != 2:
         return "state is missing or malformed"
     expires, nonce, mac = state.split(".")
-    if not expires.isdigit() or len(expires) > 12:
+    if not (expires.isascii() and expires.isdigit()) or len(expires) > 12:  # "²".isdigit(), but int() refuses it
         return "state is malformed"
     if not hmac.compare_digest(mac.encode(), _state_mac(secret, int(expires), nonce).encode()):
         return "state was not issued by this service"
