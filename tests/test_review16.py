@@ -126,3 +126,20 @@ def test_a_referer_with_a_port_is_refused_unless_it_is_the_sandbox(referer):
                  public_url="https://bridge.example", now=NOW)
     assert caught.value.status == 400 and "referer" in caught.value.details
 
+
+# --- 4. the client secret and refresh token in a chained exception's message ---------------------------
+
+def test_a_refresh_cut_short_by_the_deadline_carries_no_secret_in_its_traceback():
+    class Session:
+        def get(self, url, params=None, **kwargs):
+            query = "&".join(f"{k}={v}" for k, v in params.items())
+            raise requests.ConnectTimeout(f"HTTPSConnectionPool(host='oauth.bitrix.info', port=443): Max retries "
+                                          f"exceeded with url: /oauth/token/?{query}")
+    oauth = Bitrix24OAuth("https://oauth.bitrix.info", "app.1", lambda: SECRET, session=Session())
+    refresh_token = "refresh-" + SECRET[::-1]  # not in any source line the traceback quotes
+    with deadline.invocation(5.0):  # less than the (3.05, 10) s timeout: clipped, so cut short
+        with pytest.raises(BridgeError) as caught:
+            oauth.refresh(refresh_token)
+    printed = "".join(traceback.format_exception(caught.value))
+    assert "did not answer within" in printed
+    assert SECRET not in printed and refresh_token not in printed

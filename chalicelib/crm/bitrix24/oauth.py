@@ -112,7 +112,9 @@ class Bitrix24OAuth:
             raise Misconfigured(f"the Bitrix24 OAuth server {exc.host} resolves to a private address", source=SOURCE) from exc
         except requests.RequestException as exc:
             if isinstance(exc, requests.Timeout) and timeout != self._timeout:
-                raise deadline.cut_short(timeout, source=SOURCE, what="the Bitrix24 OAuth server") from exc
+                # Not chained: the exception's message holds the URL, whose query carries the client secret
+                # and the refresh token, and a traceback would print it.
+                raise deadline.cut_short(timeout, source=SOURCE, what="the Bitrix24 OAuth server") from None
             raise Transient(f"the Bitrix24 OAuth server is unreachable: {type(exc).__name__}", source=SOURCE) from None
         answer = parse_grant(response.status_code, response.content, now=self._clock())
         if isinstance(answer, BridgeError):
