@@ -143,3 +143,53 @@ def test_a_refresh_cut_short_by_the_deadline_carries_no_secret_in_its_traceback(
     printed = "".join(traceback.format_exception(caught.value))
     assert "did not answer within" in printed
     assert SECRET not in printed and refresh_token not in printed
+
+
+# --- 5. an admin PUT pointing an installed integration's tokens elsewhere, or borrowing another's ------
+
+def _amocrm_body(connection: dict) -> dict:
+    return {"crm": "amocrm", "counter_id": 1, "metrika_token": "y0_x", "timezone": "Europe/Moscow",
+            "connection": connection}
+
+
+def test_an_installed_amocrm_connection_is_the_installs_and_oauth_is_never_set_by_hand():
+    """Tokens are found by the connection's account_id (member_id for Bitrix24) and sent to its base_url
+    (client_endpoint): a PUT that changed them on an installed integration, or set `auth: oauth` on
+    another, sent one account's tokens to another account's host, and a refresh refused there recorded a
+    failure on the real integration's tokens (its account then had to install again)."""
+    from chalicelib.integrations import public_view, save_integration
+    store = MemoryStore()
+    installed = {"base_url": "https://shop.amocrm.ru", "account_id": "42", "auth": "oauth", "webhook_secret": "w" * 32}
+    store.put_integration("amocrm-42", {"crm": "amocrm", "connection": dict(installed), "client_id_field": "_YM_UID",
+                                        "deleted_deal_status": "CANCELLED"})
+    store.put_integration("long", {"crm": "amocrm", "client_id_field": "_YM_UID", "deleted_deal_status": "CANCELLED",
+                                   "connection": {"base_url": "https://long.amocrm.ru", "access_token": "t" * 20,
+                                                  "webhook_secret": "v" * 32}})
+    tz = lambda config: "Europe/Moscow"  # noqa: E731
+    for iid, connection in (("amocrm-42", {**installed, "account_id": "43"}),
+                            ("amocrm-42", {**installed, "base_url": "https://other.amocrm.ru"}),
+                            ("shop2", {**installed, "base_url": "https://other.amocrm.ru", "webhook_secret": "x" * 32}),
+                            ("long", {"base_url": "https://long.amocrm.ru", "auth": "oauth", "account_id": "42",
+                                      "webhook_secret": "v" * 32})):
+        with pytest.raises(ApiError) as caught:
+            save_integration(store, iid, _amocrm_body(connection), tz)
+        assert caught.value.status == 400 and any("connection" in key for key in caught.value.details), (iid, connection)
+    assert store.get_integration("amocrm-42")["connection"] == installed and store.get_integration("shop2") is None
+    # GET → edit → PUT keeps working: the connection as GET shows it, or left out
+    shown = public_view(store.get_integration("amocrm-42"))["connection"]
+    assert save_integration(store, "amocrm-42", _amocrm_body(shown), tz)["counter_id"] == 1
+    assert save_integration(store, "amocrm-42", {k: v for k, v in _amocrm_body(shown).items() if k != "connection"},
+                            tz)["counter_id"] == 1
+    assert store.get_integration("amocrm-42")["connection"] == installed
+
+
+def test_a_bitrix24_application_connection_is_never_set_by_hand():
+    from chalicelib.integrations import save_integration
+    store = MemoryStore()
+    body = {"crm": "bitrix24", "counter_id": 1, "metrika_token": "y0_x", "timezone": "Europe/Moscow",
+            "connection": {"auth": "oauth", "member_id": "abc123", "client_endpoint": "https://other.bitrix24.ru/rest/",
+                           "application_token": "a" * 32}}
+    with pytest.raises(ApiError) as caught:
+        save_integration(store, "shop3", body, lambda config: "Europe/Moscow")
+    assert caught.value.status == 400 and "connection.auth" in caught.value.details
+    assert store.get_integration("shop3") is None
