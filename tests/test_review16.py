@@ -193,3 +193,58 @@ def test_a_bitrix24_application_connection_is_never_set_by_hand():
         save_integration(store, "shop3", body, lambda config: "Europe/Moscow")
     assert caught.value.status == 400 and "connection.auth" in caught.value.details
     assert store.get_integration("shop3") is None
+
+
+# --- 6. a wrong client secret (a rotation's typo) recorded as every due integration's refused token -----
+
+class WrongSecretSession:
+    """An OAuth server that refuses our client (invalid_client) until the secret is right again."""
+
+    def __init__(self, amocrm: bool) -> None:
+        self.amocrm, self.secret_ok, self.seen = amocrm, False, []
+
+    def _answer(self, params: dict) -> requests.Response:
+        self.seen.append(params.get("refresh_token"))
+        response = requests.Response()
+        if not self.secret_ok:
+            response.status_code = 401
+            response._content = json.dumps(
+                {"title": "Unauthorized", "status": 401, "detail": "Client authentication failed",
+                 "hint": "Client authentication failed"} if self.amocrm else
+                {"error": "invalid_client", "error_description": "Invalid client credentials"}).encode()
+            return response
+        response.status_code = 200
+        response._content = json.dumps({"access_token": "access-2", "refresh_token": "refresh-2", "expires_in": 86400
+                                         if self.amocrm else 3600, "member_id": "abc123",
+                                         "client_endpoint": "https://shop.bitrix24.ru/rest/"}).encode()
+        return response
+
+    def get(self, url, params=None, **kwargs):
+        return self._answer(params or {})
+
+    def request(self, method, url, json=None, **kwargs):
+        return self._answer(json or {})
+
+
+@pytest.mark.parametrize("crm", ["amocrm", "bitrix24"])
+def test_a_wrong_client_secret_is_not_recorded_as_a_refused_refresh_token(crm):
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    iid = "amocrm-42" if crm == "amocrm" else "b24-abc123"
+    store.put_tokens(iid, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW)})
+    session = WrongSecretSession(crm == "amocrm")
+    if crm == "amocrm":
+        refresher = AmoOAuth("cid", lambda: SECRET, "https://bridge.example/oauth/amocrm", session=session, clock=clock)
+        integration = {"connection": {"base_url": "https://shop.amocrm.ru", "auth": "oauth", "account_id": "42"}}
+    else:
+        refresher = Bitrix24Refresher(Bitrix24OAuth("https://oauth.bitrix.info", "app.1", lambda: SECRET,
+                                                    session=session, clock=clock))
+        integration = {"connection": {"auth": "oauth", "member_id": "abc123"}}
+    keeper = TokenKeeper(store, refresher, due=due_by_margin(3600), clock=clock, sleep=lambda s: None)
+    with pytest.raises(Misconfigured) as caught:
+        keeper.access_token(iid, integration)
+    assert not isinstance(caught.value, RefreshRefused) and "client" in caught.value.message
+    assert not store.get_tokens(iid).get("failure")
+    session.secret_ok = True  # the operator puts the right secret back
+    assert keeper.access_token(iid, integration) == "access-2"
+    assert session.seen == ["refresh-1", "refresh-1"]

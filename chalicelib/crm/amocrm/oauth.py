@@ -119,6 +119,14 @@ def token_pair(status: int, body: bytes, *, now: float) -> TokenPair | BridgeErr
         detail = ""
         if isinstance(data, dict):
             detail = str(data.get("hint") or data.get("detail") or data.get("title") or "")[:300]
+            said = " ".join(str(data.get(k) or "") for k in ("error", "hint", "detail", "message")).lower()
+            if "invalid_client" in said or "client authentication failed" in said:
+                # Our client id or secret (league/oauth2-server's words, which amoCRM's endpoint answers
+                # with), not the refresh token, which is still alive: no 4xx status, so not recorded as
+                # a refused refresh (chalicelib.oauth `refused`).
+                return Misconfigured(f"amoCRM's OAuth endpoint refused this integration's client id or secret "
+                                     f"({status}: {detail or 'invalid_client'}): check AMOCRM_CLIENT_ID and the "
+                                     "stage's SSM client secret", source=SOURCE)
         return Misconfigured(f"amoCRM's OAuth endpoint answered {status}{': ' + detail if detail else ''}",
                              source=SOURCE, status=status)
     if not isinstance(data, dict):

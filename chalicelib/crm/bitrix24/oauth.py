@@ -65,6 +65,10 @@ def parse_grant(status: int, body: bytes, *, now: float) -> Grant | BridgeError:
         return Transient(f"the Bitrix24 OAuth server answered {status}", source=SOURCE, status=status)
     if status >= 400 or "error" in data:
         code = str(data.get("error") or status)[:60]
+        if code.lower() == "invalid_client":  # our client id or secret, not the refresh token: still alive
+            return Misconfigured("the Bitrix24 OAuth server refused this application's client id or secret "
+                                 "(invalid_client): check BITRIX24_CLIENT_ID and the stage's SSM client secret",
+                                 source=SOURCE)
         return Permanent(f"the Bitrix24 OAuth server refused the refresh ({code}); {REINSTALL}", source=SOURCE,
                          status=status)
     tokens = {key: data.get(key) for key in ("access_token", "refresh_token", "member_id", "client_endpoint")}
