@@ -198,7 +198,7 @@ def disable(store: Any, query: dict, *, client_id: str, client_secret: str, now:
         raise ApiError(403, "forbidden", "the disable hook's signature does not verify; nothing was changed",
                        {"signature": ["does not verify"]})
     account_id = query["account_id"]
-    if not account_id.isdigit() or len(account_id) > 19:
+    if not (account_id.isascii() and account_id.isdigit()) or len(account_id) > 19:
         raise invalid("account_id must be the numeric account id", {"account_id": ["must be numeric"]})
     integration_id = integration_id_for(account_id)
     config = store.get_integration(integration_id)

@@ -489,19 +489,26 @@ def save_integration(store: Any, integration_id: str, body: Any,
 
 
 def installed_parts(body: dict, stored: dict | None) -> dict:
-    """An integration the Bitrix24 application installed keeps the install's connection (its portal and
-    client_endpoint, where its OAuth tokens go): a PUT may send it back as GET shows it, or leave it out,
-    but not change it. Otherwise an admin PUT could point the stored access token at another host; the
-    portal changes only by installing the application there. Anything else in the body is the caller's."""
+    """An integration installed from its CRM (the amoCRM install, the Bitrix24 application: `connection.auth`
+    "oauth") keeps the install's connection: a PUT may send it back as GET shows it, or leave it out, but
+    not change it. Its tokens are found by the connection's account (`account_id`, `member_id`) and sent
+    to its address (`base_url`, `client_endpoint`): an admin PUT changing them pointed one account's
+    tokens at another account's host, and a refresh refused there was recorded on the real integration's
+    tokens. For the same reason `auth: "oauth"` is never set by hand: only an install stores tokens.
+    Anything else in the body is the caller's."""
     stored_connection = (stored or {}).get("connection") or {}
-    if not stored or stored.get("crm") != "bitrix24" or stored_connection.get("auth") != "oauth":
-        return body
     sent = body.get("connection")
+    if not stored or stored_connection.get("auth") != "oauth":
+        if isinstance(sent, dict) and sent.get("auth") == "oauth":
+            raise invalid("integration config is invalid", {"connection.auth": [
+                "\"oauth\" is set by installing from the CRM (GET /install/amocrm, or the Bitrix24 application), "
+                "never by hand"]})
+        return body
     shown = public_view(stored)["connection"]
     if sent is not None and sent != shown and sent != stored_connection:
         raise invalid("integration config is invalid", {"connection": [
-            "set by the Bitrix24 application's install: send it back as GET shows it or leave it out; to change "
-            "the portal, install the application there"]})
+            "set by the install from the CRM: send it back as GET shows it or leave it out; to change the "
+            "account or portal, install there"]})
     return {**body, "connection": dict(stored_connection)}
 
 

@@ -14,7 +14,8 @@ at once would leave one of them — and so the integration — with a dead refre
   (`Refresher.refresh`) and stores the new pair with version + 1 (`finish_refresh`, conditional on the
   version it read). The others wait — bounded, and within the invocation's deadline
   (`chalicelib.deadline`) — re-reading until the version changes, then use the new token.
-* A refresh the CRM refuses (invalid_grant, revoked, 401) is recorded on the item and raised as
+* A refresh the CRM refuses (invalid_grant, revoked, 401) is recorded (`refused`: not our own
+  configuration failing before the call, which leaves the refresh token alive) on the item and raised as
   `RefreshRefused` (a `Misconfigured`: the taxonomy's class for "a person must act"; the worker parks
   the integration's deals with its message and `GET /integrations/{id}/status` shows it). Until a
   reinstall stores a new pair (`put_tokens` clears the failure) nobody asks the CRM again: a refused
@@ -113,6 +114,18 @@ def public_view(tokens: dict | None) -> dict | None:
     return view
 
 
+def refused(exc: BridgeError) -> bool:
+    """Whether a refresh's failure is the CRM refusing the refresh token (recorded: nobody asks again
+    until a reinstall), not our own side failing before or around the call: a `Misconfigured` without a
+    4xx answer (no client id, the SSM client secret missing, a host our checks refuse, a redirect) is
+    raised as it is with the lease given back, and the same refresh token is tried again once a person
+    has fixed the stage; recording it would make every integration that came due meanwhile need a
+    reinstall by its own account."""
+    if isinstance(exc, Misconfigured):
+        return exc.status is not None and 400 <= exc.status < 500
+    return True
+
+
 def due_by_margin(margin: float) -> Callable[[dict, float], bool]:
     """A due rule: the access token has less than `margin` seconds left (amoCRM: 1 h of its 24 h)."""
     def due(tokens: dict, now: float) -> bool:
@@ -201,6 +214,9 @@ class TokenKeeper:
             self._store.release_refresh(integration_id, version=version, owner=owner, failure=None)
             raise
         except BridgeError as exc:
+            if not refused(exc):  # our side (a setting, a host our checks refuse): the refresh token still lives
+                self._store.release_refresh(integration_id, version=version, owner=owner, failure=None)
+                raise
             message = (f"{self._refresher.source} refused to refresh the OAuth token ({exc.message}): "
                        f"{self._refresher.reinstall_hint}")
             failure = {"code": exc.status if exc.status is not None else exc.kind, "message": message,

@@ -61,6 +61,8 @@ def account_base_url(referer: Any, *, sandbox_hosts: tuple[str, ...] = ()) -> st
     host = referer.lower()
     if host in sandbox_hosts:
         return f"http://{host}"
+    if ":" in host:  # an account is its host alone: no port takes the client secret elsewhere on it
+        raise ValueError("referer must be the amoCRM account's host without a port, such as shop.amocrm.ru")
     problem = endpoint_problem(f"https://{host}", domains=AMOCRM_DOMAINS)
     if problem:
         raise ValueError(f"referer {problem}")
@@ -78,7 +80,7 @@ def state_problem(secret: str, state: Any, *, now: float) -> str | None:
     if not isinstance(state, str) or len(state) > 200 or state.count(".") != 2:
         return "state is missing or malformed"
     expires, nonce, mac = state.split(".")
-    if not expires.isdigit() or len(expires) > 12:
+    if not (expires.isascii() and expires.isdigit()) or len(expires) > 12:  # "²".isdigit(), but int() refuses it
         return "state is malformed"
     if not hmac.compare_digest(mac.encode(), _state_mac(secret, int(expires), nonce).encode()):
         return "state was not issued by this service"
@@ -117,6 +119,14 @@ def token_pair(status: int, body: bytes, *, now: float) -> TokenPair | BridgeErr
         detail = ""
         if isinstance(data, dict):
             detail = str(data.get("hint") or data.get("detail") or data.get("title") or "")[:300]
+            said = " ".join(str(data.get(k) or "") for k in ("error", "hint", "detail", "message")).lower()
+            if "invalid_client" in said or "client authentication failed" in said:
+                # Our client id or secret (league/oauth2-server's words, which amoCRM's endpoint answers
+                # with), not the refresh token, which is still alive: no 4xx status, so not recorded as
+                # a refused refresh (chalicelib.oauth `refused`).
+                return Misconfigured(f"amoCRM's OAuth endpoint refused this integration's client id or secret "
+                                     f"({status}: {detail or 'invalid_client'}): check AMOCRM_CLIENT_ID and the "
+                                     "stage's SSM client secret", source=SOURCE)
         return Misconfigured(f"amoCRM's OAuth endpoint answered {status}{': ' + detail if detail else ''}",
                              source=SOURCE, status=status)
     if not isinstance(data, dict):

@@ -65,6 +65,10 @@ def parse_grant(status: int, body: bytes, *, now: float) -> Grant | BridgeError:
         return Transient(f"the Bitrix24 OAuth server answered {status}", source=SOURCE, status=status)
     if status >= 400 or "error" in data:
         code = str(data.get("error") or status)[:60]
+        if code.lower() == "invalid_client":  # our client id or secret, not the refresh token: still alive
+            return Misconfigured("the Bitrix24 OAuth server refused this application's client id or secret "
+                                 "(invalid_client): check BITRIX24_CLIENT_ID and the stage's SSM client secret",
+                                 source=SOURCE)
         return Permanent(f"the Bitrix24 OAuth server refused the refresh ({code}); {REINSTALL}", source=SOURCE,
                          status=status)
     tokens = {key: data.get(key) for key in ("access_token", "refresh_token", "member_id", "client_endpoint")}
@@ -112,7 +116,9 @@ class Bitrix24OAuth:
             raise Misconfigured(f"the Bitrix24 OAuth server {exc.host} resolves to a private address", source=SOURCE) from exc
         except requests.RequestException as exc:
             if isinstance(exc, requests.Timeout) and timeout != self._timeout:
-                raise deadline.cut_short(timeout, source=SOURCE, what="the Bitrix24 OAuth server") from exc
+                # Not chained: the exception's message holds the URL, whose query carries the client secret
+                # and the refresh token, and a traceback would print it.
+                raise deadline.cut_short(timeout, source=SOURCE, what="the Bitrix24 OAuth server") from None
             raise Transient(f"the Bitrix24 OAuth server is unreachable: {type(exc).__name__}", source=SOURCE) from None
         answer = parse_grant(response.status_code, response.content, now=self._clock())
         if isinstance(answer, BridgeError):
