@@ -284,6 +284,8 @@ def one_error_shape(request, get_response):
     body = reshape_chalice_error(response.status_code, response.body, request_id=context.get("requestId"))
     if body is not None:
         response.body = body
+        response.headers = {**{k: v for k, v in (response.headers or {}).items() if k.lower() != "content-type"},
+                            "Content-Type": JSON_UTF8}
     return response
 
 
