@@ -30,3 +30,19 @@ def test_a_disable_hook_with_a_lone_surrogate_is_a_403_not_a_crash(field):
     with pytest.raises(ApiError) as caught:
         disable(MemoryStore(), query, client_id="cid", client_secret=SECRET, now=NOW)
     assert caught.value.status == 403 and "signature" in caught.value.details
+
+
+# --- a lone surrogate echoed in a 400's details: the body could not be encoded (chalice local's 500) ------
+
+@pytest.mark.parametrize("method, path, field", [
+    ("GET", "/integrations?after=\ud800", "after"),
+    ("GET", "/integrations?limit=\ud800", "limit"),
+    ("GET", "/integrations/\ud800/summary", "integration_id"),
+    ("DELETE", "/integrations/sweep17/console-links/\ud800", "link_id"),
+])
+def test_a_lone_surrogate_echoed_in_a_400_is_replaced_not_a_crash(app_client, method, path, field):
+    from tests.conftest import admin_headers
+    answer = app_client.http.request(method, path, headers=admin_headers())
+    assert answer.status_code == 400 and answer.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert answer.json_body["details"][field] == "\ufffd" or "\ufffd" in answer.json_body["details"][field]
+    answer.body.decode("utf-8")  # strict UTF-8: what any client can read
