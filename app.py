@@ -6,6 +6,7 @@ on first use, so a cold start that serves a webhook never pays for what it does 
 import functools
 import json
 import os
+import re
 import time
 import traceback
 import uuid
@@ -197,6 +198,7 @@ def answers(view):
 
 
 JSON_UTF8 = "application/json; charset=utf-8"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_answer(body, status=200):
@@ -204,8 +206,13 @@ def json_answer(body, status=200):
     as `\\u041f…` escapes) with its charset named. A view's own `Response` passes unchanged."""
     if isinstance(body, Response):
         return body
-    return Response(body=json.dumps(body, ensure_ascii=False, separators=(",", ":")), status_code=status,
-                    headers={"Content-Type": JSON_UTF8})
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate echoed from the request (a JSON event may carry one)
+            text = LONE_SURROGATE.sub("\ufffd", text)
+    return Response(body=text, status_code=status, headers={"Content-Type": JSON_UTF8})
 
 
 def _console_access(integration_id):
@@ -284,6 +291,8 @@ def one_error_shape(request, get_response):
     body = reshape_chalice_error(response.status_code, response.body, request_id=context.get("requestId"))
     if body is not None:
         response.body = body
+        response.headers = {**{k: v for k, v in (response.headers or {}).items() if k.lower() != "content-type"},
+                            "Content-Type": JSON_UTF8}
     return response
 
 

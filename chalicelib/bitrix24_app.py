@@ -70,6 +70,8 @@ NUDGE_SECONDS = 10
 # docs warn that refreshing more often can get an application blocked ("Full OAuth 2.0 Authorization
 # Protocol", https://apidocs.bitrix24.com/settings/oauth/index.html).
 DUE = due_by_margin(0)
+# event.bind's answer for a binding that exists: two installs at once (a double click) both bind.
+ALREADY_BOUND = "ERROR_EVENT_HANDLER_ALREADY_EXISTS"
 FORBIDDEN = "this event does not carry the application token of an installed portal"
 
 
@@ -246,7 +248,12 @@ def rebind(client: Bitrix24Client, handler: str) -> dict:
         client.call("event.unbind", params)
         unbound.append(f"{event} ({kind})")
     for event, kind, url in sorted(wanted - present):
-        client.call("event.bind", {"event": event, "event_type": kind, **({"handler": url} if url else {})})
+        try:
+            client.call("event.bind", {"event": event, "event_type": kind, **({"handler": url} if url else {})})
+        except Permanent as exc:
+            if ALREADY_BOUND not in exc.message:
+                raise
+            continue  # another install of the same portal at once bound it after our event.get: as wanted
         bound.append(f"{event} ({kind})")
     return {"bound": bound, "unbound": unbound}
 

@@ -570,3 +570,22 @@ def test_hostile_app_events_change_nothing(rig, bitrix, body, status):
         rig.app.event(body)
     assert refused.value.status == status
     assert rig.core.store.get_integration(rig.integration_id) == before and len(rig.core.queue) == 0
+
+
+def test_two_installs_at_once_both_succeed_though_the_other_bound_the_events_first(rig, bitrix):
+    """The same install twice at once (a double click, Bitrix24 retrying): each reads `event.get` before
+    the other binds, so the second's `event.bind` meets ERROR_EVENT_HANDLER_ALREADY_EXISTS. That binding
+    is what was wanted: the install succeeds, not a 422 asking to install again (sweep of issue 17)."""
+    rig.install()
+    stale = rig.app._client_for
+
+    class StaleEventGet:  # event.get answered as before the other install's binds
+        def __init__(self, client):
+            self._client = client
+
+        def call(self, method, params=None):
+            return {"result": []} if method == "event.get" else self._client.call(method, params)
+    rig.app._client_for = lambda endpoint, auth: StaleEventGet(stale(endpoint, auth))
+    answer = rig.install(keep_bindings=True)
+    assert answer["installed"] is True and answer["bound"] == []
+    assert len(bitrix.bindings) == len(OFFLINE_EVENTS) + 2

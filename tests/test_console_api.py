@@ -466,3 +466,17 @@ def test_the_integrations_page_keeps_the_requests_deadline_on_its_threads():
     assert [r["integration_id"] for r in page["integrations"]] == ["shop-1", "shop-2", "shop-3"]
     assert page["next"] == "shop-3" and len(seen) == 3
     assert all(r is not None and 0 < r <= 20.0 for r in seen), seen
+
+
+@pytest.mark.parametrize("method, path, headers", [
+    ("POST", "/console", {}),  # Chalice's own 405
+    ("DELETE", "/oauth/amocrm/disable", {}),
+    ("POST", "/install/bitrix24", {"Content-Type": "application/json"}),  # Chalice's own 415
+])
+def test_chalices_own_refusals_name_their_charset_too(app_client, method, path, headers):
+    """The answers Chalice writes itself and `one_error_shape` reshapes are JSON in UTF-8 like every
+    other: their Content-Type names the charset (sweep of issue 17)."""
+    answer = app_client.http.request(method, path, headers=headers, body=b"{}")
+    assert answer.status_code in (405, 415) and answer.json_body["error"] in ("method_not_allowed",
+                                                                                "unsupported_media_type")
+    assert answer.headers["Content-Type"] == "application/json; charset=utf-8"

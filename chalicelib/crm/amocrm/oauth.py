@@ -77,7 +77,8 @@ def sign_state(secret: str, *, now: float, ttl: float = STATE_SECONDS) -> str:
 
 def state_problem(secret: str, state: Any, *, now: float) -> str | None:
     """Why a `state` is not one we issued in the last STATE_SECONDS, or None. Constant-time compare."""
-    if not isinstance(state, str) or len(state) > 200 or state.count(".") != 2:
+    # ASCII only, as we issue it: a lone surrogate (a JSON event may carry one) cannot even be encoded.
+    if not isinstance(state, str) or len(state) > 200 or state.count(".") != 2 or not state.isascii():
         return "state is missing or malformed"
     expires, nonce, mac = state.split(".")
     if not (expires.isascii() and expires.isdigit()) or len(expires) > 12:  # "²".isdigit(), but int() refuses it
@@ -98,7 +99,8 @@ def disable_signature_ok(client_id: str, client_secret: str, query: Mapping[str,
     """The disable hook's proof: `signature` = hex HMAC-SHA256 of "<client_uuid>|<account_id>" keyed
     by the client secret, and `client_uuid` is our client id. Constant time."""
     client_uuid, account_id, signature = (query.get(k) for k in ("client_uuid", "account_id", "signature"))
-    if not all(isinstance(v, str) and 0 < len(v) <= 200 for v in (client_uuid, account_id, signature)):
+    # ASCII only (what amoCRM sends): a lone surrogate (a JSON event may carry one) cannot even be encoded.
+    if not all(isinstance(v, str) and 0 < len(v) <= 200 and v.isascii() for v in (client_uuid, account_id, signature)):
         return False
     expected = hmac.new(client_secret.encode(), f"{client_uuid}|{account_id}".encode(), hashlib.sha256).hexdigest()
     return hmac.compare_digest(client_uuid.encode(), client_id.encode()) & \
