@@ -95,7 +95,7 @@ def gateway_answer(error: Exception) -> tuple[int, dict[str, str], bytes] | None
     IncompleteSignatureException: MISSING_AUTHENTICATION_TOKEN, our 404), an authorizer that failed (500).
     None for anything else."""
     from chalice.local import ForbiddenError, InvalidAuthorizerError, NotAuthorizedError
-    from tools.gateway_responses import RESPONSES
+    from tools.gateway_responses import CONTENT_TYPE, RESPONSES
     if isinstance(error, NotAuthorizedError):
         response_type = "UNAUTHORIZED"
     elif isinstance(error, ForbiddenError):
@@ -106,8 +106,8 @@ def gateway_answer(error: Exception) -> tuple[int, dict[str, str], bytes] | None
     else:
         return None
     status, name, message, parameters = RESPONSES[response_type]
-    headers = {"Content-Type": "application/json",
-               **{key.removeprefix("gatewayresponse.header."): value.strip("'") for key, value in parameters.items()}}
+    headers = {key.removeprefix("gatewayresponse.header."): value.strip("'")
+               for key, value in {**CONTENT_TYPE, **parameters}.items()}
     body = {"error": name, "message": json.loads(message),
             "request_id": str((error.headers or {}).get("x-amzn-RequestId", ""))}
     return int(status), headers, json.dumps(body).encode()

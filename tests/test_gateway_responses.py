@@ -41,7 +41,12 @@ def test_every_body_is_our_json_shape():
         assert set(body) == {"error", "message", "request_id"} and body["request_id"] == "req-1", response_type
         assert body["error"].islower() and body["message"], response_type
     assert desired()["UNAUTHORIZED"]["statusCode"] == "401"
-    assert desired()["UNAUTHORIZED"]["responseParameters"] == {"gatewayresponse.header.WWW-Authenticate": "'Bearer'"}
+    assert desired()["UNAUTHORIZED"]["responseParameters"] == {
+        "gatewayresponse.header.WWW-Authenticate": "'Bearer'",
+        "gatewayresponse.header.Content-Type": "'application/json; charset=utf-8'"}
+    # Every answer names its charset, as the app's own do.
+    assert all(r["responseParameters"]["gatewayresponse.header.Content-Type"] == "'application/json; charset=utf-8'"
+               for r in desired().values())
     assert desired()["ACCESS_DENIED"]["statusCode"] == "403"
     assert desired()["MISSING_AUTHENTICATION_TOKEN"]["statusCode"] == "404"
     assert "statusCode" not in desired()["DEFAULT_4XX"]  # API Gateway's own status is kept

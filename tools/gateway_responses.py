@@ -30,6 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 API_GATEWAY_STAGE = "api"  # `api_gateway_stage` in .chalice/config.json (both stages)
 JSON = "application/json"
+# Every answer names its charset, as the app's own do (the bodies are ASCII, but a client need not guess).
+CONTENT_TYPE = {"gatewayresponse.header.Content-Type": "'application/json; charset=utf-8'"}
 
 
 def _template(error: str, message: str) -> str:
@@ -67,7 +69,7 @@ def desired() -> dict[str, dict[str, Any]]:
     wanted = {}
     for response_type, (status, error, message, headers) in RESPONSES.items():
         response: dict[str, Any] = {"responseType": response_type, "responseTemplates": {JSON: _template(error, message)},
-                                    "responseParameters": dict(headers)}
+                                    "responseParameters": {**CONTENT_TYPE, **headers}}
         if status is not None:
             response["statusCode"] = status
         wanted[response_type] = response
