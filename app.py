@@ -282,8 +282,9 @@ def one_error_shape(request, get_response):
     response = get_response(request)
     context = (request.context if request is not None else None) or {}
     body = reshape_chalice_error(response.status_code, response.body, request_id=context.get("requestId"))
-    if body is not None:
-        response.body = body
+    if body is not None:  # written as every other JSON answer is (json_answer): UTF-8 text, charset named
+        response.body = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        response.headers["Content-Type"] = JSON_UTF8
     return response
 
 

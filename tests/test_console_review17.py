@@ -1,0 +1,54 @@
+"""Review of the web console (issue 17, hostile pass): path tricks, query abuse, answers' encoding."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import admin_headers
+from tests.test_console_api import bearer, fake_crm, fresh_links, make_integration, make_link, token_of  # noqa: F401
+
+
+@pytest.mark.parametrize("query, field", [
+    ("limit=" + "9" * 2000, "limit"), ("limit=true", "limit"), ("limit=1.5", "limit"), ("limit=%D9%A3", "limit"),
+    ("limit=", "limit"), ("limit=-1", "limit"), ("limit=0", "limit"), ("limit=101", "limit"), ("limit=%EF%BC%91", "limit"),
+    ("after=%C3%BC", "after"), ("after=", "after"), ("after=" + "a" * 2000, "after"), ("after=a%2Fb", "after"),
+    ("limit=1&limit=abc", "limit"), ("limit=+5", "limit"), ("limit=5%00", "limit")])
+def test_integrations_list_refuses_bad_paging_with_a_json_400_naming_it(app_client, query, field):
+    answer = app_client.http.get(f"/integrations?{query}", headers=admin_headers())
+    assert answer.status_code == 400, (query, answer.status_code, answer.body[:200])
+    assert answer.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert field in answer.json_body["details"]
+
+
+def test_path_tricks_never_reach_another_integration(app_client, integration_id, fresh_links, fake_crm):
+    other = integration_id + "-b"
+    make_integration(app_client, integration_id)
+    make_integration(app_client, other, counter_id=4343)
+    try:
+        token = token_of(make_link(app_client, integration_id))
+        for path in (f"/integrations/{other}/summary/", f"/integrations/{integration_id}/../{other}/summary",
+                     f"/integrations/{integration_id}%2F..%2F{other}/summary", f"/integrations/{other.upper()}/summary",
+                     f"/integrations/{integration_id}/summary/../../{other}/summary", f"//integrations/{other}/summary",
+                     f"/integrations/{integration_id}%2Fsummary", f"/integrations/{integration_id}/summary%2F",
+                     f"/integrations/{integration_id}/SUMMARY", f"/integrations/{other}/summary?integration_id={integration_id}"):
+            answer = app_client.http.get(path, headers=bearer(token))
+            assert answer.status_code in (400, 403, 404), (path, answer.status_code, answer.body[:200])
+            assert other not in answer.body.decode() or answer.status_code != 200
+    finally:
+        app_client.http.delete(f"/integrations/{other}", headers=admin_headers())
+
+
+@pytest.mark.parametrize("method, path, headers", [
+    ("PUT", "/integrations/{id}/status-mapping", {"Content-Type": "text/plain"}),
+    ("PATCH", "/integrations/{id}/summary", {}),
+    ("POST", "/integrations/{id}/summary", {}),
+])
+def test_chalice_own_refusals_are_json_utf8_for_a_link(app_client, integration_id, fresh_links, method, path, headers):
+    make_integration(app_client, integration_id)
+    token = token_of(make_link(app_client, integration_id))
+    answer = app_client.http.request(method, path.format(id=integration_id),
+                                     headers={**bearer(token), **headers}, body=b"{}")
+    assert 400 <= answer.status_code < 500, answer.status_code
+    assert answer.headers.get("Content-Type", "").startswith("application/json"), answer.headers
+    json.loads(answer.body.decode("utf-8"))
