@@ -52,3 +52,39 @@ def test_chalice_own_refusals_are_json_utf8_for_a_link(app_client, integration_i
     assert 400 <= answer.status_code < 500, answer.status_code
     assert answer.headers.get("Content-Type", "").startswith("application/json"), answer.headers
     json.loads(answer.body.decode("utf-8"))
+
+
+# --- the page's fragment handling, in Node (no browser): api.js with stub location/history/storage ---------
+
+NODE_HARNESS = r"""
+const hash = process.argv[3];
+const stored = {};
+globalThis.sessionStorage = { getItem: (k) => stored[k] ?? null, setItem: (k, v) => { stored[k] = String(v); },
+                              removeItem: (k) => { delete stored[k]; } };
+globalThis.location = { pathname: "/api/console", search: "", hash };
+globalThis.history = { replaceState: (s, t, url) => { const i = url.indexOf("#");
+  location.hash = i < 0 ? "" : url.slice(i); } };
+const api = await import(process.argv[2]);
+const integration = api.takeLinkFromFragment();
+console.log(JSON.stringify({ integration, hash: location.hash, token: api.token() }));
+"""
+
+TOKEN = "cl1.shop.0123456789abcdef." + "A" * 43
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="node not installed")
+@pytest.mark.parametrize("hash, taken", [
+    (f"#link={TOKEN}", True), (f"#link={TOKEN}&utm_source=telegram", True), (f"#link={TOKEN}%20", True),
+    (f"#link={TOKEN}\u200b", False), ("#link=" + TOKEN.replace(".", "%2E"), True), ("#link=", False),
+    ("#link=%E0%A4%A", False)])
+def test_a_link_token_never_stays_in_the_address_bar(tmp_path, hash, taken):
+    import subprocess
+    from chalicelib.console_api import CONSOLE_DIR
+    harness = tmp_path / "harness.mjs"
+    harness.write_text(NODE_HARNESS)
+    out = subprocess.run(["node", str(harness), (CONSOLE_DIR / "api.js").as_uri(), hash], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "link=" not in result["hash"] and TOKEN not in result["hash"], result
+    assert (result["token"] == TOKEN) is taken and (result["integration"] == "shop") is taken, result
