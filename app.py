@@ -204,8 +204,18 @@ def json_answer(body, status=200):
     as `\\u041f…` escapes) with its charset named. A view's own `Response` passes unchanged."""
     if isinstance(body, Response):
         return body
-    return Response(body=json.dumps(body, ensure_ascii=False, separators=(",", ":")), status_code=status,
-                    headers={"Content-Type": JSON_UTF8})
+    return Response(body=json_text(body), status_code=status, headers={"Content-Type": JSON_UTF8})
+
+
+def json_text(body):
+    """`body` as JSON text that encodes to UTF-8: a lone surrogate (a CRM's or Metrika's `"\\ud800"`,
+    decoded by json.loads) reads as U+FFFD instead of failing the answer after the view returned."""
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _console_access(integration_id):
@@ -283,7 +293,7 @@ def one_error_shape(request, get_response):
     context = (request.context if request is not None else None) or {}
     body = reshape_chalice_error(response.status_code, response.body, request_id=context.get("requestId"))
     if body is not None:  # written as every other JSON answer is (json_answer): UTF-8 text, charset named
-        response.body = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        response.body = json_text(body)
         response.headers["Content-Type"] = JSON_UTF8
     return response
 

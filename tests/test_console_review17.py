@@ -88,3 +88,29 @@ def test_a_link_token_never_stays_in_the_address_bar(tmp_path, hash, taken):
     result = json.loads(out.stdout)
     assert "link=" not in result["hash"] and TOKEN not in result["hash"], result
     assert (result["token"] == TOKEN) is taken and (result["integration"] == "shop") is taken, result
+
+
+class SurrogateCrm:
+    """A CRM whose stage name holds a lone surrogate (JSON `"\\ud800"` decodes to one in Python)."""
+
+    def webhook_health(self, integration, integration_id):
+        return {"registered": True, "disabled": False, "events": []}
+
+    def default_mapping(self, integration):
+        return [{"crm_status": "7001:142", "metrika_status_id": "won", "humanized": "Успешно \ud800", "type": "PAID"}]
+
+
+def test_a_lone_surrogate_from_the_crm_is_still_a_utf8_json_answer(app_client, integration_id, fresh_links):
+    import app
+    make_integration(app_client, integration_id)
+    token = token_of(make_link(app_client, integration_id))
+    app._SOURCES.clear()
+    app._SOURCES.update(amocrm=SurrogateCrm(), bitrix24=SurrogateCrm())
+    try:
+        answer = app_client.http.get(f"/integrations/{integration_id}/stages", headers=bearer(token))
+    finally:
+        app._SOURCES.clear()
+    assert answer.status_code == 200, answer.body[:300]
+    assert answer.headers["Content-Type"] == "application/json; charset=utf-8"
+    stage = json.loads(answer.body.decode("utf-8"))["stages"][0]
+    assert stage["name"].startswith("Успешно")
