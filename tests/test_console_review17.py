@@ -114,3 +114,61 @@ def test_a_lone_surrogate_from_the_crm_is_still_a_utf8_json_answer(app_client, i
     assert answer.headers["Content-Type"] == "application/json; charset=utf-8"
     stage = json.loads(answer.body.decode("utf-8"))["stages"][0]
     assert stage["name"].startswith("Успешно")
+
+
+# --- bounded reads for the console's stages and delivery views ------------------------------------------------
+
+from tests.test_store_contract import NOW, clock, iid, mark, store  # noqa: E402,F401
+
+
+def test_console_entities_read_at_most_their_limit_orders_first_with_only_what_is_counted(store, iid):
+    assert store.console_entities(iid, limit=10) == ([], True)
+    for n in range(3):
+        mark(store, iid, f"o{n}", NOW - 100)
+    mark(store, iid, "c1", NOW - 100, kind="contact")
+    claimed = store.claim(iid, "order", "o2")
+    store.mark_failed(iid, "order", "o2", event_time=claimed["event_time"],
+                      error={"code": "unmapped_stage", "message": "m", "crm_status": "7001:1"})
+    claimed = store.claim(iid, "order", "o0")
+    store.mark_clean(iid, "order", "o0", event_time=claimed["event_time"], content_hash="h", row_hashes=None,
+                     uploading_id=None, facts={"order": True, "with_phone": True})
+    everything, complete = store.console_entities(iid, limit=100)
+    assert complete is True and [(e["kind"], e["crm_id"]) for e in everything] == [
+        ("order", "o0"), ("order", "o1"), ("order", "o2"), ("contact", "c1")]
+    by_id = {e["crm_id"]: e for e in everything}
+    assert by_id["o0"]["facts"] == {"order": True, "with_phone": True} and isinstance(by_id["o0"]["sent_at"], (int, float))
+    assert by_id["o2"]["last_error"]["crm_status"] == "7001:1" and by_id["o2"].get("dirty") is not True
+    assert set().union(*everything) <= {"kind", "crm_id", "dirty", "last_error", "facts", "sent_at"}
+    assert store.console_entities(iid, limit=2) == (everything[:2], False)
+    assert store.console_entities(iid, limit=4) == (everything, True)
+
+
+from chalicelib.store.memory import MemoryStore  # noqa: E402
+
+
+class Bounded(MemoryStore):
+    """A store whose whole-integration read fails the test: the console's views read a bounded number."""
+
+    def list_entities(self, integration_id):
+        raise AssertionError("the console read every entity of the integration")
+
+
+def test_stages_and_delivery_read_a_bounded_number_of_entities_and_say_when_they_stopped(monkeypatch):
+    from chalicelib import console_api
+    from chalicelib.crm import EntityRef
+    store = Bounded(clock=lambda: 1_764_460_000.0)
+    for n in range(5):
+        store.mark_dirty("shop", EntityRef("order", f"{n}", 100, "update"), now=1_764_460_000, lease_seconds=60,
+                         future_skew=600)
+        seen = store.claim("shop", "order", f"{n}")
+        store.mark_failed("shop", "order", f"{n}", event_time=seen["event_time"],
+                          error={"code": "unmapped_stage", "message": "m", "crm_status": "7001:1"})
+    monkeypatch.setattr(console_api, "CONSOLE_ENTITIES", 3)
+    proposed = [{"crm_status": "7001:1", "metrika_status_id": "a", "type": "IN_PROGRESS", "humanized": "A"}]
+    staged = console_api.stages(store, proposed, "shop")
+    assert staged["held_total"] == 3 and staged["complete"] is False
+    series = console_api.delivery_series(store, "shop", now=1_764_460_800)
+    assert series["complete"] is False
+    monkeypatch.setattr(console_api, "CONSOLE_ENTITIES", 10)
+    assert console_api.stages(store, proposed, "shop")["complete"] is True
+    assert console_api.delivery_series(store, "shop", now=1_764_460_800)["complete"] is True

@@ -499,6 +499,11 @@ class ConsoleStore(Protocol):
     def delete_console_link(self, integration_id: str, link_id: str) -> bool:
         """Revoke a link; False if there was none."""
 
+    def console_entities(self, integration_id: str, *, limit: int) -> tuple[list[dict], bool]:
+        """At most `limit` of the integration's entities, orders first (as `list_entities`), each with
+        only what the console's stages and delivery views count: kind, crm_id, dirty, last_error, facts,
+        sent_at (those it has); and whether every entity was read."""
+
     def entity_summary(self, integration_id: str, *, limit: int) -> dict:
         """Counts over at most `limit` of the integration's entities (bounded time for a list of
         integrations): {"scanned", "complete" (all were read), "backlog" (dirty), "retrying" (dirty with

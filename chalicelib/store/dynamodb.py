@@ -899,15 +899,31 @@ class DynamoStore:
                                       Key=_to_item({"pk": _pk(integration_id), "sk": CONSOLE_LINK + link_id}))
         return "Attributes" in answer
 
+    def console_entities(self, integration_id: str, *, limit: int) -> tuple[list[dict], bool]:
+        items, complete = self._bounded_entities(integration_id, limit, "sk, #dirty, #error, #facts, #sent",
+                                                 {"#dirty": "dirty", "#error": "last_error", "#facts": "facts",
+                                                  "#sent": "sent_at"})
+        entities = []
+        for item in items:
+            kind, _, crm_id = item.pop("sk").partition("#")
+            entities.append({"kind": kind.lower(), "crm_id": crm_id, **item})
+        return entities, complete
+
     def entity_summary(self, integration_id: str, *, limit: int) -> dict:
-        # At most `limit` items read (Query's Limit counts items read), only the attributes counted.
+        items, complete = self._bounded_entities(integration_id, limit,
+                                                 "dirty, attempts, last_error, dead_lettered_at, sent_at")
+        return _summary(items, complete=complete)
+
+    def _bounded_entities(self, integration_id: str, limit: int, projection: str,
+                          names: dict | None = None) -> tuple[list[dict], bool]:
+        # At most `limit` items read (Query's Limit counts items read), only the projected attributes.
         items: list[dict] = []
         complete = True
         for prefix in ("ORDER#", "CONTACT#"):
             kwargs: dict[str, Any] = {
                 "TableName": self._state, "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
                 "ExpressionAttributeValues": _to_item({":pk": _pk(integration_id), ":prefix": prefix}),
-                "ProjectionExpression": "dirty, attempts, last_error, dead_lettered_at, sent_at"}
+                "ProjectionExpression": projection, **({"ExpressionAttributeNames": names} if names else {})}
             while True:
                 if len(items) >= limit:
                     page = self._db.query(**{**kwargs, "Limit": 1})
@@ -918,7 +934,7 @@ class DynamoStore:
                 if "LastEvaluatedKey" not in page:
                     break
                 kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        return _summary(items, complete=complete)
+        return items, complete
 
     # --- TokenStore ----------------------------------------------------------------------------------
 
