@@ -172,3 +172,34 @@ def test_stages_and_delivery_read_a_bounded_number_of_entities_and_say_when_they
     monkeypatch.setattr(console_api, "CONSOLE_ENTITIES", 10)
     assert console_api.stages(store, proposed, "shop")["complete"] is True
     assert console_api.delivery_series(store, "shop", now=1_764_460_800)["complete"] is True
+
+
+def test_a_link_put_for_an_integration_deleted_meanwhile_is_not_kept(store, iid):
+    """`create` checks the integration, then puts the link: a DELETE in between must not leave a live link
+    that a later integration of the same id (an amoCRM reinstall, an admin's PUT) would inherit."""
+    link = {"hash": "ab" * 32, "label": "", "created_at": 1}
+    assert store.put_console_link(iid, "0123456789abcdef", link) is False
+    assert store.get_console_link(iid, "0123456789abcdef") is None and store.console_links(iid) == []
+    store.put_integration(iid, {"crm": "amocrm", "counter_id": 1})
+    assert store.get_console_link(iid, "0123456789abcdef") is None  # not inherited by the new integration
+    assert store.put_console_link(iid, "0123456789abcdef", link) is True
+    assert store.get_console_link(iid, "0123456789abcdef")["hash"] == "ab" * 32
+    store.delete_integration(iid)
+
+
+def test_creating_a_link_for_an_integration_deleted_meanwhile_is_a_404():
+    from chalicelib import console_links
+    from chalicelib.errors import ApiError
+    store = MemoryStore()
+    store.put_integration("shop", {"crm": "amocrm"})
+    real_put = store.put_console_link
+
+    def put_after_a_delete(integration_id, link_id, link):
+        store.delete_integration(integration_id)  # the DELETE lands between the check and the put
+        return real_put(integration_id, link_id, link)
+    store.put_console_link = put_after_a_delete
+    with pytest.raises(ApiError) as refused:
+        console_links.create(store, "shop", {}, "https://h")
+    assert refused.value.status == 404
+    store.put_integration("shop", {"crm": "amocrm"})
+    assert store.console_links("shop") == []

@@ -487,8 +487,10 @@ class ConsoleStore(Protocol):
     """The web console's own items: console links (config table, `CONSOLE_LINK#<link id>` under the
     integration) and a bounded health summary of an integration's entities."""
 
-    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> None:
-        """Store a link: {"hash": sha-256 hex of its token, "label", "created_at"}."""
+    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> bool:
+        """Store a link: {"hash": sha-256 hex of its token, "label", "created_at"}. False (and nothing
+        kept) when the integration has no config, even one deleted while the link was being put: a link
+        its integration's DELETE missed would open a later integration of the same id."""
 
     def get_console_link(self, integration_id: str, link_id: str) -> dict | None:
         """The link as stored (with `link_id`), or None (never made, revoked, integration deleted)."""

@@ -559,9 +559,12 @@ class MemoryStore:
 
     # --- ConsoleStore --------------------------------------------------------------------------------
 
-    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> None:
+    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> bool:
         with self._lock:
+            if integration_id not in self._integrations:
+                return False
             self._console_links.setdefault(integration_id, {})[link_id] = _model(link)
+            return True
 
     def get_console_link(self, integration_id: str, link_id: str) -> dict | None:
         with self._lock:
