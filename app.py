@@ -6,7 +6,6 @@ on first use, so a cold start that serves a webhook never pays for what it does 
 import functools
 import json
 import os
-import re
 import time
 import traceback
 import uuid
@@ -198,7 +197,6 @@ def answers(view):
 
 
 JSON_UTF8 = "application/json; charset=utf-8"
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_answer(body, status=200):
@@ -206,13 +204,18 @@ def json_answer(body, status=200):
     as `\\u041f…` escapes) with its charset named. A view's own `Response` passes unchanged."""
     if isinstance(body, Response):
         return body
+    return Response(body=json_text(body), status_code=status, headers={"Content-Type": JSON_UTF8})
+
+
+def json_text(body):
+    """`body` as JSON text that encodes to UTF-8: a lone surrogate (a CRM's or Metrika's `"\\ud800"`,
+    decoded by json.loads) reads as U+FFFD instead of failing the answer after the view returned."""
     text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate echoed from the request (a JSON event may carry one)
-            text = LONE_SURROGATE.sub("\ufffd", text)
-    return Response(body=text, status_code=status, headers={"Content-Type": JSON_UTF8})
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _console_access(integration_id):
@@ -289,8 +292,8 @@ def one_error_shape(request, get_response):
     response = get_response(request)
     context = (request.context if request is not None else None) or {}
     body = reshape_chalice_error(response.status_code, response.body, request_id=context.get("requestId"))
-    if body is not None:
-        response.body = body
+    if body is not None:  # written as every other JSON answer is (json_answer): UTF-8 text, charset named
+        response.body = json_text(body)
         response.headers = {**{k: v for k, v in (response.headers or {}).items() if k.lower() != "content-type"},
                             "Content-Type": JSON_UTF8}
     return response

@@ -22,6 +22,10 @@ from .errors import BridgeError, http_error, invalid, not_found
 PAGE_SIZE = 20
 SUMMARY_ENTITIES = 2000
 SERIES_DAYS = 30
+# The stages and delivery views count at most this many of an integration's entities (orders first), with
+# only the attributes they count: a large integration's page answers in a few seconds, never a 504 or a
+# Lambda out of memory, and `complete: false` says the figures cover only what was read.
+CONSOLE_ENTITIES = 10_000
 
 # --- static files -------------------------------------------------------------------------------------
 
@@ -128,7 +132,8 @@ def stages(store: Any, proposed: list[dict], integration_id: str) -> dict:
     because it is not mapped; then mapped stages the CRM no longer has, and held stages it does not list."""
     mapping = store.get_status_mapping(integration_id) or {"entries": [], "pushed_at": None}
     mapped = {e["crm_status"]: e for e in mapping["entries"]}
-    held = Counter((e.get("last_error") or {}).get("crm_status") for e in store.list_entities(integration_id)
+    entities, complete = store.console_entities(integration_id, limit=CONSOLE_ENTITIES)
+    held = Counter((e.get("last_error") or {}).get("crm_status") for e in entities
                    if (e.get("last_error") or {}).get("code") == "unmapped_stage" and e.get("dirty") is not True)
     pipelines = _pipeline_names(proposed)
     rows, seen = [], set()
@@ -146,7 +151,7 @@ def stages(store: Any, proposed: list[dict], integration_id: str) -> dict:
         rows.append({"crm_status": key, "name": key, "in_crm": False, "proposed": None, "mapped": None,
                      "held": held[key]})
     return {"integration_id": integration_id, "stages": rows, "pushed_at": mapping.get("pushed_at"),
-            "held_total": sum(held.values())}
+            "held_total": sum(held.values()), "complete": complete}
 
 
 def _pipeline_names(entries: list[dict]) -> dict[str, str]:
@@ -201,7 +206,8 @@ def delivery_series(store: Any, integration_id: str, *, now: float | None = None
     now = time.time() if now is None else now
     since = now - days * 86400
     by_day: dict[str, Counter] = {}
-    for entity in store.list_entities(integration_id):
+    entities, complete = store.console_entities(integration_id, limit=CONSOLE_ENTITIES)
+    for entity in entities:
         facts = entity.get("facts") or {}
         sent = entity.get("sent_at")
         if entity["kind"] != "order" or not facts.get("order") or not isinstance(sent, (int, float)) or sent < since:
@@ -211,6 +217,6 @@ def delivery_series(store: Any, integration_id: str, *, now: float | None = None
         counts["orders"] += 1
         for flag in ("with_client_id", "with_phone", "with_email", "late"):
             counts[flag] += bool(facts.get(flag))
-    return {"integration_id": integration_id, "days": [
+    return {"integration_id": integration_id, "complete": complete, "days": [
         {"day": day, **{k: by_day[day][k] for k in ("orders", "with_client_id", "with_phone", "with_email", "late")}}
         for day in sorted(by_day)]}

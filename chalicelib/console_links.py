@@ -101,7 +101,8 @@ def create(store: Any, integration_id: str, body: Any, base_url: str, *, now: fl
         raise invalid(f"an integration has at most {LINKS_MAX} console links: revoke one first")
     link_id, token = new_token(integration_id)
     created_at = int(time.time() if now is None else now)
-    store.put_console_link(integration_id, link_id, {"hash": digest(token), "label": label, "created_at": created_at})
+    if not store.put_console_link(integration_id, link_id, {"hash": digest(token), "label": label, "created_at": created_at}):
+        raise not_found(f"integration {integration_id!r}")  # deleted while the link was being made
     return {"link_id": link_id, "label": label, "created_at": created_at, "link": f"{base_url}/console#link={token}",
             "note": "shown once: only its SHA-256 digest is kept"}
 

@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 65, sorted(names)  # every method of every concern
+    assert len(names) == 66, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -1375,6 +1375,7 @@ def test_console_links_round_trip_revoke_and_go_with_their_integration(store, ii
     link = {"hash": "ab" * 32, "label": "Маркетинг — Ольга", "created_at": YEAR_2100}
     store.put_console_link(iid, "0123456789abcdef", link)
     store.put_console_link(iid, "fedcba9876543210", {**link, "label": ""})
+    store.put_integration(iid + "-other", {"crm": "amocrm", "counter_id": 1})
     store.put_console_link(iid + "-other", "0123456789abcdef", {**link, "hash": "cd" * 32})
     assert store.get_console_link(iid, "0123456789abcdef") == {"link_id": "0123456789abcdef", **link}
     assert [x["link_id"] for x in store.console_links(iid)] == ["0123456789abcdef", "fedcba9876543210"]
@@ -1386,6 +1387,7 @@ def test_console_links_round_trip_revoke_and_go_with_their_integration(store, ii
     store.delete_integration(iid)  # a deleted integration's links die with it: a new one of the same id
     assert store.get_console_link(iid, "0123456789abcdef") is None  # does not inherit them
     assert store.console_links(iid) == []
+    store.delete_integration(iid + "-other")
 
 
 def test_entity_summary_counts_what_it_read_and_stops_at_its_limit(store, iid):

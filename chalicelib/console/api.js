@@ -17,11 +17,14 @@ export function linkIntegration(value = token()) {
 
 // A link in the fragment (`#link=<token>`, never sent to a server) moves into sessionStorage, and
 // the URL loses it before anything else runs. Returns the integration it opens, or null.
+// Any `#link=…` leaves the URL, even one a messenger or tracker changed (`&utm_…` appended, escaped, a
+// trailing space): a token kept in the address bar would stay in history, bookmarks and screenshares.
 export function takeLinkFromFragment() {
-  const match = /^#link=([A-Za-z0-9._-]+)$/.exec(location.hash);
-  if (!match) return null;
-  const integration = linkIntegration(match[1]);
-  if (integration) setToken(match[1]);
+  if (!location.hash.startsWith("#link=")) return null;
+  let value;
+  try { value = decodeURIComponent(location.hash.slice(6).split("&")[0]).trim(); } catch { value = ""; }
+  const integration = /^[A-Za-z0-9._-]+$/.test(value) ? linkIntegration(value) : null;
+  if (integration) setToken(value);
   history.replaceState(null, "", location.pathname + location.search + (integration ? `#/i/${integration}/mapping` : ""));
   return integration;
 }

@@ -247,7 +247,7 @@ async function renderMapping(id, notice = null) {
   show(h("h1", {}, t("mappingTitle"), h("span", { class: "subtitle" }, ` · ${id}`)),
     h("p", { class: "muted" }, t("mappingHelp")),
     state, refresh,
-    data.held_total ? message("warning", t("heldTotal", { n: data.held_total })) : null,
+    data.held_total ? message("warning", t("heldTotal", { n: `${data.held_total}${data.complete === false ? "+" : ""}` })) : null,
     form);
   if (notice) {
     const saved = message("success", notice);

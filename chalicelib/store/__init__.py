@@ -487,8 +487,10 @@ class ConsoleStore(Protocol):
     """The web console's own items: console links (config table, `CONSOLE_LINK#<link id>` under the
     integration) and a bounded health summary of an integration's entities."""
 
-    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> None:
-        """Store a link: {"hash": sha-256 hex of its token, "label", "created_at"}."""
+    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> bool:
+        """Store a link: {"hash": sha-256 hex of its token, "label", "created_at"}. False (and nothing
+        kept) when the integration has no config, even one deleted while the link was being put: a link
+        its integration's DELETE missed would open a later integration of the same id."""
 
     def get_console_link(self, integration_id: str, link_id: str) -> dict | None:
         """The link as stored (with `link_id`), or None (never made, revoked, integration deleted)."""
@@ -498,6 +500,11 @@ class ConsoleStore(Protocol):
 
     def delete_console_link(self, integration_id: str, link_id: str) -> bool:
         """Revoke a link; False if there was none."""
+
+    def console_entities(self, integration_id: str, *, limit: int) -> tuple[list[dict], bool]:
+        """At most `limit` of the integration's entities, orders first (as `list_entities`), each with
+        only what the console's stages and delivery views count: kind, crm_id, dirty, last_error, facts,
+        sent_at (those it has); and whether every entity was read."""
 
     def entity_summary(self, integration_id: str, *, limit: int) -> dict:
         """Counts over at most `limit` of the integration's entities (bounded time for a list of

@@ -219,6 +219,8 @@ class DynamoStore:
     def delete_integration(self, integration_id: str) -> bool:
         pk = _pk(integration_id)
         existed = self._get(self._config, pk, CONFIG) is not None
+        # CONFIG first, then the items under it listed (put_console_link relies on this order).
+        self._db.delete_item(TableName=self._config, Key=_to_item({"pk": pk, "sk": CONFIG}))
         for table in (self._config, self._state):
             for keys in self._keys_under(table, pk):
                 self._db.delete_item(TableName=table, Key=keys)
@@ -881,9 +883,15 @@ class DynamoStore:
 
     # --- ConsoleStore --------------------------------------------------------------------------------
 
-    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> None:
-        self._db.put_item(TableName=self._config, Item=_to_item(
-            {"pk": _pk(integration_id), "sk": CONSOLE_LINK + link_id, **link}))
+    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> bool:
+        key = {"pk": _pk(integration_id), "sk": CONSOLE_LINK + link_id}
+        self._db.put_item(TableName=self._config, Item=_to_item({**key, **link}))
+        # Checked after the put: delete_integration removes CONFIG first and only then lists the items to
+        # delete (a consistent Query), so either that list holds this link, or CONFIG is gone by now.
+        if self._get(self._config, key["pk"], CONFIG) is None:
+            self._db.delete_item(TableName=self._config, Key=_to_item(key))
+            return False
+        return True
 
     def get_console_link(self, integration_id: str, link_id: str) -> dict | None:
         # The authorizer's one read per link token (then cached): GetItem on the config table.
@@ -899,15 +907,31 @@ class DynamoStore:
                                       Key=_to_item({"pk": _pk(integration_id), "sk": CONSOLE_LINK + link_id}))
         return "Attributes" in answer
 
+    def console_entities(self, integration_id: str, *, limit: int) -> tuple[list[dict], bool]:
+        items, complete = self._bounded_entities(integration_id, limit, "sk, #dirty, #error, #facts, #sent",
+                                                 {"#dirty": "dirty", "#error": "last_error", "#facts": "facts",
+                                                  "#sent": "sent_at"})
+        entities = []
+        for item in items:
+            kind, _, crm_id = item.pop("sk").partition("#")
+            entities.append({"kind": kind.lower(), "crm_id": crm_id, **item})
+        return entities, complete
+
     def entity_summary(self, integration_id: str, *, limit: int) -> dict:
-        # At most `limit` items read (Query's Limit counts items read), only the attributes counted.
+        items, complete = self._bounded_entities(integration_id, limit,
+                                                 "dirty, attempts, last_error, dead_lettered_at, sent_at")
+        return _summary(items, complete=complete)
+
+    def _bounded_entities(self, integration_id: str, limit: int, projection: str,
+                          names: dict | None = None) -> tuple[list[dict], bool]:
+        # At most `limit` items read (Query's Limit counts items read), only the projected attributes.
         items: list[dict] = []
         complete = True
         for prefix in ("ORDER#", "CONTACT#"):
             kwargs: dict[str, Any] = {
                 "TableName": self._state, "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
                 "ExpressionAttributeValues": _to_item({":pk": _pk(integration_id), ":prefix": prefix}),
-                "ProjectionExpression": "dirty, attempts, last_error, dead_lettered_at, sent_at"}
+                "ProjectionExpression": projection, **({"ExpressionAttributeNames": names} if names else {})}
             while True:
                 if len(items) >= limit:
                     page = self._db.query(**{**kwargs, "Limit": 1})
@@ -918,7 +942,7 @@ class DynamoStore:
                 if "LastEvaluatedKey" not in page:
                     break
                 kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        return _summary(items, complete=complete)
+        return items, complete
 
     # --- TokenStore ----------------------------------------------------------------------------------
 
@@ -1064,7 +1088,7 @@ class DynamoStore:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def _keys_under(self, table: str, pk: str) -> list[dict]:
-        return [{"pk": i["pk"], "sk": i["sk"]} for i in self._query(table, pk, projection="pk, sk")]
+        return [{"pk": i["pk"], "sk": i["sk"]} for i in self._query(table, pk, projection="pk, sk", ConsistentRead=True)]
 
 
 def _backoff(attempt: int) -> None:

@@ -23,6 +23,7 @@ from . import plain as _plain
 from . import stored_time as _decimal
 from . import summary as _summary
 
+_CONSOLE_FIELDS = ("dirty", "last_error", "facts", "sent_at")  # ConsoleStore.console_entities
 _KINDS = ("order", "contact")  # list_entities' order, as DynamoStore's sort keys give it
 
 
@@ -558,9 +559,12 @@ class MemoryStore:
 
     # --- ConsoleStore --------------------------------------------------------------------------------
 
-    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> None:
+    def put_console_link(self, integration_id: str, link_id: str, link: dict) -> bool:
         with self._lock:
+            if integration_id not in self._integrations:
+                return False
             self._console_links.setdefault(integration_id, {})[link_id] = _model(link)
+            return True
 
     def get_console_link(self, integration_id: str, link_id: str) -> dict | None:
         with self._lock:
@@ -575,6 +579,12 @@ class MemoryStore:
     def delete_console_link(self, integration_id: str, link_id: str) -> bool:
         with self._lock:
             return self._console_links.get(integration_id, {}).pop(link_id, None) is not None
+
+    def console_entities(self, integration_id: str, *, limit: int) -> tuple[list[dict], bool]:
+        with self._lock:
+            ordered = self._ordered(integration_id)
+            return [{"kind": kind, "crm_id": crm_id, **{k: v for k, v in _plain(item).items() if k in _CONSOLE_FIELDS}}
+                    for (kind, crm_id), item in ordered[:limit]], len(ordered) <= limit
 
     def entity_summary(self, integration_id: str, *, limit: int) -> dict:
         with self._lock:
