@@ -71,7 +71,13 @@ def entity(integration_id, crm_id, kind="order"):
     return get_store().get_entity(integration_id, kind, crm_id)
 
 
-def test_webhook_to_metrika_contacts_first(app_client, amo, source, worker, metrika_sandbox):
+def test_webhook_to_metrika_contacts_first(app_client, amo, source, metrika_sandbox):
+    from app import on_events_message
+    from chalicelib.settings import get_settings
+    from sandbox.worker import WorkerLoop
+    # A batching window, as the deployed event source has one: a loaded moto_server may hand out the two
+    # messages on two receives, which would make two batches (and two orders uploads) of one webhook.
+    worker = WorkerLoop(on_events_message, get_settings().events_queue, wait_seconds=0, batching_window=0.5)
     source.rows = {("order", "5"): deal_rows("5"), ("order", "6"): deal_rows("6", status="IN_PROGRESS", revenue=0)}
     webhook(app_client, amo, 5, 6)
     assert worker.drain() == 2
