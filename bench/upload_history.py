@@ -39,6 +39,7 @@ CALL_S = 0.002
 ITEM_S = 0.0003
 PENDING = 5
 NOW = 1_780_000_000.0
+STEPS = ("confirmation", "status page")
 UPLOAD_METHODS = ("uploads", "pending_uploads", "recent_uploads", "upload_entities")
 
 
@@ -134,24 +135,27 @@ def memory(sizes: list[int]) -> list[list]:
     before = before_operations()
     rows = []
     for size in sizes:
-        figures: dict[str, list] = {}
-        for name, operations in (("before", before), ("after", after)):
-            figures[name] = []
-            for which in ("confirmation", "status page"):
-                clock = Clock(NOW)
-                store = MemoryStore(clock=clock)
-                ids = fill_memory(store, clock, "shop", size)
-                counted = Counted(store)
-                seconds = step(operations, counted, "shop", ids, which)
-                figures[name].append((counted.calls, counted.records,
-                                      seconds + counted.calls * CALL_S + counted.records * ITEM_S))
-        rows += compare(size, figures)
+        def measure(name: str, operations, which: str) -> tuple:
+            clock = Clock(NOW)
+            store = MemoryStore(clock=clock)
+            ids = fill_memory(store, clock, "shop", size)
+            counted = Counted(store)
+            seconds = step(operations, counted, "shop", ids, which)
+            return counted.calls, counted.records, seconds + counted.calls * CALL_S + counted.records * ITEM_S
+        rows += compare(size, each_code(before, after, measure))
     return rows
+
+
+def each_code(before, after, measure) -> dict[str, list]:
+    """`measure(name, operations, which)` for the code before and after, each on a store of its own for
+    each step: the figures by code, in STEPS' order."""
+    return {name: [measure(name, operations, which) for which in STEPS]
+            for name, operations in (("before", before), ("after", after))}
 
 
 def compare(size: int, figures: dict[str, list]) -> list[list]:
     rows = []
-    for index, which in enumerate(("confirmation", "status page")):
+    for index, which in enumerate(STEPS):
         b, a = figures["before"][index], figures["after"][index]
         rows.append([f"{size:,}", which, f"{b[0]} / {b[1]:,}", f"{b[2]:.2f} s", f"{a[0]} / {a[1]:,}",
                      f"{a[2]:.3f} s", f"{b[2] / a[2]:.0f}x"])
@@ -179,23 +183,21 @@ def moto(sizes: list[int]) -> list[list]:
     client.meta.events.register("after-call.dynamodb", handed_back)
     rows = []
     for size in sizes:
-        figures: dict[str, list] = {}
-        for name, operations in (("before", before), ("after", after)):
-            figures[name] = []
-            for which in ("confirmation", "status page"):
-                clock = Clock(NOW)
-                store = DynamoStore(client, settings.config_table, settings.state_table,
-                                    quota_table=settings.quota_table, clock=clock)
-                iid = f"bench-{uuid.uuid4().hex[:8]}"
-                ids = fill_moto(client, settings.state_table, store, clock, iid, size, legacy=name == "before")
-                if name == "after":
-                    store.pending_uploads(iid)  # the one-time move of older records (none here) is not measured
-                calls.clear()
-                items[0] = 0
-                seconds = step(operations, store, iid, ids, which)
-                reads = sum(n for op, n in calls.items() if op in ("GetItem", "Query", "BatchGetItem", "Scan"))
-                figures[name].append((reads, items[0], seconds))
-        for index, which in enumerate(("confirmation", "status page")):
+        def measure(name: str, operations, which: str) -> tuple:
+            clock = Clock(NOW)
+            store = DynamoStore(client, settings.config_table, settings.state_table,
+                                quota_table=settings.quota_table, clock=clock)
+            iid = f"bench-{uuid.uuid4().hex[:8]}"
+            ids = fill_moto(client, settings.state_table, store, clock, iid, size, legacy=name == "before")
+            if name == "after":
+                store.pending_uploads(iid)  # the one-time move of older records (none here) is not measured
+            calls.clear()
+            items[0] = 0
+            seconds = step(operations, store, iid, ids, which)
+            reads = sum(n for op, n in calls.items() if op in ("GetItem", "Query", "BatchGetItem", "Scan"))
+            return reads, items[0], seconds
+        figures = each_code(before, after, measure)
+        for index, which in enumerate(STEPS):
             b, a = figures["before"][index], figures["after"][index]
             rows.append([f"{size:,}", which, f"{b[0]} / {b[1]:,}", f"{a[0]} / {a[1]:,}", f"{b[1] / a[1]:.0f}x",
                          f"{b[2]:.2f} s / {a[2]:.2f} s"])

@@ -338,7 +338,7 @@ class Ingest:
             self._queue.send([message(integration_id, INBOX, batch_id) for batch_id in stale])
             log_event("inbox_swept", integration_id=integration_id, batches=len(stale))
         listed = source.changed_since(integration, start)
-        from .delivered import undelivered  # loads the translation (marshmallow): kept off the webhook path
+        from .delivered import undelivered  # the reconciliation's alone (marshmallow loads only if it compares)
         refs, delivered = undelivered(self._store, source, integration_id, integration, listed, now=now,
                                       future_skew=FUTURE_SKEW_SECONDS)
         result = self.record(integration_id, refs, origin="reconcile") if refs else {"queued": 0}

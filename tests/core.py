@@ -6,7 +6,7 @@ each; the same code runs against DynamoDB and SQS in the end-to-end tests."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from chalicelib.backfill import Backfill
 from chalicelib.crm import EntityRows
@@ -50,6 +50,29 @@ class StaticSource:
 
     def changed_since(self, integration, since):
         return list(self.changed)
+
+
+def watch_calls(obj: Any, names: Iterable[str], seen: Callable[[str], None]) -> None:
+    """Wrap the methods `names` of this object only (not its class): each call tells `seen` its name
+    first, then runs the method as it was."""
+    for name in names:
+        real = getattr(obj, name)
+
+        def wrapped(*args, _real=real, _name=name, **kwargs):
+            seen(_name)
+            return _real(*args, **kwargs)
+
+        setattr(obj, name, wrapped)
+
+
+def count_calls(obj: Any, names: Iterable[str]) -> dict[str, int]:
+    """Calls of the object's methods `names`, counted by name as they happen."""
+    counted = dict.fromkeys(names, 0)
+
+    def seen(name: str) -> None:
+        counted[name] += 1
+    watch_calls(obj, list(counted), seen)
+    return counted
 
 
 def deal_rows(deal_id: str, *, status: str = "PAID", revenue: int = 15990, contact: str = "11",

@@ -12,7 +12,7 @@ import pytest
 from chalicelib.crm import ORDER, EntityRef, EntityRows
 from chalicelib.crm.amocrm.source import AmoCrmSource
 from chalicelib.delivery import KEPT_PRODUCTS_BYTES, kept_order
-from tests.core import Clock, Core, deal_rows
+from tests.core import Clock, Core, count_calls, deal_rows
 
 PRODUCT_METHODS = ("products", "put_products", "integrations_on_counter")
 
@@ -20,18 +20,7 @@ PRODUCT_METHODS = ("products", "put_products", "integrations_on_counter")
 def count_product_calls(store) -> dict[str, int]:
     """Wrap the store's product-list methods (on this object only) to count their calls: the list
     methods, and any other method with "product" in its name (there must be none left to call)."""
-    names = {*PRODUCT_METHODS, *(n for n in dir(store) if "product" in n and not n.startswith("_"))}
-    calls = {name: 0 for name in names}
-    for name in names:
-        real = getattr(store, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        setattr(store, name, counted)
-    return calls
-
+    return count_calls(store, {*PRODUCT_METHODS, *(n for n in dir(store) if "product" in n and not n.startswith("_"))})
 
 def deals_naming(products: int, deals: int = 8, *, version: int = 0) -> dict:
     """`deals` deals sharing `products` distinct products between them, each deal its own slice."""

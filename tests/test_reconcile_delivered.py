@@ -13,7 +13,7 @@ from chalicelib import deadline
 from chalicelib.crm import ORDER, EntityRef, EntityRows, unmapped_stage
 from chalicelib.delivered import COMPARE_CHUNK, split_listed
 from chalicelib.errors import Transient, Unavailable
-from tests.core import Core, deal_rows
+from tests.core import Core, deal_rows, watch_calls
 
 T = 1_789_990_000  # the deals' last change, as webhooks and the listing give it (the clock is at 1_790_000_000)
 SKEW = 300
@@ -32,16 +32,8 @@ def core(metrika_sandbox):
 def record_calls(store) -> list[str]:
     """Wrap every public method of this store object; the names called, in order."""
     called: list[str] = []
-    for name in [n for n in dir(store) if not n.startswith("_") and callable(getattr(store, n))]:
-        real = getattr(store, name)
-
-        def wrapped(*args, _real=real, _name=name, **kwargs):
-            called.append(_name)
-            return _real(*args, **kwargs)
-
-        setattr(store, name, wrapped)
+    watch_calls(store, [n for n in dir(store) if not n.startswith("_") and callable(getattr(store, n))], called.append)
     return called
-
 
 def delivered(core: Core, deals: int, *, at: int = T) -> str:
     """`deals` deals delivered by their webhooks (event time `at`); the listing will name them at `at`."""

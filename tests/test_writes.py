@@ -14,7 +14,7 @@ from chalicelib.crm import CONTACT, ORDER, EntityRef, EntityRows
 from chalicelib.ingest import FUTURE_SKEW_SECONDS, QUEUE_LEASE_SECONDS
 from chalicelib.queue import Received
 from chalicelib.store import CLAIM_GRACE_SECONDS
-from tests.core import Core, deal_rows
+from tests.core import Core, count_calls, deal_rows
 
 T = 1789990000
 
@@ -26,16 +26,7 @@ def core(metrika_sandbox):
 
 def calls_of(store, *names):
     """Count calls of the store's `names` (the object's own methods wrapped)."""
-    counted = {name: 0 for name in names}
-    for name in names:
-        real = getattr(store, name)
-
-        def wrapped(*args, _real=real, _name=name, **kwargs):
-            counted[_name] += 1
-            return _real(*args, **kwargs)
-        setattr(store, name, wrapped)
-    return counted
-
+    return count_calls(store, names)
 
 def sent_for(core, crm_id):
     return [m for m, _ in core.queue.sent if m["crm_id"] == crm_id]
