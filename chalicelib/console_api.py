@@ -173,13 +173,6 @@ def _display_name(entry: dict, pipelines: dict[str, str]) -> str:
     return f"{pipeline}: {label}" if pipeline and not label.startswith(pipeline + ": ") else label
 
 
-def proposed_or_answer(source: Any, integration: dict) -> list[dict]:
-    try:
-        return source.default_mapping(integration)
-    except BridgeError as exc:
-        raise http_error("could not read the CRM's stages", exc) from exc
-
-
 # --- the attributes page ------------------------------------------------------------------------------
 
 def crm_fields(store: Any, sources: dict, integration_id: str) -> dict:
