@@ -94,9 +94,9 @@ def label_of(body: Any) -> str:
 
 def create(store: Any, integration_id: str, body: Any, base_url: str, *, now: float | None = None) -> dict:
     """Make a link; the only answer that ever holds its token."""
+    from .integrations import get_integration
     label = label_of(body)
-    if store.get_integration(integration_id) is None:
-        raise not_found(f"integration {integration_id!r}")
+    get_integration(store, integration_id)  # a 404 for an unknown integration
     if len(store.console_links(integration_id)) >= LINKS_MAX:
         raise invalid(f"an integration has at most {LINKS_MAX} console links: revoke one first")
     link_id, token = new_token(integration_id)
@@ -108,8 +108,8 @@ def create(store: Any, integration_id: str, body: Any, base_url: str, *, now: fl
 
 
 def listing(store: Any, integration_id: str) -> dict:
-    if store.get_integration(integration_id) is None:
-        raise not_found(f"integration {integration_id!r}")
+    from .integrations import get_integration
+    get_integration(store, integration_id)  # a 404 for an unknown integration
     links = sorted(store.console_links(integration_id), key=lambda link: (link["created_at"], link["link_id"]))
     return {"integration_id": integration_id,
             "links": [{k: link[k] for k in ("link_id", "label", "created_at")} for link in links]}
