@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .errors import BridgeError, http_error, invalid, not_found
+from .errors import BridgeError, http_error, invalid
 
 # The list of integrations reads a page of them, and at most this many entity items of each: the
 # answer's time is bounded however large an integration grows (`complete: false` says the counts
@@ -119,10 +119,8 @@ def summary_of(integration_id: str, config: dict) -> dict:
 
 
 def integration_summary(store: Any, integration_id: str) -> dict:
-    config = store.get_integration(integration_id)
-    if config is None:
-        raise not_found(f"integration {integration_id!r}")
-    return summary_of(integration_id, config)
+    from .integrations import get_integration
+    return summary_of(integration_id, get_integration(store, integration_id))
 
 
 # --- the mapping page ---------------------------------------------------------------------------------
@@ -173,20 +171,12 @@ def _display_name(entry: dict, pipelines: dict[str, str]) -> str:
     return f"{pipeline}: {label}" if pipeline and not label.startswith(pipeline + ": ") else label
 
 
-def proposed_or_answer(source: Any, integration: dict) -> list[dict]:
-    try:
-        return source.default_mapping(integration)
-    except BridgeError as exc:
-        raise http_error("could not read the CRM's stages", exc) from exc
-
-
 # --- the attributes page ------------------------------------------------------------------------------
 
 def crm_fields(store: Any, sources: dict, integration_id: str) -> dict:
     """The CRM's fields a custom attribute can be read from: [{"id", "name", "entity", "type"}]."""
-    integration = store.get_integration(integration_id)
-    if integration is None:
-        raise not_found(f"integration {integration_id!r}")
+    from .integrations import get_integration
+    integration = get_integration(store, integration_id)
     source = sources.get(integration["crm"])
     if not hasattr(source, "fields"):
         return {"integration_id": integration_id, "fields": []}

@@ -66,6 +66,11 @@ def new_token(integration_id: str) -> tuple[str, str]:
     return link_id, f"{PREFIX}.{integration_id}.{link_id}.{secrets.token_urlsafe(32)}"
 
 
+def is_link_id(value: str) -> bool:
+    """A link id as `new_token` makes it: 16 lowercase hexadecimal digits."""
+    return len(value) == 16 and all(c in "0123456789abcdef" for c in value)
+
+
 def parse(token: str | None) -> tuple[str, str] | None:
     """(integration id, link id) a token names, or None for anything not shaped like a link's token."""
     if not isinstance(token, str) or len(token) > 200:
@@ -74,7 +79,7 @@ def parse(token: str | None) -> tuple[str, str] | None:
     if len(parts) != 4 or parts[0] != PREFIX or not is_integration_id(parts[1]):
         return None
     link_id, secret = parts[2], parts[3]
-    if len(link_id) != 16 or any(c not in "0123456789abcdef" for c in link_id) or not 20 <= len(secret) <= 100:
+    if not is_link_id(link_id) or not 20 <= len(secret) <= 100:
         return None
     return parts[1], link_id
 
@@ -94,9 +99,9 @@ def label_of(body: Any) -> str:
 
 def create(store: Any, integration_id: str, body: Any, base_url: str, *, now: float | None = None) -> dict:
     """Make a link; the only answer that ever holds its token."""
+    from .integrations import get_integration
     label = label_of(body)
-    if store.get_integration(integration_id) is None:
-        raise not_found(f"integration {integration_id!r}")
+    get_integration(store, integration_id)  # a 404 for an unknown integration
     if len(store.console_links(integration_id)) >= LINKS_MAX:
         raise invalid(f"an integration has at most {LINKS_MAX} console links: revoke one first")
     link_id, token = new_token(integration_id)
@@ -108,15 +113,15 @@ def create(store: Any, integration_id: str, body: Any, base_url: str, *, now: fl
 
 
 def listing(store: Any, integration_id: str) -> dict:
-    if store.get_integration(integration_id) is None:
-        raise not_found(f"integration {integration_id!r}")
+    from .integrations import get_integration
+    get_integration(store, integration_id)  # a 404 for an unknown integration
     links = sorted(store.console_links(integration_id), key=lambda link: (link["created_at"], link["link_id"]))
     return {"integration_id": integration_id,
             "links": [{k: link[k] for k in ("link_id", "label", "created_at")} for link in links]}
 
 
 def revoke(store: Any, integration_id: str, link_id: str) -> dict:
-    if len(link_id) != 16 or any(c not in "0123456789abcdef" for c in link_id):
+    if not is_link_id(link_id):
         raise invalid("link id must be 16 hexadecimal digits", {"link_id": link_id[:40]})
     if not store.delete_console_link(integration_id, link_id):
         raise not_found(f"console link {link_id!r} of integration {integration_id!r}")

@@ -98,7 +98,9 @@ def test_rotation_new_token_at_once_old_token_until_the_overlap_ends(ssm, name):
     assert fresh.is_admin(bearer(new)) and not fresh.is_admin(bearer(old))
 
 
-def test_immediate_revocation_is_two_overwrites_with_the_same_value(ssm, name):
+def revoke_a_leaked_token(ssm, name):
+    """A warm container trusts a leaked token; then the runbook's immediate revocation (two overwrites
+    with the same new value). (leaked, new, clock, warm)."""
     leaked, new = "leaked-" + uuid.uuid4().hex, "new-" + uuid.uuid4().hex
     put(ssm, name, leaked)
     clock = Clock()
@@ -106,6 +108,11 @@ def test_immediate_revocation_is_two_overwrites_with_the_same_value(ssm, name):
     assert warm.is_admin(bearer(leaked))
     put(ssm, name, new)
     put(ssm, name, new)
+    return leaked, new, clock, warm
+
+
+def test_immediate_revocation_is_two_overwrites_with_the_same_value(ssm, name):
+    leaked, new, clock, warm = revoke_a_leaked_token(ssm, name)
     cold = tokens(ssm, name, clock)
     assert cold.is_admin(bearer(new)) and not cold.is_admin(bearer(leaked))  # no overlap at all
     # A warm container trusts its last read for at most PARAMETER_TTL_SECONDS (the documented bound).
@@ -116,13 +123,7 @@ def test_immediate_revocation_is_two_overwrites_with_the_same_value(ssm, name):
 
 
 def test_warm_container_drops_a_revoked_token_after_its_ttl(ssm, name):
-    leaked, new = "leaked-" + uuid.uuid4().hex, "new-" + uuid.uuid4().hex
-    put(ssm, name, leaked)
-    clock = Clock()
-    warm = tokens(ssm, name, clock)
-    assert warm.is_admin(bearer(leaked))
-    put(ssm, name, new)
-    put(ssm, name, new)
+    leaked, _, clock, warm = revoke_a_leaked_token(ssm, name)
     clock.t += PARAMETER_TTL_SECONDS - 1
     assert warm.is_admin(bearer(leaked))  # its read is still fresh: the bound README documents
     clock.t += 1

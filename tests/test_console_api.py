@@ -480,3 +480,17 @@ def test_chalices_own_refusals_name_their_charset_too(app_client, method, path, 
     assert answer.status_code in (405, 415) and answer.json_body["error"] in ("method_not_allowed",
                                                                                 "unsupported_media_type")
     assert answer.headers["Content-Type"] == "application/json; charset=utf-8"
+
+
+def test_delivery_counts_a_send_time_past_now_on_today_never_a_day_in_2100():
+    now = 1_764_460_800.0  # 2025-11-30 00:00 UTC
+
+    class Entities:
+        def console_entities(self, integration_id, limit):
+            return [{"kind": "order", "sent_at": sent, "facts": {"order": True}}
+                    for sent in (4_102_444_800, 1e300, True, "1764460800", now - 10)], True
+    days = console_api.delivery_series(Entities(), "shop", now=now)["days"]
+    # The two sends past now (a clock in 2100; one past datetime's range) count on today; a boolean or
+    # a text time is no send at all.
+    assert days == [{"day": "2025-11-29", "orders": 1, "with_client_id": 0, "with_phone": 0, "with_email": 0, "late": 0},
+                    {"day": "2025-11-30", "orders": 2, "with_client_id": 0, "with_phone": 0, "with_email": 0, "late": 0}]
