@@ -318,6 +318,32 @@ def test_an_expired_access_token_is_refreshed_once_and_the_call_repeated(rig, bi
     assert rig.core.store.get_tokens(rig.integration_id)["access_token"] in bitrix.access_tokens
 
 
+def test_the_forced_refresh_retries_at_once_and_is_not_counted_as_an_attempt(monkeypatch):
+    """A 401 expired_token after a backoff: the call after the refresh goes without a pause, and the
+    attempt it repeated is not spent (2 attempts: a 503, the 401 + its repeat, then the answer)."""
+    class Answer:
+        def __init__(self, status, body):
+            self.status_code, self.content, self.headers = status, json.dumps(body).encode(), {}
+
+    answers = [Answer(503, {"error": "QUERY_LIMIT_EXCEEDED"}), Answer(401, {"error": "expired_token"}),
+               Answer(200, {"result": {"ok": True}})]
+    sent, asked, slept = [], [], []
+
+    class Session:
+        def post(self, url, json, timeout, allow_redirects):
+            sent.append(json["auth"])
+            return answers.pop(0)
+
+    def auth(expired):
+        asked.append(expired)
+        return "new-token" if expired else "old-token"
+    monkeypatch.setattr(time, "sleep", slept.append)
+    client = Bitrix24Client("https://portal.bitrix24.ru/rest/", session=Session(), auth=auth, attempts=2, backoff=1.0)
+    assert client.call("app.info")["result"] == {"ok": True}
+    assert asked == [False, True] and sent == ["old-token", "old-token", "new-token"]
+    assert slept == [1.0]  # the backoff before attempt 2 only: none before the repeat
+
+
 def test_two_workers_refreshing_make_one_refresh_call(rig, bitrix, portal, metrika_sandbox):
     rig.install()
     rig.configure(metrika_sandbox)
