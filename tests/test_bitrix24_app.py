@@ -6,7 +6,6 @@ Logic on the in-memory store and queue with a fake clock (tests/core.py); the Bi
 portal, its OAuth server and its offline-event queue."""
 from __future__ import annotations
 
-import threading
 import time
 from urllib.parse import urlencode
 
@@ -22,7 +21,7 @@ from chalicelib.errors import ApiError, Misconfigured, Permanent, Transient
 from chalicelib.queue import DRAIN, message
 from sandbox.bitrix24 import seed_demo
 from sandbox.httpserver import Reply, SandboxServer
-from tests.core import Clock, Core
+from tests.core import Clock, Core, at_once
 
 import json
 
@@ -350,22 +349,8 @@ def test_two_workers_refreshing_make_one_refresh_call(rig, bitrix, portal, metri
     bitrix.expire_access_tokens()
     calls_before = len(bitrix.oauth_calls)
     integration = rig.core.store.get_integration(rig.integration_id)
-    barrier = threading.Barrier(4)
-    answers, errors = [], []
-
-    def worker():
-        client = rig.core.sources["bitrix24"].client_for(integration)
-        barrier.wait()
-        try:
-            answers.append(client.call("app.info")["result"]["member_id"])
-        except Exception as exc:  # noqa: BLE001 — reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
+    answers, errors = at_once(lambda: rig.core.sources["bitrix24"].client_for(integration).call("app.info")
+                              ["result"]["member_id"], 4, timeout=20)
     assert errors == [] and answers == [bitrix.member_id] * 4
     assert len(bitrix.oauth_calls) == calls_before + 1
 
@@ -565,20 +550,8 @@ def test_two_drains_at_once_record_every_event_and_clear_the_queue(rig, bitrix, 
     deals = {bitrix.create_deal(f"Заказ #{n}", stage_id="C2:NEW", category_id=2, opportunity="10.00",
                                 contact_id=portal["contact_id"])["ID"] for n in range(60)}  # more than a page
     integration = rig.core.store.get_integration(rig.integration_id)
-    barrier, errors = threading.Barrier(2), []
-
-    def one():
-        barrier.wait()
-        try:
-            drain(rig.core.store, rig.core.queue, rig.core.sources["bitrix24"], rig.integration_id, integration,
-                  clock=rig.core.clock)
-        except Exception as exc:  # noqa: BLE001 — reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    _, errors = at_once(lambda: drain(rig.core.store, rig.core.queue, rig.core.sources["bitrix24"], rig.integration_id,
+                                      integration, clock=rig.core.clock), 2, timeout=30)
     assert errors == [] and bitrix.offline == []
     recorded = {e["crm_id"] for e in rig.core.store.list_entities(rig.integration_id) if e["kind"] == "order"}
     assert recorded >= deals
