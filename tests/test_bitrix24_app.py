@@ -588,3 +588,22 @@ def test_two_installs_at_once_both_succeed_though_the_other_bound_the_events_fir
     answer = rig.install(keep_bindings=True)
     assert answer["installed"] is True and answer["bound"] == []
     assert len(bitrix.bindings) == len(OFFLINE_EVENTS) + 2
+
+
+def test_the_deployed_source_takes_an_application_token_without_the_queue(monkeypatch):
+    """app.get_sources' Bitrix24 source reads an installed application's token from the TOKENS item:
+    building its keeper needs no SQS client (the admin API's and the worker's CRM calls)."""
+    import app
+    from chalicelib.store.memory import MemoryStore
+
+    def no_queue():
+        raise AssertionError("a CRM call's token built the SQS client")
+    store = MemoryStore()
+    store.put_tokens(integration_id_for("7f3c"), {"access_token": "access-1", "refresh_token": "refresh-1",
+                                                  "expires_at": int(time.time()) + 3600})
+    monkeypatch.setattr(app, "_STORE", store)
+    monkeypatch.setattr(app, "_SOURCES", {})
+    monkeypatch.setattr(app, "get_queue", no_queue)
+    integration = {"connection": {"auth": "oauth", "member_id": "7f3c",
+                                  "client_endpoint": "https://portal.bitrix24.ru/rest/"}}
+    assert app.get_sources()["bitrix24"].client_for(integration)._auth(False) == "access-1"
