@@ -85,20 +85,31 @@ def get_sources():
         from chalicelib.bitrix24_app import keep_alive_for, tokens_for
         # An installed application's calls take their access token from the TOKENS item (single writer).
         _SOURCES["bitrix24"] = Bitrix24Source(
-            get_store().reserve_slot, tokens_for=lambda integration: tokens_for(get_bitrix24_app().keeper())(integration),
-            keep_alive=lambda integration: keep_alive_for(get_bitrix24_app().keeper())(integration))
+            get_store().reserve_slot, tokens_for=lambda integration: tokens_for(get_bitrix24_keeper())(integration),
+            keep_alive=lambda integration: keep_alive_for(get_bitrix24_keeper())(integration))
     return _SOURCES
+
+
+def get_bitrix24_oauth():
+    from chalicelib.bitrix24_app import client_secret
+    from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
+    settings = get_settings()
+    return Bitrix24OAuth(settings.bitrix24_oauth_url, settings.bitrix24_client_id, lambda: client_secret(settings))
+
+
+def get_bitrix24_keeper():
+    """Installed Bitrix24 applications' tokens (chalicelib/oauth.py), as `Bitrix24App.keeper` builds them,
+    without the app's queue: a CRM call's token needs no SQS client."""
+    from chalicelib.bitrix24_app import DUE, Bitrix24Refresher
+    from chalicelib.oauth import TokenKeeper
+    return TokenKeeper(get_store(), Bitrix24Refresher(get_bitrix24_oauth()), due=DUE, integrations=get_store())
 
 
 def get_bitrix24_app():
     from chalicelib.bitrix24_app import Bitrix24App
     from chalicelib.crm.bitrix24.api import Bitrix24Client
-    from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
-    from chalicelib.bitrix24_app import client_secret
     settings = get_settings()
-    oauth = Bitrix24OAuth(settings.bitrix24_oauth_url, settings.bitrix24_client_id,
-                          lambda: client_secret(settings))
-    return Bitrix24App(get_store(), get_queue(), oauth, allow_loopback=settings.allow_loopback_crm,
+    return Bitrix24App(get_store(), get_queue(), get_bitrix24_oauth(), allow_loopback=settings.allow_loopback_crm,
                        client_for=lambda endpoint, auth: Bitrix24Client(endpoint, auth=auth))
 
 

@@ -5,6 +5,7 @@ Logic tests of ingest, worker, delivery and the history import run on this in a 
 each; the same code runs against DynamoDB and SQS in the end-to-end tests."""
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
@@ -30,6 +31,25 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def at_once(work: Callable[[], Any], threads: int, *, timeout: float) -> tuple[list, list]:
+    """`work` in `threads` threads released together (a barrier), each joined for up to `timeout` s:
+    what they returned and what they raised, in the order they finished."""
+    barrier, results, errors = threading.Barrier(threads), [], []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            results.append(work())
+        except Exception as exc:  # noqa: BLE001 — the caller asserts on it
+            errors.append(exc)
+    started = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join(timeout)
+    return results, errors
 
 
 class StaticSource:

@@ -22,6 +22,7 @@ from chalicelib.errors import Misconfigured, Transient
 from chalicelib.oauth import TokenKeeper, TokenPair
 from chalicelib.store.memory import MemoryStore
 from tests.conftest import admin_headers
+from tests.core import at_once
 
 CLIENT_ID = "0b6c2d8e-4f1a-4c3b-9e7d-5a6b7c8d9e0f"
 CLIENT_SECRET = "install-test-client-secret-" + hashlib.sha256(str(random.random()).encode()).hexdigest()[:16]
@@ -213,16 +214,8 @@ def test_two_workers_refreshing_at_once_make_one_refresh_call_at_the_sandbox(ser
         stored.wait(5)
     keeper = TokenKeeper(store, Slow(), due=DUE, sleep=sleep)
     integration = {"connection": {"base_url": amo.url}}
-    results, barrier = [], threading.Barrier(2)
-
-    def work():
-        barrier.wait()
-        results.append(keeper.access_token("race", integration))
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    results, errors = at_once(lambda: keeper.access_token("race", integration), 2, timeout=10)
+    assert errors == []
     assert amo.token_calls == ["authorization_code", "refresh_token"]
     assert len(results) == 2 and results[0] == results[1] != pair.access_token
     assert AmoCrmClient(amo.url, results[0]).get("/api/v4/account")["id"] == ACCOUNT_ID
@@ -234,16 +227,9 @@ def test_eight_threads_with_real_waits_still_refresh_once(service_env, installs,
     store = MemoryStore()
     store.put_tokens("race8", {**pair.fields(), "expires_at": int(time.time()) - 1})
     keeper = TokenKeeper(store, oauth, due=DUE, poll_seconds=0.005)
-    barrier, results = threading.Barrier(8), []
-
-    def work():
-        barrier.wait()
-        results.append(keeper.access_token("race8", {"connection": {"base_url": amo.url}}))
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    results, errors = at_once(lambda: keeper.access_token("race8", {"connection": {"base_url": amo.url}}), 8,
+                              timeout=10)
+    assert errors == []
     assert amo.token_calls.count("refresh_token") == 1 and len(set(results)) == 1 and len(results) == 8
 
 

@@ -6,7 +6,6 @@ Logic on the in-memory store and queue with a fake clock (tests/core.py); the Bi
 portal, its OAuth server and its offline-event queue."""
 from __future__ import annotations
 
-import threading
 import time
 from urllib.parse import urlencode
 
@@ -22,7 +21,7 @@ from chalicelib.errors import ApiError, Misconfigured, Permanent, Transient
 from chalicelib.queue import DRAIN, message
 from sandbox.bitrix24 import seed_demo
 from sandbox.httpserver import Reply, SandboxServer
-from tests.core import Clock, Core
+from tests.core import Clock, Core, at_once
 
 import json
 
@@ -318,28 +317,40 @@ def test_an_expired_access_token_is_refreshed_once_and_the_call_repeated(rig, bi
     assert rig.core.store.get_tokens(rig.integration_id)["access_token"] in bitrix.access_tokens
 
 
+def test_the_forced_refresh_retries_at_once_and_is_not_counted_as_an_attempt(monkeypatch):
+    """A 401 expired_token after a backoff: the call after the refresh goes without a pause, and the
+    attempt it repeated is not spent (2 attempts: a 503, the 401 + its repeat, then the answer)."""
+    class Answer:
+        def __init__(self, status, body):
+            self.status_code, self.content, self.headers = status, json.dumps(body).encode(), {}
+
+    answers = [Answer(503, {"error": "QUERY_LIMIT_EXCEEDED"}), Answer(401, {"error": "expired_token"}),
+               Answer(200, {"result": {"ok": True}})]
+    sent, asked, slept = [], [], []
+
+    class Session:
+        def post(self, url, json, timeout, allow_redirects):
+            sent.append(json["auth"])
+            return answers.pop(0)
+
+    def auth(expired):
+        asked.append(expired)
+        return "new-token" if expired else "old-token"
+    monkeypatch.setattr(time, "sleep", slept.append)
+    client = Bitrix24Client("https://portal.bitrix24.ru/rest/", session=Session(), auth=auth, attempts=2, backoff=1.0)
+    assert client.call("app.info")["result"] == {"ok": True}
+    assert asked == [False, True] and sent == ["old-token", "old-token", "new-token"]
+    assert slept == [1.0]  # the backoff before attempt 2 only: none before the repeat
+
+
 def test_two_workers_refreshing_make_one_refresh_call(rig, bitrix, portal, metrika_sandbox):
     rig.install()
     rig.configure(metrika_sandbox)
     bitrix.expire_access_tokens()
     calls_before = len(bitrix.oauth_calls)
     integration = rig.core.store.get_integration(rig.integration_id)
-    barrier = threading.Barrier(4)
-    answers, errors = [], []
-
-    def worker():
-        client = rig.core.sources["bitrix24"].client_for(integration)
-        barrier.wait()
-        try:
-            answers.append(client.call("app.info")["result"]["member_id"])
-        except Exception as exc:  # noqa: BLE001 — reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
+    answers, errors = at_once(lambda: rig.core.sources["bitrix24"].client_for(integration).call("app.info")
+                              ["result"]["member_id"], 4, timeout=20)
     assert errors == [] and answers == [bitrix.member_id] * 4
     assert len(bitrix.oauth_calls) == calls_before + 1
 
@@ -539,20 +550,8 @@ def test_two_drains_at_once_record_every_event_and_clear_the_queue(rig, bitrix, 
     deals = {bitrix.create_deal(f"Заказ #{n}", stage_id="C2:NEW", category_id=2, opportunity="10.00",
                                 contact_id=portal["contact_id"])["ID"] for n in range(60)}  # more than a page
     integration = rig.core.store.get_integration(rig.integration_id)
-    barrier, errors = threading.Barrier(2), []
-
-    def one():
-        barrier.wait()
-        try:
-            drain(rig.core.store, rig.core.queue, rig.core.sources["bitrix24"], rig.integration_id, integration,
-                  clock=rig.core.clock)
-        except Exception as exc:  # noqa: BLE001 — reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    _, errors = at_once(lambda: drain(rig.core.store, rig.core.queue, rig.core.sources["bitrix24"], rig.integration_id,
+                                      integration, clock=rig.core.clock), 2, timeout=30)
     assert errors == [] and bitrix.offline == []
     recorded = {e["crm_id"] for e in rig.core.store.list_entities(rig.integration_id) if e["kind"] == "order"}
     assert recorded >= deals
@@ -589,3 +588,22 @@ def test_two_installs_at_once_both_succeed_though_the_other_bound_the_events_fir
     answer = rig.install(keep_bindings=True)
     assert answer["installed"] is True and answer["bound"] == []
     assert len(bitrix.bindings) == len(OFFLINE_EVENTS) + 2
+
+
+def test_the_deployed_source_takes_an_application_token_without_the_queue(monkeypatch):
+    """app.get_sources' Bitrix24 source reads an installed application's token from the TOKENS item:
+    building its keeper needs no SQS client (the admin API's and the worker's CRM calls)."""
+    import app
+    from chalicelib.store.memory import MemoryStore
+
+    def no_queue():
+        raise AssertionError("a CRM call's token built the SQS client")
+    store = MemoryStore()
+    store.put_tokens(integration_id_for("7f3c"), {"access_token": "access-1", "refresh_token": "refresh-1",
+                                                  "expires_at": int(time.time()) + 3600})
+    monkeypatch.setattr(app, "_STORE", store)
+    monkeypatch.setattr(app, "_SOURCES", {})
+    monkeypatch.setattr(app, "get_queue", no_queue)
+    integration = {"connection": {"auth": "oauth", "member_id": "7f3c",
+                                  "client_endpoint": "https://portal.bitrix24.ru/rest/"}}
+    assert app.get_sources()["bitrix24"].client_for(integration)._auth(False) == "access-1"

@@ -12,6 +12,7 @@ from chalicelib.errors import Misconfigured, Transient
 from chalicelib.oauth import (RefreshPending, RefreshRefused, TokenKeeper, TokenPair, due_by_margin,
                               public_view)
 from chalicelib.store.memory import MemoryStore
+from tests.core import at_once
 
 NOW = 1_750_000_000.0
 IID = "oauth-test"
@@ -96,17 +97,8 @@ def test_two_threads_refreshing_at_once_make_one_refresh_call():
         waiting.set()
         stored.wait(5)
     keeper = TokenKeeper(store, refresher, due=due_by_margin(3600), clock=clock, sleep=sleep)
-    results: list[str] = []
-    barrier = threading.Barrier(2)
-
-    def work():
-        barrier.wait()
-        results.append(keeper.access_token(IID, {}))
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    results, errors = at_once(lambda: keeper.access_token(IID, {}), 2, timeout=10)
+    assert errors == []
     assert waiting.is_set() and stored.is_set()
     assert results == ["access-2", "access-2"]
     assert refresher.calls == ["refresh-1"]

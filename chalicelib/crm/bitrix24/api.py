@@ -155,16 +155,18 @@ class Bitrix24Client:
         the invocation's deadline (`chalicelib.deadline`): a call there is no time for, or one it cut
         short, raises `OutOfTime`; a retry there is no time for raises the failure that called for it."""
         failure: BridgeError | None = None
-        refreshed, refreshed_at = False, -1
+        refreshed = False
+        retry_now = False  # after the forced refresh: the same call again at once
         token = self._auth(False) if self._auth is not None else None
         attempt = -1
         while attempt + 1 < self._attempts:
             attempt += 1
-            if attempt and not (refreshed and attempt == refreshed_at):
+            if attempt and not retry_now:
                 pause = self._backoff * 2 ** (attempt - 1)
                 if failure is not None and not deadline.allows(pause):
                     raise failure
                 time.sleep(pause)
+            retry_now = False
             self._wait_for_slot()
             timeout = deadline.clip(self._timeout, source=SOURCE, what="Bitrix24")
             try:
@@ -183,9 +185,8 @@ class Bitrix24Client:
                 continue
             if self._auth is not None and not refreshed and expired_token(response.status_code, response.content):
                 # One forced refresh, then the same call again at once (not counted as an attempt).
-                refreshed, token = True, self._auth(True)
+                refreshed, token, retry_now = True, self._auth(True), True
                 attempt -= 1
-                refreshed_at = attempt + 1
                 continue
             answer = judge(response.status_code, response.content, method, response.headers)
             if isinstance(answer, Transient):
