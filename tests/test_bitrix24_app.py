@@ -170,6 +170,20 @@ def test_a_forged_domain_and_endpoints_receive_nothing(rig, bitrix, attacker):
     assert rig.core.store.get_integration(rig.integration_id)["connection"]["client_endpoint"] == f"{bitrix.url}/rest/"
 
 
+def test_a_portal_whose_oauth_server_names_no_bitrix24_cloud_host_is_a_422_and_writes_nothing(bitrix, metrika_sandbox):
+    """An on-premise or custom-domain portal: the endpoint our OAuth server names for it is no Bitrix24
+    cloud host (here the sandbox's loopback address, with loopback not allowed), so the install is refused
+    with 422 after its verification and before any write (README: "On-premise portals … are refused")."""
+    rig = Rig(bitrix, metrika_sandbox)
+    strict = Bitrix24App(rig.core.store, rig.core.queue, rig.oauth, allow_loopback=False, clock=rig.core.clock,
+                         client_for=lambda endpoint, auth: Bitrix24Client(endpoint, auth=auth, attempts=1))
+    with pytest.raises(ApiError) as refused:
+        strict.install(bitrix.install_body(), HANDLER)
+    assert (refused.value.status, refused.value.error) == (422, "crm_refused")
+    assert "client_endpoint" in refused.value.message
+    assert rig.core.store.list_integration_ids() == [] and rig.core.store.get_tokens(rig.integration_id) is None
+
+
 def test_a_member_id_that_is_not_the_tokens_portal_changes_nothing(rig, bitrix):
     with pytest.raises(ApiError) as refused:
         rig.app.install(bitrix.install_body(member_id="0123456789abcdef0123456789abcdef"), HANDLER)
