@@ -1497,3 +1497,26 @@ def test_token_values_the_store_refuses_change_nothing(store, iid):
     big = 10 ** 37  # DynamoDB's numbers hold 38 digits: a 2,000-digit expiry is refused upstream (oauth)
     assert store.put_tokens(iid, dict(PAIR, expires_at=big)) == 2
     assert store.get_tokens(iid)["expires_at"] == big
+
+
+
+@pytest.mark.parametrize("write", [
+    lambda store, iid: store.claim(iid, "order", "5"),  # update_item: None only when the condition failed
+    lambda store, iid: store.mark_dead_lettered(iid, "order", "5"),  # update_item: False likewise
+    lambda store, iid: store.release_queue_lease(iid, "order", "5"),  # update_item: a failed condition is silent
+    lambda store, iid: store.release_lease("scope", 0, "me"),  # delete_item: likewise
+    lambda store, iid: store.acquire_lease("scope", 2, "me", NOW, 60),  # put_item: None when every slot is taken
+    lambda store, iid: store.take_refresh_lease(iid, version=1, owner="me", now=NOW, until=NOW + 60),
+], ids=["claim", "mark_dead_lettered", "release_queue_lease", "release_lease", "acquire_lease", "take_refresh_lease"])
+def test_dynamo_conditional_writes_pass_on_errors_other_than_a_failed_condition(clock, iid, write):
+    """Only ConditionalCheckFailed means "not written" (`_IfCondition`): any other refusal (here every
+    call's) reaches the caller rather than passing for a condition that did not hold."""
+    class Refusing:
+        def __getattr__(self, name):
+            def call(**kwargs):
+                raise ClientError({"Error": {"Code": "ValidationException", "Message": "key too long"}}, name)
+            return call
+    store = DynamoStore(Refusing(), "config", "state", quota_table="quota", clock=clock)
+    with pytest.raises(ClientError) as raised:
+        write(store, iid)
+    assert raised.value.response["Error"]["Code"] == "ValidationException"

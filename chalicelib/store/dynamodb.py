@@ -111,6 +111,27 @@ class _Guarded:
         return call
 
 
+class _IfCondition:
+    """`_Guarded`, but a write whose ConditionExpression did not hold answers None instead of raising:
+    `self._if_db.update_item(...)` is DynamoDB's answer, or None when the condition failed."""
+
+    def __init__(self, db: _Guarded) -> None:
+        self._db = db
+
+    def __getattr__(self, operation: str) -> Callable[..., dict | None]:
+        method = getattr(self._db, operation)
+
+        def call(**kwargs: Any) -> dict | None:
+            try:
+                return method(**kwargs)
+            except ClientError as exc:
+                if _conditional_failed(exc):
+                    return None
+                raise
+
+        return call
+
+
 def _code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
@@ -190,6 +211,7 @@ class DynamoStore:
     def __init__(self, client: Any, config_table: str, state_table: str, *, quota_table: str,
                  clock: Callable[[], float] = time.time) -> None:
         self._db = _Guarded(client)
+        self._if_db = _IfCondition(self._db)  # conditional writes: None when the condition failed
         self._config = config_table
         self._state = state_table
         self._quota = quota_table
@@ -284,58 +306,43 @@ class DynamoStore:
         lease = _decimal(now + lease_seconds)
         # One write in the common case: record the event and take the lease if there is none
         # (if_not_exists), and learn from the old item whether we took it or it was live or expired.
-        try:
-            old = self._db.update_item(
-                TableName=self._state, Key=key,
-                # `seq` counts what owes a delivery: a delivery that read another count cannot close it.
-                UpdateExpression="SET event_time = :t, dirty = :yes, last_action = :a, "
-                                 "queued_until = if_not_exists(queued_until, :lease) ADD seq :one",
-                ConditionExpression="attribute_not_exists(event_time) OR event_time <= :t OR event_time > :future",
-                ExpressionAttributeValues=_to_item({":t": ref.event_time, ":yes": True, ":a": ref.action, ":one": 1,
-                                                    ":lease": lease, ":future": _decimal(now + future_skew)}),
-                ReturnValues="ALL_OLD",
-            ).get("Attributes", {})
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False  # stale: a newer event is already recorded
-            raise
-        held = old.get("queued_until")
+        answer = self._if_db.update_item(
+            TableName=self._state, Key=key,
+            # `seq` counts what owes a delivery: a delivery that read another count cannot close it.
+            UpdateExpression="SET event_time = :t, dirty = :yes, last_action = :a, "
+                             "queued_until = if_not_exists(queued_until, :lease) ADD seq :one",
+            ConditionExpression="attribute_not_exists(event_time) OR event_time <= :t OR event_time > :future",
+            ExpressionAttributeValues=_to_item({":t": ref.event_time, ":yes": True, ":a": ref.action, ":one": 1,
+                                                ":lease": lease, ":future": _decimal(now + future_skew)}),
+            ReturnValues="ALL_OLD")
+        if answer is None:
+            return False  # stale: a newer event is already recorded
+        held = answer.get("Attributes", {}).get("queued_until")
         if held is None:
             return True  # if_not_exists set our lease
         if Decimal(held["N"]) >= _decimal(now):
             return False  # the pending message covers this change
         # The lease expired: its message was lost (a crash between lease and send). Of all callers that
         # saw this same expired value, the one whose conditional write lands takes it over.
-        try:
-            self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET queued_until = :lease",
-                                 ConditionExpression="queued_until = :old",
-                                 ExpressionAttributeValues={**_to_item({":lease": lease}), ":old": held})
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        taken = self._if_db.update_item(TableName=self._state, Key=key, UpdateExpression="SET queued_until = :lease",
+                                        ConditionExpression="queued_until = :old",
+                                        ExpressionAttributeValues={**_to_item({":lease": lease}), ":old": held})
+        return taken is not None
 
     def release_queue_lease(self, integration_id: str, kind: str, crm_id: str) -> None:
-        try:  # conditional: an update would otherwise create an item for an entity that has none
-            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                                 UpdateExpression="REMOVE queued_until", ConditionExpression="attribute_exists(pk)")
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
+        # conditional: an update would otherwise create an item for an entity that has none
+        self._if_db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                UpdateExpression="REMOVE queued_until", ConditionExpression="attribute_exists(pk)")
 
     def claim(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
-        try:
-            item = self._db.update_item(
-                TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                UpdateExpression="SET claimed_at = :now REMOVE queued_until, #o", ConditionExpression="attribute_exists(pk)",
-                ExpressionAttributeNames={"#o": "owner"}, ExpressionAttributeValues=_to_item({":now": self._now()}),
-                ReturnValues="ALL_NEW")
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return None  # e.g. the integration was deleted after the message was queued
-            raise
-        return _entity(item["Attributes"])
+        answer = self._if_db.update_item(
+            TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+            UpdateExpression="SET claimed_at = :now REMOVE queued_until, #o", ConditionExpression="attribute_exists(pk)",
+            ExpressionAttributeNames={"#o": "owner"}, ExpressionAttributeValues=_to_item({":now": self._now()}),
+            ReturnValues="ALL_NEW")
+        if answer is None:
+            return None  # e.g. the integration was deleted after the message was queued
+        return _entity(answer["Attributes"])
 
     def delivery_states(self, integration_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
         # One BatchGetItem per 100 keys (strongly consistent): the worker's read before a delivery.
@@ -355,15 +362,9 @@ class DynamoStore:
             condition = "dirty = :yes AND attribute_not_exists(queued_until)"
         else:
             condition, values[":seen"] = "dirty = :yes AND queued_until = :seen", _decimal(seen)
-        try:
-            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                                 UpdateExpression="SET queued_until = :until", ConditionExpression=condition,
-                                 ExpressionAttributeValues=_to_item(values))
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return self._if_db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                       UpdateExpression="SET queued_until = :until", ConditionExpression=condition,
+                                       ExpressionAttributeValues=_to_item(values)) is not None
 
     def mark_clean(self, integration_id: str, kind: str, crm_id: str, *, event_time: int, content_hash: str,
                    row_hashes: dict[str, str] | None, uploading_id: str | None, last_order: str | None = None,
@@ -396,13 +397,10 @@ class DynamoStore:
                                                 ":rh": row_hashes}))
 
     def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
-        try:  # conditional: an update would otherwise create an item for an entity that has none
-            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                                 UpdateExpression="REMOVE content_hash, last_order, row_hashes",
-                                 ConditionExpression="attribute_exists(pk)")
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
+        # conditional: an update would otherwise create an item for an entity that has none
+        self._if_db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                UpdateExpression="REMOVE content_hash, last_order, row_hashes",
+                                ConditionExpression="attribute_exists(pk)")
 
     def get_entity(self, integration_id: str, kind: str, crm_id: str) -> dict | None:
         item = self._db.get_item(TableName=self._state, ConsistentRead=True,
@@ -441,55 +439,43 @@ class DynamoStore:
                 for i in items if not i.get("dirty") and i.get("content_hash") and not i.get("owner")}
 
     def mark_resend(self, integration_id: str, kind: str, crm_id: str) -> int | None:
-        try:  # conditional: an update would otherwise create an item for an entity that has none
-            item = self._db.update_item(
-                TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                # queued_until 0: a lease that has run out, which the caller's mark_dirty takes over
-                UpdateExpression="SET dirty = :yes, row_hashes = :none, queued_until = if_not_exists(queued_until, :out) "
-                                 "REMOVE content_hash, #o ADD seq :one",
-                ConditionExpression="attribute_exists(pk)", ExpressionAttributeNames={"#o": "owner"},
-                ExpressionAttributeValues=_to_item({":yes": True, ":none": {}, ":out": _decimal(0), ":one": 1}),
-                ReturnValues="ALL_NEW")["Attributes"]
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return None
-            raise
-        return int(_entity(item).get("event_time") or 0)
+        # conditional: an update would otherwise create an item for an entity that has none
+        answer = self._if_db.update_item(
+            TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+            # queued_until 0: a lease that has run out, which the caller's mark_dirty takes over
+            UpdateExpression="SET dirty = :yes, row_hashes = :none, queued_until = if_not_exists(queued_until, :out) "
+                             "REMOVE content_hash, #o ADD seq :one",
+            ConditionExpression="attribute_exists(pk)", ExpressionAttributeNames={"#o": "owner"},
+            ExpressionAttributeValues=_to_item({":yes": True, ":none": {}, ":out": _decimal(0), ":one": 1}),
+            ReturnValues="ALL_NEW")
+        if answer is None:
+            return None
+        return int(_entity(answer["Attributes"]).get("event_time") or 0)
 
     def mark_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> bool:
-        try:  # conditional: only an entity that owes a delivery (and never a new item)
-            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                                 UpdateExpression="SET dead_lettered_at = :now", ConditionExpression="dirty = :yes",
-                                 ExpressionAttributeValues=_to_item({":now": self._now(), ":yes": True}))
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        # conditional: only an entity that owes a delivery (and never a new item)
+        answer = self._if_db.update_item(
+            TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+            UpdateExpression="SET dead_lettered_at = :now", ConditionExpression="dirty = :yes",
+            ExpressionAttributeValues=_to_item({":now": self._now(), ":yes": True}))
+        return answer is not None
 
     def clear_dead_lettered(self, integration_id: str, kind: str, crm_id: str) -> None:
-        try:  # conditional: an absent flag (or entity) is left as it is, and no item is created
-            self._db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                                 UpdateExpression="REMOVE dead_lettered_at",
-                                 ConditionExpression="attribute_exists(dead_lettered_at)")
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
+        # conditional: an absent flag (or entity) is left as it is, and no item is created
+        self._if_db.update_item(TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+                                UpdateExpression="REMOVE dead_lettered_at",
+                                ConditionExpression="attribute_exists(dead_lettered_at)")
 
     def note_contacts_sent(self, integration_id: str, content_hashes: dict[str, str]) -> None:
         for crm_id, content_hash in content_hashes.items():
-            try:
-                self._db.update_item(
-                    TableName=self._state, Key=self._entity_key(integration_id, "contact", crm_id),
-                    # A contact first seen here gets event time 0: any real change of it is newer.
-                    UpdateExpression="SET content_hash = :h, event_time = if_not_exists(event_time, :zero), "
-                                     "dirty = if_not_exists(dirty, :no)",
-                    ConditionExpression="attribute_not_exists(pk) OR (dirty = :no AND attribute_not_exists(#o))",
-                    ExpressionAttributeNames={"#o": "owner"},
-                    ExpressionAttributeValues=_to_item({":h": content_hash, ":no": False, ":zero": 0}))
-            except ClientError as exc:
-                if not _conditional_failed(exc):
-                    raise
+            self._if_db.update_item(
+                TableName=self._state, Key=self._entity_key(integration_id, "contact", crm_id),
+                # A contact first seen here gets event time 0: any real change of it is newer.
+                UpdateExpression="SET content_hash = :h, event_time = if_not_exists(event_time, :zero), "
+                                 "dirty = if_not_exists(dirty, :no)",
+                ConditionExpression="attribute_not_exists(pk) OR (dirty = :no AND attribute_not_exists(#o))",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues=_to_item({":h": content_hash, ":no": False, ":zero": 0}))
 
     # --- UploadStore ---------------------------------------------------------------------------------
 
@@ -641,17 +627,11 @@ class DynamoStore:
         condition = "attribute_not_exists(#v)" if version == 0 else "#v = :seen"
         if version == 0:
             values.pop(":seen")
-        try:
-            self._db.update_item(
-                TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"{CUSTOMER}{uniq_id}"}),
-                UpdateExpression="SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else ""),
-                ConditionExpression=condition, ExpressionAttributeNames=names,
-                ExpressionAttributeValues=_to_item(values))
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return self._if_db.update_item(
+            TableName=self._state, Key=_to_item({"pk": _pk(integration_id), "sk": f"{CUSTOMER}{uniq_id}"}),
+            UpdateExpression="SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else ""),
+            ConditionExpression=condition, ExpressionAttributeNames=names,
+            ExpressionAttributeValues=_to_item(values)) is not None
 
     # --- QuotaStore ----------------------------------------------------------------------------------
 
@@ -665,16 +645,12 @@ class DynamoStore:
             if slot is not None:
                 self._rate_next[scope] = slot + interval
                 return slot
-        try:  # idle: the slot is now
-            self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = :next",
-                                 ConditionExpression="attribute_not_exists(next_at) OR next_at <= :now",
-                                 ExpressionAttributeValues=_to_item({":next": _decimal(now + interval),
-                                                                     ":now": _decimal(now)}))
-            self._rate_next[scope] = now + interval
+        if self._if_db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = :next",
+                                   ConditionExpression="attribute_not_exists(next_at) OR next_at <= :now",
+                                   ExpressionAttributeValues=_to_item({":next": _decimal(now + interval),
+                                                                       ":now": _decimal(now)})) is not None:
+            self._rate_next[scope] = now + interval  # idle: the slot is now
             return now
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
         busy = self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
                                     ExpressionAttributeValues=_to_item({":i": _decimal(interval)}),
                                     ReturnValues="UPDATED_NEW")
@@ -685,30 +661,24 @@ class DynamoStore:
     def _reserve_busy(self, key: dict, interval: float, now: float) -> float | None:
         """The slot after the scope's next one, if the scope is busy (its next slot after `now`); None
         when it is idle (the idle path then decides)."""
-        try:
-            busy = self._db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
-                                        ConditionExpression="next_at > :now",
-                                        ExpressionAttributeValues=_to_item({":i": _decimal(interval),
-                                                                            ":now": _decimal(now)}),
-                                        ReturnValues="UPDATED_NEW")
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return None
-            raise
+        busy = self._if_db.update_item(TableName=self._state, Key=key, UpdateExpression="SET next_at = next_at + :i",
+                                       ConditionExpression="next_at > :now",
+                                       ExpressionAttributeValues=_to_item({":i": _decimal(interval),
+                                                                           ":now": _decimal(now)}),
+                                       ReturnValues="UPDATED_NEW")
+        if busy is None:
+            return None
         return float(busy["Attributes"]["next_at"]["N"]) - interval
 
     def count_request(self, quota_key: str, day: str, budget: int) -> int | None:
-        try:
-            answer = self._db.update_item(
-                TableName=self._quota, Key=_to_item({"pk": f"QUOTA#{quota_key}", "sk": f"DAY#{day}"}),
-                UpdateExpression="ADD n :one SET expires_at = :exp",
-                ConditionExpression="attribute_not_exists(n) OR n < :budget",
-                ExpressionAttributeValues=_to_item({":one": 1, ":budget": budget, ":exp": day_counter_expiry(day)}),
-                ReturnValues="UPDATED_NEW")
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return None
-            raise
+        answer = self._if_db.update_item(
+            TableName=self._quota, Key=_to_item({"pk": f"QUOTA#{quota_key}", "sk": f"DAY#{day}"}),
+            UpdateExpression="ADD n :one SET expires_at = :exp",
+            ConditionExpression="attribute_not_exists(n) OR n < :budget",
+            ExpressionAttributeValues=_to_item({":one": 1, ":budget": budget, ":exp": day_counter_expiry(day)}),
+            ReturnValues="UPDATED_NEW")
+        if answer is None:
+            return None
         return int(answer["Attributes"]["n"]["N"])
 
     def requests_on(self, quota_key: str, day: str) -> int:
@@ -717,26 +687,19 @@ class DynamoStore:
 
     def acquire_lease(self, scope: str, slots: int, owner: str, now: float, ttl: float) -> int | None:
         for slot in range(slots):
-            try:
-                self._db.put_item(
+            if self._if_db.put_item(
                     TableName=self._quota, Item=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}", "owner": owner,
                                                           "expires_at": _decimal(now + ttl)}),
                     ConditionExpression="attribute_not_exists(expires_at) OR expires_at < :now",
-                    ExpressionAttributeValues=_to_item({":now": _decimal(now)}))
+                    ExpressionAttributeValues=_to_item({":now": _decimal(now)})) is not None:
                 return slot
-            except ClientError as exc:
-                if not _conditional_failed(exc):
-                    raise
         return None
 
     def release_lease(self, scope: str, slot: int, owner: str) -> None:
-        try:
-            self._db.delete_item(TableName=self._quota, Key=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}"}),
-                                 ConditionExpression="#o = :owner", ExpressionAttributeNames={"#o": "owner"},
-                                 ExpressionAttributeValues=_to_item({":owner": owner}))
-        except ClientError as exc:
-            if not _conditional_failed(exc):  # expired and taken over: not ours to free
-                raise
+        # conditional: a slot that expired and was taken over is not ours to free
+        self._if_db.delete_item(TableName=self._quota, Key=_to_item({"pk": f"LEASE#{scope}", "sk": f"SLOT#{slot}"}),
+                                ConditionExpression="#o = :owner", ExpressionAttributeNames={"#o": "owner"},
+                                ExpressionAttributeValues=_to_item({":owner": owner}))
 
     # --- CrmAccountStore -----------------------------------------------------------------------------
 
@@ -760,14 +723,8 @@ class DynamoStore:
             kwargs = {"ConditionExpression": "job.run_id = :run AND job.#s = :running",
                       "ExpressionAttributeNames": {"#s": "state"},
                       "ExpressionAttributeValues": _to_item({":run": expect_run, ":running": "running"})}
-        try:
-            self._db.put_item(TableName=self._config, Item=_to_item(
-                {"pk": _pk(integration_id), "sk": BACKFILL, "job": job}), **kwargs)
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return self._if_db.put_item(TableName=self._config, Item=_to_item(
+            {"pk": _pk(integration_id), "sk": BACKFILL, "job": job}), **kwargs) is not None
 
     def take_for_backfill(self, integration_id: str, kind: str, crm_id: str, event_time: int, content_hash: str, *,
                           absent: bool = False, now: float, lease_seconds: float) -> Hold | None:
@@ -776,30 +733,25 @@ class DynamoStore:
         if absent:
             item = _to_item({**key, "event_time": event_time, "dirty": True, "queued_until": lease,
                              "last_action": "backfill", "owner": BACKFILL_OWNER, "seq": 1})
-            try:
-                self._db.put_item(TableName=self._state, Item=item, ConditionExpression="attribute_not_exists(pk)")
+            if self._if_db.put_item(TableName=self._state, Item=item,
+                                    ConditionExpression="attribute_not_exists(pk)") is not None:
                 return self._hold(integration_id, item)
-            except ClientError as exc:
-                if not _conditional_failed(exc):
-                    raise  # a webhook wrote meanwhile: the update below decides
-        try:
-            item = self._db.update_item(
-                TableName=self._state, Key=_to_item(key),
-                UpdateExpression="SET event_time = :t, dirty = :yes, queued_until = :lease, last_action = :a, "
-                                 "#o = :owner ADD seq :one",
-                ConditionExpression="attribute_not_exists(event_time) OR (#o = :owner AND event_time <= :t) OR "
-                                    "(dirty = :no AND event_time < :t AND (attribute_not_exists(content_hash) "
-                                    "OR content_hash <> :h))",
-                ExpressionAttributeNames={"#o": "owner"},
-                ExpressionAttributeValues=_to_item({":t": event_time, ":yes": True, ":no": False, ":a": "backfill",
-                                                    ":owner": BACKFILL_OWNER, ":h": content_hash, ":lease": lease,
-                                                    ":one": 1}),
-                ReturnValues="ALL_NEW")["Attributes"]
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return None
-            raise
-        return self._hold(integration_id, item)
+            # a webhook wrote meanwhile: the update below decides
+        answer = self._if_db.update_item(
+            TableName=self._state, Key=_to_item(key),
+            UpdateExpression="SET event_time = :t, dirty = :yes, queued_until = :lease, last_action = :a, "
+                             "#o = :owner ADD seq :one",
+            ConditionExpression="attribute_not_exists(event_time) OR (#o = :owner AND event_time <= :t) OR "
+                                "(dirty = :no AND event_time < :t AND (attribute_not_exists(content_hash) "
+                                "OR content_hash <> :h))",
+            ExpressionAttributeNames={"#o": "owner"},
+            ExpressionAttributeValues=_to_item({":t": event_time, ":yes": True, ":no": False, ":a": "backfill",
+                                                ":owner": BACKFILL_OWNER, ":h": content_hash, ":lease": lease,
+                                                ":one": 1}),
+            ReturnValues="ALL_NEW")
+        if answer is None:
+            return None
+        return self._hold(integration_id, answer["Attributes"])
 
     def release_backfilled(self, hold: Hold, *, content_hash: str | None, row_hashes: dict[str, str] | None = None,
                            uploading_id: str | None, last_order: str | None, facts: dict | None,
@@ -829,18 +781,12 @@ class DynamoStore:
         # `seq` as held: nothing recorded since, not even in the hold's own second (a webhook then stays
         # the live path's to deliver), and the put's seq is then one no delivery can have read.
         held_seq = int(hold.state.get("seq") or 0)
-        try:
-            self._db.put_item(TableName=self._state, Item=item,
-                              ConditionExpression="event_time = :seen AND #o = :owner AND "
-                                                  + ("seq = :seq" if held_seq else "attribute_not_exists(seq)"),
-                              ExpressionAttributeNames={"#o": "owner"},
-                              ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner,
-                                                                  ":seq": held_seq or None}))
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return self._if_db.put_item(TableName=self._state, Item=item,
+                                    ConditionExpression="event_time = :seen AND #o = :owner AND "
+                                                        + ("seq = :seq" if held_seq else "attribute_not_exists(seq)"),
+                                    ExpressionAttributeNames={"#o": "owner"},
+                                    ExpressionAttributeValues=_to_item({":seen": hold.event_time, ":owner": hold.owner,
+                                                                        ":seq": held_seq or None})) is not None
 
     # --- InboxStore ----------------------------------------------------------------------------------
 
@@ -995,12 +941,7 @@ class DynamoStore:
             kwargs["ConditionExpression"] = condition
         if names:
             kwargs["ExpressionAttributeNames"] = names
-        try:
-            return self._db.update_item(**kwargs)
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return None
-            raise
+        return self._if_db.update_item(**kwargs)
 
     # --- helpers -------------------------------------------------------------------------------------
 
@@ -1033,17 +974,12 @@ class DynamoStore:
             values = {**values, ":seq": version or None}
             update = update.replace(" REMOVE ", " REMOVE queued_until, #o, ", 1)
             names["#o"] = "owner"
-        try:
-            self._db.update_item(
-                TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
-                UpdateExpression=update, ConditionExpression=condition, **({"ExpressionAttributeNames": names} if names else {}),
-                # _to_item drops None values: a placeholder the update does not use must not be sent
-                ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False, ":now": self._now()}))
-        except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        answer = self._if_db.update_item(
+            TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
+            UpdateExpression=update, ConditionExpression=condition, **({"ExpressionAttributeNames": names} if names else {}),
+            # _to_item drops None values: a placeholder the update does not use must not be sent
+            ExpressionAttributeValues=_to_item({**values, ":seen": event_time, ":no": False, ":now": self._now()}))
+        return answer is not None
 
     def _batch_get(self, integration_id: str, sort_keys: list[str], projection: str | None,
                    names: dict[str, str] | None = None) -> list[dict]:
