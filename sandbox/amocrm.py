@@ -324,6 +324,18 @@ class AmoCrmSandbox(SandboxServer):
             self._fire("leads", "delete", {"id": lead_id})
         return lead_id
 
+    def delete_contact(self, contact_id: int, notify: bool = True) -> int:
+        """As amoCRM deletes a contact: gone from the API, unlinked from its leads (which stay)."""
+        with self._lock:
+            self.contacts.pop(contact_id)
+            for lead in self.leads.values():
+                linked = [c for c in lead["_embedded"]["contacts"] if c["id"] != contact_id]
+                if len(linked) != len(lead["_embedded"]["contacts"]):
+                    lead["_embedded"]["contacts"] = [{**c, "is_main": i == 0} for i, c in enumerate(linked)]
+        if notify:
+            self._fire("contacts", "delete", {"id": contact_id, "type": "contact"})
+        return contact_id
+
     def _element_link(self, element_id: int, quantity: int) -> dict:
         catalog_id = next(c for c, elements in self.catalogs.items() if element_id in elements)
         return {"id": element_id, "metadata": {"quantity": quantity, "catalog_id": catalog_id, "price_id": 5001}}

@@ -208,6 +208,18 @@ class Bitrix24Sandbox(SandboxServer):
             self._fire("ONCRMCONTACTUPDATE", contact["ID"])
         return contact
 
+    def delete_contact(self, contact_id: str, notify: bool = True) -> str:
+        """As Bitrix24 deletes a contact: `crm.contact.get` answers "Not found", and its deals stay with
+        no contact (`CONTACT_ID` empty)."""
+        with self._lock:
+            self.contacts.pop(str(contact_id))
+            for deal in self.deals.values():
+                if str(deal.get("CONTACT_ID") or "") == str(contact_id):
+                    deal["CONTACT_ID"] = None
+        if notify:
+            self._fire("ONCRMCONTACTDELETE", str(contact_id))
+        return str(contact_id)
+
     def create_deal(self, title: str, stage_id: str = "NEW", category_id: int = 0, opportunity: str = "0.00",
                     currency: str = "RUB", contact_id: str | None = None, lead_id: str | None = None,
                     products: list[tuple[int, str, str, str]] = (), fields: dict | None = None,

@@ -69,6 +69,8 @@ class Counter:
     custom_attributes: dict[str, dict[str, dict]] = field(default_factory=lambda: {"CONTACT": {}, "ORDER": {}})
     products: dict[str, str] = field(default_factory=dict)  # product list: name → humanized
     times_uploaded: dict[str, int] = field(default_factory=dict)  # "contacts:<uniq_id>" / "orders:<id>" → n
+    # "contacts:<uniq_id>" / "orders:<id>" sent more than once in one upload (applied in random order)
+    duplicate_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class MetrikaSandbox(SandboxServer):
         self.faults = Faults()
         self._lock = threading.Lock()
         self._rng = random.Random()
+        self._order_rng = random.Random()  # the order of rows sharing an id in one upload (apart from the faults)
         self.reset()
         cdp = r"/cdp/api/v1/counter/(?P<counter>\d+)"
         for method, pattern, handler in [
@@ -331,9 +334,19 @@ class MetrikaSandbox(SandboxServer):
             return _validation_failed(errors)
         with self._lock:
             store = getattr(counter, kind)
-            # Metrika applies duplicate ids in random order ("Data upload modes",
-            # https://yandex.com/dev/metrika/en/data-import/modes): so do we
-            for row in rows:
+            # Metrika applies rows with the same id in random order ("Data upload modes",
+            # https://yandex.com/dev/metrika/en/data-import/modes): so do we, so a sender that relies on
+            # the last row of an id standing fails here some of the time; and each such id is noted.
+            seen: dict[str, list[int]] = {}
+            for i, row in enumerate(rows):
+                seen.setdefault(str(row[key]), []).append(i)
+            order = list(range(len(rows)))
+            for positions in (p for p in seen.values() if len(p) > 1):
+                shuffled = self._order_rng.sample(positions, len(positions))
+                for at, i in zip(positions, shuffled):
+                    order[at] = i
+            counter.duplicate_ids.extend(f"{kind}:{i}" for i, p in seen.items() if len(p) > 1)
+            for row in (rows[i] for i in order):
                 store[row[key]] = _merge(store.get(row[key]), row, mode)
                 counter.times_uploaded[f"{kind}:{row[key]}"] = counter.times_uploaded.get(f"{kind}:{row[key]}", 0) + 1
                 if kind == "orders" and row["client_uniq_id"] not in counter.contacts:
