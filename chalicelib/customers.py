@@ -27,12 +27,20 @@ from typing import Any, Iterable, Mapping
 LIST_FIELDS = ("client_ids", "phones", "emails", "phones_md5", "emails_md5", "user_ids")
 CONTACT_SOURCE_PREFIX = "contact:"
 # Past SOURCE_LIMIT deals per customer, further deals' identifiers join this shared source, which only
-# grows (as APPEND did): nothing is lost, but such values no longer leave Metrika when removed. A
+# grows (as APPEND did), up to OVERFLOW_VALUES: such values no longer leave Metrika when removed. A
 # customer with more than 100 deals carrying ClientIDs is hardly a real one (a placeholder contact, say);
 # the limit keeps one record write within DynamoDB's 4 KB update expression (a path per source set or
 # removed) and the item far below its 400 KB.
 OVERFLOW_SOURCE = "overflow"
 SOURCE_LIMIT = 100
+# And each list of a deal's part keeps its first SOURCE_VALUES values, the overflow's its newest
+# OVERFLOW_VALUES (older ones fall out of the record, and so, with SAVE, out of Metrika): without them the
+# overflow grew with every deal ever linked (~22 bytes a ClientID: some 18,000 deals' ClientIDs fill 400 KB,
+# and then every write of the customer fails, holding its deals' orders for good), and one deal with
+# thousands of values in its ClientID field could fill the item alone. Bounded, the record stays under
+# ~250 KB: 100 deals × 50 ClientIDs, 5,000 in the overflow, and the contact's own row.
+SOURCE_VALUES = 50
+OVERFLOW_VALUES = 5000
 
 EntityKey = tuple[str, str]  # (kind, crm id)
 
@@ -109,9 +117,18 @@ class CustomerPlan:
         return bool(self.put or self.drop) or (self.row is not None and self.sent != self.row_hash)
 
 
+def _capped(sid: str, part: Mapping[str, Any]) -> dict:
+    """A part as the record keeps it: a deal's lists cut to SOURCE_VALUES (the contact's own row is the
+    CRM's contact as it is, and bounded there)."""
+    if sid.startswith(CONTACT_SOURCE_PREFIX):
+        return dict(part)
+    return {name: value[:SOURCE_VALUES] if name in LIST_FIELDS else value for name, value in part.items()}
+
+
 def plan_customers(stored: Mapping[str, Mapping[str, Any]],
                    contributions: Mapping[EntityKey, Mapping[str, Mapping[str, dict | None]]],
-                   left: Mapping[EntityKey, Iterable[str]], *, limit: int = SOURCE_LIMIT) -> dict[str, CustomerPlan]:
+                   left: Mapping[EntityKey, Iterable[str]], *, limit: int = SOURCE_LIMIT,
+                   overflow_values: int = OVERFLOW_VALUES) -> dict[str, CustomerPlan]:
     """Every customer a delivery touches → its plan.
 
     `stored`: uniq_id → {"sources", "sent", "version"} as the store has them (absent: none yet).
@@ -128,7 +145,7 @@ def plan_customers(stored: Mapping[str, Mapping[str, Any]],
                 # Two entities read the same contact (its deal and itself): the newest read stands.
                 if sid in mine and mine[sid] is not None and (part is None or not _fresher(part, mine[sid])):
                     continue
-                mine[sid] = None if part is None else dict(part)
+                mine[sid] = None if part is None else _capped(sid, part)
     leaving: dict[str, set[str]] = {}
     for key, customers in left.items():
         for uniq_id in customers:
@@ -151,7 +168,7 @@ def plan_customers(stored: Mapping[str, Mapping[str, Any]],
                 continue  # a slower delivery read the contact before the one recorded
             elif part != old:
                 plan.put[sid] = part
-        _bound(plan, sources, limit)
+        _bound(plan, sources, limit, overflow_values)
         after = {sid: part for sid, part in {**sources, **plan.put}.items() if sid not in plan.drop}
         if plan.current or (plan.drop and not all(identifiers_only(p) for p in after.values())):
             ordered = sorted(after.items(), key=lambda item: (str(item[1].get("update_date_time") or ""), item[0]))
@@ -162,8 +179,9 @@ def plan_customers(stored: Mapping[str, Mapping[str, Any]],
     return plans
 
 
-def _bound(plan: CustomerPlan, sources: Mapping[str, dict], limit: int) -> None:
-    """Keep at most `limit` deal sources: new ones past it fold into the overflow source."""
+def _bound(plan: CustomerPlan, sources: Mapping[str, dict], limit: int, overflow_values: int) -> None:
+    """Keep at most `limit` deal sources: new ones past it fold into the overflow source, whose lists
+    keep their newest `overflow_values` values."""
     bounded = lambda sid: not sid.startswith(CONTACT_SOURCE_PREFIX) and sid != OVERFLOW_SOURCE  # noqa: E731
     count = sum(1 for sid in sources if bounded(sid) and sid not in plan.drop)
     folded: dict[str, list] = {}
@@ -179,6 +197,6 @@ def _bound(plan: CustomerPlan, sources: Mapping[str, dict], limit: int) -> None:
                 folded[name] = list(dict.fromkeys([*folded.get(name, []), *part[name]]))
     if folded:
         old = sources.get(OVERFLOW_SOURCE) or {}
-        overflow = merge_contacts([old, folded])
+        overflow = {name: values[-overflow_values:] for name, values in merge_contacts([old, folded]).items()}
         if overflow != old:
             plan.put[OVERFLOW_SOURCE] = overflow

@@ -388,3 +388,49 @@ def test_a_contact_with_2000_deals_keeps_a_bounded_record(amo, amocrm, metrika_s
     amo_changed(amo, amocrm, (ORDER, kept))
     stored = customer(metrika_sandbox, amo, person)
     assert len(stored["client_ids"]) == 1999 and str(1714651234567000000 + deals.index(kept)) not in stored["client_ids"]
+
+
+def test_a_customer_record_stays_within_dynamodbs_item_limit_whatever_its_deals_carry(request, service_env):
+    """The worst a customer can gather, written as deliveries write it, to DynamoDB (moto_server): 100
+    deals with 1,000 ClientIDs each in their field, then 20,000 more deals. Each list of a deal's part keeps
+    SOURCE_VALUES values and the overflow its newest OVERFLOW_VALUES, so every write is accepted; unbounded,
+    the item passed DynamoDB's 400 KB ("Service, account, and table quotas in Amazon DynamoDB",
+    https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/ServiceQuotas.html) and every later
+    write of the customer failed, holding its deals' orders for good."""
+    from chalicelib.customers import OVERFLOW_VALUES, SOURCE_VALUES, plan_customers
+    from tests.test_store_contract import _dynamo_store
+    store = _dynamo_store(request, Clock())
+    iid = f"big-{time.time_ns()}"
+    contact = {"contact:c": {"name": "Розничный покупатель", "phones": ["79161234567"]}}
+    plans = plan_customers({}, {(CONTACT, "c"): {"c": contact}}, {})
+    assert store.record_customer(iid, "c", put=plans["c"].put, drop=[], sent=plans["c"].row_hash, version=0)
+    hostile = {(ORDER, str(n)): {"c": {f"order:{n}": {"client_ids": [f"17{n:04d}{v:013d}" for v in range(1000)]}}}
+               for n in range(SOURCE_LIMIT)}
+    batches = [hostile] + [{(ORDER, str(n)): {"c": {f"order:{n}": {"client_ids": [f"18{n:017d}"]}}}
+                            for n in range(at, at + 2000)} for at in range(1000, 21000, 2000)]
+    for contributions in batches:
+        plan = plan_customers(store.customers(iid, ["c"]), contributions, {})["c"]
+        assert store.record_customer(iid, "c", put=plan.put, drop=sorted(plan.drop), sent=plan.row_hash,
+                                     version=plan.version)
+    record = store.customers(iid, ["c"])["c"]
+    assert all(len(p.get("client_ids", [])) <= SOURCE_VALUES for s, p in record["sources"].items() if s.startswith("order:"))
+    assert len(record["sources"][OVERFLOW_SOURCE]["client_ids"]) == OVERFLOW_VALUES
+    assert record["sources"][OVERFLOW_SOURCE]["client_ids"][-1] == f"18{20999:017d}"  # the newest kept
+    size = dynamodb_item_bytes(record)
+    print(f"the largest customer record: {size} bytes")
+    assert size < 300_000
+
+
+def test_a_deals_lists_and_the_overflow_are_capped_the_newest_kept():
+    """The pure rule behind the test above (the fast tier): a deal's part keeps SOURCE_VALUES of each list,
+    the overflow its newest `overflow_values`, whatever it held before."""
+    from chalicelib.customers import SOURCE_VALUES, plan_customers
+    many = [f"17{v:017d}" for v in range(SOURCE_VALUES + 30)]
+    plan = plan_customers({}, {(ORDER, "1"): {"c": {"order:1": {"client_ids": many}}}}, {})["c"]
+    assert plan.put["order:1"]["client_ids"] == many[:SOURCE_VALUES]
+    stored = {"c": {"sources": {"order:1": {"client_ids": ["1"]}, OVERFLOW_SOURCE: {"client_ids": ["2", "3", "4"]}},
+                    "version": 1, "sent": "h"}}
+    contributions = {(ORDER, str(n)): {"c": {f"order:{n}": {"client_ids": [str(n)]}}} for n in (5, 6)}
+    plan = plan_customers(stored, contributions, {}, limit=1, overflow_values=3)["c"]
+    assert plan.put == {OVERFLOW_SOURCE: {"client_ids": ["4", "5", "6"]}}
+    assert sorted(plan.row["client_ids"]) == ["1", "4", "5", "6"]  # "2" and "3" fell out, and leave Metrika
