@@ -440,3 +440,19 @@ def test_a_deals_lists_and_the_overflow_are_capped_the_newest_kept():
     plan = plan_customers(stored, contributions, {}, limit=1, overflow_values=3)["c"]
     assert plan.put == {OVERFLOW_SOURCE: {"client_ids": ["4", "5", "6"]}}
     assert sorted(plan.row["client_ids"]) == ["1", "4", "5", "6"]  # "2" and "3" fell out, and leave Metrika
+
+
+def test_the_metrika_sandbox_applies_rows_sharing_an_id_in_random_order_and_notes_them(metrika_sandbox):
+    """"If there are several lines with the same ID in the uploaded data, they are applied randomly"
+    ("Data upload modes"): a sender relying on the last row of an id standing fails against the sandbox."""
+    import requests
+    url = f"{metrika_sandbox.url}/cdp/api/v1/counter/9191/data/contacts/json"
+    rows = [{"uniq_id": "dup", "client_ids": [VISITOR]}, {"uniq_id": "dup", "client_ids": [MANAGER]}]
+    seen = set()
+    for _ in range(40):
+        answer = requests.post(url, params={"merge_mode": "SAVE"}, json={"contacts": rows},
+                               headers={"Authorization": "OAuth y0_any"}, timeout=5)
+        assert answer.status_code == 200, answer.text
+        seen.add(tuple(metrika_sandbox.counter(9191).contacts["dup"]["client_ids"]))
+    assert seen == {(VISITOR,), (MANAGER,)}
+    assert metrika_sandbox.counter(9191).duplicate_ids == ["contacts:dup"] * 40
