@@ -13,7 +13,7 @@ from .ids import is_integration_id
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
 from .metrika.schemas import SCHEMA_ID, check_phone_region, resolve_time_zone
-from .shared_counter import assigned_id_prefix
+from .shared_counter import saved_with_id_prefix
 
 CRMS = ("amocrm", "bitrix24")
 MASK = "********"
@@ -482,8 +482,7 @@ def save_integration(store: Any, integration_id: str, body: Any,
         config["timezone_source"] = "counter"  # a GET sent back as it was
     if stored is not None and stored.get("disabled"):  # only a reinstall from the CRM enables it again
         config["disabled"] = stored["disabled"]
-    config.update(assigned_id_prefix(store, integration_id, config["counter_id"], sent_prefix))
-    store.put_integration(integration_id, config)
+    config = saved_with_id_prefix(store, integration_id, config, sent_prefix)
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])
     return public_view(config)
 

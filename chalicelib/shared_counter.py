@@ -23,16 +23,24 @@ unambiguous and a raw one never contains `:`: applying the prefix twice changes 
 re-sends the order as last sent, already prefixed). Product ids are not prefixed: a product list is one
 per counter and both CRMs naming product `123` share its entry.
 
-Known limit: two integrations created on one empty counter at the same instant can both get no prefix
-(the check reads, then the PUT writes); create them one after the other.
+The decision and the config's write are one step per counter: `saved_with_id_prefix` holds a lease on
+the counter (`acquire_lease`, one slot, shared by every process) from the read of who else is on it to
+the write, so two integrations created on one empty counter at the same instant cannot both get raw
+ids: the second reads the first. A PUT that cannot get the lease within LEASE_WAIT seconds is a 409
+(nothing stored; send it again).
 """
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
-from .errors import invalid
+from .errors import ApiError, invalid
 
 SEPARATOR = ":"
+LEASE_TTL = 30.0  # a crashed PUT's lease frees itself after this (a PUT takes well under a second)
+LEASE_WAIT = 5.0  # how long a PUT waits for another PUT on the same counter before a 409
+LEASE_POLL = 0.05
 
 
 def id_prefix(integration: dict) -> str:
@@ -67,6 +75,32 @@ def assigned_id_prefix(store: Any, integration_id: str, counter_id: int, sent: A
         return {}  # its ids in Metrika stay as they are
     others = [i for i in store.integrations_on_counter(counter_id) if i != integration_id]
     return {"id_prefix": integration_id + SEPARATOR} if others else {}
+
+
+def saved_with_id_prefix(store: Any, integration_id: str, config: dict, sent: Any = None, *,
+                         clock=time.time, sleep=time.sleep) -> dict:
+    """Decide the config's `id_prefix` (`assigned_id_prefix`) and store the config, under a lease on its
+    counter when the decision reads the other integrations there (see the module doc). Returns the
+    config as stored."""
+    stored = store.get_integration(integration_id) or {}
+    if stored.get("id_prefix") or (stored and stored.get("counter_id") == config["counter_id"]):
+        # Decided already (kept, or raw on the counter it is on): nothing else is read, no lease needed.
+        config = {**config, **assigned_id_prefix(store, integration_id, config["counter_id"], sent)}
+        store.put_integration(integration_id, config)
+        return config
+    scope, owner = f"counter-ids:{config['counter_id']}", uuid.uuid4().hex
+    deadline = clock() + LEASE_WAIT
+    while (slot := store.acquire_lease(scope, 1, owner, clock(), LEASE_TTL)) is None:
+        if clock() >= deadline:
+            raise ApiError(409, "counter_busy", f"another integration on counter {config['counter_id']} is being "
+                                               "saved at this moment; send the PUT again")
+        sleep(LEASE_POLL)
+    try:
+        config = {**config, **assigned_id_prefix(store, integration_id, config["counter_id"], sent)}
+        store.put_integration(integration_id, config)
+    finally:
+        store.release_lease(scope, slot, owner)
+    return config
 
 
 def counter_products(store: Any, integration_id: str, counter_id: int, *,

@@ -76,6 +76,64 @@ def test_moving_to_a_shared_counter_assigns_a_prefix_that_then_stays():
     assert save_integration(store, "next", amocrm_config(counter_id=4242), moscow).get("id_prefix") is None
 
 
+def test_two_integrations_created_on_one_empty_counter_at_once_do_not_both_get_raw_ids():
+    """Both PUTs read the counter before either writes (the read is slowed to make the window wide):
+    without one decision at a time per counter both got raw ids, and their orders 500 would be one."""
+    import threading
+    from tests.core import at_once
+
+    class SlowRead(MemoryStore):
+        def integrations_on_counter(self, counter_id):
+            found = super().integrations_on_counter(counter_id)
+            time.sleep(0.3)  # the other PUT reads meanwhile
+            return found
+    store = SlowRead()
+    names = iter(["amo", "b24"])
+    lock = threading.Lock()
+
+    def create():
+        with lock:
+            integration_id = next(names)
+        config = amocrm_config() if integration_id == "amo" else bitrix24_config(counter_id=4242)
+        return integration_id, save_integration(store, integration_id, config, moscow).get("id_prefix")
+    results, errors = at_once(create, 2, timeout=30)
+    assert errors == [] and len(results) == 2
+    assert sorted(prefix is None for _, prefix in results) == [False, True], results  # exactly one raw
+    assert {store.get_integration(i).get("id_prefix") for i in ("amo", "b24")} == {None, *(p for _, p in results if p)}
+
+
+def test_a_put_that_cannot_get_the_counters_lease_is_a_409_and_stores_nothing(monkeypatch):
+    import chalicelib.shared_counter as shared_counter
+    monkeypatch.setattr(shared_counter, "LEASE_WAIT", 0.2)
+    store = MemoryStore()
+    store.acquire_lease("counter-ids:4242", 1, "another PUT", time.time(), 60)  # held, not expiring soon
+    with pytest.raises(ApiError) as busy:
+        save_integration(store, "b24", bitrix24_config(counter_id=4242), moscow)
+    assert busy.value.status == 409 and busy.value.error == "counter_busy" and store.get_integration("b24") is None
+    # a PUT that decides nothing (the integration stays on its counter) does not wait for it
+    store.put_integration("amo", {**amocrm_config(), "timezone": "UTC"})
+    assert "id_prefix" not in save_integration(store, "amo", amocrm_config(currency="USD"), moscow)
+    # a crashed PUT's lease runs out, and the next PUT goes ahead
+    store.acquire_lease("counter-ids:5000", 1, "crashed PUT", time.time() - 120, 60)
+    assert save_integration(store, "solo", amocrm_config(counter_id=5000), moscow).get("id_prefix") is None
+
+
+def test_dynamodb_reads_who_is_on_a_counter_strongly_consistent():
+    """The lease orders the PUTs; the read under it must also see the config the one before wrote."""
+    from chalicelib.store.dynamodb import DynamoStore
+
+    class Client:
+        scans: list = []
+
+        def scan(self, **kwargs):
+            self.scans.append(kwargs)
+            return {"Items": [{"pk": {"S": "INTEGRATION#amo"}}]}
+    client = Client()
+    store = DynamoStore(client, "config", "state", quota_table="quota")
+    assert store.integrations_on_counter(4242) == ["amo"]
+    assert client.scans[-1]["ConsistentRead"] is True
+
+
 # --- deliveries, deletions and the import agree ------------------------------------------------------------
 
 def test_two_integrations_on_one_counter_do_not_overwrite_each_other(metrika_sandbox):
