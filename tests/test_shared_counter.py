@@ -251,3 +251,59 @@ def test_a_product_sync_keeps_the_other_integrations_products(metrika_sandbox):
     core.source.catalog = lambda integration: {"99": "catalogue item"}
     assert sync_catalog(core.store, core.metrika_for, core.sources, amo)["products"] == 3
     assert set(metrika_sandbox.counter(core.counter_id).products) == {"77", "88", "99"}
+
+
+# --- an integration moving to another counter ---------------------------------------------------------------
+
+def test_moving_to_a_counter_pushes_its_statuses_there_with_the_others(app_client, integration_id, metrika_sandbox):
+    """Its orders carry its Metrika status ids: the counter it moves to must list them (with those of
+    the integrations already there), or every order it sends there names an unknown status. Pushed
+    before the config is stored: a conflict or Metrika's refusal leaves it on its old counter."""
+    import json as _json
+    from tests.conftest import admin_headers
+    base = 200_000 + int(integration_id[-5:], 16)
+    old_counter, new_counter = base, base + 1
+    there = integration_id + "-there"
+
+    def put(iid, body):
+        return app_client.http.put(f"/integrations/{iid}", headers=admin_headers(), body=_json.dumps(body))
+
+    def put_mapping(iid, entries):
+        return app_client.http.put(f"/integrations/{iid}/status-mapping", headers=admin_headers(),
+                                   body=_json.dumps({"entries": entries}))
+    try:
+        assert put(integration_id, amocrm_config(counter_id=old_counter, timezone="UTC")).status_code == 200
+        assert put(there, bitrix24_config(counter_id=new_counter, timezone="UTC")).status_code == 200
+        assert put_mapping(integration_id, [WON, LOST]).status_code == 200
+        assert put_mapping(there, [B24_NEW]).status_code == 200
+        target = metrika_sandbox.counter(new_counter)
+        assert set(target.order_statuses) == {"b24_new"}
+        # a status id the two define differently: 409, nothing pushed, the config stays as it was
+        assert put_mapping(there, [B24_NEW, {**LOST, "crm_status": "C0:LOSE", "type": "SPAM"}]).status_code == 200
+        refused = put(integration_id, amocrm_config(counter_id=new_counter, timezone="UTC"))
+        assert refused.status_code == 409 and refused.json_body["error"] == "status_conflict"
+        assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).json_body["counter_id"] == old_counter
+        assert set(target.order_statuses) == {"b24_new", "lost"}
+        assert put_mapping(there, [B24_NEW]).status_code == 200
+        # Metrika refusing the push (the token cannot see the new counter): its reason, and the config
+        # stays as it was
+        from tests.conftest import METRIKA_TOKEN
+        metrika_sandbox.tokens = {METRIKA_TOKEN: [old_counter]}
+        try:
+            refused = put(integration_id, amocrm_config(counter_id=new_counter, timezone="UTC"))
+        finally:
+            metrika_sandbox.tokens = None
+        assert refused.status_code == 422 and refused.json_body["error"] == "metrika_refused"
+        assert "status mapping" in refused.json_body["message"] and "Access denied" in refused.json_body["message"]
+        assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).json_body["counter_id"] == old_counter
+        # the move: the new counter lists both integrations' statuses
+        moved = put(integration_id, amocrm_config(counter_id=new_counter, timezone="UTC"))
+        assert moved.status_code == 200 and moved.json_body["id_prefix"] == integration_id + ":"
+        assert {s["id"]: s["type"] for s in target.order_statuses.values()} == \
+            {"b24_new": "IN_PROGRESS", "won": "PAID", "lost": "CANCELLED"}
+        # a later PUT on the same counter pushes nothing
+        before = len(metrika_sandbox.requests)
+        assert put(integration_id, amocrm_config(counter_id=new_counter, timezone="UTC", currency="USD")).status_code == 200
+        assert not [r for r in metrika_sandbox.requests[before:] if "order_statuses" in r["path"]]
+    finally:
+        app_client.http.delete(f"/integrations/{there}", headers=admin_headers())
