@@ -22,6 +22,7 @@ from marshmallow import ValidationError
 
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
+from .shared_counter import counter_lease
 from .status_mapping import StatusConflict, StatusMapping, counter_order_statuses
 
 
@@ -72,8 +73,16 @@ def push_to_new_counter(store: Any, integration_id: str, config: dict, metrika_f
 
 def _push(store: Any, integration_id: str, integration: dict, entries: list[dict],
           metrika_for) -> tuple[dict[str, list[dict]], list[dict], int]:
-    """Push `entries` with every other mapping on `integration`'s counter, then store them. Returns the
-    others' entries by integration, the list pushed and when."""
+    """Push `entries` with every other mapping on `integration`'s counter, then store them, one push at
+    a time per counter (`shared_counter.counter_lease`: two side by side each read the other's old
+    list, and the one landing last dropped the other's new statuses). Returns the others' entries by
+    integration, the list pushed and when."""
+    with counter_lease(store, "statuses", integration["counter_id"]):
+        return _push_now(store, integration_id, integration, entries, metrika_for)
+
+
+def _push_now(store: Any, integration_id: str, integration: dict, entries: list[dict],
+              metrika_for) -> tuple[dict[str, list[dict]], list[dict], int]:
     others = {other: (store.get_status_mapping(other) or {}).get("entries") or []
               for other in store.integrations_on_counter(integration["counter_id"]) if other != integration_id}
     try:

@@ -229,6 +229,35 @@ def test_each_push_sends_the_union_of_the_counters_mappings(metrika_sandbox):
     assert set(listed()) == {"lost"}
 
 
+def test_two_integrations_pushing_their_mappings_at_once_lose_neither(metrika_sandbox):
+    """Each push reads the other's stored mapping, then pushes the union, then stores its own: side by
+    side, each read the other's old list, and the push that landed last dropped the other's new status
+    (whose orders Metrika would then refuse). One push at a time per counter."""
+    import threading
+    from tests.core import at_once
+    store = MemoryStore()
+    save_integration(store, "amo", amocrm_config(timezone="UTC"), moscow)
+    save_integration(store, "b24", bitrix24_config(counter_id=4242, timezone="UTC"), moscow)
+
+    class SlowPush(MetrikaClient):
+        def save_order_statuses(self, counter_id, statuses):
+            time.sleep(0.3)  # the other push reads the stored mappings meanwhile
+            return super().save_order_statuses(counter_id, statuses)
+
+    def metrika_for(integration):
+        return SlowPush(integration["metrika_token"], metrika_sandbox.url)
+    pushes = iter([("amo", [WON, LOST]), ("b24", [B24_NEW])])
+    lock = threading.Lock()
+
+    def push():
+        with lock:
+            integration_id, entries = next(pushes)
+        return replace_mapping(store, integration_id, {"entries": entries}, metrika_for)
+    results, errors = at_once(push, 2, timeout=30)
+    assert errors == [] and len(results) == 2
+    assert set(metrika_sandbox.counter(4242).order_statuses) == {"won", "lost", "b24_new"}
+
+
 def test_the_sandbox_replaces_the_status_list_as_we_assume_metrika_does(metrika_sandbox):
     client = MetrikaClient("y0_t", metrika_sandbox.url)
     client.save_order_statuses(77, [{"id": "a", "type": "PAID", "humanized": "A"}])
