@@ -77,6 +77,9 @@ def _push(store: Any, integration_id: str, integration: dict, entries: list[dict
     a time per counter (`shared_counter.counter_lease`: two side by side each read the other's old
     list, and the one landing last dropped the other's new statuses). Returns the others' entries by
     integration, the list pushed and when."""
+    if "counter_id" not in integration:  # installed from the CRM, no counter connected yet (as app.get_metrika)
+        raise ApiError(409, "metrika_not_connected", "this integration has no Metrika counter yet: PUT it with "
+                                                     "counter_id and metrika_token first")
     with counter_lease(store, "statuses", integration["counter_id"]):
         return _push_now(store, integration_id, integration, entries, metrika_for)
 

@@ -258,6 +258,17 @@ def test_two_integrations_pushing_their_mappings_at_once_lose_neither(metrika_sa
     assert set(metrika_sandbox.counter(4242).order_statuses) == {"won", "lost", "b24_new"}
 
 
+def test_a_mapping_push_before_a_counter_is_connected_is_a_409_not_a_crash():
+    """An integration installed from its CRM has no counter until an admin PUTs one: its mapping has no
+    counter to go to (it was a KeyError, a 500)."""
+    store = MemoryStore()
+    store.put_integration("installed", {"crm": "amocrm", "connection": {"auth": "oauth"}})
+    with pytest.raises(ApiError) as refused:
+        replace_mapping(store, "installed", {"entries": [WON]}, lambda integration: pytest.fail("no Metrika call"))
+    assert refused.value.status == 409 and refused.value.error == "metrika_not_connected"
+    assert store.get_status_mapping("installed") is None
+
+
 def test_the_sandbox_replaces_the_status_list_as_we_assume_metrika_does(metrika_sandbox):
     client = MetrikaClient("y0_t", metrika_sandbox.url)
     client.save_order_statuses(77, [{"id": "a", "type": "PAID", "humanized": "A"}])
