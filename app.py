@@ -338,9 +338,12 @@ def health():
 @answers
 def put_integration(integration_id):
     from chalicelib.integrations import save_integration
+    from chalicelib.mapping_admin import push_to_new_counter
     return save_integration(get_store(), integration_id, json_body(),
                             lambda config: get_metrika(config).counter_time_zone(config["counter_id"]),
-                            allow_loopback=get_settings().allow_loopback_crm)
+                            allow_loopback=get_settings().allow_loopback_crm,
+                            before_save=lambda config: push_to_new_counter(get_store(), integration_id, config,
+                                                                           get_metrika))
 
 
 @app.route("/integrations/{integration_id}", methods=["GET"], authorizer=admin)

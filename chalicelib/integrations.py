@@ -13,7 +13,7 @@ from .ids import is_integration_id
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
 from .metrika.schemas import SCHEMA_ID, check_phone_region, resolve_time_zone
-from .shared_counter import assigned_id_prefix
+from .shared_counter import saved_with_id_prefix
 
 CRMS = ("amocrm", "bitrix24")
 MASK = "********"
@@ -416,10 +416,13 @@ def public_view(config: dict) -> dict:
 
 
 def save_integration(store: Any, integration_id: str, body: Any,
-                     counter_time_zone: Callable[[dict], str], *, allow_loopback: bool = False) -> dict:
+                     counter_time_zone: Callable[[dict], str], *, allow_loopback: bool = False,
+                     before_save: Callable[[dict], None] | None = None) -> dict:
     """Validate and store an integration. When `timezone` is absent it is read from the counter, which
     also proves the token can see the counter before anything is stored. `allow_loopback`: CRM URLs may
-    point at loopback (`Settings.allow_loopback_crm`, the local stack and the tests only).
+    point at loopback (`Settings.allow_loopback_crm`, the local stack and the tests only). `before_save`:
+    called with the validated config just before it is stored; what it raises is the answer (the app
+    pushes the status mapping to a new counter there, `mapping_admin.push_to_new_counter`).
 
     Every way a body can be wrong is an `ApiError` 400 naming the field (in `details`, or in the
     message for the body's shape); what is stored is the validated config, not the body as sent."""
@@ -482,8 +485,9 @@ def save_integration(store: Any, integration_id: str, body: Any,
         config["timezone_source"] = "counter"  # a GET sent back as it was
     if stored is not None and stored.get("disabled"):  # only a reinstall from the CRM enables it again
         config["disabled"] = stored["disabled"]
-    config.update(assigned_id_prefix(store, integration_id, config["counter_id"], sent_prefix))
-    store.put_integration(integration_id, config)
+    if before_save is not None:
+        before_save(config)
+    config = saved_with_id_prefix(store, integration_id, config, sent_prefix)
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])
     return public_view(config)
 

@@ -7,7 +7,11 @@ Metrika side: "Order status mapping", https://yandex.com/dev/metrika/en/manageme
 and always send the full list of the counter: the statuses of every integration on it).
 
 Deleting an integration pushes nothing: orders it uploaded keep their status ids, and the next push on
-the counter (by another integration) sends the others' union without its statuses.
+the counter (by another integration) sends the others' union without its statuses. Moving an integration
+to another counter (a PUT with a new `counter_id`) pushes its stored mapping there, as the union with the
+integrations already on that counter, before the config is stored (`push_to_new_counter`): its orders
+name its status ids, which the new counter would not know otherwise. Its old counter keeps its statuses
+until the next push there, as after a deletion.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from marshmallow import ValidationError
 
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
+from .shared_counter import counter_lease
 from .status_mapping import StatusConflict, StatusMapping, counter_order_statuses
 
 
@@ -44,6 +49,43 @@ def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for,
         entries = StatusMapping().load(body if isinstance(body, dict) else {"entries": body})["entries"]
     except ValidationError as exc:
         raise invalid("status mapping is invalid", exc.messages) from exc
+    others, statuses, pushed_at = _push(store, integration_id, integration, entries, metrika_for)
+    requeued = requeue_held(integration_id, entries) if requeue_held else 0
+    shared_with = sorted(other for other, listed in others.items() if listed)
+    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries), requeued=requeued,
+              statuses=len(statuses), shared_with=len(shared_with))
+    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at, "requeued": requeued,
+            "counter_statuses": len(statuses), "shared_with": shared_with}
+
+
+def push_to_new_counter(store: Any, integration_id: str, config: dict, metrika_for) -> None:
+    """Called with a validated config before it is stored: when it moves a stored integration that has a
+    status mapping to another counter, push that mapping there (the union with the integrations already
+    on it, with `config`'s token). A 409 (`status_conflict`) or Metrika's refusal is raised as
+    `replace_mapping` raises it, so the PUT stores nothing and the integration stays where it was."""
+    stored = store.get_integration(integration_id)
+    if stored is None or stored.get("counter_id") in (None, config["counter_id"]):
+        return
+    entries = (store.get_status_mapping(integration_id) or {}).get("entries") or []
+    if entries:
+        _push(store, integration_id, config, entries, metrika_for)
+
+
+def _push(store: Any, integration_id: str, integration: dict, entries: list[dict],
+          metrika_for) -> tuple[dict[str, list[dict]], list[dict], int]:
+    """Push `entries` with every other mapping on `integration`'s counter, then store them, one push at
+    a time per counter (`shared_counter.counter_lease`: two side by side each read the other's old
+    list, and the one landing last dropped the other's new statuses). Returns the others' entries by
+    integration, the list pushed and when."""
+    if "counter_id" not in integration:  # installed from the CRM, no counter connected yet (as app.get_metrika)
+        raise ApiError(409, "metrika_not_connected", "this integration has no Metrika counter yet: PUT it with "
+                                                     "counter_id and metrika_token first")
+    with counter_lease(store, "statuses", integration["counter_id"]):
+        return _push_now(store, integration_id, integration, entries, metrika_for)
+
+
+def _push_now(store: Any, integration_id: str, integration: dict, entries: list[dict],
+              metrika_for) -> tuple[dict[str, list[dict]], list[dict], int]:
     others = {other: (store.get_status_mapping(other) or {}).get("entries") or []
               for other in store.integrations_on_counter(integration["counter_id"]) if other != integration_id}
     try:
@@ -57,9 +99,4 @@ def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for,
         raise http_error("Metrika did not accept the status mapping", exc) from exc
     pushed_at = int(time.time())
     store.put_status_mapping(integration_id, entries, pushed_at)
-    requeued = requeue_held(integration_id, entries) if requeue_held else 0
-    shared_with = sorted(other for other, listed in others.items() if listed)
-    log_event("status_mapping_pushed", integration_id=integration_id, entries=len(entries), requeued=requeued,
-              statuses=len(statuses), shared_with=len(shared_with))
-    return {"integration_id": integration_id, "entries": entries, "pushed_at": pushed_at, "requeued": requeued,
-            "counter_statuses": len(statuses), "shared_with": shared_with}
+    return others, statuses, pushed_at

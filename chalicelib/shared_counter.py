@@ -23,16 +23,29 @@ unambiguous and a raw one never contains `:`: applying the prefix twice changes 
 re-sends the order as last sent, already prefixed). Product ids are not prefixed: a product list is one
 per counter and both CRMs naming product `123` share its entry.
 
-Known limit: two integrations created on one empty counter at the same instant can both get no prefix
-(the check reads, then the PUT writes); create them one after the other.
+The decision and the config's write are one step per counter: `saved_with_id_prefix` holds a lease on
+the counter (`counter_lease`, one slot, shared by every process) from the read of who else is on it to
+the write, so two integrations created on one empty counter at the same instant cannot both get raw
+ids: the second reads the first. A status-list push holds another (`mapping_admin`), from reading the
+other integrations' mappings to storing its own, so two pushes side by side cannot drop each other's
+new statuses. A request that cannot get the lease within LEASE_WAIT seconds is a 409 `counter_busy`
+(nothing stored; send it again).
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
 
-from .errors import invalid
+from .errors import ApiError, invalid
 
 SEPARATOR = ":"
+# A crashed holder's lease frees itself after this (a PUT takes well under a second; a status push is one
+# Metrika call, bounded by the client's timeouts and retries well within it).
+LEASE_TTL = 60.0
+LEASE_WAIT = 5.0  # how long a request waits for another on the same counter before a 409
+LEASE_POLL = 0.05
 
 
 def id_prefix(integration: dict) -> str:
@@ -67,6 +80,41 @@ def assigned_id_prefix(store: Any, integration_id: str, counter_id: int, sent: A
         return {}  # its ids in Metrika stay as they are
     others = [i for i in store.integrations_on_counter(counter_id) if i != integration_id]
     return {"id_prefix": integration_id + SEPARATOR} if others else {}
+
+
+@contextmanager
+def counter_lease(store: Any, scope: str, counter_id: int, *, clock=time.time, sleep=time.sleep) -> Iterator[None]:
+    """One holder at a time per counter and `scope` ("ids": deciding an id prefix; "statuses": pushing
+    the counter's status list), across processes (`acquire_lease`, one slot). Waits up to LEASE_WAIT
+    seconds, then a 409 `counter_busy` (nothing done: send the request again). A crashed holder's lease
+    runs out after LEASE_TTL."""
+    key, owner = f"counter-{scope}:{counter_id}", uuid.uuid4().hex
+    deadline = clock() + LEASE_WAIT
+    while (slot := store.acquire_lease(key, 1, owner, clock(), LEASE_TTL)) is None:
+        if clock() >= deadline:
+            raise ApiError(409, "counter_busy", f"another change on counter {counter_id} is being made at this "
+                                                "moment; send the request again")
+        sleep(LEASE_POLL)
+    try:
+        yield
+    finally:
+        store.release_lease(key, slot, owner)
+
+
+def saved_with_id_prefix(store: Any, integration_id: str, config: dict, sent: Any = None) -> dict:
+    """Decide the config's `id_prefix` (`assigned_id_prefix`) and store the config, under the counter's
+    "ids" lease when the decision reads the other integrations there (see the module doc). Returns the
+    config as stored."""
+    stored = store.get_integration(integration_id) or {}
+    if stored.get("id_prefix") or (stored and stored.get("counter_id") == config["counter_id"]):
+        # Decided already (kept, or raw on the counter it is on): nothing else is read, no lease needed.
+        config = {**config, **assigned_id_prefix(store, integration_id, config["counter_id"], sent)}
+        store.put_integration(integration_id, config)
+        return config
+    with counter_lease(store, "ids", config["counter_id"]):
+        config = {**config, **assigned_id_prefix(store, integration_id, config["counter_id"], sent)}
+        store.put_integration(integration_id, config)
+    return config
 
 
 def counter_products(store: Any, integration_id: str, counter_id: int, *,

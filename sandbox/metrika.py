@@ -185,6 +185,8 @@ class MetrikaSandbox(SandboxServer):
         if "counters" in body:
             for counter_id, time_zone in body["counters"].items():
                 self.add_counter(int(counter_id), time_zone)
+        for uploading_id in body.get("fail_uploadings") or []:  # for the local stack, in its own process
+            self.fail_uploading(str(uploading_id))
         return Reply(200, {"success": True})
 
     # --- auth, quotas, faults ----------------------------------------------------------------------

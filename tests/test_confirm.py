@@ -125,6 +125,56 @@ def test_an_entity_without_state_any_more_is_skipped(core, metrika_sandbox):
     assert core.store.get_entity(shop, ORDER, "6") is None  # not created by the re-send
 
 
+def test_an_entity_changed_after_the_failed_upload_is_sent_as_it_is_now(core, metrika_sandbox):
+    """The re-send re-reads the CRM: a deal changed after the failed upload (delivered again already,
+    or changed and still on its way) ends in Metrika as the CRM has it now, never as the failed upload
+    carried it."""
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5", revenue=100), (ORDER, "6"): deal_rows("6", revenue=100)}
+    core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990000, "add"), EntityRef(ORDER, "6", 1789990000, "add")],
+                       origin="amocrm")
+    core.drain()
+    failed = next(u["uploading_id"] for u in core.store.uploads(shop) if u["kind"] == "orders")
+    # deal 5 changed and went up again (its upload passes); deal 6 changed, its webhook not yet worked on
+    core.source.rows[(ORDER, "5")] = deal_rows("5", revenue=500)
+    core.ingest.record(shop, [EntityRef(ORDER, "5", 1789990100, "update")], origin="amocrm")
+    core.drain()
+    core.source.rows[(ORDER, "6")] = deal_rows("6", revenue=600)
+    core.ingest.record(shop, [EntityRef(ORDER, "6", 1789990100, "update")], origin="amocrm")
+    metrika_sandbox.fail_uploading(failed)
+    result = confirm(core, shop)
+    assert result["failed"] == 1 and result["resent"] == 2
+    core.drain()
+    counter = metrika_sandbox.counter(core.counter_id)
+    assert counter.orders["5"]["revenue"] == 500 and counter.orders["6"]["revenue"] == 600
+    assert not any(core.store.get_entity(shop, ORDER, d)["dirty"] for d in ("5", "6"))
+    assert core.store.get_entity(shop, ORDER, "6")["event_time"] == 1789990100  # the newer event kept
+
+
+def test_an_upload_listed_twice_or_confirmed_by_two_runs_is_failed_once(core, metrika_sandbox):
+    """The listing names one upload twice (a page boundary repeated), and the scheduled job and
+    POST …/confirm run side by side: the upload ends FAILED once, each deal goes up again."""
+    shop, uploads = two_deals_delivered(core)
+    metrika_sandbox.fail_uploading(uploads["orders"])
+    counter = metrika_sandbox.counter(core.counter_id)
+    counter.uploadings.append(dict(next(u for u in counter.uploadings if u["uploading_id"] == uploads["orders"])))
+    first, second = confirm(core, shop), confirm(core, shop)
+    assert (first["failed"], second["checked"]) == (1, 0)
+    integration = core.store.get_integration(shop)
+    core.store.record_upload(shop, "u-both", kind="orders", rows=1, entities=[(ORDER, "5")])
+    metrika_sandbox.add_uploading(core.counter_id, "2099-01-01 00:00:00", uploading_id="u-both", status="FAILED")
+    from tests.core import at_once
+    results, errors = at_once(lambda: confirm_uploads(core.store, core.metrika_for(integration), shop, integration,
+                                                      requeue=core.ingest.requeue, now=core.clock()), 2, timeout=30)
+    assert errors == [] and sum(r["failed"] for r in results) >= 1
+    final = [u for u in core.store.uploads(shop) if u["uploading_id"] in (uploads["orders"], "u-both")]
+    assert sorted((u["uploading_id"], u["status"]) for u in final) == sorted(
+        [(uploads["orders"], "FAILED"), ("u-both", "FAILED")])
+    core.drain()
+    assert counter.times_uploaded["orders:5"] >= 2 and counter.times_uploaded["orders:6"] == 2
+    assert not any(core.store.get_entity(shop, ORDER, d)["dirty"] for d in ("5", "6"))
+
+
 # --- crashes and races -------------------------------------------------------------------------------
 
 def test_a_crash_before_the_requeue_loses_no_resend(core, metrika_sandbox):

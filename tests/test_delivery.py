@@ -251,6 +251,25 @@ def test_confirm_job_marks_uploads_passed_or_failed(app_client, setup, amocrm, m
         {"checked": 2, "passed": 2, "failed": 0, "resent": 0}
 
 
+def test_the_confirm_route_answers_with_a_failed_upload_and_queues_it_again(app_client, setup, amocrm,
+                                                                             metrika_sandbox):
+    """POST …/confirm runs the confirmation at once: its answer names what it found (one upload FAILED,
+    its deal queued again), and GET …/status counts it; the deal then goes up again."""
+    amocrm.create_lead("Заказ", 7001, 142, price=900)
+    for _, body in amocrm.outbox:
+        post(app_client, setup, body)
+    make_worker().drain()
+    metrika_sandbox.fail_uploading(metrika_sandbox.counter(COUNTER).uploadings[-1]["uploading_id"])  # the orders
+    answer = app_client.http.post(f"/integrations/{setup}/confirm", headers=admin_headers(), body=b"{}")
+    assert answer.status_code == 200
+    assert {k: answer.json_body[k] for k in ("checked", "passed", "failed", "resent", "unconfirmed_over_6h")} == \
+        {"checked": 2, "passed": 1, "failed": 1, "resent": 1, "unconfirmed_over_6h": 0}
+    status = app_client.http.get(f"/integrations/{setup}/status", headers=admin_headers()).json_body
+    assert status["uploads"]["FAILED"] == 1 and status["resent_after_failed_uploads"] == 1 and status["backlog"] == 1
+    make_worker().drain()
+    assert [v for k, v in metrika_sandbox.counter(COUNTER).times_uploaded.items() if k.startswith("orders:")] == [2]
+
+
 def test_status_reports_backlog_shares_quota_and_webhook(app_client, setup, amocrm, metrika_sandbox):
     amocrm.webhooks.append({"id": 1, "destination": f"https://x/api/webhooks/amocrm/{setup}?secret={SECRET}",
                             "settings": ["status_lead"], "disabled": True})

@@ -251,6 +251,12 @@ class FakeStore:
     def integrations_on_counter(self, counter_id: int) -> list[str]:
         return sorted(i for i, config in self.items.items() if config.get("counter_id") == counter_id)
 
+    def acquire_lease(self, scope: str, slots: int, owner: str, now: float, ttl: float) -> int | None:
+        return 0  # a new integration's id prefix is decided under its counter's lease (shared_counter)
+
+    def release_lease(self, scope: str, slot: int, owner: str) -> None:
+        pass
+
 
 def counter_time_zone(config: dict) -> str:
     return "Europe/Moscow"

@@ -148,3 +148,17 @@ def test_control_endpoints_configure_and_reset(metrika_sandbox):
     assert orders(metrika_sandbox, [order()], counter=55).status_code == 200
     state = requests.get(metrika_sandbox.url + "/_sandbox/state").json()
     assert state["counters"]["55"]["orders"]["o1"]["order_status"] == "PAID"
+
+
+def test_an_uploading_can_be_reported_failed_over_http(metrika_sandbox):
+    """The local stack runs the sandbox in its own process: `POST /_sandbox/config` with
+    `fail_uploadings` makes `last_uploadings` report those uploads FAILED, as Metrika may after the 200."""
+    accepted = orders(metrika_sandbox, [order()], counter=56)
+    assert accepted.status_code == 200
+    uploading_id = accepted.json()["uploading"]["uploading_id"]
+    listed = lambda: requests.get(metrika_sandbox.url + "/cdp/api/v1/counter/56/last_uploadings",  # noqa: E731
+                                  headers={"Authorization": f"OAuth {TOKEN}"}, timeout=10).json()["uploadings"]
+    assert [u["api_validation_status"] for u in listed()] == ["PASSED"]
+    assert requests.post(metrika_sandbox.url + "/_sandbox/config", json={"fail_uploadings": [uploading_id]},
+                         timeout=10).status_code == 200
+    assert [(u["uploading_id"], u["api_validation_status"]) for u in listed()] == [(uploading_id, "FAILED")]

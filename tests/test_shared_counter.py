@@ -76,6 +76,64 @@ def test_moving_to_a_shared_counter_assigns_a_prefix_that_then_stays():
     assert save_integration(store, "next", amocrm_config(counter_id=4242), moscow).get("id_prefix") is None
 
 
+def test_two_integrations_created_on_one_empty_counter_at_once_do_not_both_get_raw_ids():
+    """Both PUTs read the counter before either writes (the read is slowed to make the window wide):
+    without one decision at a time per counter both got raw ids, and their orders 500 would be one."""
+    import threading
+    from tests.core import at_once
+
+    class SlowRead(MemoryStore):
+        def integrations_on_counter(self, counter_id):
+            found = super().integrations_on_counter(counter_id)
+            time.sleep(0.3)  # the other PUT reads meanwhile
+            return found
+    store = SlowRead()
+    names = iter(["amo", "b24"])
+    lock = threading.Lock()
+
+    def create():
+        with lock:
+            integration_id = next(names)
+        config = amocrm_config() if integration_id == "amo" else bitrix24_config(counter_id=4242)
+        return integration_id, save_integration(store, integration_id, config, moscow).get("id_prefix")
+    results, errors = at_once(create, 2, timeout=30)
+    assert errors == [] and len(results) == 2
+    assert sorted(prefix is None for _, prefix in results) == [False, True], results  # exactly one raw
+    assert {store.get_integration(i).get("id_prefix") for i in ("amo", "b24")} == {None, *(p for _, p in results if p)}
+
+
+def test_a_put_that_cannot_get_the_counters_lease_is_a_409_and_stores_nothing(monkeypatch):
+    import chalicelib.shared_counter as shared_counter
+    monkeypatch.setattr(shared_counter, "LEASE_WAIT", 0.2)
+    store = MemoryStore()
+    store.acquire_lease("counter-ids:4242", 1, "another PUT", time.time(), 60)  # held, not expiring soon
+    with pytest.raises(ApiError) as busy:
+        save_integration(store, "b24", bitrix24_config(counter_id=4242), moscow)
+    assert busy.value.status == 409 and busy.value.error == "counter_busy" and store.get_integration("b24") is None
+    # a PUT that decides nothing (the integration stays on its counter) does not wait for it
+    store.put_integration("amo", {**amocrm_config(), "timezone": "UTC"})
+    assert "id_prefix" not in save_integration(store, "amo", amocrm_config(currency="USD"), moscow)
+    # a crashed PUT's lease runs out, and the next PUT goes ahead
+    store.acquire_lease("counter-ids:5000", 1, "crashed PUT", time.time() - 120, 60)
+    assert save_integration(store, "solo", amocrm_config(counter_id=5000), moscow).get("id_prefix") is None
+
+
+def test_dynamodb_reads_who_is_on_a_counter_strongly_consistent():
+    """The lease orders the PUTs; the read under it must also see the config the one before wrote."""
+    from chalicelib.store.dynamodb import DynamoStore
+
+    class Client:
+        scans: list = []
+
+        def scan(self, **kwargs):
+            self.scans.append(kwargs)
+            return {"Items": [{"pk": {"S": "INTEGRATION#amo"}}]}
+    client = Client()
+    store = DynamoStore(client, "config", "state", quota_table="quota")
+    assert store.integrations_on_counter(4242) == ["amo"]
+    assert client.scans[-1]["ConsistentRead"] is True
+
+
 # --- deliveries, deletions and the import agree ------------------------------------------------------------
 
 def test_two_integrations_on_one_counter_do_not_overwrite_each_other(metrika_sandbox):
@@ -171,6 +229,46 @@ def test_each_push_sends_the_union_of_the_counters_mappings(metrika_sandbox):
     assert set(listed()) == {"lost"}
 
 
+def test_two_integrations_pushing_their_mappings_at_once_lose_neither(metrika_sandbox):
+    """Each push reads the other's stored mapping, then pushes the union, then stores its own: side by
+    side, each read the other's old list, and the push that landed last dropped the other's new status
+    (whose orders Metrika would then refuse). One push at a time per counter."""
+    import threading
+    from tests.core import at_once
+    store = MemoryStore()
+    save_integration(store, "amo", amocrm_config(timezone="UTC"), moscow)
+    save_integration(store, "b24", bitrix24_config(counter_id=4242, timezone="UTC"), moscow)
+
+    class SlowPush(MetrikaClient):
+        def save_order_statuses(self, counter_id, statuses):
+            time.sleep(0.3)  # the other push reads the stored mappings meanwhile
+            return super().save_order_statuses(counter_id, statuses)
+
+    def metrika_for(integration):
+        return SlowPush(integration["metrika_token"], metrika_sandbox.url)
+    pushes = iter([("amo", [WON, LOST]), ("b24", [B24_NEW])])
+    lock = threading.Lock()
+
+    def push():
+        with lock:
+            integration_id, entries = next(pushes)
+        return replace_mapping(store, integration_id, {"entries": entries}, metrika_for)
+    results, errors = at_once(push, 2, timeout=30)
+    assert errors == [] and len(results) == 2
+    assert set(metrika_sandbox.counter(4242).order_statuses) == {"won", "lost", "b24_new"}
+
+
+def test_a_mapping_push_before_a_counter_is_connected_is_a_409_not_a_crash():
+    """An integration installed from its CRM has no counter until an admin PUTs one: its mapping has no
+    counter to go to (it was a KeyError, a 500)."""
+    store = MemoryStore()
+    store.put_integration("installed", {"crm": "amocrm", "connection": {"auth": "oauth"}})
+    with pytest.raises(ApiError) as refused:
+        replace_mapping(store, "installed", {"entries": [WON]}, lambda integration: pytest.fail("no Metrika call"))
+    assert refused.value.status == 409 and refused.value.error == "metrika_not_connected"
+    assert store.get_status_mapping("installed") is None
+
+
 def test_the_sandbox_replaces_the_status_list_as_we_assume_metrika_does(metrika_sandbox):
     client = MetrikaClient("y0_t", metrika_sandbox.url)
     client.save_order_statuses(77, [{"id": "a", "type": "PAID", "humanized": "A"}])
@@ -193,3 +291,59 @@ def test_a_product_sync_keeps_the_other_integrations_products(metrika_sandbox):
     core.source.catalog = lambda integration: {"99": "catalogue item"}
     assert sync_catalog(core.store, core.metrika_for, core.sources, amo)["products"] == 3
     assert set(metrika_sandbox.counter(core.counter_id).products) == {"77", "88", "99"}
+
+
+# --- an integration moving to another counter ---------------------------------------------------------------
+
+def test_moving_to_a_counter_pushes_its_statuses_there_with_the_others(app_client, integration_id, metrika_sandbox):
+    """Its orders carry its Metrika status ids: the counter it moves to must list them (with those of
+    the integrations already there), or every order it sends there names an unknown status. Pushed
+    before the config is stored: a conflict or Metrika's refusal leaves it on its old counter."""
+    import json as _json
+    from tests.conftest import admin_headers
+    base = 200_000 + int(integration_id[-5:], 16)
+    old_counter, new_counter = base, base + 1
+    there = integration_id + "-there"
+
+    def put(iid, body):
+        return app_client.http.put(f"/integrations/{iid}", headers=admin_headers(), body=_json.dumps(body))
+
+    def put_mapping(iid, entries):
+        return app_client.http.put(f"/integrations/{iid}/status-mapping", headers=admin_headers(),
+                                   body=_json.dumps({"entries": entries}))
+    try:
+        assert put(integration_id, amocrm_config(counter_id=old_counter, timezone="UTC")).status_code == 200
+        assert put(there, bitrix24_config(counter_id=new_counter, timezone="UTC")).status_code == 200
+        assert put_mapping(integration_id, [WON, LOST]).status_code == 200
+        assert put_mapping(there, [B24_NEW]).status_code == 200
+        target = metrika_sandbox.counter(new_counter)
+        assert set(target.order_statuses) == {"b24_new"}
+        # a status id the two define differently: 409, nothing pushed, the config stays as it was
+        assert put_mapping(there, [B24_NEW, {**LOST, "crm_status": "C0:LOSE", "type": "SPAM"}]).status_code == 200
+        refused = put(integration_id, amocrm_config(counter_id=new_counter, timezone="UTC"))
+        assert refused.status_code == 409 and refused.json_body["error"] == "status_conflict"
+        assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).json_body["counter_id"] == old_counter
+        assert set(target.order_statuses) == {"b24_new", "lost"}
+        assert put_mapping(there, [B24_NEW]).status_code == 200
+        # Metrika refusing the push (the token cannot see the new counter): its reason, and the config
+        # stays as it was
+        from tests.conftest import METRIKA_TOKEN
+        metrika_sandbox.tokens = {METRIKA_TOKEN: [old_counter]}
+        try:
+            refused = put(integration_id, amocrm_config(counter_id=new_counter, timezone="UTC"))
+        finally:
+            metrika_sandbox.tokens = None
+        assert refused.status_code == 422 and refused.json_body["error"] == "metrika_refused"
+        assert "status mapping" in refused.json_body["message"] and "Access denied" in refused.json_body["message"]
+        assert app_client.http.get(f"/integrations/{integration_id}", headers=admin_headers()).json_body["counter_id"] == old_counter
+        # the move: the new counter lists both integrations' statuses
+        moved = put(integration_id, amocrm_config(counter_id=new_counter, timezone="UTC"))
+        assert moved.status_code == 200 and moved.json_body["id_prefix"] == integration_id + ":"
+        assert {s["id"]: s["type"] for s in target.order_statuses.values()} == \
+            {"b24_new": "IN_PROGRESS", "won": "PAID", "lost": "CANCELLED"}
+        # a later PUT on the same counter pushes nothing
+        before = len(metrika_sandbox.requests)
+        assert put(integration_id, amocrm_config(counter_id=new_counter, timezone="UTC", currency="USD")).status_code == 200
+        assert not [r for r in metrika_sandbox.requests[before:] if "order_statuses" in r["path"]]
+    finally:
+        app_client.http.delete(f"/integrations/{there}", headers=admin_headers())

@@ -140,6 +140,12 @@ class MemoryStore:
     def integrations_on_counter(self, counter_id):
         return sorted(i for i, config in self.integrations.items() if config["counter_id"] == counter_id)
 
+    def acquire_lease(self, scope, slots, owner, now, ttl):  # a push holds the counter's (shared_counter)
+        return 0
+
+    def release_lease(self, scope, slot, owner):
+        pass
+
 
 class FakeMetrika:
     def __init__(self, error=None):

@@ -257,13 +257,16 @@ class DynamoStore:
     def integrations_on_counter(self, counter_id: int) -> list[str]:
         # A scan, like list_integration_ids: admin writes (a config, a status mapping, the catalogue) ask,
         # and a worker's product sync (`shared_counter.counter_products`), when an order names a new product.
+        # Strongly consistent: a PUT deciding an id prefix (under the counter's lease) must see a config
+        # another PUT wrote a moment before (`shared_counter.saved_with_id_prefix`).
         return self._integration_ids("sk = :config AND #cfg.counter_id = :c", {":config": CONFIG, ":c": counter_id},
-                                     names={"#cfg": "config"})
+                                     names={"#cfg": "config"}, consistent=True)
 
-    def _integration_ids(self, condition: str, values: dict, names: dict | None = None) -> list[str]:
+    def _integration_ids(self, condition: str, values: dict, names: dict | None = None, *,
+                         consistent: bool = False) -> list[str]:
         """Ids of the integrations whose config item matches `condition`, sorted (a paged scan)."""
         kwargs: dict[str, Any] = {"TableName": self._config, "FilterExpression": condition, "ProjectionExpression": "pk",
-                                  "ExpressionAttributeValues": _to_item(values)}
+                                  "ExpressionAttributeValues": _to_item(values), "ConsistentRead": consistent}
         if names:
             kwargs["ExpressionAttributeNames"] = names
         ids: list[str] = []
