@@ -404,3 +404,44 @@ def test_a_config_put_reads_the_account_again(amo, amocrm, metrika_sandbox):
     lead, _ = sale(amocrm)
     post_fired(amo, amocrm, "shop")
     assert metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]["currency"] == "GBP"
+
+
+# --- values that are not amounts, over the wire, both CRMs --------------------------------------------
+
+NOT_AMOUNTS = [  # (as the CRM's API carries it, the reason on the status page)
+    ("1e400", "not a number"), ("NaN", "not a number"), ("-5", "negative"), ("9" * 2000, "longer than 40"),
+    (float("inf"), "not a finite number"), (int("9" * 2000), "above 10^15"), (True, "yes/no"),
+    (["100", "200"], "several values"),
+]
+
+
+def _ids(value):
+    return repr(value)[:16]
+
+
+@pytest.mark.parametrize("value, reason", NOT_AMOUNTS, ids=_ids)
+def test_an_amocrm_cost_that_is_not_an_amount_is_left_out_the_order_goes(amo, amocrm, metrika_sandbox, value, reason):
+    iid = amo_integration(amo, amocrm, cost_field="Себестоимость")
+    values = [{"value": v} for v in (value if isinstance(value, list) else [value])]
+    contact = amocrm.create_contact("Алесь", phones=["8 029 123-45-67"])
+    lead = amocrm.create_lead("A", 7001, 142, price=250, contacts=[contact["id"]], custom_fields=[
+        {"field_id": 880011, "field_name": "Себестоимость", "field_code": None, "values": values}])
+    post_fired(amo, amocrm, iid)
+    order = metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]
+    assert "cost" not in order and order["revenue"] == 250 and order["currency"] == "USD"
+    dropped = integration_status(amo.store, iid, requests_today=None)["costs_dropped"]
+    assert dropped["count"] == 1 and dropped["example"]["order"] == str(lead["id"])
+    assert reason in dropped["example"]["reason"] and len(dropped["example"]["value"]) <= 40
+
+
+@pytest.mark.parametrize("value, reason", NOT_AMOUNTS, ids=_ids)
+def test_a_bitrix24_cost_that_is_not_an_amount_is_left_out_the_order_goes(b24, bitrix, metrika_sandbox, value, reason):
+    contact = bitrix.create_contact("Олена", phones=["067 123 45 67"], notify=False)
+    deal = bitrix.create_deal("A", stage_id="WON", opportunity="990.00", currency="USD", contact_id=contact["ID"],
+                              fields={"UF_CRM_COST": value})
+    deliver_b24(b24, bitrix)
+    order = metrika_sandbox.counter(b24.counter_id).orders[deal["ID"]]
+    assert "cost" not in order and order["revenue"] == 990 and order["currency"] == "USD"
+    dropped = integration_status(b24.store, "portal", requests_today=None)["costs_dropped"]
+    assert dropped["count"] == 1 and dropped["example"]["order"] == deal["ID"]
+    assert reason in dropped["example"]["reason"] and len(dropped["example"]["value"]) <= 40
