@@ -445,3 +445,19 @@ def test_a_bitrix24_cost_that_is_not_an_amount_is_left_out_the_order_goes(b24, b
     dropped = integration_status(b24.store, "portal", requests_today=None)["costs_dropped"]
     assert dropped["count"] == 1 and dropped["example"]["order"] == deal["ID"]
     assert reason in dropped["example"]["reason"] and len(dropped["example"]["value"]) <= 40
+
+
+def test_a_cost_cleared_in_the_crm_leaves_the_status_page(amo, amocrm, metrika_sandbox):
+    """The order goes without `cost` before and after; the status page stops counting the value once it
+    is gone from the CRM (the notes are replaced by each delivery, not merged into the old ones)."""
+    iid = amo_integration(amo, amocrm, cost_field="Себестоимость")
+    contact = amocrm.create_contact("Алесь", phones=["8 029 123-45-67"])
+    lead = amocrm.create_lead("A", 7001, 142, price=250, contacts=[contact["id"]], custom_fields=[
+        {"field_id": 880011, "field_name": "Себестоимость", "field_code": None, "values": [{"value": "-5"}]}])
+    post_fired(amo, amocrm, iid)
+    assert integration_status(amo.store, iid, requests_today=None)["costs_dropped"]["count"] == 1
+    amo.clock.advance(5)
+    amocrm.update_lead(lead["id"], custom_fields_values=[])
+    post_fired(amo, amocrm, iid)
+    assert integration_status(amo.store, iid, requests_today=None)["costs_dropped"] == {"count": 0, "example": None}
+    assert "cost" not in metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]
