@@ -461,3 +461,16 @@ def test_a_cost_cleared_in_the_crm_leaves_the_status_page(amo, amocrm, metrika_s
     post_fired(amo, amocrm, iid)
     assert integration_status(amo.store, iid, requests_today=None)["costs_dropped"] == {"count": 0, "example": None}
     assert "cost" not in metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]
+
+
+def test_a_bitrix24_deal_keeps_its_own_currency_and_one_without_takes_the_integrations(b24, bitrix, metrika_sandbox):
+    """`currency` on a Bitrix24 integration is not ignored: a deal that names no `CURRENCY_ID` carries it;
+    a deal's own `CURRENCY_ID` still wins (each deal knows its currency)."""
+    config = b24.store.get_integration("portal")
+    b24.store.put_integration("portal", {**config, "currency": "EUR"})
+    own = bitrix.create_deal("A", stage_id="WON", opportunity="10.00", currency="USD")
+    bare = bitrix.create_deal("B", stage_id="WON", opportunity="20.00", currency="")
+    deliver_b24(b24, bitrix)
+    orders = metrika_sandbox.counter(b24.counter_id).orders
+    assert orders[own["ID"]]["currency"] == "USD"
+    assert orders[bare["ID"]]["currency"] == "EUR"
