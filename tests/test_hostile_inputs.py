@@ -251,6 +251,12 @@ class FakeStore:
     def integrations_on_counter(self, counter_id: int) -> list[str]:
         return sorted(i for i, config in self.items.items() if config.get("counter_id") == counter_id)
 
+    def get_crm_account(self, scope: str) -> dict | None:  # a save makes the kept amoCRM account stale
+        return None
+
+    def put_crm_account(self, scope: str, account: dict) -> None:
+        raise AssertionError("nothing is kept here: nothing to make stale")
+
 
 def counter_time_zone(config: dict) -> str:
     return "Europe/Moscow"
