@@ -488,6 +488,9 @@ def save_integration(store: Any, integration_id: str, body: Any,
     if before_save is not None:
         before_save(config)
     config = saved_with_id_prefix(store, integration_id, config, sent_prefix)
+    if config["crm"] == "amocrm":  # the account's currency and country are read again on the next delivery
+        from .crm.amocrm.account import expire_account
+        expire_account(store, str((config.get("connection") or {}).get("base_url") or ""))
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])
     return public_view(config)
 

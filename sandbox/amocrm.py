@@ -19,7 +19,8 @@ registered destination, as amoCRM does: `POST /_sandbox/leads`, `PATCH|DELETE /_
 (`{"country": "BY", "currency": "USD"}`: the account's settings, as an administrator changes them),
 `POST /_sandbox/faults` (`error_5xx`, `error_429`: shares of API calls answered so, all or only those whose
 path contains `paths`; `maintenance`: every
-API call answered 200 with an HTML maintenance page instead of JSON, as amoCRM does during works).
+API call answered 200 with an HTML maintenance page instead of JSON, as amoCRM does during works;
+`account_answer`: `GET /api/v4/account` answered 200 with this JSON instead of the account).
 
 OAuth 2.0 as an external integration sees it ("Авторизация OAuth 2.0. Пример по шагам",
 https://www.amocrm.ru/developers/content/oauth/step-by-step): `POST /_sandbox/integration`
@@ -75,6 +76,9 @@ class Faults:
     maintenance: bool = False  # every API call: 200 with MAINTENANCE_PAGE (HTML, not JSON)
     seed: int | None = None
     paths: str | None = None  # error_5xx / error_429 only for paths containing this (e.g. "/api/v4/account")
+    # `GET /api/v4/account` answers 200 with this JSON instead of the account (a garbled answer: `[]`,
+    # `{}`, `"ok"`, an object without the account's `id`); None: the account as set.
+    account_answer: Any = None
 
 
 class AmoCrmSandbox(SandboxServer):
@@ -539,6 +543,8 @@ class AmoCrmSandbox(SandboxServer):
     def _account(self, request: Request) -> Reply:
         """The account model of `GET /api/v4/account` ("Параметры аккаунта"; the field list as Kommo's
         "Account parameters" gives it): `country` and `currency` as set in the account's settings."""
+        if self.faults.account_answer is not None:
+            return Reply(200, self.faults.account_answer)
         with_ = set(request.query.get("with", "").split(","))
         account = {"id": self.account_id, "name": f"{self.subdomain} (sandbox)", "subdomain": self.subdomain,
                    "created_at": 1_600_000_000, "created_by": 10000698, "updated_at": 1_600_000_000,

@@ -305,3 +305,40 @@ def test_account_currency_and_country_and_a_dropped_phone_on_the_status_page(app
         "count": 1, "contacts": 1, "example": {"contact": str(contact["id"]), "phone": "8 02* ***-45"}}
     assert status.json_body["costs_dropped"] == {"count": 0, "example": None}
     assert "123-45" not in json.dumps(status.json_body)  # no dropped number in the clear
+
+
+def test_a_put_makes_the_kept_account_stale_and_a_garbled_read_is_not_kept(app_client, integration, amocrm,
+                                                                          account, worker, metrika_sandbox):
+    """The account kept in DynamoDB from before `PUT /integrations/{id}` is read again on the next
+    delivery (a currency changed in amoCRM shows once the admin saves). A 200 from `GET /api/v4/account`
+    that is not the account is a failed read: the copy from before serves, and the answer is not kept,
+    so the next delivery asks again."""
+    reads = lambda: sum(1 for r in amocrm.requests if r["path"] == "/api/v4/account")  # noqa: E731
+    amocrm.update_lead(account["lead"]["id"], status_id=1002)
+    deliver(app_client, integration, amocrm)
+    worker.drain()
+    assert metrika_sandbox.counter(COUNTER).orders[str(account["lead"]["id"])]["currency"] == "RUB"
+    before = reads()
+    try:
+        amocrm.set_account(currency="EUR")
+        configure(app_client, integration, amocrm)  # the same config, saved again
+        amocrm.set_faults(account_answer=[])
+        lead = amocrm.create_lead("Заказ EUR", 7001, 142, price=99, contacts=[account["contact"]["id"]])
+        deliver(app_client, integration, amocrm)
+        worker.drain()
+        assert metrika_sandbox.counter(COUNTER).orders[str(lead["id"])]["currency"] == "RUB"  # the copy
+        assert reads() == before + 1
+        amocrm.set_faults()
+        amocrm.update_lead(lead["id"], price=100)
+        deliver(app_client, integration, amocrm)
+        worker.drain()
+        assert metrika_sandbox.counter(COUNTER).orders[str(lead["id"])]["currency"] == "EUR"
+        assert reads() == before + 2
+        amocrm.update_lead(lead["id"], price=101)
+        deliver(app_client, integration, amocrm)
+        worker.drain()
+        assert reads() == before + 2  # kept: read once
+    finally:
+        amocrm.set_faults()
+        amocrm.set_account(currency="RUB")
+        configure(app_client, integration, amocrm)  # and the next test reads RUB again

@@ -329,3 +329,148 @@ def test_a_history_import_reads_phones_in_the_accounts_country_and_notes_the_res
     assert counter.orders[str(lead["id"])]["currency"] == "USD"
     assert integration_status(amo.store, iid, requests_today=None)["phones_dropped"] == {
         "count": 1, "contacts": 1, "example": {"contact": str(bad["id"]), "phone": "* *** 12"}}
+
+
+# --- the account read: garbled answers, and a configuration saved since --------------------------------
+
+GARBLED = [[], {}, "ok", {"currency": "USD", "country": "BY"}, {"id": None, "currency": "USD"}]
+
+
+@pytest.mark.parametrize("answer", GARBLED, ids=lambda a: repr(a)[:24])
+def test_a_garbled_account_answer_holds_the_order_back_rather_than_guess(amo, amocrm, metrika_sandbox, answer):
+    """A 200 that is not the account model ("Параметры аккаунта": an object with the account's `id`) says
+    nothing about the currency: the order waits, as on a 503, instead of going without one (Metrika would
+    count it in the counter's currency) — and nothing is kept, so the next read is not skipped for a day."""
+    iid = amo_integration(amo, amocrm)
+    amocrm.set_faults(account_answer=answer)
+    lead, _ = sale(amocrm)
+    for _, body in amocrm.outbox:
+        amo.ingest.amocrm(iid, body, {"secret": SECRET})
+    amocrm.outbox.clear()
+    report = amo.worker.handle(amo.queue.receive(100))
+    assert report.retried == 2 and report.uploaded == 0
+    assert str(lead["id"]) not in metrika_sandbox.counter(amo.counter_id).orders
+    assert "not the account" in amo.store.get_entity(iid, "order", str(lead["id"]))["last_error"]["message"]
+    amocrm.set_faults()
+    amo.drain()
+    assert metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]["currency"] == "USD"
+
+
+def test_a_garbled_answer_a_day_later_keeps_the_last_good_copy(amo, amocrm, metrika_sandbox):
+    iid = amo_integration(amo, amocrm)
+    sale(amocrm)
+    post_fired(amo, amocrm, iid)
+    amo.clock.advance(ACCOUNT_MAX_AGE + 1)
+    amocrm.set_faults(account_answer={})
+    lead, _ = sale(amocrm)
+    post_fired(amo, amocrm, iid)
+    assert metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]["currency"] == "USD"
+    amocrm.set_faults()
+    amocrm.set_account(currency="EUR")
+    lead, _ = sale(amocrm)
+    post_fired(amo, amocrm, iid)  # the garbled answer was not kept as a fresh read: asked again
+    assert metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]["currency"] == "EUR"
+    assert account_reads(amocrm) == 3
+
+
+def put_config(core, amocrm, iid, **fields):
+    """The admin's `PUT /integrations/{id}` (its validation and storage, `save_integration`)."""
+    from chalicelib.integrations import save_integration
+    body = {"crm": "amocrm", "counter_id": core.counter_id, "metrika_token": "y0_" + "m" * 20,
+            "timezone": "Europe/Moscow",
+            "connection": {"base_url": amocrm.url, "access_token": amocrm.token, "webhook_secret": SECRET}, **fields}
+    save_integration(core.store, iid, body, lambda config: "Europe/Moscow", allow_loopback=True)
+
+
+def test_a_config_put_reads_the_account_again(amo, amocrm, metrika_sandbox):
+    """The account kept from before a PUT is not trusted for the rest of its day: the next delivery reads
+    it again (a currency changed in amoCRM shows at once when the admin saves the integration; a
+    `currency` removed by the PUT is the account's current one)."""
+    put_config(amo, amocrm, "shop", currency="EUR")
+    amo.store.put_status_mapping("shop", AMO_MAPPING, 0)
+    amocrm.set_account(currency="USD")
+    sale(amocrm)
+    post_fired(amo, amocrm, "shop")
+    assert account_reads(amocrm) == 1  # for the country only: the currency is the integration's
+    amocrm.set_account(currency="GBP")
+    put_config(amo, amocrm, "shop")  # `currency` removed: the account's, as it is now
+    lead, _ = sale(amocrm)
+    post_fired(amo, amocrm, "shop")
+    assert metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]["currency"] == "GBP"
+    assert account_reads(amocrm) == 2
+    # Saved again while amoCRM cannot answer: the copy read before the PUT still serves.
+    put_config(amo, amocrm, "shop")
+    amocrm.set_faults(error_5xx=1.0, paths="/api/v4/account")
+    lead, _ = sale(amocrm)
+    post_fired(amo, amocrm, "shop")
+    assert metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]["currency"] == "GBP"
+
+
+# --- values that are not amounts, over the wire, both CRMs --------------------------------------------
+
+NOT_AMOUNTS = [  # (as the CRM's API carries it, the reason on the status page)
+    ("1e400", "not a number"), ("NaN", "not a number"), ("-5", "negative"), ("9" * 2000, "longer than 40"),
+    (float("inf"), "not a finite number"), (int("9" * 2000), "above 10^15"), (True, "yes/no"),
+    (["100", "200"], "several values"),
+]
+
+
+def _ids(value):
+    return repr(value)[:16]
+
+
+@pytest.mark.parametrize("value, reason", NOT_AMOUNTS, ids=_ids)
+def test_an_amocrm_cost_that_is_not_an_amount_is_left_out_the_order_goes(amo, amocrm, metrika_sandbox, value, reason):
+    iid = amo_integration(amo, amocrm, cost_field="Себестоимость")
+    values = [{"value": v} for v in (value if isinstance(value, list) else [value])]
+    contact = amocrm.create_contact("Алесь", phones=["8 029 123-45-67"])
+    lead = amocrm.create_lead("A", 7001, 142, price=250, contacts=[contact["id"]], custom_fields=[
+        {"field_id": 880011, "field_name": "Себестоимость", "field_code": None, "values": values}])
+    post_fired(amo, amocrm, iid)
+    order = metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]
+    assert "cost" not in order and order["revenue"] == 250 and order["currency"] == "USD"
+    dropped = integration_status(amo.store, iid, requests_today=None)["costs_dropped"]
+    assert dropped["count"] == 1 and dropped["example"]["order"] == str(lead["id"])
+    assert reason in dropped["example"]["reason"] and len(dropped["example"]["value"]) <= 40
+
+
+@pytest.mark.parametrize("value, reason", NOT_AMOUNTS, ids=_ids)
+def test_a_bitrix24_cost_that_is_not_an_amount_is_left_out_the_order_goes(b24, bitrix, metrika_sandbox, value, reason):
+    contact = bitrix.create_contact("Олена", phones=["067 123 45 67"], notify=False)
+    deal = bitrix.create_deal("A", stage_id="WON", opportunity="990.00", currency="USD", contact_id=contact["ID"],
+                              fields={"UF_CRM_COST": value})
+    deliver_b24(b24, bitrix)
+    order = metrika_sandbox.counter(b24.counter_id).orders[deal["ID"]]
+    assert "cost" not in order and order["revenue"] == 990 and order["currency"] == "USD"
+    dropped = integration_status(b24.store, "portal", requests_today=None)["costs_dropped"]
+    assert dropped["count"] == 1 and dropped["example"]["order"] == deal["ID"]
+    assert reason in dropped["example"]["reason"] and len(dropped["example"]["value"]) <= 40
+
+
+def test_a_cost_cleared_in_the_crm_leaves_the_status_page(amo, amocrm, metrika_sandbox):
+    """The order goes without `cost` before and after; the status page stops counting the value once it
+    is gone from the CRM (the notes are replaced by each delivery, not merged into the old ones)."""
+    iid = amo_integration(amo, amocrm, cost_field="Себестоимость")
+    contact = amocrm.create_contact("Алесь", phones=["8 029 123-45-67"])
+    lead = amocrm.create_lead("A", 7001, 142, price=250, contacts=[contact["id"]], custom_fields=[
+        {"field_id": 880011, "field_name": "Себестоимость", "field_code": None, "values": [{"value": "-5"}]}])
+    post_fired(amo, amocrm, iid)
+    assert integration_status(amo.store, iid, requests_today=None)["costs_dropped"]["count"] == 1
+    amo.clock.advance(5)
+    amocrm.update_lead(lead["id"], custom_fields_values=[])
+    post_fired(amo, amocrm, iid)
+    assert integration_status(amo.store, iid, requests_today=None)["costs_dropped"] == {"count": 0, "example": None}
+    assert "cost" not in metrika_sandbox.counter(amo.counter_id).orders[str(lead["id"])]
+
+
+def test_a_bitrix24_deal_keeps_its_own_currency_and_one_without_takes_the_integrations(b24, bitrix, metrika_sandbox):
+    """`currency` on a Bitrix24 integration is not ignored: a deal that names no `CURRENCY_ID` carries it;
+    a deal's own `CURRENCY_ID` still wins (each deal knows its currency)."""
+    config = b24.store.get_integration("portal")
+    b24.store.put_integration("portal", {**config, "currency": "EUR"})
+    own = bitrix.create_deal("A", stage_id="WON", opportunity="10.00", currency="USD")
+    bare = bitrix.create_deal("B", stage_id="WON", opportunity="20.00", currency="")
+    deliver_b24(b24, bitrix)
+    orders = metrika_sandbox.counter(b24.counter_id).orders
+    assert orders[own["ID"]]["currency"] == "USD"
+    assert orders[bare["ID"]]["currency"] == "EUR"

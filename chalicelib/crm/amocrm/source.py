@@ -6,7 +6,9 @@ integration's `phone_region`, else the account's `country`, else Russia. Both ac
 `GET /api/v4/account` ("Параметры аккаунта",
 https://www.amocrm.ru/developers/content/crm_platform/account-info; Kommo "Account parameters",
 https://developers.kommo.com/reference/account-parameters: `country`, `currency`), read when the integration lacks one of them and kept in the store per account (`scope` from
-the base URL, so a new base URL is read afresh), re-read once a day.
+the base URL, so a new base URL is read afresh: `account`), re-read once a day and after every save of
+the integration. An answer that is not the account model (no account `id`) is a failed read, never an
+account that names no currency.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from ...errors import BridgeError, Misconfigured
+from ...errors import BridgeError, Misconfigured, Transient
 from ...logs import log_event
 from ...metrika.schemas import normalize_product_id
 from ...normalize import DEFAULT_PHONE_REGION, is_phone_region
 from .. import CONTACT, ORDER, BackfillPage, EntityRef, EntityRows, slot_waiter
+from .account import ACCOUNT_MAX_AGE, account_scope
 from .api import MIN_INTERVAL, AmoCrmClient
 from .translate import contact_entity, default_mapping, lead_rows, main_contact_id
 
@@ -30,8 +33,6 @@ if TYPE_CHECKING:
     from ...store import CrmAccountStore
 
 DEFAULT_CLIENT_ID_FIELD = "_YM_UID"
-# An account's currency rarely changes; re-read daily so a change made in amoCRM shows within a day.
-ACCOUNT_MAX_AGE = 24 * 3600
 
 
 class _ProcessAccounts:
@@ -45,6 +46,13 @@ class _ProcessAccounts:
 
     def put_crm_account(self, scope: str, account: dict) -> None:
         self._accounts[scope] = dict(account)
+
+
+def _is_account(data: Any) -> bool:
+    """The account model of `GET /api/v4/account`: an object with the account's `id` (a positive number)."""
+    account_id = data.get("id") if isinstance(data, dict) else None
+    return (isinstance(account_id, int) and not isinstance(account_id, bool) and account_id > 0) or (
+        isinstance(account_id, str) and account_id.isascii() and account_id.isdigit() and int(account_id) > 0)
 
 
 @dataclass(frozen=True)
@@ -119,10 +127,12 @@ class AmoCrmSource:
 
     def account(self, client: AmoCrmClient, integration: dict) -> dict:
         """`country` and `currency` of the integration's account, from the store when read in the last
-        day from the same base URL, else from `GET /api/v4/account` (then stored). A failed read raises,
-        so orders are not sent in a guessed currency; a day-old copy is used rather than failing."""
+        day from the same base URL and not made stale by a save since (`account.expire_account`), else
+        from `GET /api/v4/account` (then stored). A failed read raises, so orders are not sent in a
+        guessed currency; an older copy is used rather than failing. A 200 that is not the account (not
+        an object with its `id`: a proxy's or a maintenance answer) is a failed read, and is not kept."""
         base_url = integration["connection"]["base_url"]
-        scope = "amocrm:" + hashlib.sha256(base_url.rstrip("/").lower().encode()).hexdigest()[:16]
+        scope = account_scope(base_url)
         cached = self._accounts.get_crm_account(scope)
         if cached is not None and cached.get("base_url") != base_url:
             cached = None
@@ -131,12 +141,14 @@ class AmoCrmSource:
             return cached
         try:
             data = client.get("/api/v4/account")
+            if not _is_account(data):
+                raise Transient("amoCRM's GET /api/v4/account answered something that is not the account (no account "
+                                f"id): {' '.join(repr(data)[:200].split())}", source="amocrm")
         except BridgeError as exc:
             if cached is None:
                 raise
             log_event("crm_account_stale", crm="amocrm", error=exc.message[:300])
             return cached
-        data = data if isinstance(data, dict) else {}
         account = {"base_url": base_url, "read_at": int(now),
                    "country": str(data.get("country") or "")[:8], "currency": str(data.get("currency") or "")[:8]}
         self._accounts.put_crm_account(scope, account)

@@ -248,13 +248,14 @@ class _Translation:
         self.field = integration.get("client_id_field") or DEFAULT_CLIENT_ID_FIELD
         self.phone_region = integration.get("phone_region") or DEFAULT_PHONE_REGION
         self.cost_field = integration.get("cost_field") or None
+        self.currency = integration.get("currency") or None  # for a deal that names no CURRENCY_ID
         self.mapping, self.attributes = mapping, attributes
         self.now = datetime.now(timezone.utc)
 
     def deal(self, deal: dict, *, contact: dict | None, lead: dict | None, product_rows: list[dict]) -> EntityRows:
         return deal_rows(deal, contact=contact, lead=lead, product_rows=product_rows, mapping=self.mapping,
                          client_id_field=self.field, now=self.now, attributes=self.attributes,
-                         phone_region=self.phone_region, cost_field=self.cost_field)
+                         phone_region=self.phone_region, cost_field=self.cost_field, currency=self.currency)
 
     def contact(self, contact: dict) -> EntityRows:
         row, notes = contact_row(contact, self.field, self.now, attributes=self.attributes,

@@ -17,7 +17,8 @@ Sources (Bitrix24 REST documentation):
 
 Bitrix24 has no standard ClientID field: it is read from a configured `UF_CRM_…` field on the deal,
 its source lead, or the contact. Nor does its REST API document a portal country: phones are read as
-written in the integration's `phone_region`, else Russia. Orders carry the deal's own `CURRENCY_ID`.
+written in the integration's `phone_region`, else Russia. Orders carry the deal's own `CURRENCY_ID`,
+else (a deal that names none) the integration's `currency`.
 """
 from __future__ import annotations
 
@@ -105,11 +106,13 @@ def product_id(row: dict) -> str:
 def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_rows: list[dict],
               mapping: list[dict], client_id_field: str, now: datetime,
               stage_names: dict[str, str] | None = None, attributes: Iterable[dict] = (),
-              phone_region: str = DEFAULT_PHONE_REGION, cost_field: str | None = None) -> EntityRows:
+              phone_region: str = DEFAULT_PHONE_REGION, cost_field: str | None = None,
+              currency: str | None = None) -> EntityRows:
     """A deal → its contact (or one made from the deal) and its order. The ClientID is looked up on
     the deal, then its source lead (`LEAD_ID`), then the contact. `cost_field` names a deal field
     (`UF_CRM_COST`; a money field's `1500|RUB` is read too) whose value becomes the order's `cost`; one
-    that is not an amount is left out and noted, the order still goes."""
+    that is not an amount is left out and noted, the order still goes. The order's currency is the deal's
+    `CURRENCY_ID`, else `currency` (the integration's)."""
     stage = str(deal.get("STAGE_ID") or "")
     status = status_for(mapping, stage)
     if status is None:
@@ -138,7 +141,7 @@ def deal_rows(deal: dict, *, contact: dict | None, lead: dict | None, product_ro
         products[product_id(row)] = products.get(product_id(row), 0) + quantity
         names[product_id(row)] = {"name": row.get("PRODUCT_NAME") or None}
     closed = deal.get("CLOSED") == "Y"
-    currency = deal.get("CURRENCY_ID") or None
+    currency = str(deal.get("CURRENCY_ID") or "").strip().upper() or currency or None
     cost_value = deal.get(cost_field) if cost_field else None
     cost, cost_notes = order_cost(cost_value if isinstance(cost_value, list) else [cost_value], currency)
     order = {"id": str(deal["ID"]), "client_uniq_id": customer["uniq_id"], "order_status": status,
