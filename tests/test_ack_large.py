@@ -20,7 +20,7 @@ from chalicelib.crm import ORDER, EntityRef, WebhookError
 from chalicelib.crm.amocrm.webhook import parse_amocrm_webhook
 from chalicelib.crm.form import MAX_KEYS, _pairs, parse_bracket_form
 from chalicelib.errors import Unavailable
-from chalicelib.ingest import (INBOX_BATCH_REFS, INBOX_BATCHES_PER_RUN, INBOX_GRACE_SECONDS, INLINE_ENTITIES, Ingest,
+from chalicelib.ingest import (INBOX_BATCH_REFS, QUEUE_LEASE_SECONDS, INBOX_BATCHES_PER_RUN, INBOX_GRACE_SECONDS, INLINE_ENTITIES, Ingest,
                                expand_inbox)
 from chalicelib.queue import INBOX, MemoryQueue
 from chalicelib.settings import MAX_WEBHOOK_BYTES, load_settings
@@ -498,3 +498,153 @@ def test_every_lead_of_a_mass_action_reaches_metrika(metrika_sandbox, mass_actio
     core.drain()
     assert set(metrika_sandbox.counter(core.counter_id).orders) == {r.crm_id for r in hook.refs}
     assert not any(e["dirty"] for e in core.store.list_entities(shop))
+
+
+# --- faults on the inbox path (issue 13 audit) ---------------------------------------------------------------
+
+class Crash(BaseException):
+    """The process dies here (Lambda's time runs out, the sandbox is frozen): nothing after it runs."""
+
+
+class Dying:
+    """The `nth` call of `method` kills the process: it raises `Crash`, and from then on the store takes no
+    call the dead process would have made (no lease released, no batch deleted)."""
+
+    def __init__(self, inner, method: str, nth: int) -> None:
+        self._inner, self._method, self._nth = inner, method, nth
+        self.calls, self.dead = 0, False
+
+    def __getattr__(self, name):
+        attribute = getattr(self._inner, name)
+
+        def call(*args, **kwargs):
+            if self.dead:
+                raise Crash(name)
+            if name == self._method:
+                self.calls += 1
+                if self.calls == self._nth:
+                    self.dead = True
+                    raise Crash(name)
+            return attribute(*args, **kwargs)
+        return call if callable(attribute) else attribute
+
+
+VISIBILITY_SECONDS = 1800  # the events queue's: 6 × the worker's 300 s (tools/infra.py)
+
+
+def test_a_worker_dying_halfway_through_an_expansion_loses_no_lead_and_queues_none_twice(mass_action):
+    """The worker dies on the 137th of 250 writes: 136 leases taken, no message sent, nothing released.
+    SQS hands the inbox message out again after its visibility timeout: the 114 others are queued then,
+    and the 136 whose leases the dead worker left are swept by reconciliation once those run out. Every
+    lead ends with exactly one message."""
+    from tests.core import StaticSource
+    world = World(wrap=lambda memory: Dying(memory, "mark_dirty", nth=137))
+    assert world.webhook(mass_action)["deferred"] == 250
+    [(_, batch_id)] = world.inbox_messages()
+    message = world.queue.receive(10)
+    with pytest.raises(Crash):
+        world.worker.handle(message)
+    assert world.entity_messages() == [] and len(world.leased()) == 136  # left behind by the dead worker
+    assert len(world.memory.get_inbox(IID, batch_id)) == 250  # the batch stays
+    world.store.dead = False  # a fresh worker
+    world.clock.advance(VISIBILITY_SECONDS)
+    world.worker.handle(message)  # the redelivery
+    assert len(world.entity_messages()) == 114 and world.memory.get_inbox(IID, batch_id) is None
+    world.ingest.reconcile(IID, StaticSource())  # the dead worker's leases still run: nothing swept yet
+    assert len(world.entity_messages()) == 114
+    world.clock.advance(QUEUE_LEASE_SECONDS - VISIBILITY_SECONDS + 1)
+    world.ingest.reconcile(IID, StaticSource())
+    world.clock.advance(600)
+    world.ingest.reconcile(IID, StaticSource())  # the next run: the swept ones are leased again, nothing more
+    hook = parse_amocrm_webhook(mass_action)
+    assert sorted(world.entity_messages()) == sorted((ORDER, r.crm_id) for r in hook.refs)  # each exactly once
+
+
+def test_dying_after_the_inbox_write_and_before_the_message_loses_no_lead(mass_action):
+    """The answer's process dies between the inbox write and the queue send: amoCRM gets no 200 and
+    retries (a second batch of the same leads); even if it never did, the sweep queues the first batch
+    after INBOX_GRACE_SECONDS. Expanding both queues each lead once: the second finds its lease."""
+    from tests.core import StaticSource
+
+    class DyingQueue(MemoryQueue):
+        store = None
+
+        def send(self, messages, delay_seconds=0):
+            if self.store.calls == 0:  # the first send: the process dies, its clean-up never runs
+                self.store.calls, self.store.dead = 1, True
+                raise Crash("send_message_batch")
+            super().send(messages, delay_seconds)
+    world = World(wrap=lambda memory: Dying(memory, "no such call", nth=1), queue=DyingQueue)
+    world.queue.store = world.store
+    with pytest.raises(Crash):
+        world.webhook(mass_action)
+    [orphan] = world.memory.stale_inbox(IID, before=world.clock.now + 1)  # written, never announced, not cleaned up
+    world.store.dead = False
+    world.webhook(mass_action)  # amoCRM's retry
+    world.run_worker()
+    assert len(world.entity_messages()) == 250
+    world.clock.advance(INBOX_GRACE_SECONDS + 1)
+    world.ingest.reconcile(IID, StaticSource())
+    assert world.inbox_messages()[-1] == (IID, orphan)
+    world.run_worker()
+    assert world.memory.stale_inbox(IID, before=world.clock.now + 1) == []
+    assert len(world.entity_messages()) == len(set(world.entity_messages())) == 250  # the leases held
+
+
+def test_the_same_lead_twice_in_a_mass_action_is_one_ref_with_its_newest_time(amo_sandbox):
+    leads = seed_leads(amo_sandbox, 250)
+    again = {**leads[7], "updated_at": leads[7]["updated_at"] + 60}
+    items = [amo_sandbox._lead_form(lead, {"old_status_id": 1001}) for lead in leads]
+    body = amo_sandbox.webhook_body_items("leads", "status", items + [amo_sandbox._lead_form(again, {"old_status_id": 1001})])
+    world = World()
+    assert world.webhook(body) == {"accepted": 251, "queued": 0, "ignored": 0, "deferred": 250}
+    [(_, batch_id)] = world.inbox_messages()
+    refs = world.memory.get_inbox(IID, batch_id)
+    assert len(refs) == 250 and [r.event_time for r in refs if r.crm_id == str(leads[7]["id"])] == [again["updated_at"]]
+    world.run_worker()
+    assert len(world.entity_messages()) == len(set(world.entity_messages())) == 250
+    assert world.memory.get_entity(IID, ORDER, str(leads[7]["id"]))["event_time"] == again["updated_at"]
+
+
+def test_a_mass_action_during_a_history_import_is_delivered_after_the_import(mass_action):
+    """The import holds the leads (its lease); the mass action's expansion records the newer events but
+    queues nothing (the hold's lease covers them); the import's release then fails for each — the
+    import queues them itself (`backfill.py`: overtaken), so the newest state lands last."""
+    world = World()
+    hook = parse_amocrm_webhook(mass_action)
+    holds = [world.memory.take_for_backfill(IID, ORDER, r.crm_id, r.event_time - 100, "imported", absent=True,
+                                            now=world.clock.now, lease_seconds=900) for r in hook.refs]
+    assert all(holds)
+    world.webhook(mass_action)
+    world.run_worker()
+    assert world.entity_messages() == []  # the import's hold covers them
+    assert all(world.memory.get_entity(IID, ORDER, r.crm_id)["event_time"] == r.event_time for r in hook.refs)
+    assert not any(world.memory.release_backfilled(hold, content_hash="imported", uploading_id="u", last_order=None,
+                                                   facts=None) for hold in holds)
+    assert all(world.memory.get_entity(IID, ORDER, r.crm_id)["dirty"] for r in hook.refs)
+
+
+def test_an_inbox_item_stays_far_under_dynamodbs_400_kb_whatever_the_ids(app_client, queue):
+    """2,000 refs with 19-digit ids, 12-digit times and the longest action: split into batches of
+    INBOX_BATCH_REFS, one item each, every item far under DynamoDB's 400 KB item limit ("Service, account,
+    and table quotas in Amazon DynamoDB", https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/ServiceQuotas.html)."""
+    import app
+    from chalicelib.crm import CONTACT
+    from chalicelib.crm.amocrm.webhook import CONTACT_ACTIONS
+    store = app.get_store()
+    longest = "contact_" + max(CONTACT_ACTIONS, key=len)
+    refs = [EntityRef(CONTACT if i % 2 else ORDER, str(9_223_372_036_854_775_807 - i), 999_999_999_999, longest)
+            for i in range(2000)]
+    world_ingest = Ingest(store, app.get_queue(), max_body_bytes=MAX_WEBHOOK_BYTES)
+    assert world_ingest.record("inbox-size", refs, origin="amocrm")["deferred"] == 2000
+    batches = [m["crm_id"] for m in queue.bodies()]
+    assert len(batches) == 2000 // INBOX_BATCH_REFS == 4
+    from chalicelib.store.dynamodb import _pk
+    client = store._db._client
+    for batch_id in batches:
+        item = client.get_item(TableName=store._state, Key={"pk": {"S": _pk("inbox-size")},
+                                                             "sk": {"S": f"INBOX#{batch_id}"}})["Item"]
+        size = sum(len(name) + len(str(next(iter(value.values())))) for name, value in item.items())
+        assert size < 400 * 1024 / 8, size  # ~30 KB: under an eighth of the limit
+    fields = lambda r: (r.kind, r.crm_id, r.event_time, r.action)  # noqa: E731
+    assert sorted(fields(r) for b in batches for r in store.get_inbox("inbox-size", b)) == sorted(map(fields, refs))
