@@ -648,3 +648,144 @@ def test_an_inbox_item_stays_far_under_dynamodbs_400_kb_whatever_the_ids(app_cli
         assert size < 400 * 1024 / 8, size  # ~30 KB: under an eighth of the limit
     fields = lambda r: (r.kind, r.crm_id, r.event_time, r.action)  # noqa: E731
     assert sorted(fields(r) for b in batches for r in store.get_inbox("inbox-size", b)) == sorted(map(fields, refs))
+
+
+# --- over HTTP: `chalice local` on loopback, as the local stack runs it, moto_server behind -----------------
+
+@pytest.fixture
+def local_http(monkeypatch, service_env):
+    """The app under `chalice local`'s own HTTP server in this process, with the local stack's patches
+    (`sandbox.local_stack.use_gateway_responses`), restored after the test."""
+    import threading
+
+    import chalice.local
+    from chalice.cli.factory import CLIFactory
+
+    import app as app_module
+    from sandbox.local_stack import use_gateway_responses
+    from tools.deploy import ROOT
+    handler = chalice.local.ChaliceRequestHandler
+    monkeypatch.setattr(handler, "_send_error_response", handler._send_error_response)
+    monkeypatch.setattr(handler, "_parse_payload", handler._parse_payload)
+    use_gateway_responses()
+    config = CLIFactory(str(ROOT)).create_config_obj(chalice_stage_name="dev")
+    server = chalice.local.LocalDevServer(app_module.app, config, "127.0.0.1", 0)
+    threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server.server_address[1]}"
+    server.shutdown()
+    server.server.server_close()
+
+
+def padded(body: bytes, size: int) -> bytes:
+    """`body` with one more amoCRM account field, making it exactly `size` bytes."""
+    pad = b"&account%5Bpad%5D="
+    return body + pad + b"p" * (size - len(body) - len(pad))
+
+
+def chunked(body: bytes, size: int = 64 * 1024):
+    """The body as a generator: `requests` sends it chunked, with no Content-Length."""
+    for start in range(0, len(body), size):
+        yield body[start:start + size]
+
+
+def deep(levels: int) -> bytes:
+    return ("account[id]=32427762&leads" + "[x]" * levels + "=1").encode()
+
+
+def wire_cases(mass_action: bytes) -> dict:
+    """name → (body, request headers, expected status, words in the answer)."""
+    import gzip
+    import zlib
+    limit = MAX_WEBHOOK_BYTES
+    return {
+        "mass action of 250 leads": (mass_action, {}, 200, '"deferred":250'),
+        "exactly the limit": (padded(mass_action, limit), {}, 200, '"deferred":250'),
+        "the limit + 1 byte": (padded(mass_action, limit + 1), {}, 413, f"is {limit + 1} bytes; the limit is {limit}"),
+        "10 MB": (padded(mass_action, 10 * 1000 * 1000), {}, 413, f"the limit is {limit}"),
+        "chunked mass action, no Content-Length": (chunked(mass_action), {}, 200, '"deferred":250'),
+        "chunked, the limit + 1 byte": (chunked(padded(mass_action, limit + 1)), {}, 413, f"the limit is {limit}"),
+        "chunked, over API Gateway's 10 MB": (chunked(padded(mass_action, 11 * 1024 * 1024)), {}, 413, "the limit is"),
+        "gzip": (gzip.compress(mass_action), {"Content-Encoding": "gzip"}, 415, "Content-Encoding gzip is not accepted"),
+        "deflate": (zlib.compress(mass_action), {"Content-Encoding": "deflate"}, 415, "Content-Encoding deflate"),
+        "gzip bomb": (gzip.compress(b"a=" + b"0" * 50_000_000), {"Content-Encoding": "gzip"}, 415, "uncompressed"),
+        "25,001 fields": (b"&".join([b"account%5Bid%5D=32427762"] + [b"f=v"] * MAX_KEYS), {}, 400,
+                          f"body has {MAX_KEYS + 1} form fields; the limit is {MAX_KEYS}"),
+        "nested 11 levels": (deep(11), {}, 400, "nested deeper than 10 levels"),
+        "a 257-character key": (("account[id]=32427762&leads[" + "k" * 250 + "]=1").encode(), {}, 400,
+                                "longer than 256 characters"),
+        "percent-encoded garbage": (b"%FF%FE%zz%%%5B%5D=%C3%28&" * 2000 + b"account%5Bid%5D=%FF%00", {}, 400,
+                                    "account[id] must be a numeric id"),
+        "not UTF-8": (b"account%5Bid%5D=32427762&leads=\xff\xfe", {}, 400, "body is not UTF-8"),
+    }
+
+
+CASES = list(wire_cases(b"").keys())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_amocrm_bodies_over_http_are_accepted_within_the_limits_and_refused_past_them(case, local_http, amo_app,
+                                                                                       queue, mass_action):
+    """Every answer well inside amoCRM's 2 s, whatever the body; nothing recorded or queued for a refused one."""
+    import requests
+    from tests.conftest import AMO_SECRET
+    body, headers, status, words = wire_cases(mass_action)[case]
+    started = time.perf_counter()
+    answer = requests.post(f"{local_http}/webhooks/amocrm/{amo_app}", params={"secret": AMO_SECRET}, data=body,
+                           headers={"Content-Type": "application/x-www-form-urlencoded", "Connection": "close", **headers},
+                           timeout=30)
+    elapsed = time.perf_counter() - started
+    assert (answer.status_code, words in answer.text) == (status, True), answer.text[:300]
+    assert elapsed < 2.0, elapsed
+    import app
+    if status == 200:
+        [message] = queue.bodies()
+        assert message["kind"] == INBOX and len(app.get_store().get_inbox(amo_app, message["crm_id"])) == 250
+    else:
+        assert queue.bodies() == [] and app.get_store().stale_inbox(amo_app, before=time.time() + 10) == []
+
+
+@pytest.fixture
+def b24_app(app_client, integration_id):
+    from tests.conftest import admin_headers, bitrix24_config
+    assert app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(),
+                               body=json.dumps(bitrix24_config())).status_code == 200
+    return integration_id
+
+
+def bitrix24_event(deal_id: str, *, pad: int = 0) -> bytes:
+    """A Bitrix24 `ONCRMDEALUPDATE` as a portal sends it ("Event handlers",
+    https://apidocs.bitrix24.com/api-reference/events/index.html), optionally padded to `pad` bytes."""
+    from urllib.parse import urlencode
+
+    from tests.conftest import B24_APP_TOKEN, bitrix24_config
+    body = urlencode({"event": "ONCRMDEALUPDATE", "event_handler_id": "7", "data[FIELDS][ID]": deal_id,
+                      "ts": str(int(time.time())), "auth[domain]": "portal.bitrix24.ru",
+                      "auth[client_endpoint]": "https://portal.bitrix24.ru/rest/",
+                      "auth[server_endpoint]": "https://oauth.bitrix.info/rest/",
+                      "auth[member_id]": bitrix24_config()["connection"]["member_id"],
+                      "auth[application_token]": B24_APP_TOKEN}).encode()
+    return padded(body, pad) if pad else body
+
+
+@pytest.mark.parametrize("case", ["event", "exactly the limit", "the limit + 1 byte", "chunked", "gzip", "25,001 fields"])
+def test_bitrix24_bodies_over_http_are_bounded_alike(case, local_http, b24_app, queue):
+    """Bitrix24 sends one event per entity ("Event handlers"): a few hundred bytes. The same limits apply,
+    and its body is parsed before authentication (the token is in it), so they bound that parse too."""
+    import gzip
+
+    import requests
+    limit = MAX_WEBHOOK_BYTES
+    body, headers, status, words = {
+        "event": (bitrix24_event("4711"), {}, 200, '"queued":1'),
+        "exactly the limit": (bitrix24_event("4711", pad=limit), {}, 200, '"queued":1'),
+        "the limit + 1 byte": (bitrix24_event("4711", pad=limit + 1), {}, 413, f"the limit is {limit}"),
+        "chunked": (chunked(bitrix24_event("4711"), 50), {}, 200, '"queued":1'),
+        "gzip": (gzip.compress(bitrix24_event("4711")), {"Content-Encoding": "gzip"}, 415, "uncompressed"),
+        "25,001 fields": (bitrix24_event("4711") + b"&f=v" * MAX_KEYS, {}, 400, f"the limit is {MAX_KEYS}"),
+    }[case]
+    started = time.perf_counter()
+    answer = requests.post(f"{local_http}/webhooks/bitrix24/{b24_app}", data=body, timeout=30,
+                           headers={"Content-Type": "application/x-www-form-urlencoded", "Connection": "close", **headers})
+    assert time.perf_counter() - started < 2.0
+    assert (answer.status_code, words in answer.text) == (status, True), answer.text[:300]
+    assert [m["crm_id"] for m in queue.bodies()] == (["4711"] if status == 200 else [])
