@@ -466,6 +466,24 @@ def test_a_mass_action_costs_two_writes_on_the_local_stack(app_client, amo_app, 
     assert sorted(r.crm_id for r in refs) == sorted(r.crm_id for r in parse_amocrm_webhook(mass_action).refs)
 
 
+@pytest.mark.parametrize("entities", [INLINE_ENTITIES + 1, 250, 2001])
+def test_the_answers_writes_do_not_grow_with_the_entities(app_client, amo_app, queue, amo_sandbox, entities, monkeypatch):
+    """11 leads, 250 leads, a contact with 2,000 linked leads: one BatchWriteItem and one SendMessageBatch
+    each, on moto_server; before, one UpdateItem per entity (89 s for the contact)."""
+    import app
+    body = (linked_leads_contact_body(amo_sandbox, 2000) if entities == 2001
+            else mass_action_body(amo_sandbox, seed_leads(amo_sandbox, entities)))
+    store, events = app.get_store(), app.get_queue()
+    db, sqs = Counting(store._db._client), Counting(events._sqs)
+    monkeypatch.setattr(store._db, "_client", db)
+    monkeypatch.setattr(events, "_sqs", sqs)
+    response = post(app_client, amo_app, body)
+    assert response.status_code == 200 and response.json_body["deferred"] == entities, response.json_body
+    writes = {name: n for name, n in {**db.calls, **sqs.calls}.items() if name not in ("get_item", "query", "get_queue_url")}
+    assert writes == {"batch_write_item": 1, "send_message_batch": 1}
+    assert len(queue.bodies()) == -(-entities // INBOX_BATCH_REFS)
+
+
 def test_over_limit_bodies_are_refused_naming_the_limit(app_client, amo_app, queue):
     from chalicelib.settings import get_settings
     limit = get_settings().max_webhook_bytes
