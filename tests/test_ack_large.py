@@ -177,6 +177,11 @@ def test_the_limits_are_pinned_alike_in_settings_and_the_stage_config():
     from pathlib import Path
     config = json.loads((Path(__file__).resolve().parents[1] / ".chalice" / "config.json").read_text())
     assert int(config["environment_variables"]["MAX_WEBHOOK_BYTES"]) == MAX_WEBHOOK_BYTES == 2 * 1024 * 1024
+    for stage, settings in config["stages"].items():  # no stage pins another (the old 256 KB) over it
+        assert int({**config["environment_variables"], **settings.get("environment_variables", {})}
+                   ["MAX_WEBHOOK_BYTES"]) == MAX_WEBHOOK_BYTES, stage
+        for function, overrides in settings.get("lambda_functions", {}).items():
+            assert "MAX_WEBHOOK_BYTES" not in overrides.get("environment_variables", {}), (stage, function)
     assert load_settings({}).max_webhook_bytes == MAX_WEBHOOK_BYTES
     assert load_settings({"MAX_WEBHOOK_BYTES": "1000"}).max_webhook_bytes == 1000
 
@@ -382,6 +387,31 @@ def test_a_batch_delivered_twice_is_expanded_once(mass_action):
     world.worker.handle(message + message)  # twice in one SQS batch
     world.worker.handle(message)  # and once more later
     assert len(world.entity_messages()) == 250
+
+
+def test_one_batch_expanded_by_two_workers_at_once_queues_each_lead_once(mass_action):
+    """SQS may hand the same message to two workers at once (at-least-once delivery): both read the
+    batch, both record every lead; the queue lease lets one of them queue each lead, never both."""
+    import threading
+    world = World()
+    world.webhook(mass_action)
+    [(_, batch_id)] = world.inbox_messages()
+    both_read = threading.Barrier(2)
+    original = world.memory.get_inbox
+
+    def get_inbox(integration_id, batch):
+        refs = original(integration_id, batch)
+        both_read.wait(timeout=10)  # neither deletes the batch before the other has read it
+        return refs
+    world.memory.get_inbox = get_inbox
+    workers = [threading.Thread(target=expand_inbox, args=(world.store, world.queue, [(IID, batch_id)]),
+                                kwargs={"clock": world.clock}) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert len(world.entity_messages()) == len(set(world.entity_messages())) == 250
+    assert original(IID, batch_id) is None
 
 
 def test_one_broken_batch_fails_no_other_and_stays_for_the_sweep(amo_sandbox):
