@@ -585,14 +585,16 @@ def _console_asset(name):
 @answers
 def amocrm_webhook(integration_id):
     request = app.current_request
-    return get_ingest().amocrm(integration_id, request.raw_body, request.query_params or {})
+    return get_ingest().amocrm(integration_id, request.raw_body, request.query_params or {},
+                               encoding=request.headers.get("content-encoding"))
 
 
 @app.route("/webhooks/bitrix24/{integration_id}", methods=["POST"], content_types=[FORM])
 @answers
 def bitrix24_webhook(integration_id):
     request = app.current_request
-    return get_ingest().bitrix24(integration_id, request.raw_body, request.query_params or {})
+    return get_ingest().bitrix24(integration_id, request.raw_body, request.query_params or {},
+                                 encoding=request.headers.get("content-encoding"))
 
 @app.route("/install/bitrix24", methods=["POST"], content_types=[FORM])
 @answers

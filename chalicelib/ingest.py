@@ -123,11 +123,12 @@ class Ingest:
 
     # --- webhooks -----------------------------------------------------------------------------------
 
-    def amocrm(self, integration_id: str, raw: bytes, query: dict[str, str]) -> dict:
+    def amocrm(self, integration_id: str, raw: bytes, query: dict[str, str], *, encoding: str | None = None) -> dict:
         """amoCRM signs nothing: the unguessable `?secret=` and the account id are the checks
-        ("Webhooks", https://www.amocrm.ru/developers/content/crm_platform/webhooks-format)."""
+        ("Webhooks", https://www.amocrm.ru/developers/content/crm_platform/webhooks-format). `encoding`:
+        the request's Content-Encoding header."""
         from .crm.amocrm.webhook import parse_amocrm_webhook
-        self._check_size(raw)
+        self._check_size(raw, encoding)
         connection = self._authenticated(integration_id, "amocrm", raw, query, lambda c: secrets_match(
             query.get("secret"), c.get("webhook_secret")))
         webhook = self._parse(parse_amocrm_webhook, raw)
@@ -137,13 +138,14 @@ class Ingest:
                                              f"this integration serves account {expected_account}")
         return self.record(integration_id, webhook.refs, origin="amocrm", ignored=webhook.ignored)
 
-    def bitrix24(self, integration_id: str, raw: bytes, query: dict[str, str] | None = None) -> dict:
+    def bitrix24(self, integration_id: str, raw: bytes, query: dict[str, str] | None = None, *,
+                 encoding: str | None = None) -> dict:
         """Bitrix24: `auth[application_token]` first (absent: 401, whether the integration exists or not),
         in constant time, then member id and domain when configured ("Event handlers",
         https://apidocs.bitrix24.com/api-reference/events/index.html). `query` is read only to recognise
         an amoCRM webhook sent here by mistake."""
         from .crm.bitrix24.webhook import MissingCredentials, parse_bitrix24_event
-        self._check_size(raw)
+        self._check_size(raw, encoding)
         query = query or {}
         try:
             event = parse_bitrix24_event(raw)
@@ -160,10 +162,20 @@ class Ingest:
                 raise ApiError(403, "forbidden", f"auth[{key}] does not match this integration")
         return self.record(integration_id, event.refs, origin="bitrix24", ignored=0 if event.refs else 1)
 
-    def _check_size(self, raw: bytes) -> None:
-        """First, whatever the integration: a body over the limit is never read."""
+    def _check_size(self, raw: bytes, encoding: str | None = None) -> None:
+        """First, whatever the integration: a body over the limit is never read; nor is a compressed
+        one. The limit is on the body's own length, never on a Content-Length header (a chunked body
+        has none). API Gateway decompresses a request only where content encoding is enabled on the
+        API, which this one leaves off ("Call an API method with a compressed payload in API Gateway",
+        https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-make-request-with-compressed-payload.html),
+        so a gzip or deflate body would reach us as it was sent: no CRM compresses its webhooks, and
+        inflating it here would unbound the limit (a small body can inflate a thousandfold)."""
         if len(raw) > self._max_body:
             raise ApiError(413, "payload_too_large", f"webhook body is {len(raw)} bytes; the limit is {self._max_body}")
+        if encoding and encoding.strip().lower() not in ("", "identity"):
+            from .crm.form import field_name
+            raise ApiError(415, "unsupported_media_type", f"Content-Encoding {field_name(encoding, 40)} is not "
+                                                          "accepted: send the webhook body uncompressed")
 
     def _authenticated(self, integration_id: str, crm: str, raw: bytes, query: dict[str, str],
                        secret_matches: Callable[[dict], bool]) -> dict:

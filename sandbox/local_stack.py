@@ -114,7 +114,8 @@ def gateway_answer(error: Exception) -> tuple[int, dict[str, str], bytes] | None
 
 
 def use_gateway_responses() -> None:
-    """Make `chalice local`'s own refusals `gateway_answer`'s, so the local stack answers as AWS does."""
+    """Make `chalice local`'s own refusals `gateway_answer`'s, and its bodies whole however they were framed
+    (`parse_payload`), so the local stack answers as AWS does."""
     import chalice.local
     chalice_answer = chalice.local.ChaliceRequestHandler._send_error_response
 
@@ -125,6 +126,42 @@ def use_gateway_responses() -> None:
         return handler._send_http_response(*answer)
 
     chalice.local.ChaliceRequestHandler._send_error_response = send_error_response
+    chalice.local.ChaliceRequestHandler._parse_payload = parse_payload
+
+
+# API Gateway's payload quota ("Quotas for configuring and running a REST API in API Gateway",
+# https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-execution-service-limits-table.html).
+GATEWAY_MAX_BODY = 10 * 1024 * 1024
+
+
+def parse_payload(handler) -> tuple[dict, bytes | None]:
+    """`chalice local` reads `Content-Length` bytes, so a chunked body (no Content-Length) reached the app
+    empty. API Gateway hands Lambda the whole body however it was framed: so does this, reading at most
+    GATEWAY_MAX_BODY + 1 bytes (the app's own limit then answers 413) and closing the connection after a
+    body it did not read to its end."""
+    if "chunked" not in handler.headers.get("transfer-encoding", "").lower():
+        length = int(handler.headers.get("content-length", "0"))
+        return dict(handler.headers), handler.rfile.read(length) if length > 0 else None
+    body, complete = bytearray(), False
+    while len(body) <= GATEWAY_MAX_BODY:
+        size_line = handler.rfile.readline(1026)
+        try:
+            size = int(size_line.split(b";")[0].strip(), 16)
+        except ValueError:
+            break  # not chunked framing: what was read so far goes on, the connection does not
+        if size == 0:
+            while handler.rfile.readline(1026) not in (b"\r\n", b"\n", b""):  # trailers
+                pass
+            complete = True
+            break
+        body += handler.rfile.read(min(size, GATEWAY_MAX_BODY + 1 - len(body)))
+        if len(body) > GATEWAY_MAX_BODY:
+            break
+        handler.rfile.readline(3)  # the CRLF after the chunk
+    if not complete:
+        handler.close_connection = True
+    headers = {k: v for k, v in handler.headers.items() if k.lower() != "transfer-encoding"}
+    return {**headers, "Content-Length": str(len(body))}, bytes(body) or None
 
 
 def free_port() -> int:

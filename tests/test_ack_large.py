@@ -20,7 +20,7 @@ from chalicelib.crm import ORDER, EntityRef, WebhookError
 from chalicelib.crm.amocrm.webhook import parse_amocrm_webhook
 from chalicelib.crm.form import MAX_KEYS, _pairs, parse_bracket_form
 from chalicelib.errors import Unavailable
-from chalicelib.ingest import (INBOX_BATCH_REFS, INBOX_BATCHES_PER_RUN, INBOX_GRACE_SECONDS, INLINE_ENTITIES, Ingest,
+from chalicelib.ingest import (INBOX_BATCH_REFS, QUEUE_LEASE_SECONDS, INBOX_BATCHES_PER_RUN, INBOX_GRACE_SECONDS, INLINE_ENTITIES, Ingest,
                                expand_inbox)
 from chalicelib.queue import INBOX, MemoryQueue
 from chalicelib.settings import MAX_WEBHOOK_BYTES, load_settings
@@ -177,6 +177,11 @@ def test_the_limits_are_pinned_alike_in_settings_and_the_stage_config():
     from pathlib import Path
     config = json.loads((Path(__file__).resolve().parents[1] / ".chalice" / "config.json").read_text())
     assert int(config["environment_variables"]["MAX_WEBHOOK_BYTES"]) == MAX_WEBHOOK_BYTES == 2 * 1024 * 1024
+    for stage, settings in config["stages"].items():  # no stage pins another (the old 256 KB) over it
+        assert int({**config["environment_variables"], **settings.get("environment_variables", {})}
+                   ["MAX_WEBHOOK_BYTES"]) == MAX_WEBHOOK_BYTES, stage
+        for function, overrides in settings.get("lambda_functions", {}).items():
+            assert "MAX_WEBHOOK_BYTES" not in overrides.get("environment_variables", {}), (stage, function)
     assert load_settings({}).max_webhook_bytes == MAX_WEBHOOK_BYTES
     assert load_settings({"MAX_WEBHOOK_BYTES": "1000"}).max_webhook_bytes == 1000
 
@@ -384,6 +389,31 @@ def test_a_batch_delivered_twice_is_expanded_once(mass_action):
     assert len(world.entity_messages()) == 250
 
 
+def test_one_batch_expanded_by_two_workers_at_once_queues_each_lead_once(mass_action):
+    """SQS may hand the same message to two workers at once (at-least-once delivery): both read the
+    batch, both record every lead; the queue lease lets one of them queue each lead, never both."""
+    import threading
+    world = World()
+    world.webhook(mass_action)
+    [(_, batch_id)] = world.inbox_messages()
+    both_read = threading.Barrier(2)
+    original = world.memory.get_inbox
+
+    def get_inbox(integration_id, batch):
+        refs = original(integration_id, batch)
+        both_read.wait(timeout=10)  # neither deletes the batch before the other has read it
+        return refs
+    world.memory.get_inbox = get_inbox
+    workers = [threading.Thread(target=expand_inbox, args=(world.store, world.queue, [(IID, batch_id)]),
+                                kwargs={"clock": world.clock}) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert len(world.entity_messages()) == len(set(world.entity_messages())) == 250
+    assert original(IID, batch_id) is None
+
+
 def test_one_broken_batch_fails_no_other_and_stays_for_the_sweep(amo_sandbox):
     world = World()
     world.webhook(linked_leads_contact_body(amo_sandbox, 1200))
@@ -466,6 +496,24 @@ def test_a_mass_action_costs_two_writes_on_the_local_stack(app_client, amo_app, 
     assert sorted(r.crm_id for r in refs) == sorted(r.crm_id for r in parse_amocrm_webhook(mass_action).refs)
 
 
+@pytest.mark.parametrize("entities", [INLINE_ENTITIES + 1, 250, 2001])
+def test_the_answers_writes_do_not_grow_with_the_entities(app_client, amo_app, queue, amo_sandbox, entities, monkeypatch):
+    """11 leads, 250 leads, a contact with 2,000 linked leads: one BatchWriteItem and one SendMessageBatch
+    each, on moto_server; before, one UpdateItem per entity (89 s for the contact)."""
+    import app
+    body = (linked_leads_contact_body(amo_sandbox, 2000) if entities == 2001
+            else mass_action_body(amo_sandbox, seed_leads(amo_sandbox, entities)))
+    store, events = app.get_store(), app.get_queue()
+    db, sqs = Counting(store._db._client), Counting(events._sqs)
+    monkeypatch.setattr(store._db, "_client", db)
+    monkeypatch.setattr(events, "_sqs", sqs)
+    response = post(app_client, amo_app, body)
+    assert response.status_code == 200 and response.json_body["deferred"] == entities, response.json_body
+    writes = {name: n for name, n in {**db.calls, **sqs.calls}.items() if name not in ("get_item", "query", "get_queue_url")}
+    assert writes == {"batch_write_item": 1, "send_message_batch": 1}
+    assert len(queue.bodies()) == -(-entities // INBOX_BATCH_REFS)
+
+
 def test_over_limit_bodies_are_refused_naming_the_limit(app_client, amo_app, queue):
     from chalicelib.settings import get_settings
     limit = get_settings().max_webhook_bytes
@@ -498,3 +546,294 @@ def test_every_lead_of_a_mass_action_reaches_metrika(metrika_sandbox, mass_actio
     core.drain()
     assert set(metrika_sandbox.counter(core.counter_id).orders) == {r.crm_id for r in hook.refs}
     assert not any(e["dirty"] for e in core.store.list_entities(shop))
+
+
+# --- faults on the inbox path (issue 13 audit) ---------------------------------------------------------------
+
+class Crash(BaseException):
+    """The process dies here (Lambda's time runs out, the sandbox is frozen): nothing after it runs."""
+
+
+class Dying:
+    """The `nth` call of `method` kills the process: it raises `Crash`, and from then on the store takes no
+    call the dead process would have made (no lease released, no batch deleted)."""
+
+    def __init__(self, inner, method: str, nth: int) -> None:
+        self._inner, self._method, self._nth = inner, method, nth
+        self.calls, self.dead = 0, False
+
+    def __getattr__(self, name):
+        attribute = getattr(self._inner, name)
+
+        def call(*args, **kwargs):
+            if self.dead:
+                raise Crash(name)
+            if name == self._method:
+                self.calls += 1
+                if self.calls == self._nth:
+                    self.dead = True
+                    raise Crash(name)
+            return attribute(*args, **kwargs)
+        return call if callable(attribute) else attribute
+
+
+VISIBILITY_SECONDS = 1800  # the events queue's: 6 × the worker's 300 s (tools/infra.py)
+
+
+def test_a_worker_dying_halfway_through_an_expansion_loses_no_lead_and_queues_none_twice(mass_action):
+    """The worker dies on the 137th of 250 writes: 136 leases taken, no message sent, nothing released.
+    SQS hands the inbox message out again after its visibility timeout: the 114 others are queued then,
+    and the 136 whose leases the dead worker left are swept by reconciliation once those run out. Every
+    lead ends with exactly one message."""
+    from tests.core import StaticSource
+    world = World(wrap=lambda memory: Dying(memory, "mark_dirty", nth=137))
+    assert world.webhook(mass_action)["deferred"] == 250
+    [(_, batch_id)] = world.inbox_messages()
+    message = world.queue.receive(10)
+    with pytest.raises(Crash):
+        world.worker.handle(message)
+    assert world.entity_messages() == [] and len(world.leased()) == 136  # left behind by the dead worker
+    assert len(world.memory.get_inbox(IID, batch_id)) == 250  # the batch stays
+    world.store.dead = False  # a fresh worker
+    world.clock.advance(VISIBILITY_SECONDS)
+    world.worker.handle(message)  # the redelivery
+    assert len(world.entity_messages()) == 114 and world.memory.get_inbox(IID, batch_id) is None
+    world.ingest.reconcile(IID, StaticSource())  # the dead worker's leases still run: nothing swept yet
+    assert len(world.entity_messages()) == 114
+    world.clock.advance(QUEUE_LEASE_SECONDS - VISIBILITY_SECONDS + 1)
+    world.ingest.reconcile(IID, StaticSource())
+    world.clock.advance(600)
+    world.ingest.reconcile(IID, StaticSource())  # the next run: the swept ones are leased again, nothing more
+    hook = parse_amocrm_webhook(mass_action)
+    assert sorted(world.entity_messages()) == sorted((ORDER, r.crm_id) for r in hook.refs)  # each exactly once
+
+
+def test_dying_after_the_inbox_write_and_before_the_message_loses_no_lead(mass_action):
+    """The answer's process dies between the inbox write and the queue send: amoCRM gets no 200 and
+    retries (a second batch of the same leads); even if it never did, the sweep queues the first batch
+    after INBOX_GRACE_SECONDS. Expanding both queues each lead once: the second finds its lease."""
+    from tests.core import StaticSource
+
+    class DyingQueue(MemoryQueue):
+        store = None
+
+        def send(self, messages, delay_seconds=0):
+            if self.store.calls == 0:  # the first send: the process dies, its clean-up never runs
+                self.store.calls, self.store.dead = 1, True
+                raise Crash("send_message_batch")
+            super().send(messages, delay_seconds)
+    world = World(wrap=lambda memory: Dying(memory, "no such call", nth=1), queue=DyingQueue)
+    world.queue.store = world.store
+    with pytest.raises(Crash):
+        world.webhook(mass_action)
+    [orphan] = world.memory.stale_inbox(IID, before=world.clock.now + 1)  # written, never announced, not cleaned up
+    world.store.dead = False
+    world.webhook(mass_action)  # amoCRM's retry
+    world.run_worker()
+    assert len(world.entity_messages()) == 250
+    world.clock.advance(INBOX_GRACE_SECONDS + 1)
+    world.ingest.reconcile(IID, StaticSource())
+    assert world.inbox_messages()[-1] == (IID, orphan)
+    world.run_worker()
+    assert world.memory.stale_inbox(IID, before=world.clock.now + 1) == []
+    assert len(world.entity_messages()) == len(set(world.entity_messages())) == 250  # the leases held
+
+
+def test_the_same_lead_twice_in_a_mass_action_is_one_ref_with_its_newest_time(amo_sandbox):
+    leads = seed_leads(amo_sandbox, 250)
+    again = {**leads[7], "updated_at": leads[7]["updated_at"] + 60}
+    items = [amo_sandbox._lead_form(lead, {"old_status_id": 1001}) for lead in leads]
+    body = amo_sandbox.webhook_body_items("leads", "status", items + [amo_sandbox._lead_form(again, {"old_status_id": 1001})])
+    world = World()
+    assert world.webhook(body) == {"accepted": 251, "queued": 0, "ignored": 0, "deferred": 250}
+    [(_, batch_id)] = world.inbox_messages()
+    refs = world.memory.get_inbox(IID, batch_id)
+    assert len(refs) == 250 and [r.event_time for r in refs if r.crm_id == str(leads[7]["id"])] == [again["updated_at"]]
+    world.run_worker()
+    assert len(world.entity_messages()) == len(set(world.entity_messages())) == 250
+    assert world.memory.get_entity(IID, ORDER, str(leads[7]["id"]))["event_time"] == again["updated_at"]
+
+
+def test_a_mass_action_during_a_history_import_is_delivered_after_the_import(mass_action):
+    """The import holds the leads (its lease); the mass action's expansion records the newer events but
+    queues nothing (the hold's lease covers them); the import's release then fails for each — the
+    import queues them itself (`backfill.py`: overtaken), so the newest state lands last."""
+    world = World()
+    hook = parse_amocrm_webhook(mass_action)
+    holds = [world.memory.take_for_backfill(IID, ORDER, r.crm_id, r.event_time - 100, "imported", absent=True,
+                                            now=world.clock.now, lease_seconds=900) for r in hook.refs]
+    assert all(holds)
+    world.webhook(mass_action)
+    world.run_worker()
+    assert world.entity_messages() == []  # the import's hold covers them
+    assert all(world.memory.get_entity(IID, ORDER, r.crm_id)["event_time"] == r.event_time for r in hook.refs)
+    assert not any(world.memory.release_backfilled(hold, content_hash="imported", uploading_id="u", last_order=None,
+                                                   facts=None) for hold in holds)
+    assert all(world.memory.get_entity(IID, ORDER, r.crm_id)["dirty"] for r in hook.refs)
+
+
+def test_an_inbox_item_stays_far_under_dynamodbs_400_kb_whatever_the_ids(app_client, queue):
+    """2,000 refs with 19-digit ids, 12-digit times and the longest action: split into batches of
+    INBOX_BATCH_REFS, one item each, every item far under DynamoDB's 400 KB item limit ("Service, account,
+    and table quotas in Amazon DynamoDB", https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/ServiceQuotas.html)."""
+    import app
+    from chalicelib.crm import CONTACT
+    from chalicelib.crm.amocrm.webhook import CONTACT_ACTIONS
+    store = app.get_store()
+    longest = "contact_" + max(CONTACT_ACTIONS, key=len)
+    refs = [EntityRef(CONTACT if i % 2 else ORDER, str(9_223_372_036_854_775_807 - i), 999_999_999_999, longest)
+            for i in range(2000)]
+    world_ingest = Ingest(store, app.get_queue(), max_body_bytes=MAX_WEBHOOK_BYTES)
+    assert world_ingest.record("inbox-size", refs, origin="amocrm")["deferred"] == 2000
+    batches = [m["crm_id"] for m in queue.bodies()]
+    assert len(batches) == 2000 // INBOX_BATCH_REFS == 4
+    from chalicelib.store.dynamodb import _pk
+    client = store._db._client
+    for batch_id in batches:
+        item = client.get_item(TableName=store._state, Key={"pk": {"S": _pk("inbox-size")},
+                                                             "sk": {"S": f"INBOX#{batch_id}"}})["Item"]
+        size = sum(len(name) + len(str(next(iter(value.values())))) for name, value in item.items())
+        assert size < 400 * 1024 / 8, size  # ~30 KB: under an eighth of the limit
+    fields = lambda r: (r.kind, r.crm_id, r.event_time, r.action)  # noqa: E731
+    assert sorted(fields(r) for b in batches for r in store.get_inbox("inbox-size", b)) == sorted(map(fields, refs))
+
+
+# --- over HTTP: `chalice local` on loopback, as the local stack runs it, moto_server behind -----------------
+
+@pytest.fixture
+def local_http(monkeypatch, service_env):
+    """The app under `chalice local`'s own HTTP server in this process, with the local stack's patches
+    (`sandbox.local_stack.use_gateway_responses`), restored after the test."""
+    import threading
+
+    import chalice.local
+    from chalice.cli.factory import CLIFactory
+
+    import app as app_module
+    from sandbox.local_stack import use_gateway_responses
+    from tools.deploy import ROOT
+    handler = chalice.local.ChaliceRequestHandler
+    monkeypatch.setattr(handler, "_send_error_response", handler._send_error_response)
+    monkeypatch.setattr(handler, "_parse_payload", handler._parse_payload)
+    use_gateway_responses()
+    config = CLIFactory(str(ROOT)).create_config_obj(chalice_stage_name="dev")
+    server = chalice.local.LocalDevServer(app_module.app, config, "127.0.0.1", 0)
+    threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server.server_address[1]}"
+    server.shutdown()
+    server.server.server_close()
+
+
+def padded(body: bytes, size: int) -> bytes:
+    """`body` with one more amoCRM account field, making it exactly `size` bytes."""
+    pad = b"&account%5Bpad%5D="
+    return body + pad + b"p" * (size - len(body) - len(pad))
+
+
+def chunked(body: bytes, size: int = 64 * 1024):
+    """The body as a generator: `requests` sends it chunked, with no Content-Length."""
+    for start in range(0, len(body), size):
+        yield body[start:start + size]
+
+
+def deep(levels: int) -> bytes:
+    return ("account[id]=32427762&leads" + "[x]" * levels + "=1").encode()
+
+
+def wire_cases(mass_action: bytes) -> dict:
+    """name → (body, request headers, expected status, words in the answer)."""
+    import gzip
+    import zlib
+    limit = MAX_WEBHOOK_BYTES
+    return {
+        "mass action of 250 leads": (mass_action, {}, 200, '"deferred":250'),
+        "exactly the limit": (padded(mass_action, limit), {}, 200, '"deferred":250'),
+        "the limit + 1 byte": (padded(mass_action, limit + 1), {}, 413, f"is {limit + 1} bytes; the limit is {limit}"),
+        "10 MB": (padded(mass_action, 10 * 1000 * 1000), {}, 413, f"the limit is {limit}"),
+        "chunked mass action, no Content-Length": (chunked(mass_action), {}, 200, '"deferred":250'),
+        "chunked, the limit + 1 byte": (chunked(padded(mass_action, limit + 1)), {}, 413, f"the limit is {limit}"),
+        "chunked, over API Gateway's 10 MB": (chunked(padded(mass_action, 11 * 1024 * 1024)), {}, 413, "the limit is"),
+        "gzip": (gzip.compress(mass_action), {"Content-Encoding": "gzip"}, 415, "Content-Encoding gzip is not accepted"),
+        "deflate": (zlib.compress(mass_action), {"Content-Encoding": "deflate"}, 415, "Content-Encoding deflate"),
+        "gzip bomb": (gzip.compress(b"a=" + b"0" * 50_000_000), {"Content-Encoding": "gzip"}, 415, "uncompressed"),
+        "25,001 fields": (b"&".join([b"account%5Bid%5D=32427762"] + [b"f=v"] * MAX_KEYS), {}, 400,
+                          f"body has {MAX_KEYS + 1} form fields; the limit is {MAX_KEYS}"),
+        "nested 11 levels": (deep(11), {}, 400, "nested deeper than 10 levels"),
+        "a 257-character key": (("account[id]=32427762&leads[" + "k" * 250 + "]=1").encode(), {}, 400,
+                                "longer than 256 characters"),
+        "percent-encoded garbage": (b"%FF%FE%zz%%%5B%5D=%C3%28&" * 2000 + b"account%5Bid%5D=%FF%00", {}, 400,
+                                    "account[id] must be a numeric id"),
+        "not UTF-8": (b"account%5Bid%5D=32427762&leads=\xff\xfe", {}, 400, "body is not UTF-8"),
+    }
+
+
+CASES = list(wire_cases(b"").keys())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_amocrm_bodies_over_http_are_accepted_within_the_limits_and_refused_past_them(case, local_http, amo_app,
+                                                                                       queue, mass_action):
+    """Every answer well inside amoCRM's 2 s, whatever the body; nothing recorded or queued for a refused one."""
+    import requests
+    from tests.conftest import AMO_SECRET
+    body, headers, status, words = wire_cases(mass_action)[case]
+    started = time.perf_counter()
+    answer = requests.post(f"{local_http}/webhooks/amocrm/{amo_app}", params={"secret": AMO_SECRET}, data=body,
+                           headers={"Content-Type": "application/x-www-form-urlencoded", "Connection": "close", **headers},
+                           timeout=30)
+    elapsed = time.perf_counter() - started
+    assert (answer.status_code, words in answer.text) == (status, True), answer.text[:300]
+    assert elapsed < 2.0, elapsed
+    import app
+    if status == 200:
+        [message] = queue.bodies()
+        assert message["kind"] == INBOX and len(app.get_store().get_inbox(amo_app, message["crm_id"])) == 250
+    else:
+        assert queue.bodies() == [] and app.get_store().stale_inbox(amo_app, before=time.time() + 10) == []
+
+
+@pytest.fixture
+def b24_app(app_client, integration_id):
+    from tests.conftest import admin_headers, bitrix24_config
+    assert app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(),
+                               body=json.dumps(bitrix24_config())).status_code == 200
+    return integration_id
+
+
+def bitrix24_event(deal_id: str, *, pad: int = 0) -> bytes:
+    """A Bitrix24 `ONCRMDEALUPDATE` as a portal sends it ("Event handlers",
+    https://apidocs.bitrix24.com/api-reference/events/index.html), optionally padded to `pad` bytes."""
+    from urllib.parse import urlencode
+
+    from tests.conftest import B24_APP_TOKEN, bitrix24_config
+    body = urlencode({"event": "ONCRMDEALUPDATE", "event_handler_id": "7", "data[FIELDS][ID]": deal_id,
+                      "ts": str(int(time.time())), "auth[domain]": "portal.bitrix24.ru",
+                      "auth[client_endpoint]": "https://portal.bitrix24.ru/rest/",
+                      "auth[server_endpoint]": "https://oauth.bitrix.info/rest/",
+                      "auth[member_id]": bitrix24_config()["connection"]["member_id"],
+                      "auth[application_token]": B24_APP_TOKEN}).encode()
+    return padded(body, pad) if pad else body
+
+
+@pytest.mark.parametrize("case", ["event", "exactly the limit", "the limit + 1 byte", "chunked", "gzip", "25,001 fields"])
+def test_bitrix24_bodies_over_http_are_bounded_alike(case, local_http, b24_app, queue):
+    """Bitrix24 sends one event per entity ("Event handlers"): a few hundred bytes. The same limits apply,
+    and its body is parsed before authentication (the token is in it), so they bound that parse too."""
+    import gzip
+
+    import requests
+    limit = MAX_WEBHOOK_BYTES
+    body, headers, status, words = {
+        "event": (bitrix24_event("4711"), {}, 200, '"queued":1'),
+        "exactly the limit": (bitrix24_event("4711", pad=limit), {}, 200, '"queued":1'),
+        "the limit + 1 byte": (bitrix24_event("4711", pad=limit + 1), {}, 413, f"the limit is {limit}"),
+        "chunked": (chunked(bitrix24_event("4711"), 50), {}, 200, '"queued":1'),
+        "gzip": (gzip.compress(bitrix24_event("4711")), {"Content-Encoding": "gzip"}, 415, "uncompressed"),
+        "25,001 fields": (bitrix24_event("4711") + b"&f=v" * MAX_KEYS, {}, 400, f"the limit is {MAX_KEYS}"),
+    }[case]
+    started = time.perf_counter()
+    answer = requests.post(f"{local_http}/webhooks/bitrix24/{b24_app}", data=body, timeout=30,
+                           headers={"Content-Type": "application/x-www-form-urlencoded", "Connection": "close", **headers})
+    assert time.perf_counter() - started < 2.0
+    assert (answer.status_code, words in answer.text) == (status, True), answer.text[:300]
+    assert [m["crm_id"] for m in queue.bodies()] == (["4711"] if status == 200 else [])
