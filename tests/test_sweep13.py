@@ -261,7 +261,7 @@ def log_checked(stack):
         assert secret not in produced, secret
 
 
-HOSTILE = [None, True, False, 0, -1, 1.5, 2**63, "", " ", "a" * 70_000, "\u0000", "x\r\nSet-Cookie: a=b", "１２３",
+HOSTILE = [None, True, False, 0, -1, 1.5, 2**63, int("9" * 2000), "", " ", "a" * 70_000, "\u0000", "x\r\nSet-Cookie: a=b", "１２３",
            "٣", [], {}, [1], {"a": 1}]
 TOP_FIELDS = {"crm": HOSTILE, "counter_id": HOSTILE + ["4242", 4242.0, 2**31, 10**100],
               "metrika_token": [v for v in HOSTILE if v is not None], "timezone": HOSTILE + ["Mars/Olympus"],
@@ -402,6 +402,15 @@ def test_confirm_bodies_and_hostile_ids_over_the_wire(stack, log_checked):
                 (method, bad, path, answer.status_code, answer.text[:200])
             if answer.status_code == 400:
                 refused_naming(answer, "integration")
+
+
+def test_what_an_admin_reads_holds_no_secret(stack, log_checked):
+    api = stack["api"]
+    for path in ("/integrations", "/integrations/amo1", "/integrations/b1", "/integrations/amo1/summary",
+                 "/integrations/b1/summary", "/integrations/amo1/status", "/integrations/b1/status"):
+        answer = requests.get(api + path, headers=admin(), timeout=TIMEOUT)
+        assert answer.status_code == 200, (path, answer.text[:300])
+        assert not [secret for secret in LOGGED_SECRETS if secret in answer.text], path
 
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
