@@ -698,9 +698,8 @@ def _confirm(integration_id):
 
 
 def _reconcile(integration_id, body):
-    from chalicelib.ingest import reconcile_or_answer
+    from chalicelib.ingest import reconcile_or_answer, reconcile_since
     from chalicelib.integrations import get_integration as read
-    if body is not None and not isinstance(body, dict):
-        raise invalid('body must be a JSON object: {} or {"since": <unix seconds>}')
+    since = reconcile_since(body, now=time.time())
     source = get_sources().get(read(get_store(), integration_id)["crm"])
-    return reconcile_or_answer(get_ingest(), integration_id, source, (body or {}).get("since"))
+    return reconcile_or_answer(get_ingest(), integration_id, source, since)

@@ -341,7 +341,7 @@ class Ingest:
             raise not_found(f"integration {integration_id!r}")
         now = int(self._clock())
         cursor = since if since is not None else self._store.get_cursor(integration_id, "reconcile")
-        start = (cursor if cursor is not None else now - RECONCILE_FIRST_WINDOW) - RECONCILE_OVERLAP
+        start = max(0, (cursor if cursor is not None else now - RECONCILE_FIRST_WINDOW) - RECONCILE_OVERLAP)
         stuck = [EntityRef(e["kind"], e["crm_id"], e["event_time"], "sweep")
                  for e in self._store.stuck_entities(integration_id, now=now)]
         swept = self.record(integration_id, stuck, origin="sweep")["queued"] if stuck else 0
@@ -393,6 +393,26 @@ def expand_inbox(store: Any, queue: Queue, batches: list[tuple[str, str]], *,
         outcome["expanded"] += result["entities"]
         outcome["queued"] += result["queued"]
     return outcome
+
+
+def reconcile_since(body: Any, *, now: float) -> int | None:
+    """The `since` of a `POST …/reconcile` body (`{}`, or `{"since": <Unix seconds>}`), else a 400
+    naming the field: a bool, a negative value, a float, a string, a number of 2,000 digits or a time
+    after now (the cursor would then skip the window between the last run and now) is not a time to
+    list changes from, and a field of another name (`{"sinse": …}`) is not quietly ignored."""
+    if body is None:
+        return None
+    if not isinstance(body, dict):
+        raise invalid('body must be a JSON object: {} or {"since": <unix seconds>}')
+    unknown = sorted(str(key)[:40] for key in body if key != "since")
+    if unknown:
+        raise invalid('the body takes "since" alone (Unix seconds)', {key: ["unknown field"] for key in unknown[:10]})
+    since = body.get("since")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise invalid("since must be Unix seconds (a non-negative whole number)", {"since": str(since)[:40]})
+    if since is not None and since > now + FUTURE_SKEW_SECONDS:
+        raise invalid("since must be Unix seconds not after now", {"since": str(since)[:40]})
+    return since
 
 
 def reconcile_or_answer(ingest: Ingest, integration_id: str, source: CrmSource, since: Any = None) -> dict:

@@ -48,6 +48,13 @@ def _no_control(value: str) -> None:
         raise ValidationError("must not contain control characters")
 
 
+def _field_name(value: str) -> None:
+    """A CRM field's code or name: printable, and not blank (a name of spaces matches no field)."""
+    _no_control(value)
+    if not value.strip():
+        raise ValidationError("must name a CRM field, not be blank")
+
+
 def _http_url(value: str) -> None:
     """The shape of a CRM URL: http(s), a host, no user-info, query or fragment (the URL is a base that
     paths are appended to). Which hosts and schemes an integration may use is `endpoint_problem`'s."""
@@ -195,6 +202,13 @@ def _no_path(value: str) -> None:
         raise ValidationError("must be the account's address alone, such as https://shop.amocrm.ru (no path)")
 
 
+def _below(limit: int) -> Callable[[str], None]:
+    def check(value: str) -> None:
+        if value.isascii() and value.isdigit() and int(value) >= limit:
+            raise ValidationError(f"must be a numeric id below {limit}")
+    return check
+
+
 class AmoCrmConnection(_Connection):
     """amoCRM: account URL, long-lived token (Kommo "Long-lived Token",
     https://developers.kommo.com/docs/long-lived-token), and our webhook secret."""
@@ -209,7 +223,8 @@ class AmoCrmConnection(_Connection):
     # never here. Absent or "long_lived": the long-lived token above.
     auth = fields.String(validate=validate.OneOf(("long_lived", "oauth")))
     # Compared with the webhook's account[id], which is checked the same way (crm/form.py `crm_id`).
-    account_id = _string(19, _fullmatch(r"[0-9]{1,19}", "must be the numeric account id"))
+    account_id = _string(19, _fullmatch(r"0*[1-9][0-9]{0,18}", "must be the numeric account id (ASCII digits, not 0)"),
+                         _below(2**63))
     # Sent by amoCRM in the webhook URL's query: long enough not to be guessed.
     webhook_secret = _secret(min_length=16)
 
@@ -227,6 +242,13 @@ class AmoCrmConnection(_Connection):
                 raise ValidationError({"account_id": ["required for an installed (OAuth) integration"]})
         elif "access_token" not in data:
             raise ValidationError({"access_token": ["Missing data for required field."]})
+
+    @post_load
+    def _canonical(self, data: dict, **kwargs: Any) -> dict:
+        """The account id as amoCRM's webhooks are compared with it: no leading zeros."""
+        if "account_id" in data:
+            data["account_id"] = str(int(data["account_id"]))
+        return data
 
 
 class Bitrix24Connection(_Connection):
@@ -256,6 +278,14 @@ class Bitrix24Connection(_Connection):
 
     @validates_schema(skip_on_field_errors=False)
     def _endpoint(self, data: dict, **kwargs: Any) -> None:
+        if "client_endpoint" in data and data.get("auth") != "oauth":
+            # Unused without the application's tokens, but a CRM URL all the same: never an IP literal,
+            # a private or an internal host, whoever set it.
+            problem = endpoint_problem(data["client_endpoint"], domains=BITRIX24_DOMAINS,
+                                       custom_domain=data.get("custom_domain") is True,
+                                       allow_loopback=self.allow_loopback)
+            if problem:
+                raise ValidationError({"client_endpoint": [problem]})
         if data.get("auth") == "oauth":
             if "webhook_url" in data:
                 raise ValidationError({"webhook_url": ["an application's integration calls its client_endpoint: "
@@ -293,13 +323,13 @@ class IntegrationConfig(Schema):
     counter_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=2**31 - 1))
     metrika_token = _secret()
     timezone = _string(MAX_TIME_ZONE, _time_zone)
-    client_id_field = _string(MAX_ID, _no_control)  # a field code or name ("Yandex CID"): spaces allowed
+    client_id_field = _string(MAX_ID, _field_name)  # a field code or name ("Yandex CID"): spaces allowed
     hash_pii = StrictBoolean(load_default=False)
     currency = _string(3, _fullmatch(r"[A-Z]{3}", "must be an ISO 4217 code such as RUB"))
     # How people in the CRM write phones (ISO 3166-1 alpha-2); absent: amoCRM's account country, else RU.
     phone_region = _string(2, check_phone_region)
     # A CRM field (amoCRM custom field id, code or name; Bitrix24 field code) → the order's `cost`.
-    cost_field = _string(MAX_ID, _no_control)
+    cost_field = _string(MAX_ID, _field_name)
     # Metrika has no delete: a deleted deal is re-sent with this status id; null keeps it as it was.
     deleted_deal_status = _string(MAX_ID, _fullmatch(
         SCHEMA_ID, "must be a Metrika status id (IN_PROGRESS, PAID, CANCELLED, SPAM or a mapped id)"), allow_none=True)

@@ -48,7 +48,7 @@ def field_values(custom_fields: list[dict] | None, field: str, raw: bool = False
     wanted = str(field).strip()
     out: list[Any] = []
     for item in custom_fields or []:
-        if wanted.isdigit():
+        if wanted.isascii() and wanted.isdigit():  # "²" and "٣" are isdigit() too: names, not ids
             match = str(item.get("field_id")) == wanted
         else:
             match = wanted.lower() in (str(item.get("field_code") or "").lower(), str(item.get("field_name") or "").lower())

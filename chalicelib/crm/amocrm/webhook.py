@@ -46,7 +46,8 @@ def parse_amocrm_webhook(raw: bytes, *, received_at: int | None = None) -> AmoWe
         raise WebhookError("not an amoCRM webhook: account[id] / account[subdomain] missing")
     account_id = account.get("id") or None
     if account_id is not None:
-        crm_id(account_id, "account[id]")  # checked, passed on as sent: it is compared with the config
+        # Checked, and canonical (no leading zeros) as the config's is: it is compared with the config.
+        account_id = crm_id(account_id, "account[id]")
     now = int(time.time()) if received_at is None else received_at
     refs: list[EntityRef] = []
     ignored = 0

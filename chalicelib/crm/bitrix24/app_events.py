@@ -100,7 +100,8 @@ def parse_offline_page(result: Any, *, now: int) -> OfflinePage:
     for record in events:
         record = record if isinstance(record, dict) else {}
         record_id = record.get("ID")
-        if isinstance(record_id, (str, int)) and not isinstance(record_id, bool) and str(record_id).isdigit():
+        if (isinstance(record_id, (str, int)) and not isinstance(record_id, bool) and str(record_id).isascii()
+                and str(record_id).isdigit()):
             ids.append(str(record_id))
         known = _EVENTS.get(str(record.get("EVENT_NAME", "")).upper())
         data = record.get("EVENT_DATA")
