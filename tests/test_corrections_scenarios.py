@@ -398,7 +398,7 @@ def test_a_contact_with_2000_deals_keeps_a_bounded_record(amo, amocrm, metrika_s
 
 def test_a_customer_record_stays_within_dynamodbs_item_limit_whatever_its_deals_carry(request, service_env):
     """The worst a customer can gather, written as deliveries write it, to DynamoDB (moto_server): 100
-    deals with 1,000 ClientIDs each in their field, then 20,000 more deals. Each list of a deal's part keeps
+    deals with 1,000 ClientIDs each in their field, then 6,000 more deals (past OVERFLOW_VALUES). Each list of a deal's part keeps
     SOURCE_VALUES values and the overflow its newest OVERFLOW_VALUES, so every write is accepted; unbounded,
     the item passed DynamoDB's 400 KB ("Service, account, and table quotas in Amazon DynamoDB",
     https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/ServiceQuotas.html) and every later
@@ -413,7 +413,7 @@ def test_a_customer_record_stays_within_dynamodbs_item_limit_whatever_its_deals_
     hostile = {(ORDER, str(n)): {"c": {f"order:{n}": {"client_ids": [f"17{n:04d}{v:013d}" for v in range(1000)]}}}
                for n in range(SOURCE_LIMIT)}
     batches = [hostile] + [{(ORDER, str(n)): {"c": {f"order:{n}": {"client_ids": [f"18{n:017d}"]}}}
-                            for n in range(at, at + 2000)} for at in range(1000, 21000, 2000)]
+                            for n in range(at, at + 3000)} for at in range(1000, 7000, 3000)]
     for contributions in batches:
         plan = plan_customers(store.customers(iid, ["c"]), contributions, {})["c"]
         assert store.record_customer(iid, "c", put=plan.put, drop=sorted(plan.drop), sent=plan.row_hash,
@@ -421,7 +421,7 @@ def test_a_customer_record_stays_within_dynamodbs_item_limit_whatever_its_deals_
     record = store.customers(iid, ["c"])["c"]
     assert all(len(p.get("client_ids", [])) <= SOURCE_VALUES for s, p in record["sources"].items() if s.startswith("order:"))
     assert len(record["sources"][OVERFLOW_SOURCE]["client_ids"]) == OVERFLOW_VALUES
-    assert record["sources"][OVERFLOW_SOURCE]["client_ids"][-1] == f"18{20999:017d}"  # the newest kept
+    assert record["sources"][OVERFLOW_SOURCE]["client_ids"][-1] == f"18{6999:017d}"  # the newest kept
     size = dynamodb_item_bytes(record)
     print(f"the largest customer record: {size} bytes")
     assert size < 300_000
