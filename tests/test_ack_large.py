@@ -28,6 +28,7 @@ from chalicelib.store.memory import MemoryStore
 from chalicelib.worker import Worker
 from sandbox.amocrm import AmoCrmSandbox, seed_demo
 from tests.core import Clock
+from tests.stacks import chalice_local
 
 SECRET = "large-bodies-webhook-secret-0123"
 IID = "shop"
@@ -702,26 +703,9 @@ def test_an_inbox_item_stays_far_under_dynamodbs_400_kb_whatever_the_ids(app_cli
 
 @pytest.fixture
 def local_http(monkeypatch, service_env):
-    """The app under `chalice local`'s own HTTP server in this process, with the local stack's patches
-    (`sandbox.local_stack.use_gateway_responses`), restored after the test."""
-    import threading
-
-    import chalice.local
-    from chalice.cli.factory import CLIFactory
-
-    import app as app_module
-    from sandbox.local_stack import use_gateway_responses
-    from tools.deploy import ROOT
-    handler = chalice.local.ChaliceRequestHandler
-    monkeypatch.setattr(handler, "_send_error_response", handler._send_error_response)
-    monkeypatch.setattr(handler, "_parse_payload", handler._parse_payload)
-    use_gateway_responses()
-    config = CLIFactory(str(ROOT)).create_config_obj(chalice_stage_name="dev")
-    server = chalice.local.LocalDevServer(app_module.app, config, "127.0.0.1", 0)
-    threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server.server_address[1]}"
-    server.shutdown()
-    server.server.server_close()
+    """The app under `chalice local`'s own HTTP server in this process (tests/stacks.py)."""
+    with chalice_local(monkeypatch) as url:
+        yield url
 
 
 def padded(body: bytes, size: int) -> bytes:

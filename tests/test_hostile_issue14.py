@@ -13,6 +13,7 @@ import boto3
 import pytest
 
 from sandbox.local_stack import EMULATOR_ENV
+from tests import stacks
 
 
 class FakeAws:
@@ -377,24 +378,9 @@ def test_a_bare_5xx_from_our_queue_or_store_is_unavailable(call, status, aws):
 
 @pytest.fixture
 def chalice_local(monkeypatch):
-    """The app under `chalice local`'s own HTTP server, in this process, with the local stack's patch."""
-    import chalice.local
-    from chalice.cli.factory import CLIFactory
-
-    import app as app_module
-    from sandbox.local_stack import use_gateway_responses
-    from tools.deploy import ROOT
-    handler = chalice.local.ChaliceRequestHandler
-    monkeypatch.setattr(handler, "_send_error_response", handler._send_error_response)  # restored after the test
-    use_gateway_responses()
-    config = CLIFactory(str(ROOT)).create_config_obj(chalice_stage_name="dev")
-    # Not create_local_server: it re-classes the app object for good (thread-local requests), which the
-    # other tests of this process share. One request at a time needs no such thing.
-    server = chalice.local.LocalDevServer(app_module.app, config, "127.0.0.1", 0)
-    threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server.server_address[1]}"
-    server.shutdown()
-    server.server.server_close()
+    """The app under `chalice local`'s own HTTP server, in this process, with the local stack's patches."""
+    with stacks.chalice_local(monkeypatch) as url:
+        yield url
 
 
 @pytest.mark.parametrize(("path", "authorization", "status", "error"), [

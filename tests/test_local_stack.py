@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from sandbox.local_stack import free_port
+from tests.stacks import local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "local-stack-secret-0123456789"
@@ -20,26 +20,9 @@ WEBHOOK_SECRET = "local-stack-secret-0123456789"
 
 @pytest.fixture(scope="module")
 def stack():
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "METRIKA_API_URL", "ADMIN_TOKEN"))}
-    env["UPLOAD_ROW_LIMIT"] = "250"  # history-import steps of 250 (one amoCRM page): several steps from a small account
-    process = subprocess.Popen([sys.executable, "-m", "sandbox.local_stack", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    # Keep reading, so the stack never blocks on a full pipe.
-    threading.Thread(target=lambda: [lines.append(line) for line in process.stdout], daemon=True).start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines) and process.poll() is None:
-        time.sleep(0.1)
-    output = "".join(lines)
-    assert "Ctrl-C" in output, output
-    info = {line.split()[0]: line.split()[-1] for line in lines if line.startswith("  ")}
-    urls = {line.split()[0]: next(w for w in line.split() if w.startswith("http"))
-            for line in lines if line.startswith("  ") and "http" in line}
-    yield {"api": f"http://127.0.0.1:{port}", "token": info["admin"], "metrika": urls["Metrika"],
-           "amocrm": urls["amoCRM"], "bitrix24": urls["Bitrix24"], "process": process, "lines": lines}
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
+    # History-import steps of 250 (one amoCRM page): several steps from a small account.
+    with local_stack({"UPLOAD_ROW_LIMIT": "250"}) as stack:
+        yield {**stack, "token": stack["admin"]}
 
 
 def connect_demo_amocrm(stack, integration_id, counter_id):

@@ -33,7 +33,7 @@ class Recorder(SandboxServer):
         def handle(request):
             self.got.append(request)
             return self.reply(request)
-        for method in ("GET", "POST"):
+        for method in ("GET", "POST", "DELETE"):
             self.route(method, r"/.*", handle)
 
 

@@ -9,10 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,8 +21,9 @@ from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
 from chalicelib.errors import ApiError, BridgeError
 from chalicelib.ingest import reconcile_since
 from chalicelib.integrations import IntegrationConfig
-from sandbox.httpserver import Reply, SandboxServer
-from sandbox.local_stack import free_port
+from sandbox.httpserver import Reply
+from tests.stacks import local_stack
+from tests.test_outbound import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_796_000_000
@@ -109,19 +106,6 @@ def test_a_reconcile_body_with_a_time_passes(body, since):
 
 # --- fast: the OAuth clients do not follow redirects --------------------------------------------------
 
-class Recorder(SandboxServer):
-    def __init__(self):
-        super().__init__()
-        self.got: list = []
-        self.reply = lambda request: Reply(200, {})
-
-        def handle(request):
-            self.got.append(request)
-            return self.reply(request)
-        for method in ("GET", "POST", "DELETE"):
-            self.route(method, r"/.*", handle)
-
-
 @pytest.fixture(scope="module")
 def servers():
     started = [Recorder().start(), Recorder().start()]
@@ -185,35 +169,18 @@ TIMEOUT = 20  # a hang is a failure, not a stuck suite
 
 @pytest.fixture(scope="module")
 def stack():
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "METRIKA_API_URL", "ADMIN_TOKEN"))}
-    env["ADMIN_TOKEN"] = ADMIN
-    process = subprocess.Popen([sys.executable, "-m", "sandbox.local_stack", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: [lines.append(line) for line in process.stdout], daemon=True).start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines) and process.poll() is None:
-        time.sleep(0.1)
-    assert any("Ctrl-C" in line for line in lines), "".join(lines)
-    urls = {line.split()[0]: next(w for w in line.split() if w.startswith("http"))
-            for line in lines if line.startswith("  ") and "http" in line}
-    api = f"http://127.0.0.1:{port}"
-    stack = {"api": api, "amocrm": urls["amoCRM"], "bitrix24": urls["Bitrix24"], "lines": lines,
-             "banner": len(lines)}  # the banner prints the admin and demo tokens: the log is judged after it
-    stack["amo"] = {"crm": "amocrm", "counter_id": 4242, "metrika_token": METRIKA_TOKEN, "timezone": "Europe/Moscow",
-                    "connection": {"base_url": stack["amocrm"], "access_token": AMO_TOKEN, "account_id": "32427762",
-                                   "webhook_secret": AMO_SECRET}}
-    stack["b24"] = {"crm": "bitrix24", "counter_id": 4343, "metrika_token": METRIKA_TOKEN, "timezone": "Europe/Moscow",
-                    "connection": {"webhook_url": f"{stack['bitrix24']}/rest/1/{B24_CODE}/",
-                                   "application_token": B24_APP_TOKEN}}
-    for integration_id, config in (("amo1", stack["amo"]), ("b1", stack["b24"])):
-        answer = requests.put(f"{api}/integrations/{integration_id}", json=config, headers=admin(), timeout=TIMEOUT)
-        assert answer.status_code == 200, answer.text
-    yield stack
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    with local_stack({"ADMIN_TOKEN": ADMIN}) as stack:
+        api = stack["api"]  # its banner (`stack["banner"]` lines) prints tokens: the log is judged after it
+        stack["amo"] = {"crm": "amocrm", "counter_id": 4242, "metrika_token": METRIKA_TOKEN, "timezone": "Europe/Moscow",
+                        "connection": {"base_url": stack["amocrm"], "access_token": AMO_TOKEN, "account_id": "32427762",
+                                       "webhook_secret": AMO_SECRET}}
+        stack["b24"] = {"crm": "bitrix24", "counter_id": 4343, "metrika_token": METRIKA_TOKEN, "timezone": "Europe/Moscow",
+                        "connection": {"webhook_url": f"{stack['bitrix24']}/rest/1/{B24_CODE}/",
+                                       "application_token": B24_APP_TOKEN}}
+        for integration_id, config in (("amo1", stack["amo"]), ("b1", stack["b24"])):
+            answer = requests.put(f"{api}/integrations/{integration_id}", json=config, headers=admin(), timeout=TIMEOUT)
+            assert answer.status_code == 200, answer.text
+        yield stack
 
 
 def admin(token: str = ADMIN) -> dict:
