@@ -445,6 +445,13 @@ def every_path(stack: Stack, amocrm, bitrix, metrika_sandbox, amo: str, b24: str
     assert stack.drain() == 4
     counter = metrika_sandbox.counter(AMO_COUNTER)
     assert set(counter.orders) == {lead_id, *(str(lead["id"]) for lead in more_leads)} and counter.products
+    # Saving the amoCRM integration again makes the account record the delivery kept (its currency and
+    # country) stale, so the next delivery reads the account again (`expire_account`: a write of the
+    # state table, from the route).
+    from chalicelib.crm.amocrm.account import account_scope
+    assert store_as_the_test().get_crm_account(account_scope(amocrm.url))["read_at"] > 0
+    api("PUT", f"/integrations/{amo}", amo_config(amocrm))
+    assert store_as_the_test().get_crm_account(account_scope(amocrm.url))["read_at"] == 0
     # The catalogue by route (the delivery above met the deal's product first and sent it itself).
     api("POST", f"/integrations/{amo}/products/sync")
     # Reconcile, confirm and status by route (what the first two queue, the worker's and the schedules'
