@@ -63,14 +63,15 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     # catalogue, history import start, reconcile, confirm, status, replay, delete), dead-letter redrive.
     # Installs from amoCRM (chalicelib/amocrm_install.py) and of the Bitrix24 application
     # (chalicelib/bitrix24_app.py): each CRM's client secret (SSM), the tokens item
-    # (UpdateItem: a version written atomically, chalicelib/oauth.py).
+    # (UpdateItem: a version written atomically, chalicelib/oauth.py). Saving an amoCRM integration
+    # marks its kept account record stale (PutItem, chalicelib/crm/amocrm/account.py `expire_account`).
     "api_handler": {
         CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
                  "dynamodb:Scan"),
         AMOCRM_SECRET: ("ssm:GetParameter",),
         BITRIX24_SECRET: ("ssm:GetParameter",),
-        STATE: ("dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
-                "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
+        STATE: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
+                "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
         DEAD_LETTERS: ("sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:DeleteMessage"),
