@@ -347,3 +347,40 @@ def test_moving_to_a_counter_pushes_its_statuses_there_with_the_others(app_clien
         assert not [r for r in metrika_sandbox.requests[before:] if "order_statuses" in r["path"]]
     finally:
         app_client.http.delete(f"/integrations/{there}", headers=admin_headers())
+
+
+def test_a_push_on_the_new_counter_while_an_integration_moves_there_keeps_its_statuses(metrika_sandbox):
+    """The move pushes its statuses to the new counter, then stores the config. A push by an integration
+    already there, in between, read the counter without the mover (its config not yet there) and sent a
+    list without the mover's statuses: its orders then named statuses the counter no longer lists. The
+    new counter's status lease is held until the config is stored."""
+    import threading
+    from chalicelib.mapping_admin import push_to_new_counter
+
+    def metrika_for(integration):
+        return MetrikaClient(integration["metrika_token"], metrika_sandbox.url)
+    b24_lose = {"crm_status": "C0:LOSE", "metrika_status_id": "b24_lose", "humanized": "Провал", "type": "CANCELLED"}
+    done: dict = {}
+
+    class PushMeanwhile(MemoryStore):
+        def put_integration(self, integration_id, config):
+            if integration_id == "amo" and config.get("counter_id") == 4242:  # the move's config write
+                def push():
+                    try:
+                        done["pushed"] = replace_mapping(self, "b24", {"entries": [B24_NEW, b24_lose]}, metrika_for)
+                    except Exception as exc:  # noqa: BLE001 - reported below
+                        done["error"] = exc
+                done["thread"] = threading.Thread(target=push)
+                done["thread"].start()
+                done["thread"].join(1.0)  # the other push, at its own pace: it may wait for the lease
+            return super().put_integration(integration_id, config)
+    store = PushMeanwhile()
+    save_integration(store, "amo", amocrm_config(counter_id=4343, timezone="UTC"), moscow)
+    save_integration(store, "b24", bitrix24_config(counter_id=4242, timezone="UTC"), moscow)
+    replace_mapping(store, "amo", {"entries": [WON, LOST]}, metrika_for)
+    replace_mapping(store, "b24", {"entries": [B24_NEW]}, metrika_for)
+    moved = save_integration(store, "amo", amocrm_config(counter_id=4242, timezone="UTC"), moscow,
+                             before_save=lambda config: push_to_new_counter(store, "amo", config, metrika_for))
+    done["thread"].join(10)
+    assert moved["counter_id"] == 4242 and "error" not in done, done
+    assert set(metrika_sandbox.counter(4242).order_statuses) == {"won", "lost", "b24_new", "b24_lose"}
