@@ -342,7 +342,7 @@ def put_integration(integration_id):
     return save_integration(get_store(), integration_id, json_body(),
                             lambda config: get_metrika(config).counter_time_zone(config["counter_id"]),
                             allow_loopback=get_settings().allow_loopback_crm,
-                            before_save=lambda config: push_to_new_counter(get_store(), integration_id, config,
+                            around_save=lambda config: push_to_new_counter(get_store(), integration_id, config,
                                                                            get_metrika))
 
 

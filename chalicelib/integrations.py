@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -447,12 +448,13 @@ def public_view(config: dict) -> dict:
 
 def save_integration(store: Any, integration_id: str, body: Any,
                      counter_time_zone: Callable[[dict], str], *, allow_loopback: bool = False,
-                     before_save: Callable[[dict], None] | None = None) -> dict:
+                     around_save: Callable[[dict], AbstractContextManager] | None = None) -> dict:
     """Validate and store an integration. When `timezone` is absent it is read from the counter, which
     also proves the token can see the counter before anything is stored. `allow_loopback`: CRM URLs may
-    point at loopback (`Settings.allow_loopback_crm`, the local stack and the tests only). `before_save`:
-    called with the validated config just before it is stored; what it raises is the answer (the app
-    pushes the status mapping to a new counter there, `mapping_admin.push_to_new_counter`).
+    point at loopback (`Settings.allow_loopback_crm`, the local stack and the tests only). `around_save`:
+    called with the validated config; the config is stored inside the context it returns, and what it
+    raises is the answer (the app pushes the status mapping to a new counter there and holds that
+    counter's status lease until the config is stored, `mapping_admin.push_to_new_counter`).
 
     Every way a body can be wrong is an `ApiError` 400 naming the field (in `details`, or in the
     message for the body's shape); what is stored is the validated config, not the body as sent."""
@@ -515,9 +517,8 @@ def save_integration(store: Any, integration_id: str, body: Any,
         config["timezone_source"] = "counter"  # a GET sent back as it was
     if stored is not None and stored.get("disabled"):  # only a reinstall from the CRM enables it again
         config["disabled"] = stored["disabled"]
-    if before_save is not None:
-        before_save(config)
-    config = saved_with_id_prefix(store, integration_id, config, sent_prefix)
+    with around_save(config) if around_save is not None else nullcontext():
+        config = saved_with_id_prefix(store, integration_id, config, sent_prefix)
     if config["crm"] == "amocrm":  # the account's currency and country are read again on the next delivery
         from .crm.amocrm.account import expire_account
         expire_account(store, str((config.get("connection") or {}).get("base_url") or ""))

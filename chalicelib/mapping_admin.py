@@ -9,14 +9,16 @@ and always send the full list of the counter: the statuses of every integration 
 Deleting an integration pushes nothing: orders it uploaded keep their status ids, and the next push on
 the counter (by another integration) sends the others' union without its statuses. Moving an integration
 to another counter (a PUT with a new `counter_id`) pushes its stored mapping there, as the union with the
-integrations already on that counter, before the config is stored (`push_to_new_counter`): its orders
-name its status ids, which the new counter would not know otherwise. Its old counter keeps its statuses
-until the next push there, as after a deletion.
+integrations already on that counter, before the config is stored (`push_to_new_counter`), holding that
+counter's status lease until the config is stored: its orders name its status ids, which the new counter
+would not know otherwise. Its old counter keeps its statuses until the next push there, as after a
+deletion.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from marshmallow import ValidationError
 
@@ -58,17 +60,24 @@ def replace_mapping(store: Any, integration_id: str, body: Any, metrika_for,
             "counter_statuses": len(statuses), "shared_with": shared_with}
 
 
-def push_to_new_counter(store: Any, integration_id: str, config: dict, metrika_for) -> None:
-    """Called with a validated config before it is stored: when it moves a stored integration that has a
-    status mapping to another counter, push that mapping there (the union with the integrations already
-    on it, with `config`'s token). A 409 (`status_conflict`) or Metrika's refusal is raised as
-    `replace_mapping` raises it, so the PUT stores nothing and the integration stays where it was."""
+@contextmanager
+def push_to_new_counter(store: Any, integration_id: str, config: dict, metrika_for) -> Iterator[None]:
+    """Around the store of a validated config (the `with` body): when it moves a stored integration that
+    has a status mapping to another counter, push that mapping there (the union with the integrations
+    already on it, with `config`'s token) and hold the new counter's status lease until the body has
+    stored the config: a push there by another integration in between would read the counter without
+    this one and send a list without its statuses. A 409 (`status_conflict`) or Metrika's refusal is
+    raised as `replace_mapping` raises it, so the PUT stores nothing and the integration stays where it
+    was."""
     stored = store.get_integration(integration_id)
-    if stored is None or stored.get("counter_id") in (None, config["counter_id"]):
+    entries = [] if stored is None or stored.get("counter_id") in (None, config["counter_id"]) else (
+        (store.get_status_mapping(integration_id) or {}).get("entries") or [])
+    if not entries:
+        yield
         return
-    entries = (store.get_status_mapping(integration_id) or {}).get("entries") or []
-    if entries:
-        _push(store, integration_id, config, entries, metrika_for)
+    with counter_lease(store, "statuses", config["counter_id"]):
+        _push_now(store, integration_id, config, entries, metrika_for)
+        yield
 
 
 def _push(store: Any, integration_id: str, integration: dict, entries: list[dict],

@@ -380,7 +380,7 @@ def test_a_push_on_the_new_counter_while_an_integration_moves_there_keeps_its_st
     replace_mapping(store, "amo", {"entries": [WON, LOST]}, metrika_for)
     replace_mapping(store, "b24", {"entries": [B24_NEW]}, metrika_for)
     moved = save_integration(store, "amo", amocrm_config(counter_id=4242, timezone="UTC"), moscow,
-                             before_save=lambda config: push_to_new_counter(store, "amo", config, metrika_for))
+                             around_save=lambda config: push_to_new_counter(store, "amo", config, metrika_for))
     done["thread"].join(10)
     assert moved["counter_id"] == 4242 and "error" not in done, done
     assert set(metrika_sandbox.counter(4242).order_statuses) == {"won", "lost", "b24_new", "b24_lose"}
