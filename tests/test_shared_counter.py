@@ -384,3 +384,23 @@ def test_a_push_on_the_new_counter_while_an_integration_moves_there_keeps_its_st
     done["thread"].join(10)
     assert moved["counter_id"] == 4242 and "error" not in done, done
     assert set(metrika_sandbox.counter(4242).order_statuses) == {"won", "lost", "b24_new", "b24_lose"}
+
+
+def test_a_move_refused_for_its_id_prefix_pushes_nothing_to_the_new_counter(metrika_sandbox):
+    """A 400 is an answer before any effect: a body that sends back an `id_prefix` other than the stored
+    one is refused, and the counter it named must not have been sent the mover's statuses first."""
+    from chalicelib.mapping_admin import push_to_new_counter
+
+    def metrika_for(integration):
+        return MetrikaClient(integration["metrika_token"], metrika_sandbox.url)
+    store = MemoryStore()
+    save_integration(store, "amo", amocrm_config(counter_id=4343, timezone="UTC"), moscow)
+    replace_mapping(store, "amo", {"entries": [WON, LOST]}, metrika_for)
+    before = len(metrika_sandbox.requests)
+    with pytest.raises(ApiError) as refused:
+        save_integration(store, "amo", {**amocrm_config(counter_id=4242, timezone="UTC"), "id_prefix": "amo:"}, moscow,
+                         around_save=lambda config: push_to_new_counter(store, "amo", config, metrika_for))
+    assert refused.value.status == 400 and "id_prefix" in refused.value.details
+    assert store.get_integration("amo")["counter_id"] == 4343
+    assert not [r for r in metrika_sandbox.requests[before:] if "order_statuses" in r["path"]]
+    assert metrika_sandbox.counter(4242).order_statuses == {}
