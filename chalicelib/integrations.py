@@ -14,7 +14,7 @@ from .ids import is_integration_id
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
 from .metrika.schemas import SCHEMA_ID, check_phone_region, resolve_time_zone
-from .shared_counter import saved_with_id_prefix
+from .shared_counter import check_sent_prefix, saved_with_id_prefix
 
 CRMS = ("amocrm", "bitrix24")
 MASK = "********"
@@ -517,6 +517,7 @@ def save_integration(store: Any, integration_id: str, body: Any,
         config["timezone_source"] = "counter"  # a GET sent back as it was
     if stored is not None and stored.get("disabled"):  # only a reinstall from the CRM enables it again
         config["disabled"] = stored["disabled"]
+    check_sent_prefix(stored, sent_prefix)  # a 400 before the status push below
     with around_save(config) if around_save is not None else nullcontext():
         config = saved_with_id_prefix(store, integration_id, config, sent_prefix)
     if config["crm"] == "amocrm":  # the account's currency and country are read again on the next delivery

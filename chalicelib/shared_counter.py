@@ -70,16 +70,23 @@ def assigned_id_prefix(store: Any, integration_id: str, counter_id: int, sent: A
     """{"id_prefix": …} for the config about to be saved, or {} for raw ids (see the module doc).
     `sent`: the `id_prefix` the PUT body carried, if any: only the stored value may be sent back."""
     stored = store.get_integration(integration_id) or {}
-    kept = stored.get("id_prefix") or ""
-    if sent is not None and sent != kept:
-        raise invalid("id_prefix is assigned by the service and never changes",
-                      {"id_prefix": [f"must be left out or sent back as stored ({kept!r})"]})
+    kept = check_sent_prefix(stored, sent)
     if kept:
         return {"id_prefix": kept}
     if stored and stored.get("counter_id") == counter_id:
         return {}  # its ids in Metrika stay as they are
     others = [i for i in store.integrations_on_counter(counter_id) if i != integration_id]
     return {"id_prefix": integration_id + SEPARATOR} if others else {}
+
+
+def check_sent_prefix(stored: dict | None, sent: Any) -> str:
+    """The stored `id_prefix` ("" for raw ids), or a 400 when the PUT body sent another (`sent`: the
+    body's `id_prefix`, None when left out). Checked before anything a PUT does outside its own config."""
+    kept = (stored or {}).get("id_prefix") or ""
+    if sent is not None and sent != kept:
+        raise invalid("id_prefix is assigned by the service and never changes",
+                      {"id_prefix": [f"must be left out or sent back as stored ({kept!r})"]})
+    return kept
 
 
 @contextmanager
