@@ -257,11 +257,8 @@ class FakeStore:
     def release_lease(self, scope: str, slot: int, owner: str) -> None:
         pass
 
-    def get_crm_account(self, scope: str) -> dict | None:  # a save makes the kept amoCRM account stale
-        return None
-
-    def put_crm_account(self, scope: str, account: dict) -> None:
-        raise AssertionError("nothing is kept here: nothing to make stale")
+    def expire_crm_account(self, scope: str) -> None:  # a save makes the kept amoCRM account stale
+        pass
 
 
 def counter_time_zone(config: dict) -> str:

@@ -142,7 +142,7 @@ def test_implementations_have_the_protocols_signatures(implementation):
     for base in StateStore.__mro__[1:]:
         names += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in names
                   and base.__module__ == "chalicelib.store"]
-    assert len(names) == 66, sorted(names)  # every method of every concern
+    assert len(names) == 67, sorted(names)  # every method of every concern
     for name in names:
         expected, actual = inspect.signature(getattr(StateStore, name)), inspect.signature(getattr(implementation, name))
         assert list(expected.parameters.values()) == list(actual.parameters.values()), name
@@ -813,6 +813,18 @@ def test_crm_accounts_are_kept_per_scope_replaced_whole_and_returned_as_copies(s
     assert store.get_crm_account(other) is None
     store.put_crm_account(scope, {"base_url": "https://shop.amocrm.ru", "country": "", "read_at": int(NOW) + 1})
     assert store.get_crm_account(scope) == {"base_url": "https://shop.amocrm.ru", "country": "", "read_at": int(NOW) + 1}
+
+
+
+def test_an_expired_crm_account_keeps_its_facts_read_at_zero_and_a_missing_one_stays_missing(store):
+    scope = f"amocrm:{uuid.uuid4().hex}"
+    store.expire_crm_account(scope)  # nothing kept: nothing written
+    assert store.get_crm_account(scope) is None
+    store.put_crm_account(scope, {"base_url": "https://shop.amocrm.ru", "country": "BY", "currency": "USD",
+                                  "read_at": int(NOW)})
+    store.expire_crm_account(scope)
+    assert store.get_crm_account(scope) == {"base_url": "https://shop.amocrm.ru", "country": "BY", "currency": "USD",
+                                            "read_at": 0}
 
 
 # --- QuotaStore --------------------------------------------------------------------------------------

@@ -64,14 +64,14 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     # Installs from amoCRM (chalicelib/amocrm_install.py) and of the Bitrix24 application
     # (chalicelib/bitrix24_app.py): each CRM's client secret (SSM), the tokens item
     # (UpdateItem: a version written atomically, chalicelib/oauth.py). Saving an amoCRM integration
-    # marks its kept account record stale (PutItem, chalicelib/crm/amocrm/account.py `expire_account`).
+    # marks its kept account record stale (UpdateItem, chalicelib/crm/amocrm/account.py `expire_account`).
     "api_handler": {
         CONFIG: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
                  "dynamodb:Scan"),
         AMOCRM_SECRET: ("ssm:GetParameter",),
         BITRIX24_SECRET: ("ssm:GetParameter",),
-        STATE: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
-                "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
+        STATE: ("dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query",
+                "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"),
         QUOTA: ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
         EVENTS: ("sqs:GetQueueUrl", "sqs:SendMessage"),
         DEAD_LETTERS: ("sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:DeleteMessage"),

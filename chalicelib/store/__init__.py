@@ -451,6 +451,10 @@ class CrmAccountStore(Protocol):
     def put_crm_account(self, scope: str, account: dict) -> None:
         """Replace the account's facts."""
 
+    def expire_crm_account(self, scope: str) -> None:
+        """Mark the account's kept facts stale (`read_at` 0), keeping the facts; nothing when none are
+        kept. One write, no read: the API marks them on every save of an amoCRM integration."""
+
 
 class InboxStore(Protocol):
     """Webhook bodies naming more entities than the acknowledgement records one by one: recorded whole,

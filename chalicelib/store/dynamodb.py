@@ -711,8 +711,19 @@ class DynamoStore:
         return item["account"] if item else None
 
     def put_crm_account(self, scope: str, account: dict) -> None:
-        self._db.put_item(TableName=self._state, Item=_to_item(
-            {"pk": f"ACCOUNT#{scope}", "sk": "INFO", "account": account, "updated_at": self._now()}))
+        # UpdateItem, not PutItem: the API reads accounts too (a reconciliation by route compares deals as
+        # translated), and the API's role holds no PutItem on the state table, where a PutItem could
+        # replace any entity's state.
+        self._db.update_item(TableName=self._state, Key=_to_item({"pk": f"ACCOUNT#{scope}", "sk": "INFO"}),
+                             UpdateExpression="SET account = :account, updated_at = :now",
+                             ExpressionAttributeValues=_to_item({":account": account, ":now": self._now()}))
+
+    def expire_crm_account(self, scope: str) -> None:
+        # One UpdateItem, no read: a delivery keeping a fresh read in between is not overwritten with old facts.
+        self._if_db.update_item(TableName=self._state, Key=_to_item({"pk": f"ACCOUNT#{scope}", "sk": "INFO"}),
+                                UpdateExpression="SET account.read_at = :zero",
+                                ConditionExpression="attribute_exists(pk)",
+                                ExpressionAttributeValues=_to_item({":zero": 0}))
 
     # --- ImportStore ---------------------------------------------------------------------------------
 

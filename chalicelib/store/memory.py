@@ -468,6 +468,11 @@ class MemoryStore:
         with self._lock:
             self._crm_accounts[scope] = _model(account)
 
+    def expire_crm_account(self, scope: str) -> None:
+        with self._lock:
+            if scope in self._crm_accounts:
+                self._crm_accounts[scope]["read_at"] = 0
+
     # --- ImportStore ---------------------------------------------------------------------------------
 
     def get_backfill(self, integration_id: str) -> dict | None:

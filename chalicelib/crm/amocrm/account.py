@@ -28,11 +28,8 @@ def account_scope(base_url: str) -> str:
 def expire_account(accounts: Any, base_url: str) -> None:
     """Mark the kept record of the account at `base_url` stale (read at 0), keeping its values as the
     fallback for a read that fails. `accounts`: a `CrmAccountStore`."""
-    if not base_url:
-        return
-    kept = accounts.get_crm_account(account_scope(base_url))
-    if kept is not None and kept.get("read_at"):
-        accounts.put_crm_account(account_scope(base_url), {**kept, "read_at": 0})
+    if base_url:
+        accounts.expire_crm_account(account_scope(base_url))
 
 
 __all__ = ["ACCOUNT_MAX_AGE", "account_scope", "expire_account"]
