@@ -518,11 +518,14 @@ def save_integration(store: Any, integration_id: str, body: Any,
     if stored is not None and stored.get("disabled"):  # only a reinstall from the CRM enables it again
         config["disabled"] = stored["disabled"]
     check_sent_prefix(stored, sent_prefix)  # a 400 before the status push below
-    with around_save(config) if around_save is not None else nullcontext():
-        config = saved_with_id_prefix(store, integration_id, config, sent_prefix)
-    if config["crm"] == "amocrm":  # the account's currency and country are read again on the next delivery
+    if config["crm"] == "amocrm":
+        # The account's currency and country are read again on the next delivery. Before the save: should
+        # this write fail, nothing is stored and the PUT can simply be sent again (after it, a 503 would
+        # answer a config already stored); a save that then fails costs one extra account read.
         from .crm.amocrm.account import expire_account
         expire_account(store, str((config.get("connection") or {}).get("base_url") or ""))
+    with around_save(config) if around_save is not None else nullcontext():
+        config = saved_with_id_prefix(store, integration_id, config, sent_prefix)
     log_event("integration_saved", integration_id=integration_id, crm=config["crm"], counter_id=config["counter_id"])
     return public_view(config)
 
