@@ -186,9 +186,10 @@ class Ingest:
 
         The config may come from this Lambda's copy of the last seconds; a mismatch is checked again
         against a fresh read, so a rotated secret works at once (the old one may still pass here for
-        those seconds). An unknown id is not read twice: the store keeps no copy of a miss."""
+        those seconds). An unknown id is read again too, and the store keeps a miss as it keeps a config:
+        a refusal costs the same reads either way, so its time does not tell which ids exist either."""
         integration = self._read(integration_id, max_age=INTEGRATION_MAX_AGE)
-        if integration is not None and not _accepts(integration, crm, secret_matches):
+        if integration is None or not _accepts(integration, crm, secret_matches):
             integration = self._read(integration_id)
         if integration is not None and _accepts(integration, crm, secret_matches):
             if isinstance(integration.get("disabled"), dict):  # uninstalled in the CRM: said only to a holder of the secret

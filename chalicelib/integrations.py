@@ -13,6 +13,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, valid
 from .ids import is_integration_id
 from .errors import ApiError, BridgeError, http_error, invalid, not_found
 from .logs import log_event
+from .normalize import ISO_4217
 from .metrika.schemas import SCHEMA_ID, check_phone_region, resolve_time_zone
 from .shared_counter import check_sent_prefix, saved_with_id_prefix
 
@@ -164,6 +165,11 @@ class StrictBoolean(fields.Boolean):
         if not isinstance(value, bool):
             raise self.make_error("invalid", input="value")
         return value
+
+
+def _iso_4217(value: str) -> None:
+    if value not in ISO_4217:
+        raise ValidationError(f"{value} is no ISO 4217 currency code in use (such as RUB, USD, EUR, BYN, KZT)")
 
 
 def _string(max_length: int, *validators: Callable[[str], None], min_length: int = 1, **kwargs: Any) -> fields.String:
@@ -326,7 +332,7 @@ class IntegrationConfig(Schema):
     timezone = _string(MAX_TIME_ZONE, _time_zone)
     client_id_field = _string(MAX_ID, _field_name)  # a field code or name ("Yandex CID"): spaces allowed
     hash_pii = StrictBoolean(load_default=False)
-    currency = _string(3, _fullmatch(r"[A-Z]{3}", "must be an ISO 4217 code such as RUB"))
+    currency = _string(3, _fullmatch(r"[A-Z]{3}", "must be an ISO 4217 code such as RUB"), _iso_4217)
     # How people in the CRM write phones (ISO 3166-1 alpha-2); absent: amoCRM's account country, else RU.
     phone_region = _string(2, check_phone_region)
     # A CRM field (amoCRM custom field id, code or name; Bitrix24 field code) → the order's `cost`.

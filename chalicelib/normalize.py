@@ -40,6 +40,22 @@ def normalize_email(raw: str) -> str:
 
 
 DEFAULT_PHONE_REGION = "RU"
+
+# ISO 4217 currency codes in use (List One, as maintained for ISO by SIX: "Currency codes — ISO 4217",
+# https://www.iso.org/iso-4217-currency-codes.html), less those that are no money an order is paid in:
+# precious metals, bond-market units, SDR, the testing code and "no currency". Metrika's order `currency`
+# is a code of this standard ("Uploading orders (JSON)",
+# https://yandex.com/dev/metrika/en/management/openapi/schema/uploadOrdersJson_1): a made-up code set by
+# hand would go out on every order.
+ISO_4217 = frozenset("""
+AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP BYN BZD
+CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP
+GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW
+KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN
+NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL
+SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES
+VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG ZWL
+""".split())
 # Longer than any phone number as people write it (an extension included): not parsed at all, so a
 # 2,000-character value costs nothing.
 MAX_PHONE_CHARS = 64

@@ -34,6 +34,29 @@ def test_unknown_id_and_wrong_secret_cost_the_same_store_reads(app_client, amo, 
     assert reads(amo) == reads("nope-" + amo)
 
 
+def test_a_warm_process_refuses_an_unknown_id_and_a_wrong_secret_with_the_same_reads(app_client, amo, queue):  # noqa: F811
+    """The same, for a process that answered each id a moment before (its copy of the config, or of the
+    miss): one fresh read each. A store that kept no miss read an unknown id once cold and once warm,
+    a known one twice cold and once warm."""
+    from chalicelib.settings import get_settings
+    from chalicelib.store.dynamodb import DynamoStore
+    settings = get_settings()
+    db = CountingDynamoDB()
+    webhooks = Ingest(DynamoStore(db, settings.config_table, settings.state_table, quota_table=settings.quota_table),
+                      EventQueue(boto3.client("sqs"), settings.events_queue), max_body_bytes=settings.max_webhook_bytes)
+
+    def reads(integration_id: str) -> int:
+        before = db.get_items
+        with pytest.raises(ApiError) as refused:
+            webhooks.amocrm(integration_id, amo_body(*lead("status", 5, 1700000000)), {"secret": "guess-0123456789abcdef"})
+        assert refused.value.status == 403
+        return db.get_items - before
+
+    cold = (reads(amo), reads("nope-" + amo))
+    warm = (reads(amo), reads("nope-" + amo))
+    assert cold == (2, 2) and warm == (1, 1)
+
+
 def test_currency_must_be_a_real_iso_4217_code(app_client, integration_id):
     """PUT {"currency": "XYZ"} is stored (200) although the field's own message says "must be an ISO 4217
     code such as RUB" ("usd" is refused with that message); every order would then carry XYZ."""

@@ -55,6 +55,7 @@ STATUS_MAPPING = "STATUS_MAPPING"
 ATTRIBUTES = "ATTRIBUTES"
 BACKFILL = "BACKFILL"
 TOKENS = "TOKENS"  # an installed integration's OAuth tokens (TokenStore)
+MISSES_KEPT = 1024  # integration ids read and not found, kept per process (`get_integration`)
 INBOX = "INBOX"
 CUSTOMER = "CUSTOMER#"
 PENDING_UPLOAD = "PENDING_UPLOAD#"
@@ -217,6 +218,7 @@ class DynamoStore:
         self._quota = quota_table
         self._clock = clock
         self._integrations: dict[str, tuple[float, dict]] = {}  # id → (read at, config), see get_integration
+        self._misses: dict[str, float] = {}  # id read and not found → read at (at most MISSES_KEPT)
         self._uploads_moved: set[str] = set()  # integrations with no older upload records left (`_migrate_uploads`)
         self._rate_next: dict[str, float] = {}  # scope → the next slot after this process's last (reserve_slot)
 
@@ -226,10 +228,20 @@ class DynamoStore:
         cached = self._integrations.get(integration_id)
         if max_age and cached and time.monotonic() - cached[0] < max_age:
             return copy.deepcopy(cached[1])  # a caller changing its copy must not change the next one
+        # A miss is kept as long as a config would be: a webhook's refusal then costs the same store reads
+        # for an unknown id as for a known one with a wrong secret (`Ingest._authenticated`), so its time
+        # does not tell an outsider which ids exist. Bounded: random ids must not grow the process.
+        missed = self._misses.get(integration_id)
+        if max_age and missed is not None and time.monotonic() - missed < max_age:
+            return None
         item = self._get(self._config, _pk(integration_id), CONFIG)
         if item is None:
             self._integrations.pop(integration_id, None)
+            if len(self._misses) >= MISSES_KEPT:
+                self._misses.clear()
+            self._misses[integration_id] = time.monotonic()
             return None
+        self._misses.pop(integration_id, None)
         self._integrations[integration_id] = (time.monotonic(), item["config"])
         return copy.deepcopy(item["config"])  # the caller's to change; the cached copy stays as read
 
@@ -237,6 +249,7 @@ class DynamoStore:
         self._db.put_item(TableName=self._config, Item=_to_item(
             {"pk": _pk(integration_id), "sk": CONFIG, "config": config, "updated_at": self._now()}))
         self._integrations.pop(integration_id, None)  # after the write: a read meanwhile cannot keep the old one
+        self._misses.pop(integration_id, None)
 
     def delete_integration(self, integration_id: str) -> bool:
         pk = _pk(integration_id)
