@@ -235,8 +235,8 @@ class AmoCrmConnection(_Connection):
     # Sent by amoCRM in the webhook URL's query: long enough not to be guessed.
     webhook_secret = _secret(min_length=16)
 
-    @validates_schema(skip_on_field_errors=False)
-    def _endpoint(self, data: dict, **kwargs: Any) -> None:
+    @validates_schema(skip_on_field_errors=False, pass_original=True)
+    def _endpoint(self, data: dict, original: dict, **kwargs: Any) -> None:
         problem = "base_url" in data and endpoint_problem(data["base_url"], domains=AMOCRM_DOMAINS,
                                                           allow_loopback=self.allow_loopback)
         if problem:
@@ -247,7 +247,7 @@ class AmoCrmConnection(_Connection):
                                                         "leave access_token out, or set auth to long_lived"]})
             if "account_id" not in data:
                 raise ValidationError({"account_id": ["required for an installed (OAuth) integration"]})
-        elif "access_token" not in data:
+        elif "access_token" not in original:  # sent but invalid: that field's own error says why
             raise ValidationError({"access_token": ["Missing data for required field."]})
 
     @post_load
@@ -283,8 +283,8 @@ class Bitrix24Connection(_Connection):
     # An on-premise portal, or a cloud portal on its own domain: webhook_url may name any public host.
     custom_domain = StrictBoolean()
 
-    @validates_schema(skip_on_field_errors=False)
-    def _endpoint(self, data: dict, **kwargs: Any) -> None:
+    @validates_schema(skip_on_field_errors=False, pass_original=True)
+    def _endpoint(self, data: dict, original: dict, **kwargs: Any) -> None:
         if "client_endpoint" in data and data.get("auth") != "oauth":
             # Unused without the application's tokens, but a CRM URL all the same: never an IP literal,
             # a private or an internal host, whoever set it.
@@ -298,15 +298,19 @@ class Bitrix24Connection(_Connection):
                 raise ValidationError({"webhook_url": ["an application's integration calls its client_endpoint: "
                                                        "leave webhook_url out"]})
             for key in ("client_endpoint", "member_id"):
-                if key not in data:
+                if key not in original:  # sent but invalid: that field's own error says why
                     raise ValidationError({key: ["Missing data for required field."]})
+            if "client_endpoint" not in data:
+                return
             problem = endpoint_problem(data["client_endpoint"], domains=BITRIX24_DOMAINS,
                                        allow_loopback=self.allow_loopback)
             if problem:
                 raise ValidationError({"client_endpoint": [problem]})
             return
         if "webhook_url" not in data:
-            raise ValidationError({"webhook_url": ["Missing data for required field."]})
+            if "webhook_url" not in original:  # sent but invalid: that field's own error says why
+                raise ValidationError({"webhook_url": ["Missing data for required field."]})
+            return
         problem = endpoint_problem(data["webhook_url"], domains=BITRIX24_DOMAINS,
                                    custom_domain=data.get("custom_domain") is True, allow_loopback=self.allow_loopback)
         if problem and problem.startswith(_NOT_LISTED):

@@ -63,3 +63,19 @@ def test_currency_must_be_a_real_iso_4217_code(app_client, integration_id):
     config = amocrm_config(timezone="Europe/Moscow", currency="XYZ")
     response = app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(), body=json.dumps(config))
     assert response.status_code == 400, response.body
+
+
+@pytest.mark.parametrize("connection, field, message", [
+    ({"base_url": "https://shop.amocrm.ru", "access_token": "…", "webhook_secret": "s" * 32}, "access_token",
+     "printable ASCII"),
+    ({"base_url": "https://shop.amocrm.ru", "access_token": "a" * 100_000, "webhook_secret": "s" * 32}, "access_token",
+     "Length"),
+])
+def test_a_secret_sent_but_invalid_is_not_also_called_missing(app_client, integration_id, connection, field, message):
+    """The README's own example (`"access_token": "…"`) got two messages for the field, one of them
+    "Missing data for required field." although the field was sent."""
+    config = amocrm_config(timezone="Europe/Moscow", connection=connection)
+    response = app_client.http.put(f"/integrations/{integration_id}", headers=admin_headers(), body=json.dumps(config))
+    assert response.status_code == 400, response.body
+    messages = json.loads(response.body)["details"]["connection"][field]
+    assert any(message in m for m in messages) and not any("Missing" in m for m in messages), messages
