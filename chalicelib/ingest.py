@@ -28,8 +28,14 @@ from .logs import log_event
 from .queue import INBOX, Queue, message
 from .store import CLAIM_GRACE_SECONDS
 
-RECONCILE_OVERLAP = 120  # seconds; the window overlaps the last run to absorb clock skew
+RECONCILE_OVERLAP = 120  # seconds; the window overlaps the last run (changes the CRM dates a little late)
 RECONCILE_FIRST_WINDOW = 24 * 3600  # a first run looks back one day
+# Reconciliation keeps two cursors. RECONCILE_RAN (`reconcile`): when it last ran, by our clock, which the
+# schedules compare with EventBridge's time (`chalicelib.schedules`). RECONCILE_POSITION: where its
+# window starts, in the CRM's own clock — the newest change time the CRM listed — so a CRM whose clock
+# (or, for Bitrix24, whose time zone) is off from ours by hours still lists every change it makes next.
+RECONCILE_RAN = "reconcile"
+RECONCILE_POSITION = "reconcile_position"
 # How long a queued message is trusted to reach a worker and be worked on. Past it, the entity is queued
 # again by the next event or the sweep (a duplicate message costs one CRM read; the content hash stops a
 # resend). The worker reads an entity without a write (`StateStore.delivery_states`) and the lease stays
@@ -341,8 +347,12 @@ class Ingest:
         if integration is None:
             raise not_found(f"integration {integration_id!r}")
         now = int(self._clock())
-        cursor = since if since is not None else self._store.get_cursor(integration_id, "reconcile")
-        start = max(0, (cursor if cursor is not None else now - RECONCILE_FIRST_WINDOW) - RECONCILE_OVERLAP)
+        stored = self._store.get_cursor(integration_id, RECONCILE_POSITION)
+        position = stored
+        if position is None:  # a first run, or the first since the position was kept: a day back, or
+            ran = self._store.get_cursor(integration_id, RECONCILE_RAN)  # since a run longer ago than that
+            position = now - RECONCILE_FIRST_WINDOW if ran is None else min(ran, now - RECONCILE_FIRST_WINDOW)
+        start = max(0, (since if since is not None else position) - RECONCILE_OVERLAP)
         stuck = [EntityRef(e["kind"], e["crm_id"], e["event_time"], "sweep")
                  for e in self._store.stuck_entities(integration_id, now=now)]
         swept = self.record(integration_id, stuck, origin="sweep")["queued"] if stuck else 0
@@ -355,9 +365,25 @@ class Ingest:
         refs, delivered = undelivered(self._store, source, integration_id, integration, listed, now=now,
                                       future_skew=FUTURE_SKEW_SECONDS)
         result = self.record(integration_id, refs, origin="reconcile") if refs else {"queued": 0}
-        self._store.put_cursor(integration_id, "reconcile", now)
+        if listed and (since is None or since <= position):  # a `since` after it leaves it to the next run
+            newest = newest_listed(listed, limit=now + FUTURE_SKEW_SECONDS)
+            # A scheduled run only moves it on; a `since` before it may move it back (a CRM clock that
+            # jumped back and left it ahead of every change the CRM makes).
+            position = newest if since is not None else max(position, newest)
+        if position != stored:
+            self._store.put_cursor(integration_id, RECONCILE_POSITION, position)
+        self._store.put_cursor(integration_id, RECONCILE_RAN, now)  # what the schedules compare with
         return {"since": start, "found": len(listed), "queued": result["queued"], "swept": swept,
                 "delivered": delivered}
+
+
+def newest_listed(listed: list[EntityRef], *, limit: int) -> int:
+    """Where the reconciliation window starts next: the newest change time the CRM listed, in its own
+    clock, never past what it showed. A time past `limit` (our clock plus FUTURE_SKEW_SECONDS: a deal
+    dated in the year 2100) is left out, or it would hold the window past every real change of a CRM
+    whose clock lags ours; when every listed time is past it (a CRM clock hours ahead), `limit`."""
+    possible = [ref.event_time for ref in listed if ref.event_time <= limit]
+    return max(possible) if possible else limit
 
 
 def expand_inbox(store: Any, queue: Queue, batches: list[tuple[str, str]], *,

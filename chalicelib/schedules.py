@@ -15,7 +15,8 @@ Metrika, after the run was scheduled (the per-integration cursors `reconcile` an
 is written only when Metrika was read, so a duplicate of a run with nothing to confirm costs one query),
 and the worker runs one of each kind per integration and batch. Under a backlog that also keeps the jobs from
 piling up: an integration runs each job at most once per schedule period or per queue delay, whichever
-is longer, and reconciliation's window always starts where the last run ended, so nothing is skipped.
+is longer, and reconciliation's window always starts where the last run's listing ended (the newest
+change time the CRM listed, in its own clock, less an overlap), so nothing is skipped.
 
 Nothing remains of the walk's rotation cursor (`CURSOR#reconcile_all` / `CURSOR#confirm_uploads` under
 scope `*`): every run queues every integration, so no tail can be starved. Items left by earlier
@@ -136,7 +137,9 @@ class Jobs:
             source = self._sources.get(integration["crm"])
             if source is None:
                 return {"skipped": f"{integration['crm']} is not available in this build"}
-            return ingest.reconcile(integration_id, source)  # its window's cursor is the `reconcile` cursor
+            # It writes the `reconcile` cursor (when it ran, our clock: compared above) and keeps its
+            # window's start apart, in the CRM's clock (`ingest.RECONCILE_POSITION`).
+            return ingest.reconcile(integration_id, source)
         from .operations import confirm_uploads
         started = int(self._clock())  # what the listing covers: runs scheduled later still read it
         result = confirm_uploads(self._store, self._metrika_for(integration), integration_id, integration,

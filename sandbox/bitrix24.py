@@ -123,8 +123,11 @@ class Bitrix24Sandbox(SandboxServer):
     def webhook_url(self) -> str:
         return f"{self.url}/rest/{self.user}/{self.code}/"
 
-    def reset(self) -> None:
+    def reset(self, *, clock_lag: float = 0) -> None:
+        """Empty the portal. `clock_lag`: seconds its DATE_MODIFY runs behind the real time (a portal
+        whose clock or time zone is wrong: a UTC wall clock labelled +03:00 is three hours behind)."""
         with self._lock:
+            self.clock_lag = timedelta(seconds=clock_lag)
             self.deals: dict[str, dict] = {}
             self.contacts: dict[str, dict] = {}
             self.leads: dict[str, dict] = {}
@@ -139,7 +142,7 @@ class Bitrix24Sandbox(SandboxServer):
             self.limit_hits = 0
             self._bucket, self._bucket_at = 0.0, time.monotonic()
             self._next_id = 100
-            self._clock = datetime.now(MSK).replace(microsecond=0) - timedelta(hours=1)
+            self._clock = datetime.now(MSK).replace(microsecond=0) - self.clock_lag - timedelta(hours=1)
             self.fault_503 = 0.0
             self.failures: dict[tuple[str, str], MethodError] = {}  # (method, entity id) → the error it answers
             self._rng = random.Random(1)
@@ -153,7 +156,7 @@ class Bitrix24Sandbox(SandboxServer):
     def _tick(self) -> str:
         """DATE_MODIFY: the wall clock in the portal's zone, to the second (changes within one second
         share it, as in Bitrix24)."""
-        self._clock = max(self._clock, datetime.now(MSK).replace(microsecond=0))
+        self._clock = max(self._clock, (datetime.now(MSK) - self.clock_lag).replace(microsecond=0))
         return self._clock.isoformat()
 
     def _id(self) -> str:

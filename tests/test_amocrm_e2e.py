@@ -3,6 +3,7 @@
 import json
 import random
 import threading
+import time
 
 import pytest
 
@@ -342,3 +343,27 @@ def test_a_put_makes_the_kept_account_stale_and_a_garbled_read_is_not_kept(app_c
         amocrm.set_faults()
         amocrm.set_account(currency="RUB")
         configure(app_client, integration, amocrm)  # and the next test reads RUB again
+
+
+def test_reconciliation_finds_a_lead_changed_without_a_webhook_while_amocrm_clock_lags(app_client, integration,
+                                                                                      amocrm, account, worker,
+                                                                                      metrika_sandbox):
+    """The sandbox's clock runs four hours behind ours. The window is kept in amoCRM's own clock (the
+    newest `updated_at` it listed), so a change it dates four hours "ago" is still inside the next one;
+    with the window kept in our clock, it never was."""
+    lead = account["lead"]
+    assert lead["updated_at"] < time.time() - 3 * 3600  # the CRM clock lags ours by hours
+    first = app_client.http.post(f"/integrations/{integration}/reconcile", headers=admin_headers(), body=b"{}")
+    assert first.status_code == 200 and first.json_body["found"] == 1  # the seeded lead, never announced
+    worker.drain()
+    assert metrika_sandbox.counter(COUNTER).orders[str(lead["id"])]["order_status"] == "amo_7001_1001"
+    amocrm.update_lead(lead["id"], status_id=1002, notify=False)  # no webhook at all
+    second = app_client.http.post(f"/integrations/{integration}/reconcile", headers=admin_headers(), body=b"{}")
+    assert second.json_body["queued"] == 1
+    worker.drain()
+    assert metrika_sandbox.counter(COUNTER).orders[str(lead["id"])]["order_status"] == "amo_7001_1002"
+    uploads = len(orders_uploads(metrika_sandbox))
+    third = app_client.http.post(f"/integrations/{integration}/reconcile", headers=admin_headers(), body=b"{}")
+    assert (third.json_body["found"], third.json_body["queued"]) == (1, 0)  # the overlap re-reads it, sends nothing
+    worker.drain()
+    assert len(orders_uploads(metrika_sandbox)) == uploads

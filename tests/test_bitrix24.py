@@ -24,6 +24,10 @@ def portal(bitrix):
 
 @pytest.fixture
 def integration(app_client, integration_id, bitrix, portal, queue):
+    return configure(app_client, integration_id, bitrix)
+
+
+def configure(app_client, integration_id, bitrix):
     import app
     app._SOURCES.clear()
     config = {"crm": "bitrix24", "counter_id": COUNTER, "metrika_token": "y0_b24", "timezone": "Europe/Moscow",
@@ -117,6 +121,27 @@ def test_lost_webhook_is_recovered_by_reconciliation(app_client, integration, bi
     assert third.json_body["found"] == 1
     worker.drain()
     assert len(orders_uploads(metrika_sandbox)) == uploads
+
+
+def test_reconciliation_finds_a_deal_changed_without_an_event_while_the_portal_clock_lags(
+        app_client, integration_id, bitrix, queue, worker, metrika_sandbox):
+    """A portal whose DATE_MODIFY runs three hours behind ours (a wrong clock or time zone): the window
+    is kept in the portal's own clock (the newest DATE_MODIFY it listed), so a change it dates three hours
+    "ago" is still inside the next one."""
+    bitrix.reset(clock_lag=3 * 3600)
+    seeded = seed_demo(bitrix)
+    configure(app_client, integration_id, bitrix)
+    deal_id = seeded["deal_id"]
+    modified = datetime.fromisoformat(bitrix.deals[deal_id]["DATE_MODIFY"])
+    assert modified < datetime.now(timezone.utc) - timedelta(hours=2)
+    first = app_client.http.post(f"/integrations/{integration_id}/reconcile", headers=admin_headers(), body=b"{}")
+    assert first.status_code == 200 and first.json_body["found"] == 1
+    worker.drain()
+    bitrix.update_deal(deal_id, STAGE_ID="C2:WON", notify=False)  # no event at all
+    second = app_client.http.post(f"/integrations/{integration_id}/reconcile", headers=admin_headers(), body=b"{}")
+    assert second.json_body["queued"] == 1
+    worker.drain()
+    assert metrika_sandbox.counter(COUNTER).orders[deal_id]["order_status"] == "C2:WON"
 
 
 def test_scheduled_reconciliation_covers_every_integration(service_env, integration, bitrix, portal, queue, monkeypatch):

@@ -87,13 +87,15 @@ class ChangedSource:
         self.listed: Tally = Tally()
         self.changed: dict[str, list[EntityRef]] = {}
         self.fail: dict[str, Exception] = {}
+        self.since: dict[str, int] = {}  # the last window asked for, per integration
 
     def changed_since(self, integration, since):
         integration_id = integration["label"]
         self.listed[integration_id] += 1
+        self.since[integration_id] = since
         if integration_id in self.fail:
             raise self.fail[integration_id]
-        return list(self.changed.get(integration_id, []))
+        return [ref for ref in self.changed.get(integration_id, []) if ref.event_time >= since]
 
     def snapshot(self, integration, mapping, refs, attributes=()):
         return {(r.kind, r.crm_id): deal_rows(r.crm_id, contact=f"c{r.crm_id}") for r in refs}
@@ -238,6 +240,31 @@ def test_duplicate_jobs_run_once_and_a_later_run_runs_again(metrika_sandbox):
     fan_out(core.store, core.queue, "reconcile_all", run=str(int(core.clock.now)))
     assert core.worker.handle(core.queue.receive()).jobs == 2
     assert source.listed == {"alpha": 2, "bravo": 2}
+
+
+def test_a_crm_clock_hours_behind_ours_keeps_the_window_in_its_clock_and_the_runs_in_ours(metrika_sandbox):
+    """The window's position is the CRM's (the newest time it listed, four hours behind ours); whether a
+    run was covered is still judged by when reconciliation ran, by our clock, against EventBridge's."""
+    core, source = job_core(metrika_sandbox.url, ["alpha"])
+    lag = 4 * 3600
+    crm_now = lambda: int(core.clock.now) - lag  # noqa: E731
+    source.changed["alpha"] = [EntityRef(ORDER, "7", crm_now() - 30, "reconcile")]
+    run = str(int(core.clock.now) - 5)
+    fan_out(core.store, core.queue, "reconcile_all", run=run)
+    assert core.worker.handle(core.queue.receive()).jobs == 1
+    assert core.store.get_cursor("alpha", "reconcile_position") == crm_now() - 30
+    assert core.store.get_cursor("alpha", "reconcile") == int(core.clock.now)
+    core.drain()
+    core.clock.advance(60)
+    core.queue.send([message("alpha", RECONCILE, run)])  # the same run, handed out again: covered
+    assert core.worker.handle(core.queue.receive()).jobs_skipped == 1 and source.listed["alpha"] == 1
+    core.clock.advance(600)
+    source.changed["alpha"].append(EntityRef(ORDER, "8", crm_now(), "reconcile"))  # its webhook lost
+    fan_out(core.store, core.queue, "reconcile_all", run=str(int(core.clock.now)))
+    assert core.worker.handle(core.queue.receive()).jobs == 1
+    assert source.since["alpha"] == crm_now() - 600 - 60 - 30 - 120  # the last position, less the overlap
+    assert [json.loads(m)["crm_id"] for m in core.queue.receive()] == ["8"]  # found; "7", delivered, left alone
+    assert core.store.get_cursor("alpha", "reconcile_position") == crm_now()
 
 
 @pytest.mark.parametrize("run", ["", "not-a-time", "9" * 200, str(2**40)])

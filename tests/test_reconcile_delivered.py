@@ -58,11 +58,15 @@ def test_reconciling_100_delivered_deals_queues_none_and_writes_none(core, metri
     result = core.ingest.reconcile(shop, core.source)
     assert (result["found"], result["delivered"], result["queued"], result["swept"]) == (100, 100, 0, 0)
     assert len(core.queue) == 0
-    assert [name for name in called if name not in READS] == ["put_cursor"]  # the run's cursor: no entity write
+    # the run's cursors (when it ran; where its window starts, new here): no entity write
+    assert [name for name in called if name not in READS] == ["put_cursor", "put_cursor"]
     assert called.count("delivered_versions") == 1  # the listed deals' state: one bulk read
     assert core.source.calls == [[(ORDER, str(i)) for i in sorted(range(100), key=str)]]  # one CRM read
     core.drain()
     assert data_requests(metrika_sandbox) == uploads
+    called.clear()
+    assert core.ingest.reconcile(shop, core.source)["queued"] == 0
+    assert [name for name in called if name not in READS] == ["put_cursor"]  # the position did not move
 
 
 def test_a_change_in_the_same_second_as_the_delivery_still_goes(core, metrika_sandbox):
@@ -184,6 +188,83 @@ def test_a_long_listing_is_compared_in_chunks_of_one_crm_read(core, metrika_sand
     result = core.ingest.reconcile(shop, core.source)
     assert (result["delivered"], result["queued"]) == (9, 1)
     assert [len(call) for call in core.source.calls] == [4, 4, 2]
+
+
+# --- the window, in the CRM's clock ------------------------------------------------------------------
+
+LAG = 4 * 3600  # the CRM's clock runs this far behind ours
+
+
+def windowed(core: Core) -> list[int]:
+    """The CRM lists what changed at or after the window's start, as both CRMs do; the starts asked for."""
+    starts: list[int] = []
+    def changed_since(integration, since):
+        starts.append(since)
+        return [r for r in core.source.changed if r.event_time >= since]
+    core.source.changed_since = changed_since
+    return starts
+
+
+def position(core: Core, shop: str) -> int | None:
+    return core.store.get_cursor(shop, "reconcile_position")
+
+
+def test_the_window_follows_the_newest_time_the_crm_listed_not_our_clock(core):
+    shop, now = core.integration(), int(core.clock.now)
+    starts = windowed(core)
+    assert core.ingest.reconcile(shop, core.source)["found"] == 0  # nothing listed: the first day kept
+    assert starts == [now - 24 * 3600 - 120] and position(core, shop) == now - 24 * 3600
+    core.source.rows = {(ORDER, c): deal_rows(c, contact="c" + c) for c in ("1", "2")}
+    core.source.changed = [ref("1", now - LAG)]
+    assert core.ingest.reconcile(shop, core.source)["queued"] == 1
+    assert position(core, shop) == now - LAG and core.store.get_cursor(shop, "reconcile") == now
+    core.drain()
+    core.clock.advance(600)
+    core.source.changed.append(ref("2", now + 600 - LAG))  # changed 10 minutes later, CRM time; no webhook
+    result = core.ingest.reconcile(shop, core.source)
+    assert (result["since"], result["found"], result["queued"]) == (now - LAG - 120, 2, 1)
+    assert position(core, shop) == now + 600 - LAG
+
+
+def test_a_deal_dated_in_2100_does_not_carry_the_window_past_every_real_change(core):
+    shop, now = core.integration(), int(core.clock.now)
+    windowed(core)
+    core.source.rows = {(ORDER, c): deal_rows(c, contact="c" + c) for c in ("1", "2", "3")}
+    core.source.changed = [ref("1", 4_102_444_800), ref("2", now - LAG)]
+    core.ingest.reconcile(shop, core.source)
+    assert position(core, shop) == now - LAG
+    core.source.changed = [ref("3", now + 3600)]  # only times past ours: a CRM clock an hour ahead
+    core.ingest.reconcile(shop, core.source)
+    assert position(core, shop) == now + 300  # our clock plus the skew we accept, never past what it listed
+
+
+def test_a_since_after_the_position_leaves_it_and_one_before_it_may_move_it_back(core):
+    shop, now = core.integration(), int(core.clock.now)
+    starts = windowed(core)
+    core.source.rows = {(ORDER, c): deal_rows(c, contact="c" + c) for c in ("1", "2")}
+    core.store.put_cursor(shop, "reconcile_position", now - 3600)
+    core.source.changed = [ref("1", now - 60)]
+    assert core.ingest.reconcile(shop, core.source, since=now - 600)["found"] == 1
+    assert starts[-1] == now - 720 and position(core, shop) == now - 3600  # [now - 3600, now - 720] not seen yet
+    core.store.put_cursor(shop, "reconcile_position", now + 7200)  # ahead of every change: a CRM clock jumped back
+    core.source.changed = [ref("2", now - LAG)]
+    core.ingest.reconcile(shop, core.source)
+    assert position(core, shop) == now + 7200  # a scheduled run never moves it back
+    assert core.ingest.reconcile(shop, core.source, since=now - 2 * LAG)["found"] == 1
+    assert position(core, shop) == now - LAG  # an operator's `since` before it does
+
+
+def test_a_cursor_of_an_earlier_version_starts_a_day_back_at_most(core):
+    """Earlier versions kept only when the last run ran, by our clock: a CRM clock behind it would make
+    that window miss its changes, so the first run after the upgrade looks back a day, as a first run."""
+    shop, now = core.integration(), int(core.clock.now)
+    starts = windowed(core)
+    core.store.put_cursor(shop, "reconcile", now - 600)
+    core.ingest.reconcile(shop, core.source)
+    idle = core.integration("idle")
+    core.store.put_cursor(idle, "reconcile", now - 3 * 24 * 3600)
+    core.ingest.reconcile(idle, core.source)
+    assert starts == [now - 24 * 3600 - 120, now - 3 * 24 * 3600 - 120]
 
 
 # --- the pure split ------------------------------------------------------------------------------------

@@ -200,6 +200,7 @@ def test_delete_integration_removes_everything_under_it(store, iid, clock):
         store.put_status_mapping(target, [{"crm_status": "1"}], 1)
         store.put_attribute_mapping(target, [{"crm_field": "2"}])
         store.put_cursor(target, "reconcile", 3)
+        store.put_cursor(target, "reconcile_position", 2)
         store.put_backfill(target, {"run_id": "r", "state": "running"})
         assert mark(store, target, "5", NOW)
         store.note_contacts_sent(target, {"9": "h9"})
@@ -209,6 +210,7 @@ def test_delete_integration_removes_everything_under_it(store, iid, clock):
     assert store.get_integration(iid) is None and iid not in store.list_integration_ids()
     assert store.get_status_mapping(iid) is None and store.get_attribute_mapping(iid) == []
     assert store.get_cursor(iid, "reconcile") is None and store.get_backfill(iid) is None
+    assert store.get_cursor(iid, "reconcile_position") is None and store.get_cursor(other, "reconcile_position") == 2
     assert store.list_entities(iid) == [] and store.uploads(iid) == [] and store.products(iid) == {}
     assert store.claim(iid, "order", "5") is None
     assert store.delete_integration(iid) is False
