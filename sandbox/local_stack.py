@@ -192,8 +192,8 @@ def emulator_env(moto_url: str) -> dict[str, str]:
 
 
 def start_moto(port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "sandbox.moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/moto-api/", process=process)
     return process
 

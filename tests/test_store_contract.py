@@ -472,6 +472,22 @@ def test_mark_failed_parks(store, iid, clock):
     assert state["last_error"] == {"code": "unmapped_stage", "crm_status": "142"}
 
 
+def test_note_attempt_leaves_an_entity_delivered_meanwhile_alone(store, iid):
+    """A duplicate of the message delivered the entity while this delivery failed: no lease, no attempt,
+    no row hashes on the clean entity (its retry message finds nothing to do), and no item created."""
+    assert mark(store, iid, "5", 1_700_000_000)
+    seen = store.delivery_states(iid, [("order", "5")])[("order", "5")]
+    assert store.mark_clean(iid, "order", "5", event_time=seen["event_time"], content_hash="h",
+                            row_hashes={"order:5": "r"}, uploading_id="u", version=seen["seq"])
+    before = entity(store, iid, "5")
+    assert store.note_attempt(iid, "order", "5", attempts=1, error={"message": "503"}, lease_until=NOW + 60,
+                              row_hashes={"contact:9": "r9"}) is False
+    assert entity(store, iid, "5") == before and "queued_until" not in before
+    assert mark(store, iid, "5", 1_700_000_001) is True  # the next event queues at once
+    assert store.note_attempt(iid, "order", "absent", attempts=1, error={"m": 1}, lease_until=NOW + 60) is False
+    assert entity(store, iid, "absent") is None
+
+
 def test_note_attempt_stores_the_retry_and_the_rows_already_accepted(store, iid):
     assert mark(store, iid, "5", 1_700_000_000)
     store.claim(iid, "order", "5")

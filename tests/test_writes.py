@@ -292,3 +292,33 @@ def test_writes_per_update_in_a_batch_of_ten_amocrm_deals(rig, amocrm, metrika_s
     assert by_method["reserve_slot"] == 2
     assert measured.steady_per_update() <= STEADY, measured
     assert measured.run_writes() <= 4  # the confirm run: its Metrika read's lease and count, and its cursor
+
+
+def test_a_retry_noted_after_another_delivery_closed_the_entity_leaves_it_no_lease(core, metrika_sandbox):
+    """SQS delivers at least once: two workers can hold the same message. One delivers and closes the
+    deal; the other's CRM read fails meanwhile, and its retry must not put a queue lease on the clean
+    deal: the retry message finds it clean and is dropped, and a lease left behind would make the next
+    webhook's change "covered" by no message for 35 minutes (issue 13)."""
+    from chalicelib.errors import Transient
+    from chalicelib.worker import Worker
+    shop = core.integration()
+    core.source.rows = {(ORDER, "5"): deal_rows("5")}
+    core.ingest.record(shop, [EntityRef(ORDER, "5", T, "add")], origin="amocrm")
+    bodies = core.queue.receive()
+    other = Worker(core.store, core.queue, core.metrika_for, core.sources, clock=core.clock, threads=1)
+
+    def the_other_worker_delivers_first(integration):
+        if len(core.source.calls) == 1:  # this worker's read: the other one delivers the duplicate now
+            other.handle(list(bodies))
+            raise Transient("amoCRM answered 503", source="amocrm", status=503)
+
+    core.source.fail = the_other_worker_delivers_first
+    assert core.worker.handle(bodies).retried == 1
+    core.source.fail = None
+    state = core.store.get_entity(shop, ORDER, "5")
+    assert state["dirty"] is False and "queued_until" not in state
+    core.drain()  # the retry message finds the deal clean
+    core.source.rows = {(ORDER, "5"): deal_rows("5", status="CANCELLED")}
+    assert core.ingest.record(shop, [EntityRef(ORDER, "5", T + 60, "status")], origin="amocrm")["queued"] == 1
+    core.drain()
+    assert metrika_sandbox.counter(core.counter_id).orders["5"]["order_status"] == "CANCELLED"

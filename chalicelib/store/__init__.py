@@ -238,11 +238,13 @@ class EntityStore(Protocol):
         refusal). Same condition, answer and `version` as `mark_clean`."""
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
-                     lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
+                     lease_until: float, row_hashes: dict[str, str] | None = None) -> bool:
         """A retryable failure whose retry message is queued: attempts, last_error, the queue lease
         until `lease_until`, and `row_hashes` when given (rows Metrika already accepted, so the retry
         skips them; the whole-content hash is then stale and removed); dead_lettered_at removed (a new
-        message is on its way). Unconditional."""
+        message is on its way). Only while the entity is dirty (True): one delivered or parked meanwhile
+        — by a duplicate of the message — is left as it is (False), since its retry message will find
+        nothing to do and a lease left on it would make the next event queue nothing."""
 
     def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
         """Forget what was sent (content_hash, last_order, row_hashes), so the next delivery sends the

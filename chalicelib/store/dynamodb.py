@@ -402,15 +402,17 @@ class DynamoStore:
                             {":e": error}, version)
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
-                     lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
+                     lease_until: float, row_hashes: dict[str, str] | None = None) -> bool:
         # Partial progress: Metrika now holds some new rows, so the whole-content hash is stale.
         progress = (", row_hashes = :rh", ", content_hash") if row_hashes is not None else ("", "")
-        self._db.update_item(
+        # Only on an entity that still owes a delivery (and never a new item): one delivered meanwhile
+        # (a duplicate of the message) must not be left with a lease no message will end.
+        return self._if_db.update_item(
             TableName=self._state, Key=self._entity_key(integration_id, kind, crm_id),
             UpdateExpression=f"SET attempts = :n, last_error = :e, queued_until = :lease{progress[0]} "
-                             f"REMOVE dead_lettered_at{progress[1]}",
+                             f"REMOVE dead_lettered_at{progress[1]}", ConditionExpression="dirty = :yes",
             ExpressionAttributeValues=_to_item({":n": attempts, ":e": error, ":lease": _decimal(lease_until),
-                                                ":rh": row_hashes}))
+                                                ":rh": row_hashes, ":yes": True})) is not None
 
     def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
         # conditional: an update would otherwise create an item for an entity that has none

@@ -246,13 +246,16 @@ class MemoryStore:
             return True
 
     def note_attempt(self, integration_id: str, kind: str, crm_id: str, *, attempts: int, error: dict,
-                     lease_until: float, row_hashes: dict[str, str] | None = None) -> None:
+                     lease_until: float, row_hashes: dict[str, str] | None = None) -> bool:
         with self._lock:
-            item = self._entities.setdefault(integration_id, {}).setdefault((kind.lower(), crm_id), {})
+            item = self._item(integration_id, kind, crm_id)
+            if item is None or item.get("dirty") is not True:
+                return False  # delivered (or parked) meanwhile: its retry message will find nothing to do
             _set(item, attempts=attempts, last_error=error, queued_until=_decimal(lease_until), row_hashes=row_hashes)
             item.pop("dead_lettered_at", None)
             if row_hashes is not None:
                 item.pop("content_hash", None)
+            return True
 
     def forget_content(self, integration_id: str, kind: str, crm_id: str) -> None:
         with self._lock:
