@@ -177,7 +177,9 @@ def test_on_dynamodb_the_check_is_one_query_however_many_products_are_named(requ
     client = boto3.client("dynamodb")
     store = DynamoStore(client, settings.config_table, settings.state_table, quota_table=settings.quota_table)
     shop = f"products-{time.time_ns()}"
-    integration = {"crm": "amocrm", "counter_id": 7171, "metrika_token": "y0_products", "timezone": "Europe/Moscow"}
+    # A counter of its own: an integration left on another test's counter would give that test's
+    # integration an id prefix (shared_counter), and the suite's DynamoDB is shared by every test.
+    integration = {"crm": "amocrm", "counter_id": 5353, "metrika_token": "y0_products", "timezone": "Europe/Moscow"}
     store.put_integration(shop, integration)
     store.put_products(shop, {f"p{i}": f"Product {i}" for i in range(250)})
     operations: list[str] = []
@@ -190,7 +192,8 @@ def test_on_dynamodb_the_check_is_one_query_however_many_products_are_named(requ
     assert sink.sync_products(shop, integration, {f"p{i}": {} for i in range(260)}) == 10
     assert operations.count("Query") == 1 and operations.count("BatchWriteItem") == 1
     assert "BatchGetItem" not in operations and "GetItem" not in operations
-    assert len(store.products(shop)) == 260 and len(metrika_sandbox.counter(7171).products) == 260
+    assert len(store.products(shop)) == 260 and len(metrika_sandbox.counter(5353).products) == 260
+    store.delete_integration(shop)
 
 
 # --- naming products the rows did not name ------------------------------------------------------------
