@@ -207,9 +207,12 @@ def test_a_marketer_maps_a_new_pipelines_stage_and_the_held_deal_reaches_metrika
     browser.find_element(By.ID, "refresh-mapping").click()
     wait_text(browser, 'tr[data-stage="7001:1002"] td.num', "0")
     assert browser.find_elements(By.CSS_SELECTOR, ".message.warning") == []  # no deal held any more
-    # Read again, the page shows what Metrika holds.
-    stage = row(browser, "7001:1002")
-    assert stage.find_element(By.CSS_SELECTOR, "input").get_attribute("value") == "talks"
+    # Read again, the page shows what Metrika holds. (Found afresh on each try: the refresh may render the
+    # table once more after the count showed, and an element found before that is stale.)
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(browser, WAIT, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda b: row(b, "7001:1002").find_element(By.CSS_SELECTOR, "input").get_attribute("value") == "talks")
     assert "Метрика хранит это сопоставление" in browser.find_element(By.ID, "mapping-state").text
 
 
