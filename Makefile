@@ -6,9 +6,15 @@ PY := $(VENV)/bin/python
 
 .PHONY: run test check bench infra deploy clean
 
+# The pinned requirements are installed by uv (pinned here), not pip: the same versions, in 9 s instead of
+# 52 s on a fresh machine (pip spends most of it byte-compiling every installed file; a module is
+# compiled when first imported instead), which is a fifth of `make test`'s 5 minutes. pip stays in the
+# venv (`chalice package` uses it).
+UV_VERSION := 0.13.9
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements-dev.txt
 	touch $@
 
 run: $(VENV)/.installed
