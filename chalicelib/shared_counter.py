@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 from .errors import ApiError, invalid
@@ -113,12 +113,9 @@ def saved_with_id_prefix(store: Any, integration_id: str, config: dict, sent: An
     "ids" lease when the decision reads the other integrations there (see the module doc). Returns the
     config as stored."""
     stored = store.get_integration(integration_id) or {}
-    if stored.get("id_prefix") or (stored and stored.get("counter_id") == config["counter_id"]):
-        # Decided already (kept, or raw on the counter it is on): nothing else is read, no lease needed.
-        config = {**config, **assigned_id_prefix(store, integration_id, config["counter_id"], sent)}
-        store.put_integration(integration_id, config)
-        return config
-    with counter_lease(store, "ids", config["counter_id"]):
+    # Decided already (kept, or raw on the counter it is on): nothing else is read, no lease needed.
+    decided = bool(stored.get("id_prefix") or (stored and stored.get("counter_id") == config["counter_id"]))
+    with nullcontext() if decided else counter_lease(store, "ids", config["counter_id"]):
         config = {**config, **assigned_id_prefix(store, integration_id, config["counter_id"], sent)}
         store.put_integration(integration_id, config)
     return config
