@@ -199,6 +199,17 @@ class _Connection(Schema):
         super().__init__(**kwargs)
         self.allow_loopback = allow_loopback
 
+    def _check_endpoint(self, data: dict, field: str, domains: Any, *, custom_domain: bool = False,
+                        hint: str = "") -> None:
+        """A ValidationError naming `field` when its URL is not one this deployment may call
+        (`endpoint_problem`); `hint` is added to a host the CRM's domains do not list."""
+        problem = endpoint_problem(data[field], domains=domains, custom_domain=custom_domain,
+                                   allow_loopback=self.allow_loopback)
+        if problem and hint and problem.startswith(_NOT_LISTED):
+            problem += hint
+        if problem:
+            raise ValidationError({field: [problem]})
+
 
 def _no_path(value: str) -> None:
     try:
@@ -237,10 +248,8 @@ class AmoCrmConnection(_Connection):
 
     @validates_schema(skip_on_field_errors=False, pass_original=True)
     def _endpoint(self, data: dict, original: dict, **kwargs: Any) -> None:
-        problem = "base_url" in data and endpoint_problem(data["base_url"], domains=AMOCRM_DOMAINS,
-                                                          allow_loopback=self.allow_loopback)
-        if problem:
-            raise ValidationError({"base_url": [problem]})
+        if "base_url" in data:
+            self._check_endpoint(data, "base_url", AMOCRM_DOMAINS)
         if data.get("auth") == "oauth":
             if "access_token" in data:
                 raise ValidationError({"access_token": ["an installed (OAuth) integration keeps its tokens apart: "
@@ -288,11 +297,7 @@ class Bitrix24Connection(_Connection):
         if "client_endpoint" in data and data.get("auth") != "oauth":
             # Unused without the application's tokens, but a CRM URL all the same: never an IP literal,
             # a private or an internal host, whoever set it.
-            problem = endpoint_problem(data["client_endpoint"], domains=BITRIX24_DOMAINS,
-                                       custom_domain=data.get("custom_domain") is True,
-                                       allow_loopback=self.allow_loopback)
-            if problem:
-                raise ValidationError({"client_endpoint": [problem]})
+            self._check_endpoint(data, "client_endpoint", BITRIX24_DOMAINS, custom_domain=data.get("custom_domain") is True)
         if data.get("auth") == "oauth":
             if "webhook_url" in data:
                 raise ValidationError({"webhook_url": ["an application's integration calls its client_endpoint: "
@@ -300,23 +305,15 @@ class Bitrix24Connection(_Connection):
             for key in ("client_endpoint", "member_id"):
                 if key not in original:  # sent but invalid: that field's own error says why
                     raise ValidationError({key: ["Missing data for required field."]})
-            if "client_endpoint" not in data:
-                return
-            problem = endpoint_problem(data["client_endpoint"], domains=BITRIX24_DOMAINS,
-                                       allow_loopback=self.allow_loopback)
-            if problem:
-                raise ValidationError({"client_endpoint": [problem]})
+            if "client_endpoint" in data:
+                self._check_endpoint(data, "client_endpoint", BITRIX24_DOMAINS)
             return
         if "webhook_url" not in data:
             if "webhook_url" not in original:  # sent but invalid: that field's own error says why
                 raise ValidationError({"webhook_url": ["Missing data for required field."]})
             return
-        problem = endpoint_problem(data["webhook_url"], domains=BITRIX24_DOMAINS,
-                                   custom_domain=data.get("custom_domain") is True, allow_loopback=self.allow_loopback)
-        if problem and problem.startswith(_NOT_LISTED):
-            problem += "; for an on-premise portal, or one on its own domain, set connection.custom_domain to true"
-        if problem:
-            raise ValidationError({"webhook_url": [problem]})
+        self._check_endpoint(data, "webhook_url", BITRIX24_DOMAINS, custom_domain=data.get("custom_domain") is True,
+                             hint="; for an on-premise portal, or one on its own domain, set connection.custom_domain to true")
 
 
 CONNECTION_SCHEMAS = {"amocrm": AmoCrmConnection, "bitrix24": Bitrix24Connection}
