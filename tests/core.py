@@ -33,6 +33,20 @@ class Clock:
         self.now += seconds
 
 
+class StoredSignal(MemoryStore):
+    """A MemoryStore that sets `stored` once a refreshed token pair is stored (`finish_refresh`): a test
+    of two refreshers at once waits on it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stored = threading.Event()
+
+    def finish_refresh(self, *args: Any, **kwargs: Any) -> Any:
+        ok = super().finish_refresh(*args, **kwargs)
+        self.stored.set()
+        return ok
+
+
 def at_once(work: Callable[[], Any], threads: int, *, timeout: float) -> tuple[list, list]:
     """`work` in `threads` threads released together (a barrier), each joined for up to `timeout` s:
     what they returned and what they raised, in the order they finished."""

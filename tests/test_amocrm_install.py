@@ -22,7 +22,7 @@ from chalicelib.errors import Misconfigured, Transient
 from chalicelib.oauth import TokenKeeper, TokenPair
 from chalicelib.store.memory import MemoryStore
 from tests.conftest import admin_headers
-from tests.core import at_once
+from tests.core import StoredSignal, at_once
 
 CLIENT_ID = "0b6c2d8e-4f1a-4c3b-9e7d-5a6b7c8d9e0f"
 CLIENT_SECRET = "install-test-client-secret-" + hashlib.sha256(str(random.random()).encode()).hexdigest()[:16]
@@ -192,14 +192,9 @@ def test_two_workers_refreshing_at_once_make_one_refresh_call_at_the_sandbox(ser
     oauth = AmoOAuth(CLIENT_ID, lambda: CLIENT_SECRET, PUBLIC + "/oauth/amocrm", sandbox_hosts=(amo.host,))
     query = parse_qs(urlsplit(amo.consent_redirect(CLIENT_ID, "s")).query)
     pair = oauth.exchange(amo.url, query["code"][0])
-    waiting, stored = threading.Event(), threading.Event()
-
-    class Store(MemoryStore):
-        def finish_refresh(self, *args, **kwargs):
-            ok = super().finish_refresh(*args, **kwargs)
-            stored.set()
-            return ok
-    store = Store()
+    waiting = threading.Event()
+    store = StoredSignal()
+    stored = store.stored
     store.put_tokens("race", {**pair.fields(), "expires_at": int(time.time()) - 1})
 
     class Slow:  # the refresher waits until the other thread waits: both are inside access_token at once

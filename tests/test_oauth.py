@@ -12,18 +12,10 @@ from chalicelib.errors import Misconfigured, Transient
 from chalicelib.oauth import (RefreshPending, RefreshRefused, TokenKeeper, TokenPair, due_by_margin,
                               public_view)
 from chalicelib.store.memory import MemoryStore
-from tests.core import at_once
+from tests.core import Clock, StoredSignal, at_once
 
 NOW = 1_750_000_000.0
 IID = "oauth-test"
-
-
-class Clock:
-    def __init__(self, t: float = NOW) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Refresher:
@@ -47,14 +39,14 @@ class Refresher:
 
 
 def setup(expires_in=86400, **refresher_options):
-    clock = Clock()
+    clock = Clock(NOW)
     store = MemoryStore(clock=clock)
     store.put_tokens(IID, {"access_token": "access-1", "refresh_token": "refresh-1",
                            "expires_at": int(NOW) + expires_in})
     refresher = Refresher(clock, **refresher_options)
 
     def sleep(seconds):
-        clock.t += seconds
+        clock.now += seconds
     keeper = TokenKeeper(store, refresher, due=due_by_margin(3600), clock=clock, sleep=sleep, wait_seconds=60)
     return clock, store, refresher, keeper
 
@@ -62,14 +54,14 @@ def setup(expires_in=86400, **refresher_options):
 def test_a_fresh_token_is_used_as_stored():
     clock, store, refresher, keeper = setup()
     assert keeper.access_token(IID, {}) == "access-1"
-    clock.t = NOW + 86400 - 3601  # just over an hour left: still fresh
+    clock.now = NOW + 86400 - 3601  # just over an hour left: still fresh
     assert keeper.access_token(IID, {}) == "access-1"
     assert refresher.calls == []
 
 
 def test_a_token_with_less_than_an_hour_left_is_refreshed_once_and_stored():
     clock, store, refresher, keeper = setup()
-    clock.t = NOW + 86400 - 3599
+    clock.now = NOW + 86400 - 3599
     assert keeper.access_token(IID, {}) == "access-2"
     assert keeper.access_token(IID, {}) == "access-2"
     assert refresher.calls == ["refresh-1"]
@@ -81,15 +73,10 @@ def test_a_token_with_less_than_an_hour_left_is_refreshed_once_and_stored():
 def test_two_threads_refreshing_at_once_make_one_refresh_call():
     """Whichever thread loses the election finds the lease and waits; the winner's refresh answers only
     once the other waits, and the waiter re-reads only once the new pair is stored."""
-    waiting, stored = threading.Event(), threading.Event()
-
-    class Store(MemoryStore):
-        def finish_refresh(self, *args, **kwargs):
-            ok = super().finish_refresh(*args, **kwargs)
-            stored.set()
-            return ok
+    waiting = threading.Event()
     clock = Clock(NOW + 86400)  # expired
-    store = Store(clock=clock)
+    store = StoredSignal(clock=clock)
+    stored = store.stored
     store.put_tokens(IID, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW) + 86400})
     refresher = Refresher(clock, before=lambda: waiting.wait(5))
 
@@ -109,7 +96,7 @@ def test_a_dead_refresher_is_taken_over_once_its_lease_has_passed():
     clock, store, refresher, keeper = setup(expires_in=0)
     assert store.take_refresh_lease(IID, version=1, owner="died", now=NOW, until=NOW + 30)
     assert keeper.access_token(IID, {}) == "access-2"  # waited (fake sleeps) until the lease passed
-    assert clock.t > NOW + 30
+    assert clock.now > NOW + 30
     assert refresher.calls == ["refresh-1"]
     assert "lease_owner" not in store.get_tokens(IID)
 
@@ -120,7 +107,7 @@ def test_a_waiter_gives_up_after_its_wait_without_counting_an_attempt():
     with pytest.raises(RefreshPending) as caught:
         keeper.access_token(IID, {})
     assert not caught.value.counts_attempt and refresher.calls == []
-    assert clock.t - NOW <= 60  # bounded by wait_seconds
+    assert clock.now - NOW <= 60  # bounded by wait_seconds
 
 
 def test_no_time_left_in_the_invocation_takes_no_lease():
@@ -204,12 +191,12 @@ def test_a_refusal_after_another_stored_a_pair_is_not_recorded():
 def test_keep_alive_refreshes_only_idle_integrations():
     clock, store, refresher, keeper = setup()
     assert not keeper.keep_alive(IID, {}, max_idle=30 * 86400)
-    clock.t = NOW + 30 * 86400 + 1
-    store.put_tokens(IID, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(clock.t) + 86400})
+    clock.now = NOW + 30 * 86400 + 1
+    store.put_tokens(IID, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(clock.now) + 86400})
     assert not keeper.keep_alive(IID, {}, max_idle=30 * 86400)  # just installed again
-    clock.t += 30 * 86400 + 1
+    clock.now += 30 * 86400 + 1
     assert keeper.keep_alive(IID, {}, max_idle=30 * 86400)
-    assert refresher.calls == ["refresh-1"] and store.get_tokens(IID)["refreshed_at"] == int(clock.t)
+    assert refresher.calls == ["refresh-1"] and store.get_tokens(IID)["refreshed_at"] == int(clock.now)
 
 
 def test_no_tokens_is_misconfigured_and_odd_expiries_count_as_due():

@@ -16,17 +16,10 @@ from chalicelib.crm.bitrix24.oauth import Bitrix24OAuth
 from chalicelib.errors import ApiError, BridgeError, Misconfigured
 from chalicelib.oauth import RefreshRefused, TokenKeeper, due_by_margin
 from chalicelib.store.memory import MemoryStore
+from tests.core import Clock
 
 NOW = 1_750_000_000.0
 SECRET = "review16-client-secret-0123456789"
-
-
-class Clock:
-    def __init__(self, t: float = NOW) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class GrantSession:
@@ -53,7 +46,7 @@ def test_a_problem_on_our_side_before_the_refresh_token_is_sent_is_not_recorded_
     """An operator's slip (the SSM client secret missing for a minute during a rotation, BITRIX24_CLIENT_ID
     unset by a bad deploy) must not kill every portal whose token came due meanwhile: the refresh token was
     never sent, so once the setting is back the same token refreshes, without a reinstall by each portal."""
-    clock = Clock()
+    clock = Clock(NOW)
     store = MemoryStore(clock=clock)
     iid = "b24-abc123"
     store.put_tokens(iid, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW) - 1})
@@ -84,7 +77,7 @@ def test_a_problem_on_our_side_before_the_refresh_token_is_sent_is_not_recorded_
 
 def test_an_amocrm_config_naming_no_amocrm_host_is_not_recorded_as_a_refusal():
     """Same for amoCRM: a config whose base_url fails our own check never sent the refresh token."""
-    clock = Clock()
+    clock = Clock(NOW)
     store = MemoryStore(clock=clock)
     iid = "amocrm-42"
     store.put_tokens(iid, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW)})
@@ -228,7 +221,7 @@ class WrongSecretSession:
 
 @pytest.mark.parametrize("crm", ["amocrm", "bitrix24"])
 def test_a_wrong_client_secret_is_not_recorded_as_a_refused_refresh_token(crm):
-    clock = Clock()
+    clock = Clock(NOW)
     store = MemoryStore(clock=clock)
     iid = "amocrm-42" if crm == "amocrm" else "b24-abc123"
     store.put_tokens(iid, {"access_token": "access-1", "refresh_token": "refresh-1", "expires_at": int(NOW)})
